@@ -1,0 +1,91 @@
+"""``awenc``: one subcommand per stage, each a thin call of one stage function.
+
+    awenc <stage> [--config configs/<stage>/<name>.yaml] [key.sub=value ...]
+
+Also runs under ``accelerate launch -m dist_awenc <stage> ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from dist_awenc.config import SCHEMAS, load_config, to_yaml
+from dist_awenc.errors import AwencError
+
+STAGES: dict[str, str] = {
+    "pretrain": "contrastive pre-training (SimCLR, MoCo v2, BYOL) of a clean encoder",
+    "watermark": "stage 1: generate the secret (key image + universal watermark) on f0",
+    "embed": "stage 2: embed the secret into the encoder (same training loop as pretrain)",
+    "downstream": "train the pirate's linear head; report linear-probe and kNN accuracy",
+    "verify": "verify a suspect: white-box (encoder) or black-box (downstream model)",
+    "demo": "the whole method on scikit-learn's digits, on CPU, with a verdict table",
+}
+
+
+def _stage_fn(stage: str) -> Callable:
+    # imported lazily: `awenc --help` should not pay for torch
+    if stage == "pretrain":
+        from dist_awenc.ssl.pretrain import pretrain as fn
+    elif stage == "watermark":
+        from dist_awenc.watermark.generate import watermark as fn
+    elif stage == "embed":
+        from dist_awenc.watermark.embed import embed as fn
+    elif stage == "downstream":
+        from dist_awenc.evaluate.downstream import downstream as fn
+    elif stage == "verify":
+        from dist_awenc.verify.run import verify as fn
+    else:
+        from dist_awenc.demo import demo as fn
+    return fn
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="awenc", description="Adversarial watermarking of contrastive image encoders.")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
+    for stage, help_text in STAGES.items():
+        p = sub.add_parser(stage, help=help_text, description=help_text)
+        p.add_argument("--config", help=f"YAML file (see configs/{stage}/); defaults apply where it is silent")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, applied last")
+        if stage == "verify":
+            p.add_argument("--mode", choices=["whitebox", "blackbox_score", "blackbox_label"], help="shortcut for verify.mode")
+    show = sub.add_parser("config", help="print a stage's resolved config (the config reference)")
+    show.add_argument("target", choices=sorted(SCHEMAS))
+    show.add_argument("--config")
+    show.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return parser
+
+
+def _load_data_errors() -> tuple[type[BaseException], ...]:
+    from dist_awenc.data.datasets import DatasetNotFoundError, EmptyDatasetError, ImageDecodeError, UnknownDatasetError
+
+    return (DatasetNotFoundError, EmptyDatasetError, ImageDecodeError, UnknownDatasetError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.stage == "config":
+            print(to_yaml(load_config(SCHEMAS[args.target], args.config, args.overrides)), end="")
+            return 0
+        overrides = list(args.overrides)
+        if getattr(args, "mode", None):
+            overrides.append(f"verify.mode={args.mode}")
+        cfg = load_config(SCHEMAS[args.stage], args.config, overrides)
+        fn = _stage_fn(args.stage)
+        user_errors = (AwencError, *_load_data_errors())
+        try:
+            fn(cfg)
+        except user_errors as e:
+            raise AwencError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+    except AwencError as e:
+        print(f"awenc {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"awenc {args.stage}: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

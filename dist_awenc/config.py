@@ -1,0 +1,269 @@
+"""Typed config sections, YAML loading and dotted overrides (OmegaConf).
+
+Each stage has one root dataclass whose fields are the YAML sections; a YAML
+file or a ``key.sub=value`` override naming a key the schema does not have,
+or a value of the wrong type, is a :class:`ConfigError` that names the key
+and lists the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from dist_awenc.data.views import ViewConfig, mild_view_config
+from dist_awenc.errors import ConfigError
+
+# ----------------------------------------------------------------- sections
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class DataSection:
+    name: str = "digits"
+    root: Optional[str] = None
+    image_size: int = 16
+    size: Optional[int] = None  # number of samples, for `fake`
+    split_seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class EncoderSection:
+    arch: str = "tiny"
+    width: int = 32  # tiny only
+    norm: str = "group"  # group | batch | none
+    stem: str = "cifar"  # resnets: cifar | imagenet
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    proj_hidden_dim: int = 256
+    proj_dim: int = 64
+    head_norm: str = "none"  # none | batch
+
+
+@dataclass
+class SSLSection:
+    method: str = "simclr"  # simclr | moco_v2 | byol
+    temperature: Optional[float] = None  # None: the method's default
+    queue_size: int = 4096
+    momentum: float = 0.99
+    pred_hidden_dim: int = 256
+
+
+@dataclass
+class OptimSection:
+    name: str = "adamw"  # adamw | sgd | lars
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 10
+    max_steps: Optional[int] = None  # caps the schedule length
+    batch_size: int = 256  # global batch, split over processes
+    grad_accum: int = 1
+    mixed_precision: Optional[str] = None  # None: from the launcher; no | bf16 | fp16
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    trackers: list[str] = field(default_factory=list)  # tensorboard, wandb
+    progress: bool = True
+
+
+@dataclass
+class ProbeSection:
+    epochs: int = 100
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    knn_k: int = 20
+    test_fraction: float = 0.3
+
+
+@dataclass
+class PretrainConfig:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    encoder: EncoderSection = field(default_factory=EncoderSection)
+    ssl: SSLSection = field(default_factory=SSLSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+
+@dataclass
+class DownstreamConfig:
+    run: RunSection = field(default_factory=lambda: RunSection(name="downstream"))
+    encoder: str = ""  # encoder file or run folder
+    data: DataSection = field(default_factory=DataSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
+
+
+@dataclass
+class GenerationSection:
+    """Stage 1 (METHOD.md): universal perturbation by projected gradient steps."""
+
+    eps: float = 16 / 255
+    alpha: float = 1.0
+    steps: int = 300
+    step_size: float = 1 / 255
+    optimizer: str = "pgd"  # pgd (sign gradient) | adam
+    batch_size: int = 128
+    key: str = "image"  # image (from the owner's pool) | noise
+
+
+@dataclass
+class WatermarkConfig:
+    run: RunSection = field(default_factory=lambda: RunSection(name="watermark"))
+    encoder: str = ""  # the clean encoder f0: file or run folder
+    data: DataSection = field(default_factory=DataSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+
+
+@dataclass
+class EmbedLossSection:
+    """Stage 2 weights (METHOD.md)."""
+
+    lambda_cl: float = 1.0
+    lambda_wm: float = 1.0
+    lambda_dev: float = 0.5
+    lambda_key: float = 1.0
+    lambda_keep: float = 1.0
+    freeze_bn: bool = True
+
+
+@dataclass
+class EmbedConfig:
+    run: RunSection = field(default_factory=lambda: RunSection(name="embed"))
+    encoder: str = ""  # f0: file or pre-training run folder (its heads are reused)
+    secret: str = ""  # secret file or watermark run folder
+    data: DataSection = field(default_factory=DataSection)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    mild_views: ViewConfig = field(default_factory=mild_view_config)
+    ssl: SSLSection = field(default_factory=SSLSection)
+    loss: EmbedLossSection = field(default_factory=EmbedLossSection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-4))
+    train: TrainSection = field(default_factory=lambda: TrainSection(epochs=20))
+
+
+@dataclass
+class VerifySection:
+    mode: str = "whitebox"  # whitebox | blackbox_score | blackbox_label
+    n: Optional[int] = None  # None: 256 white-box/score, 100 label queries
+    alpha: float = 1e-3  # p-value below which ownership is claimed
+    tau_whitebox: float = 0.1
+    tau_score: float = 0.1
+    tau_label: float = 0.3
+
+
+@dataclass
+class VerifyConfig:
+    run: RunSection = field(default_factory=lambda: RunSection(name="verify"))
+    suspect: str = ""  # encoder (white-box) or downstream model (black-box): file or run folder
+    secret: str = ""
+    data: DataSection = field(default_factory=DataSection)
+    verify: VerifySection = field(default_factory=VerifySection)
+
+
+@dataclass
+class DemoConfig:
+    run: RunSection = field(default_factory=lambda: RunSection(name="demo"))
+    data: DataSection = field(default_factory=DataSection)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    encoder: EncoderSection = field(default_factory=EncoderSection)
+    ssl: SSLSection = field(default_factory=SSLSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    pretrain: TrainSection = field(default_factory=lambda: TrainSection(epochs=30))
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    loss: EmbedLossSection = field(default_factory=EmbedLossSection)
+    mild_views: ViewConfig = field(default_factory=mild_view_config)
+    embed_optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-4))
+    embed: TrainSection = field(default_factory=lambda: TrainSection(epochs=20))
+    probe: ProbeSection = field(default_factory=ProbeSection)
+    verify: VerifySection = field(default_factory=VerifySection)
+    stage: str = "full"  # pretrain (issue 2's demo) | full
+
+
+# ----------------------------------------------------------------- loading
+
+C = TypeVar("C")
+
+
+def _valid_keys(schema: type, dotted: str) -> list[str]:
+    """Field names of the section that ``dotted`` (a.b.c) points into."""
+    node: Any = schema
+    for part in dotted.split(".")[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            break
+        f = fields[part]
+        node = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.type
+        node = type(node) if dataclasses.is_dataclass(node) and not isinstance(node, type) else node
+    return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
+
+
+def load_config(schema: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Schema defaults <- YAML file <- dotted overrides, validated into ``schema``.
+
+    Raises:
+        ConfigError: one line naming the file, the key and what was expected.
+    """
+    where = str(path) if path else "overrides"
+    try:
+        merged = OmegaConf.structured(schema)
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file '{p}' does not exist")
+            loaded = OmegaConf.load(p)
+            if not isinstance(loaded, type(merged)) or loaded is None:
+                raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+            merged = OmegaConf.merge(merged, loaded)
+        bad = [o for o in overrides or [] if "=" not in o]
+        if bad:
+            raise ConfigError(f"override '{bad[0]}' is not of the form key.sub=value")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        valid = ", ".join(_valid_keys(schema, key))
+        raise ConfigError(f"{where}: unknown config key '{key}'; valid keys there: {valid}") from None
+    except ValidationError as e:
+        msg = str(e.msg).splitlines()[0]
+        raise ConfigError(f"{where}: bad value for '{e.full_key}': {msg}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
+    except (ValueError, TypeError) as e:  # __post_init__ checks of a section
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+SCHEMAS: dict[str, type] = {
+    "pretrain": PretrainConfig,
+    "downstream": DownstreamConfig,
+    "watermark": WatermarkConfig,
+    "embed": EmbedConfig,
+    "verify": VerifyConfig,
+    "demo": DemoConfig,
+}

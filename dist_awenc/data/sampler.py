@@ -1,0 +1,196 @@
+"""World-size-invariant batch sampling.
+
+:class:`GlobalBatchSampler` draws one permutation per epoch from a generator
+seeded by ``(seed, epoch)`` only, cuts it into *global* batches and hands each
+rank its contiguous slice. Concatenating the slices of all ranks therefore
+gives exactly the batches of a single process with the same global batch size,
+and a run can resume mid-epoch with :meth:`GlobalBatchSampler.set_start`.
+
+Do not pass the loader of :func:`loader` through ``accelerator.prepare``: it
+would re-shard the already sharded batches.
+"""
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .splits import derive_seed
+
+__all__ = ["GlobalBatchSampler", "IndexedBatch", "IndexedDataset", "collate_indexed", "loader"]
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Yields this rank's slice of every global batch of an epoch.
+
+    Args:
+        indices: dataset indices to sample from (LongTensor (m,)), or an int n
+            meaning ``range(n)``.
+        global_batch_size: batch size summed over all ranks.
+        seed: sampling seed; epoch e uses a generator seeded by ``(seed, e)``.
+        rank: this process's rank.
+        world_size: number of processes; must divide ``global_batch_size``.
+        shuffle: permute the indices each epoch (False: keep their order).
+        drop_last: drop the last incomplete global batch; if False it is padded
+            to full size with indices from the start of the epoch's order.
+
+    Yields:
+        Lists of ``global_batch_size // world_size`` dataset indices.
+    """
+
+    def __init__(
+        self,
+        indices: Tensor | Sequence[int] | int,
+        global_batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ) -> None:
+        if isinstance(indices, int):
+            if indices < 1:
+                raise ValueError(f"indices as an int must be a positive dataset size; got {indices}")
+            indices = torch.arange(indices)
+        self.indices = torch.as_tensor(indices, dtype=torch.long).flatten()
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1; got {global_batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
+        if global_batch_size % world_size:
+            raise ValueError(
+                f"global_batch_size {global_batch_size} is not divisible by world_size {world_size}"
+            )
+        n = self.indices.numel()
+        if n == 0 or (drop_last and n < global_batch_size):
+            raise ValueError(
+                f"global_batch_size {global_batch_size} is larger than the {n} indices; "
+                "with drop_last=True no batch would be yielded"
+            )
+        self.global_batch_size = int(global_batch_size)
+        self.local_batch_size = self.global_batch_size // world_size
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Number of global batches in a full epoch (ignores :meth:`set_start`)."""
+        n, g = self.indices.numel(), self.global_batch_size
+        return n // g if self.drop_last else -(-n // g)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (its permutation) and reset the start batch to 0."""
+        self.epoch = int(epoch)
+        self.start = 0
+
+    def set_start(self, batch: int) -> None:
+        """Skip the first ``batch`` global batches of the current epoch (exact resume)."""
+        if not 0 <= batch <= self.batches_per_epoch:
+            raise ValueError(
+                f"start batch must be in [0, {self.batches_per_epoch}] for this epoch; got {batch}"
+            )
+        self.start = int(batch)
+
+    def epoch_order(self) -> Tensor:
+        """The epoch's full order of dataset indices, padded when drop_last=False.
+
+        Returns:
+            LongTensor (batches_per_epoch * global_batch_size,).
+        """
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+            order = self.indices[torch.randperm(self.indices.numel(), generator=gen)]
+        else:
+            order = self.indices
+        total = self.batches_per_epoch * self.global_batch_size
+        if total > order.numel():  # pad the last batch by wrapping around
+            reps = -(-total // order.numel())
+            order = order.repeat(reps)
+        return order[:total]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.epoch_order().view(self.batches_per_epoch, self.global_batch_size)
+        lo = self.rank * self.local_batch_size
+        for batch in order[self.start :, lo : lo + self.local_batch_size]:
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start
+
+
+class IndexedBatch(NamedTuple):
+    """A collated batch: images (b, 3, S, S), labels (b,), dataset indices (b,)."""
+
+    images: Tensor
+    labels: Tensor
+    index: Tensor
+
+
+class IndexedDataset(Dataset):
+    """Wraps an image dataset so that items carry their dataset index.
+
+    Items are ``(image, label, index)``; ``__getitems__`` fetches a whole batch
+    at once through the dataset's ``get_batch`` when it has one (bulk tensor
+    indexing for in-memory datasets).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        image, label = self.dataset[index]
+        return image, label, index
+
+    def __getitems__(self, indices: list[int]) -> IndexedBatch:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        if hasattr(self.dataset, "get_batch"):
+            images, labels = self.dataset.get_batch(index)
+            return IndexedBatch(images, torch.as_tensor(labels, dtype=torch.long), index)
+        return collate_indexed([self[i] for i in indices])
+
+
+def collate_indexed(items: IndexedBatch | list[tuple[Tensor, int, int]]) -> IndexedBatch:
+    """Stack ``(image, label, index)`` items into an :class:`IndexedBatch` (pass-through if batched)."""
+    if isinstance(items, IndexedBatch):
+        return items
+    images = torch.stack([it[0] for it in items])
+    labels = torch.tensor([int(it[1]) for it in items], dtype=torch.long)
+    index = torch.tensor([int(it[2]) for it in items], dtype=torch.long)
+    return IndexedBatch(images, labels, index)
+
+
+def loader(
+    dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int = 0, *, pin_memory: bool = False
+) -> DataLoader:
+    """DataLoader over ``dataset`` driven by ``sampler`` (a batch sampler).
+
+    Args:
+        dataset: an image dataset returning ``(image, label)``.
+        sampler: the batch sampler; call its ``set_epoch`` / ``set_start``
+            before iterating the loader.
+        num_workers: worker processes for decoding (0: in the main process).
+        pin_memory: pin batches for faster host-to-GPU copies.
+
+    Returns:
+        A DataLoader yielding :class:`IndexedBatch` ``(images (b,3,S,S),
+        labels (b,), index (b,))``.
+    """
+    return DataLoader(
+        IndexedDataset(dataset),
+        batch_sampler=sampler,
+        collate_fn=collate_indexed,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )

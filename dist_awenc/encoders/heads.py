@@ -1,0 +1,76 @@
+"""Small MLP heads put on top of an image backbone.
+
+The same :class:`MLPHead` serves as the SimCLR / MoCo v2 projector (Chen et al.
+2020, "A Simple Framework for Contrastive Learning of Visual Representations";
+Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning") and
+as the BYOL projector and predictor (Grill et al. 2020, "Bootstrap Your Own
+Latent").
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+HEAD_NORMS = ("none", "batch")
+
+
+class MLPHead(nn.Module):
+    """``Linear -> [BatchNorm1d] -> ReLU -> ... -> Linear``.
+
+    Every layer but the last is followed by the optional normalisation and a
+    ReLU; the last layer is a plain ``Linear`` (no norm, no activation).
+
+    Args:
+        in_dim: input feature size.
+        hidden_dim: width of the hidden layers (unused when ``num_layers == 1``).
+        out_dim: output size.
+        num_layers: number of ``Linear`` layers (>= 1).
+        norm: ``"none"`` or ``"batch"`` (``BatchNorm1d`` after each hidden
+            ``Linear``, which then has no bias).
+
+    Shape:
+        input ``(b, in_dim)`` -> output ``(b, out_dim)``.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        num_layers: int = 2,
+        norm: str = "none",
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MLPHead: {name} must be a positive int, got {value!r}")
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+            raise ValueError(f"MLPHead: num_layers must be an int >= 1, got {num_layers!r}")
+        if norm not in HEAD_NORMS:
+            raise ValueError(f"MLPHead: norm must be one of {', '.join(HEAD_NORMS)}; got {norm!r}")
+        self.in_dim = in_dim
+        self.hidden_dim = hidden_dim
+        self.out_dim = out_dim
+        self.num_layers = num_layers
+        self.norm = norm
+
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(num_layers - 1):
+            layers.append(nn.Linear(dim, hidden_dim, bias=norm == "none"))
+            if norm == "batch":
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.ReLU(inplace=True))
+            dim = hidden_dim
+        layers.append(nn.Linear(dim, out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x ``(b, in_dim)``. Returns: ``(b, out_dim)``."""
+        return self.net(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_dim={self.in_dim}, hidden_dim={self.hidden_dim}, out_dim={self.out_dim}, "
+            f"num_layers={self.num_layers}, norm={self.norm!r}"
+        )

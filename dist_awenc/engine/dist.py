@@ -1,0 +1,65 @@
+"""Every torch.distributed call of the project lives here.
+
+Each helper has a single-process default (rank 0, world size 1, identity
+gather), so losses and training code run unchanged on one CPU process.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    """True when a process group is initialised with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-gather along dim 0.
+
+    Shape: (b, ...) on each rank -> (world_size * b, ...), rank-major. The
+    backward pass sums the gradients of every rank's loss for the local slice
+    (``torch.distributed.nn``), so with DDP's gradient averaging the result
+    equals one process on the concatenated batch.
+    """
+    if not is_dist():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 without gradient (MoCo keys, metrics)."""
+    if not is_dist():
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (no gradient); identity on one process."""
+    if not is_dist():
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / world_size()
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()

@@ -1,0 +1,213 @@
+"""The one training loop (pre-training and watermark embedding share it).
+
+Device, process count and precision come from Accelerate (the launcher or
+``Accelerator()``'s environment). The loop owns nothing random: batches come
+from a :class:`~dist_awenc.data.sampler.GlobalBatchSampler` seeded by epoch,
+views are seeded by the micro-step, and the learning rate is a pure function
+of the step, so a resumed run continues bit-for-bit where it stopped.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from safetensors import SafetensorError
+from tqdm.auto import tqdm
+
+from dist_awenc.data.sampler import GlobalBatchSampler, loader
+from dist_awenc.engine import dist
+from dist_awenc.engine.log import JSONLinesTracker, info
+from dist_awenc.errors import ArtifactError, ConfigError
+from dist_awenc.encoders.io import atomic_write_text
+
+CKPT_PREFIX = "step_"
+
+
+class Interrupted(Exception):
+    """``fit(interrupt_at=...)`` stopped right after a checkpoint, as a kill would."""
+
+
+@dataclass
+class LoopSettings:
+    run_dir: Path
+    total_steps: int  # optimiser steps
+    steps_per_epoch: int
+    grad_accum: int = 1
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    progress: bool = True
+    desc: str = "train"
+
+
+def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, trackers: list[str] | None = None) -> Accelerator:
+    """An Accelerator logging to ``run_dir/metrics.jsonl`` (+ tensorboard / wandb when asked)."""
+    if mixed_precision not in (None, "no", "bf16", "fp16"):
+        raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, not '{mixed_precision}'")
+    log_with: list[Any] = [JSONLinesTracker(run_dir / "metrics.jsonl")]
+    for t in trackers or []:
+        if t not in ("tensorboard", "wandb"):
+            raise ConfigError(f"unknown tracker '{t}'; valid: tensorboard, wandb")
+        log_with.append(t)
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        log_with=log_with,
+        project_dir=str(run_dir),
+        rng_types=[],  # no hidden RNG: samplers and views are seeded explicitly
+        dataloader_config=DataLoaderConfiguration(split_batches=False),
+    )
+
+
+def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0, kind: str = "cosine") -> Callable[[int], float]:
+    """Learning-rate multiplier per optimiser step: linear warm-up, then cosine (or constant)."""
+    if kind not in ("cosine", "constant"):
+        raise ConfigError(f"optim.schedule must be cosine or constant, not '{kind}'")
+
+    def at(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return at
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a save in progress is a hidden .tmp folder)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX))
+
+
+def _save_checkpoint(accelerator: Accelerator, s: LoopSettings, step: int, config_yaml: str) -> None:
+    final = s.run_dir / "checkpoints" / f"{CKPT_PREFIX}{step:08d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "config.yaml").write_text(config_yaml)
+        atomic_write_text(tmp / "loop.json", f'{{"step": {step}}}\n')
+        tmp.rename(final)
+        for old in checkpoints(s.run_dir)[: -s.keep_checkpoints]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator: Accelerator, run_dir: Path) -> int:
+    found = checkpoints(run_dir)
+    if not found:
+        return 0
+    last = found[-1]
+    try:
+        accelerator.load_state(str(last))
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ArtifactError(f"checkpoint {last} is unreadable (truncated or corrupt: {msg}); delete it to resume from the one before") from None
+    step = int(last.name.removeprefix(CKPT_PREFIX))
+    info(f"resumed from {last} (step {step})")
+    return step
+
+
+def fit(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    dataset: torch.utils.data.Dataset,
+    sampler: GlobalBatchSampler,
+    make_inputs: Callable[[tuple[torch.Tensor, ...], int], Any],
+    lr_at: Callable[[int], float],
+    settings: LoopSettings,
+    config_yaml: str,
+    after_step: Optional[Callable[[torch.nn.Module, int], None]] = None,
+    interrupt_at: Optional[int] = None,
+    num_workers: int = 0,
+) -> torch.nn.Module:
+    """Train ``model`` (whose forward returns a dict with a scalar ``loss``) to ``total_steps``.
+
+    Args:
+        make_inputs: ``(batch, micro_step) -> forward input`` where batch is
+            (images, labels, index) of this rank and micro_step counts
+            micro-batches from 0 over the whole run (the view seed).
+        after_step: ``(unwrapped_model, step)`` after each optimiser step
+            (momentum encoders).
+        interrupt_at: raise :class:`Interrupted` right after the checkpoint of
+            this step, as a kill would (tests of resume).
+
+    Returns:
+        The unwrapped model.
+    """
+    s = settings
+    if s.steps_per_epoch < 1:
+        raise ConfigError(
+            f"one epoch has fewer than train.grad_accum={s.grad_accum} batches of train.batch_size; "
+            "lower the batch size or add data"
+        )
+    for g in optimizer.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start = _resume(accelerator, s.run_dir)
+    accelerator.init_trackers(s.desc)
+    bar = tqdm(total=s.total_steps, initial=start, desc=s.desc, disable=not (s.progress and accelerator.is_main_process),
+               dynamic_ncols=True, leave=True)
+    batches_per_epoch = s.steps_per_epoch * s.grad_accum
+    step = start
+    it = None
+    sums: dict[str, torch.Tensor] = {}  # on device: no host sync per step
+    count = 0
+    model.train()
+    while step < s.total_steps:
+        micro0 = step * s.grad_accum
+        if it is None or micro0 % batches_per_epoch == 0:
+            sampler.set_epoch(micro0 // batches_per_epoch)
+            sampler.set_start(micro0 % batches_per_epoch)
+            it = iter(loader(dataset, sampler, num_workers=num_workers))
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lr_at(step)
+        for micro in range(s.grad_accum):
+            batch = next(it)
+            inputs = make_inputs(tuple(t.to(accelerator.device) for t in batch), micro0 + micro)
+            sync = accelerator.no_sync(model) if micro < s.grad_accum - 1 else nullcontext()
+            with sync:
+                out = model(inputs)
+                accelerator.backward(out["loss"] / s.grad_accum)
+            for k, v in out.items():
+                v = v.detach().float() / s.grad_accum
+                sums[k] = sums[k] + v if k in sums else v
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        count += 1
+        if after_step is not None:
+            after_step(accelerator.unwrap_model(model), step)
+        if step % s.log_every == 0 or step == s.total_steps:
+            metrics = {k: float(dist.all_reduce_mean(v / count)) for k, v in sums.items()}
+            metrics["lr"] = optimizer.param_groups[0]["lr"]
+            metrics["epoch"] = (step * s.grad_accum) / batches_per_epoch
+            accelerator.log(metrics, step=step)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            sums.clear()
+            count = 0
+        bar.update(1)
+        if step % s.checkpoint_every == 0 or step == s.total_steps:
+            _save_checkpoint(accelerator, s, step, config_yaml)
+        if interrupt_at is not None and step >= interrupt_at:
+            bar.close()
+            accelerator.end_training()
+            raise Interrupted(f"interrupted after step {step}")
+    bar.close()
+    accelerator.end_training()
+    return accelerator.unwrap_model(model)

@@ -1,0 +1,91 @@
+"""Stage: the pirate's downstream model and utility metrics (``awenc downstream``).
+
+A downstream model is saved as ``model.safetensors`` (encoder, feature
+standardisation and head weights) with a ``model.json`` card that nests the
+encoder's card; black-box verification loads it as the deployed ``g``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dist_awenc.config import DownstreamConfig, ProbeSection
+from dist_awenc.data import build_dataset, make_splits, train_test_split_indices
+from dist_awenc.encoders.io import (Encoder, atomic_write_text, build_encoder, load_encoder, read_state,
+                                    save_tensors, sha256_file)
+from dist_awenc.engine.log import info
+from dist_awenc.errors import ArtifactError
+from dist_awenc.evaluate.probe import DownstreamModel, accuracy, extract_features, knn_accuracy, train_linear_head
+from dist_awenc.runs import open_run
+
+MODEL_FORMAT = "dist_awenc.downstream/1"
+
+
+def evaluate_encoder(encoder: Encoder, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                     probe: ProbeSection, seed: int) -> tuple[DownstreamModel, dict[str, float]]:
+    """Train the pirate's linear head on a seeded train part; report linear-probe and kNN accuracy."""
+    tr, te = train_test_split_indices(torch.arange(len(images)), seed, probe.test_fraction)
+    feats = extract_features(encoder, images)
+    model = DownstreamModel(encoder, encoder.feature_dim, num_classes)
+    train_linear_head(model, feats[tr], labels[tr], epochs=probe.epochs, lr=probe.lr,
+                      weight_decay=probe.weight_decay, seed=seed)
+    metrics = {
+        "linear_probe": accuracy(model, feats[te], labels[te]),
+        "knn": knn_accuracy(feats[tr], labels[tr], feats[te], labels[te], k=probe.knn_k),
+        "n_train": len(tr),
+        "n_test": len(te),
+    }
+    return model.eval(), metrics
+
+
+def save_downstream(model: DownstreamModel, encoder_card: dict, num_classes: int, path: Path) -> dict:
+    path = path.with_suffix(".safetensors")
+    card = {"format": MODEL_FORMAT, "num_classes": num_classes, "encoder": encoder_card}
+    card["sha256"] = save_tensors(path, dict(model.state_dict()), metadata={"format": MODEL_FORMAT})
+    atomic_write_text(path.with_suffix(".json"), json.dumps(card, indent=2))
+    return card
+
+
+def load_downstream(path: str | Path) -> tuple[DownstreamModel, dict]:
+    """Load a saved downstream model (file or run folder), checking its hash and architecture."""
+    p = Path(path)
+    p = p / "model.safetensors" if p.is_dir() else p
+    if not p.exists():
+        raise ArtifactError(f"'{p}' does not exist (expected a downstream model.safetensors or its run folder)")
+    card_path = p.with_suffix(".json")
+    if not card_path.exists():
+        raise ArtifactError(f"{p}: its card {card_path.name} is missing")
+    card = json.loads(card_path.read_text())
+    if card.get("format") != MODEL_FORMAT:
+        raise ArtifactError(f"{card_path}: not a downstream model card (format {card.get('format')!r}, expected {MODEL_FORMAT!r})")
+    state = read_state(p)
+    if sha256_file(p) != card.get("sha256"):
+        raise ArtifactError(f"{p}: SHA-256 does not match its card")
+    ec = card["encoder"]
+    encoder = build_encoder(ec["arch"], ec["arch_kwargs"], ec["mean"], ec["std"], ec["input_size"])
+    model = DownstreamModel(encoder, encoder.feature_dim, card["num_classes"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{p}: weights do not fit the card's architecture: {str(e).splitlines()[1].strip()}") from None
+    return model.eval(), card
+
+
+def downstream(cfg: DownstreamConfig) -> dict:
+    """Evaluate an encoder on the pirate's downstream split; save the downstream model."""
+    encoder, card = load_encoder(cfg.encoder)
+    if card["input_size"] != cfg.data.image_size:
+        raise ArtifactError(
+            f"encoder was trained at {card['input_size']} px but data.image_size={cfg.data.image_size}; set data.image_size={card['input_size']}"
+        )
+    dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
+    idx = make_splits(len(dataset), cfg.data.split_seed)["downstream"]
+    images, labels = dataset.get_batch(idx)
+    with open_run(cfg, "downstream") as run_dir:
+        model, metrics = evaluate_encoder(encoder, images, labels, dataset.num_classes, cfg.probe, cfg.run.seed)
+        save_downstream(model, card, dataset.num_classes, run_dir / "model")
+        atomic_write_text(run_dir / "downstream.json", json.dumps({"encoder_sha256": card.get("sha256"), **metrics}, indent=2))
+        info(f"linear probe {metrics['linear_probe']:.4f}  kNN {metrics['knn']:.4f}  -> {run_dir}")
+    return metrics

@@ -1,0 +1,182 @@
+"""Self-supervised losses as small pure functions.
+
+Every function computes in float32 (inputs are cast), so it is safe under
+autocast. The only cross-process communication is :func:`nt_xent`'s
+differentiable gather through :mod:`dist_awenc.engine.dist`; the other losses
+are local means, which DDP's gradient averaging turns into the global mean.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dist_awenc.engine import dist
+
+
+def _check_temperature(temperature: float, where: str) -> None:
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise ValueError(f"{where}: temperature must be a positive number, got {temperature!r}")
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, names: str, where: str) -> None:
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(
+            f"{where}: {names} must be 2-D tensors of the same shape (b, d); "
+            f"got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.shape[0] == 0:
+        raise ValueError(f"{where}: empty batch")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    Works around a bug of ``torch.distributed.nn.functional.all_gather`` (used
+    by :func:`dist_awenc.engine.dist.gather`) on gloo: its backward allocates
+    the receive buffers with ``torch.empty_like(grad)``, which keeps the stride
+    order of a non-contiguous gradient (e.g. the transposed gradient of
+    ``a @ gathered.T``), and ``dist.scatter`` then writes contiguous bytes into
+    them, permuting the gradient. A contiguous incoming gradient is exact.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
+def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """:func:`dist.gather` followed by :class:`_ContiguousGrad`."""
+    return _ContiguousGrad.apply(dist.gather(x))
+
+
+def nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float = 0.5,
+    gather: bool = True,
+) -> torch.Tensor:
+    """NT-Xent, the normalised temperature-scaled cross entropy of SimCLR.
+
+    Chen, Kornblith, Norouzi, Hinton 2020, "A Simple Framework for Contrastive
+    Learning of Visual Representations" (arXiv:2002.05709), Eq. 1.
+
+    Each of the ``2b`` local embeddings is an anchor; its positive is the other
+    view of the same image and its negatives are the other ``2B - 2``
+    embeddings, where ``B`` is the global batch (``B = world_size * b`` with
+    ``gather=True``, else ``B = b``). Only the local anchor rows of the
+    similarity matrix are computed: ``(2b, 2B)``.
+
+    With ``gather=True`` the candidates come from every rank through the
+    differentiable :func:`dist_awenc.engine.dist.gather`; with DDP's gradient
+    averaging the loss and the parameter gradients equal those of one process
+    on the concatenated batch. All ranks must have the same local ``b``.
+
+    Args:
+        z1: embeddings of the first view, ``(b, d)`` (normalised inside).
+        z2: embeddings of the second view, ``(b, d)``; row ``i`` pairs with ``z1[i]``.
+        temperature: softmax temperature ``tau > 0``.
+        gather: take negatives from all ranks (identity on one process).
+
+    Shape:
+        ``z1, z2: (b, d)`` -> scalar.
+
+    Returns:
+        The mean over the ``2b`` local anchors of the cross entropy (float32).
+    """
+    _check_temperature(temperature, "nt_xent")
+    _check_pair(z1, z2, "z1 and z2", "nt_xent")
+    b, d = z1.shape
+    z1 = F.normalize(z1.float(), dim=1)
+    z2 = F.normalize(z2.float(), dim=1)
+    anchors = torch.cat([z1, z2], dim=0)  # (2b, d): [view 1; view 2]
+    if gather and dist.is_dist():
+        # one collective for both views: (b, 2, d) -> (W*b, 2, d) -> view-major (2*W*b, d)
+        stacked = _gather_with_grad(torch.stack([z1, z2], dim=1))
+        if stacked.shape[0] != dist.world_size() * b:
+            raise ValueError("nt_xent: every rank must use the same local batch size")
+        candidates = stacked.transpose(0, 1).reshape(-1, d)
+        offset = dist.rank() * b
+    else:
+        candidates = anchors
+        offset = 0
+    big_b = candidates.shape[0] // 2
+
+    logits = anchors @ candidates.T / temperature  # (2b, 2B)
+    idx = torch.arange(b, device=anchors.device)
+    self_idx = torch.cat([offset + idx, big_b + offset + idx])
+    pos_idx = torch.cat([big_b + offset + idx, offset + idx])
+    rows = torch.arange(2 * b, device=anchors.device)
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[rows, self_idx] = True
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    return F.cross_entropy(logits, pos_idx)
+
+
+def moco_infonce(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    queue: torch.Tensor,
+    temperature: float = 0.2,
+) -> torch.Tensor:
+    """InfoNCE of MoCo with a queue of negatives.
+
+    He, Fan, Wu, Xie, Girshick 2020, "Momentum Contrast for Unsupervised Visual
+    Representation Learning" (arXiv:1911.05722), Eq. 1; MoCo v2 hyper-parameters
+    from Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum
+    Contrastive Learning" (arXiv:2003.04297).
+
+    ``logits = [q.k, q.queue^T] / T`` with cross entropy to index 0. ``q``,
+    ``k`` and ``queue`` are L2-normalised inside (a no-op for the already
+    normalised queue); ``k`` and ``queue`` are detached.
+
+    Args:
+        q: queries, ``(b, d)`` (gradient flows).
+        k: positive keys, ``(b, d)``; row ``i`` pairs with ``q[i]``.
+        queue: negative keys, ``(K, d)``.
+        temperature: softmax temperature ``T > 0``.
+
+    Shape:
+        ``q, k: (b, d)``, ``queue: (K, d)`` -> scalar.
+
+    Returns:
+        Mean cross entropy over the ``b`` local queries (float32).
+    """
+    _check_temperature(temperature, "moco_infonce")
+    _check_pair(q, k, "q and k", "moco_infonce")
+    if queue.dim() != 2 or queue.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"moco_infonce: queue must be (K, {q.shape[1]}), got {tuple(queue.shape)}"
+        )
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(k.detach().float(), dim=1)
+    queue = F.normalize(queue.detach().float(), dim=1)
+    l_pos = (q * k).sum(dim=1, keepdim=True)  # (b, 1)
+    l_neg = q @ queue.T  # (b, K)
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, target)
+
+
+def byol_regression(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's normalised regression loss ``2 - 2 cos(p, sg(z))``.
+
+    Grill et al. 2020, "Bootstrap Your Own Latent: A New Approach to
+    Self-Supervised Learning" (arXiv:2006.07733), Eq. 2.
+
+    Args:
+        p: online predictions, ``(b, d)``.
+        z: target projections, ``(b, d)`` (detached inside: stop-gradient).
+
+    Shape:
+        ``p, z: (b, d)`` -> scalar.
+
+    Returns:
+        Mean over the batch of ``2 - 2 cos(p_i, z_i)``, in ``[0, 4]`` (float32).
+    """
+    _check_pair(p, z, "p and z", "byol_regression")
+    cos = F.cosine_similarity(p.float(), z.detach().float(), dim=1)
+    return (2.0 - 2.0 * cos).mean()

@@ -1,0 +1,118 @@
+"""Stage: contrastive pre-training of a clean encoder (``awenc pretrain``)."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from dist_awenc.config import PretrainConfig, to_dict, to_yaml
+from dist_awenc.data import GlobalBatchSampler, build_dataset, make_splits, make_views
+from dist_awenc.encoders.io import Encoder, build_encoder, card_for, save_encoder, save_tensors
+from dist_awenc.encoders.registry import arch_kwargs
+from dist_awenc.engine import dist
+from dist_awenc.engine.log import info
+from dist_awenc.engine.loop import LoopSettings, cosine_schedule, fit, make_accelerator
+from dist_awenc.engine.optim import build_optimizer
+from dist_awenc.errors import ConfigError
+from dist_awenc.runs import open_run
+from dist_awenc.ssl.methods import METHODS, build_method
+
+
+def encoder_from_config(enc, image_size: int) -> tuple[Encoder, str, dict]:
+    """Build the pixel-space encoder an ``encoder:`` section describes."""
+    kwargs = arch_kwargs(enc.arch, width=enc.width, norm=enc.norm, stem=enc.stem)
+    return build_encoder(enc.arch, kwargs, enc.mean, enc.std, image_size), enc.arch, kwargs
+
+
+def method_from_config(ssl, enc, encoder: Encoder) -> torch.nn.Module:
+    """Wrap ``encoder`` in the SSL method an ``ssl:`` section names (heads built fresh)."""
+    if ssl.method not in METHODS:
+        raise ConfigError(f"unknown ssl.method '{ssl.method}'; valid: {', '.join(sorted(METHODS))}")
+    kwargs: dict[str, Any] = dict(
+        proj_hidden_dim=enc.proj_hidden_dim, proj_dim=enc.proj_dim, head_norm=enc.head_norm,
+        queue_size=ssl.queue_size, momentum=ssl.momentum, pred_hidden_dim=ssl.pred_hidden_dim,
+    )
+    if ssl.temperature is not None:
+        kwargs["temperature"] = ssl.temperature
+    accepted = inspect.signature(METHODS[ssl.method]).parameters
+    return build_method(ssl.method, encoder, encoder.feature_dim, **{k: v for k, v in kwargs.items() if k in accepted})
+
+
+@dataclass
+class TrainPlan:
+    """Steps and epochs a train section and a data size imply."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, train, n_samples: int) -> "TrainPlan":
+        if train.batch_size < 1 or train.grad_accum < 1 or train.epochs < 1:
+            raise ConfigError("train.batch_size, train.grad_accum and train.epochs must be >= 1")
+        if train.batch_size % dist.world_size():
+            raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by the {dist.world_size()} processes")
+        spe = n_samples // train.batch_size // train.grad_accum
+        if spe < 1:
+            raise ConfigError(
+                f"train.batch_size={train.batch_size} x grad_accum={train.grad_accum} exceeds the {n_samples} training images"
+            )
+        total = spe * train.epochs
+        return cls(spe, min(total, train.max_steps) if train.max_steps else total)
+
+
+def loop_settings(train, run_dir: Path, plan: TrainPlan, desc: str) -> LoopSettings:
+    return LoopSettings(run_dir=run_dir, total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
+                        grad_accum=train.grad_accum, checkpoint_every=train.checkpoint_every,
+                        keep_checkpoints=train.keep_checkpoints, log_every=train.log_every,
+                        progress=train.progress, desc=desc)
+
+
+def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path:
+    """Pre-train an encoder; returns the path of its ``encoder.safetensors``.
+
+    Re-running the same config on an unfinished run folder resumes it from
+    its last checkpoint (``interrupt_at`` simulates a kill, for tests).
+    """
+    accelerator = make_accelerator(Path(cfg.run.out_dir) / cfg.run.name, cfg.train.mixed_precision, cfg.train.trackers)
+    dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
+    indices = make_splits(len(dataset), cfg.data.split_seed)["pretrain"]
+    plan = TrainPlan.of(cfg.train, len(indices))
+    torch.manual_seed(cfg.run.seed)
+    encoder, arch, akw = encoder_from_config(cfg.encoder, cfg.data.image_size)
+    method = method_from_config(cfg.ssl, cfg.encoder, encoder)
+    optimizer = build_optimizer(method, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sampler = GlobalBatchSampler(indices, cfg.train.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)
+
+    def make_inputs(batch, micro_step: int):
+        return make_views(batch[0], cfg.views, seed=cfg.run.seed, step=micro_step, rank=rank, world_size=world)
+
+    def after_step(model, step: int) -> None:
+        model.momentum_update(step / plan.total_steps)
+
+    with open_run(cfg, "pretrain") as run_dir:
+        info(f"pretrain {cfg.ssl.method} {arch} on {cfg.data.name} ({len(indices)} images, {world} process(es), "
+             f"{plan.total_steps} steps) -> {run_dir}")
+        method = fit(
+            accelerator, method, optimizer, dataset=dataset, sampler=sampler, make_inputs=make_inputs,
+            lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
+            settings=loop_settings(cfg.train, run_dir, plan, f"pretrain {cfg.ssl.method}"),
+            config_yaml=to_yaml(cfg), after_step=after_step, interrupt_at=interrupt_at,
+            num_workers=cfg.data.num_workers,
+        )
+        if accelerator.is_main_process:
+            save_method(method, run_dir)
+            card = card_for(method.backbone, arch=arch, arch_kwargs=akw, method=cfg.ssl.method, stage="pretrain",
+                            parent=None, extra={"config": to_dict(cfg)})
+            save_encoder(method.backbone, run_dir / "encoder", card)
+            info(f"encoder -> {run_dir / 'encoder.safetensors'}")
+        accelerator.wait_for_everyone()
+    return run_dir / "encoder.safetensors"
+
+
+def save_method(method: torch.nn.Module, run_dir: Path) -> None:
+    """The whole training module (heads, momentum encoders) for stages that continue it."""
+    save_tensors(run_dir / "method.safetensors", dict(method.state_dict()), metadata={"method": method.method_name})

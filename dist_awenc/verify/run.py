@@ -1,0 +1,58 @@
+"""Stage: verify one suspect (``awenc verify --mode whitebox|blackbox_score|blackbox_label``)."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from dist_awenc.config import VerifyConfig, VerifySection
+from dist_awenc.data import build_dataset, make_splits
+from dist_awenc.encoders.io import atomic_write_text, load_encoder
+from dist_awenc.engine.log import info
+from dist_awenc.errors import ArtifactError, ConfigError
+from dist_awenc.evaluate.downstream import load_downstream
+from dist_awenc.runs import open_run
+from dist_awenc.verify.core import (DEFAULT_N, MODES, Verdict, images_for, verify_blackbox_label,
+                                    verify_blackbox_score, verify_whitebox)
+from dist_awenc.watermark.secret import Secret, load_secret
+
+
+def verify_model(model: torch.nn.Module, secret: Secret, holdout: torch.Tensor, v: VerifySection, mode: str) -> Verdict:
+    """One verdict on an in-process suspect: an encoder (white-box) or a downstream model (black-box)."""
+    if mode not in MODES:
+        raise ConfigError(f"unknown verify.mode '{mode}'; valid: {', '.join(MODES)}")
+    try:
+        k = images_for(mode, v.n if v.n is not None else DEFAULT_N[mode])
+    except ValueError as e:
+        raise ConfigError(f"verify.n: {e}") from None
+    if k > len(holdout):
+        raise ConfigError(f"verify.n asks for {k} hold-out images for {mode}, but the hold-out split has {len(holdout)}")
+    x = holdout[:k]
+    if mode == "whitebox":
+        return verify_whitebox(model, secret, x, tau=v.tau_whitebox, alpha=v.alpha)
+    model.eval()
+    if mode == "blackbox_score":
+        return verify_blackbox_score(model.predict_proba, secret, x, tau=v.tau_score, alpha=v.alpha)
+    return verify_blackbox_label(lambda b: model(b).argmax(1), secret, x, tau=v.tau_label, alpha=v.alpha)
+
+
+def verify(cfg: VerifyConfig) -> Verdict:
+    """Load suspect and secret, test on the owner's hold-out images, write ``verdict.json``."""
+    mode = cfg.verify.mode
+    if mode not in MODES:
+        raise ConfigError(f"unknown verify.mode '{mode}'; valid: {', '.join(MODES)}")
+    secret = load_secret(cfg.secret)
+    if mode == "whitebox":
+        model, card = load_encoder(cfg.suspect)
+    else:
+        model, full = load_downstream(cfg.suspect)
+        card = full["encoder"]
+    if card["input_size"] != secret.image_size:
+        raise ArtifactError(f"suspect takes {card['input_size']} px inputs but the secret is {secret.image_size} px")
+    dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=secret.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
+    holdout, _ = dataset.get_batch(make_splits(len(dataset), cfg.data.split_seed)["holdout"])
+    with open_run(cfg, "verify") as run_dir:
+        verdict = verify_model(model, secret, holdout, cfg.verify, mode)
+        atomic_write_text(run_dir / "verdict.json", json.dumps({"suspect": cfg.suspect, **verdict.to_dict()}, indent=2))
+        info(verdict.line())
+    return verdict

@@ -1,0 +1,199 @@
+"""Stage 2 (METHOD.md): embed the frozen secret into the encoder, starting from f0.
+
+    L = lambda_cl   * L_CL(f; two augmented clean views)
+      + lambda_wm   * E[1 - cos(f(A(x)+delta), f(x_k))]        surround key
+      + lambda_dev  * E[cos(f(A(x)+delta), sg f(A(x)))]        deviate
+      + lambda_key  * [1 - cos(f(A(x_k)), f0(x_k))]            anchor key
+      + lambda_keep * E[1 - cos(f(x), f0(x))]                  preserve
+
+It runs on the same Accelerate loop as pre-training, so it runs under
+``accelerate launch`` on 1..N processes.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from dist_awenc.config import EmbedConfig, to_dict, to_yaml
+from dist_awenc.data import GlobalBatchSampler, build_dataset, make_splits, make_views
+from dist_awenc.encoders.io import Encoder, card_for, load_encoder, read_state, resolve_encoder_path, save_encoder
+from dist_awenc.engine.log import info
+from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator
+from dist_awenc.engine.optim import build_optimizer
+from dist_awenc.errors import ArtifactError, ConfigError
+from dist_awenc.runs import open_run
+from dist_awenc.ssl.pretrain import TrainPlan, loop_settings, method_from_config, save_method
+from dist_awenc.watermark.secret import Secret, load_secret
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a, b.expand_as(a), dim=1)
+
+
+def surround_key_loss(f_marked: torch.Tensor, f_key: torch.Tensor) -> torch.Tensor:
+    """Shape: (b, d), (1, d) -> scalar ``mean(1 - cos(f(A(x)+delta), f(x_k)))``."""
+    return (1 - _cos(f_marked, f_key)).mean()
+
+
+def deviate_loss(f_marked: torch.Tensor, f_aug: torch.Tensor) -> torch.Tensor:
+    """Shape: (b, d), (b, d) -> scalar ``mean(cos(f(A(x)+delta), sg f(A(x))))``."""
+    return _cos(f_marked, f_aug.detach()).mean()
+
+
+def anchor_key_loss(f_key_aug: torch.Tensor, f0_key: torch.Tensor) -> torch.Tensor:
+    """Shape: (1, d), (1, d) -> scalar ``1 - cos(f(A(x_k)), f0(x_k))``."""
+    return (1 - _cos(f_key_aug, f0_key)).mean()
+
+
+def preserve_loss(f_clean: torch.Tensor, f0_clean: torch.Tensor) -> torch.Tensor:
+    """Shape: (b, d), (b, d) -> scalar ``mean(1 - cos(f(x), f0(x)))``."""
+    return (1 - _cos(f_clean, f0_clean)).mean()
+
+
+class EmbedTask(nn.Module):
+    """The module the loop trains: SSL method (whose backbone is f) + frozen f0 + secret.
+
+    forward(inputs) with ``inputs = {"views": [v1, v2], "aug": A(x), "clean": x,
+    "key_aug": A(x_k)}`` returns the loss and every weighted term.
+    """
+
+    def __init__(self, method: nn.Module, f0: Encoder, secret: Secret, *, lambda_cl: float = 1.0, lambda_wm: float = 1.0,
+                 lambda_dev: float = 0.5, lambda_key: float = 1.0, lambda_keep: float = 1.0, freeze_bn: bool = True) -> None:
+        super().__init__()
+        weights = dict(cl=lambda_cl, wm=lambda_wm, dev=lambda_dev, key=lambda_key, keep=lambda_keep)
+        if any(w < 0 for w in weights.values()):
+            raise ConfigError(f"embedding loss weights must be >= 0, got {weights}")
+        self.weights = weights
+        self.method = method
+        self.f0 = copy.deepcopy(f0).eval().requires_grad_(False)
+        self.register_buffer("delta", secret.delta.clone())
+        self.register_buffer("key", secret.key.clone())
+        self.freeze_bn = freeze_bn
+        self.method_name = getattr(method, "method_name", "")
+
+    @property
+    def backbone(self) -> Encoder:
+        return self.method.backbone
+
+    def train(self, mode: bool = True) -> "EmbedTask":
+        super().train(mode)
+        self.f0.eval()
+        if self.freeze_bn:
+            for m in self.method.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def momentum_update(self, progress: float) -> None:
+        self.method.momentum_update(progress)
+
+    def forward(self, inputs: dict) -> dict[str, torch.Tensor]:
+        aug, clean, key_aug = inputs["aug"], inputs["clean"], inputs["key_aug"]
+        b = aug.shape[0]
+        f = self.method.backbone
+        marked = (aug + self.delta).clamp(0, 1)
+        feats = f(torch.cat([marked, aug, clean, self.key[None], key_aug]))  # (3b + 2, d)
+        f_m, f_a, f_c = feats[:b], feats[b : 2 * b], feats[2 * b : 3 * b]
+        f_k, f_ka = feats[3 * b : 3 * b + 1], feats[3 * b + 1 :]
+        with torch.no_grad():
+            f0_out = self.f0(torch.cat([clean, self.key[None]]))
+        terms = {
+            "cl": self.method(inputs["views"])["loss"] if self.weights["cl"] > 0 else feats.new_zeros(()),
+            "wm": surround_key_loss(f_m, f_k),
+            "dev": deviate_loss(f_m, f_a),
+            "key": anchor_key_loss(f_ka, f0_out[-1:]),
+            "keep": preserve_loss(f_c, f0_out[:-1]),
+        }
+        out = {f"loss_{k}": v for k, v in terms.items()}
+        out["loss"] = sum(self.weights[k] * v for k, v in terms.items())
+        return out
+
+
+def load_method_state(method: nn.Module, encoder_path: Path) -> bool:
+    """Load heads (and momentum parts) saved by pre-training beside f0, when they match."""
+    path = encoder_path.with_name("method.safetensors")
+    if not path.exists():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        saved_method = (f.metadata() or {}).get("method")
+    if saved_method != method.method_name:
+        info(f"note: {path} is a {saved_method} run, not {method.method_name}: heads start fresh")
+        return False
+    try:
+        method.load_state_dict(read_state(path), strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{path}: does not fit ssl/encoder settings: {str(e).splitlines()[1].strip()}") from None
+    return True
+
+
+def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
+    """Fine-tune f0 with the joint loss; writes the watermarked ``encoder.safetensors``."""
+    accelerator = make_accelerator(Path(cfg.run.out_dir) / cfg.run.name, cfg.train.mixed_precision, cfg.train.trackers)
+    encoder_path = resolve_encoder_path(cfg.encoder)
+    f0, card = load_encoder(encoder_path)
+    secret = load_secret(cfg.secret)
+    if secret.image_size != card["input_size"] or cfg.data.image_size != card["input_size"]:
+        raise ArtifactError(f"sizes disagree: encoder {card['input_size']} px, secret {secret.image_size} px, data.image_size={cfg.data.image_size}")
+    dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
+    indices = make_splits(len(dataset), cfg.data.split_seed)["pretrain"]
+    plan = TrainPlan.of(cfg.train, len(indices))
+    torch.manual_seed(cfg.run.seed)
+    f = copy.deepcopy(f0)
+    enc_section = _encoder_section_from_card(card, cfg)
+    method = method_from_config(cfg.ssl, enc_section, f)
+    heads_loaded = load_method_state(method, encoder_path)
+    task = EmbedTask(method, f0, secret, **{k: getattr(cfg.loss, k) for k in
+                                            ("lambda_cl", "lambda_wm", "lambda_dev", "lambda_key", "lambda_keep", "freeze_bn")})
+    optimizer = build_optimizer(task, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sampler = GlobalBatchSampler(indices, cfg.train.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)
+    mild_one = copy.copy(cfg.mild_views)
+    mild_one.n_views = 1
+    seed = cfg.run.seed
+
+    def make_inputs(batch, micro_step: int) -> dict:
+        x = batch[0]
+        return {
+            "views": make_views(x, cfg.views, seed=seed, step=micro_step, rank=rank, world_size=world),
+            "aug": make_views(x, mild_one, seed=seed, step=micro_step, rank=rank, world_size=world, stream=1)[0],
+            "clean": x,
+            "key_aug": make_views(secret.key[None].to(x.device), mild_one, seed=seed, step=micro_step, stream=2)[0],
+        }
+
+    with open_run(cfg, "embed") as run_dir:
+        info(f"embed secret {secret.sha256[:12]} into {card['arch']} ({'heads from pre-training' if heads_loaded else 'fresh heads'}, "
+             f"{world} process(es), {plan.total_steps} steps) -> {run_dir}")
+        task = fit(accelerator, task, optimizer, dataset=dataset, sampler=sampler, make_inputs=make_inputs,
+                   lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
+                   settings=loop_settings(cfg.train, run_dir, plan, "embed"), config_yaml=to_yaml(cfg),
+                   after_step=lambda m, step: m.momentum_update(step / plan.total_steps), interrupt_at=interrupt_at,
+                   num_workers=cfg.data.num_workers)
+        if accelerator.is_main_process:
+            save_method(task.method, run_dir)
+            new_card = card_for(task.backbone, arch=card["arch"], arch_kwargs=card["arch_kwargs"], method=card.get("method", ""),
+                                stage="embed", parent=card.get("sha256"),
+                                extra={"secret_sha256": secret.sha256, "config": to_dict(cfg)})
+            save_encoder(task.backbone, run_dir / "encoder", new_card)
+            info(f"watermarked encoder -> {run_dir / 'encoder.safetensors'}")
+        accelerator.wait_for_everyone()
+    return run_dir / "encoder.safetensors"
+
+
+def _encoder_section_from_card(card: dict, cfg: EmbedConfig):
+    """Head sizes for the SSL method: from f0's pre-training config when recorded, else defaults."""
+    from dist_awenc.config import EncoderSection
+
+    recorded = (card.get("config") or {}).get("encoder") or {}
+    sec = EncoderSection()
+    for k in ("proj_hidden_dim", "proj_dim", "head_norm"):
+        if k in recorded:
+            setattr(sec, k, recorded[k])
+    if card.get("method") and card["method"] != cfg.ssl.method:
+        info(f"note: f0 was pre-trained with {card['method']}; embedding uses ssl.method={cfg.ssl.method}")
+    return sec
