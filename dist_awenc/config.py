@@ -181,21 +181,23 @@ class VerifyConfig:
 
 @dataclass
 class DemoConfig:
+    """Defaults tuned for digits at 16 px on 2 CPU cores: digits are small and
+    not mirror-symmetric, so crops stay large and there is no flip."""
+
     run: RunSection = field(default_factory=lambda: RunSection(name="demo"))
     data: DataSection = field(default_factory=DataSection)
-    views: ViewConfig = field(default_factory=ViewConfig)
+    views: ViewConfig = field(default_factory=lambda: ViewConfig(crop_scale_min=0.6, flip_p=0.0))
     encoder: EncoderSection = field(default_factory=EncoderSection)
-    ssl: SSLSection = field(default_factory=SSLSection)
+    ssl: SSLSection = field(default_factory=lambda: SSLSection(temperature=0.2))
     optim: OptimSection = field(default_factory=OptimSection)
-    pretrain: TrainSection = field(default_factory=lambda: TrainSection(epochs=30))
+    pretrain: TrainSection = field(default_factory=lambda: TrainSection(epochs=100, batch_size=128, checkpoint_every=500))
     generation: GenerationSection = field(default_factory=GenerationSection)
     loss: EmbedLossSection = field(default_factory=EmbedLossSection)
     mild_views: ViewConfig = field(default_factory=mild_view_config)
     embed_optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-4))
-    embed: TrainSection = field(default_factory=lambda: TrainSection(epochs=20))
+    embed: TrainSection = field(default_factory=lambda: TrainSection(epochs=20, batch_size=128, checkpoint_every=500))
     probe: ProbeSection = field(default_factory=ProbeSection)
     verify: VerifySection = field(default_factory=VerifySection)
-    stage: str = "full"  # pretrain (issue 2's demo) | full
 
 
 # ----------------------------------------------------------------- loading

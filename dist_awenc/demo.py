@@ -10,6 +10,7 @@ the demo runs again.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,11 +32,18 @@ from dist_awenc.watermark.secret import load_secret
 
 
 def _reuse_or_run(cfg: Any, fn: Callable[[Any], Path], output: str) -> Path:
-    """Run a stage unless its folder already holds a complete run of the same config."""
+    """Reuse a complete stage run of the same config, resume an unfinished one, else start afresh.
+
+    The demo owns its sub-folders: one left by a different config is replaced.
+    """
     run_dir = run_dir_of(cfg)
-    if status(run_dir).get("state") == "complete" and (run_dir / "config.yaml").read_text() == to_yaml(cfg):
+    same = (run_dir / "config.yaml").exists() and (run_dir / "config.yaml").read_text() == to_yaml(cfg)
+    if same and status(run_dir).get("state") == "complete":
         info(f"reusing complete {run_dir}")
         return run_dir / output
+    if run_dir.exists() and not same:
+        info(f"{run_dir} was made with other settings: running it again")
+        shutil.rmtree(run_dir)
     return fn(cfg)
 
 

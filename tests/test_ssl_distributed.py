@@ -1,9 +1,9 @@
 """Two real gloo processes versus one process on the concatenated batch.
 
-``accelerate.debug_launcher`` forks 2 CPU processes that rendezvous through a
-file store (gloo, no port). Each rank takes its slice of a deterministic global
-batch, runs the losses / DDP-wrapped methods and writes its results with
-``torch.save``; the parent process (where no process group exists, so every
+Two spawned CPU processes (accelerate's debug launch, see :func:`_launch`)
+rendezvous through a file store (gloo, no port). Each rank takes its slice of
+a deterministic global batch, runs the losses / DDP-wrapped methods and
+writes its results with ``torch.save``; the parent process (where no process group exists, so every
 ``dist`` helper is the single-process identity) runs the same code on the
 whole batch and compares.
 
@@ -88,6 +88,16 @@ def _run_losses(sl: slice) -> dict[str, torch.Tensor]:
     return out
 
 
+def _run_gather_probe() -> dict[str, torch.Tensor]:
+    """Gradient through a gather whose downstream gradient is non-contiguous."""
+    x = (torch.arange(3 * 2, dtype=torch.float32).view(3, 2) + 10 * dist.rank()).requires_grad_()
+    w = torch.arange(2 * 3 * WORLD, dtype=torch.float32).view(2, 3 * WORLD)
+    out = {}
+    (dist.gather(x).T * w).sum().backward()  # d/dgathered = w.T: a transposed, non-contiguous gradient
+    out["probe/dist_gather"] = x.grad.clone()
+    return out
+
+
 def _method_data(step: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
     x = torch.randn(B, *IMG, generator=g)
@@ -143,6 +153,7 @@ def _worker(outdir: str, mode: str) -> None:
     sl = slice(r * per, (r + 1) * per)
     if mode == "losses":
         result = _run_losses(sl)
+        result |= _run_gather_probe()
     else:
         result = {name: _run_method(name, sl, wrap=accelerator.prepare) for name in ("simclr", "moco_v2", "byol")}
         result["ddp_wrapped"] = type(accelerator.prepare(_build("simclr"))).__name__
@@ -151,9 +162,30 @@ def _worker(outdir: str, mode: str) -> None:
 
 
 def _launch(tmp_path: Path, mode: str) -> list[dict]:
-    from accelerate import debug_launcher
+    """``accelerate.debug_launcher`` with ``spawn`` instead of ``fork``.
 
-    debug_launcher(_worker, args=(str(tmp_path), mode), num_processes=WORLD)
+    ``debug_launcher`` forks; once the (pytest) parent has run a multi-threaded
+    OpenMP/MKL kernel, a forked child's first parallel GEMM deadlocks in
+    libgomp (``gomp_team_barrier_wait_end``). Spawned children start clean;
+    the gloo group is still set up by accelerate's ``PrepareForLaunch(debug=True)``
+    through a file store (no TCP port to pick).
+    """
+    from accelerate.utils import PrepareForLaunch, patch_environment
+    from torch.multiprocessing import start_processes
+
+    rdv_file = tmp_path / f"{mode}.rdv"
+    with patch_environment(
+        world_size=WORLD,
+        master_addr="127.0.0.1",
+        master_port="29500",
+        accelerate_mixed_precision="no",
+        accelerate_debug_rdv_file=str(rdv_file),
+        accelerate_use_cpu="yes",
+        gloo_socket_ifname="lo",
+        omp_num_threads="1",
+    ):
+        launcher = PrepareForLaunch(_worker, debug=True)
+        start_processes(launcher, args=(str(tmp_path), mode), nprocs=WORLD, start_method="spawn")
     return [torch.load(tmp_path / f"{mode}_rank{r}.pt") for r in range(WORLD)]
 
 
@@ -227,3 +259,14 @@ def test_moco_queue_identical_on_ranks_and_wrapped(method_results):
     torch.testing.assert_close(q0, q1, atol=0, rtol=0)
     # 2 steps x 12 global keys into a ring of 20: pointer wrapped to 4
     assert int(method_results[0]["moco_v2"]["state/queue_ptr"]) == (2 * 2 * B) % QUEUE
+
+
+def _probe_expected(rank: int) -> torch.Tensor:
+    # every rank's loss contributes w.T for the rank's rows: sum over ranks
+    w = torch.arange(2 * 3 * WORLD, dtype=torch.float32).view(2, 3 * WORLD)
+    return WORLD * w.T[rank * 3 : (rank + 1) * 3]
+
+
+def test_engine_dist_gather_with_non_contiguous_gradient(loss_results):
+    for rank, res in enumerate(loss_results):
+        torch.testing.assert_close(res["probe/dist_gather"], _probe_expected(rank))

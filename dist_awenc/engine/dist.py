@@ -26,19 +26,39 @@ def is_main() -> bool:
     return rank() == 0
 
 
+class _Gather(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient and keeps the local slice.
+
+    Written here rather than taken from ``torch.distributed.nn``: on gloo that
+    one's backward permutes a non-contiguous incoming gradient (such as the
+    gradient of ``a @ gathered.T`` in a contrastive loss) without an error.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.b = x.shape[0]
+        out = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = grad.contiguous().clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g[rank() * ctx.b : (rank() + 1) * ctx.b]
+
+
 def gather(x: torch.Tensor) -> torch.Tensor:
     """Differentiable all-gather along dim 0.
 
     Shape: (b, ...) on each rank -> (world_size * b, ...), rank-major. The
-    backward pass sums the gradients of every rank's loss for the local slice
-    (``torch.distributed.nn``), so with DDP's gradient averaging the result
-    equals one process on the concatenated batch.
+    backward pass sums the gradients of every rank's loss for the local slice,
+    so with DDP's gradient averaging the result equals one process on the
+    concatenated batch.
     """
     if not is_dist():
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _Gather.apply(x)
 
 
 @torch.no_grad()

@@ -28,31 +28,6 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, names: str, where: str) -> Non
         raise ValueError(f"{where}: empty batch")
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    Works around a bug of ``torch.distributed.nn.functional.all_gather`` (used
-    by :func:`dist_awenc.engine.dist.gather`) on gloo: its backward allocates
-    the receive buffers with ``torch.empty_like(grad)``, which keeps the stride
-    order of a non-contiguous gradient (e.g. the transposed gradient of
-    ``a @ gathered.T``), and ``dist.scatter`` then writes contiguous bytes into
-    them, permuting the gradient. A contiguous incoming gradient is exact.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return grad.contiguous()
-
-
-def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """:func:`dist.gather` followed by :class:`_ContiguousGrad`."""
-    return _ContiguousGrad.apply(dist.gather(x))
-
-
 def nt_xent(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -73,7 +48,8 @@ def nt_xent(
     With ``gather=True`` the candidates come from every rank through the
     differentiable :func:`dist_awenc.engine.dist.gather`; with DDP's gradient
     averaging the loss and the parameter gradients equal those of one process
-    on the concatenated batch. All ranks must have the same local ``b``.
+    on the concatenated batch. All ranks must have the same local ``b``. The
+    gathered tensor keeps gradients exact on gloo (see ``dist.gather``).
 
     Args:
         z1: embeddings of the first view, ``(b, d)`` (normalised inside).
@@ -95,7 +71,7 @@ def nt_xent(
     anchors = torch.cat([z1, z2], dim=0)  # (2b, d): [view 1; view 2]
     if gather and dist.is_dist():
         # one collective for both views: (b, 2, d) -> (W*b, 2, d) -> view-major (2*W*b, d)
-        stacked = _gather_with_grad(torch.stack([z1, z2], dim=1))
+        stacked = dist.gather(torch.stack([z1, z2], dim=1))
         if stacked.shape[0] != dist.world_size() * b:
             raise ValueError("nt_xent: every rank must use the same local batch size")
         candidates = stacked.transpose(0, 1).reshape(-1, d)

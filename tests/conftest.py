@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny configs that run in seconds on 2 CPU cores."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def tiny_overrides(out_dir, name: str = "run", **extra) -> list[str]:
+    """A pre-training run of a few steps on 8 px digits with a width-8 GroupNorm net."""
+    base = {
+        "run.out_dir": str(out_dir), "run.name": name, "data.image_size": 8, "encoder.width": 8,
+        "encoder.proj_hidden_dim": 32, "encoder.proj_dim": 16, "train.batch_size": 64, "train.epochs": 1,
+        "train.max_steps": 6, "train.checkpoint_every": 3, "train.log_every": 1, "train.progress": False,
+        "ssl.queue_size": 128, "ssl.pred_hidden_dim": 32,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate_state():
+    """Each test gets a fresh Accelerate singleton (tests create Accelerators in-process)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def spawn_launch(fn, args: tuple, rdv_dir, nprocs: int = 2) -> None:
+    """Run ``fn(*args)`` on ``nprocs`` real gloo CPU processes (Accelerate's debug launch, spawned).
+
+    ``accelerate.debug_launcher`` forks; once the pytest process has run a
+    multi-threaded OpenMP kernel, a forked child's first parallel GEMM can
+    deadlock. Spawned children do not inherit that state; the gloo group is
+    set up by ``PrepareForLaunch(debug=True)`` through a file store.
+    """
+    from pathlib import Path
+
+    from accelerate.utils import PrepareForLaunch, patch_environment
+    from torch.multiprocessing import start_processes
+
+    rdv = Path(rdv_dir) / f"{getattr(fn, '__name__', 'fn')}.rdv"
+    with patch_environment(world_size=nprocs, master_addr="127.0.0.1", master_port="29500",
+                           accelerate_mixed_precision="no", accelerate_debug_rdv_file=str(rdv),
+                           accelerate_use_cpu="yes", gloo_socket_ifname="lo", omp_num_threads="1"):
+        start_processes(PrepareForLaunch(fn, debug=True), args=args, nprocs=nprocs, start_method="spawn")

@@ -1,0 +1,78 @@
+"""The training loop: exact resume, 2-process equivalence, checkpoint errors."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import spawn_launch, tiny_overrides, weights
+from dist_awenc.config import PretrainConfig, load_config
+from dist_awenc.engine.loop import Interrupted, checkpoints
+from dist_awenc.errors import ArtifactError, ConfigError
+from dist_awenc.ssl.pretrain import pretrain
+
+
+def _cfg(out, name="run", **kw) -> PretrainConfig:
+    return load_config(PretrainConfig, None, tiny_overrides(out, name, **kw))
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco_v2", "byol"])
+def test_interrupted_run_resumes_bit_for_bit(tmp_path, method):
+    full = pretrain(_cfg(tmp_path, "full", **{"ssl.method": method}))
+    with pytest.raises(Interrupted):
+        pretrain(_cfg(tmp_path, "cut", **{"ssl.method": method}), interrupt_at=3)
+    cut_dir = tmp_path / "cut"
+    assert not (cut_dir / "encoder.safetensors").exists()
+    assert json.loads((cut_dir / "status.json").read_text())["state"] != "complete"
+    assert [p.name for p in checkpoints(cut_dir)] == ["step_00000003"]
+    resumed = pretrain(_cfg(tmp_path, "cut", **{"ssl.method": method}))
+    a, b = weights(full), weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    a, b = weights(full.with_name("method.safetensors")), weights(resumed.with_name("method.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # heads, momentum encoders, MoCo queue
+
+
+def test_checkpoint_holds_config_and_old_ones_are_pruned(tmp_path):
+    pretrain(_cfg(tmp_path, "r", **{"train.checkpoint_every": 1, "train.keep_checkpoints": 2}))
+    names = [p.name for p in checkpoints(tmp_path / "r")]
+    assert names == ["step_00000005", "step_00000006"]
+    saved = (tmp_path / "r" / "checkpoints" / "step_00000006" / "config.yaml").read_text()
+    assert saved == (tmp_path / "r" / "config.yaml").read_text()
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6] and all("loss" in x and "lr" in x for x in lines)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(Interrupted):
+        pretrain(_cfg(tmp_path), interrupt_at=3)
+    ckpt = checkpoints(tmp_path / "run")[-1]
+    model_file = next(ckpt.glob("model*.safetensors"))
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="unreadable"):
+        pretrain(_cfg(tmp_path))
+
+
+def test_complete_run_folder_is_not_overwritten(tmp_path):
+    pretrain(_cfg(tmp_path))
+    with pytest.raises(ConfigError, match="already holds a complete"):
+        pretrain(_cfg(tmp_path))
+
+
+def _two_process_pretrain(out_dir: str) -> None:
+    pretrain(_cfg(Path(out_dir), "two"))
+
+
+def test_two_processes_match_one_process_without_batch_statistics(tmp_path):
+    """GroupNorm net, SimCLR with gathered negatives: 2 gloo ranks == 1 process on the same global batch."""
+    one = pretrain(_cfg(tmp_path, "one"))
+    spawn_launch(_two_process_pretrain, (str(tmp_path),), tmp_path)
+    two = tmp_path / "two" / "encoder.safetensors"
+    a, b = weights(one), weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert json.loads((tmp_path / "two" / "status.json").read_text())["state"] == "complete"
