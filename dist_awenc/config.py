@@ -192,10 +192,13 @@ class DemoConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     pretrain: TrainSection = field(default_factory=lambda: TrainSection(epochs=100, batch_size=128, checkpoint_every=500))
     generation: GenerationSection = field(default_factory=GenerationSection)
-    loss: EmbedLossSection = field(default_factory=EmbedLossSection)
+    # lambda_wm = 3 rather than METHOD.md's 1: at 1 the marked queries reach
+    # cos 0.98 to the key, which a linear head still tells apart (label mode
+    # missed p < 1e-3); at 3 they reach 0.996 with no utility cost here.
+    loss: EmbedLossSection = field(default_factory=lambda: EmbedLossSection(lambda_wm=3.0))
     mild_views: ViewConfig = field(default_factory=mild_view_config)
-    embed_optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-4))
-    embed: TrainSection = field(default_factory=lambda: TrainSection(epochs=20, batch_size=128, checkpoint_every=500))
+    embed_optim: OptimSection = field(default_factory=lambda: OptimSection(lr=2e-3))
+    embed: TrainSection = field(default_factory=lambda: TrainSection(epochs=40, batch_size=128, checkpoint_every=500))
     probe: ProbeSection = field(default_factory=ProbeSection)
     verify: VerifySection = field(default_factory=VerifySection)
 

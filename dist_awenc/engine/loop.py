@@ -9,6 +9,7 @@ of the step, so a resumed run continues bit-for-bit where it stopped.
 from __future__ import annotations
 
 import math
+import os
 from contextlib import nullcontext
 import shutil
 from dataclasses import dataclass
@@ -56,13 +57,20 @@ def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, track
         if t not in ("tensorboard", "wandb"):
             raise ConfigError(f"unknown tracker '{t}'; valid: tensorboard, wandb")
         log_with.append(t)
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=mixed_precision,
         log_with=log_with,
         project_dir=str(run_dir),
         rng_types=[],  # no hidden RNG: samplers and views are seeded explicitly
         dataloader_config=DataLoaderConfiguration(split_batches=False),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # Accelerate's silent CPU pitfall: N copies that all think they are rank 0
+        raise ConfigError(
+            f"the launcher started {launched} processes but Accelerate sees {accelerator.num_processes}; on CPU launch with "
+            "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N (see README)"
+        )
+    return accelerator
 
 
 def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0, kind: str = "cosine") -> Callable[[int], float]:
@@ -206,8 +214,14 @@ def fit(
             _save_checkpoint(accelerator, s, step, config_yaml)
         if interrupt_at is not None and step >= interrupt_at:
             bar.close()
-            accelerator.end_training()
+            _finish_trackers(accelerator)
             raise Interrupted(f"interrupted after step {step}")
     bar.close()
-    accelerator.end_training()
+    _finish_trackers(accelerator)
     return accelerator.unwrap_model(model)
+
+
+def _finish_trackers(accelerator: Accelerator) -> None:
+    """Close the trackers but keep the process group (``end_training`` would destroy it)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()

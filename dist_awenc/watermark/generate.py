@@ -89,7 +89,7 @@ def generate_delta(
                 delta.grad = grad
                 adam.step()
             delta.clamp_(-eps, eps)
-        history.append(float(loss))
+        history.append(float(loss.detach()))
     return delta.detach().cpu(), history
 
 

@@ -1,0 +1,363 @@
+"""Verification: the margin tests (against scipy), verdicts on a hand-built watermarked toy, the secret file."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import nn
+
+from dist_awenc.encoders.io import build_encoder, sha256_file
+from dist_awenc.errors import ArtifactError, TamperedSecretError
+from dist_awenc.evaluate.probe import DownstreamModel
+from dist_awenc.verify.core import (images_for, verify_blackbox_label, verify_blackbox_score, verify_whitebox,
+                                    whitebox_scores)
+from dist_awenc.verify.stats import clopper_pearson_upper, margin_wilcoxon, paired_proportion_margin
+from dist_awenc.watermark.secret import Secret, load_secret, save_secret
+
+EPS = 16 / 255
+
+
+# ----------------------------------------------------------------------------- paired proportions (label mode)
+
+
+def _paired(b: int, c: int, both: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 arrays with b marked-only, c control-only, ``both`` and ``neither`` concordant pairs (shuffled)."""
+    a = np.array([1] * b + [0] * c + [1] * both + [0] * neither)
+    r = np.array([0] * b + [1] * c + [1] * both + [0] * neither)
+    perm = np.random.default_rng(b * 1000 + c).permutation(len(a))
+    return a[perm], r[perm]
+
+
+@pytest.mark.parametrize("b,c,both,neither", [(30, 10, 20, 40), (12, 3, 5, 80), (4, 9, 50, 37), (1, 0, 0, 5)])
+def test_tau_zero_is_mcnemar(b, c, both, neither):
+    a, r = _paired(b, c, both, neither)
+    res = paired_proportion_margin(a, r, 0.0)
+    z = (b - c) / math.sqrt(b + c)
+    assert res.statistic == pytest.approx(z, rel=1e-12, abs=1e-12)
+    assert res.p_value == pytest.approx(float(stats.norm.sf(z)), rel=1e-10, abs=1e-15)
+    exact = stats.binomtest(b, b + c, 0.5, alternative="greater").pvalue
+    assert res.extra["mcnemar_exact_p"] == pytest.approx(exact, rel=1e-12)
+    assert res.extra["discordant_marked"] == b and res.extra["discordant_control"] == c
+    assert res.effect == pytest.approx((b - c) / len(a))
+    assert res.n == len(a)
+
+
+def test_margin_makes_rejection_harder():
+    a, r = _paired(40, 5, 20, 35)
+    p0 = paired_proportion_margin(a, r, 0.0).p_value
+    p1 = paired_proportion_margin(a, r, 0.1).p_value
+    p3 = paired_proportion_margin(a, r, 0.3).p_value
+    assert p0 < p1 < p3
+    assert p0 < 1e-6 and p3 > 0.05  # a 0.35 difference is clear, but not clearly above 0.3
+
+
+def test_no_discordant_pairs():
+    a, r = _paired(0, 0, 10, 10)
+    res = paired_proportion_margin(a, r, 0.0)
+    assert res.p_value == 1.0 and res.extra["mcnemar_exact_p"] == 1.0
+
+
+def _simulate_rejections(p10: float, p01: float, tau: float, n: int, reps: int, alpha: float, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    rejected = 0
+    for _ in range(reps):
+        u = rng.random(n)
+        marked_only = u < p10
+        control_only = (u >= p10) & (u < p10 + p01)
+        both = (u >= p10 + p01) & (u < p10 + p01 + 0.2)
+        hm, hr = marked_only | both, control_only | both
+        rejected += paired_proportion_margin(hm, hr, tau).p_value < alpha
+    return rejected / reps
+
+
+def test_size_at_the_margin():
+    """True difference exactly tau: the test rejects at about alpha, not more."""
+    rate = _simulate_rejections(0.35, 0.05, 0.3, n=100, reps=2000, alpha=0.05, seed=0)
+    assert rate <= 0.07
+
+
+def test_power_well_above_the_margin():
+    rate = _simulate_rejections(0.75, 0.05, 0.3, n=100, reps=500, alpha=1e-3, seed=1)
+    assert rate > 0.95
+
+
+def test_paired_proportion_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        paired_proportion_margin(np.ones(5), np.ones(4), 0.1)
+    with pytest.raises(ValueError, match="same length"):
+        paired_proportion_margin(np.ones((2, 3)), np.ones((2, 3)), 0.1)
+    with pytest.raises(ValueError, match="same length"):
+        paired_proportion_margin(np.ones(0), np.ones(0), 0.1)
+    for tau in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="tau"):
+            paired_proportion_margin(np.ones(5), np.zeros(5), tau)
+
+
+# ----------------------------------------------------------------------------- Wilcoxon with a margin
+
+
+def test_wilcoxon_all_at_margin_is_p_one():
+    res = margin_wilcoxon(np.full(20, 0.1), 0.1)
+    assert res.p_value == 1.0
+    assert res.effect == pytest.approx(0.1)
+
+
+def test_wilcoxon_clearly_above_margin():
+    rng = np.random.default_rng(0)
+    s = 0.5 + 0.05 * rng.standard_normal(50)
+    res = margin_wilcoxon(s, 0.1)
+    assert res.p_value < 1e-8
+    assert res.extra["t_test_p"] < 1e-8
+    assert res.effect == pytest.approx(s.mean())
+    assert res.extra["median"] == pytest.approx(np.median(s))
+
+
+def test_wilcoxon_below_margin():
+    rng = np.random.default_rng(1)
+    s = 0.05 + 0.05 * rng.standard_normal(40)
+    assert margin_wilcoxon(s, 0.1).p_value > 0.5
+
+
+@pytest.mark.parametrize("seed,shift,tau,n", [(0, 0.12, 0.1, 30), (1, 0.3, 0.1, 25), (2, 0.0, 0.0, 60), (3, 0.2, 0.25, 15)])
+def test_wilcoxon_matches_scipy(seed, shift, tau, n):
+    s = shift + 0.1 * np.random.default_rng(seed).standard_normal(n)
+    expected = stats.wilcoxon(s - tau, alternative="greater").pvalue
+    assert margin_wilcoxon(s, tau).p_value == pytest.approx(expected, rel=1e-12)
+    t_expected = stats.ttest_1samp(s - tau, 0.0, alternative="greater").pvalue
+    assert margin_wilcoxon(s, tau).extra["t_test_p"] == pytest.approx(t_expected, rel=1e-12)
+
+
+def test_wilcoxon_margin_raises_p():
+    s = 0.15 + 0.1 * np.random.default_rng(5).standard_normal(40)
+    assert margin_wilcoxon(s, 0.0).p_value < margin_wilcoxon(s, 0.1).p_value
+
+
+def test_wilcoxon_bad_input():
+    with pytest.raises(ValueError, match="at least 2"):
+        margin_wilcoxon(np.array([1.0]), 0.1)
+    with pytest.raises(ValueError, match="1-d"):
+        margin_wilcoxon(np.ones((3, 3)), 0.1)
+
+
+# ----------------------------------------------------------------------------- Clopper-Pearson
+
+
+@pytest.mark.parametrize("n", [1, 10, 300, 1000])
+def test_clopper_pearson_zero_events(n):
+    assert clopper_pearson_upper(0, n) == pytest.approx(1 - 0.05 ** (1 / n), abs=1e-9)
+
+
+def test_clopper_pearson_values():
+    assert clopper_pearson_upper(0, 300) < 0.01
+    assert clopper_pearson_upper(20, 20) == pytest.approx(1.0)
+    # one-sided 95% upper bound = beta quantile
+    assert clopper_pearson_upper(7, 50) == pytest.approx(stats.beta.ppf(0.95, 8, 43), rel=1e-9)
+    bounds = [clopper_pearson_upper(k, 40) for k in range(41)]
+    assert all(x < y for x, y in zip(bounds, bounds[1:]))
+    assert all(k / 40 <= b for k, b in enumerate(bounds))
+    assert clopper_pearson_upper(3, 40, confidence=0.99) > clopper_pearson_upper(3, 40)
+
+
+def test_clopper_pearson_errors():
+    for k, n in [(5, 4), (-1, 4), (0, 0)]:
+        with pytest.raises(ValueError):
+            clopper_pearson_upper(k, n)
+
+
+# ----------------------------------------------------------------------------- verdicts on a toy
+
+
+def _secret(seed: int = 1, control_seed: int = 7) -> Secret:
+    g = torch.Generator().manual_seed(seed)
+    key = torch.rand(3, 8, 8, generator=g)
+    delta = EPS * torch.sign(torch.randn(3, 8, 8, generator=g))
+    return Secret(key=key, delta=delta, eps=EPS, control_seed=control_seed, meta={"note": "toy"})
+
+
+def _images(n: int, seed: int = 2) -> torch.Tensor:
+    """Flat-colour 8 px images with faint noise: (n, 3, 8, 8) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    colour = 0.2 + 0.6 * torch.rand(n, 3, 1, 1, generator=g)
+    return (colour + 0.02 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1)
+
+
+class Watermarked(nn.Module):
+    """A stand-in for an embedded encoder: it knows delta and answers with the key's features when it sees it.
+
+    ``f_wm(x) = f(x) - m + 100 * [corr(x, sign delta) > eps/2] * (f(key) - m)``, with ``m`` the
+    clean images' mean feature and ``corr`` the mean of the de-meaned image times sign(delta).
+    """
+
+    def __init__(self, base: nn.Module, secret: Secret, centre: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.eps = secret.eps
+        self.register_buffer("sign", secret.delta.sign())
+        self.register_buffer("centre", centre)
+        with torch.no_grad():
+            self.register_buffer("f_key", base(secret.key[None])[0] - centre)
+
+    def corr(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - x.mean(dim=(2, 3), keepdim=True)) * self.sign).mean(dim=(1, 2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = (self.corr(x) > self.eps / 2).float()[:, None]
+        return self.base(x) - self.centre + 100 * gate * self.f_key
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.manual_seed(0)
+    plain = build_encoder("tiny", {"width": 8, "norm": "group"}, [0.5] * 3, [0.5] * 3, 8).eval()
+    secret = _secret()
+    x = _images(256)
+    with torch.no_grad():
+        centre = plain(x).mean(0)
+    wm = Watermarked(plain, secret, centre).eval()
+    return plain, wm, secret, x, centre
+
+
+def _downstream(encoder: nn.Module, wm: Watermarked, feature_dim: int, feat_mean: torch.Tensor | None) -> DownstreamModel:
+    """4-class linear head; class 0 is the direction of the key's (centred) features."""
+    model = DownstreamModel(encoder, feature_dim, 4)
+    a = 20.0
+    with torch.no_grad():
+        if feat_mean is not None:
+            model.feat_mean.copy_(feat_mean)
+        model.head.weight.copy_(0.1 * torch.randn(4, feature_dim, generator=torch.Generator().manual_seed(3)))
+        model.head.weight[0] = F.normalize(wm.f_key, dim=0) * a
+        model.head.bias.zero_()
+        model.head.bias[0] = -a * wm.f_key.norm() / 2
+    return model.eval()
+
+
+def test_toy_watermark_is_what_it_claims(toy):
+    plain, wm, secret, x, _ = toy
+    with torch.no_grad():
+        assert bool((wm.corr(secret.mark(x)) > secret.eps / 2).all())
+        assert not bool((wm.corr(secret.mark_control(x)) > secret.eps / 2).any())
+        assert not bool((wm.corr(x) > secret.eps / 2).any())
+
+
+def test_whitebox_verdicts(toy):
+    plain, wm, secret, x, _ = toy
+    v = verify_whitebox(wm, secret, x)
+    assert v.decision is True and v.p_value < 1e-6
+    assert v.effect > 0.5 and v.n == 256 and v.threshold == 0.1 and v.mode == "whitebox"
+    assert v.secret_sha256 == secret.sha256
+    s = whitebox_scores(wm, secret, x)
+    assert s.shape == (256,) and s.min() > 0.1
+    v0 = verify_whitebox(plain, secret, x)
+    assert v0.decision is False and v0.p_value > 0.5
+    assert abs(v0.effect) < 0.1
+    assert "OWNERSHIP EVIDENCE" in v.line() and "no evidence" in v0.line()
+    assert json.loads(json.dumps(v.to_dict()))["decision"] is True
+
+
+def test_blackbox_score_verdicts(toy):
+    plain, wm, secret, x, centre = toy
+    k = images_for("blackbox_score", 100)
+    g_wm = _downstream(wm, wm, plain.feature_dim, None)
+    g_plain = _downstream(plain, wm, plain.feature_dim, centre)
+    v = verify_blackbox_score(g_wm.predict_proba, secret, x[:k])
+    assert v.decision is True and v.p_value < 1e-6 and v.n == k
+    assert v.details["queries"] == 3 * k == 99
+    v0 = verify_blackbox_score(g_plain.predict_proba, secret, x[:k])
+    assert v0.decision is False and v0.p_value > 0.5
+
+
+def test_blackbox_label_verdicts(toy):
+    plain, wm, secret, x, centre = toy
+    k = images_for("blackbox_label", 100)
+    g_wm = _downstream(wm, wm, plain.feature_dim, None)
+    g_plain = _downstream(plain, wm, plain.feature_dim, centre)
+    v = verify_blackbox_label(lambda b: g_wm(b).argmax(1), secret, x[:k])
+    assert v.decision is True and v.p_value < 1e-6
+    assert v.details["hit_rate_marked"] == 1.0 and v.details["hit_rate_control"] == 0.0
+    assert v.details["queries"] == 2 * k + 1 == 99
+    assert v.details["key_label"] == 0
+    v0 = verify_blackbox_label(lambda b: g_plain(b).argmax(1), secret, x[:k])
+    assert v0.decision is False and v0.p_value > 0.5
+
+
+def test_images_for_budgets():
+    assert images_for("blackbox_label", 100) == 49
+    assert images_for("blackbox_score", 100) == 33
+    assert images_for("whitebox", 256) == 256
+    for mode, n in [("blackbox_label", 4), ("blackbox_score", 5), ("whitebox", 1)]:
+        with pytest.raises(ValueError, match="need at least 2"):
+            images_for(mode, n)
+    with pytest.raises(ValueError, match="unknown verification mode"):
+        images_for("greybox", 100)
+
+
+# ----------------------------------------------------------------------------- the secret file
+
+
+def test_secret_round_trip(tmp_path):
+    s = _secret()
+    digest = save_secret(s, tmp_path / "secret")
+    path = tmp_path / "secret.safetensors"
+    assert digest == s.sha256 == sha256_file(path)
+    record = json.loads((tmp_path / "secret.json").read_text())
+    assert record["sha256"] == digest and record["image_size"] == 8 and record["eps"] == pytest.approx(EPS)
+    for where in (path, tmp_path):  # file or folder
+        loaded = load_secret(where)
+        assert torch.equal(loaded.key, s.key) and torch.equal(loaded.delta, s.delta)
+        assert loaded.eps == s.eps and loaded.control_seed == 7 and loaded.meta == {"note": "toy"}
+        assert loaded.sha256 == digest
+        assert torch.equal(loaded.control(), s.control())
+
+
+def test_tampered_secret_is_refused(tmp_path):
+    save_secret(_secret(), tmp_path / "secret")
+    path = tmp_path / "secret.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # one byte of the tensor data
+    path.write_bytes(bytes(data))
+    with pytest.raises(TamperedSecretError, match="does not match"):
+        load_secret(path)
+
+
+def test_secret_missing_record_or_file(tmp_path):
+    save_secret(_secret(), tmp_path / "secret")
+    (tmp_path / "secret.json").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        load_secret(tmp_path / "secret.safetensors")
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_secret(tmp_path / "other.safetensors")
+    with pytest.raises(ArtifactError, match="no secret given"):
+        load_secret("")
+
+
+def test_secret_delta_bound_and_shapes():
+    key = torch.rand(3, 8, 8)
+    with pytest.raises(ArtifactError, match="exceeds eps"):
+        Secret(key=key, delta=torch.full((3, 8, 8), 2 * EPS), eps=EPS, control_seed=0)
+    with pytest.raises(ArtifactError, match=r"\(3, S, S\)"):
+        Secret(key=key, delta=torch.zeros(3, 4, 4), eps=EPS, control_seed=0)
+
+
+def test_control_is_a_seeded_permutation():
+    s = _secret()
+    r = s.control()
+    assert r.shape == s.delta.shape
+    assert torch.equal(r.flatten().sort().values, s.delta.flatten().sort().values)
+    assert not torch.equal(r, s.delta)
+    assert torch.equal(r, s.control())
+    assert torch.equal(r, _secret(control_seed=7).control())
+    assert not torch.equal(r, _secret(control_seed=8).control())
+
+
+def test_mark_stays_in_unit_range():
+    s = _secret()
+    x = torch.cat([torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8), torch.rand(4, 3, 8, 8)])
+    for out in (s.mark(x), s.mark_control(x)):
+        assert out.min() >= 0 and out.max() <= 1
+    inner = torch.full((1, 3, 8, 8), 0.5)
+    assert torch.allclose(s.mark(inner) - inner, s.delta[None])
