@@ -19,6 +19,7 @@ STAGES: dict[str, str] = {
     "embed": "stage 2: embed the secret into the encoder (same training loop as pretrain)",
     "downstream": "train the pirate's linear head; report linear-probe and kNN accuracy",
     "verify": "verify a suspect: white-box (encoder) or black-box (downstream model)",
+    "calibrate": "set each mode's margin from a null population; exact bound on the false-positive rate",
     "demo": "the whole method on scikit-learn's digits, on CPU, with a verdict table",
 }
 
@@ -35,6 +36,8 @@ def _stage_fn(stage: str) -> Callable:
         from dist_awenc.evaluate.downstream import downstream as fn
     elif stage == "verify":
         from dist_awenc.verify.run import verify as fn
+    elif stage == "calibrate":
+        from dist_awenc.verify.calibrate import calibrate as fn
     else:
         from dist_awenc.demo import demo as fn
     return fn

@@ -168,6 +168,7 @@ class VerifySection:
     tau_whitebox: float = 0.1
     tau_score: float = 0.1
     tau_label: float = 0.3
+    calibration: Optional[str] = None  # calibration.json: its per-mode thresholds replace the tau_* margins
 
 
 @dataclass
@@ -199,6 +200,36 @@ class DemoConfig:
     mild_views: ViewConfig = field(default_factory=mild_view_config)
     embed_optim: OptimSection = field(default_factory=lambda: OptimSection(lr=2e-3))
     embed: TrainSection = field(default_factory=lambda: TrainSection(epochs=40, batch_size=128, checkpoint_every=500))
+    probe: ProbeSection = field(default_factory=ProbeSection)
+    verify: VerifySection = field(default_factory=VerifySection)
+
+
+@dataclass
+class PopulationSection:
+    """The null population: encoders the owner never watermarked x secrets."""
+
+    methods: list[str] = field(default_factory=lambda: ["simclr", "moco_v2", "byol"])
+    widths: list[int] = field(default_factory=lambda: [16, 32])
+    norms: list[str] = field(default_factory=lambda: ["group"])
+    seeds: int = 5  # independent seeds per (method, width, norm)
+    extra_encoders: list[str] = field(default_factory=list)  # more null encoders: files or run folders
+    n_secrets: int = 10  # the owner's secret + (n_secrets - 1) generated on null encoders
+    holdout_fraction: float = 0.5  # null encoders kept out of threshold setting, to check it
+
+
+@dataclass
+class CalibrateConfig:
+    run: RunSection = field(default_factory=lambda: RunSection(name="calibration"))
+    owner_encoder: str = ""  # the owner's clean f0: a null encoder for the owner's own secret
+    secret: str = ""  # the owner's secret
+    data: DataSection = field(default_factory=DataSection)
+    population: PopulationSection = field(default_factory=PopulationSection)
+    views: ViewConfig = field(default_factory=lambda: ViewConfig(crop_scale_min=0.6, flip_p=0.0))
+    encoder: EncoderSection = field(default_factory=EncoderSection)
+    ssl: SSLSection = field(default_factory=lambda: SSLSection(temperature=0.2, queue_size=1024))
+    optim: OptimSection = field(default_factory=OptimSection)
+    pretrain: TrainSection = field(default_factory=lambda: TrainSection(epochs=30, batch_size=128, checkpoint_every=1000, progress=False))
+    generation: GenerationSection = field(default_factory=GenerationSection)
     probe: ProbeSection = field(default_factory=ProbeSection)
     verify: VerifySection = field(default_factory=VerifySection)
 
@@ -271,4 +302,5 @@ SCHEMAS: dict[str, type] = {
     "embed": EmbedConfig,
     "verify": VerifyConfig,
     "demo": DemoConfig,
+    "calibrate": CalibrateConfig,
 }

@@ -10,10 +10,9 @@ the demo runs again.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -22,29 +21,13 @@ from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.encoders.io import atomic_write_text, load_encoder
 from dist_awenc.engine.log import info
 from dist_awenc.evaluate.downstream import evaluate_encoder, save_downstream
-from dist_awenc.runs import run_dir_of, status
+from dist_awenc.runs import reuse_or_run, run_dir_of
 from dist_awenc.ssl.pretrain import encoder_from_config, pretrain
 from dist_awenc.verify.core import MODES, Verdict, whitebox_scores
 from dist_awenc.verify.run import verify_model
 from dist_awenc.watermark.embed import embed
 from dist_awenc.watermark.generate import watermark
 from dist_awenc.watermark.secret import load_secret
-
-
-def _reuse_or_run(cfg: Any, fn: Callable[[Any], Path], output: str) -> Path:
-    """Reuse a complete stage run of the same config, resume an unfinished one, else start afresh.
-
-    The demo owns its sub-folders: one left by a different config is replaced.
-    """
-    run_dir = run_dir_of(cfg)
-    same = (run_dir / "config.yaml").exists() and (run_dir / "config.yaml").read_text() == to_yaml(cfg)
-    if same and status(run_dir).get("state") == "complete":
-        info(f"reusing complete {run_dir}")
-        return run_dir / output
-    if run_dir.exists() and not same:
-        info(f"{run_dir} was made with other settings: running it again")
-        shutil.rmtree(run_dir)
-    return fn(cfg)
 
 
 def demo(cfg: DemoConfig) -> dict:
@@ -55,14 +38,14 @@ def demo(cfg: DemoConfig) -> dict:
     common = dict(data=cfg.data, views=cfg.views, encoder=cfg.encoder, ssl=cfg.ssl, optim=cfg.optim, train=cfg.pretrain)
 
     info("[1/6] pre-train the owner's clean encoder f0")
-    f0_path = _reuse_or_run(PretrainConfig(run=sub("f0"), **common), pretrain, "encoder.safetensors")
+    f0_path = reuse_or_run(PretrainConfig(run=sub("f0"), **common), pretrain, "encoder.safetensors")
     info("[2/6] pre-train an independent encoder (another seed)")
-    ind_path = _reuse_or_run(PretrainConfig(run=sub("independent", cfg.run.seed + 1), **common), pretrain, "encoder.safetensors")
+    ind_path = reuse_or_run(PretrainConfig(run=sub("independent", cfg.run.seed + 1), **common), pretrain, "encoder.safetensors")
     info("[3/6] stage 1: generate the watermark on f0")
-    secret_path = _reuse_or_run(WatermarkConfig(run=sub("watermark"), encoder=str(f0_path), data=cfg.data,
+    secret_path = reuse_or_run(WatermarkConfig(run=sub("watermark"), encoder=str(f0_path), data=cfg.data,
                                                 generation=cfg.generation), watermark, "secret.safetensors")
     info("[4/6] stage 2: embed it")
-    wm_path = _reuse_or_run(EmbedConfig(run=sub("embed"), encoder=str(f0_path), secret=str(secret_path), data=cfg.data,
+    wm_path = reuse_or_run(EmbedConfig(run=sub("embed"), encoder=str(f0_path), secret=str(secret_path), data=cfg.data,
                                         views=cfg.views, mild_views=cfg.mild_views, ssl=cfg.ssl, loss=cfg.loss,
                                         optim=cfg.embed_optim, train=cfg.embed), embed, "encoder.safetensors")
 

@@ -7,15 +7,17 @@ running the same command again resumes it from its last checkpoint.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from dist_awenc.config import to_yaml
 from dist_awenc.encoders.io import atomic_write_text
 from dist_awenc.engine import dist
+from dist_awenc.engine.log import info
 from dist_awenc.errors import ConfigError
 
 
@@ -63,3 +65,20 @@ def open_run(cfg, stage: str, *, allow_complete: bool = False) -> Iterator[Path]
 def _write_status(run_dir: Path, stage: str, state: str, started: float, **extra: str) -> None:
     body = {"stage": stage, "state": state, "started": started, "seconds": round(time.time() - started, 2), **extra}
     atomic_write_text(run_dir / "status.json", json.dumps(body, indent=2))
+
+
+def reuse_or_run(cfg: Any, fn: Callable[[Any], Path], output: str) -> Path:
+    """Reuse a complete stage run of the same config, resume an unfinished one, else start afresh.
+
+    For orchestrating stages (demo, calibration) that own their sub-folders:
+    a sub-folder left by a different config is replaced.
+    """
+    run_dir = run_dir_of(cfg)
+    same = (run_dir / "config.yaml").exists() and (run_dir / "config.yaml").read_text() == to_yaml(cfg)
+    if same and status(run_dir).get("state") == "complete":
+        info(f"reusing complete {run_dir}")
+        return run_dir / output
+    if run_dir.exists() and not same:
+        info(f"{run_dir} was made with other settings: running it again")
+        shutil.rmtree(run_dir)
+    return fn(cfg)

@@ -27,13 +27,22 @@ def verify_model(model: torch.nn.Module, secret: Secret, holdout: torch.Tensor, 
         raise ConfigError(f"verify.n: {e}") from None
     if k > len(holdout):
         raise ConfigError(f"verify.n asks for {k} hold-out images for {mode}, but the hold-out split has {len(holdout)}")
-    x = holdout[:k]
+    x, tau = holdout[:k], margins(v)[mode]
     if mode == "whitebox":
-        return verify_whitebox(model, secret, x, tau=v.tau_whitebox, alpha=v.alpha)
+        return verify_whitebox(model, secret, x, tau=tau, alpha=v.alpha)
     model.eval()
     if mode == "blackbox_score":
-        return verify_blackbox_score(model.predict_proba, secret, x, tau=v.tau_score, alpha=v.alpha)
-    return verify_blackbox_label(lambda b: model(b).argmax(1), secret, x, tau=v.tau_label, alpha=v.alpha)
+        return verify_blackbox_score(model.predict_proba, secret, x, tau=tau, alpha=v.alpha)
+    return verify_blackbox_label(lambda b: model(b).argmax(1), secret, x, tau=tau, alpha=v.alpha)
+
+
+def margins(v: VerifySection) -> dict[str, float]:
+    """Each mode's margin: from ``verify.calibration`` when given, else the ``tau_*`` defaults."""
+    if v.calibration:
+        from dist_awenc.verify.calibrate import load_thresholds
+
+        return load_thresholds(v.calibration)
+    return {"whitebox": v.tau_whitebox, "blackbox_score": v.tau_score, "blackbox_label": v.tau_label}
 
 
 def verify(cfg: VerifyConfig) -> Verdict:
