@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, applied last")
         if stage == "verify":
             p.add_argument("--mode", choices=["whitebox", "blackbox_score", "blackbox_label"], help="shortcut for verify.mode")
+            p.add_argument("--endpoint", metavar="URL", help="shortcut for verify.endpoint: query a live prediction API (awenc serve)")
+    srv = sub.add_parser("serve", help="serve a downstream model as an HTTP prediction API (the pirate's deployment)")
+    srv.add_argument("model", help="downstream model.safetensors or its run folder")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--labels-only", action="store_true", help="answer labels only, no probabilities")
+    srv.add_argument("--log-requests", action="store_true")
     show = sub.add_parser("config", help="print a stage's resolved config (the config reference)")
     show.add_argument("target", choices=sorted(SCHEMAS))
     show.add_argument("--config")
@@ -68,12 +75,19 @@ def _load_data_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.stage == "serve":
+            from dist_awenc.serve import serve
+
+            serve(args.model, host=args.host, port=args.port, labels_only=args.labels_only, log_requests=args.log_requests)
+            return 0
         if args.stage == "config":
             print(to_yaml(load_config(SCHEMAS[args.target], args.config, args.overrides)), end="")
             return 0
         overrides = list(args.overrides)
         if getattr(args, "mode", None):
             overrides.append(f"verify.mode={args.mode}")
+        if getattr(args, "endpoint", None):
+            overrides.append(f"verify.endpoint={args.endpoint}")
         cfg = load_config(SCHEMAS[args.stage], args.config, overrides)
         fn = _stage_fn(args.stage)
         user_errors = (AwencError, *_load_data_errors())
@@ -85,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"awenc {args.stage}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.stage in ("serve", "config"):
+            return 130
         print(f"awenc {args.stage}: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
     return 0

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from dist_awenc.data.views import ViewConfig, mild_view_config
@@ -169,6 +170,10 @@ class VerifySection:
     tau_score: float = 0.1
     tau_label: float = 0.3
     calibration: Optional[str] = None  # calibration.json: its per-mode thresholds replace the tau_* margins
+    endpoint: str = ""  # black-box: query a live prediction API (awenc serve) at this URL instead of loading `suspect`
+    endpoint_timeout: float = 10.0
+    endpoint_retries: int = 3
+    endpoint_batch_size: int = 64
 
 
 @dataclass
@@ -262,18 +267,14 @@ def load_config(schema: type[C], path: str | Path | None = None, overrides: list
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file '{p}' does not exist")
-            loaded = OmegaConf.load(p)
-            if not isinstance(loaded, type(merged)) or loaded is None:
-                raise ConfigError(f"{p}: expected a mapping of sections at the top level")
-            merged = OmegaConf.merge(merged, loaded)
+            merged = OmegaConf.merge(merged, _load_yaml(schema, Path(path)))
         bad = [o for o in overrides or [] if "=" not in o]
         if bad:
             raise ConfigError(f"override '{bad[0]}' is not of the form key.sub=value")
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except ConfigError:
+        raise
     except ConfigKeyError as e:
         key = e.full_key or str(e.key)
         valid = ", ".join(_valid_keys(schema, key))
@@ -285,6 +286,26 @@ def load_config(schema: type[C], path: str | Path | None = None, overrides: list
         raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
     except (ValueError, TypeError) as e:  # __post_init__ checks of a section
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _load_yaml(schema: type, p: Path) -> Any:
+    """The YAML file as an OmegaConf mapping whose sections are mappings."""
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist")
+    try:
+        loaded = OmegaConf.load(p)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    sections = {f.name: f for f in dataclasses.fields(schema)}
+    for key in loaded:
+        f = sections.get(str(key))
+        if f is not None and f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
+            if not isinstance(loaded[key], DictConfig):
+                valid = ", ".join(sorted(x.name for x in dataclasses.fields(f.default_factory())))
+                raise ConfigError(f"{p}: section '{key}' must be a mapping of keys ({valid}), got {loaded[key]!r}")
+    return loaded
 
 
 def to_yaml(cfg: Any) -> str:

@@ -47,6 +47,24 @@ def test_tau_zero_is_mcnemar(b, c, both, neither):
     assert res.n == len(a)
 
 
+@pytest.mark.parametrize("b,c,both,neither,tau", [(30, 10, 20, 40, 0.1), (45, 2, 10, 43, 0.3), (5, 5, 0, 90, 0.05),
+                                                 (20, 0, 30, 50, 0.2)])
+def test_margin_statistic_matches_restricted_mle(b, c, both, neither, tau):
+    """Tango's score statistic, with the null MLE of P(control-only) found numerically (scipy.optimize)."""
+    from scipy.optimize import minimize_scalar
+
+    a, r = _paired(b, c, both, neither)
+    n = len(a)
+    nll = lambda q: -(b * math.log(q + tau) + (c * math.log(q) if c else 0.0)  # noqa: E731
+                      + (n - b - c) * math.log(1 - 2 * q - tau))
+    q = minimize_scalar(nll, bounds=(1e-12, (1 - tau) / 2 - 1e-12), method="bounded",
+                        options={"xatol": 1e-12}).x
+    z = (b - c - n * tau) / math.sqrt(n * (2 * q + tau - tau**2))
+    res = paired_proportion_margin(a, r, tau)
+    assert res.statistic == pytest.approx(z, rel=1e-5, abs=1e-6)
+    assert res.p_value == pytest.approx(float(stats.norm.sf(z)), rel=1e-4, abs=1e-9)
+
+
 def test_margin_makes_rejection_harder():
     a, r = _paired(40, 5, 20, 35)
     p0 = paired_proportion_margin(a, r, 0.0).p_value

@@ -57,9 +57,12 @@ def load_downstream(path: str | Path) -> tuple[DownstreamModel, dict]:
     card_path = p.with_suffix(".json")
     if not card_path.exists():
         raise ArtifactError(f"{p}: its card {card_path.name} is missing")
-    card = json.loads(card_path.read_text())
-    if card.get("format") != MODEL_FORMAT:
-        raise ArtifactError(f"{card_path}: not a downstream model card (format {card.get('format')!r}, expected {MODEL_FORMAT!r})")
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{card_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(card, dict) or card.get("format") != MODEL_FORMAT:
+        raise ArtifactError(f"{card_path}: not a downstream model card (expected format {MODEL_FORMAT!r})")
     state = read_state(p)
     if sha256_file(p) != card.get("sha256"):
         raise ArtifactError(f"{p}: SHA-256 does not match its card")

@@ -1,0 +1,173 @@
+"""Query-side attacks: the pirate transforms every query before the suspect sees it.
+
+The weights are untouched (white-box verification sees the suspect itself);
+black-box queries pass through a :class:`QueryTransform`. The attacked model
+is a :class:`TransformedEncoder`: an :class:`~dist_awenc.encoders.io.Encoder`
+over the same backbone with the transform in front, so ``save_encoder`` writes
+the suspect's weights and a downstream model over it has the usual state_dict
+keys. The transform is recorded as ``info["query_transform"]`` and rebuilt
+from that dict by :func:`wrap_query_transform`.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+from dist_awenc.attacks.base import AttackData, AttackOptions, as_count, as_fraction, register_attack
+from dist_awenc.data.splits import derive_seed
+from dist_awenc.encoders.io import Encoder
+from dist_awenc.errors import ConfigError
+
+QUERY_KINDS = ("jpeg", "noise", "resize", "crop")
+
+
+def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG-compress and decode each image at ``quality`` (1..100) on the CPU.
+
+    Shape: (b, 3, S, S) in [0, 1] -> (b, 3, S, S) in [0, 1], same device and dtype.
+    """
+    u8 = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    decoded = decode_jpeg(encode_jpeg(list(u8), quality=quality), mode=ImageReadMode.RGB)
+    return torch.stack(decoded).to(device=x.device, dtype=x.dtype) / 255
+
+
+def image_seeded_noise(x: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    """Gaussian noise of std ``sigma``, drawn per image from ``(seed, the image's bytes)``.
+
+    The same image with the same seed always gets the same noise whatever
+    batch it arrives in; different images get independent noise.
+
+    Shape: (b, 3, S, S) -> (b, 3, S, S) noise on x's device.
+    """
+    host = x.detach().float().cpu().contiguous()
+    out = torch.empty_like(host)
+    for i in range(len(host)):
+        digest = hashlib.blake2b(host[i].numpy().tobytes(), digest_size=8).hexdigest()
+        g = torch.Generator().manual_seed(derive_seed(seed, "query_noise", digest))
+        out[i] = torch.randn(host[i].shape, generator=g)
+    return (sigma * out).to(device=x.device, dtype=x.dtype)
+
+
+def resize_round_trip(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Downscale by ``factor`` (bilinear, antialiased), then upscale back to the input size."""
+    size = x.shape[-1]
+    small = max(1, round(size * factor))
+    down = F.interpolate(x, size=(small, small), mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(down, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def center_crop_resize(x: torch.Tensor, keep: float) -> torch.Tensor:
+    """Central crop keeping ``keep`` of the side, resized back (bilinear) to the input size."""
+    size = x.shape[-1]
+    side = max(1, round(size * keep))
+    top = (size - side) // 2
+    crop = x[..., top : top + side, top : top + side]
+    return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class QueryTransform(nn.Module):
+    """A pirate's query pre-processing: ``jpeg`` (strength = quality 1..100), ``noise``
+    (Gaussian sigma in pixel units), ``resize`` (down/up factor in (0, 1]) or
+    ``crop`` (central crop keeping a fraction (0, 1] of the side).
+
+    JPEG is applied with a straight-through gradient (identity backward); the
+    others are differentiable. No parameters or buffers.
+
+    Shape: (b, 3, S, S) in [0, 1] -> (b, 3, S, S) in [0, 1].
+    """
+
+    def __init__(self, kind: str, strength: float, seed: int = 0) -> None:
+        super().__init__()
+        if kind not in QUERY_KINDS:
+            raise ConfigError(f"unknown query transform '{kind}'; valid: {', '.join(QUERY_KINDS)}")
+        name = f"query_{kind}"
+        if kind == "jpeg":
+            strength = as_count(strength, name, "the JPEG quality", minimum=1)
+            if strength > 100:
+                raise ConfigError(f"attack {name}: strength is the JPEG quality, 1..100; got {strength}")
+        elif kind == "noise":
+            if not strength >= 0:
+                raise ConfigError(f"attack {name}: strength is the noise sigma, >= 0; got {strength}")
+        else:
+            strength = as_fraction(strength, name, "the kept fraction of the side", allow_zero=False)
+        self.kind = kind
+        self.strength = float(strength)
+        self.seed = int(seed)
+
+    def spec(self) -> dict[str, Any]:
+        """The JSON-able dict :func:`wrap_query_transform` rebuilds this transform from."""
+        return {"kind": self.kind, "strength": self.strength, "seed": self.seed}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "jpeg":
+            return x + (jpeg_round_trip(x, int(self.strength)) - x).detach()
+        if self.kind == "noise":
+            out = x + image_seeded_noise(x, self.strength, self.seed)
+        elif self.kind == "resize":
+            out = resize_round_trip(x, self.strength)
+        else:
+            out = center_crop_resize(x, self.strength)
+        return out.clamp(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, strength={self.strength}, seed={self.seed}"
+
+
+class TransformedEncoder(Encoder):
+    """``encoder o transform``: an :class:`Encoder` sharing ``encoder``'s backbone, with ``transform`` in front.
+
+    ``backbone``, ``feature_dim``, ``input_size``, ``mean``, ``std`` are those
+    of ``encoder``; the state_dict is the encoder's (the transform holds none).
+
+    Shape: (b, 3, S, S) in [0, 1] -> (b, feature_dim).
+    """
+
+    def __init__(self, transform: QueryTransform, encoder: Encoder) -> None:
+        super().__init__(encoder.backbone, encoder.mean.flatten().tolist(), encoder.std.flatten().tolist(),
+                         encoder.input_size)
+        self.transform = transform
+        self.to(encoder.mean.device)
+        self.train(encoder.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.transform(x))
+
+
+def wrap_query_transform(encoder: Encoder, spec: dict | None) -> Encoder:
+    """Put the query transform a card records (``card["query_transform"]``) in front of ``encoder``.
+
+    ``spec`` None (or empty) returns ``encoder`` itself; otherwise a
+    :class:`TransformedEncoder` sharing its backbone.
+
+    Raises:
+        ConfigError: a spec without ``kind`` / ``strength``, with unknown keys,
+            or with an invalid kind or strength.
+    """
+    if not spec:
+        return encoder
+    unknown = set(spec) - {"kind", "strength", "seed"}
+    if unknown or not {"kind", "strength"} <= set(spec):
+        raise ConfigError(f"query_transform must have keys kind, strength[, seed]; got {sorted(spec)}")
+    return TransformedEncoder(QueryTransform(spec["kind"], spec["strength"], spec.get("seed", 0)), encoder)
+
+
+def _query_attack(kind: str):
+    def attack(encoder: Encoder, card: dict, strength: float, data: AttackData,
+               options: AttackOptions, progress: bool) -> tuple[Encoder, dict]:
+        transform = QueryTransform(kind, strength, data.seed)
+        return TransformedEncoder(transform, encoder), {"query_transform": transform.spec()}
+
+    attack.__name__ = f"query_{kind}"
+    attack.__doc__ = f"Query-side {kind}: the weights are unchanged, every query passes a :class:`QueryTransform`."
+    return attack
+
+
+query_jpeg = register_attack("query_jpeg", strengths=[90, 70, 50])(_query_attack("jpeg"))
+query_noise = register_attack("query_noise", strengths=[0.01, 0.03, 0.05])(_query_attack("noise"))
+query_resize = register_attack("query_resize", strengths=[0.75, 0.5])(_query_attack("resize"))
+query_crop = register_attack("query_crop", strengths=[0.9, 0.8])(_query_attack("crop"))

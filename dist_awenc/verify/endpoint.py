@@ -1,0 +1,345 @@
+"""Black-box verification against a live prediction API (the client of :mod:`dist_awenc.serve`).
+
+:class:`RemoteModel` turns an HTTP endpoint into the ``predict_label`` /
+``predict_proba`` callables that :func:`~dist_awenc.verify.core.verify_blackbox_label`
+and :func:`~dist_awenc.verify.core.verify_blackbox_score` take, and keeps the
+owner within a query budget: every image sent is a query, and a call that
+would exceed the budget is refused before anything is sent.
+
+Only the standard library (``urllib.request``) is used.
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import ipaddress
+import json
+import math
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Optional
+
+import torch
+
+from dist_awenc.errors import AwencError
+
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_B64_BYTES_PER_FLOAT = 4 * 4 / 3
+
+
+class EndpointError(AwencError):
+    """The prediction endpoint is unreachable, refuses a request, answers garbage, or the query budget is spent.
+
+    ``status`` is the HTTP status when the server refused the request, else None.
+    """
+
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _one_line(text: Any, limit: int = 200) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def base_url(url: str) -> str:
+    """``http://host:port[/prefix][/predict|/health]`` -> ``http://host:port[/prefix]``."""
+    if not isinstance(url, str) or not url.strip():
+        raise EndpointError("no endpoint URL given (expected e.g. http://127.0.0.1:8000)")
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise EndpointError(f"'{url}' is not an http(s) URL (expected e.g. http://127.0.0.1:8000)")
+    path = parts.path.rstrip("/")
+    for suffix in ("/predict", "/health"):
+        if path.endswith(suffix):
+            path = path[: -len(suffix)]
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def _is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _opener(url: str) -> urllib.request.OpenerDirector:
+    # a loopback server is never reached through an http_proxy from the environment
+    if _is_loopback(url):
+        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener()
+
+
+def _not_delivered(err: BaseException) -> bool:
+    """Whether a transport error certainly happened before the server could see the request."""
+    reason = getattr(err, "reason", err)
+    return isinstance(reason, (ConnectionRefusedError, socket.gaierror))
+
+
+def _server_message(data: bytes) -> str:
+    try:
+        obj = json.loads(data)
+        if isinstance(obj, dict) and "error" in obj:
+            return _one_line(obj["error"])
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return _one_line(data[:200].decode("utf-8", "replace")) or "(empty body)"
+
+
+class _Transport:
+    """One HTTP exchange with bounded retries and exponential backoff.
+
+    Retries on connection errors, timeouts and HTTP 429/5xx; never on other 4xx.
+    ``before_attempt(attempt, last_failure)`` runs before each attempt and may
+    raise to stop; ``after_attempt()`` runs after each attempt that may have
+    reached the server (not after a refused connection or a failed DNS look-up).
+    """
+
+    def __init__(self, url: str, timeout: float, retries: int, backoff: float) -> None:
+        self.opener = _opener(url)
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+
+    def exchange(self, url: str, body: Optional[bytes] = None, *, before_attempt=None, after_attempt=None) -> bytes:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        last = ""
+        attempts = self.retries + 1
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            if before_attempt is not None:
+                before_attempt(attempt, last)
+            req = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
+            try:
+                with self.opener.open(req, timeout=self.timeout) as resp:
+                    data = resp.read()
+            except urllib.error.HTTPError as e:
+                if after_attempt is not None:
+                    after_attempt()
+                try:
+                    data = e.read()
+                except (OSError, http.client.HTTPException):
+                    data = b""
+                msg = _server_message(data)
+                if e.code in RETRY_STATUS:
+                    last = f"HTTP {e.code}: {msg}"
+                    continue
+                raise EndpointError(f"{url} refused the request (HTTP {e.code}): {msg}", status=e.code) from None
+            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, bad status lines
+                if after_attempt is not None and not _not_delivered(e):
+                    after_attempt()
+                reason = getattr(e, "reason", e)
+                last = _one_line(f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__)
+                continue
+            if after_attempt is not None:
+                after_attempt()
+            return data
+        tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+        raise EndpointError(f"{url} did not answer after {tries} (timeout {self.timeout:g} s): {last}")
+
+
+def probe(url: str, *, timeout: float = 10.0, retries: int = 3, backoff: float = 0.2) -> dict[str, Any]:
+    """``GET <url>/health`` -> its JSON object (``input_size``, ``num_classes``, ``labels_only``, ...).
+
+    Raises:
+        EndpointError: unreachable after the retries, an error status, or not a health answer.
+    """
+    health = base_url(url) + "/health"
+    data = _Transport(health, timeout, retries, backoff).exchange(health)
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise EndpointError(f"{health} answered with something that is not JSON: {data[:60]!r}") from None
+    if not isinstance(obj, dict) or obj.get("status") != "ok":
+        raise EndpointError(f"{health} is not healthy: {_one_line(json.dumps(obj))}")
+    return obj
+
+
+class RemoteModel:
+    """A suspect model behind ``POST <url>/predict``, queried within a budget.
+
+    Args:
+        url: the server (``http://host:port``; a trailing ``/predict`` is accepted).
+        query_budget: most images that may be sent in all (retries included).
+        timeout: seconds per HTTP request.
+        retries: further attempts after a connection error, timeout or 429/5xx.
+        backoff: seconds before the first retry, doubled for each next one.
+        batch_size: most images per request (also capped by the server's ``max_images``).
+
+    Attributes:
+        queries: images sent so far (each attempt that may have reached the server).
+        answered: images with a valid answer.
+        requests: HTTP requests made to ``/predict``.
+    """
+
+    def __init__(self, url: str, *, query_budget: int, timeout: float = 10.0, retries: int = 3, backoff: float = 0.2,
+                 batch_size: int = 64) -> None:
+        if isinstance(query_budget, bool) or not isinstance(query_budget, int) or query_budget < 0:
+            raise EndpointError(f"query_budget must be a non-negative integer, got {query_budget!r}")
+        if batch_size < 1 or retries < 0 or timeout <= 0 or backoff < 0:
+            raise EndpointError("need batch_size >= 1, retries >= 0, timeout > 0 and backoff >= 0")
+        self.url = base_url(url)
+        self.predict_url = self.url + "/predict"
+        self.query_budget = query_budget
+        self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
+        self.batch_size = int(batch_size)
+        self.queries = 0
+        self.answered = 0
+        self.requests = 0
+        self._transport = _Transport(self.url, timeout, retries, backoff)
+        self._info: Optional[dict[str, Any]] = None
+
+    def __repr__(self) -> str:
+        return f"RemoteModel({self.url!r}, queries={self.queries}/{self.query_budget})"
+
+    @property
+    def remaining(self) -> int:
+        return self.query_budget - self.queries
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The server's ``/health`` answer, fetched once (costs no queries); ``{}`` if it has none."""
+        if self._info is None:
+            try:
+                self._info = probe(self.url, timeout=self.timeout, retries=self.retries, backoff=self.backoff)
+            except EndpointError as e:
+                if e.status != 404:
+                    raise
+                self._info = {}
+        return self._info
+
+    def summary(self) -> dict[str, Any]:
+        """What to record beside a verdict."""
+        return {"endpoint": self.url, "query_budget": self.query_budget, "queries": self.queries,
+                "answered": self.answered, "requests": self.requests}
+
+    # ------------------------------------------------------------------ public callables
+
+    def predict_label(self, x: torch.Tensor) -> torch.Tensor:
+        """Shape: (b, 3, S, S) in [0, 1] -> (b,) int64 labels from the endpoint."""
+        return self._predict(x, want_proba=False)
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Shape: (b, 3, S, S) in [0, 1] -> (b, C) float32 probabilities from the endpoint.
+
+        Raises:
+            EndpointError: the endpoint serves labels only (or any other endpoint failure).
+        """
+        if self.info.get("labels_only"):
+            raise EndpointError(f"{self.url} serves labels only; score mode needs probabilities "
+                                "(verify with --mode blackbox_label)")
+        return self._predict(x, want_proba=True)
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise EndpointError(f"queries must be a (b, 3, S, S) tensor, got {shape}")
+        size = self.info.get("input_size")
+        if isinstance(size, int) and tuple(x.shape[2:]) != (size, size):
+            raise EndpointError(f"{self.url} takes {size} px inputs, got {x.shape[-2]}x{x.shape[-1]}")
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
+            raise EndpointError("queries must be images in [0, 1]")
+        return x
+
+    def _chunk_size(self, x: torch.Tensor) -> int:
+        chunk = self.batch_size
+        cap = self.info.get("max_images")
+        if isinstance(cap, int) and cap > 0:
+            chunk = min(chunk, cap)
+        max_body = self.info.get("max_body_bytes")
+        if isinstance(max_body, int) and max_body > 0:
+            per_image = math.ceil(x[0].numel() * _B64_BYTES_PER_FLOAT) + 1
+            chunk = min(chunk, max(1, (max_body - 1024) // per_image))
+        return chunk
+
+    def _budget_error(self, needed: int) -> EndpointError:
+        return EndpointError(f"query budget of {self.query_budget} exhausted: {needed} more queries needed "
+                             f"({self.queries} used)")
+
+    def _predict(self, x: torch.Tensor, *, want_proba: bool) -> torch.Tensor:
+        x = self._check_input(x)
+        b = len(x)
+        if self.queries + b > self.query_budget:
+            raise self._budget_error(b)
+        if b == 0:
+            return torch.empty(0, self.info.get("num_classes", 0)) if want_proba else torch.empty(0, dtype=torch.long)
+        step = self._chunk_size(x)
+        return torch.cat([self._request(x[i : i + step], want_proba) for i in range(0, b, step)])
+
+    def _request(self, x: torch.Tensor, want_proba: bool) -> torch.Tensor:
+        n = len(x)
+        raw = x.numpy().astype("<f4", copy=False).tobytes()
+        body = json.dumps({"images_b64": base64.b64encode(raw).decode("ascii"), "shape": list(x.shape)}).encode()
+
+        def before_attempt(attempt: int, last: str) -> None:
+            if self.queries + n > self.query_budget:
+                err = self._budget_error(n)
+                if attempt:
+                    err = EndpointError(f"{err}; cannot retry after: {last}")
+                raise err
+
+        def after_attempt() -> None:
+            self.queries += n
+            self.requests += 1
+
+        data = self._transport.exchange(self.predict_url, body, before_attempt=before_attempt,
+                                        after_attempt=after_attempt)
+        out = self._parse(data, n, want_proba)
+        self.answered += n
+        return out
+
+    def _parse(self, data: bytes, n: int, want_proba: bool) -> torch.Tensor:
+        url = self.predict_url
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise EndpointError(f"{url} answered with something that is not JSON: {data[:60]!r}") from None
+        if not isinstance(obj, dict):
+            raise EndpointError(f"{url} answered a JSON {type(obj).__name__}, expected an object with 'labels'")
+        num_classes = self.info.get("num_classes")
+        if want_proba:
+            if "probabilities" not in obj:
+                hint = " (it serves labels only)" if "labels" in obj else ""
+                raise EndpointError(f"{url}: answer has no 'probabilities'{hint}")
+            try:
+                p = torch.tensor(obj["probabilities"], dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                raise EndpointError(f"{url}: 'probabilities' is not a (b, C) table of numbers") from None
+            if p.ndim != 2 or len(p) != n or p.shape[1] < 1:
+                raise EndpointError(f"{url}: got probabilities of shape {tuple(p.shape)} for {n} images")
+            if isinstance(num_classes, int) and p.shape[1] != num_classes:
+                raise EndpointError(f"{url}: got {p.shape[1]} probabilities per image, "
+                                    f"the server has {num_classes} classes")
+            if not bool(torch.isfinite(p).all()) or bool((p < -1e-6).any()) or \
+                    not bool(torch.allclose(p.double().sum(1), torch.ones(n, dtype=torch.float64), atol=1e-3)):
+                raise EndpointError(f"{url}: 'probabilities' are not probability vectors (non-negative, summing to 1)")
+            return p
+        labels = obj.get("labels")
+        if not isinstance(labels, list):
+            raise EndpointError(f"{url}: answer has no 'labels' list (keys: {', '.join(map(str, obj)) or 'none'})")
+        if len(labels) != n:
+            raise EndpointError(f"{url}: got {len(labels)} labels for {n} images")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+            raise EndpointError(f"{url}: labels must be integers")
+        hi = num_classes if isinstance(num_classes, int) else None
+        bad = [v for v in labels if v < 0 or (hi is not None and v >= hi)]
+        if bad:
+            rng = f"[0, {hi})" if hi is not None else "non-negative"
+            raise EndpointError(f"{url}: label {bad[0]} is out of range ({rng})")
+        try:
+            return torch.tensor(labels, dtype=torch.long)
+        except (OverflowError, RuntimeError):
+            raise EndpointError(f"{url}: labels do not fit in int64") from None
