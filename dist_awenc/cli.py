@@ -19,6 +19,8 @@ STAGES: dict[str, str] = {
     "embed": "stage 2: embed the secret into the encoder (same training loop as pretrain)",
     "downstream": "train the pirate's linear head; report linear-probe and kNN accuracy",
     "verify": "verify a suspect: white-box (encoder) or black-box (downstream model)",
+    "attack": "apply one removal attack at one strength; report the pirate's downstream accuracy",
+    "robustness": "attack x strength x verification mode grid on one machine: robustness.csv and plots",
     "calibrate": "set each mode's margin from a null population; exact bound on the false-positive rate",
     "demo": "the whole method on scikit-learn's digits, on CPU, with a verdict table",
 }
@@ -38,9 +40,26 @@ def _stage_fn(stage: str) -> Callable:
         from dist_awenc.verify.run import verify as fn
     elif stage == "calibrate":
         from dist_awenc.verify.calibrate import calibrate as fn
+    elif stage == "attack":
+        from dist_awenc.attacks.stage import attack as fn
+    elif stage == "robustness":
+        from dist_awenc.launch.robustness import robustness as fn
     else:
         from dist_awenc.demo import demo as fn
     return fn
+
+
+def _schema(stage: str) -> type:
+    # attack configs carry the attack options, which import the attack registry
+    if stage == "attack":
+        from dist_awenc.attacks.stage import AttackConfig
+
+        return AttackConfig
+    if stage == "robustness":
+        from dist_awenc.launch.robustness import RobustnessConfig
+
+        return RobustnessConfig
+    return SCHEMAS[stage]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--labels-only", action="store_true", help="answer labels only, no probabilities")
     srv.add_argument("--log-requests", action="store_true")
     show = sub.add_parser("config", help="print a stage's resolved config (the config reference)")
-    show.add_argument("target", choices=sorted(SCHEMAS))
+    show.add_argument("target", choices=sorted(STAGES))
     show.add_argument("--config")
     show.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return parser
@@ -81,14 +100,14 @@ def main(argv: list[str] | None = None) -> int:
             serve(args.model, host=args.host, port=args.port, labels_only=args.labels_only, log_requests=args.log_requests)
             return 0
         if args.stage == "config":
-            print(to_yaml(load_config(SCHEMAS[args.target], args.config, args.overrides)), end="")
+            print(to_yaml(load_config(_schema(args.target), args.config, args.overrides)), end="")
             return 0
         overrides = list(args.overrides)
         if getattr(args, "mode", None):
             overrides.append(f"verify.mode={args.mode}")
         if getattr(args, "endpoint", None):
             overrides.append(f"verify.endpoint={args.endpoint}")
-        cfg = load_config(SCHEMAS[args.stage], args.config, overrides)
+        cfg = load_config(_schema(args.stage), args.config, overrides)
         fn = _stage_fn(args.stage)
         user_errors = (AwencError, *_load_data_errors())
         try:

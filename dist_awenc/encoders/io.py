@@ -185,4 +185,13 @@ def load_encoder(path: str | Path, card: dict[str, Any] | None = None, *, verify
             f"{p}: weights do not fit architecture '{card['arch']}' {card['arch_kwargs']}: {first[0] if first else e}"
         ) from None
     del result
-    return encoder, card
+    return with_recorded_transform(encoder, card), card
+
+
+def with_recorded_transform(encoder: Encoder, card: dict[str, Any]) -> Encoder:
+    """Put back the query-side transform an attack recorded in the card (``query_transform``)."""
+    if not card.get("query_transform"):
+        return encoder
+    from dist_awenc.attacks.query import wrap_query_transform  # attacks import this module
+
+    return wrap_query_transform(encoder, card["query_transform"])

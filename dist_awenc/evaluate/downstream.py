@@ -14,7 +14,7 @@ import torch
 from dist_awenc.config import DownstreamConfig, ProbeSection
 from dist_awenc.data import build_dataset, make_splits, train_test_split_indices
 from dist_awenc.encoders.io import (Encoder, atomic_write_text, build_encoder, load_encoder, read_state,
-                                    save_tensors, sha256_file)
+                                    save_tensors, sha256_file, with_recorded_transform)
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError
 from dist_awenc.evaluate.probe import DownstreamModel, accuracy, extract_features, knn_accuracy, train_linear_head
@@ -73,6 +73,7 @@ def load_downstream(path: str | Path) -> tuple[DownstreamModel, dict]:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ArtifactError(f"{p}: weights do not fit the card's architecture: {str(e).splitlines()[1].strip()}") from None
+    model.encoder = with_recorded_transform(model.encoder, ec)
     return model.eval(), card
 
 

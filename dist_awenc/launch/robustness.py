@@ -1,0 +1,254 @@
+"""Stage: attack x strength x verification mode on one machine (``awenc robustness``).
+
+The unit of work is one (attack, strength, seed) task that writes its own
+result file (``tasks/<id>.json``, atomically); the SLURM sweep distributes the
+same tasks. Tasks whose file exists are skipped, so an interrupted grid
+resumes. Collection writes ``robustness.csv``, ``robustness.json`` (TPR per
+mode among derivatives that keep the pirate's utility) and the plots.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from dist_awenc.attacks import ATTACK_STRENGTHS, ATTACKS, AttackOptions, apply_attack
+from dist_awenc.attacks.stage import PirateData
+from dist_awenc.config import DataSection, ProbeSection, RunSection, VerifySection
+from dist_awenc.data import build_dataset, make_splits
+from dist_awenc.encoders.io import atomic_write_text, load_encoder
+from dist_awenc.engine.log import info
+from dist_awenc.errors import ArtifactError, ConfigError
+from dist_awenc.evaluate.downstream import evaluate_encoder
+from dist_awenc.runs import open_run
+from dist_awenc.verify.calibrate import collect_samples, mode_test, tau_star
+from dist_awenc.verify.core import MODES
+from dist_awenc.verify.run import margins, query_images
+from dist_awenc.watermark.secret import Secret, load_secret
+
+
+@dataclass
+class GridSection:
+    attacks: list[str] = field(default_factory=list)  # empty: every registered attack
+    strengths: dict[str, list[float]] = field(default_factory=dict)  # per attack; default: its registered grid
+    seeds: list[int] = field(default_factory=lambda: [0])
+    utility_drop: float = 0.05  # derivatives losing more accuracy are no threat (METHOD.md)
+
+
+@dataclass
+class RobustnessConfig:
+    run: RunSection = field(default_factory=lambda: RunSection(name="robustness"))
+    encoder: str = ""  # the watermarked encoder
+    secret: str = ""
+    data: DataSection = field(default_factory=DataSection)
+    grid: GridSection = field(default_factory=GridSection)
+    options: AttackOptions = field(default_factory=AttackOptions)
+    probe: ProbeSection = field(default_factory=ProbeSection)
+    verify: VerifySection = field(default_factory=VerifySection)
+
+
+@dataclass(frozen=True)
+class Task:
+    attack: str  # "none" is the unattacked watermarked encoder
+    strength: float
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.attack}__{self.strength:g}__s{self.seed}"
+
+
+def expand_grid(grid: GridSection) -> list[Task]:
+    """Every (attack, strength, seed) of the grid, preceded by the unattacked baseline per seed."""
+    names = list(grid.attacks) or sorted(ATTACKS)
+    unknown = [n for n in [*names, *grid.strengths] if n not in ATTACKS]
+    if unknown:
+        raise ConfigError(f"unknown attack '{unknown[0]}'; valid: {', '.join(sorted(ATTACKS))}")
+    tasks = [Task("none", 0.0, s) for s in grid.seeds]
+    for name in names:
+        for strength in grid.strengths.get(name, ATTACK_STRENGTHS[name]):
+            tasks += [Task(name, float(strength), s) for s in grid.seeds]
+    return tasks
+
+
+@dataclass
+class Context:
+    """What every task of one grid shares: loaded once per process."""
+
+    encoder: torch.nn.Module
+    card: dict
+    secret: Secret
+    holdout: torch.Tensor
+    pirate: PirateData
+    options: AttackOptions
+    probe: ProbeSection
+    verify: VerifySection
+
+    @classmethod
+    def load(cls, encoder: str, secret: str, data: DataSection, options: AttackOptions, probe: ProbeSection,
+             verify: VerifySection) -> "Context":
+        enc, card = load_encoder(encoder)
+        sec = load_secret(secret)
+        if card["input_size"] != sec.image_size:
+            raise ArtifactError(f"encoder takes {card['input_size']} px but the secret is {sec.image_size} px")
+        dataset = build_dataset(data.name, root=data.root, image_size=sec.image_size, seed=data.split_seed, size=data.size)
+        holdout, _ = dataset.get_batch(make_splits(len(dataset), data.split_seed)["holdout"])
+        return cls(enc, card, sec, holdout, PirateData.load(data, sec.image_size), options, probe, verify)
+
+
+def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) -> dict[str, Any]:
+    """Attack, measure the pirate's accuracy, verify in every mode; write ``tasks/<id>.json``."""
+    path = out_dir / "tasks" / f"{task.id}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if task.attack == "none":
+        attacked, details = ctx.encoder, {"attack": "none", "strength": 0.0, "seconds": 0.0}
+    else:
+        attacked, details = apply_attack(task.attack, ctx.encoder, ctx.card, task.strength,
+                                         ctx.pirate.attack_data(ctx.probe, task.seed), ctx.options, progress=progress)
+    model, metrics = evaluate_encoder(attacked, ctx.pirate.images, ctx.pirate.labels, ctx.pirate.num_classes,
+                                      ctx.probe, task.seed)
+    row: dict[str, Any] = {**asdict(task), "linear_probe": metrics["linear_probe"], "knn": metrics["knn"],
+                           "attack_seconds": details["seconds"],
+                           "rel_weight_change": details.get("rel_weight_change", float("nan"))}
+    taus = margins(ctx.verify)
+    for mode in MODES:
+        samples = collect_samples(mode, attacked, model, ctx.secret, query_images(ctx.holdout, ctx.verify, mode))
+        result = mode_test(mode, samples, taus[mode])
+        row[f"p_{mode}"] = result.p_value
+        row[f"effect_{mode}"] = result.effect
+        row[f"decision_{mode}"] = bool(result.p_value < ctx.verify.alpha)
+        row[f"tau_star_{mode}"] = tau_star(mode, samples, ctx.verify.alpha)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(row, indent=2))
+    return row
+
+
+def collect(out_dir: Path, utility_drop: float, null_path: Optional[str] = None) -> dict[str, Any]:
+    """Gather every task file into ``robustness.csv``; TPR per mode; plots."""
+    rows = [json.loads(p.read_text()) for p in sorted((out_dir / "tasks").glob("*.json"))]
+    if not rows:
+        raise ConfigError(f"no task results under {out_dir / 'tasks'}")
+    base = {r["seed"]: r["linear_probe"] for r in rows if r["attack"] == "none"}
+    for r in rows:
+        ref = base.get(r["seed"], float("nan"))
+        r["accuracy_change"] = r["linear_probe"] - ref
+        r["keeps_utility"] = bool(r["accuracy_change"] >= -utility_drop)
+    rows.sort(key=lambda r: (r["attack"] != "none", r["attack"], r["strength"], r["seed"]))
+    _write_csv(out_dir / "robustness.csv", rows)
+    threats = [r for r in rows if r["keeps_utility"]]
+    summary: dict[str, Any] = {"tasks": len(rows), "utility_preserving": len(threats), "utility_drop": utility_drop, "modes": {}}
+    for mode in MODES:
+        hits = sum(r[f"decision_{mode}"] for r in threats)
+        missed = [f"{r['attack']}@{r['strength']:g}" for r in threats if not r[f"decision_{mode}"]]
+        summary["modes"][mode] = {"tpr": hits / len(threats) if threats else float("nan"), "detected": hits,
+                                  "of": len(threats), "missed": missed}
+    null = _null_tau_stars(null_path)
+    plot_grid(rows, out_dir / "robustness.png")
+    if null:
+        summary["roc_auc"] = plot_roc(threats, null, out_dir / "roc.png")
+    atomic_write_text(out_dir / "robustness.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def robustness(cfg: RobustnessConfig) -> dict[str, Any]:
+    tasks = expand_grid(cfg.grid)
+    ctx = Context.load(cfg.encoder, cfg.secret, cfg.data, cfg.options, cfg.probe, cfg.verify)
+    with open_run(cfg, "robustness", allow_complete=True) as run_dir:
+        info(f"robustness grid: {len(tasks)} tasks -> {run_dir / 'tasks'}")
+        for task in tqdm(tasks, desc="robustness", dynamic_ncols=True):
+            run_task(ctx, task, run_dir)
+        summary = collect(run_dir, cfg.grid.utility_drop, cfg.verify.calibration)
+        for mode, m in summary["modes"].items():
+            info(f"{mode:<15} TPR {m['tpr']:.3f} ({m['detected']}/{m['of']} utility-preserving derivatives)"
+                 + (f"; missed: {', '.join(m['missed'])}" if m["missed"] else ""))
+    return summary
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def _null_tau_stars(path: Optional[str]) -> dict[str, list[float]]:
+    if not path:
+        return {}
+    p = Path(path)
+    p = p / "calibration.json" if p.is_dir() else p
+    data = json.loads(p.read_text())
+    return {mode: [t["tau_star"] for t in m["null"]] for mode, m in data["modes"].items()}
+
+
+def _savefig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_grid(rows: list[dict], path: Path) -> None:
+    """Per attack: -log10 p per mode and the pirate's accuracy, against strength."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = sorted({r["attack"] for r in rows if r["attack"] != "none"})
+    fig, axes = plt.subplots(2, max(1, len(attacks)), figsize=(2.6 * max(1, len(attacks)), 5.2), squeeze=False)
+    for j, name in enumerate(attacks):
+        rs = sorted((r for r in rows if r["attack"] == name), key=lambda r: r["strength"])
+        x = [r["strength"] for r in rs]
+        for mode in MODES:
+            axes[0, j].plot(x, [-math.log10(max(r[f"p_{mode}"], 1e-300)) for r in rs], "o-", ms=3, label=mode)
+        axes[0, j].axhline(3, color="k", ls=":", lw=0.8)
+        axes[0, j].set_title(name, fontsize=8)
+        axes[1, j].plot(x, [r["linear_probe"] for r in rs], "o-", ms=3, color="tab:green")
+        axes[1, j].set_xlabel("strength", fontsize=8)
+    axes[0, 0].set_ylabel("-log10 p (dotted: alpha)")
+    axes[1, 0].set_ylabel("pirate's linear probe")
+    axes[0, 0].legend(fontsize=6)
+    _savefig(fig, path)
+
+
+def plot_roc(threats: list[dict], null: dict[str, list[float]], path: Path) -> dict[str, float]:
+    """ROC of watermarked derivatives against the null population, scored by tau*; returns AUCs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    aucs = {}
+    for mode in MODES:
+        pos = [r[f"tau_star_{mode}"] for r in threats]
+        neg = null.get(mode, [])
+        if not pos or not neg:
+            continue
+        y = [1] * len(pos) + [0] * len(neg)
+        fpr, tpr, _ = roc_curve(y, pos + neg)
+        aucs[mode] = float(roc_auc_score(y, pos + neg))
+        ax.plot(fpr, tpr, label=f"{mode} (AUC {aucs[mode]:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false-positive rate (null population)")
+    ax.set_ylabel("true-positive rate (derivatives)")
+    ax.legend(fontsize=7)
+    _savefig(fig, path)
+    return aucs

@@ -1,0 +1,87 @@
+"""`awenc attack` and `awenc robustness` at a tiny size: files, cards, resumable tasks, the table."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from dist_awenc.cli import main
+from dist_awenc.config import PretrainConfig, WatermarkConfig, load_config
+from dist_awenc.encoders.io import load_encoder
+
+
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory):
+    from accelerate.state import AcceleratorState
+
+    from dist_awenc.ssl.pretrain import pretrain
+    from dist_awenc.watermark.generate import watermark
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    root = tmp_path_factory.mktemp("owner")
+    f0 = pretrain(load_config(PretrainConfig, None, tiny_overrides(root, "f0")))
+    secret = watermark(load_config(WatermarkConfig, None, [f"run.out_dir={root}", "run.name=wm", f"encoder={f0}",
+                                                           "data.image_size=8", "generation.steps=5", "generation.batch_size=32"]))
+    return f0, secret
+
+
+FAST = ["data.image_size=8", "options.epochs=1", "options.batch_size=32", "probe.epochs=3"]
+
+
+def test_attack_stage_writes_a_child_card_and_accuracies(owner, tmp_path):
+    f0, _ = owner
+    assert main(["attack", f"encoder={f0}", f"run.out_dir={tmp_path}", "run.name=pruned",
+                 "attack.name=prune_global", "attack.strength=0.5", *FAST]) == 0
+    enc, card = load_encoder(tmp_path / "pruned")
+    _, parent = load_encoder(f0)
+    assert card["parent"] == parent["sha256"] and card["attack"]["attack"] == "prune_global"
+    result = json.loads((tmp_path / "pruned" / "attack.json").read_text())
+    assert 0 <= result["downstream"]["attacked"]["linear_probe"] <= 1
+    weights = [p for n, p in enc.backbone.named_parameters() if p.ndim > 1]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.5, abs=1e-3)
+
+
+def test_query_side_attack_is_reapplied_when_loading(owner, tmp_path):
+    f0, _ = owner
+    assert main(["attack", f"encoder={f0}", f"run.out_dir={tmp_path}", "run.name=noisy",
+                 "attack.name=query_noise", "attack.strength=0.05", *FAST]) == 0
+    enc, card = load_encoder(tmp_path / "noisy")
+    plain, _ = load_encoder(f0)
+    assert card["query_transform"]["kind"] == "noise"
+    x = torch.rand(4, 3, 8, 8)
+    assert not torch.allclose(enc(x), plain(x))  # the transform runs in front of the same weights
+
+
+def test_unknown_attack_is_a_one_line_error(owner, tmp_path, capsys):
+    f0, _ = owner
+    assert main(["attack", f"encoder={f0}", f"run.out_dir={tmp_path}", "attack.name=melt", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown attack 'melt'" in err and "prune_global" in err and "\n" not in err
+
+
+def test_robustness_grid_table_and_resume(owner, tmp_path):
+    f0, secret = owner
+    args = ["robustness", f"encoder={f0}", f"secret={secret}", f"run.out_dir={tmp_path}",
+            "grid.attacks=[prune_global,query_jpeg]", "grid.strengths={prune_global: [0.2, 0.8], query_jpeg: [50]}",
+            "verify.n=64", *FAST]
+    assert main(args) == 0
+    root = tmp_path / "robustness"
+    rows = list(csv.DictReader((root / "robustness.csv").open()))
+    assert [(r["attack"], float(r["strength"])) for r in rows] == [("none", 0.0), ("prune_global", 0.2),
+                                                                   ("prune_global", 0.8), ("query_jpeg", 50.0)]
+    for r in rows:
+        for mode in ("whitebox", "blackbox_score", "blackbox_label"):
+            assert 0 <= float(r[f"p_{mode}"]) <= 1 and r[f"decision_{mode}"] in ("True", "False")
+    assert float(rows[0]["accuracy_change"]) == 0.0
+    summary = json.loads((root / "robustness.json").read_text())
+    assert summary["tasks"] == 4 and set(summary["modes"]) == {"whitebox", "blackbox_score", "blackbox_label"}
+    assert (root / "robustness.png").stat().st_size > 0
+    # a second run reuses every task file and gives the same table
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "tasks").iterdir()}
+    assert main(args) == 0
+    assert before == {p.name: p.stat().st_mtime_ns for p in (root / "tasks").iterdir()}
+    assert list(csv.DictReader((root / "robustness.csv").open())) == rows
