@@ -94,7 +94,7 @@ class AttackOptions:
     temperature: float = 0.2
     student_arch: str = ""
     student_width: int = 0
-    overwrite_steps: int = 100
+    overwrite_steps: int = 50
     overwrite_eps: float = 16 / 255
     quant_per_channel: bool = True
 

@@ -52,7 +52,7 @@ def overwrite(encoder: Encoder, card: dict, strength: float, data: AttackData,
     device = device_of(encoder)
     images = data.unlabeled
     secret = pirate_secret(encoder, images, data.seed, eps=options.overwrite_eps, steps=options.overwrite_steps,
-                           batch_size=max(options.batch_size, 128), progress=progress)
+                           batch_size=options.batch_size, progress=progress)
     # EmbedTask keeps its own frozen copy of f0 = the suspect; the encoder itself becomes the pirate's f
     method = build_method("simclr", encoder, encoder.feature_dim, proj_hidden_dim=options.proj_hidden_dim,
                           proj_dim=options.proj_dim, temperature=options.temperature)

@@ -10,7 +10,7 @@ from .datasets import (
     build_dataset,
     register_dataset,
 )
-from .sampler import GlobalBatchSampler, IndexedBatch, loader
+from .sampler import GlobalBatchSampler, IndexedBatch, SamplerSource, loader
 from .splits import derive_seed, make_splits, train_test_split_indices
 from .views import ViewConfig, apply_params, make_views, mild_view_config, sample_params
 
@@ -22,6 +22,7 @@ __all__ = [
     "ImageDataset",
     "ImageDecodeError",
     "IndexedBatch",
+    "SamplerSource",
     "TensorImageDataset",
     "UnknownDatasetError",
     "ViewConfig",

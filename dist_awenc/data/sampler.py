@@ -194,3 +194,20 @@ def loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
     )
+
+
+class SamplerSource:
+    """The training loop's default batch source: a :class:`GlobalBatchSampler` through a DataLoader.
+
+    ``iterate(epoch, start)`` yields this rank's batches of ``epoch`` from global
+    batch ``start`` on, so a resumed run picks up exactly where it stopped.
+    Other sources (the FFCV loader) implement the same two-argument method.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int = 0) -> None:
+        self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
+
+    def iterate(self, epoch: int, start: int) -> Iterator[IndexedBatch]:
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start(start)
+        return iter(loader(self.dataset, self.sampler, num_workers=self.num_workers))

@@ -2,7 +2,7 @@
 
 Device, process count and precision come from Accelerate (the launcher or
 ``Accelerator()``'s environment). The loop owns nothing random: batches come
-from a :class:`~dist_awenc.data.sampler.GlobalBatchSampler` seeded by epoch,
+from a batch source seeded by epoch (:class:`~dist_awenc.data.sampler.SamplerSource`),
 views are seeded by the micro-step, and the learning rate is a pure function
 of the step, so a resumed run continues bit-for-bit where it stopped.
 """
@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -22,7 +22,6 @@ from accelerate.utils import DataLoaderConfiguration
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from dist_awenc.data.sampler import GlobalBatchSampler, loader
 from dist_awenc.engine import dist
 from dist_awenc.engine.log import JSONLinesTracker, info
 from dist_awenc.errors import ArtifactError, ConfigError
@@ -33,6 +32,10 @@ CKPT_PREFIX = "step_"
 
 class Interrupted(Exception):
     """``fit(interrupt_at=...)`` stopped right after a checkpoint, as a kill would."""
+
+
+class BatchSource(Protocol):
+    def iterate(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]: ...
 
 
 @dataclass
@@ -134,19 +137,19 @@ def fit(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     *,
-    dataset: torch.utils.data.Dataset,
-    sampler: GlobalBatchSampler,
+    source: BatchSource,
     make_inputs: Callable[[tuple[torch.Tensor, ...], int], Any],
     lr_at: Callable[[int], float],
     settings: LoopSettings,
     config_yaml: str,
     after_step: Optional[Callable[[torch.nn.Module, int], None]] = None,
     interrupt_at: Optional[int] = None,
-    num_workers: int = 0,
 ) -> torch.nn.Module:
     """Train ``model`` (whose forward returns a dict with a scalar ``loss``) to ``total_steps``.
 
     Args:
+        source: ``source.iterate(epoch, start_batch)`` yields this rank's
+            batches (images, labels, index) of an epoch from a global batch on.
         make_inputs: ``(batch, micro_step) -> forward input`` where batch is
             (images, labels, index) of this rank and micro_step counts
             micro-batches from 0 over the whole run (the view seed).
@@ -180,9 +183,7 @@ def fit(
     while step < s.total_steps:
         micro0 = step * s.grad_accum
         if it is None or micro0 % batches_per_epoch == 0:
-            sampler.set_epoch(micro0 // batches_per_epoch)
-            sampler.set_start(micro0 % batches_per_epoch)
-            it = iter(loader(dataset, sampler, num_workers=num_workers))
+            it = source.iterate(micro0 // batches_per_epoch, micro0 % batches_per_epoch)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_at(step)
         for micro in range(s.grad_accum):

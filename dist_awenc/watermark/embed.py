@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from dist_awenc.config import EmbedConfig, to_dict, to_yaml
-from dist_awenc.data import GlobalBatchSampler, build_dataset, make_splits, make_views
+from dist_awenc.data import GlobalBatchSampler, SamplerSource, build_dataset, make_splits, make_views
 from dist_awenc.encoders.io import Encoder, card_for, load_encoder, read_state, resolve_encoder_path, save_encoder
 from dist_awenc.engine.log import info
 from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator
@@ -169,11 +169,10 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     with open_run(cfg, "embed") as run_dir:
         info(f"embed secret {secret.sha256[:12]} into {card['arch']} ({'heads from pre-training' if heads_loaded else 'fresh heads'}, "
              f"{world} process(es), {plan.total_steps} steps) -> {run_dir}")
-        task = fit(accelerator, task, optimizer, dataset=dataset, sampler=sampler, make_inputs=make_inputs,
+        task = fit(accelerator, task, optimizer, source=SamplerSource(dataset, sampler, cfg.data.num_workers), make_inputs=make_inputs,
                    lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
                    settings=loop_settings(cfg.train, run_dir, plan, "embed"), config_yaml=to_yaml(cfg),
-                   after_step=lambda m, step: m.momentum_update(step / plan.total_steps), interrupt_at=interrupt_at,
-                   num_workers=cfg.data.num_workers)
+                   after_step=lambda m, step: m.momentum_update(step / plan.total_steps), interrupt_at=interrupt_at)
         if accelerator.is_main_process:
             save_method(task.method, run_dir)
             new_card = card_for(task.backbone, arch=card["arch"], arch_kwargs=card["arch_kwargs"], method=card.get("method", ""),
