@@ -84,6 +84,9 @@ class TrainSection:
     log_every: int = 10
     trackers: list[str] = field(default_factory=list)  # tensorboard, wandb
     progress: bool = True
+    channels_last: bool = False
+    compile: bool = False  # torch.compile (inductor)
+    sync_bn: bool = False  # SyncBatchNorm across processes (GPUs only)
 
 
 @dataclass

@@ -5,7 +5,7 @@ pirate would deploy. Every attack is registered with ``@register_attack(name,
 strengths=...)``; the strengths become its default grid in
 :data:`ATTACK_STRENGTHS`. :func:`apply_attack` hands each attack a private
 deep copy of the suspect (the caller's encoder is never modified), seeds the
-CPU RNG from ``data.seed`` inside a forked RNG state, and adds the fields every
+CPU RNG from ``(data.seed, name)`` inside a forked RNG state, and adds the fields every
 info dict carries (``attack``, ``strength``, ``arch``, ``arch_kwargs``,
 ``seconds``, and ``rel_weight_change`` where the architecture is unchanged).
 """
@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from dist_awenc.data.splits import derive_seed
 from dist_awenc.encoders.io import Encoder
 from dist_awenc.errors import ConfigError
 
@@ -172,7 +173,7 @@ def apply_attack(name: str, encoder: Encoder, card: dict, strength: float, data:
     work = copy.deepcopy(encoder)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(data.seed)
+        torch.manual_seed(derive_seed(data.seed, "attack", name))  # fresh heads / students: not another stage's init
         attacked, details = fn(work, card, float(strength), data, options, progress)
     info: dict[str, Any] = {"attack": name, "strength": float(strength),
                             "arch": card["arch"], "arch_kwargs": dict(card["arch_kwargs"])}

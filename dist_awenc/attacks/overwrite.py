@@ -37,7 +37,7 @@ def pirate_secret(suspect: Encoder, images: torch.Tensor, seed: int, *, eps: flo
                   meta={"key_source": source, "loss_first": history[0], "loss_last": history[-1]})
 
 
-@register_attack("overwrite", strengths=[5, 20])
+@register_attack("overwrite", strengths=[5, 10])
 def overwrite(encoder: Encoder, card: dict, strength: float, data: AttackData,
               options: AttackOptions, progress: bool) -> tuple[Encoder, dict]:
     """Embed a pirate watermark into the suspect for ``strength`` epochs over ``data.unlabeled``.

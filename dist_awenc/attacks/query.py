@@ -11,6 +11,7 @@ from that dict by :func:`wrap_query_transform`.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Any
 
 import torch
@@ -32,7 +33,9 @@ def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
     Shape: (b, 3, S, S) in [0, 1] -> (b, 3, S, S) in [0, 1], same device and dtype.
     """
     u8 = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    decoded = decode_jpeg(encode_jpeg(list(u8), quality=quality), mode=ImageReadMode.RGB)
+    with warnings.catch_warnings():  # torchvision >= 0.29 flags its image codecs as deprecated in favour of torchcodec
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
+        decoded = decode_jpeg(encode_jpeg(list(u8), quality=quality), mode=ImageReadMode.RGB)
     return torch.stack(decoded).to(device=x.device, dtype=x.dtype) / 255
 
 

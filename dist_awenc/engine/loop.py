@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import nullcontext
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +48,18 @@ class LoopSettings:
     log_every: int = 10
     progress: bool = True
     desc: str = "train"
+    micro_batch: int = 0  # per process; tells DeepSpeed its batch arithmetic
+    channels_last: bool = False
 
 
-def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, trackers: list[str] | None = None) -> Accelerator:
-    """An Accelerator logging to ``run_dir/metrics.jsonl`` (+ tensorboard / wandb when asked)."""
+def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, trackers: list[str] | None = None,
+                     grad_accum: int = 1, compile: bool = False) -> Accelerator:
+    """An Accelerator logging to ``run_dir/metrics.jsonl`` (+ tensorboard / wandb when asked).
+
+    Process count, device and DeepSpeed come from the launcher (``accelerate
+    launch --config_file configs/accelerate/...``); ``compile`` asks for
+    torch.compile (inductor) on top of what the launcher sets.
+    """
     if mixed_precision not in (None, "no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, not '{mixed_precision}'")
     log_with: list[Any] = [JSONLinesTracker(run_dir / "metrics.jsonl")]
@@ -62,6 +69,8 @@ def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, track
         log_with.append(t)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        dynamo_backend="inductor" if compile else None,
         log_with=log_with,
         project_dir=str(run_dir),
         rng_types=[],  # no hidden RNG: samplers and views are seeded explicitly
@@ -169,6 +178,15 @@ def fit(
         )
     for g in optimizer.param_groups:
         g.setdefault("initial_lr", g["lr"])
+    if accelerator.gradient_accumulation_steps != s.grad_accum:
+        raise ConfigError(f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, the loop {s.grad_accum}")
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:  # no dataloader goes through prepare(): tell DeepSpeed the batch arithmetic
+        plugin.deepspeed_config.update({
+            "train_micro_batch_size_per_gpu": s.micro_batch, "gradient_accumulation_steps": s.grad_accum,
+            "train_batch_size": s.micro_batch * s.grad_accum * accelerator.num_processes})
+    if s.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(model, optimizer)
     start = _resume(accelerator, s.run_dir)
     accelerator.init_trackers(s.desc)
@@ -188,16 +206,18 @@ def fit(
             g["lr"] = g["initial_lr"] * lr_at(step)
         for micro in range(s.grad_accum):
             batch = next(it)
-            inputs = make_inputs(tuple(t.to(accelerator.device) for t in batch), micro0 + micro)
-            sync = accelerator.no_sync(model) if micro < s.grad_accum - 1 else nullcontext()
-            with sync:
+            inputs = make_inputs(tuple(t.to(accelerator.device, non_blocking=True) for t in batch), micro0 + micro)
+            if s.channels_last:
+                inputs = _channels_last(inputs)
+            # Accelerate syncs gradients (DDP, DeepSpeed) and steps only on the last micro-batch
+            with accelerator.accumulate(model):
                 out = model(inputs)
-                accelerator.backward(out["loss"] / s.grad_accum)
+                accelerator.backward(out["loss"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             for k, v in out.items():
                 v = v.detach().float() / s.grad_accum
                 sums[k] = sums[k] + v if k in sums else v
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         count += 1
         if after_step is not None:
@@ -226,3 +246,23 @@ def _finish_trackers(accelerator: Accelerator) -> None:
     """Close the trackers but keep the process group (``end_training`` would destroy it)."""
     for tracker in accelerator.trackers:
         tracker.finish()
+
+
+def _channels_last(inputs: Any) -> Any:
+    """4-d tensors of a (nested) forward input in channels_last memory format."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.contiguous(memory_format=torch.channels_last) if inputs.ndim == 4 else inputs
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(_channels_last(x) for x in inputs)
+    if isinstance(inputs, dict):
+        return {k: _channels_last(v) for k, v in inputs.items()}
+    return inputs
+
+
+def prepare_model(model: torch.nn.Module, accelerator: Accelerator, sync_bn: bool) -> torch.nn.Module:
+    """SyncBatchNorm across processes when asked (PyTorch runs it on GPUs only)."""
+    if not sync_bn:
+        return model
+    if accelerator.device.type != "cuda":
+        raise ConfigError("train.sync_bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

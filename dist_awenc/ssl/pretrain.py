@@ -14,7 +14,7 @@ from dist_awenc.encoders.io import Encoder, build_encoder, card_for, save_encode
 from dist_awenc.encoders.registry import arch_kwargs
 from dist_awenc.engine import dist
 from dist_awenc.engine.log import info
-from dist_awenc.engine.loop import LoopSettings, cosine_schedule, fit, make_accelerator
+from dist_awenc.engine.loop import LoopSettings, cosine_schedule, fit, make_accelerator, prepare_model
 from dist_awenc.engine.optim import build_optimizer
 from dist_awenc.errors import ConfigError
 from dist_awenc.runs import open_run
@@ -67,7 +67,8 @@ def loop_settings(train, run_dir: Path, plan: TrainPlan, desc: str) -> LoopSetti
     return LoopSettings(run_dir=run_dir, total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
                         grad_accum=train.grad_accum, checkpoint_every=train.checkpoint_every,
                         keep_checkpoints=train.keep_checkpoints, log_every=train.log_every,
-                        progress=train.progress, desc=desc)
+                        progress=train.progress, desc=desc, micro_batch=train.batch_size // dist.world_size(),
+                        channels_last=train.channels_last)
 
 
 def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path:
@@ -76,13 +77,14 @@ def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path
     Re-running the same config on an unfinished run folder resumes it from
     its last checkpoint (``interrupt_at`` simulates a kill, for tests).
     """
-    accelerator = make_accelerator(Path(cfg.run.out_dir) / cfg.run.name, cfg.train.mixed_precision, cfg.train.trackers)
+    accelerator = make_accelerator(Path(cfg.run.out_dir) / cfg.run.name, cfg.train.mixed_precision, cfg.train.trackers,
+                                   cfg.train.grad_accum, cfg.train.compile)
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
     indices = make_splits(len(dataset), cfg.data.split_seed)["pretrain"]
     plan = TrainPlan.of(cfg.train, len(indices))
     torch.manual_seed(cfg.run.seed)
     encoder, arch, akw = encoder_from_config(cfg.encoder, cfg.data.image_size)
-    method = method_from_config(cfg.ssl, cfg.encoder, encoder)
+    method = prepare_model(method_from_config(cfg.ssl, cfg.encoder, encoder), accelerator, cfg.train.sync_bn)
     optimizer = build_optimizer(method, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum)
     rank, world = accelerator.process_index, accelerator.num_processes
     sampler = GlobalBatchSampler(indices, cfg.train.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)

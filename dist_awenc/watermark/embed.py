@@ -24,7 +24,7 @@ from dist_awenc.config import EmbedConfig, to_dict, to_yaml
 from dist_awenc.data import GlobalBatchSampler, SamplerSource, build_dataset, make_splits, make_views
 from dist_awenc.encoders.io import Encoder, card_for, load_encoder, read_state, resolve_encoder_path, save_encoder
 from dist_awenc.engine.log import info
-from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator
+from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator, prepare_model
 from dist_awenc.engine.optim import build_optimizer
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.runs import open_run
@@ -134,7 +134,8 @@ def load_method_state(method: nn.Module, encoder_path: Path) -> bool:
 
 def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     """Fine-tune f0 with the joint loss; writes the watermarked ``encoder.safetensors``."""
-    accelerator = make_accelerator(Path(cfg.run.out_dir) / cfg.run.name, cfg.train.mixed_precision, cfg.train.trackers)
+    accelerator = make_accelerator(Path(cfg.run.out_dir) / cfg.run.name, cfg.train.mixed_precision, cfg.train.trackers,
+                                   cfg.train.grad_accum, cfg.train.compile)
     encoder_path = resolve_encoder_path(cfg.encoder)
     f0, card = load_encoder(encoder_path)
     secret = load_secret(cfg.secret)
@@ -150,6 +151,7 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     heads_loaded = load_method_state(method, encoder_path)
     task = EmbedTask(method, f0, secret, **{k: getattr(cfg.loss, k) for k in
                                             ("lambda_cl", "lambda_wm", "lambda_dev", "lambda_key", "lambda_keep", "freeze_bn")})
+    task = prepare_model(task, accelerator, cfg.train.sync_bn)
     optimizer = build_optimizer(task, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum)
     rank, world = accelerator.process_index, accelerator.num_processes
     sampler = GlobalBatchSampler(indices, cfg.train.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)
