@@ -54,10 +54,11 @@ def held(digits) -> torch.Tensor:
     return digits[0][400:]
 
 
-def tiny_encoder(seed: int = 0):
+def tiny_encoder(seed: int = 0, norm: str = "group"):
     torch.manual_seed(seed)
-    enc = build_encoder("tiny", ARCH_KWARGS, [0.5] * 3, [0.5] * 3, 8)
-    card = card_for(enc, arch="tiny", arch_kwargs=dict(ARCH_KWARGS), method="simclr", stage="pretrain", parent=None)
+    kwargs = {**ARCH_KWARGS, "norm": norm}
+    enc = build_encoder("tiny", kwargs, [0.5] * 3, [0.5] * 3, 8)
+    card = card_for(enc, arch="tiny", arch_kwargs=kwargs, method="simclr", stage="pretrain", parent=None)
     return enc, card
 
 
@@ -121,9 +122,10 @@ def test_data_of_another_size_is_refused(data):
 # ----------------------------------------------------------------------------- sweep
 
 
+@pytest.mark.parametrize("norm", ["group", "batch"])
 @pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_every_attack_runs_and_leaves_the_input_alone(name, data, held):
-    enc, card = tiny_encoder()
+def test_every_attack_runs_and_leaves_the_input_alone(name, norm, data, held):
+    enc, card = tiny_encoder(norm=norm)
     enc.train()
     before = snapshot(enc)
     out, info = apply_attack(name, enc, card, TINY_STRENGTH[name], data, AttackOptions(**TINY_OPTIONS), progress=False)
@@ -132,7 +134,7 @@ def test_every_attack_runs_and_leaves_the_input_alone(name, data, held):
     feats = extract_features(out, held[:10])
     assert feats.shape == (10, enc.feature_dim) and torch.isfinite(feats).all()
     assert info["attack"] == name and info["strength"] == float(TINY_STRENGTH[name])
-    assert info["arch"] == "tiny" and info["arch_kwargs"] == ARCH_KWARGS
+    assert info["arch"] == "tiny" and info["arch_kwargs"] == card["arch_kwargs"]
     json.dumps(info)  # JSON-able
 
 

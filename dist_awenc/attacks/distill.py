@@ -37,7 +37,7 @@ def student_spec(card: dict, options: AttackOptions) -> tuple[str, dict]:
     return arch, kept
 
 
-@register_attack("distill", strengths=[10, 40])
+@register_attack("distill", strengths=[10, 30])
 def distill(encoder: Encoder, card: dict, strength: float, data: AttackData,
             options: AttackOptions, progress: bool) -> tuple[Encoder, dict]:
     """Train a fresh student for ``strength`` epochs on ``data.unlabeled`` to match the suspect.
