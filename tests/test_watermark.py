@@ -180,3 +180,14 @@ def test_embedding_on_two_processes_equals_one_process(f0_and_secret, tmp_path):
     two_rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     for r1, r2 in zip(one_rows, two_rows):
         assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-4)
+
+
+def test_the_same_secret_always_has_the_same_hash(tmp_path):
+    from dist_awenc.watermark.secret import save_secret
+
+    make = lambda: Secret(key=torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(1)),  # noqa: E731
+                          delta=(8 / 255) * torch.sign(torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(2))),
+                          eps=8 / 255, control_seed=3, meta={"b": 1, "a": "x", "encoder_sha256": "0" * 64})
+    hashes = {save_secret(make(), tmp_path / f"s{i}") for i in range(8)}
+    assert len(hashes) == 1
+    assert load_secret(tmp_path / "s0.safetensors").meta == {"b": 1, "a": "x", "encoder_sha256": "0" * 64}

@@ -63,9 +63,11 @@ class Secret:
 def save_secret(secret: Secret, path: str | Path) -> str:
     """Write ``<path>.safetensors`` + ``<path>.json``; returns the SHA-256 (also set on ``secret``)."""
     path = Path(path).with_suffix(".safetensors")
-    meta = {"format": SECRET_FORMAT, "eps": repr(secret.eps), "control_seed": str(secret.control_seed),
-            "meta": json.dumps(secret.meta)}
-    secret.sha256 = save_tensors(path, {"key": secret.key, "delta": secret.delta}, metadata=meta)
+    # one header entry of canonical JSON: safetensors orders several entries arbitrarily,
+    # which would give the same secret a different file hash on every save
+    header = json.dumps({"format": SECRET_FORMAT, "eps": secret.eps, "control_seed": secret.control_seed,
+                         "meta": secret.meta}, sort_keys=True)
+    secret.sha256 = save_tensors(path, {"key": secret.key, "delta": secret.delta}, metadata={"dist_awenc": header})
     record = {"format": SECRET_FORMAT, "sha256": secret.sha256, "eps": secret.eps, "control_seed": secret.control_seed,
               "image_size": secret.image_size, **secret.meta}
     atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2))
@@ -97,8 +99,11 @@ def load_secret(path: str | Path) -> Secret:
         raise TamperedSecretError(f"{p}: SHA-256 {digest[:16]}... does not match the recorded {str(record.get('sha256'))[:16]}...; the secret was modified")
     tensors = read_state(p)
     with safe_open(str(p), framework="pt") as f:
-        header = f.metadata() or {}
+        try:
+            header = json.loads((f.metadata() or {}).get("dist_awenc", "{}"))
+        except json.JSONDecodeError:
+            header = {}
     if header.get("format") != SECRET_FORMAT or set(tensors) != {"key", "delta"}:
         raise ArtifactError(f"{p}: not a dist_awenc secret (expected tensors key, delta and format {SECRET_FORMAT})")
     return Secret(key=tensors["key"], delta=tensors["delta"], eps=float(header["eps"]),
-                  control_seed=int(header["control_seed"]), meta=json.loads(header.get("meta", "{}")), sha256=digest)
+                  control_seed=int(header["control_seed"]), meta=header.get("meta", {}), sha256=digest)
