@@ -249,8 +249,8 @@ class ReferenceLoop:
         self.forward = torch.compile(module) if compile else module
         self.i = 0
 
-    def step(self) -> torch.Tensor:
-        inputs = self.make_inputs(self.i)
+    def step(self, make_inputs: Optional[Callable[[int], list]] = None) -> torch.Tensor:
+        inputs = (make_inputs or self.make_inputs)(self.i)
         if self.channels_last:
             inputs = [x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in inputs]
         mult = 0.5 * (1 + math.cos(math.pi * min(1.0, self.i / max(1, self.total))))
@@ -266,9 +266,9 @@ class ReferenceLoop:
             self.module.after_step(aux, min(1.0, self.i / max(1, self.total)))
         return loss
 
-    def run(self, n: int) -> None:
+    def run(self, n: int, make_inputs: Optional[Callable[[int], list]] = None) -> None:
         for _ in range(n):
-            self.step()
+            self.step(make_inputs)
 
 
 def count_flops(build: Callable[[], nn.Module], input_shapes: list[tuple[int, ...]]) -> Optional[int]:

@@ -44,14 +44,14 @@ def plan(ctx: Context, args) -> tuple[list[tuple[str, str, str]], dict]:
         cases = [r18[0], r50[0], *r18[1:], *r50[1:]]
         cases += [("resnet18_cifar32", m, "fp32") for m in METHODS] + [("resnet50_in224", "simclr", "fp32")]
         cases += [("resnet18_cifar32", "simclr", "bf16_cl_compile"), ("resnet50_in224", "simclr", "bf16_cl_compile")]
-        proto = {"resnet18_cifar32": dict(batch=512, warmup=3, steps=10, reps=5),
-                 "resnet50_in224": dict(batch=128, warmup=3, steps=6, reps=5)}
+        proto = {"resnet18_cifar32": dict(batch=512, warmup=3, steps=10, reps=5, premade=METHODS),
+                 "resnet50_in224": dict(batch=128, warmup=3, steps=6, reps=5, premade=METHODS)}
     else:  # CPU, full: what fits in a few minutes on a small machine
         cases = [("resnet18_cifar32", m, "fp32") for m in METHODS]
         cases += [("resnet18_cifar32", "simclr", "bf16_cl"), ("resnet50_in224", "simclr", "fp32"),
                   ("resnet18_cifar32", "simclr", "bf16_cl_compile")]
-        proto = {"resnet18_cifar32": dict(batch=32, warmup=1, steps=2, reps=3),
-                 "resnet50_in224": dict(batch=4, warmup=1, steps=1, reps=3)}
+        proto = {"resnet18_cifar32": dict(batch=16, warmup=1, steps=2, reps=3, premade=("simclr",)),
+                 "resnet50_in224": dict(batch=2, warmup=1, steps=1, reps=3)}
     sel = lambda value, allowed: allowed is None or value in allowed  # noqa: E731
     cases = [c for c in cases if sel(c[0], args.models) and sel(c[1], args.methods) and sel(c[2], args.modes)]
     for p in proto.values():
@@ -162,6 +162,13 @@ def build_pair(ctx: Context, model: str, method: str, mode: str, p: dict, tmp: P
 def measure(ctx: Context, model: str, method: str, mode: str, p: dict, tmp: Path, feats: dict, base: dict) -> dict:
     x = build_pair(ctx, model, method, mode, p, tmp)
     ref_secs: list[float] = []
+    pre_secs: list[float] = []
+    premade = None
+    if method in p.get("premade", ()) and not x.comp:  # the reference once more, on views made before the clock starts
+        batch = (x.images, torch.zeros(len(x.images), dtype=torch.long, device=ctx.device),
+                 torch.arange(len(x.images), device=ctx.device))
+        sets = [unpack_inputs(x.case.make_inputs(batch, 10**7 + j)) for j in range(2)]
+        premade = lambda i: sets[i % 2]  # noqa: E731
 
     def reference_block(k: int) -> None:
         if k == 0:
@@ -169,17 +176,24 @@ def measure(ctx: Context, model: str, method: str, mode: str, p: dict, tmp: Path
         with Clock(ctx) as c:
             x.ref_loop.run(p["steps"])
         ref_secs.append(c.seconds)
+        if premade is not None:
+            with Clock(ctx) as c:
+                x.ref_loop.run(p["steps"], premade)
+            pre_secs.append(c.seconds)
 
     proj_secs = P.run_fit(ctx, x.case, x.accelerator, x.images, x.run_dir, warmup=p["warmup"], steps=p["steps"],
                           reps=p["reps"], between=reference_block)
     n_img = p["batch"] * p["steps"]
-    proj, refr = rates(proj_secs, n_img), rates(ref_secs, n_img)
+    proj, refr, pre = rates(proj_secs, n_img), rates(ref_secs, n_img), rates(pre_secs, n_img)
+    extra = {}
+    if pre:  # share of the reference step spent making the views (their kernels and host syncs)
+        extra = {"reference_premade_views_images_per_s": pre, "views_share": 1 - refr["median"] / pre["median"]}
     paired = stats(b / a for a, b in zip(proj_secs, ref_secs))  # project / reference images/s, block by block
     tf = (lambda s: scaled(s, x.flops / p["batch"] / 1e12)) if x.flops else (lambda s: None)
     settings = {**base, "config": x.path, "optimizer": x.optimizer, "mixed_precision": x.mp, "channels_last": x.cl,
                 "project_channels_last": x.cl and feats["channels_last"], "compile": x.comp,
                 "compile_via": ("train.compile" if feats["compile"] else "ACCELERATE_DYNAMO_BACKEND") if x.comp else None,
-                "views_per_image": 2, "threads": torch.get_num_threads()}
+                "views_per_image": 2, "threads": torch.get_num_threads(), "premade_views_reference": bool(pre)}
     note = ""
     if x.cl and not feats["channels_last"]:
         note = "project has no channels_last option: measured without it (the reference with it)"
@@ -188,7 +202,7 @@ def measure(ctx: Context, model: str, method: str, mode: str, p: dict, tmp: Path
     return row(f"{model} {method} {mode}", settings, note=note, images_per_s=proj, reference_images_per_s=refr,
                ratio=ratio(proj, refr), paired_ratio=paired, tflops=tf(proj), reference_tflops=tf(refr),
                flops_per_image=(x.flops / p["batch"]) if x.flops else None, loss_check=x.loss_check,
-               same_architecture=x.same_arch)
+               same_architecture=x.same_arch, **extra)
 
 
 def check_losses(case, ref, batch) -> Optional[dict]:

@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--labels-only", action="store_true", help="answer labels only, no probabilities")
     srv.add_argument("--log-requests", action="store_true")
+    data = sub.add_parser("data", help="dataset tools: write-beton (FFCV .beton files)", description="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="<command>")
+    beton_help = "write a dataset split to an FFCV .beton (needs the ffcv extra: scripts/install_ffcv.sh)"
+    wb = data_sub.add_parser("write-beton", help=beton_help, description=beton_help)
+    wb.add_argument("--config", help="YAML file with data: and beton: sections; defaults apply where it is silent")
+    wb.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. beton.split=pretrain beton.mode=jpg")
     show = sub.add_parser("config", help="print a stage's resolved config (the config reference)")
     show.add_argument("target", choices=sorted(STAGES))
     show.add_argument("--config")
@@ -99,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(args.model, host=args.host, port=args.port, labels_only=args.labels_only, log_requests=args.log_requests)
             return 0
+        if args.stage == "data":  # only write-beton so far
+            from dist_awenc.data.ffcv import BetonConfig, write_beton_stage
+
+            cfg = load_config(BetonConfig, args.config, args.overrides)
+            try:
+                write_beton_stage(cfg)
+            except _load_data_errors() as e:
+                raise AwencError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+            return 0
         if args.stage == "config":
             print(to_yaml(load_config(_schema(args.target), args.config, args.overrides)), end="")
             return 0
@@ -118,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"awenc {args.stage}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.stage in ("serve", "config"):
+        if args.stage in ("serve", "config", "data"):
             return 130
         print(f"awenc {args.stage}: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -37,6 +37,8 @@ class DataSection:
     size: Optional[int] = None  # number of samples, for `fake`
     split_seed: int = 0
     num_workers: int = 0
+    loader: str = "torch"  # torch | ffcv | auto (ffcv when installed and data.beton is set)
+    beton: Optional[str] = None  # .beton of this stage's split (awenc data write-beton)
 
 
 @dataclass

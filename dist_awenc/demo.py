@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dist_awenc.config import (DemoConfig, EmbedConfig, PretrainConfig, RunSection, WatermarkConfig, to_yaml)
+from dist_awenc.config import DemoConfig, EmbedConfig, PretrainConfig, RunSection, WatermarkConfig
 from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.encoders.io import atomic_write_text, load_encoder
 from dist_awenc.engine.log import info

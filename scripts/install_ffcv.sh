@@ -14,13 +14,16 @@
 #   AWENC_SKIP_APT=1   do not touch system packages (they are installed otherwise)
 #   AWENC_FFCV_SPEC    pip requirement to install (default ffcv==1.0.2)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "$0")/.." && pwd)"
 
-venv="${1:-.venv}"
+venv="${1:-$repo/.venv}"
+case "$venv" in /*) ;; *) venv="$(pwd)/$venv" ;; esac  # relative to the caller's directory
+cd "$repo"
 spec="${AWENC_FFCV_SPEC:-ffcv==1.0.2}"
 apt_pkgs=(pkg-config libopencv-dev libturbojpeg0-dev)
 
 say() { echo "install_ffcv: $*"; }
+t0=$SECONDS
 die() { echo "install_ffcv: error: $*" >&2; exit 1; }
 
 py="$venv/bin/python"
@@ -80,6 +83,7 @@ else
       say "apt package lists have every package; skipping apt-get update"
     fi
     say "apt-get install $todo"
+    t_apt=$SECONDS
     if ! install_cmd; then
       if [ "$need_update" = "0" ]; then
         say "install failed with the current lists; running apt-get update and retrying"
@@ -89,6 +93,7 @@ else
         die "apt-get install $todo failed"
       fi
     fi
+    say "system packages installed in $((SECONDS - t_apt)) s"
   fi
 fi
 
@@ -100,6 +105,8 @@ fi
 
 # ------------------------------------------------------------ ffcv itself
 say "pip install $spec into $venv (compiles a C extension, about a minute)"
+t_pip=$SECONDS
 "$py" -m pip install -q "$spec" || die "pip install $spec failed (see the compiler output above: missing OpenCV/libjpeg-turbo headers?)"
 "$py" -c "import ffcv.loader, ffcv.writer" || die "ffcv installed but does not import"
-say "done: $("$py" -c 'from importlib.metadata import version; print("ffcv", version("ffcv"))') in $venv"
+say "pip install took $((SECONDS - t_pip)) s"
+say "done in $((SECONDS - t0)) s: $("$py" -c 'from importlib.metadata import version; print("ffcv", version("ffcv"))') in $venv"

@@ -1,7 +1,6 @@
 """Removal attacks: registry sweep at tiny size, and the property each attack promises."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest

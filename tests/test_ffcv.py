@@ -9,7 +9,6 @@ import dataclasses
 import importlib.util
 import os
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +105,9 @@ def test_module_imports_and_errors_without_ffcv(monkeypatch, tmp_path):
     # the torchvision source stays the default and needs nothing
     sampler = GlobalBatchSampler(len(ds), 4, seed=0)
     assert isinstance(ffcv_mod.build_source(DataSection(), ds, torch.arange(len(ds)), sampler), SamplerSource)
-    auto = types.SimpleNamespace(**dataclasses.asdict(DataSection()), loader="auto", beton=str(tmp_path / "x.beton"))
+    auto = DataSection(loader="auto", beton=str(tmp_path / "x.beton"))
     assert isinstance(ffcv_mod.build_source(auto, ds, torch.arange(len(ds)), sampler), SamplerSource)
-    want = types.SimpleNamespace(**dataclasses.asdict(DataSection()), loader="ffcv", beton=str(tmp_path / "x.beton"))
+    want = DataSection(loader="ffcv", beton=str(tmp_path / "x.beton"))
     with pytest.raises(ffcv_mod.FFCVNotInstalledError):
         ffcv_mod.build_source(want, ds, torch.arange(len(ds)), sampler)
 
@@ -234,8 +233,7 @@ def test_split_beton_matches_split_sampler(fixed_folder, tmp_path):
     ds = build_dataset("imagefolder", root=fixed_folder, image_size=8)
     split = make_splits(len(ds), seed=0)["pretrain"]
     p = ffcv_mod.write_beton(ds, tmp_path / "pre.beton", indices=split, progress=False)
-    data = types.SimpleNamespace(**dataclasses.asdict(DataSection(name="imagefolder", image_size=8)),
-                                 loader="ffcv", beton=str(p))
+    data = DataSection(name="imagefolder", image_size=8, loader="ffcv", beton=str(p))
     for rank in range(2):
         sampler = GlobalBatchSampler(split, 4, seed=2, rank=rank, world_size=2)
         src = ffcv_mod.build_source(data, ds, split, sampler)
@@ -246,13 +244,19 @@ def test_split_beton_matches_split_sampler(fixed_folder, tmp_path):
     other = make_splits(len(ds), seed=0)["downstream"]
     with pytest.raises(ConfigError, match="not this stage's split"):
         ffcv_mod.build_source(data, ds, other, GlobalBatchSampler(other, 2, seed=0))
-    missing = types.SimpleNamespace(**vars(data))
-    missing.beton = str(tmp_path / "none.beton")
+    missing = dataclasses.replace(data, beton=str(tmp_path / "none.beton"))
     with pytest.raises(ConfigError, match="no .beton"):
         ffcv_mod.build_source(missing, ds, split, GlobalBatchSampler(split, 4, seed=0))
 
 
 # --------------------------------------------------------------------------- atomic writes
+
+
+class _Unrebuildable(Exception):
+    """Pickles, but cannot be rebuilt from its args: reaches the parent as text."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a} {b}")
 
 
 class _Failing(torch.utils.data.Dataset):
@@ -269,6 +273,8 @@ class _Failing(torch.utils.data.Dataset):
         if i == self.bad:
             if self.how == "exit":
                 os._exit(3)
+            if self.how == "odd":
+                raise _Unrebuildable("odd error", f"at item {i}")
             raise RuntimeError(f"boom at item {i}")
         return self.ds[i]
 
@@ -286,6 +292,9 @@ def test_failed_write_leaves_no_file(fixed_folder, tmp_path, workers):
     before = target.read_bytes()
     with pytest.raises(ffcv_mod.BetonWriteError, match="exited with code 3"):
         ffcv_mod.write_beton(_Failing(ds, 5, how="exit"), target, num_workers=workers, progress=False)
+    assert target.read_bytes() == before and sorted(os.listdir(target.parent)) == ["x.beton"]
+    with pytest.raises(ffcv_mod.BetonWriteError, match="_Unrebuildable: odd error at item 2"):
+        ffcv_mod.write_beton(_Failing(ds, 2, how="odd"), target, num_workers=workers, progress=False)
     assert target.read_bytes() == before and sorted(os.listdir(target.parent)) == ["x.beton"]
     with pytest.raises(FileExistsError):
         ffcv_mod.write_beton(ds, target, overwrite=False, progress=False)

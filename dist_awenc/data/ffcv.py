@@ -179,7 +179,7 @@ def _report(errors, err: BaseException, where: str) -> None:
     try:
         import pickle
 
-        pickle.dumps(err)
+        pickle.loads(pickle.dumps(err))  # some exceptions pickle but cannot be rebuilt
         payload: Any = err
     except Exception:
         payload = None
@@ -202,7 +202,6 @@ def _guarded_worker(errors, work_fn, *args) -> None:
 def _writer_class():
     """A DatasetWriter whose workers' failures stop the write instead of hanging it (FFCV 1.0.2 waits forever)."""
     import multiprocessing as mp
-    from multiprocessing import shared_memory  # noqa: F401  (used by prepare())
 
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter

@@ -34,12 +34,12 @@ class SweepJob:
         return run_tasks(Path(sweep_dir), list(task_ids))
 
     def checkpoint(self, sweep_dir: str, task_ids: list[str]) -> Any:
-        """Requeue with the tasks that have no result yet (a pre-training task resumes from its checkpoint)."""
+        """Requeue with the same tasks: the requeued job skips those with a result, and a pre-training
+        task resumes from its last checkpoint. (This runs inside submitit's signal handler, possibly in the
+        middle of an import: it must not import anything heavy.)"""
         from submitit.helpers import DelayedSubmission
 
-        from dist_awenc.launch.sweep import unfinished
-
-        return DelayedSubmission(SweepJob(), sweep_dir, unfinished(Path(sweep_dir), list(task_ids)))
+        return DelayedSubmission(SweepJob(), sweep_dir, list(task_ids))
 
 
 class StageJob:

@@ -299,11 +299,6 @@ class Sweep:
         return out
 
 
-def unfinished(sweep_dir: Path, task_ids: list[str]) -> list[str]:
-    sweep = Sweep(sweep_dir)
-    return [i for i in task_ids if not sweep.done(i)]
-
-
 # ------------------------------------------------------------------ inside a job
 
 
@@ -427,10 +422,7 @@ def submit(sweep: Sweep, task_ids: list[str], executor: str = "auto") -> list[di
         job = ex.submit(SweepJob(), str(sweep.root), ids)
         rec = {"time": time.time(), "executor": kind, "jobs": {str(job.job_id): ids}}
         sweep.record(rec)
-        try:
-            job.result()
-        except Exception:  # noqa: BLE001 - failures are in errors/<id>.json
-            pass
+        job.exception()  # runs the job here; failures are in errors/<id>.json (result() would open pdb)
         return [rec]
     if kind == "local":
         # the local executor starts every job at once: array_parallelism processes share the tasks
@@ -524,8 +516,9 @@ def counts(states: dict[str, TaskState]) -> dict[str, int]:
     return {s: sum(t.state == s for t in states.values()) for s in STATES}
 
 
-def status(sweep: Sweep, out=sys.stdout, limit: int = 20) -> dict[str, TaskState]:
+def status(sweep: Sweep, out=None, limit: int = 20) -> dict[str, TaskState]:
     """Print one line of counts, then the failed tasks with their error and the tasks still queued or running."""
+    out = out or sys.stdout
     states = task_states(sweep)
     c = counts(states)
     print(f"{sweep.root}: {len(states)} tasks: " + ", ".join(f"{c[s]} {s}" for s in STATES if c[s] or s in ("done", "failed")),
@@ -539,8 +532,9 @@ def status(sweep: Sweep, out=sys.stdout, limit: int = 20) -> dict[str, TaskState
     return states
 
 
-def wait(sweep: Sweep, poll_s: float = 5.0, timeout_s: Optional[float] = None, out=sys.stdout) -> dict[str, TaskState]:
+def wait(sweep: Sweep, poll_s: float = 5.0, timeout_s: Optional[float] = None, out=None) -> dict[str, TaskState]:
     """Block until no task is running or pending; prints the counts whenever they change."""
+    out = out or sys.stdout
     start, last = time.time(), None
     while True:
         states = task_states(sweep)
@@ -558,7 +552,7 @@ def wait(sweep: Sweep, poll_s: float = 5.0, timeout_s: Optional[float] = None, o
 # ------------------------------------------------------------------ collection
 
 
-def collect(sweep: Sweep, out=sys.stdout) -> dict[str, Any]:
+def collect(sweep: Sweep, out=None) -> dict[str, Any]:
     """Gather every finished task into one table; name every failed task with its error. Idempotent.
 
     Per target, ``targets/<t>/robustness.{csv,json,png}`` (and ``roc.png``
@@ -566,6 +560,7 @@ def collect(sweep: Sweep, out=sys.stdout) -> dict[str, Any]:
     for the same grid; ``sweep.csv`` / ``sweep.parquet`` stack them with a
     ``target`` column; ``failures.json`` lists the failed tasks.
     """
+    out = out or sys.stdout
     from dist_awenc.launch.robustness import collect as collect_target
 
     cfg = sweep.config
@@ -647,18 +642,20 @@ def _write_parquet(path: Path, rows: list[dict[str, str]]) -> None:
 # ------------------------------------------------------------------ the stage
 
 
-def run(cfg: SweepConfig, executor: str = "auto", wait_for: Optional[bool] = None, out=sys.stdout) -> Sweep:
+def run(cfg: SweepConfig, executor: str = "auto", wait_for: Optional[bool] = None, out=None) -> Sweep:
     """``awenc sweep run``: prepare the folder and submit every task that is missing or failed.
 
     Running it again submits nothing that is done, queued or running. With
     ``wait_for`` (default: yes for the local and debug executors) it waits and collects.
     """
+    out = out or sys.stdout
     sweep = Sweep(prepare(cfg))
     return _submit_open(sweep, executor, wait_for, out, "run")
 
 
-def resume(sweep: Sweep, executor: str = "auto", wait_for: Optional[bool] = None, out=sys.stdout) -> Sweep:
+def resume(sweep: Sweep, executor: str = "auto", wait_for: Optional[bool] = None, out=None) -> Sweep:
     """``awenc sweep resume``: resubmit only the tasks that failed or were never submitted."""
+    out = out or sys.stdout
     return _submit_open(sweep, executor, wait_for, out, "resume")
 
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from dist_awenc.config import PretrainConfig, to_dict, to_yaml
-from dist_awenc.data import GlobalBatchSampler, SamplerSource, build_dataset, make_splits, make_views
+from dist_awenc.data import GlobalBatchSampler, build_dataset, make_splits, make_views
 from dist_awenc.encoders.io import Encoder, build_encoder, card_for, save_encoder, save_tensors
 from dist_awenc.encoders.registry import arch_kwargs
 from dist_awenc.engine import dist
@@ -17,6 +17,7 @@ from dist_awenc.engine.log import info
 from dist_awenc.engine.loop import LoopSettings, cosine_schedule, fit, make_accelerator, prepare_model
 from dist_awenc.engine.optim import build_optimizer
 from dist_awenc.errors import ConfigError
+from dist_awenc.data.ffcv import build_source
 from dist_awenc.runs import open_run
 from dist_awenc.ssl.methods import METHODS, build_method
 
@@ -99,7 +100,7 @@ def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path
         info(f"pretrain {cfg.ssl.method} {arch} on {cfg.data.name} ({len(indices)} images, {world} process(es), "
              f"{plan.total_steps} steps) -> {run_dir}")
         method = fit(
-            accelerator, method, optimizer, source=SamplerSource(dataset, sampler, cfg.data.num_workers), make_inputs=make_inputs,
+            accelerator, method, optimizer, source=build_source(cfg.data, dataset, indices, sampler, device=accelerator.device), make_inputs=make_inputs,
             lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
             settings=loop_settings(cfg.train, run_dir, plan, f"pretrain {cfg.ssl.method}"),
             config_yaml=to_yaml(cfg), after_step=after_step, interrupt_at=interrupt_at,

@@ -86,6 +86,8 @@ def verify(cfg: VerifyConfig) -> Verdict:
     else:
         model, full = load_downstream(cfg.suspect)
         card = full["encoder"]
+    if card["input_size"] != secret.image_size:
+        raise ArtifactError(f"suspect takes {card['input_size']} px inputs but the secret is {secret.image_size} px")
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=secret.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
     holdout, _ = dataset.get_batch(make_splits(len(dataset), cfg.data.split_seed)["holdout"])
     with open_run(cfg, "verify") as run_dir:

@@ -21,12 +21,13 @@ from safetensors import safe_open
 from torch import nn
 
 from dist_awenc.config import EmbedConfig, to_dict, to_yaml
-from dist_awenc.data import GlobalBatchSampler, SamplerSource, build_dataset, make_splits, make_views
+from dist_awenc.data import GlobalBatchSampler, build_dataset, make_splits, make_views
 from dist_awenc.encoders.io import Encoder, card_for, load_encoder, read_state, resolve_encoder_path, save_encoder
 from dist_awenc.engine.log import info
 from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator, prepare_model
 from dist_awenc.engine.optim import build_optimizer
 from dist_awenc.errors import ArtifactError, ConfigError
+from dist_awenc.data.ffcv import build_source
 from dist_awenc.runs import open_run
 from dist_awenc.ssl.pretrain import TrainPlan, loop_settings, method_from_config, save_method
 from dist_awenc.watermark.secret import Secret, load_secret
@@ -171,7 +172,7 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     with open_run(cfg, "embed") as run_dir:
         info(f"embed secret {secret.sha256[:12]} into {card['arch']} ({'heads from pre-training' if heads_loaded else 'fresh heads'}, "
              f"{world} process(es), {plan.total_steps} steps) -> {run_dir}")
-        task = fit(accelerator, task, optimizer, source=SamplerSource(dataset, sampler, cfg.data.num_workers), make_inputs=make_inputs,
+        task = fit(accelerator, task, optimizer, source=build_source(cfg.data, dataset, indices, sampler, device=accelerator.device), make_inputs=make_inputs,
                    lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
                    settings=loop_settings(cfg.train, run_dir, plan, "embed"), config_yaml=to_yaml(cfg),
                    after_step=lambda m, step: m.momentum_update(step / plan.total_steps), interrupt_at=interrupt_at)

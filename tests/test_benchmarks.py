@@ -1,0 +1,72 @@
+"""The benchmark suites run (``python -m benchmarks all --quick``) and write valid JSON + markdown.
+
+Speeds are never asserted: CI machines are shared and the quick sizes are
+far too small to mean anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import SUITES  # noqa: E402
+from benchmarks.common import validate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "all", "--quick", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_suite_writes_valid_json_and_table(quick_results, suite):
+    path = quick_results / f"{suite}.json"
+    assert path.exists(), f"{suite}.json was not written"
+    doc = json.loads(path.read_text())
+    assert validate(doc, suite) == []
+    assert doc["quick"] is True and doc["suite"] == suite
+    assert any(r["status"] == "ok" for r in doc["rows"]), [(r["name"], r["status"], r.get("note")) for r in doc["rows"]]
+    table = (quick_results / f"{suite}.md").read_text()
+    assert f"`{suite}` benchmark" in table and "| status |" in table
+    assert table.count("\n|") >= len(doc["rows"]) + 1  # header separator + one line per row
+
+
+def test_step_rows_compare_to_the_reference(quick_results):
+    doc = json.loads((quick_results / "step.json").read_text())
+    steps = [r for r in doc["rows"] if r.get("kind") != "aux"]
+    assert {r["settings"]["method"] for r in steps} == {"simclr", "moco_v2", "byol", "embed"}
+    for r in steps:
+        if r["status"] == "ok":
+            # same weights, same views: the hand-written reference computes the project's loss
+            assert r["same_architecture"] is True, r["name"]
+            assert r["loss_check"]["abs_diff"] <= 1e-3 * max(1.0, abs(r["loss_check"]["project"])), r["loss_check"]
+
+
+def test_validator_rejects_bad_documents():
+    good = {"schema": "dist_awenc.benchmarks/1", "suite": "verify", "device": "cpu", "torch": "2", "cuda": None,
+            "quick": True, "created": "2026-01-01T00:00:00+00:00",
+            "rows": [{"name": "a", "status": "ok", "settings": {}, "images_per_s": {"median": 2, "min": 1, "max": 3},
+                      "seconds": {"median": 2, "min": 1, "max": 3}}]}
+    assert validate(good, "verify") == []
+    bad = json.loads(json.dumps(good))
+    bad["rows"][0]["images_per_s"] = {"median": 5, "min": 1, "max": 3}
+    assert validate(bad, "verify")
+    bad = json.loads(json.dumps(good))
+    bad["rows"][0].update(status="skipped", images_per_s=None)
+    assert any("note" in e for e in validate(bad, "verify"))
+    bad = json.loads(json.dumps(good))
+    del bad["cuda"]
+    assert validate(bad)

@@ -1,0 +1,367 @@
+"""`awenc sweep`: grid expansion, the sweep folder, failures, resume, collection; through a real SLURM.
+
+Tests marked ``slurm`` run against a single-node SLURM on localhost: the one
+``SLURM_CONF`` points at when a controller answers (CI starts it with
+scripts/slurm_local.sh), else one this module starts (root and slurm-wlm
+needed) and stops by PID at the end; they skip, with the reason, where
+neither is possible (``AWENC_REQUIRE_SLURM=1`` turns the skip into a failure).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_overrides
+from dist_awenc.config import CalibrateConfig, PretrainConfig, WatermarkConfig, load_config
+from dist_awenc.errors import ConfigError
+from dist_awenc.launch import sweep as sw
+from dist_awenc.launch.cluster import (SlurmSection, balanced, parse_max_array_size, scheduler_states, slurm_available,
+                                       split)
+from dist_awenc.launch.jobs import StageJob
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "sweep" / "tiny.yaml"
+SMALL_GRID = ["grid.attacks=[prune_global,query_jpeg]", "grid.strengths={prune_global: [0.2, 0.8], query_jpeg: [50]}",
+              "grid.seeds=[0,1]"]
+
+
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory):
+    """A tiny clean encoder and a secret generated on it (the 'watermarked' encoder of these grids)."""
+    from accelerate.state import AcceleratorState
+
+    from dist_awenc.ssl.pretrain import pretrain
+    from dist_awenc.watermark.generate import watermark
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    root = tmp_path_factory.mktemp("owner")
+    f0 = pretrain(load_config(PretrainConfig, None, tiny_overrides(root, "f0")))
+    secret = watermark(load_config(WatermarkConfig, None, [f"run.out_dir={root}", "run.name=wm", f"encoder={f0}",
+                                                           "data.image_size=8", "generation.steps=5", "generation.batch_size=32"]))
+    return f0, secret
+
+
+def tiny_sweep(owner, out_dir, *extra: str, name: str = "sweep") -> sw.SweepConfig:
+    f0, secret = owner
+    return load_config(sw.SweepConfig, TINY, [f"encoder={f0}", f"secret={secret}", f"run.out_dir={out_dir}",
+                                              f"run.name={name}", *extra])
+
+
+def rows_of(path: Path, drop=("attack_seconds",)) -> list[dict]:
+    """A robustness table without its wall-clock column."""
+    with path.open(newline="") as f:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
+
+
+def robustness_on_one_machine(sweep_yaml: Path, out_dir: Path, overrides: list[str]) -> Path:
+    """`awenc robustness` with the sweep file's grid sections (no `slurm`), one torch thread like the jobs."""
+    from dist_awenc.cli import main
+
+    body = yaml.safe_load(sweep_yaml.read_text())
+    body.pop("slurm", None)
+    body.pop("run", None)
+    cfg = out_dir / "robustness.yaml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(yaml.safe_dump(body))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["robustness", "--config", str(cfg), f"run.out_dir={out_dir}", "run.name=one", *overrides]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out_dir / "one" / "robustness.csv"
+
+
+# ------------------------------------------------------------------ units
+
+
+def test_expansion_targets_and_null_population(owner, tmp_path):
+    f0, secret = owner
+    null = tmp_path / "null.yaml"
+    null.write_text(yaml.safe_dump({"run": {"name": "cal", "out_dir": str(tmp_path)},
+                                    "population": {"methods": ["simclr", "byol"], "widths": [8], "seeds": 2}}))
+    cfg = load_config(sw.SweepConfig, None, [*SMALL_GRID, f"encoder={f0}", f"secret={secret}",
+                                             f"encoders={{other: {f0}}}", f"secrets={{other: {secret}}}",
+                                             f"null_population={null}"])
+    ccfg = sw.null_config(cfg)
+    tasks = sw.expand(cfg, sw.null_pretrain_configs(ccfg))
+    ids = [t.id for t in tasks]
+    assert ids[:4] == ["null.simclr_w8_group_s0", "null.simclr_w8_group_s1", "null.byol_w8_group_s0", "null.byol_w8_group_s1"]
+    assert len(ids) == 4 + 2 * 2 * 4 == len(set(ids))  # 2 targets x (baseline + 3 attack strengths) x 2 seeds
+    assert "main.prune_global__0.8__s1" in ids and "other.query_jpeg__50__s0" in ids
+    # null encoders go where `awenc calibrate` with that config looks for them
+    pcfg = sw.null_pretrain_configs(ccfg)["byol_w8_group_s1"]
+    assert Path(pcfg.run.out_dir) == tmp_path / "cal" / "population"
+    with pytest.raises(ConfigError, match="same targets"):
+        sw.targets_of(load_config(sw.SweepConfig, None, [f"encoders={{a: {f0}}}"]))
+    with pytest.raises(ConfigError, match="empty"):
+        sw.expand(load_config(sw.SweepConfig, None, []))
+
+
+def test_array_splitting_and_cluster_limits():
+    assert split(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [len(p) for p in balanced(list(range(10)), 3)] == [4, 3, 3]
+    assert balanced([1, 2], 5) == [[1], [2]]
+    text = "MaxArraySize            = 1001\nSchedulerParameters     = sched_interval=2,max_array_tasks=300\n"
+    assert parse_max_array_size(text) == 300
+    assert parse_max_array_size("MaxArraySize = 64\n") == 64
+    assert parse_max_array_size("") == 1001
+    with pytest.raises(ConfigError, match="MaxArraySize 0"):
+        split([1], 0)
+
+
+def test_slurm_section_is_checked():
+    with pytest.raises(ConfigError, match="tasks_per_job"):
+        load_config(sw.SweepConfig, TINY, ["slurm.tasks_per_job=0"])
+    with pytest.raises(ConfigError, match="unknown config key 'slurm.gpus'"):
+        load_config(sw.SweepConfig, TINY, ["slurm.gpus=1"])
+
+
+def test_shipped_sweep_configs_load():
+    for p in sorted((REPO / "configs" / "sweep").glob("*.yaml")):
+        cfg = load_config(sw.SweepConfig, p)
+        if cfg.null_population:
+            load_config(CalibrateConfig, REPO / cfg.null_population)
+    cfg = load_config(sw.SweepConfig, TINY, ["encoder=x", "secret=y"])
+    assert len(sw.expand(cfg)) >= 40  # the demo-scale grid CI sweeps through SLURM
+
+
+def test_stage_job_command_lines():
+    gpu = StageJob("pretrain", "/c.yaml", ["train.epochs=2"], processes_per_node=8, gpus=True, mixed_precision="bf16")
+    cmd, env = gpu.command(num_nodes=2, node_rank=1, main_host="node07")
+    joined = " ".join(cmd)
+    assert env == {}
+    assert "--multi_gpu --num_processes 16 --num_machines 2 --machine_rank 1 --main_process_ip node07" in joined
+    assert joined.endswith("-m dist_awenc pretrain --config /c.yaml train.epochs=2")
+    cpu2, env = StageJob("embed", None, [], processes_per_node=2, gpus=False).command(1, 0, "localhost")
+    assert env == {"ACCELERATE_USE_CPU": "1"} and "--multi_gpu" in cpu2 and "--cpu" not in cpu2  # 2 real processes
+    cpu1, _ = StageJob("embed", None, [], processes_per_node=1, gpus=False).command(1, 0, "localhost")
+    assert "--cpu" in cpu1 and "--multi_gpu" not in cpu1
+
+
+def test_prepare_checks_inputs_and_refuses_another_grid(owner, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        sw.prepare(tiny_sweep(owner, tmp_path, f"secret={tmp_path / 'nope.safetensors'}"))
+    root = sw.prepare(tiny_sweep(owner, tmp_path, *SMALL_GRID))
+    sw.prepare(tiny_sweep(owner, tmp_path, *SMALL_GRID, "slurm.time_min=99"))  # only slurm.* changed: fine
+    assert sw.Sweep(root).config.slurm.time_min == 99
+    with pytest.raises(ConfigError, match="different grid"):
+        sw.prepare(tiny_sweep(owner, tmp_path, *SMALL_GRID, "grid.seeds=[5]"))
+    # each target folder holds the config `awenc robustness` would run for it
+    from dist_awenc.launch.robustness import RobustnessConfig
+
+    rcfg = load_config(RobustnessConfig, root / "targets" / "main" / "config.yaml")
+    assert rcfg.grid.seeds == [0, 1] and Path(rcfg.run.out_dir) == root / "targets"
+
+
+# ------------------------------------------------------------------ without SLURM
+
+
+def test_debug_executor_failure_collect_resume(owner, tmp_path, monkeypatch, capsys):
+    """In-process: a failing task is named with its error, the rest are kept; resume reruns only it."""
+    cfg = tiny_sweep(owner, tmp_path, *SMALL_GRID)
+    bad = "main.prune_global__0.8__s1"
+    monkeypatch.setenv(sw.FAIL_ENV, bad)
+    sweep = sw.run(cfg, executor="debug")
+    states = sw.task_states(sweep)
+    assert {t.id for t in states.values() if t.state == "failed"} == {bad}
+    assert sum(t.state == "done" for t in states.values()) == 7
+    summary = json.loads((sweep.root / "summary.json").read_text())
+    assert list(summary["failed"]) == [bad] and "injected failure" in summary["failed"][bad]
+    assert len(rows_of(sweep.root / "sweep.csv")) == 7
+    assert sw.sweep_command("collect", directory=str(sweep.root)) == 1  # failures: exit code 1
+    assert f"failed {bad}: RuntimeError: injected failure" in capsys.readouterr().out
+    kept = {p.name: p.stat().st_mtime_ns for p in (sweep.root / "targets" / "main" / "tasks").iterdir()}
+    monkeypatch.delenv(sw.FAIL_ENV)
+    sw.resume(sweep, executor="debug")
+    assert sweep.submissions()[-1]["jobs"] == {next(iter(sweep.submissions()[-1]["jobs"])): [bad]}
+    after = {p.name: p.stat().st_mtime_ns for p in (sweep.root / "targets" / "main" / "tasks").iterdir()}
+    assert {k: v for k, v in after.items() if k in kept} == kept and len(after) == 8
+    assert not (sweep.root / "errors" / f"{bad}.json").exists()
+    assert sw.sweep_command("status", directory=str(sweep.root)) == 0
+    # collect is idempotent
+    first = {n: (sweep.root / n).read_bytes() for n in ("sweep.csv", "summary.json", "failures.json")}
+    sw.collect(sweep)
+    assert first == {n: (sweep.root / n).read_bytes() for n in first}
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sweep.root / "sweep.parquet")
+    assert table.num_rows == 8 and str(table.schema.field("decision_whitebox").type) == "bool"
+    assert str(table.schema.field("p_whitebox").type) == "double" and table.column("target").to_pylist() == ["main"] * 8
+
+
+def test_local_executor_gives_the_robustness_table(owner, tmp_path):
+    """A laptop without SLURM: submitit's local executor fills the same folder; the table is `awenc robustness`'s."""
+    cfg = tiny_sweep(owner, tmp_path, *SMALL_GRID)
+    sweep = sw.run(cfg, executor="local")  # waits and collects
+    assert len(sweep.submissions()) == 2  # array_parallelism=2 processes share the 8 tasks
+    assert all(t.state == "done" for t in sw.task_states(sweep).values())
+    one = robustness_on_one_machine(TINY, tmp_path / "single", SMALL_GRID + [f"encoder={owner[0]}", f"secret={owner[1]}"])
+    assert rows_of(sweep.root / "targets" / "main" / "robustness.csv") == rows_of(one)
+    sweep_rows = rows_of(sweep.root / "sweep.csv", drop=("attack_seconds", "target"))
+    assert sweep_rows == rows_of(one)
+    assert sw.run(cfg, executor="local").submissions() == sweep.submissions()  # nothing left to submit
+
+
+# ------------------------------------------------------------------ a real SLURM
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A SLURM controller to submit to: the running one, or a single-node one started here and stopped after."""
+    if slurm_available():
+        yield os.environ.get("SLURM_CONF", "")
+        return
+    why = ""
+    if shutil.which("slurmctld") is None or shutil.which("sbatch") is None:
+        why = "slurm-wlm is not installed (apt-get install -y --no-install-recommends slurm-wlm)"
+    elif os.geteuid() != 0:
+        why = "starting a local SLURM (scripts/slurm_local.sh) needs root"
+    if why:
+        if os.environ.get("AWENC_REQUIRE_SLURM"):
+            pytest.fail(f"AWENC_REQUIRE_SLURM is set but no SLURM can be started: {why}")
+        pytest.skip(f"no SLURM here: {why}")
+    d = tmp_path_factory.mktemp("slurm")
+    script = REPO / "scripts" / "slurm_local.sh"
+    out = subprocess.run(["bash", str(script), "start", str(d)], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        subprocess.run(["bash", str(script), "stop", str(d)], capture_output=True, timeout=60)
+        msg = f"scripts/slurm_local.sh start failed: {out.stderr.strip() or out.stdout.strip()}"
+        if os.environ.get("AWENC_REQUIRE_SLURM"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SLURM_CONF", str(d / "slurm.conf"))
+    try:
+        yield str(d / "slurm.conf")
+    finally:
+        subprocess.run(["scancel", "--user", "root"], capture_output=True, timeout=30)
+        mp.undo()
+        subprocess.run(["bash", str(script), "stop", str(d)], capture_output=True, timeout=60)
+
+
+def _submitter(cfg_path: Path, overrides: list[str], env: dict) -> subprocess.Popen:
+    """`awenc sweep run --executor slurm --wait` as its own process (to be killed after submission)."""
+    code = ("import sys; from dist_awenc.launch.sweep import sweep_command; "
+            "sweep_command('run', sys.argv[1], sys.argv[2:], executor='slurm', wait_for=True)")
+    return subprocess.Popen([sys.executable, "-c", code, str(cfg_path), *overrides], env=env, cwd=str(REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slurm
+def test_slurm_grid_failure_resume_and_the_single_machine_table(owner, slurm_cluster, tmp_path, monkeypatch):
+    """>= 40 tasks as real SLURM arrays (parallelism 2, split to MaxArraySize); killing `awenc sweep` after
+    submission loses nothing; one failing task is named and alone resubmitted; the table equals `awenc robustness`."""
+    f0, secret = owner
+    overrides = [f"encoder={f0}", f"secret={secret}", f"run.out_dir={tmp_path}", "slurm.max_array_size=4"]
+    cfg = load_config(sw.SweepConfig, TINY, overrides)
+    n = len(sw.expand(cfg))
+    assert n >= 40
+    bad = "main.prune_global__0.5__s1"
+    proc = _submitter(TINY, overrides, {**os.environ, sw.FAIL_ENV: bad})
+    root = tmp_path / "sweep_tiny"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (root / "jobs.json").exists() and sum(len(ids) for s in sw.Sweep(root).submissions()
+                                                 for ids in s["jobs"].values()) == n:
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    proc.kill()  # `awenc sweep` dies right after submitting: the jobs go on
+    proc.wait(timeout=30)
+    sweep = sw.Sweep(root)
+    subs = sweep.submissions()
+    per_job = cfg.slurm.tasks_per_job
+    elements = -(-n // per_job)
+    assert [len(s["jobs"]) for s in subs] == [4] * (elements // 4) + ([elements % 4] if elements % 4 else [])
+    script = (sweep.logs / subs[0]["array"] / f"{subs[0]['array']}_submission.sh").read_text()
+    assert "#SBATCH --array=0-3%2" in script and "#SBATCH --cpus-per-task=1" in script
+    states = sw.wait(sweep, poll_s=2, timeout_s=300)
+    assert {t.id for t in states.values() if t.state == "failed"} == {bad}
+    assert sum(t.state == "done" for t in states.values()) == n - 1
+    summary = sw.collect(sweep)
+    assert summary["failed"][bad].startswith("RuntimeError: injected failure")
+    assert [f["id"] for f in json.loads((root / "failures.json").read_text())] == [bad]
+    assert len(rows_of(root / "sweep.csv")) == n - 1
+    tasks_dir = root / "targets" / "main" / "tasks"
+    kept = {p.name: p.stat().st_mtime_ns for p in tasks_dir.iterdir()}
+    # resume (the failure no longer injected) resubmits only that task
+    monkeypatch.delenv(sw.FAIL_ENV, raising=False)
+    sw.resume(sweep, executor="slurm", wait_for=True)
+    last = sweep.submissions()[-1]
+    assert list(last["jobs"].values()) == [[bad]]
+    after = {p.name: p.stat().st_mtime_ns for p in tasks_dir.iterdir()}
+    assert {k: v for k, v in after.items() if k in kept} == kept and len(after) == n
+    assert json.loads((root / "summary.json").read_text())["failed"] == {}
+    # collect is idempotent
+    first = {p: (root / p).read_bytes() for p in ("sweep.csv", "summary.json", "failures.json",
+                                                  "targets/main/robustness.csv", "targets/main/robustness.json")}
+    assert sw.sweep_command("collect", directory=str(root)) == 0
+    assert first == {p: (root / p).read_bytes() for p in first}
+    # the same grid and seeds on one machine give the same table
+    one = robustness_on_one_machine(TINY, tmp_path / "single", [f"encoder={f0}", f"secret={secret}"])
+    assert rows_of(root / "targets" / "main" / "robustness.csv") == rows_of(one)
+    assert len(rows_of(one)) == n
+
+
+@pytest.mark.slurm
+def test_slurm_timeout_requeues_pretraining_and_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
+    """A null-population pre-training task with a 1-minute limit: USR2 -> checkpoint() -> requeue -> it resumes."""
+    from accelerate.state import AcceleratorState
+
+    from dist_awenc.ssl.pretrain import pretrain
+
+    # steps for about a minute of work at this machine's speed, so the first run surely meets its time limit
+    AcceleratorState._reset_state(reset_partial_state=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t = time.time()
+        pretrain(load_config(PretrainConfig, None, tiny_overrides(tmp_path, "speed", **{"train.max_steps": 150, "train.epochs": 100,
+                                                                                        "train.checkpoint_every": 50})))
+        per_step = (time.time() - t) / 150
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    steps = 50 * int(min(600, max(20, 55 / per_step / 50)))
+    every = int(max(20, 2.0 / per_step))
+    null = tmp_path / "null.yaml"
+    null.write_text(yaml.safe_dump({
+        "run": {"name": "cal", "out_dir": str(tmp_path)}, "data": {"image_size": 8},
+        "population": {"methods": ["simclr"], "widths": [8], "seeds": 1, "n_secrets": 1},
+        "encoder": {"proj_hidden_dim": 32, "proj_dim": 16},
+        "pretrain": {"epochs": 100000, "max_steps": steps, "batch_size": 64, "checkpoint_every": every,
+                     "log_every": 50, "keep_checkpoints": 2, "progress": False},
+    }))
+    cfg = load_config(sw.SweepConfig, None, [f"run.out_dir={tmp_path}", "run.name=timeout", f"null_population={null}",
+                                             "slurm.time_min=1", "slurm.signal_delay_s=40", "slurm.max_requeues=10",
+                                             "slurm.mem_gb=1"])
+    sweep = sw.run(cfg, executor="slurm", wait_for=False)
+    (tid,) = sweep.tasks
+    job = next(iter(sweep.submissions()[0]["jobs"]))  # one task: a plain job, no array
+    states = sw.wait(sweep, poll_s=2, timeout_s=420)
+    assert states[tid].state == "done", states[tid]
+    run_dir = tmp_path / "cal" / "population" / "simclr_w8_group_s0"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
+    assert (run_dir / "encoder.safetensors").exists()
+    err = (sweep.logs / job / f"{job}_0_log.err").read_text()
+    out = (sweep.logs / job / f"{job}_0_log.out").read_text()
+    assert "this job is timed-out" in err and "Requeued job" in err, err[-2000:]
+    resumed = [int(line.rsplit("step ", 1)[1].rstrip(")")) for line in out.splitlines() if "resumed from" in line]
+    assert resumed and resumed[0] > 0, out[-2000:]  # it went on from a checkpoint, not from step 0
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(logged) == steps and min(logged) == 50  # one run folder, one schedule to the end
+    info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    if info:  # still in slurmctld's memory
+        assert "Restarts=0" not in info
+    assert scheduler_states([job]).get(job, "COMPLETED") == "COMPLETED"
