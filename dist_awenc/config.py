@@ -89,6 +89,7 @@ class TrainSection:
     channels_last: bool = False
     compile: bool = False  # torch.compile (inductor)
     sync_bn: bool = False  # SyncBatchNorm across processes (GPUs only)
+    deepspeed: Optional[str] = None  # a DeepSpeed JSON (configs/deepspeed/): ZeRO through Accelerate's plugin
 
 
 @dataclass

@@ -321,19 +321,20 @@ def test_slurm_timeout_requeues_pretraining_and_resumes_from_its_checkpoint(slur
 
     from dist_awenc.ssl.pretrain import pretrain
 
-    # steps for about a minute of work at this machine's speed, so the first run surely meets its time limit
+    # steps for about 75 s of work at this machine's speed: the first run surely meets its time limit
+    # (with signal_delay_s=10 slurmctld sends USR2 20-50 s into a 1-minute job: it checks every 30 s)
     AcceleratorState._reset_state(reset_partial_state=True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as in the job (slurm.cpus_per_task=1)
     try:
-        t = time.time()
-        pretrain(load_config(PretrainConfig, None, tiny_overrides(tmp_path, "speed", **{"train.max_steps": 150, "train.epochs": 100,
+        pretrain(load_config(PretrainConfig, None, tiny_overrides(tmp_path, "speed", **{"train.max_steps": 200, "train.epochs": 100,
                                                                                         "train.checkpoint_every": 50})))
-        per_step = (time.time() - t) / 150
     finally:
         torch.set_num_threads(threads)
         AcceleratorState._reset_state(reset_partial_state=True)
-    steps = 50 * int(min(600, max(20, 55 / per_step / 50)))
+    times = [json.loads(line)["time"] for line in (tmp_path / "speed" / "metrics.jsonl").read_text().splitlines()]
+    per_step = (times[-1] - times[0]) / (len(times) - 1)
+    steps = 50 * int(min(1000, max(20, 75 / per_step / 50)))
     every = int(max(20, 2.0 / per_step))
     null = tmp_path / "null.yaml"
     null.write_text(yaml.safe_dump({
@@ -344,7 +345,7 @@ def test_slurm_timeout_requeues_pretraining_and_resumes_from_its_checkpoint(slur
                      "log_every": 50, "keep_checkpoints": 2, "progress": False},
     }))
     cfg = load_config(sw.SweepConfig, None, [f"run.out_dir={tmp_path}", "run.name=timeout", f"null_population={null}",
-                                             "slurm.time_min=1", "slurm.signal_delay_s=40", "slurm.max_requeues=10",
+                                             "slurm.time_min=1", "slurm.signal_delay_s=10", "slurm.max_requeues=10",
                                              "slurm.mem_gb=1"])
     sweep = sw.run(cfg, executor="slurm", wait_for=False)
     (tid,) = sweep.tasks

@@ -53,13 +53,28 @@ class LoopSettings:
 
 
 def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, trackers: list[str] | None = None,
-                     grad_accum: int = 1, compile: bool = False) -> Accelerator:
+                     grad_accum: int = 1, compile: bool = False, deepspeed: Optional[str] = None) -> Accelerator:
     """An Accelerator logging to ``run_dir/metrics.jsonl`` (+ tensorboard / wandb when asked).
 
     Process count, device and DeepSpeed come from the launcher (``accelerate
     launch --config_file configs/accelerate/...``); ``compile`` asks for
-    torch.compile (inductor) on top of what the launcher sets.
+    torch.compile (inductor) on top of what the launcher sets; ``deepspeed``
+    (a DeepSpeed JSON) selects ZeRO from the run's config instead, which also
+    works on CPU processes (gloo), where the launcher's DeepSpeed route does not.
     """
+    plugin = None
+    if deepspeed:
+        from accelerate import PartialState
+        from accelerate.utils import DeepSpeedPlugin
+
+        if not Path(deepspeed).is_file():
+            raise ConfigError(f"train.deepspeed: no DeepSpeed config at '{deepspeed}' (see configs/deepspeed/)")
+        if "RANK" not in os.environ:  # one process without a launcher: DeepSpeed still wants a rendezvous
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        if not torch.cuda.is_available():
+            PartialState(backend="gloo")  # DeepSpeed's CPU accelerator; Accelerate would assume one process otherwise
+        plugin = DeepSpeedPlugin(hf_ds_config=str(deepspeed))
     if mixed_precision not in (None, "no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, not '{mixed_precision}'")
     log_with: list[Any] = [JSONLinesTracker(run_dir / "metrics.jsonl")]
@@ -71,6 +86,7 @@ def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, track
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,
         dynamo_backend="inductor" if compile else None,
+        deepspeed_plugin=plugin,
         log_with=log_with,
         project_dir=str(run_dir),
         rng_types=[],  # no hidden RNG: samplers and views are seeded explicitly
@@ -266,3 +282,11 @@ def prepare_model(model: torch.nn.Module, accelerator: Accelerator, sync_bn: boo
     if accelerator.device.type != "cuda":
         raise ConfigError("train.sync_bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU")
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

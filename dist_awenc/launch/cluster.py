@@ -49,7 +49,7 @@ class SlurmSection:
     array_parallelism: int = 16  # array elements running at once
     tasks_per_job: int = 1  # grid tasks one array element runs one after another (amortises start-up)
     max_array_size: int = 0  # 0: the cluster's MaxArraySize (scontrol show config); arrays are split to fit
-    signal_delay_s: int = 90  # USR2 this long before the time limit: checkpoint + requeue
+    signal_delay_s: int = 90  # USR2 this long before the time limit (slurmctld may send it up to 30 s earlier): checkpoint + requeue
     max_requeues: int = 3  # requeues after a timeout (preemptions do not count)
     account: str = ""
     qos: str = ""

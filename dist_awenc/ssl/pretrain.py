@@ -79,7 +79,7 @@ def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path
     its last checkpoint (``interrupt_at`` simulates a kill, for tests).
     """
     accelerator = make_accelerator(Path(cfg.run.out_dir) / cfg.run.name, cfg.train.mixed_precision, cfg.train.trackers,
-                                   cfg.train.grad_accum, cfg.train.compile)
+                                   cfg.train.grad_accum, cfg.train.compile, cfg.train.deepspeed)
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
     indices = make_splits(len(dataset), cfg.data.split_seed)["pretrain"]
     plan = TrainPlan.of(cfg.train, len(indices))
