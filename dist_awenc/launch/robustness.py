@@ -27,7 +27,7 @@ from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.evaluate.downstream import evaluate_encoder
 from dist_awenc.runs import open_run
-from dist_awenc.verify.calibrate import collect_samples, mode_test, tau_star
+from dist_awenc.verify.calibrate import collect_samples, load_thresholds, mode_test, tau_star
 from dist_awenc.verify.core import MODES
 from dist_awenc.verify.run import margins, query_images
 from dist_awenc.watermark.secret import Secret, load_secret
@@ -140,13 +140,19 @@ def collect(out_dir: Path, utility_drop: float, null_path: Optional[str] = None)
         ref = base.get(r["seed"], float("nan"))
         r["accuracy_change"] = r["linear_probe"] - ref
         r["keeps_utility"] = bool(r["accuracy_change"] >= -utility_drop)
+    thresholds = load_thresholds(null_path) if null_path else {}
+    for r in rows:  # p < alpha at margin T exactly when tau* > T: decisions at the calibrated margins
+        for mode, t in thresholds.items():
+            r[f"calibrated_{mode}"] = bool(r[f"tau_star_{mode}"] > t)
     rows.sort(key=lambda r: (r["attack"] != "none", r["attack"], r["strength"], r["seed"]))
     _write_csv(out_dir / "robustness.csv", rows)
     threats = [r for r in rows if r["keeps_utility"]]
-    summary: dict[str, Any] = {"tasks": len(rows), "utility_preserving": len(threats), "utility_drop": utility_drop, "modes": {}}
+    summary: dict[str, Any] = {"tasks": len(rows), "utility_preserving": len(threats), "utility_drop": utility_drop,
+                               "thresholds": thresholds or "margins of the verify section", "modes": {}}
     for mode in MODES:
-        hits = sum(r[f"decision_{mode}"] for r in threats)
-        missed = [f"{r['attack']}@{r['strength']:g}" for r in threats if not r[f"decision_{mode}"]]
+        key = f"calibrated_{mode}" if thresholds else f"decision_{mode}"
+        hits = sum(r[key] for r in threats)
+        missed = [f"{r['attack']}@{r['strength']:g}" for r in threats if not r[key]]
         summary["modes"][mode] = {"tpr": hits / len(threats) if threats else float("nan"), "detected": hits,
                                   "of": len(threats), "missed": missed}
     null = _null_tau_stars(null_path)
