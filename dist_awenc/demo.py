@@ -117,9 +117,12 @@ def plot_scores(scores: dict, tau: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import numpy as np
+
     fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(min(float(s.min()) for s in scores.values()), max(float(s.max()) for s in scores.values()), 60)
     for name, s in scores.items():
-        ax.hist(s, bins=40, alpha=0.6, label=f"{name} (mean {s.mean():+.3f})")
+        ax.hist(s, bins=bins, alpha=0.6, label=f"{name} (mean {s.mean():+.3f})")
     ax.axvline(tau, color="k", ls="--", label=f"margin tau = {tau:g}")
     ax.set_xlabel("s = cos(f(x+δ), f(x_k)) − cos(f(x+r), f(x_k))")
     ax.set_ylabel("hold-out images")
