@@ -118,8 +118,11 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
                            "attack_seconds": details["seconds"],
                            "rel_weight_change": details.get("rel_weight_change", float("nan"))}
     taus = margins(ctx.verify)
+    # a query-side attack changes what the deployed model sees, not the weights the owner inspects
+    weights_only = ctx.encoder if details.get("query_transform") else attacked
     for mode in MODES:
-        samples = collect_samples(mode, attacked, model, ctx.secret, query_images(ctx.holdout, ctx.verify, mode))
+        samples = collect_samples(mode, weights_only if mode == "whitebox" else attacked, model, ctx.secret,
+                                  query_images(ctx.holdout, ctx.verify, mode))
         result = mode_test(mode, samples, taus[mode])
         row[f"p_{mode}"] = result.p_value
         row[f"effect_{mode}"] = result.effect
