@@ -4,7 +4,9 @@ Writes ``<out>/<suite>.json`` and ``<out>/<suite>.md`` per suite; ``<out>``
 defaults to ``benchmarks/results/<device-slug>/`` (``<device-slug>-quick``
 with ``--quick``, so a smoke run never overwrites measured results).
 ``python -m benchmarks validate DIR`` checks every suite file in DIR against
-the schema (exit 1 on a problem).
+the schema (exit 1 on a problem); ``python -m benchmarks summary DIR...``
+prints one markdown table of the headline numbers of every suite file in
+the folders (the README's current table).
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from benchmarks import SUITES
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=[*SUITES, "all", "validate"], help="a suite, all of them, or validate DIR")
-    p.add_argument("dir", nargs="?", help="validate: the folder of suite files")
+    p.add_argument("suite", choices=[*SUITES, "all", "validate", "summary"],
+                   help="a suite, all of them, validate DIR, or summary DIR...")
+    p.add_argument("dirs", nargs="*", type=Path, help="validate / summary: folders of suite files")
     p.add_argument("--quick", action="store_true", help="tiny sizes, CPU-friendly: checks the suites run and the JSON schema")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device-slug>[-quick])")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 with --quick, else all cores)")
@@ -42,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.suite == "validate":
-        return validate_dir(Path(args.dir or "."))
+        return max([validate_dir(d) for d in args.dirs or [Path(".")]])
+    if args.suite == "summary":
+        from benchmarks.common import summary
+
+        print(summary(args.dirs or [Path(".")]), end="")
+        return 0
     warnings.filterwarnings("ignore", message=".*TF32.*")
     import torch
 

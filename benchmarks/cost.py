@@ -48,8 +48,8 @@ def run(ctx: Context, args) -> Path:
             batch = batches[0] if ctx.quick else batches[2] if ctx.on_gpu else batches[1]
             settings = {"pretrain_config": pre, "dataset_size": n}
             if batch is None:
-                why = "--quick" if ctx.quick else "CPU (ResNet-50 rates come from a GPU run: benchmarks/gpu_checks.sh)"
-                out.add(row(name, settings, status="skipped", note=f"not measured in {why}"))
+                why = "with --quick" if ctx.quick else "on a CPU (ResNet-50 rates come from a GPU run: benchmarks/gpu_checks.sh)"
+                out.add(row(name, settings, status="skipped", note=f"not measured {why}"))
                 continue
             if not (REPO / pre).exists():
                 out.add(row(name, settings, status="skipped", note=f"{pre} does not exist in this checkout"))
@@ -87,13 +87,16 @@ def scenario(ctx: Context, name: str, pre: str, wm: str, emb: str, n: int, batch
     pre_images = pre_plan.total_steps * pcfg.train.batch_size
     emb_images = emb_plan.total_steps * ecfg.train.batch_size
     gen_images = wcfg.generation.steps * wcfg.generation.batch_size
-    proto = dict(warmup=1, steps=2, reps=3) if not ctx.on_gpu else dict(warmup=3, steps=5, reps=3)
-    if args.reps:
-        proto["reps"] = args.reps
-
-    pre_rate = project_rate(ctx, pre, "pretrain", batch, mode, proto, tmp)
-    emb_rate = project_rate(ctx, pre, "embed", batch, mode, proto, tmp)
-    gen_rate = generation_rate(ctx, pre, batch, mode, wcfg.generation, proto, tmp)
+    # the three rates are measured in turn, one block each per round, so a change of machine load hits all three
+    proto = dict(warmup=3, steps=5, reps=1) if ctx.on_gpu else dict(warmup=1, steps=1 if ctx.quick else 2, reps=1)
+    rounds = args.reps or (2 if ctx.quick else 3)
+    secs_of: dict[str, list[float]] = {"pretrain": [], "embed": [], "watermark": []}
+    for _ in range(rounds):
+        secs_of["pretrain"] += project_secs(ctx, pre, "pretrain", batch, mode, proto, tmp)
+        secs_of["embed"] += project_secs(ctx, pre, "embed", batch, mode, proto, tmp)
+        secs_of["watermark"] += generation_secs(ctx, pre, batch, mode, wcfg.generation, proto, tmp)
+        cleanup(ctx)
+    pre_rate, emb_rate, gen_rate = (rates(secs_of[k], batch * proto["steps"]) for k in ("pretrain", "embed", "watermark"))
     secs = {"pretrain": pre_images / pre_rate["median"], "watermark": gen_images / gen_rate["median"],
             "embed": emb_images / emb_rate["median"]}
     fraction = (secs["watermark"] + secs["embed"]) / secs["pretrain"]
@@ -101,7 +104,7 @@ def scenario(ctx: Context, name: str, pre: str, wm: str, emb: str, n: int, batch
                 "pretrain_split": n_split, "pretrain_epochs": pcfg.train.epochs, "pretrain_batch": pcfg.train.batch_size,
                 "pretrain_steps": pre_plan.total_steps, "embed_epochs": ecfg.train.epochs, "embed_batch": ecfg.train.batch_size,
                 "embed_steps": emb_plan.total_steps, "generation_steps": wcfg.generation.steps,
-                "generation_batch": wcfg.generation.batch_size, "measured_batch": batch, "mode": mode,
+                "generation_batch": wcfg.generation.batch_size, "measured_batch": batch, "mode": mode, "rounds": rounds,
                 "threads": torch.get_num_threads()}
     hours = " / ".join(f"{secs[k] / 3600:,.3g}" for k in ("pretrain", "watermark", "embed"))
     return row(name, settings, images_per_s=pre_rate, embed_images_per_s=emb_rate, watermark_images_per_s=gen_rate,
@@ -121,22 +124,21 @@ def _config(pre: str, batch: int, mode: str, tmp: Path):
     return load_config(PretrainConfig, REPO / pre, over)
 
 
-def project_rate(ctx: Context, pre: str, stage: str, batch: int, mode: str, proto: dict, tmp: Path) -> dict:
-    """Images/s of the project's pre-training (or embedding) step through ``fit`` on an in-memory batch."""
+def project_secs(ctx: Context, pre: str, stage: str, batch: int, mode: str, proto: dict, tmp: Path) -> list[float]:
+    """Seconds per block of the project's pre-training (or embedding) step through ``fit`` on an in-memory batch."""
     cfg = _config(pre, batch, mode, tmp)
     total = proto["warmup"] + proto["reps"] * proto["steps"]
     P.reset_accelerate()
-    run_dir = tmp / f"{Path(pre).stem}_{stage}"
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{Path(pre).stem}_{stage}_", dir=tmp))
     accelerator = P.make_project_accelerator(cfg, run_dir, False)
     case = P.project_case(cfg, "embed" if stage == "embed" else cfg.ssl.method, total, accelerator)
     s = cfg.data.image_size
     images = torch.rand(batch, 3, s, s, device=ctx.device)
-    secs = P.run_fit(ctx, case, accelerator, images, run_dir, warmup=proto["warmup"], steps=proto["steps"], reps=proto["reps"])
-    return rates(secs, batch * proto["steps"])
+    return P.run_fit(ctx, case, accelerator, images, run_dir, warmup=proto["warmup"], steps=proto["steps"], reps=proto["reps"])
 
 
-def generation_rate(ctx: Context, pre: str, batch: int, mode: str, gen, proto: dict, tmp: Path) -> dict:
-    """Images/s of stage 1 (``generate_delta``: f0(x) without gradient, f0(x + delta) forward and backward to delta)."""
+def generation_secs(ctx: Context, pre: str, batch: int, mode: str, gen, proto: dict, tmp: Path) -> list[float]:
+    """Seconds per block of stage 1 (``generate_delta``: f0(x) without gradient, f0(x + delta) forward and backward to delta)."""
     from dist_awenc.ssl.pretrain import encoder_from_config
     from dist_awenc.watermark.generate import generate_delta
 
@@ -153,5 +155,4 @@ def generation_rate(ctx: Context, pre: str, batch: int, mode: str, gen, proto: d
                        batch_size=batch, optimizer=gen.optimizer, progress=False)
 
     go(proto["warmup"])
-    secs = [timed(ctx, lambda: go(proto["steps"])) for _ in range(proto["reps"])]
-    return rates(secs, batch * proto["steps"])
+    return [timed(ctx, lambda: go(proto["steps"])) for _ in range(proto["reps"])]

@@ -42,7 +42,7 @@ def plan(ctx: Context, args) -> list[tuple[str, str, str, dict]]:
     elif ctx.on_gpu:
         workers = max(1, min(10, (os.cpu_count() or 2) - 2))
         cases = [("resnet18_cifar32", "simclr", "bf16_cl",
-                  dict(batch=512, data="fake", size=51200, max_steps=100, log_every=10, skip=2, workers=None,
+                  dict(batch=512, data="fake", size=51200, max_steps=60, log_every=5, skip=2, workers=None,
                        ref=dict(warmup=3, steps=10, reps=3), ref_after=True)),
                  ("resnet50_in224", "simclr", "bf16_cl",
                   dict(batch=128, data="jpeg", size=10240, jpeg=(500, 375), max_steps=40, log_every=4, skip=2,

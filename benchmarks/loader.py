@@ -37,6 +37,7 @@ COLUMNS = [("name", "loader"), ("settings", "settings"), ("images_per_s", "image
            ("images_per_s_per_core", "images/s per core")]
 TABLE_SETTINGS = ["image_size", "jpeg", "batch", "num_workers", "cores", "views_per_image"]
 VIEWS_CONFIG = "configs/pretrain/imagenet_resnet50_simclr.yaml"
+_KEEP: list = []  # FFCV sources live until exit: a numba dispatcher collected mid-run prints a harmless KeyError
 
 
 def views_config():
@@ -193,6 +194,7 @@ def ffcv_rows(ctx: Context, base: dict, info: dict, v, size: int, batch: int, re
             try:
                 source = mod.FFCVSource(beton, **accepted(mod.FFCVSource, image_size=size, global_batch_size=batch, seed=0,
                                                           num_workers=t, device="cpu", resize="squash"))
+                _KEEP.append(source)
                 secs = passes(ctx, lambda: source.iterate(0, 0), consume, reps)
                 if hasattr(source, "close"):
                     source.close()

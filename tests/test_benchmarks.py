@@ -31,6 +31,7 @@ def quick_results(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suite", SUITES)
 def test_suite_writes_valid_json_and_table(quick_results, suite):
     path = quick_results / f"{suite}.json"
@@ -44,6 +45,7 @@ def test_suite_writes_valid_json_and_table(quick_results, suite):
     assert table.count("\n|") >= len(doc["rows"]) + 1  # header separator + one line per row
 
 
+@pytest.mark.slow
 def test_step_rows_compare_to_the_reference(quick_results):
     doc = json.loads((quick_results / "step.json").read_text())
     steps = [r for r in doc["rows"] if r.get("kind") != "aux"]
