@@ -78,6 +78,41 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--labels-only", action="store_true", help="answer labels only, no probabilities")
     srv.add_argument("--log-requests", action="store_true")
+    sweep_help = "robustness grid (+ null population) as SLURM job arrays: run, status, collect, resume"
+    swp = sub.add_parser("sweep", help=sweep_help, description=sweep_help)
+    actions = swp.add_subparsers(dest="action", required=True, metavar="<action>")
+    for action, action_help in (("run", "prepare the sweep folder and submit every task not done, queued or running"),
+                                ("status", "done / running / pending / failed / missing per task"),
+                                ("collect", "gather the finished tasks into sweep.csv/.parquet and the plots; name the failures"),
+                                ("resume", "resubmit only the failed and missing tasks")):
+        a = actions.add_parser(action, help=action_help, description=action_help)
+        a.add_argument("--config", help="YAML file (see configs/sweep/)")
+        if action != "run":
+            a.add_argument("--dir", help="an existing sweep folder, instead of --config")
+        if action in ("run", "resume"):
+            a.add_argument("--executor", choices=["auto", "slurm", "local", "debug"], default="auto",
+                           help="slurm: job arrays; local: processes here; debug: in this process; auto: slurm where it answers")
+            a.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
+                           help="wait for the tasks, then collect (default: only with the local and debug executors)")
+        a.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, applied last")
+    submit_help = "run a training stage as one SLURM job of N nodes (accelerate launch per node; requeued and resumed)"
+    smt = sub.add_parser("submit", help=submit_help, description=submit_help)
+    targets = smt.add_subparsers(dest="target", required=True, metavar="<stage>")
+    for target in ("pretrain", "embed", "watermark", "downstream"):
+        t = targets.add_parser(target, help=f"awenc {target} as one SLURM job", description=f"awenc {target} as one SLURM job")
+        t.add_argument("--config", help=f"the stage's YAML file (see configs/{target}/)")
+        t.add_argument("--nodes", type=int, default=1)
+        t.add_argument("--gpus-per-node", type=int, default=0)
+        t.add_argument("--processes-per-node", type=int, help="default: GPUs per node, else 1")
+        t.add_argument("--executor", choices=["auto", "slurm", "local", "debug"], default="auto")
+        t.add_argument("--time-min", type=int, default=24 * 60, help="time limit; at the limit the job requeues and resumes")
+        t.add_argument("--partition", default="")
+        t.add_argument("--cpus-per-task", type=int, default=8, help="CPUs per node")
+        t.add_argument("--mem-gb", type=float, default=32.0, help="memory per node")
+        t.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+        t.add_argument("--accelerate-config", help="an accelerate config file (configs/accelerate/)")
+        t.add_argument("--wait", action="store_true", help="wait until the run folder is complete or the job failed")
+        t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides of the stage config")
     data = sub.add_parser("data", help="dataset tools: write-beton (FFCV .beton files)", description="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="<command>")
     beton_help = "write a dataset split to an FFCV .beton (needs the ffcv extra: scripts/install_ffcv.sh)"
@@ -114,6 +149,28 @@ def main(argv: list[str] | None = None) -> int:
             except _load_data_errors() as e:
                 raise AwencError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
             return 0
+        if args.stage == "sweep":
+            from dist_awenc.launch.sweep import sweep_command
+
+            return sweep_command(args.action, args.config, args.overrides, getattr(args, "dir", None),
+                                 getattr(args, "executor", "auto"), getattr(args, "wait", None))
+        if args.stage == "submit":
+            from dist_awenc.launch.cluster import SlurmSection
+            from dist_awenc.launch.submit import submit_stage, wait_stage
+
+            try:
+                slurm = SlurmSection(partition=args.partition, time_min=args.time_min, cpus_per_task=args.cpus_per_task,
+                                     mem_gb=args.mem_gb)
+            except ValueError as e:
+                raise AwencError(str(e)) from None
+            rec = submit_stage(args.target, args.config, args.overrides, executor=args.executor, nodes=args.nodes,
+                               gpus_per_node=args.gpus_per_node, processes_per_node=args.processes_per_node, slurm=slurm,
+                               mixed_precision=args.mixed_precision, accelerate_config=args.accelerate_config)
+            if args.wait:
+                state = wait_stage(rec["run_dir"])
+                if state["state"] != "done":
+                    raise AwencError(f"job {state['job']} {state['state']}: {state['error']}")
+            return 0
         if args.stage == "config":
             print(to_yaml(load_config(_schema(args.target), args.config, args.overrides)), end="")
             return 0
@@ -133,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"awenc {args.stage}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.stage in ("sweep", "submit"):
+            print(f"awenc {args.stage}: stopped waiting; submitted jobs go on (awenc sweep status shows them)", file=sys.stderr)
+            return 130
         if args.stage in ("serve", "config", "data"):
             return 130
         print(f"awenc {args.stage}: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from dist_awenc.errors import ConfigError
+from dist_awenc.errors import AwencError, ConfigError
 
 EXECUTORS = ("auto", "slurm", "local", "debug")
 DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize
@@ -49,7 +49,7 @@ class SlurmSection:
     array_parallelism: int = 16  # array elements running at once
     tasks_per_job: int = 1  # grid tasks one array element runs one after another (amortises start-up)
     max_array_size: int = 0  # 0: the cluster's MaxArraySize (scontrol show config); arrays are split to fit
-    signal_delay_s: int = 90  # USR2 this long before the time limit (slurmctld may send it up to 30 s earlier): checkpoint + requeue
+    signal_delay_s: int = 90  # USR2 this long before the limit (up to 30 s earlier): checkpoint + requeue
     max_requeues: int = 3  # requeues after a timeout (preemptions do not count)
     account: str = ""
     qos: str = ""
@@ -83,7 +83,8 @@ def _run(cmd: list[str], timeout: float = 20.0) -> Optional[str]:
 
 def slurm_available() -> bool:
     """True where ``sbatch``/``srun`` exist and a SLURM controller answers."""
-    return shutil.which("srun") is not None and shutil.which("sbatch") is not None and _run(["sinfo", "-h", "-o", "%P"], 10) is not None
+    tools = shutil.which("srun") is not None and shutil.which("sbatch") is not None
+    return tools and _run(["sinfo", "-h", "-o", "%P"], 10) is not None
 
 
 def resolve_executor(kind: str) -> str:
@@ -216,7 +217,10 @@ def make_executor(kind: str, folder: Path, slurm: SlurmSection, *, name: str, ti
 
 def _make_executor(kind: str, where: str, slurm: SlurmSection, *, name: str, time_min: Optional[int], nodes: int,
                    tasks_per_node: int, gpus_per_node: Optional[int]) -> Any:
-    import submitit
+    try:
+        import submitit
+    except ImportError:
+        raise AwencError("submitting jobs needs submitit: pip install 'dist_awenc[slurm]'") from None
 
     gpus = slurm.gpus_per_task if gpus_per_node is None else gpus_per_node
     if kind == "debug":
@@ -224,7 +228,8 @@ def _make_executor(kind: str, where: str, slurm: SlurmSection, *, name: str, tim
     if kind == "local":
         ex = submitit.LocalExecutor(folder=where, max_num_timeout=slurm.max_requeues)
         ex.update_parameters(timeout_min=int(time_min or slurm.time_min), gpus_per_node=gpus, tasks_per_node=tasks_per_node,
-                             nodes=1, signal_delay_s=slurm.signal_delay_s, **({"setup": list(slurm.setup)} if slurm.setup else {}))
+                             nodes=1, signal_delay_s=slurm.signal_delay_s,
+                             **({"setup": list(slurm.setup)} if slurm.setup else {}))
         return ex
     if kind != "slurm":
         raise ConfigError(f"unknown executor '{kind}'; valid: {', '.join(EXECUTORS)}")
@@ -244,6 +249,19 @@ def _make_executor(kind: str, where: str, slurm: SlurmSection, *, name: str, tim
         params["setup"] = list(slurm.setup)
     ex.update_parameters(**params)
     return ex
+
+
+@contextmanager
+def submission_errors(what: str = "sbatch") -> Iterator[None]:
+    """A refused submission (bad partition, too much memory, ...) as one line naming the scheduler's reason."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    try:
+        yield
+    except (FailedJobError, FailedSubmissionError, subprocess.CalledProcessError, OSError) as e:
+        text = (getattr(e, "stderr", None) or str(e) or type(e).__name__)
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        raise AwencError(f"{what} refused the job: {last_error_line(text) or type(e).__name__}") from None
 
 
 @contextmanager

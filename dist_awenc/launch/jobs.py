@@ -15,6 +15,7 @@ so submitit installs its signal handlers within a second of the job's start.
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -51,14 +52,26 @@ class StageJob:
     """
 
     def __init__(self, stage: str, config: Optional[str], overrides: list[str], processes_per_node: int,
-                 gpus: bool, mixed_precision: str = "no", port: int = 29500, accelerate_config: Optional[str] = None) -> None:
+                 gpus: bool, mixed_precision: str = "no", port: int = 0, accelerate_config: Optional[str] = None,
+                 run_dir: Optional[str] = None) -> None:
         self.stage, self.config, self.overrides = stage, config, list(overrides)
         self.processes_per_node, self.gpus, self.mixed_precision = processes_per_node, gpus, mixed_precision
-        self.port, self.accelerate_config = port, accelerate_config
+        self.port, self.accelerate_config, self.run_dir = port, accelerate_config, run_dir
+
+    def finished(self) -> bool:
+        """The run folder says complete (a requeue that raced with the end of the run has nothing to do)."""
+        if not self.run_dir:
+            return False
+        try:
+            return json.loads((Path(self.run_dir) / "status.json").read_text()).get("state") == "complete"
+        except (OSError, ValueError):
+            return False
 
     def command(self, num_nodes: int, node_rank: int, main_host: str) -> tuple[list[str], dict[str, str]]:
         """The ``accelerate launch`` command line of one node, and the environment it adds."""
         total = num_nodes * self.processes_per_node
+        # 0: a port per job, so two jobs sharing a node do not collide
+        port = self.port or 29500 + int(os.environ.get("SLURM_JOB_ID", "0") or 0) % 1000
         cmd = [sys.executable, "-m", "accelerate.commands.launch"]
         if self.accelerate_config:
             cmd += ["--config_file", self.accelerate_config]
@@ -67,9 +80,12 @@ class StageJob:
             env["ACCELERATE_USE_CPU"] = "1"  # `--cpu --num_processes N` starts ONE process (TOOLCHAIN.md)
         if total > 1:
             cmd += ["--multi_gpu", "--num_processes", str(total), "--num_machines", str(num_nodes),
-                    "--machine_rank", str(node_rank), "--main_process_ip", main_host, "--main_process_port", str(self.port)]
+                    "--machine_rank", str(node_rank), "--main_process_ip", main_host, "--main_process_port", str(port)]
         else:
             cmd += ["--num_processes", "1", "--num_machines", "1"] + ([] if self.gpus else ["--cpu"])
+        if not self.gpus:  # Accelerate's default (2 threads) oversubscribes small CPU allocations badly
+            cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
+            cmd += ["--num_cpu_threads_per_process", str(max(1, cpus // self.processes_per_node))]
         cmd += ["--mixed_precision", self.mixed_precision, "--dynamo_backend", "no", "-m", "dist_awenc", self.stage]
         if self.config:
             cmd += ["--config", self.config]
@@ -83,12 +99,16 @@ class StageJob:
             nodes, rank, hosts = job_env.num_nodes, job_env.node, list(job_env.hostnames)
         except RuntimeError:  # the debug executor: this process, one node
             nodes, rank, hosts = 1, 0, [socket.gethostname()]
+        if self.finished():
+            print(f"{self.run_dir} is complete: nothing to run", flush=True)
+            return 0
         cmd, extra = self.command(nodes, rank, hosts[0])
         print("+ " + " ".join(f"{k}={v}" for k, v in extra.items()) + " " + shlex.join(cmd), flush=True)
         # the children ignore SLURM's USR2: training goes on (and checkpoints) until the requeue stops the job
         rc = subprocess.call(cmd, env={**os.environ, **extra}, preexec_fn=_ignore_usr2)
         if rc != 0:
-            raise RuntimeError(f"awenc {self.stage} exited with code {rc} on node {rank} ({hosts[rank] if rank < len(hosts) else '?'})")
+            host = hosts[rank] if rank < len(hosts) else "?"
+            raise RuntimeError(f"awenc {self.stage} exited with code {rc} on node {rank} ({host})")
         return rc
 
     def checkpoint(self) -> Any:

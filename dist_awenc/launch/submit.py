@@ -22,7 +22,7 @@ from dist_awenc.config import SCHEMAS, load_config
 from dist_awenc.encoders.io import atomic_write_text
 from dist_awenc.errors import ConfigError
 from dist_awenc.launch.cluster import (SlurmSection, classify, make_executor, process_alive, resolve_executor,
-                                       scheduler_states, submitit_outcome, last_error_line)
+                                       scheduler_states, submission_errors, submitit_outcome, last_error_line)
 from dist_awenc.runs import run_dir_of, status
 
 MULTINODE_STAGES = ("pretrain", "embed", "watermark", "downstream")
@@ -31,7 +31,7 @@ MULTINODE_STAGES = ("pretrain", "embed", "watermark", "downstream")
 def submit_stage(stage: str, config: Optional[str] = None, overrides: Optional[list[str]] = None, *,
                  executor: str = "auto", nodes: int = 1, gpus_per_node: int = 0, processes_per_node: Optional[int] = None,
                  slurm: Optional[SlurmSection] = None, mixed_precision: str = "no", accelerate_config: Optional[str] = None,
-                 port: int = 29500, out=None) -> dict[str, Any]:
+                 port: int = 0, out=None) -> dict[str, Any]:
     """Submit ``awenc <stage>`` as one job of ``nodes`` nodes; returns the record written to ``<run>/slurm/jobs.json``."""
     from dist_awenc.launch.jobs import StageJob
 
@@ -51,12 +51,14 @@ def submit_stage(stage: str, config: Optional[str] = None, overrides: Optional[l
     procs = processes_per_node or max(1, gpus_per_node)
     job_fn = StageJob(stage, str(Path(config).resolve()) if config else None, overrides, procs, gpus=gpus_per_node > 0,
                       mixed_precision=mixed_precision, port=port,
-                      accelerate_config=str(Path(accelerate_config).resolve()) if accelerate_config else None)
+                      accelerate_config=str(Path(accelerate_config).resolve()) if accelerate_config else None,
+                      run_dir=str(run_dir))
     logs = run_dir / "slurm"
     ex = make_executor(kind, logs, slurm, name=f"awenc-{stage}-{cfg.run.name}", nodes=nodes, tasks_per_node=1,
                        gpus_per_node=gpus_per_node)
-    job = ex.submit(job_fn)
-    rec = {"time": time.time(), "executor": kind, "job": str(job.job_id), "stage": stage, "nodes": nodes,
+    with submission_errors("sbatch" if kind == "slurm" else f"the {kind} executor"):
+        job = ex.submit(job_fn)
+    rec = {"time": time.time(), "executor": kind, "job": str(job.job_id), "stage": stage, "run_dir": str(run_dir), "nodes": nodes,
            "processes_per_node": procs, "command": job_fn.command(nodes, 0, "<first node>")[0]}
     subs = json.loads((logs / "jobs.json").read_text())["submissions"] if (logs / "jobs.json").exists() else []
     atomic_write_text(logs / "jobs.json", json.dumps({"submissions": subs + [rec]}, indent=1))
@@ -86,7 +88,10 @@ def stage_state(run_dir: str | Path) -> dict[str, str]:
     outcome = submitit_outcome(run_dir / "slurm", job)
     if outcome and outcome[0] == "success" and status(run_dir).get("state") == "complete":
         return {"state": "done", "job": job, "error": ""}
-    err = last_error_line(outcome[1]) if outcome and outcome[0] == "error" else status(run_dir).get("error", "ended without finishing")
+    if outcome and outcome[0] == "error":
+        err = last_error_line(outcome[1])
+    else:
+        err = status(run_dir).get("error", "ended without finishing")
     return {"state": "failed", "job": job, "error": err}
 
 

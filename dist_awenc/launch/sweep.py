@@ -19,7 +19,7 @@ The sweep folder (``<run.out_dir>/<run.name>/``)::
 
     config.yaml            the resolved sweep config (absolute paths); jobs read this, not the caller's file
     sweep.json             the expanded task list
-    null.yaml              the resolved calibrate config of the null population (if any)
+    null.yaml              the null population's calibrate config, as written (relative to sweep.json's cwd)
     jobs.json              every submission (executor, job ids, each job's task ids), written right after it
     targets/<t>/tasks/<task>.json            robustness results (robustness.run_task)
     targets/<t>/robustness.{csv,json,png}    per-target collection, the same files `awenc robustness` writes
@@ -55,7 +55,7 @@ from dist_awenc.encoders.io import atomic_write_text
 from dist_awenc.errors import AwencError, ConfigError
 from dist_awenc.launch.cluster import (SlurmSection, balanced, classify, deferred_interrupts, last_error_line,
                                        make_executor, max_array_size, process_alive, resolve_executor,
-                                       scheduler_states, split, submitit_outcome)
+                                       scheduler_states, split, submission_errors, submitit_outcome)
 from dist_awenc.launch.robustness import GridSection, RobustnessConfig, Task, expand_grid
 
 SWEEP_FORMAT = "dist_awenc.sweep/1"
@@ -143,11 +143,11 @@ def robustness_config(cfg: SweepConfig, target: str, sweep_dir: Path) -> Robustn
 
 
 def null_config(cfg: SweepConfig) -> Optional[CalibrateConfig]:
+    """The calibrate config of the null population, as written (relative paths stay relative: the null tasks run
+    from the directory the sweep was prepared in, so `awenc calibrate` run there finds the same configs)."""
     if not cfg.null_population:
         return None
-    ccfg = load_config(CalibrateConfig, cfg.null_population, list(cfg.null_overrides))
-    ccfg.run.out_dir = _abs(ccfg.run.out_dir)
-    return ccfg
+    return load_config(CalibrateConfig, cfg.null_population, list(cfg.null_overrides))
 
 
 def null_pretrain_configs(ccfg: Optional[CalibrateConfig]) -> dict[str, PretrainConfig]:
@@ -183,7 +183,7 @@ def _abs(path: Optional[str]) -> Any:
 def resolved(cfg: SweepConfig) -> SweepConfig:
     """Every path absolute, so jobs started in another directory find the same files."""
     run = replace(cfg.run, out_dir=_abs(cfg.run.out_dir))
-    data = replace(cfg.data, root=_abs(cfg.data.root))
+    data = replace(cfg.data, root=_abs(cfg.data.root), beton=_abs(cfg.data.beton))
     verify = replace(cfg.verify, calibration=_abs(cfg.verify.calibration))
     return replace(cfg, run=run, encoder=_abs(cfg.encoder), secret=_abs(cfg.secret), data=data, verify=verify,
                    encoders={k: _abs(v) for k, v in cfg.encoders.items()}, secrets={k: _abs(v) for k, v in cfg.secrets.items()},
@@ -230,7 +230,7 @@ def prepare(cfg: SweepConfig) -> Path:
         (tdir / "tasks").mkdir(parents=True, exist_ok=True)
         # the same folder `awenc robustness --config targets/<t>/config.yaml` would fill, task by task
         atomic_write_text(tdir / "config.yaml", to_yaml(robustness_config(cfg, target, root)))
-    plan = {"format": SWEEP_FORMAT, "tasks": [{"id": t.id, **asdict(t)} for t in tasks]}
+    plan = {"format": SWEEP_FORMAT, "cwd": os.getcwd(), "tasks": [{"id": t.id, **asdict(t)} for t in tasks]}
     atomic_write_text(root / "sweep.json", json.dumps(plan, indent=1))
     return root
 
@@ -249,6 +249,7 @@ class Sweep:
         data = json.loads(plan.read_text())
         if data.get("format") != SWEEP_FORMAT:
             raise ConfigError(f"{plan}: unknown format {data.get('format')!r}, expected {SWEEP_FORMAT}")
+        self.cwd = data.get("cwd") or os.getcwd()  # where relative paths of the null population's config point
         self.tasks: dict[str, SweepTask] = {}
         for t in data["tasks"]:
             t = dict(t)
@@ -330,7 +331,12 @@ def _run_null(sweep: Sweep, task: SweepTask) -> None:
 
     ccfg = load_config(CalibrateConfig, sweep.root / "null.yaml")
     cfg = null_pretrain_configs(ccfg)[task.name]
-    path = reuse_or_run(cfg, pretrain, "encoder.safetensors")
+    here = os.getcwd()
+    os.chdir(sweep.cwd)  # the config is as written: `awenc calibrate` started there reuses this very run folder
+    try:
+        path = Path(reuse_or_run(cfg, pretrain, "encoder.safetensors")).resolve()
+    finally:
+        os.chdir(here)
     out = sweep.result_path(task)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps({"encoder": str(path), "run_dir": str(path.parent)}, indent=1))
@@ -431,7 +437,7 @@ def submit(sweep: Sweep, task_ids: list[str], executor: str = "auto") -> list[di
                   for chunk in balanced(null + rob, s.array_parallelism)]
         for chunk, minutes in groups:
             ex = make_executor("local", sweep.logs, s, name=name, time_min=minutes)
-            with deferred_interrupts():
+            with deferred_interrupts(), submission_errors("the local executor"):
                 job = ex.submit(SweepJob(), str(sweep.root), chunk)
                 rec = {"time": time.time(), "executor": kind, "jobs": {str(job.job_id): chunk}}
                 sweep.record(rec)
@@ -443,7 +449,7 @@ def submit(sweep: Sweep, task_ids: list[str], executor: str = "auto") -> list[di
             continue
         ex = make_executor("slurm", sweep.logs, s, name=name, time_min=minutes)
         for piece in split(group, limit):
-            with deferred_interrupts():
+            with deferred_interrupts(), submission_errors("sbatch"):
                 jobs = ex.map_array(SweepJob(), [str(sweep.root)] * len(piece), piece)
                 rec = {"time": time.time(), "executor": kind, "array": str(jobs[0].job_id).split("_")[0],
                        "jobs": {str(j.job_id): chunk for j, chunk in zip(jobs, piece)}}
@@ -517,23 +523,32 @@ def counts(states: dict[str, TaskState]) -> dict[str, int]:
 
 
 def status(sweep: Sweep, out=None, limit: int = 20) -> dict[str, TaskState]:
-    """Print one line of counts, then the failed tasks with their error and the tasks still queued or running."""
+    """Print the counts, each failed task with its error, and the queued or running jobs with their tasks."""
     out = out or sys.stdout
     states = task_states(sweep)
     c = counts(states)
     print(f"{sweep.root}: {len(states)} tasks: " + ", ".join(f"{c[s]} {s}" for s in STATES if c[s] or s in ("done", "failed")),
           file=out)
-    for state in ("failed", "running", "pending", "missing", "unknown"):
-        rows = [t for t in states.values() if t.state == state]
-        for t in rows[:limit]:
-            print(f"  {state:<8} {t.id}" + (f"  [{t.job}]" if t.job else "") + (f"  {t.error}" if t.error else ""), file=out)
-        if len(rows) > limit:
-            print(f"  ... and {len(rows) - limit} more {state}", file=out)
+    failed = [t for t in states.values() if t.state == "failed"]
+    for t in failed[:limit]:
+        print(f"  failed   {t.id}" + (f"  [{t.job}]" if t.job else "") + f"  {t.error}", file=out)
+    if len(failed) > limit:
+        print(f"  ... and {len(failed) - limit} more failed (failures.json after `awenc sweep collect`)", file=out)
+    for state in ("running", "pending", "unknown", "missing"):
+        by_job: dict[str, list[str]] = {}
+        for t in states.values():
+            if t.state == state:
+                by_job.setdefault(t.job, []).append(t.id)
+        for job, ids in list(by_job.items())[:limit]:
+            shown = ", ".join(ids[:3]) + (f", ... (+{len(ids) - 3})" if len(ids) > 3 else "")
+            print(f"  {state:<8} " + (f"[{job}] " if job else "") + f"{len(ids)} task(s): {shown}", file=out)
+        if len(by_job) > limit:
+            print(f"  ... and {len(by_job) - limit} more {state} job(s)", file=out)
     return states
 
 
 def wait(sweep: Sweep, poll_s: float = 5.0, timeout_s: Optional[float] = None, out=None) -> dict[str, TaskState]:
-    """Block until no task is running or pending; prints the counts whenever they change."""
+    """Block until no task is running, pending or unknown; prints the counts whenever they change."""
     out = out or sys.stdout
     start, last = time.time(), None
     while True:
@@ -542,7 +557,7 @@ def wait(sweep: Sweep, poll_s: float = 5.0, timeout_s: Optional[float] = None, o
         if c != last:
             print(f"sweep {sweep.root.name}: " + ", ".join(f"{c[s]} {s}" for s in STATES if c[s]), file=out, flush=True)
             last = c
-        if not c["running"] and not c["pending"]:
+        if not c["running"] and not c["pending"] and not c["unknown"]:  # unknown: the controller may come back
             return states
         if timeout_s is not None and time.time() - start > timeout_s:
             raise TimeoutError(f"sweep {sweep.root} still has {c['running']} running and {c['pending']} pending tasks")
@@ -585,8 +600,11 @@ def collect(sweep: Sweep, out=None) -> dict[str, Any]:
                "failed": {f["id"]: f["error"] for f in failed}, "null_encoders": null_done}
     atomic_write_text(sweep.root / "summary.json", json.dumps(summary, indent=1, default=str))
     c = summary["counts"]
-    print(f"collected {c['done']}/{len(states)} tasks -> {sweep.root / 'sweep.csv'}"
-          + (f" (+ parquet)" if (sweep.root / 'sweep.parquet').exists() else ""), file=out)
+    parquet = " (+ parquet)" if (sweep.root / "sweep.parquet").exists() else ""
+    where = f" -> {sweep.root / 'sweep.csv'}{parquet}" if rows else ""
+    print(f"collected {c['done']}/{len(states)} tasks{where}", file=out)
+    if null_done:
+        print(f"  {len(null_done)} null encoder(s) pre-trained -> {Path(next(iter(null_done.values()))).parent.parent}", file=out)
     for target, s in summaries.items():
         for mode, m in s["modes"].items():
             print(f"  {target} {mode:<15} TPR {m['tpr']:.3f} ({m['detected']}/{m['of']})", file=out)
@@ -694,7 +712,8 @@ def sweep_command(action: str, config: Optional[str] = None, overrides: Optional
         sweep = Sweep(directory)
     else:
         cfg = load_config(SweepConfig, config, overrides or [])
-        sweep = Sweep(sweep_dir_of(cfg))
+        # resume --config may bring new slurm.* settings (a longer time limit...); the grid must stay the same
+        sweep = Sweep(prepare(cfg) if action == "resume" else sweep_dir_of(cfg))
     if action == "status":
         states = status(sweep)
         return 1 if any(t.state == "failed" for t in states.values()) else 0
