@@ -220,18 +220,26 @@ def plot_grid(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     attacks = sorted({r["attack"] for r in rows if r["attack"] != "none"})
-    fig, axes = plt.subplots(2, max(1, len(attacks)), figsize=(2.6 * max(1, len(attacks)), 5.2), squeeze=False)
+    ncol = min(6, max(1, len(attacks)))
+    nrow = math.ceil(max(1, len(attacks)) / ncol)
+    fig, axes = plt.subplots(2 * nrow, ncol, figsize=(2.8 * ncol, 4.4 * nrow), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
     for j, name in enumerate(attacks):
+        top, bottom = axes[2 * (j // ncol), j % ncol], axes[2 * (j // ncol) + 1, j % ncol]
+        top.set_visible(True)
+        bottom.set_visible(True)
         rs = sorted((r for r in rows if r["attack"] == name), key=lambda r: r["strength"])
         x = [r["strength"] for r in rs]
         for mode in MODES:
-            axes[0, j].plot(x, [-math.log10(max(r[f"p_{mode}"], 1e-300)) for r in rs], "o-", ms=3, label=mode)
-        axes[0, j].axhline(3, color="k", ls=":", lw=0.8)
-        axes[0, j].set_title(name, fontsize=8)
-        axes[1, j].plot(x, [r["linear_probe"] for r in rs], "o-", ms=3, color="tab:green")
-        axes[1, j].set_xlabel("strength", fontsize=8)
-    axes[0, 0].set_ylabel("-log10 p (dotted: alpha)")
-    axes[1, 0].set_ylabel("pirate's linear probe")
+            top.plot(x, [-math.log10(max(r[f"p_{mode}"], 1e-300)) for r in rs], "o-", ms=3, label=mode)
+        top.axhline(3, color="k", ls=":", lw=0.8)
+        top.set_title(name, fontsize=9)
+        bottom.plot(x, [r["linear_probe"] for r in rs], "o-", ms=3, color="tab:green")
+        bottom.set_xlabel("strength", fontsize=8)
+        if j % ncol == 0:
+            top.set_ylabel("-log10 p (dotted: alpha)", fontsize=8)
+            bottom.set_ylabel("pirate's linear probe", fontsize=8)
     axes[0, 0].legend(fontsize=6)
     _savefig(fig, path)
 
