@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -148,7 +149,7 @@ def collect(out_dir: Path, utility_drop: float, null_path: Optional[str] = None)
         for mode, t in thresholds.items():
             r[f"calibrated_{mode}"] = bool(r[f"tau_star_{mode}"] > t)
     rows.sort(key=lambda r: (r["attack"] != "none", r["attack"], r["strength"], r["seed"]))
-    _write_csv(out_dir / "robustness.csv", rows)
+    write_csv(out_dir / "robustness.csv", rows)
     threats = [r for r in rows if r["keeps_utility"]]
     summary: dict[str, Any] = {"tasks": len(rows), "utility_preserving": len(threats), "utility_drop": utility_drop,
                                "thresholds": thresholds or "margins of the verify section", "modes": {}}
@@ -183,14 +184,15 @@ def robustness(cfg: RobustnessConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------ outputs
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows (dicts; columns in first-seen order) as CSV, written atomically."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(path)
+    os.replace(tmp, path)
 
 
 def _null_tau_stars(path: Optional[str]) -> dict[str, list[float]]:

@@ -56,7 +56,7 @@ from dist_awenc.errors import AwencError, ConfigError
 from dist_awenc.launch.cluster import (SlurmSection, balanced, classify, deferred_interrupts, last_error_line,
                                        make_executor, max_array_size, process_alive, resolve_executor,
                                        scheduler_states, split, submission_errors, submitit_outcome)
-from dist_awenc.launch.robustness import GridSection, RobustnessConfig, Task, expand_grid
+from dist_awenc.launch.robustness import GridSection, RobustnessConfig, Task, expand_grid, write_csv
 
 SWEEP_FORMAT = "dist_awenc.sweep/1"
 MAIN_TARGET = "main"
@@ -590,7 +590,7 @@ def collect(sweep: Sweep, out=None) -> dict[str, Any]:
         with (tdir / "robustness.csv").open(newline="") as f:
             rows += [{"target": target, **r} for r in csv.DictReader(f)]
     if rows:
-        _write_rows_csv(sweep.root / "sweep.csv", rows)
+        write_csv(sweep.root / "sweep.csv", rows)
         _write_parquet(sweep.root / "sweep.parquet", rows)
     failed = [asdict(t) for t in states.values() if t.state == "failed"]
     atomic_write_text(sweep.root / "failures.json", json.dumps(failed, indent=1))
@@ -614,16 +614,6 @@ def collect(sweep: Sweep, out=None) -> dict[str, Any]:
     if left:
         print(f"  {left} task(s) not finished: {c['running']} running, {c['pending']} pending, {c['missing']} missing", file=out)
     return summary
-
-
-def _write_rows_csv(path: Path, rows: list[dict[str, str]]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def typed_columns(rows: list[dict[str, str]]) -> dict[str, list[Any]]:
