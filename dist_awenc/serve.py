@@ -20,9 +20,29 @@ Endpoints (every answer is JSON; every error is ``{"error": "<one line>"}``):
     Answers ``{"labels": [...]}`` when serving labels only, else
     ``{"probabilities": [[...]], "labels": [...]}`` (labels = argmax of the logits).
 
+Limits (the server is public; every request may be hostile):
+
+* ``max_images`` (M) images per request: 1024, fewer for large inputs so that
+  a request holds at most ``MAX_REQUEST_VALUES`` = 2**22 pixel values;
+* ``max_body_bytes`` (B): the largest legitimate body, M images as a nested
+  JSON list at ``JSON_BYTES_PER_VALUE`` = 32 bytes a value, plus 64 KiB (and at
+  least 8 MiB, room for one photo); refused from the ``Content-Length`` header
+  with 413, before anything is read;
+* JSON bodies are checked before parsing: at most as many lists and commas
+  as M images need, at most 64 quote characters, nesting at most 5 deep;
+* PNG / JPEG: at most ``MAX_IMAGE_PIXELS`` = 2**24 pixels (width x height,
+  read from the header before decoding), else 413;
+* ``max_concurrent`` = 8 connections handled at once; one more is answered 503
+  (``Retry-After: 1``) straight away and closed;
+* ``request_deadline`` = 60 s from the connection to the body fully read,
+  whatever the pace of the client; then 408 and the connection is closed.
+  Answers are written with a 10 s timeout.
+
 Bad input gets 400 (wrong shape, values outside [0, 1], undecodable body,
-more than ``max_images`` images), an unsupported content type 415, a body
-over ``max_body_bytes`` 413, an unknown path 404.
+more than ``max_images`` images, JSON nested too deep), an unsupported content
+type 415, a body over ``max_body_bytes`` or an image over the pixel limit 413,
+a missing ``Content-Length`` 411, a slow client 408, an unknown path 404. The
+server keeps serving after each.
 """
 from __future__ import annotations
 
@@ -31,9 +51,11 @@ import binascii
 import io
 import json
 import math
+import re
 import socket
 import sys
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -46,9 +68,20 @@ from torch import nn
 
 from dist_awenc.errors import ConfigError
 
-MAX_IMAGES = 1024
-MAX_BODY_BYTES = 256 << 20
+MAX_IMAGES = 1024  # most images per request, whatever the input size
+MAX_REQUEST_VALUES = 1 << 22  # most pixel values per request (16 MiB as float32); lowers max_images for large inputs
+JSON_BYTES_PER_VALUE = 32  # one float in the most verbose accepted JSON: 17 digits, exponent, ", ", brackets
+BODY_HEADROOM = 64 << 10  # keys, whitespace and "shape" on top of the values
+MIN_BODY_BYTES = 8 << 20  # room for one ordinary photo as PNG / JPEG, however small the model's input
+MAX_IMAGE_PIXELS = 1 << 24  # width x height of one PNG / JPEG (16.7 megapixels), checked before decoding
+MAX_CONCURRENT = 8  # connections handled at once; one more gets 503 straight away
+REQUEST_DEADLINE = 60.0  # seconds from the connection to the request body fully read
+WRITE_TIMEOUT = 10.0  # seconds to write an answer to a client that does not read it
+MAX_JSON_DEPTH = 5  # {"images": [b][3][S][S]} nests 5 deep
+MAX_JSON_QUOTES = 64  # keys and the base64 string: a handful of JSON strings
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg")
+
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')  # a string (skipped whole) or a bracket
 
 
 class BadRequest(Exception):
@@ -59,38 +92,115 @@ class BadRequest(Exception):
         self.status = int(status)
 
 
+class _RequestTimeout(Exception):
+    """The client did not send its whole request before the server's per-request deadline."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads that all end by one deadline (a ``time.monotonic()`` value), whatever the client's pace."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _RequestTimeout
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buf)
+        except TimeoutError:
+            raise _RequestTimeout from None
+
+
+def default_max_images(image_size: int) -> int:
+    """Most images per request: ``MAX_IMAGES``, fewer when they would exceed ``MAX_REQUEST_VALUES`` values."""
+    return max(1, min(MAX_IMAGES, MAX_REQUEST_VALUES // (3 * image_size * image_size)))
+
+
+def default_max_body_bytes(image_size: int, max_images: int) -> int:
+    """The largest legitimate body: ``max_images`` images as a nested JSON list, verbose floats, with headroom."""
+    return max(MIN_BODY_BYTES, max_images * 3 * image_size * image_size * JSON_BYTES_PER_VALUE + BODY_HEADROOM)
+
+
 class PredictionServer(ThreadingHTTPServer):
     """``ThreadingHTTPServer`` holding the model, a lock around it, and counters.
+
+    At most ``max_concurrent`` connections are handled at once (a semaphore);
+    one more is answered 503 from the accepting thread and closed.
 
     Attributes:
         requests_served: requests answered (any path, any status).
         predict_requests: ``POST /predict`` requests answered with predictions.
         images_served: images run through the model.
         bad_requests: requests answered with a 4xx status.
+        refused_busy: connections answered 503 because ``max_concurrent`` were in progress.
     """
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], model: nn.Module, *, labels_only: bool, image_size: int,
-                 num_classes: int, max_images: int, max_body_bytes: int, log_requests: bool) -> None:
+                 num_classes: int, max_images: int, max_body_bytes: int, log_requests: bool,
+                 max_concurrent: int = MAX_CONCURRENT, request_deadline: float = REQUEST_DEADLINE,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
         self.model = model
         self.labels_only = bool(labels_only)
         self.image_size = int(image_size)
         self.num_classes = int(num_classes)
         self.max_images = int(max_images)
         self.max_body_bytes = int(max_body_bytes)
+        self.max_concurrent = int(max_concurrent)
+        self.request_deadline = float(request_deadline)
+        self.max_image_pixels = int(max_image_pixels)
         self.log_requests = log_requests
         self.model_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.max_concurrent)
         self._count_lock = threading.Lock()
         self.requests_served = 0
         self.predict_requests = 0
         self.images_served = 0
         self.bad_requests = 0
+        self.refused_busy = 0
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """A handler thread while a slot is free; otherwise 503 at once, without reading the request."""
+        if not self._slots.acquire(blocking=False):
+            self._refuse_busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse_busy(self, request: socket.socket) -> None:
+        body = json.dumps({"error": f"server busy: {self.max_concurrent} requests in progress; retry shortly"})
+        head = ("HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+        try:
+            request.setblocking(False)  # the accepting thread never waits on a client
+            request.send((head + body).encode())
+        except OSError:
+            pass
+        self.count(status=HTTPStatus.SERVICE_UNAVAILABLE)
+        self.shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One line on stderr instead of socketserver's traceback; clients that hang up are not errors."""
@@ -115,6 +225,8 @@ class PredictionServer(ThreadingHTTPServer):
             self.requests_served += 1
             if 400 <= status < 500:
                 self.bad_requests += 1
+            if status == HTTPStatus.SERVICE_UNAVAILABLE:
+                self.refused_busy += 1
             if images:
                 self.predict_requests += 1
                 self.images_served += images
@@ -133,19 +245,46 @@ class PredictionServer(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
+    """One connection, one request (HTTP/1.0): read within the server's deadline, answer JSON, close."""
+
     server: PredictionServer
     server_version = "awenc-serve/1"
-    timeout = 60  # seconds a client may take to send its request
+    timeout = WRITE_TIMEOUT  # the socket's timeout while answering; reads keep to the deadline instead
 
     # ------------------------------------------------------------------ plumbing
+
+    def setup(self) -> None:
+        self.deadline = time.monotonic() + self.server.request_deadline
+        super().setup()
+        self.rfile.close()  # the stdlib's reader, replaced by one that keeps to the deadline
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self.deadline))
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except _RequestTimeout:
+            self.close_connection = True
+            for attr in ("requestline", "request_version", "command"):  # unset when the request line never came
+                if not hasattr(self, attr):
+                    setattr(self, attr, "")
+            self._error(HTTPStatus.REQUEST_TIMEOUT,
+                        f"request not received within {self.server.request_deadline:g} s; send it faster")
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (stdlib signature)
         if self.server.log_requests:
             super().log_message(format, *args)
 
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """The stdlib's own refusals (bad request line, headers too long, unknown method) as JSON too."""
+        self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = ""  # a malformed request line still gets a status line and headers
+        self._error(code, message or HTTPStatus(code).phrase)
+
     def _send_json(self, status: int, obj: dict, images: int = 0) -> None:
         body = json.dumps(obj, allow_nan=False).encode()
         self.server.count(status=status, images=images)  # before answering: a client may look right after
+        self.connection.settimeout(WRITE_TIMEOUT)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -191,6 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ decoding
 
     def _read_body(self) -> bytes:
+        """The body, refused from its ``Content-Length`` alone when over ``max_body_bytes``."""
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             raise BadRequest("chunked bodies are not supported; send Content-Length", HTTPStatus.LENGTH_REQUIRED)
         raw = self.headers.get("Content-Length")
@@ -218,10 +358,8 @@ class _Handler(BaseHTTPRequestHandler):
                              "or image/jpeg", HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
         body = self._read_body()
         if ctype in IMAGE_TYPES:
-            x = decode_image(body, self.server.image_size)
-        else:
-            x = decode_json(body, self.server.image_size, self.server.max_images)
-        return x
+            return decode_image(body, self.server.image_size, self.server.max_image_pixels)
+        return decode_json(body, self.server.image_size, self.server.max_images)
 
 
 # ---------------------------------------------------------------------- request decoding (pure functions)
@@ -246,11 +384,44 @@ def _check_range(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def check_json_structure(body: bytes, size: int, max_images: int = MAX_IMAGES) -> None:
+    """Refuse, before parsing, JSON that no accepted request needs; raises :class:`BadRequest`.
+
+    Counts (in C, without building objects) lists, commas and quote characters
+    against what ``max_images`` images of shape (3, S, S) need, then walks the
+    brackets outside strings and refuses nesting deeper than ``MAX_JSON_DEPTH``.
+    """
+    per_image = (3 * size * size, 1 + 3 + 3 * size)  # values, lists
+    max_lists = 2 + max_images * per_image[1]  # the outer list and "shape"
+    max_commas = 64 + max_images * (per_image[0] + per_image[1])
+    lists, commas, quotes = body.count(b"["), body.count(b","), body.count(b'"')
+    if lists > max_lists:
+        raise BadRequest(f"body has {lists} JSON lists; {max_images} images of shape (3, {size}, {size}) need "
+                         f"at most {max_lists}")
+    if commas > max_commas:
+        raise BadRequest(f"body has {commas} JSON values; {max_images} images of shape (3, {size}, {size}) need "
+                         f"at most {max_commas}")
+    if quotes > MAX_JSON_QUOTES:
+        raise BadRequest(f"body has {quotes} quote characters; a request needs at most {MAX_JSON_QUOTES} "
+                         '(keys "images" or "images_b64" and "shape")')
+    depth = 0
+    for token in _JSON_TOKEN.finditer(body):
+        char = token.group()[:1]
+        if char in b"[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise BadRequest(f"JSON nested more than {MAX_JSON_DEPTH} deep; "
+                                 f'{{"images": ...}} of shape (b, 3, S, S) nests {MAX_JSON_DEPTH} deep')
+        elif char in b"]}":
+            depth -= 1
+
+
 def decode_json(body: bytes, size: int, max_images: int = MAX_IMAGES) -> torch.Tensor:
     """A JSON body -> float32 (b, 3, S, S) in [0, 1]; raises :class:`BadRequest`."""
+    check_json_structure(body, size, max_images)
     try:
         obj = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also over-long integers
         raise BadRequest(f"body is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise BadRequest('body must be a JSON object with "images" or "images_b64" and "shape"')
@@ -282,17 +453,46 @@ def decode_json(body: bytes, size: int, max_images: int = MAX_IMAGES) -> torch.T
     return _check_range(x)
 
 
-def decode_image(body: bytes, size: int) -> torch.Tensor:
-    """PNG / JPEG bytes of one image -> float32 (1, 3, S, S) in [0, 1] (RGB, bilinear resize, / 255)."""
+def _open_image(body: bytes) -> Any:
+    """PIL's lazy open of PNG or JPEG bytes: the header is parsed, no pixel is decoded.
+
+    The format's PIL class is used directly, not ``Image.open``: PIL's own
+    decompression-bomb check there (a warning from 89 megapixels, an error
+    from 179) would preempt the stricter ``max_pixels`` check that follows.
+    """
+    from PIL import JpegImagePlugin, PngImagePlugin
+
+    if body.startswith(b"\x89PNG\r\n\x1a\n"):
+        kind = PngImagePlugin.PngImageFile
+    elif body.startswith(b"\xff\xd8\xff"):
+        kind = JpegImagePlugin.JpegImageFile
+    else:
+        raise BadRequest(f"cannot decode the image: its first bytes {body[:8]!r} are those of neither PNG nor JPEG")
+    try:
+        return kind(io.BytesIO(body))
+    except Exception as e:  # noqa: BLE001  (PIL raises many types on bad or hostile input)
+        raise BadRequest(f"cannot decode the image: {type(e).__name__}: {e}") from None
+
+
+def decode_image(body: bytes, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """PNG / JPEG bytes of one image -> float32 (1, 3, S, S) in [0, 1] (RGB, bilinear resize, / 255).
+
+    The dimensions are read from the header and checked against ``max_pixels``
+    (width x height) before any pixel is decoded; raises :class:`BadRequest`.
+    """
     from PIL import Image
 
     if not body:
         raise BadRequest("empty image body")
-    try:
-        with Image.open(io.BytesIO(body)) as img:
+    with _open_image(body) as img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise BadRequest(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels; "
+                             f"send it resized (the model takes {size}x{size})", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        try:
             img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-    except Exception as e:  # noqa: BLE001  (PIL raises many types on bad or hostile input)
-        raise BadRequest(f"cannot decode the image: {type(e).__name__}: {e}") from None
+        except Exception as e:  # noqa: BLE001
+            raise BadRequest(f"cannot decode the image: {type(e).__name__}: {e}") from None
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)[None]
 
@@ -318,7 +518,9 @@ def _infer_num_classes(model: nn.Module, image_size: int) -> int:
 
 
 def make_server(model: nn.Module, *, host: str = "127.0.0.1", port: int = 0, labels_only: bool = False,
-                image_size: Optional[int] = None, max_images: int = MAX_IMAGES, max_body_bytes: int = MAX_BODY_BYTES,
+                image_size: Optional[int] = None, max_images: Optional[int] = None,
+                max_body_bytes: Optional[int] = None, max_concurrent: int = MAX_CONCURRENT,
+                request_deadline: float = REQUEST_DEADLINE, max_image_pixels: int = MAX_IMAGE_PIXELS,
                 log_requests: bool = False) -> PredictionServer:
     """Bind (not yet serve) an HTTP prediction server for ``model``.
 
@@ -327,8 +529,11 @@ def make_server(model: nn.Module, *, host: str = "127.0.0.1", port: int = 0, lab
         host, port: where to listen; port 0 picks a free port (see ``server.server_address``).
         labels_only: answer labels only (the label-only threat model), no probabilities.
         image_size: S; by default the model's (or its encoder's) ``input_size``.
-        max_images: most images in one request.
-        max_body_bytes: largest request body accepted.
+        max_images: most images in one request; by default :func:`default_max_images`.
+        max_body_bytes: largest request body accepted; by default :func:`default_max_body_bytes`.
+        max_concurrent: connections handled at once; more are answered 503.
+        request_deadline: seconds a client has from connecting to sending its whole request.
+        max_image_pixels: most pixels (width x height) of a PNG / JPEG body.
         log_requests: print an access-log line per request on stderr.
 
     Returns:
@@ -336,17 +541,24 @@ def make_server(model: nn.Module, *, host: str = "127.0.0.1", port: int = 0, lab
         ``server.shutdown()`` and ``server.server_close()``.
 
     Raises:
-        ConfigError: the address cannot be bound, or the input size is unknown.
+        ConfigError: the address cannot be bound, a limit is not positive, or the input size is unknown.
     """
     model.eval()
     size = int(image_size) if image_size is not None else _infer_image_size(model)
     num_classes = _infer_num_classes(model, size)
     if not 0 <= int(port) <= 65535:
         raise ConfigError(f"port must be in 0..65535, got {port}")
+    max_images = default_max_images(size) if max_images is None else int(max_images)
+    if max_body_bytes is None:
+        max_body_bytes = default_max_body_bytes(size, max_images)
+    limits = {"max_images": max_images, "max_body_bytes": max_body_bytes, "max_concurrent": max_concurrent,
+              "request_deadline": request_deadline, "max_image_pixels": max_image_pixels}
+    for name, value in limits.items():
+        if not value > 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
     try:
         return PredictionServer((host, int(port)), model, labels_only=labels_only, image_size=size,
-                                num_classes=num_classes, max_images=max_images, max_body_bytes=max_body_bytes,
-                                log_requests=log_requests)
+                                num_classes=num_classes, log_requests=log_requests, **limits)
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 

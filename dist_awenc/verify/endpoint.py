@@ -6,6 +6,20 @@ and :func:`~dist_awenc.verify.core.verify_blackbox_score` take, and keeps the
 owner within a query budget: every image sent is a query, and a call that
 would exceed the budget is refused before anything is sent.
 
+The endpoint belongs to the suspect, so its answers are read defensively:
+
+* an answer larger than it can legitimately be is refused (``EndpointError``):
+  ``ANSWER_ALLOWANCE`` = 64 KiB for ``/health`` and for errors (an error body
+  beyond it is cut off), and for ``/predict`` 64 KiB plus
+  ``BYTES_PER_NUMBER`` = 32 bytes per image and class, classes as ``/health``
+  says (at most ``MAX_CLASSES`` = 65536, also when it does not say); a larger
+  ``Content-Length`` is refused before reading;
+* a total ``deadline`` (``DEFAULT_DEADLINE`` = 600 s) bounds all the time one
+  :class:`RemoteModel` spends on the endpoint, counted from its first request,
+  across retries, back-off and reading; it is checked between reads, so it can
+  be overrun by at most one ``timeout``;
+* redirects are never followed: a 3xx answer is an ``EndpointError``.
+
 Only the standard library (``urllib.request``) is used.
 """
 from __future__ import annotations
@@ -27,7 +41,12 @@ import torch
 from dist_awenc.errors import AwencError
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+DEFAULT_DEADLINE = 600.0  # seconds one RemoteModel (one verification) may spend on the endpoint in all
+BYTES_PER_NUMBER = 32  # one number of an answer in JSON, separators included, generously
+ANSWER_ALLOWANCE = 64 << 10  # bytes on top: keys, whitespace; all of /health or of an error answer
+MAX_CLASSES = 1 << 16  # classes assumed for the answer cap when /health says more, or nothing
 _B64_BYTES_PER_FLOAT = 4 * 4 / 3
+_READ_CHUNK = 64 << 10
 
 
 class EndpointError(AwencError):
@@ -70,11 +89,74 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Every redirect becomes an ``HTTPError``: the suspect's endpoint may not send the owner's queries elsewhere."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001  (stdlib signature)
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl}", headers, fp)
+
+
 def _opener(url: str) -> urllib.request.OpenerDirector:
-    # a loopback server is never reached through an http_proxy from the environment
-    if _is_loopback(url):
-        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    return urllib.request.build_opener()
+    handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
+    if _is_loopback(url):  # a loopback server is never reached through an http_proxy from the environment
+        handlers.append(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*handlers)
+
+
+class _Deadline:
+    """A total time allowance in seconds, counted from the first call to :meth:`left`."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = float(seconds)
+        self._end: Optional[float] = None
+
+    def left(self) -> float:
+        if self._end is None:
+            self._end = time.monotonic() + self.seconds
+        return self._end - time.monotonic()
+
+    def check(self, url: str, doing: str, last: str = "") -> float:
+        """Seconds left; raises :class:`EndpointError` once none are."""
+        left = self.left()
+        if left <= 0:
+            why = f"; last failure: {last}" if last else ""
+            raise EndpointError(f"{url}: the deadline of {self.seconds:g} s passed {doing}{why}")
+        return left
+
+
+def _read_at_most(resp: Any, limit: int, deadline: _Deadline, url: str) -> bytes:
+    """Up to ``limit + 1`` bytes of an answer's body, in chunks, stopping at the deadline."""
+    chunks: list[bytes] = []
+    total = 0
+    while total <= limit:
+        deadline.check(url, "while reading its answer")
+        chunk = resp.read1(min(_READ_CHUNK, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_answer(resp: Any, limit: int, deadline: _Deadline, url: str) -> bytes:
+    """An answer's body; :class:`EndpointError` when it is (or says it is) over ``limit`` bytes."""
+    declared = resp.headers.get("Content-Length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise EndpointError(f"{url} announced an answer of {int(declared)} bytes; expected at most {limit}")
+    data = _read_at_most(resp, limit, deadline, url)
+    if len(data) > limit:
+        raise EndpointError(f"{url} answered more than {limit} bytes; expected at most {limit}")
+    return data
+
+
+def _read_error_body(err: urllib.error.HTTPError, deadline: _Deadline, url: str) -> bytes:
+    """The first ``ANSWER_ALLOWANCE`` bytes of an error answer (enough for its message), or nothing."""
+    try:
+        return _read_at_most(err, ANSWER_ALLOWANCE - 1, deadline, url)
+    except (OSError, http.client.HTTPException, AttributeError):
+        return b""
+    finally:
+        err.close()
 
 
 def _not_delivered(err: BaseException) -> bool:
@@ -93,22 +175,32 @@ def _server_message(data: bytes) -> str:
     return _one_line(data[:200].decode("utf-8", "replace")) or "(empty body)"
 
 
-class _Transport:
-    """One HTTP exchange with bounded retries and exponential backoff.
+def _failure(err: BaseException) -> str:
+    reason = getattr(err, "reason", err)
+    return _one_line(f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__)
 
-    Retries on connection errors, timeouts and HTTP 429/5xx; never on other 4xx.
+
+class _Transport:
+    """One HTTP exchange with bounded retries and exponential backoff, within a total deadline.
+
+    Retries on connection errors, timeouts and HTTP 429/5xx; never on other 4xx,
+    a redirect, an oversized answer or a passed deadline.
     ``before_attempt(attempt, last_failure)`` runs before each attempt and may
     raise to stop; ``after_attempt()`` runs after each attempt that may have
     reached the server (not after a refused connection or a failed DNS look-up).
     """
 
-    def __init__(self, url: str, timeout: float, retries: int, backoff: float) -> None:
+    def __init__(self, url: str, timeout: float, retries: int, backoff: float,
+                 deadline: Optional[_Deadline] = None) -> None:
         self.opener = _opener(url)
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
+        self.deadline = deadline if deadline is not None else _Deadline(DEFAULT_DEADLINE)
 
-    def exchange(self, url: str, body: Optional[bytes] = None, *, before_attempt=None, after_attempt=None) -> bytes:
+    def exchange(self, url: str, body: Optional[bytes] = None, *, max_bytes: int = ANSWER_ALLOWANCE,
+                 before_attempt=None, after_attempt=None) -> bytes:
+        """The body of a 2xx answer of at most ``max_bytes`` bytes; raises :class:`EndpointError`."""
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -116,21 +208,26 @@ class _Transport:
         attempts = self.retries + 1
         for attempt in range(attempts):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                pause = self.backoff * 2 ** (attempt - 1)
+                if pause >= self.deadline.check(url, f"after {attempt} attempts", last):
+                    raise EndpointError(f"{url}: the deadline of {self.deadline.seconds:g} s leaves no time to retry "
+                                        f"after {attempt} attempts; last failure: {last}")
+                time.sleep(pause)
             if before_attempt is not None:
                 before_attempt(attempt, last)
+            left = self.deadline.check(url, f"after {attempt} attempts" if attempt else "before the first request",
+                                       last)
             req = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
             try:
-                with self.opener.open(req, timeout=self.timeout) as resp:
-                    data = resp.read()
+                resp = self.opener.open(req, timeout=min(self.timeout, left))
             except urllib.error.HTTPError as e:
                 if after_attempt is not None:
                     after_attempt()
-                try:
-                    data = e.read()
-                except (OSError, http.client.HTTPException):
-                    data = b""
-                msg = _server_message(data)
+                msg = _server_message(_read_error_body(e, self.deadline, url))
+                if 300 <= e.code < 400:
+                    where = _one_line(e.headers.get("Location") or "nowhere") if e.headers else "nowhere"
+                    raise EndpointError(f"{url} redirected the request (HTTP {e.code}) to {where}; redirects are "
+                                        "not followed: give the final URL as the endpoint", status=e.code) from None
                 if e.code in RETRY_STATUS:
                     last = f"HTTP {e.code}: {msg}"
                     continue
@@ -138,24 +235,33 @@ class _Transport:
             except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, bad status lines
                 if after_attempt is not None and not _not_delivered(e):
                     after_attempt()
-                reason = getattr(e, "reason", e)
-                last = _one_line(f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__)
+                last = _failure(e)
                 continue
             if after_attempt is not None:
                 after_attempt()
-            return data
+            with resp:
+                try:
+                    return _read_answer(resp, max_bytes, self.deadline, url)
+                except (OSError, http.client.HTTPException) as e:  # dropped or timed out mid-answer
+                    last = _failure(e)
         tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
         raise EndpointError(f"{url} did not answer after {tries} (timeout {self.timeout:g} s): {last}")
 
 
-def probe(url: str, *, timeout: float = 10.0, retries: int = 3, backoff: float = 0.2) -> dict[str, Any]:
+def probe(url: str, *, timeout: float = 10.0, retries: int = 3, backoff: float = 0.2,
+          deadline: float = DEFAULT_DEADLINE) -> dict[str, Any]:
     """``GET <url>/health`` -> its JSON object (``input_size``, ``num_classes``, ``labels_only``, ...).
 
     Raises:
-        EndpointError: unreachable after the retries, an error status, or not a health answer.
+        EndpointError: unreachable after the retries or within ``deadline`` seconds, an error status,
+            a redirect, an answer over 64 KiB, or not a health answer.
     """
     health = base_url(url) + "/health"
-    data = _Transport(health, timeout, retries, backoff).exchange(health)
+    return _probe(_Transport(health, timeout, retries, backoff, _Deadline(deadline)), health)
+
+
+def _probe(transport: _Transport, health: str) -> dict[str, Any]:
+    data = transport.exchange(health)
     try:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -175,6 +281,8 @@ class RemoteModel:
         retries: further attempts after a connection error, timeout or 429/5xx.
         backoff: seconds before the first retry, doubled for each next one.
         batch_size: most images per request (also capped by the server's ``max_images``).
+        deadline: seconds this model may spend on the endpoint in all (``/health`` and every
+            ``/predict``, retries and back-off included), counted from its first request.
 
     Attributes:
         queries: images sent so far (each attempt that may have reached the server).
@@ -183,11 +291,11 @@ class RemoteModel:
     """
 
     def __init__(self, url: str, *, query_budget: int, timeout: float = 10.0, retries: int = 3, backoff: float = 0.2,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, deadline: float = DEFAULT_DEADLINE) -> None:
         if isinstance(query_budget, bool) or not isinstance(query_budget, int) or query_budget < 0:
             raise EndpointError(f"query_budget must be a non-negative integer, got {query_budget!r}")
-        if batch_size < 1 or retries < 0 or timeout <= 0 or backoff < 0:
-            raise EndpointError("need batch_size >= 1, retries >= 0, timeout > 0 and backoff >= 0")
+        if batch_size < 1 or retries < 0 or timeout <= 0 or backoff < 0 or not deadline > 0:
+            raise EndpointError("need batch_size >= 1, retries >= 0, timeout > 0, backoff >= 0 and deadline > 0")
         self.url = base_url(url)
         self.predict_url = self.url + "/predict"
         self.query_budget = query_budget
@@ -196,7 +304,8 @@ class RemoteModel:
         self.queries = 0
         self.answered = 0
         self.requests = 0
-        self._transport = _Transport(self.url, timeout, retries, backoff)
+        self.deadline = _Deadline(deadline)
+        self._transport = _Transport(self.url, timeout, retries, backoff, self.deadline)
         self._info: Optional[dict[str, Any]] = None
 
     def __repr__(self) -> str:
@@ -211,7 +320,7 @@ class RemoteModel:
         """The server's ``/health`` answer, fetched once (costs no queries); ``{}`` if it has none."""
         if self._info is None:
             try:
-                self._info = probe(self.url, timeout=self.timeout, retries=self.retries, backoff=self.backoff)
+                self._info = _probe(self._transport, self.url + "/health")
             except EndpointError as e:
                 if e.status != 404:
                     raise
@@ -265,6 +374,13 @@ class RemoteModel:
             chunk = min(chunk, max(1, (max_body - 1024) // per_image))
         return chunk
 
+    def _answer_limit(self, n: int) -> int:
+        """Most bytes a ``/predict`` answer for ``n`` images may take: every probability and label, verbose."""
+        classes = self.info.get("num_classes")
+        if isinstance(classes, bool) or not isinstance(classes, int) or not 0 < classes <= MAX_CLASSES:
+            classes = MAX_CLASSES
+        return n * (classes + 1) * BYTES_PER_NUMBER + ANSWER_ALLOWANCE
+
     def _budget_error(self, needed: int) -> EndpointError:
         return EndpointError(f"query budget of {self.query_budget} exhausted: {needed} more queries needed "
                              f"({self.queries} used)")
@@ -295,8 +411,8 @@ class RemoteModel:
             self.queries += n
             self.requests += 1
 
-        data = self._transport.exchange(self.predict_url, body, before_attempt=before_attempt,
-                                        after_attempt=after_attempt)
+        data = self._transport.exchange(self.predict_url, body, max_bytes=self._answer_limit(n),
+                                        before_attempt=before_attempt, after_attempt=after_attempt)
         out = self._parse(data, n, want_proba)
         self.answered += n
         return out
