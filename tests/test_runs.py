@@ -1,0 +1,149 @@
+"""Run folders: reuse, resume and refusal (issue #14). A complete run is never deleted; cosmetic settings
+(progress bars, logging and checkpoint intervals, loader workers) never make a run "different"."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from dist_awenc.config import PretrainConfig, load_config
+from dist_awenc.errors import ConfigError
+from dist_awenc.runs import COSMETIC, first_difference, open_run, reuse_or_run, run_dir_of, status
+
+COSMETIC_CHANGES = ["train.progress=true", "train.log_every=1", "train.checkpoint_every=7", "train.keep_checkpoints=5",
+                    "train.trackers=[tensorboard]", "data.num_workers=2"]
+
+
+def cfg_of(tmp_path: Path, *extra: str) -> PretrainConfig:
+    return load_config(PretrainConfig, None, [f"run.out_dir={tmp_path}", "run.name=f0", "train.progress=false", *extra])
+
+
+class FakeStage:
+    """A stage that trains (a checkpoint, then the weights) unless told to fail first; counts its runs."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.fail_at: str = ""  # "start": before any output; "checkpoint": after the first checkpoint
+
+    def __call__(self, cfg) -> Path:
+        self.runs += 1
+        with open_run(cfg, "pretrain") as run_dir:
+            if self.fail_at == "start":
+                raise ValueError("no such dataset")
+            ckpt = run_dir / "checkpoints" / "step_00000001"
+            ckpt.mkdir(parents=True, exist_ok=True)
+            (ckpt / "model.safetensors").write_text(f"weights at step 1 of run {self.runs}")
+            if self.fail_at == "checkpoint":
+                raise RuntimeError("node lost")
+            (run_dir / "encoder.safetensors").write_text(f"weights of run {self.runs}")
+        return run_dir / "encoder.safetensors"
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_cosmetic_change_reuses_the_complete_run(tmp_path):
+    stage = FakeStage()
+    first = reuse_or_run(cfg_of(tmp_path), stage, "encoder.safetensors")
+    before = snapshot(first.parent)
+    for change in COSMETIC_CHANGES + [",".join(COSMETIC_CHANGES)]:
+        again = reuse_or_run(cfg_of(tmp_path, *change.split(",")), stage, "encoder.safetensors")
+        assert again == first
+    assert stage.runs == 1  # never retrained
+    assert snapshot(first.parent) == before  # config.yaml included: the folder still says what made it
+
+
+def test_a_real_change_is_refused_naming_the_field_and_nothing_is_deleted(tmp_path):
+    stage = FakeStage()
+    out = reuse_or_run(cfg_of(tmp_path), stage, "encoder.safetensors")
+    before = snapshot(out.parent)
+    for change, named in [("train.epochs=11", "train.epochs was 10, now 11"), ("optim.lr=0.5", "optim.lr was 0.002, now 0.5"),
+                          ("run.seed=3", "run.seed was 0, now 3"), ("encoder.norm=batch", "encoder.norm was 'group', now 'batch'")]:
+        with pytest.raises(ConfigError) as e:
+            reuse_or_run(cfg_of(tmp_path, "train.progress=true", change), stage, "encoder.safetensors")
+        msg = str(e.value)
+        assert named in msg and "\n" not in msg and "nothing was deleted" in msg, msg
+    assert stage.runs == 1
+    assert snapshot(out.parent) == before and status(out.parent)["state"] == "complete"
+
+
+def test_an_unfinished_run_resumes_with_a_cosmetic_change_and_refuses_a_real_one(tmp_path):
+    stage = FakeStage()
+    stage.fail_at = "checkpoint"
+    with pytest.raises(RuntimeError, match="node lost"):
+        reuse_or_run(cfg_of(tmp_path), stage, "encoder.safetensors")
+    run_dir = run_dir_of(cfg_of(tmp_path))
+    before = snapshot(run_dir)
+    stage.fail_at = ""
+    with pytest.raises(ConfigError, match=r"unfinished pretrain run with another config \(train.epochs was 10, now 3\)"):
+        reuse_or_run(cfg_of(tmp_path, "train.epochs=3"), stage, "encoder.safetensors")
+    assert snapshot(run_dir) == before  # the checkpoint is kept
+    # the same run with a progress bar resumes
+    out = reuse_or_run(cfg_of(tmp_path, "train.progress=true"), stage, "encoder.safetensors")
+    assert out.read_text() == "weights of run 3" and status(run_dir)["state"] == "complete"
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_the_corrected_command(tmp_path):
+    stage = FakeStage()
+    stage.fail_at = "start"
+    with pytest.raises(ValueError, match="no such dataset"):
+        reuse_or_run(cfg_of(tmp_path, "data.name=typo"), stage, "encoder.safetensors")
+    run_dir = run_dir_of(cfg_of(tmp_path))
+    assert status(run_dir)["state"] == "failed" and (run_dir / "config.yaml").exists()
+    (run_dir / "slurm").mkdir()  # `awenc submit`'s job folder is no output
+    (run_dir / "slurm" / "jobs.json").write_text(json.dumps({"submissions": []}))
+    stage.fail_at = ""
+    out = reuse_or_run(cfg_of(tmp_path), stage, "encoder.safetensors")
+    assert out.exists() and status(run_dir)["state"] == "complete"
+    assert "name: digits" in (run_dir / "config.yaml").read_text() and (run_dir / "slurm" / "jobs.json").exists()
+
+
+def test_a_run_that_may_still_be_running_is_not_taken_over(tmp_path):
+    """status "running" and no outputs yet: possibly a live job before its first step, so a new config is refused."""
+    cfg = cfg_of(tmp_path)
+    run_dir = run_dir_of(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        with open_run(cfg, "pretrain"):
+            raise KeyboardInterrupt
+    (run_dir / "status.json").write_text(json.dumps({"stage": "pretrain", "state": "running", "started": 0}))
+    with pytest.raises(ConfigError, match="train.epochs was 10, now 2"):
+        with open_run(cfg_of(tmp_path, "train.epochs=2"), "pretrain"):
+            pass
+    assert status(run_dir)["state"] == "running"
+
+
+def test_first_difference():
+    old = {"run": {"name": "a", "out_dir": "x", "seed": 0}, "train": {"progress": False, "epochs": 1},
+           "pretrain": {"progress": True}, "data": {"num_workers": 0, "name": "digits"},
+           "encoders": {"progress": "/a.safetensors"}}
+    same = {"run": {"name": "b", "out_dir": "/abs/x", "seed": 0}, "train": {"progress": True, "epochs": 1},
+            "pretrain": {"progress": False}, "data": {"num_workers": 8, "name": "digits"},
+            "encoders": {"progress": "/a.safetensors"}}
+    sections = ["run", "train", "pretrain", "data"]
+    assert first_difference(old, same, sections) is None
+    # a cosmetic name counts only as a section's field, not as a key of a mapping (a sweep target named "progress")
+    assert first_difference(old, {**same, "encoders": {"progress": "/b.safetensors"}}, sections) == (
+        "encoders.progress", "/a.safetensors", "/b.safetensors")
+    assert first_difference(old, {**same, "run": {**same["run"], "seed": 1}}, sections) == ("run.seed", 0, 1)
+    assert first_difference(old, {**same, "extra": 1}, sections) == ("extra", "<absent>", 1)
+    assert first_difference(old, same)[0] == "train.progress"  # without sections, only dotted paths are cosmetic
+    assert {"progress", "checkpoint_every", "num_workers", "run.name"} <= COSMETIC and "epochs" not in COSMETIC
+
+
+def test_real_pretraining_is_reused_with_a_progress_bar(tmp_path):
+    """The case of issue #14: a finished pre-training rerun with train.progress=true is reused, not wiped."""
+    from dist_awenc.ssl.pretrain import pretrain
+
+    base = tiny_overrides(tmp_path, "f0", **{"train.max_steps": 3})
+    out = reuse_or_run(load_config(PretrainConfig, None, base), pretrain, "encoder.safetensors")
+    before = snapshot(out.parent)
+
+    def must_not_train(cfg):
+        raise AssertionError("retrained")
+
+    again = reuse_or_run(load_config(PretrainConfig, None, base + ["train.progress=true", "train.log_every=2"]),
+                         must_not_train, "encoder.safetensors")
+    assert again == out and snapshot(out.parent) == before
