@@ -10,8 +10,10 @@ import argparse
 import sys
 from typing import Callable
 
-from dist_awenc.config import SCHEMAS, load_config, to_yaml
 from dist_awenc.errors import AwencError
+
+# dist_awenc.config imports torch (its sections do): it is imported where a stage needs it, so that
+# `awenc --help` and `awenc sweep status|collect` start without torch
 
 STAGES: dict[str, str] = {
     "pretrain": "contrastive pre-training (SimCLR, MoCo v2, BYOL) of a clean encoder",
@@ -50,6 +52,8 @@ def _stage_fn(stage: str) -> Callable:
 
 
 def _schema(stage: str) -> type:
+    from dist_awenc.config import SCHEMAS
+
     # attack configs carry the attack options, which import the attack registry
     if stage == "attack":
         from dist_awenc.attacks.stage import AttackConfig
@@ -135,6 +139,13 @@ def _load_data_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.stage == "sweep":  # first: status and collect import nothing heavy
+            from dist_awenc.launch.sweep import sweep_command
+
+            return sweep_command(args.action, args.config, args.overrides, getattr(args, "dir", None),
+                                 getattr(args, "executor", "auto"), getattr(args, "wait", None))
+        from dist_awenc.config import load_config, to_yaml
+
         if args.stage == "serve":
             from dist_awenc.serve import serve
 
@@ -149,11 +160,6 @@ def main(argv: list[str] | None = None) -> int:
             except _load_data_errors() as e:
                 raise AwencError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
             return 0
-        if args.stage == "sweep":
-            from dist_awenc.launch.sweep import sweep_command
-
-            return sweep_command(args.action, args.config, args.overrides, getattr(args, "dir", None),
-                                 getattr(args, "executor", "auto"), getattr(args, "wait", None))
         if args.stage == "submit":
             from dist_awenc.launch.cluster import SlurmSection
             from dist_awenc.launch.submit import submit_stage, wait_stage

@@ -9,6 +9,7 @@ neither is possible (``AWENC_REQUIRE_SLURM=1`` turns the skip into a failure).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -163,6 +164,68 @@ def test_prepare_checks_inputs_and_refuses_another_grid(owner, tmp_path):
 
     rcfg = load_config(RobustnessConfig, root / "targets" / "main" / "config.yaml")
     assert rcfg.grid.seeds == [0, 1] and Path(rcfg.run.out_dir) == root / "targets"
+
+
+# ------------------------------------------------------------------ reading a sweep folder (issue #14)
+
+
+def plain_sweep(root: Path, tasks: list[dict], submissions: list[dict] = ()) -> Path:
+    """A sweep folder's sweep.json and jobs.json, written by hand (no config, no torch)."""
+    root.mkdir(parents=True, exist_ok=True)
+    full = [{"kind": "robustness", "target": "", "attack": "", "strength": 0.0, "seed": 0, "name": "", **t} for t in tasks]
+    (root / "sweep.json").write_text(json.dumps({"format": sw.SWEEP_FORMAT, "cwd": str(root), "tasks": full}))
+    if submissions:
+        (root / "jobs.json").write_text(json.dumps({"submissions": list(submissions)}))
+    return root
+
+
+ROB_TASK = {"id": "main.prune_global__0.5__s0", "target": "main", "attack": "prune_global", "strength": 0.5}
+NULL_TASK = {"id": "null.simclr_w8_group_s0", "kind": "null", "name": "simclr_w8_group_s0"}
+
+
+def test_status_and_collect_import_nothing_heavy(tmp_path):
+    """`awenc sweep status|collect` (--dir or --config) in a fresh interpreter: no torch, submitit or plotting."""
+    root = plain_sweep(tmp_path / "runs" / "sweep_tiny", [ROB_TASK, NULL_TASK],
+                       [{"time": 0, "executor": "local", "jobs": {"999999999": [ROB_TASK["id"], NULL_TASK["id"]]}}])
+    (root / "null").mkdir()
+    (root / "null" / "simclr_w8_group_s0.json").write_text(json.dumps({"encoder": "/x/e.safetensors", "run_dir": "/x"}))
+    code = f"""
+import json, sys, time
+start = time.perf_counter()
+from dist_awenc.cli import main
+rc = [main(["sweep", "status", "--dir", {str(root)!r}]),
+      main(["sweep", "status", "--config", {str(TINY)!r}, "run.out_dir={tmp_path / 'runs'}", "encoder=x"]),
+      main(["sweep", "collect", "--dir", {str(root)!r}])]
+heavy = sorted(m for m in ("torch", "submitit", "cloudpickle", "numpy", "sklearn", "matplotlib", "pyarrow", "accelerate")
+               if m in sys.modules)
+print(json.dumps({{"rc": rc, "heavy": heavy, "seconds": time.perf_counter() - start}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(REPO))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["heavy"] == [], report
+    assert report["rc"] == [1, 1, 1]  # the robustness task's job ended without a result: failed
+    assert "local job 999999999 ended without a result" in out.stdout
+    assert json.loads((root / "summary.json").read_text())["counts"]["done"] == 1
+
+
+def test_status_config_names_the_folder_the_schema_names(tmp_path):
+    """`status/collect --config` read only `run` (no schema, no torch): the same folder as the full config, and
+    unknown keys are still refused."""
+    from dist_awenc.config import RunSection
+
+    assert sw.RUN_KEYS == tuple(f.name for f in dataclasses.fields(RunSection)) and RunSection().out_dir == sw.RUN_OUT_DIR
+    assert tuple(f.name for f in dataclasses.fields(sw.SweepConfig)) == sw.SECTIONS
+    for path, extra in [(TINY, []), (REPO / "configs" / "sweep" / "digits.yaml", []), (None, []),
+                        (TINY, [f"run.out_dir={tmp_path}", "run.name=other", "grid.seeds=[3]"]), (TINY, ["run.name=12"])]:
+        full = sw.sweep_dir_of(load_config(sw.SweepConfig, path, extra))
+        assert sw.folder_of_config(str(path) if path else None, extra) == full
+    for bad, match in [(["run.nmae=x"], "unknown config key 'run.nmae'"), (["bogus=1"], "unknown config key 'bogus'"),
+                       (["run.name"], "not of the form key.sub=value")]:
+        with pytest.raises(ConfigError, match=match):
+            sw.folder_of_config(str(TINY), bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        sw.folder_of_config(str(tmp_path / "nope.yaml"))
 
 
 # ------------------------------------------------------------------ without SLURM

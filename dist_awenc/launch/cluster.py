@@ -1,7 +1,9 @@
 """The scheduler side of ``awenc sweep`` and ``awenc submit``: submitit executors, SLURM limits, job states.
 
-Nothing here imports torch: the job callables (:mod:`dist_awenc.launch.jobs`)
-import this module inside SLURM jobs before their signal handlers are set.
+Nothing here imports torch (nor submitit, until a job is submitted): the job
+callables (:mod:`dist_awenc.launch.jobs`) import this module inside SLURM jobs
+before their signal handlers are set, and ``awenc sweep status`` reads a sweep
+folder through it.
 
 Executors (``--executor``):
     slurm  submitit's SlurmExecutor (sbatch job arrays, requeue on timeout/preemption)
@@ -14,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -190,6 +194,41 @@ def submitit_outcome(folder: Path, job_id: str) -> Optional[tuple[str, str]]:
     except Exception:  # noqa: BLE001 - a truncated pickle is no outcome
         return None
     return str(status), value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def durable_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` atomically and durably: a temporary file beside ``path``, fsync, rename, fsync the folder.
+
+    After a crash (a node going down, a job killed) ``path`` holds the old
+    text or the new, never an empty or partial file. torch-free, for the sweep's
+    bookkeeping files (jobs.json, errors/, summary.json ...).
+    """
+    path = Path(path)
+    # unique across the nodes sharing the folder (a PID alone is not), created exclusively, umask permissions
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def last_error_line(text: str) -> str:

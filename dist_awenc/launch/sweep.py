@@ -31,6 +31,11 @@ The sweep folder (``<run.out_dir>/<run.name>/``)::
 Without SLURM the same folder is filled through submitit's local executor
 (``array_parallelism`` processes at once) or, with ``--executor debug``, in
 this process.
+
+``status`` and ``collect`` read the folder without importing torch or
+submitit: this module imports them (and the config schemas, which import
+torch) only inside the functions that submit or run tasks, and
+:class:`SweepConfig` is defined on first use.
 """
 from __future__ import annotations
 
@@ -44,44 +49,73 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from dist_awenc.attacks.base import AttackOptions
-from dist_awenc.config import (CalibrateConfig, DataSection, PretrainConfig, ProbeSection, RunSection, VerifySection,
-                               load_config, to_yaml)
-from dist_awenc.encoders.io import atomic_write_text
 from dist_awenc.errors import AwencError, ConfigError
-from dist_awenc.launch.cluster import (SlurmSection, balanced, classify, deferred_interrupts, last_error_line,
-                                       make_executor, max_array_size, process_alive, resolve_executor,
+from dist_awenc.launch.cluster import (SlurmSection, balanced, classify, deferred_interrupts, durable_write_text,
+                                       last_error_line, make_executor, max_array_size, process_alive, resolve_executor,
                                        scheduler_states, split, submission_errors, submitit_outcome)
-from dist_awenc.launch.robustness import GridSection, RobustnessConfig, Task, expand_grid, write_csv
+
+# Heavy modules (torch through the config sections, the attack registry and the robustness grid) are imported
+# inside the functions that need them, so `awenc sweep status` / `collect` start in a fraction of a second.
 
 SWEEP_FORMAT = "dist_awenc.sweep/1"
 MAIN_TARGET = "main"
 FAIL_ENV = "AWENC_SWEEP_FAIL"  # comma-separated task-id patterns that raise on purpose (rehearsing failures)
 STATES = ("done", "running", "pending", "failed", "missing", "unknown")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+DEFAULT_NAME = "sweep"  # run.name of a sweep config that names none
+# SweepConfig's top-level keys, in order (checked against the class when it is defined): `status --config` and
+# `collect --config` read only `run` from a config file, without the schema (see folder_of_config)
+SECTIONS = ("run", "encoder", "secret", "encoders", "secrets", "data", "grid", "options", "probe", "verify",
+            "null_population", "null_overrides", "slurm")
 
 
-@dataclass
-class SweepConfig:
-    """The robustness grid of ``awenc robustness`` for one or more watermarked encoders, plus a null population."""
+def _define_sweep_config() -> type:
+    """The schema of a sweep config; defined on first use, as its sections import torch."""
+    from dist_awenc.attacks.base import AttackOptions
+    from dist_awenc.config import DataSection, ProbeSection, RunSection, VerifySection
+    from dist_awenc.launch.robustness import GridSection
 
-    run: RunSection = field(default_factory=lambda: RunSection(name="sweep"))
-    encoder: str = ""  # the watermarked encoder (target "main"); "" and no `encoders`: only the null population
-    secret: str = ""
-    encoders: dict[str, str] = field(default_factory=dict)  # more targets: name -> watermarked encoder
-    secrets: dict[str, str] = field(default_factory=dict)  # name -> that encoder's secret
-    data: DataSection = field(default_factory=DataSection)
-    grid: GridSection = field(default_factory=GridSection)
-    options: AttackOptions = field(default_factory=AttackOptions)
-    probe: ProbeSection = field(default_factory=ProbeSection)
-    verify: VerifySection = field(default_factory=VerifySection)
-    null_population: str = ""  # a calibrate config (YAML): its population's encoders are pre-trained as tasks
-    null_overrides: list[str] = field(default_factory=list)  # dotted overrides of that config
-    slurm: SlurmSection = field(default_factory=SlurmSection)
+    # the annotations below are strings (PEP 563): OmegaConf resolves them in this module's namespace
+    globals().update(AttackOptions=AttackOptions, DataSection=DataSection, ProbeSection=ProbeSection,
+                     RunSection=RunSection, VerifySection=VerifySection, GridSection=GridSection)
+
+    @dataclass
+    class SweepConfig:
+        """The robustness grid of ``awenc robustness`` for one or more watermarked encoders, plus a null population."""
+
+        run: RunSection = field(default_factory=lambda: RunSection(name=DEFAULT_NAME))
+        encoder: str = ""  # the watermarked encoder (target "main"); "" and no `encoders`: only the null population
+        secret: str = ""
+        encoders: dict[str, str] = field(default_factory=dict)  # more targets: name -> watermarked encoder
+        secrets: dict[str, str] = field(default_factory=dict)  # name -> that encoder's secret
+        data: DataSection = field(default_factory=DataSection)
+        grid: GridSection = field(default_factory=GridSection)
+        options: AttackOptions = field(default_factory=AttackOptions)
+        probe: ProbeSection = field(default_factory=ProbeSection)
+        verify: VerifySection = field(default_factory=VerifySection)
+        null_population: str = ""  # a calibrate config (YAML): its population's encoders are pre-trained as tasks
+        null_overrides: list[str] = field(default_factory=list)  # dotted overrides of that config
+        slurm: SlurmSection = field(default_factory=SlurmSection)
+
+    SweepConfig.__qualname__ = "SweepConfig"
+    names = tuple(f.name for f in fields(SweepConfig))
+    assert names == SECTIONS, f"update sweep.SECTIONS to SweepConfig's fields: {names}"
+    globals()["SweepConfig"] = SweepConfig
+    return SweepConfig
+
+
+def _schema() -> type:
+    return globals().get("SweepConfig") or _define_sweep_config()
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: `sweep.SweepConfig` defines the schema on first access
+    if name == "SweepConfig":
+        return _schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -98,7 +132,10 @@ class SweepTask:
         return f"null.{self.name}" if self.kind == "null" else f"{self.target}.{self.robustness.id}"
 
     @property
-    def robustness(self) -> Task:
+    def robustness(self) -> Any:
+        """The :class:`~dist_awenc.launch.robustness.Task` of a robustness task."""
+        from dist_awenc.launch.robustness import Task
+
         return Task(self.attack, self.strength, self.seed)
 
 
@@ -136,6 +173,9 @@ def targets_of(cfg: SweepConfig) -> dict[str, tuple[str, str]]:
 
 def robustness_config(cfg: SweepConfig, target: str, sweep_dir: Path) -> RobustnessConfig:
     """The ``awenc robustness`` config of one target, whose run folder is ``targets/<target>``."""
+    from dist_awenc.config import RunSection
+    from dist_awenc.launch.robustness import RobustnessConfig
+
     encoder, secret = targets_of(cfg)[target]
     return RobustnessConfig(run=RunSection(name=target, out_dir=str(sweep_dir / "targets"), seed=cfg.run.seed),
                             encoder=encoder, secret=secret, data=cfg.data, grid=cfg.grid, options=cfg.options,
@@ -147,6 +187,8 @@ def null_config(cfg: SweepConfig) -> Optional[CalibrateConfig]:
     from the directory the sweep was prepared in, so `awenc calibrate` run there finds the same configs)."""
     if not cfg.null_population:
         return None
+    from dist_awenc.config import CalibrateConfig, load_config
+
     return load_config(CalibrateConfig, cfg.null_population, list(cfg.null_overrides))
 
 
@@ -163,6 +205,8 @@ def null_pretrain_configs(ccfg: Optional[CalibrateConfig]) -> dict[str, Pretrain
 
 def expand(cfg: SweepConfig, null_names: Iterable[str] = ()) -> list[SweepTask]:
     """Every task: the null population first (the longest jobs), then target x attack x strength x seed."""
+    from dist_awenc.launch.robustness import expand_grid
+
     tasks = [SweepTask("null", name=n) for n in null_names]
     grid = expand_grid(cfg.grid)
     for target in targets_of(cfg):
@@ -195,6 +239,8 @@ def sweep_dir_of(cfg: SweepConfig) -> Path:
 
 
 def _without_slurm(cfg: SweepConfig) -> str:
+    from dist_awenc.config import to_yaml
+
     return to_yaml(replace(cfg, slurm=SlurmSection()))
 
 
@@ -207,6 +253,8 @@ def prepare(cfg: SweepConfig) -> Path:
     Raises:
         ConfigError: missing inputs, an empty grid, or a folder that holds a sweep with another grid.
     """
+    from dist_awenc.config import load_config, to_yaml
+
     cfg = resolved(cfg)
     for target, (encoder, secret) in targets_of(cfg).items():
         for what, path in (("encoder", encoder), ("secret", secret)):
@@ -217,21 +265,21 @@ def prepare(cfg: SweepConfig) -> Path:
     root = sweep_dir_of(cfg)
     old = root / "config.yaml"
     if old.exists():
-        prior = load_config(SweepConfig, old)
+        prior = load_config(_schema(), old)
         if _without_slurm(prior) != _without_slurm(cfg):
             raise ConfigError(f"sweep folder '{root}' holds a sweep with a different grid or inputs; resume it with the "
                               f"same config (only `slurm.*` may change) or choose another run.name")
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(old, to_yaml(cfg))
+    durable_write_text(old, to_yaml(cfg))
     if ccfg is not None:
-        atomic_write_text(root / "null.yaml", to_yaml(ccfg))
+        durable_write_text(root / "null.yaml", to_yaml(ccfg))
     for target in targets_of(cfg):
         tdir = root / "targets" / target
         (tdir / "tasks").mkdir(parents=True, exist_ok=True)
         # the same folder `awenc robustness --config targets/<t>/config.yaml` would fill, task by task
-        atomic_write_text(tdir / "config.yaml", to_yaml(robustness_config(cfg, target, root)))
+        durable_write_text(tdir / "config.yaml", to_yaml(robustness_config(cfg, target, root)))
     plan = {"format": SWEEP_FORMAT, "cwd": os.getcwd(), "tasks": [{"id": t.id, **asdict(t)} for t in tasks]}
-    atomic_write_text(root / "sweep.json", json.dumps(plan, indent=1))
+    durable_write_text(root / "sweep.json", json.dumps(plan, indent=1))
     return root
 
 
@@ -253,34 +301,42 @@ class Sweep:
         self.tasks: dict[str, SweepTask] = {}
         for t in data["tasks"]:
             t = dict(t)
-            t.pop("id")
-            task = SweepTask(**t)
-            self.tasks[task.id] = task
-        self._config: Optional[SweepConfig] = None
+            tid = t.pop("id")
+            self.tasks[tid] = SweepTask(**t)
+        self._config: Any = None
 
     @property
     def config(self) -> SweepConfig:
+        """The sweep's config (imports the schemas, and with them torch)."""
         if self._config is None:
-            self._config = load_config(SweepConfig, self.root / "config.yaml")
+            from dist_awenc.config import load_config
+
+            self._config = load_config(_schema(), self.root / "config.yaml")
         return self._config
 
     @property
     def logs(self) -> Path:
         return self.root / "logs"
 
+    def targets(self) -> list[str]:
+        """The watermarked encoders' names, in plan order."""
+        return list(dict.fromkeys(t.target for t in self.tasks.values() if t.kind == "robustness"))
+
     def target_dir(self, target: str) -> Path:
         return self.root / "targets" / target
 
-    def result_path(self, task: SweepTask) -> Path:
+    def result_path(self, task_id: str) -> Path:
+        task = self.tasks[task_id]
         if task.kind == "null":
             return self.root / "null" / f"{task.name}.json"
-        return self.target_dir(task.target) / "tasks" / f"{task.robustness.id}.json"
+        # a robustness task's id is <target>.<the robustness task's id>
+        return self.target_dir(task.target) / "tasks" / f"{task_id[len(task.target) + 1:]}.json"
 
     def error_path(self, task_id: str) -> Path:
         return self.root / "errors" / f"{task_id}.json"
 
     def done(self, task_id: str) -> bool:
-        return self.result_path(self.tasks[task_id]).exists()
+        return self.result_path(task_id).exists()
 
     def submissions(self) -> list[dict]:
         p = self.root / "jobs.json"
@@ -288,7 +344,7 @@ class Sweep:
 
     def record(self, submission: dict) -> None:
         subs = self.submissions() + [submission]
-        atomic_write_text(self.root / "jobs.json", json.dumps({"submissions": subs}, indent=1))
+        durable_write_text(self.root / "jobs.json", json.dumps({"submissions": subs}, indent=1))
 
     def latest_jobs(self) -> dict[str, tuple[str, str]]:
         """Task id -> (job id, executor) of its latest submission."""
@@ -321,14 +377,16 @@ def _record_error(sweep: Sweep, task_id: str, e: BaseException) -> str:
             "traceback": traceback.format_exc(limit=8)}
     path = sweep.error_path(task_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(body, indent=1))
+    durable_write_text(path, json.dumps(body, indent=1))
     return line
 
 
-def _run_null(sweep: Sweep, task: SweepTask) -> None:
+def _run_null(sweep: Sweep, tid: str) -> None:
+    from dist_awenc.config import CalibrateConfig, load_config
     from dist_awenc.runs import reuse_or_run
     from dist_awenc.ssl.pretrain import pretrain
 
+    task = sweep.tasks[tid]
     ccfg = load_config(CalibrateConfig, sweep.root / "null.yaml")
     cfg = null_pretrain_configs(ccfg)[task.name]
     here = os.getcwd()
@@ -337,9 +395,9 @@ def _run_null(sweep: Sweep, task: SweepTask) -> None:
         path = Path(reuse_or_run(cfg, pretrain, "encoder.safetensors")).resolve()
     finally:
         os.chdir(here)
-    out = sweep.result_path(task)
+    out = sweep.result_path(tid)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps({"encoder": str(path), "run_dir": str(path.parent)}, indent=1))
+    durable_write_text(out, json.dumps({"encoder": str(path), "run_dir": str(path.parent)}, indent=1))
 
 
 def run_tasks(sweep_dir: Path, task_ids: list[str]) -> dict[str, Any]:
@@ -372,7 +430,7 @@ def run_tasks(sweep_dir: Path, task_ids: list[str]) -> dict[str, Any]:
                 if _injected(tid):
                     raise RuntimeError(f"injected failure ({FAIL_ENV}) in task {tid}")
                 if task.kind == "null":
-                    _run_null(sweep, task)
+                    _run_null(sweep, tid)
                 else:
                     if task.target not in contexts:
                         try:
@@ -576,29 +634,30 @@ def collect(sweep: Sweep, out=None) -> dict[str, Any]:
     ``target`` column; ``failures.json`` lists the failed tasks.
     """
     out = out or sys.stdout
-    from dist_awenc.launch.robustness import collect as collect_target
-
-    cfg = sweep.config
     states = task_states(sweep)
     rows: list[dict[str, str]] = []
     summaries = {}
-    for target in targets_of(cfg):
-        tdir = sweep.target_dir(target)
-        if not any((tdir / "tasks").glob("*.json")):
-            continue
-        summaries[target] = collect_target(tdir, cfg.grid.utility_drop, cfg.verify.calibration)
-        with (tdir / "robustness.csv").open(newline="") as f:
-            rows += [{"target": target, **r} for r in csv.DictReader(f)]
-    if rows:
-        write_csv(sweep.root / "sweep.csv", rows)
-        _write_parquet(sweep.root / "sweep.parquet", rows)
+    with_results = [t for t in sweep.targets() if any((sweep.target_dir(t) / "tasks").glob("*.json"))]
+    if with_results:  # the per-target tables and plots are `awenc robustness`'s (which imports torch)
+        from dist_awenc.launch.robustness import collect as collect_target
+        from dist_awenc.launch.robustness import write_csv
+
+        cfg = sweep.config
+        for target in with_results:
+            tdir = sweep.target_dir(target)
+            summaries[target] = collect_target(tdir, cfg.grid.utility_drop, cfg.verify.calibration)
+            with (tdir / "robustness.csv").open(newline="") as f:
+                rows += [{"target": target, **r} for r in csv.DictReader(f)]
+        if rows:
+            write_csv(sweep.root / "sweep.csv", rows)
+            _write_parquet(sweep.root / "sweep.parquet", rows)
     failed = [asdict(t) for t in states.values() if t.state == "failed"]
-    atomic_write_text(sweep.root / "failures.json", json.dumps(failed, indent=1))
-    null_done = {t.name: json.loads(sweep.result_path(t).read_text())["encoder"]
-                 for t in sweep.tasks.values() if t.kind == "null" and sweep.done(t.id)}
+    durable_write_text(sweep.root / "failures.json", json.dumps(failed, indent=1))
+    null_done = {t.name: json.loads(sweep.result_path(tid).read_text())["encoder"]
+                 for tid, t in sweep.tasks.items() if t.kind == "null" and sweep.done(tid)}
     summary = {"tasks": len(states), "counts": counts(states), "rows": len(rows), "targets": summaries,
                "failed": {f["id"]: f["error"] for f in failed}, "null_encoders": null_done}
-    atomic_write_text(sweep.root / "summary.json", json.dumps(summary, indent=1, default=str))
+    durable_write_text(sweep.root / "summary.json", json.dumps(summary, indent=1, default=str))
     c = summary["counts"]
     parquet = " (+ parquet)" if (sweep.root / "sweep.parquet").exists() else ""
     where = f" -> {sweep.root / 'sweep.csv'}{parquet}" if rows else ""
@@ -694,16 +753,21 @@ def sweep_command(action: str, config: Optional[str] = None, overrides: Optional
     if action == "run":
         if directory:
             raise ConfigError("`awenc sweep run` takes --config (and overrides); use `resume --dir` for an existing folder")
-        run(load_config(SweepConfig, config, overrides or []), executor, wait_for)
+        from dist_awenc.config import load_config
+
+        run(load_config(_schema(), config, overrides or []), executor, wait_for)
         return 0
     if directory:
         if overrides:
             raise ConfigError("overrides go with --config, not --dir")
         sweep = Sweep(directory)
-    else:
-        cfg = load_config(SweepConfig, config, overrides or [])
+    elif action == "resume":
+        from dist_awenc.config import load_config
+
         # resume --config may bring new slurm.* settings (a longer time limit...); the grid must stay the same
-        sweep = Sweep(prepare(cfg) if action == "resume" else sweep_dir_of(cfg))
+        sweep = Sweep(prepare(load_config(_schema(), config, overrides or [])))
+    else:  # status, collect: only the folder's name is needed, and no torch
+        sweep = Sweep(folder_of_config(config, overrides))
     if action == "status":
         states = status(sweep)
         return 1 if any(t.state == "failed" for t in states.values()) else 0
@@ -714,6 +778,56 @@ def sweep_command(action: str, config: Optional[str] = None, overrides: Optional
         resume(sweep, executor, wait_for)
         return 0
     raise ConfigError(f"unknown sweep action '{action}'; valid: run, status, collect, resume")
+
+
+RUN_KEYS = ("name", "out_dir", "seed")  # dist_awenc.config.RunSection's fields (a test checks)
+RUN_OUT_DIR = "runs"  # RunSection's default out_dir
+
+
+def folder_of_config(config: Optional[str], overrides: Optional[list[str]] = None) -> Path:
+    """The sweep folder a sweep config names (``run.out_dir``/``run.name``, overrides applied), read without the schema.
+
+    For ``status`` and ``collect``, which only read the folder (its
+    config.yaml was checked when the sweep was prepared): the file and the
+    overrides may name SweepConfig's sections and ``run``'s keys only; the
+    other sections are not checked here. Loading the schema would import torch.
+    """
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    where = str(config) if config else "overrides"
+    bad = [o for o in overrides or [] if "=" not in o]
+    if bad:
+        raise ConfigError(f"override '{bad[0]}' is not of the form key.sub=value")
+    try:
+        body: Any = OmegaConf.create({})
+        if config:
+            p = Path(config)
+            if not p.is_file():
+                raise ConfigError(f"config file '{p}' does not exist")
+            body = OmegaConf.load(p)
+            if not isinstance(body, DictConfig):
+                raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+        merged = OmegaConf.to_container(OmegaConf.merge(body, OmegaConf.from_dotlist(list(overrides or []))))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - YAML errors
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    assert isinstance(merged, dict)
+    for key in merged:
+        if key not in SECTIONS:
+            raise ConfigError(f"{where}: unknown config key '{key}'; valid keys there: {', '.join(sorted(SECTIONS))}")
+    run = merged.get("run")
+    run = {} if run is None else run
+    if not isinstance(run, dict):
+        raise ConfigError(f"{where}: section 'run' must be a mapping of keys ({', '.join(RUN_KEYS)}), got {run!r}")
+    for key in run:
+        if key not in RUN_KEYS:
+            raise ConfigError(f"{where}: unknown config key 'run.{key}'; valid keys there: {', '.join(sorted(RUN_KEYS))}")
+    name, out_dir = run.get("name", DEFAULT_NAME), run.get("out_dir", RUN_OUT_DIR)
+    return Path(str(out_dir)).expanduser().resolve() / str(name)
 
 
 # ------------------------------------------------------------------ sbatch templates' entry point
