@@ -183,6 +183,33 @@ ROB_TASK = {"id": "main.prune_global__0.5__s0", "target": "main", "attack": "pru
 NULL_TASK = {"id": "null.simclr_w8_group_s0", "kind": "null", "name": "simclr_w8_group_s0"}
 
 
+def test_scheduler_states_ask_sacct_for_purged_jobs(tmp_path, monkeypatch):
+    from dist_awenc.launch.cluster import scheduler_states
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho '100_0|RUNNING'\necho '100_[3-9%2]|PENDING'\n")
+    (bin_dir / "sacct").write_text("#!/bin/sh\necho '100_0|PENDING'\necho '100_1|OUT_OF_MEMORY'\necho '100_2|CANCELLED by 1000'\n")
+    for p in bin_dir.iterdir():
+        p.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    states = scheduler_states(["100_0", "100_1", "100_2"])
+    assert states == {"100_0": "RUNNING", "100_1": "OUT_OF_MEMORY", "100_2": "CANCELLED"}  # squeue wins where it knows
+
+
+def test_a_job_failing_outside_its_tasks_names_the_cause(tmp_path):
+    """SweepJob failing before its first task (here: the sweep's config.yaml is gone) writes errors/<id>.json, which
+    status reads, since it never opens submitit's result pickle."""
+    from dist_awenc.launch.jobs import SweepJob
+
+    root = plain_sweep(tmp_path / "s", [ROB_TASK, NULL_TASK])
+    with pytest.raises(ConfigError, match="does not exist"):
+        SweepJob()(str(root), [ROB_TASK["id"], NULL_TASK["id"]])
+    states = sw.task_states(sw.Sweep(root))
+    assert {s.state for s in states.values()} == {"failed"}
+    assert all("config.yaml' does not exist" in s.error for s in states.values())
+
+
 def test_status_and_collect_import_nothing_heavy(tmp_path):
     """`awenc sweep status|collect` (--dir or --config) in a fresh interpreter: no torch, submitit or plotting."""
     root = plain_sweep(tmp_path / "runs" / "sweep_tiny", [ROB_TASK, NULL_TASK],

@@ -5,6 +5,10 @@ callables (:mod:`dist_awenc.launch.jobs`) import this module inside SLURM jobs
 before their signal handlers are set, and ``awenc sweep status`` reads a sweep
 folder through it.
 
+Job outcomes are read from text only: the files the tasks write, ``squeue``/``sacct``
+states and the job's stderr log. submitit's ``*_result.pkl`` files are never
+unpickled: whoever can write a shared sweep folder could run code in the reader.
+
 Executors (``--executor``):
     slurm  submitit's SlurmExecutor (sbatch job arrays, requeue on timeout/preemption)
     local  submitit's LocalExecutor (one process per job on this machine, same checkpoint/requeue protocol)
@@ -13,7 +17,6 @@ Executors (``--executor``):
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -35,6 +38,9 @@ DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize
 _PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD", "SUSPENDED",
             "SPECIAL_EXIT", "STOPPED", "RESIZING", "SIGNALING"}
 _RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT"}
+# job ids read from a folder become file names: letters, digits and _ . + - only, no '..'
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_LOG_TAIL = 256 * 1024  # bytes of a job's stderr log read back (progress bars make logs long)
 
 
 @dataclass
@@ -140,18 +146,34 @@ def balanced(items: Sequence[Any], parts: int) -> list[list[Any]]:
 
 
 def scheduler_states(job_ids: Sequence[str]) -> dict[str, str]:
-    """SLURM state of each job (``123`` or ``123_4``) that slurmctld still knows; {} where it does not answer."""
-    bases = sorted({j.split("_")[0] for j in job_ids if j})
+    """SLURM state of each job (``123`` or ``123_4``) that slurmctld or the accounting still knows.
+
+    ``squeue`` first (jobs queued, running or recently ended), then ``sacct`` for
+    those slurmctld has purged (the final state: COMPLETED, FAILED, TIMEOUT,
+    OUT_OF_MEMORY, CANCELLED...). {} where neither answers.
+    """
+    wanted = [j for j in job_ids if j]
+    bases = sorted({j.split("_")[0] for j in wanted})
     if not bases:
         return {}
     out = _run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(bases)])
     if out is None:  # squeue fails on a list with a purged id: ask one by one
         out = "".join(_run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", b]) or "" for b in bases)
+    states = _parse_states(out)
+    gone = sorted({j.split("_")[0] for j in wanted if j not in states})
+    if gone:
+        states = {**_parse_states(_run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(gone)]) or ""),
+                  **states}
+    return states
+
+
+def _parse_states(text: str) -> dict[str, str]:
+    """``id|STATE`` lines (squeue -o %i|%T, sacct -P -o JobID,State) as {id: STATE}; pending array ranges skipped."""
     states = {}
-    for line in out.splitlines():
+    for line in text.splitlines():
         jid, _, state = line.strip().partition("|")
-        if jid:
-            states[jid] = state.split()[0] if state else "UNKNOWN"
+        if jid and "[" not in jid:
+            states[jid] = state.split()[0] if state.strip() else "UNKNOWN"  # "CANCELLED by 1000" -> CANCELLED
     return states
 
 
@@ -179,21 +201,49 @@ def process_alive(pid: int) -> bool:
 
 
 def submitit_outcome(folder: Path, job_id: str) -> Optional[tuple[str, str]]:
-    """``("success"|"error", text)`` from the result pickle submitit writes when a job ends, if any.
+    """``("success"|"error", text)`` of an ended job, from the stderr log submitit's job process writes, if any.
 
-    The pickle holds ``(status, result-or-traceback)``; only plain tuples of
-    strings are read back (``dist_awenc`` jobs return JSON-able dicts).
+    Reads text only (``<folder>/<job>/<job>_<task>_log.err``): the marker lines
+    submitit logs when the job returns or raises, and the exception line of the
+    traceback that follows. The result pickle beside it is never opened.
     """
-    path = folder / job_id / f"{job_id}_0_result.pkl"
-    if not path.exists():
+    if not _SAFE_ID.match(job_id) or ".." in job_id:
         return None
-    try:
-        import cloudpickle  # submitit depends on it
+    d = folder / job_id
+    logs = sorted(d.glob(f"{job_id}_*_log.err"), key=lambda p: (len(p.name), p.name)) if d.is_dir() else []
+    success = None
+    for log in logs:  # every node's log of a multi-node job: the first that failed names the error
+        outcome = _log_outcome(_tail(log))
+        if outcome and outcome[0] == "error":
+            return outcome
+        success = success or outcome
+    return success
 
-        status, value = cloudpickle.loads(path.read_bytes())
-    except Exception:  # noqa: BLE001 - a truncated pickle is no outcome
+
+def _tail(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - _LOG_TAIL))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _log_outcome(text: str) -> Optional[tuple[str, str]]:
+    lines = text.replace("\r", "\n").splitlines()
+    failed = max((i for i, ln in enumerate(lines) if "Submitted job triggered an exception" in ln), default=-1)
+    done = max((i for i, ln in enumerate(lines) if "Job completed successfully" in ln), default=-1)
+    if failed < 0 and done < 0:
         return None
-    return str(status), value if isinstance(value, str) else json.dumps(value, default=str)
+    if done > failed:  # a requeued job's log holds the earlier attempts too: the last word counts
+        return "success", ""
+    tail = lines[failed:]
+    starts = [i for i, ln in enumerate(tail) if ln.startswith("Traceback (most recent call last)")]
+    if starts:  # Python's traceback: indented frames, then "Type: message"
+        for ln in tail[starts[-1] + 1:]:
+            if ln.strip() and not ln[0].isspace():
+                return "error", ln.strip()
+    return "error", tail[0].strip()
 
 
 def durable_write_text(path: str | Path, text: str) -> None:

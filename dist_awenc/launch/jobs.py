@@ -30,9 +30,17 @@ class SweepJob:
     """Run some tasks of a sweep: ``SweepJob()(sweep_dir, task_ids)``."""
 
     def __call__(self, sweep_dir: str, task_ids: list[str]) -> dict[str, Any]:
-        from dist_awenc.launch.sweep import run_tasks
+        from dist_awenc.launch.sweep import SweepTaskError, record_job_failure, run_tasks
 
-        return run_tasks(Path(sweep_dir), list(task_ids))
+        try:
+            return run_tasks(Path(sweep_dir), list(task_ids))
+        except SweepTaskError:  # each failed task wrote its errors/<id>.json
+            raise
+        except Exception as e:
+            # failed outside its tasks (loading the sweep, importing torch...): the tasks' error files say so, which
+            # is how `awenc sweep status` learns a job's outcome (it never reads submitit's result pickle)
+            record_job_failure(sweep_dir, list(task_ids), e)
+            raise
 
     def checkpoint(self, sweep_dir: str, task_ids: list[str]) -> Any:
         """Requeue with the same tasks: the requeued job skips those with a result, and a pre-training

@@ -35,7 +35,9 @@ this process.
 ``status`` and ``collect`` read the folder without importing torch or
 submitit: this module imports them (and the config schemas, which import
 torch) only inside the functions that submit or run tasks, and
-:class:`SweepConfig` is defined on first use.
+:class:`SweepConfig` is defined on first use. Task states come from the files
+the tasks write (results, ``errors/<id>.json``), ``squeue``/``sacct`` and the
+jobs' stderr logs; submitit's result pickles are never read.
 """
 from __future__ import annotations
 
@@ -381,6 +383,19 @@ def _record_error(sweep: Sweep, task_id: str, e: BaseException) -> str:
     return line
 
 
+def record_job_failure(sweep_dir: str | Path, task_ids: list[str], e: BaseException) -> None:
+    """A job that failed outside its tasks (before the first, or loading the sweep): ``errors/<id>.json`` for each of
+    its tasks that has neither a result nor an error, so `status` and `collect` name the cause. Call it in an
+    ``except`` block."""
+    try:
+        sweep = Sweep(sweep_dir)
+        for tid in task_ids:
+            if tid in sweep.tasks and not sweep.done(tid) and not sweep.error_path(tid).exists():
+                _record_error(sweep, tid, e)
+    except Exception:  # noqa: BLE001 - the job's own error is raised anyway; this is only a record of it
+        pass
+
+
 def _run_null(sweep: Sweep, tid: str) -> None:
     from dist_awenc.config import CalibrateConfig, load_config
     from dist_awenc.runs import reuse_or_run
@@ -522,8 +537,9 @@ def submit(sweep: Sweep, task_ids: list[str], executor: str = "auto") -> list[di
 def task_states(sweep: Sweep) -> dict[str, TaskState]:
     """done / running / pending / failed / missing (never submitted) / unknown (the scheduler does not answer).
 
-    From the files first (results, errors), then the scheduler (squeue, or
-    the local job's process), then what submitit left in the job's log folder.
+    From the files the tasks write first (results, ``errors/<id>.json``), then
+    the scheduler (squeue, sacct, or the local job's process), then the
+    exception line of the job's stderr log. Nothing is unpickled.
     """
     latest = sweep.latest_jobs()
     open_slurm = sorted({job for tid, (job, ex) in latest.items() if ex == "slurm" and not sweep.done(tid)})
@@ -536,8 +552,12 @@ def task_states(sweep: Sweep) -> dict[str, TaskState]:
             continue
         err = sweep.error_path(tid)
         if err.exists():
-            body = json.loads(err.read_text())
-            out[tid] = TaskState(tid, "failed", body.get("job", ""), body.get("error", ""))
+            try:
+                body = json.loads(err.read_text())
+                body = body if isinstance(body, dict) else {}
+            except (OSError, ValueError):
+                body = {"error": f"unreadable error file {err}"}
+            out[tid] = TaskState(tid, "failed", str(body.get("job", "")), str(body.get("error", "")))
             continue
         if tid not in latest:
             out[tid] = TaskState(tid, "missing")
@@ -554,24 +574,24 @@ def _scheduler_answers() -> bool:
 
 
 def _job_state(sweep: Sweep, tid: str, job: str, ex: str, squeue: dict[str, str], answered: bool) -> TaskState:
+    """A task with neither result nor error file, from its latest job: still queued or running, else failed."""
     if ex == "slurm":
         state = squeue.get(job)
         if state is not None and classify(state) != "over":
             return TaskState(tid, classify(state), job)
         if state is None and not answered:
             return TaskState(tid, "unknown", job, "the SLURM controller does not answer")
-        outcome = submitit_outcome(sweep.logs, job)
         why = f"job {job} ended{' ' + state if state else ''} without a result"
     elif ex == "local":
         if job.isdigit() and process_alive(int(job)):
             return TaskState(tid, "running", job)
-        outcome = submitit_outcome(sweep.logs, job)
         why = f"local job {job} ended without a result"
     else:
         return TaskState(tid, "missing", job, "the in-process (debug) run stopped before this task")
+    outcome = submitit_outcome(sweep.logs, job)  # the job's stderr log, as text
     if outcome and outcome[0] == "error":
         why += f": {last_error_line(outcome[1])}"
-    elif outcome is None:
+    else:
         why += f" (killed, cancelled, out of memory or time?); see {sweep.logs / job}"
     return TaskState(tid, "failed", job, why)
 
