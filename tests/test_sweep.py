@@ -183,6 +183,55 @@ ROB_TASK = {"id": "main.prune_global__0.5__s0", "target": "main", "attack": "pru
 NULL_TASK = {"id": "null.simclr_w8_group_s0", "kind": "null", "name": "simclr_w8_group_s0"}
 
 
+def test_ids_read_from_a_sweep_folder_are_checked(tmp_path):
+    """Task ids, target and null names (sweep.json), job and task ids (jobs.json) become paths only when safe."""
+    ok = sw.Sweep(plain_sweep(tmp_path / "ok", [ROB_TASK, NULL_TASK]))
+    assert ok.result_path(ROB_TASK["id"]) == ok.root / "targets" / "main" / "tasks" / "prune_global__0.5__s0.json"
+    assert ok.result_path(NULL_TASK["id"]) == ok.root / "null" / "simclr_w8_group_s0.json"
+    bad_plans = {
+        "dotdot": [{**ROB_TASK, "id": "main.x/../../../../etc/passwd"}],
+        "slash_target": [{**ROB_TASK, "id": "../evil.none__0__s0", "target": "../evil"}],
+        "null_name": [{**NULL_TASK, "id": "null.x", "name": "../../x"}],
+        "mismatch": [{**NULL_TASK, "id": "null.other"}],
+        "kind": [{**ROB_TASK, "kind": "shell"}],
+        "attack": [{**ROB_TASK, "id": "main.x__0.5__s0", "attack": "../../../x"}],
+        "extra_key": [{**ROB_TASK, "command": "rm -rf"}],
+    }
+    for name, tasks in bad_plans.items():
+        with pytest.raises(ConfigError, match="sweep.json"):
+            sw.Sweep(plain_sweep(tmp_path / name, tasks))
+    for name, jobs in {"job": {"../../x": [ROB_TASK["id"]]}, "task": {"123": ["../../errors/x"]}}.items():
+        root = plain_sweep(tmp_path / f"jobs_{name}", [ROB_TASK], [{"time": 0, "executor": "slurm", "jobs": jobs}])
+        with pytest.raises(ConfigError, match=f"jobs.json: {name} id .* is not a valid id"):
+            sw.task_states(sw.Sweep(root))
+    with pytest.raises(ConfigError, match="not a valid id"):
+        ok.error_path("a/b")
+    assert not (tmp_path / "errors").exists()
+
+
+def _record_many(root: str, n: int) -> None:
+    sweep = sw.Sweep(root)
+    for i in range(n):
+        sweep.record({"time": i, "executor": "local", "jobs": {str(os.getpid() * 1000 + i): [ROB_TASK["id"]]}})
+
+
+def test_jobs_json_updates_are_locked(tmp_path):
+    """Submitters recording at once (two `awenc sweep resume`, say) lose no submission: jobs.json.lock serialises them."""
+    import multiprocessing
+
+    root = plain_sweep(tmp_path / "s", [ROB_TASK])
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_record_many, args=(str(root), 15)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    subs = sw.Sweep(root).submissions()
+    assert len(subs) == 60 and len({next(iter(s["jobs"])) for s in subs}) == 60
+    assert (root / "jobs.json.lock").exists() and not list(root.glob(".jobs.json.*"))
+
+
 def test_scheduler_states_ask_sacct_for_purged_jobs(tmp_path, monkeypatch):
     from dist_awenc.launch.cluster import scheduler_states
 

@@ -38,7 +38,7 @@ DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize
 _PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD", "SUSPENDED",
             "SPECIAL_EXIT", "STOPPED", "RESIZING", "SIGNALING"}
 _RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT"}
-# job ids read from a folder become file names: letters, digits and _ . + - only, no '..'
+# task and job ids read from a sweep folder become file names: letters, digits and _ . + - only, no '..'
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _LOG_TAIL = 256 * 1024  # bytes of a job's stderr log read back (progress bars make logs long)
 
@@ -200,6 +200,14 @@ def process_alive(pid: int) -> bool:
         return True
 
 
+def checked_id(value: Any, what: str, where: Any) -> str:
+    """``value`` as a task or job id that is safe as a file name, else a ConfigError naming ``where``."""
+    if not isinstance(value, str) or not _SAFE_ID.match(value) or ".." in value:
+        raise ConfigError(f"{where}: {what} {value!r} is not a valid id (letters, digits, '_', '.', '+', '-'; "
+                          f"no path separators or '..')")
+    return value
+
+
 def submitit_outcome(folder: Path, job_id: str) -> Optional[tuple[str, str]]:
     """``("success"|"error", text)`` of an ended job, from the stderr log submitit's job process writes, if any.
 
@@ -279,6 +287,20 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock (flock) on ``<path>.lock`` while the block runs: one read-modify-write of ``path`` at a time."""
+    import fcntl
+
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # umask applies: a group sharing the folder shares the lock
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def last_error_line(text: str) -> str:

@@ -37,7 +37,8 @@ submitit: this module imports them (and the config schemas, which import
 torch) only inside the functions that submit or run tasks, and
 :class:`SweepConfig` is defined on first use. Task states come from the files
 the tasks write (results, ``errors/<id>.json``), ``squeue``/``sacct`` and the
-jobs' stderr logs; submitit's result pickles are never read.
+jobs' stderr logs; submitit's result pickles are never read. Task and job ids
+read from the folder are checked before they become paths.
 """
 from __future__ import annotations
 
@@ -56,9 +57,10 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from dist_awenc.errors import AwencError, ConfigError
-from dist_awenc.launch.cluster import (SlurmSection, balanced, classify, deferred_interrupts, durable_write_text,
-                                       last_error_line, make_executor, max_array_size, process_alive, resolve_executor,
-                                       scheduler_states, split, submission_errors, submitit_outcome)
+from dist_awenc.launch.cluster import (SlurmSection, balanced, checked_id, classify, deferred_interrupts,
+                                       durable_write_text, last_error_line, locked, make_executor, max_array_size,
+                                       process_alive, resolve_executor, scheduler_states, split, submission_errors,
+                                       submitit_outcome)
 
 # Heavy modules (torch through the config sections, the attack registry and the robustness grid) are imported
 # inside the functions that need them, so `awenc sweep status` / `collect` start in a fraction of a second.
@@ -216,6 +218,8 @@ def expand(cfg: SweepConfig, null_names: Iterable[str] = ()) -> list[SweepTask]:
     if not tasks:
         raise ConfigError("the sweep is empty: give `encoder` + `secret` (or `encoders` + `secrets`) and/or `null_population`")
     ids = [t.id for t in tasks]
+    for t in tasks:
+        check_task(t, t.id, "the sweep config")
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ConfigError(f"the grid names task '{dup}' twice (repeated seed or strength?)")
@@ -288,23 +292,52 @@ def prepare(cfg: SweepConfig) -> Path:
 # ------------------------------------------------------------------ the folder
 
 
+def check_task(task: SweepTask, task_id: Any, where: Any) -> None:
+    """``task_id`` and the names in ``task`` are safe as paths and agree (a null task ``null.<name>``, a
+    robustness task ``<target>.<attack>__...``); else a ConfigError naming ``where``."""
+    checked_id(task_id, "task id", where)
+    if task.kind == "null":
+        ok = task_id == f"null.{task.name}" and _NAME.match(task.name) is not None
+    elif task.kind == "robustness":  # <target>.<attack>__<strength>__s<seed>; the job names its result file so
+        ok = (_NAME.match(task.target) is not None and task.target != "null" and _NAME.match(task.attack) is not None
+              and task_id.startswith(f"{task.target}.{task.attack}__"))
+    else:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where}: task {task_id!r} ({task.kind} {task.target or task.name!r}) is not a valid sweep task")
+
+
 class Sweep:
-    """A sweep folder: its config, its tasks, and where each task's files go."""
+    """A sweep folder: its config, its tasks, and where each task's files go.
+
+    Everything read from the folder is checked before it names a path: task
+    ids, target and null-encoder names (``sweep.json``), task and job ids
+    (``jobs.json``).
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
         plan = self.root / "sweep.json"
         if not plan.is_file():
             raise ConfigError(f"'{self.root}' is not a sweep folder (no sweep.json); start one with `awenc sweep run`")
-        data = json.loads(plan.read_text())
-        if data.get("format") != SWEEP_FORMAT:
-            raise ConfigError(f"{plan}: unknown format {data.get('format')!r}, expected {SWEEP_FORMAT}")
+        try:
+            data = json.loads(plan.read_text())
+        except ValueError as e:
+            raise ConfigError(f"{plan}: not valid JSON ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != SWEEP_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else None
+            raise ConfigError(f"{plan}: unknown format {found!r}, expected {SWEEP_FORMAT}")
         self.cwd = data.get("cwd") or os.getcwd()  # where relative paths of the null population's config point
         self.tasks: dict[str, SweepTask] = {}
-        for t in data["tasks"]:
-            t = dict(t)
-            tid = t.pop("id")
-            self.tasks[tid] = SweepTask(**t)
+        for t in data.get("tasks") or []:
+            try:
+                t = dict(t)
+                tid = t.pop("id")
+                task = SweepTask(**t)
+            except (TypeError, ValueError, KeyError):
+                raise ConfigError(f"{plan}: a task entry is not a sweep task: {str(t)[:200]}") from None
+            check_task(task, tid, plan)
+            self.tasks[tid] = task
         self._config: Any = None
 
     @property
@@ -331,22 +364,38 @@ class Sweep:
         task = self.tasks[task_id]
         if task.kind == "null":
             return self.root / "null" / f"{task.name}.json"
-        # a robustness task's id is <target>.<the robustness task's id>
+        # a robustness task's id is <target>.<the robustness task's id> (checked when the plan was read)
         return self.target_dir(task.target) / "tasks" / f"{task_id[len(task.target) + 1:]}.json"
 
     def error_path(self, task_id: str) -> Path:
-        return self.root / "errors" / f"{task_id}.json"
+        return self.root / "errors" / f"{checked_id(task_id, 'task id', self.root / 'errors')}.json"
 
     def done(self, task_id: str) -> bool:
         return self.result_path(task_id).exists()
 
     def submissions(self) -> list[dict]:
         p = self.root / "jobs.json"
-        return json.loads(p.read_text())["submissions"] if p.exists() else []
+        if not p.exists():
+            return []
+        try:
+            subs = json.loads(p.read_text())["submissions"]
+            for sub in subs:
+                for job_id, ids in sub["jobs"].items():
+                    checked_id(job_id, "job id", p)
+                    for i in ids:
+                        checked_id(i, "task id", p)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{p}: not a list of submissions ({type(e).__name__}: {e})") from None
+        return subs
 
     def record(self, submission: dict) -> None:
-        subs = self.submissions() + [submission]
-        durable_write_text(self.root / "jobs.json", json.dumps({"submissions": subs}, indent=1))
+        """Append a submission to jobs.json; the read-modify-write holds jobs.json.lock (concurrent submitters)."""
+        p = self.root / "jobs.json"
+        with locked(p):
+            subs = self.submissions() + [submission]
+            durable_write_text(p, json.dumps({"submissions": subs}, indent=1))
 
     def latest_jobs(self) -> dict[str, tuple[str, str]]:
         """Task id -> (job id, executor) of its latest submission."""
