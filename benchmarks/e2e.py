@@ -37,8 +37,8 @@ TABLE_SETTINGS = ["data", "image_size", "batch", "num_workers", "mixed_precision
 def plan(ctx: Context, args) -> list[tuple[str, str, str, dict]]:
     if ctx.quick:
         cases = [("resnet18_cifar32", "simclr", "fp32",
-                  dict(batch=8, data="fake", size=64, max_steps=6, log_every=1, skip=1, workers=0,
-                       ref=dict(warmup=1, steps=1, reps=3), ref_after=False))]
+                  dict(batch=4, data="fake", size=32, max_steps=4, log_every=1, skip=1, workers=0,
+                       ref=dict(warmup=1, steps=1, reps=1), ref_after=False))]  # a schema check
     elif ctx.on_gpu:
         workers = max(1, min(10, (os.cpu_count() or 2) - 2))
         cases = [("resnet18_cifar32", "simclr", "bf16_cl",

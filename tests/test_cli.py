@@ -154,7 +154,7 @@ def _env() -> dict:
       "data.image_size=8", "encoder.width=8"], "pretrain", "download"),
 ], ids=["console-script-config-error", "module-dataset-error"])
 def test_subprocess_exit_code_and_one_line(tmp_path, cmd, stage, expect):
-    proc = subprocess.run(cmd + [f"run.out_dir={tmp_path}"], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run(cmd + [f"run.out_dir={tmp_path}"], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env=_env())
     assert proc.returncode == 2, proc.stderr
     line = _one_error_line(proc.stderr, stage)
@@ -165,7 +165,7 @@ def test_subprocess_exit_code_and_one_line(tmp_path, cmd, stage, expect):
 def test_subprocess_tampered_secret(tmp_path):
     secret = _tampered_secret(tmp_path)
     proc = subprocess.run([str(AWENC), "verify", "--mode", "whitebox", f"secret={secret}", f"suspect={tmp_path}",
-                           f"run.out_dir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=120,
+                           f"run.out_dir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env=_env())
     assert proc.returncode == 2
     assert "modified" in _one_error_line(proc.stderr, "verify")
