@@ -195,7 +195,7 @@ def build_reference(kind: str, enc, ssl, *, embed: Optional[dict] = None) -> nn.
     """
     if enc.arch not in ("resnet18", "resnet34", "resnet50") or enc.norm != "batch":
         raise ValueError(f"the reference has torchvision ResNets with BatchNorm only, not {enc.arch}/{enc.norm}")
-    common = dict(arch=enc.arch, stem=enc.stem, mean=enc.mean, std=enc.std, hidden=enc.proj_hidden_dim,
+    common = dict(arch=enc.arch, stem=enc.stem or "cifar", mean=enc.mean, std=enc.std, hidden=enc.proj_hidden_dim,
                   out=enc.proj_dim, head_norm=enc.head_norm)
     if kind == "simclr":
         return RefSimCLR(**common, temperature=ssl.temperature if ssl.temperature is not None else 0.5)

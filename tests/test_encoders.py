@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dist_awenc.encoders.io import Encoder, build_encoder, card_for, load_encoder, save_encoder, sha256_file
-from dist_awenc.encoders.registry import ENCODERS, arch_kwargs, build_backbone, register_encoder
+from dist_awenc.encoders.registry import ENCODERS, arch_kwargs, build_backbone, register_encoder, resolve_arch_kwargs
 from dist_awenc.errors import ArtifactError, ConfigError
 
 # name -> (kwargs, input size, batch, feature_dim)
@@ -44,11 +44,26 @@ def test_every_backbone_forward_backward(name, kwargs, size, batch, feature_dim)
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-def test_build_backbone_ignores_unknown_kwargs_and_arch_kwargs_filters():
-    net = build_backbone("tiny", width=4, norm="none", stem="cifar", nonsense=1)
-    assert net.feature_dim == 16
+def test_build_backbone_refuses_unknown_or_unused_kwargs():
+    """As timm does: an argument a backbone cannot use (a width for a ResNet) is an error, not silently dropped."""
+    assert build_backbone("tiny", width=4, norm="none").feature_dim == 16
+    with pytest.raises(ConfigError, match="'nonsense', 'stem'.*takes: width, norm"):
+        build_backbone("tiny", width=4, norm="none", stem="cifar", nonsense=1)
+    with pytest.raises(ConfigError, match="resnet18.*'width'"):
+        resolve_arch_kwargs("resnet18", width=64, norm="batch")
+    assert resolve_arch_kwargs("resnet18", norm="batch") == {"stem": "cifar", "norm": "batch"}
+    assert resolve_arch_kwargs("tiny_resnet") == {"width": 16, "norm": "group"}
     assert arch_kwargs("tiny", width=4, norm="none", stem="cifar") == {"width": 4, "norm": "none"}
-    assert arch_kwargs("resnet18", width=4, norm="batch", stem="cifar") == {"norm": "batch", "stem": "cifar"}
+
+
+def test_pretrain_config_with_a_width_for_a_resnet_is_an_error():
+    from dist_awenc.config import EncoderSection
+    from dist_awenc.ssl.pretrain import encoder_from_config
+
+    with pytest.raises(ConfigError, match="resnet18.*width"):
+        encoder_from_config(EncoderSection(arch="resnet18", width=64, norm="batch"), 32)
+    enc, arch, kwargs = encoder_from_config(EncoderSection(arch="tiny"), 8)
+    assert kwargs == {"width": 32, "norm": "group"}  # the card records every argument, defaults included
 
 
 def test_unknown_encoder_lists_valid_names():

@@ -1,4 +1,4 @@
-"""Registered backbones: a tiny CPU network and torchvision ResNets with either stem."""
+"""Registered backbones: two tiny CPU networks (plain and residual) and torchvision ResNets with either stem."""
 from __future__ import annotations
 
 from typing import Callable
@@ -46,6 +46,45 @@ class TinyConvNet(nn.Module):
 @register_encoder("tiny")
 def tiny(width: int = 32, norm: str = "group") -> nn.Module:
     return TinyConvNet(width=width, norm=norm)
+
+
+class _ResBlock(nn.Module):
+    """3x3 conv-norm-relu-conv-norm plus a (1x1 when the shape changes) shortcut, then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int, make_norm: Callable[[int], nn.Module], bias: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=bias), make_norm(cout), nn.ReLU(inplace=True),
+                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=bias), make_norm(cout))
+        self.skip = (nn.Identity() if stride == 1 and cin == cout
+                     else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=bias), make_norm(cout)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+class TinyResNet(nn.Module):
+    """A small residual network: a 3x3 stem of width w, then residual blocks of widths w, 2w (stride 2)
+    and 4w (stride 2), and global pooling. A second architecture family for CPU-scale null populations.
+
+    Shape: (b, 3, H, W) -> (b, 4w).
+    """
+
+    def __init__(self, width: int = 16, norm: str = "group") -> None:
+        super().__init__()
+        make_norm, bias = norm_layer(norm), norm == "none"
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=bias), make_norm(width), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(_ResBlock(width, width, 1, make_norm, bias),
+                                    _ResBlock(width, 2 * width, 2, make_norm, bias),
+                                    _ResBlock(2 * width, 4 * width, 2, make_norm, bias))
+        self.feature_dim = 4 * width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x)).mean(dim=(2, 3))  # (b, 4w)
+
+
+@register_encoder("tiny_resnet")
+def tiny_resnet(width: int = 16, norm: str = "group") -> nn.Module:
+    return TinyResNet(width=width, norm=norm)
 
 
 def _resnet(depth: int, stem: str, norm: str) -> nn.Module:

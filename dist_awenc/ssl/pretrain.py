@@ -11,7 +11,7 @@ import torch
 from dist_awenc.config import PretrainConfig, to_dict, to_yaml
 from dist_awenc.data import GlobalBatchSampler, build_dataset, make_splits, make_views
 from dist_awenc.encoders.io import Encoder, build_encoder, card_for, save_encoder, save_tensors
-from dist_awenc.encoders.registry import arch_kwargs
+from dist_awenc.encoders.registry import resolve_arch_kwargs
 from dist_awenc.engine import dist
 from dist_awenc.engine.log import info
 from dist_awenc.engine.loop import LoopSettings, cosine_schedule, fit, make_accelerator, prepare_model
@@ -24,7 +24,9 @@ from dist_awenc.ssl.methods import METHODS, build_method
 
 def encoder_from_config(enc, image_size: int) -> tuple[Encoder, str, dict]:
     """Build the pixel-space encoder an ``encoder:`` section describes."""
-    kwargs = arch_kwargs(enc.arch, width=enc.width, norm=enc.norm, stem=enc.stem)
+    explicit = {"norm": enc.norm, **({"width": enc.width} if enc.width is not None else {}),
+                **({"stem": enc.stem} if enc.stem is not None else {})}
+    kwargs = resolve_arch_kwargs(enc.arch, **explicit)
     return build_encoder(enc.arch, kwargs, enc.mean, enc.std, image_size), enc.arch, kwargs
 
 
