@@ -23,8 +23,8 @@ from dist_awenc.engine.log import info
 from dist_awenc.evaluate.downstream import evaluate_encoder, save_downstream
 from dist_awenc.runs import reuse_or_run, run_dir_of
 from dist_awenc.ssl.pretrain import encoder_from_config, pretrain
-from dist_awenc.verify.core import MODES, Verdict, whitebox_scores
-from dist_awenc.verify.run import verify_model
+from dist_awenc.verify.core import MODES, Verdict, overall_verdict, whitebox_scores
+from dist_awenc.verify.run import load_plan_alternatives, resolve_settings, verify_model
 from dist_awenc.watermark.embed import embed
 from dist_awenc.watermark.generate import watermark
 from dist_awenc.watermark.secret import load_secret
@@ -43,7 +43,7 @@ def demo(cfg: DemoConfig) -> dict:
     ind_path = reuse_or_run(PretrainConfig(run=sub("independent", cfg.run.seed + 1), **common), pretrain, "encoder.safetensors")
     info("[3/6] stage 1: generate the watermark on f0")
     secret_path = reuse_or_run(WatermarkConfig(run=sub("watermark"), encoder=str(f0_path), data=cfg.data,
-                                                generation=cfg.generation), watermark, "secret.safetensors")
+                                                generation=cfg.generation, plan=cfg.plan), watermark, "secret.safetensors")
     info("[4/6] stage 2: embed it")
     wm_path = reuse_or_run(EmbedConfig(run=sub("embed"), encoder=str(f0_path), secret=str(secret_path), data=cfg.data,
                                         views=cfg.views, mild_views=cfg.mild_views, ssl=cfg.ssl, loss=cfg.loss,
@@ -68,24 +68,32 @@ def demo(cfg: DemoConfig) -> dict:
     for name, m in utility.items():
         info(f"  {name:<12} linear probe {m['linear_probe']:.4f}   kNN {m['knn']:.4f}")
 
-    info("[6/6] verify every encoder in every mode with the owner's secret")
+    info("[6/6] verify every encoder in every mode with the owner's secret (and its plan)")
     secret = load_secret(secret_path)
+    alternatives = load_plan_alternatives(str(secret_path), secret)
+    settings = {m: resolve_settings(cfg.verify, secret, m, dataset=cfg.data.name, dataset_size=len(dataset),
+                                    split_seed=cfg.data.split_seed, holdout_indices=splits["holdout"]) for m in MODES}
     verdicts: list[dict] = []
+    overall: dict[str, dict] = {}
     scores: dict[str, Any] = {}
     for name in ("watermarked", "clean", "independent"):
+        mine: list[Verdict] = []
         for mode in MODES:
             suspect = encoders[name][0] if mode == "whitebox" else models[name]
-            v = verify_model(suspect, secret, holdout, cfg.verify, mode)
-            verdicts.append({"model": name, **_row(v)})
+            mine += verify_model(suspect, secret, holdout, settings[mode], mode, alternatives)
             if mode == "whitebox":
-                scores[name] = whitebox_scores(suspect, secret, holdout[: v.n])
+                scores[name] = whitebox_scores(suspect, secret, holdout[: settings[mode].n])
+        verdicts += [{"model": name, **_row(v)} for v in mine]
+        overall[name] = overall_verdict(mine, settings["whitebox"].alpha)
     report = {"utility": {k: {"linear_probe": v["linear_probe"], "knn": v["knn"]} for k, v in utility.items()},
-              "verification": verdicts, "secret_sha256": secret.sha256, "seconds": round(time.time() - t0, 1),
+              "verification": verdicts, "overall": overall, "alpha": settings["whitebox"].alpha,
+              "plan": secret.plan, "downstream_test_images": utility["clean"].get("test_images"),
+              "secret_sha256": secret.sha256, "seconds": round(time.time() - t0, 1),
               "runs": {"f0": str(f0_path), "independent": str(ind_path), "secret": str(secret_path), "watermarked": str(wm_path)}}
     atomic_write_text(root / "report.json", json.dumps(report, indent=2))
     table = verdict_table(report)
     atomic_write_text(root / "report.md", table)
-    plot_scores(scores, cfg.verify.tau_whitebox, root / "report.png")
+    plot_scores(scores, settings["whitebox"].tau, root / "report.png")
     print("\n" + table)
     info(f"report -> {root / 'report.json'}, {root / 'report.md'}, {root / 'report.png'}  ({report['seconds']:.0f} s)")
     return report
@@ -93,20 +101,63 @@ def demo(cfg: DemoConfig) -> dict:
 
 def _row(v: Verdict) -> dict:
     return {"mode": v.mode, "p_value": v.p_value, "effect": v.effect, "n": v.n, "threshold": v.threshold,
-            "alpha": v.alpha, "decision": v.decision, "queries": v.details.get("queries", v.n)}
+            "threshold_source": v.threshold_source, "calibration_sha256": v.calibration_sha256,
+            "alpha": v.alpha, "decision": v.decision, "queries": v.details.get("queries", v.n),
+            "alternatives": v.details.get("alternatives"), "resolution": v.details.get("resolution"),
+            "exploratory": v.exploratory, "secondary": {k: v.details[k] for k in ("wilcoxon_p", "t_test_p",
+                                                                                   "tango_asymptotic_p") if k in v.details}}
+
+
+EXPLANATION = """**What "ownership evidence" means.** Each row tests one null hypothesis: *this model was not derived
+from the owner's encoder*. "Ownership evidence" means the data would be very unlikely under that
+hypothesis (p < alpha = {alpha:g}); it is evidence about where the model came from, not proof of who
+deployed it, and it says nothing about models the owner never tested. "No evidence" does not prove
+independence: a removal attack can weaken the mark below what the test can see.
+
+- **whitebox_permutation** (exact, no margin): the owner's mean score is ranked among J = {J}
+  alternative secrets generated on the same f0 by the same procedure and never embedded. Under the
+  null the owner's secret is just one of J + 1 exchangeable draws, so p = (1 + #alternatives scoring at
+  least as high) / (J + 1) exactly. Its resolution is 1/(J + 1) = {res:.3g}: "p = {res:.3g}" means the owner's
+  secret beat every alternative, the most this J can show; deciding at alpha = {alpha:g} needs
+  J >= {need}. The clean f0 responds to its own secrets as much as to the owner's, so it is not detected.
+- **margin tests** (whitebox, blackbox_score: exact sign test of median(s) <= tau; blackbox_label: exact
+  unconditional test of hit-rate difference <= tau): a universal adversarial perturbation partly transfers
+  to encoders that never saw it, so the clean f0 and independent encoders show a positive effect too and
+  their scores straddle the margin; the margin tau says how much more than that an owner's derivative
+  must show. The margin below is **{tau_src}**; only a calibrated margin (awenc calibrate, measured on
+  independent null encoders) comes with a measured false-positive rate.
+- **overall**: one decision per model across its tests with Holm's correction at alpha = {alpha:g}.
+"""
 
 
 def verdict_table(report: dict) -> str:
     u = report["utility"]
-    lines = ["# dist_awenc demo report", "", f"secret `{report['secret_sha256'][:16]}…`, {report['seconds']:.0f} s", "",
-             "## Utility (pirate's downstream task)", "", "| encoder | linear probe | kNN |", "|---|---|---|"]
+    alpha = report["alpha"]
+    perm = next((r for r in report["verification"] if r["alternatives"]), None)
+    wb = next(r for r in report["verification"] if r["mode"] == "whitebox")
+    lines = ["# dist_awenc demo report", "",
+             f"secret `{report['secret_sha256'][:16]}…`, alpha = {alpha:g} (a p-value below alpha counts as evidence), "
+             f"{report['seconds']:.0f} s", "",
+             "## Utility (pirate's downstream task)", "",
+             f"Test set: {report.get('downstream_test_images')} images (one image = "
+             f"{100 / max(1, report.get('downstream_test_images') or 1):.2f} points).", "",
+             "| encoder | linear probe | kNN |", "|---|---|---|"]
     lines += [f"| {k} | {v['linear_probe']:.4f} | {v['knn']:.4f} |" for k, v in u.items()]
-    lines += ["", "## Verification", "", "| model | mode | p-value | effect | margin | n | queries | verdict |",
+    lines += ["", "## Verification", "", "| model | test | p-value | effect | margin (source) | n | queries | verdict |",
               "|---|---|---|---|---|---|---|---|"]
     for r in report["verification"]:
         verdict = "**ownership evidence**" if r["decision"] else "no evidence"
-        lines.append(f"| {r['model']} | {r['mode']} | {r['p_value']:.3g} | {r['effect']:+.4f} | {r['threshold']:g} | "
+        if r["threshold"] is None:
+            margin = f"none (J = {r['alternatives']}, resolution {r['resolution']:.3g})"
+        else:
+            margin = f"{r['threshold']:.4g} ({'calibrated' if r['calibration_sha256'] else 'demo default'})"
+        lines.append(f"| {r['model']} | {r['mode']} | {r['p_value']:.3g} | {r['effect']:+.4f} | {margin} | "
                      f"{r['n']} | {r['queries']} | {verdict} |")
+    lines += ["", "| model | overall (Holm, alpha = %g) |" % alpha, "|---|---|"]
+    lines += [f"| {k} | {'**ownership evidence**' if o['decision'] else 'no evidence'} |" for k, o in report["overall"].items()]
+    j = perm["alternatives"] if perm else 0
+    lines += ["", EXPLANATION.format(alpha=alpha, J=j, res=1 / (j + 1), need=int(round(1 / alpha)) - 1,
+                                     tau_src=wb["threshold_source"])]
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""Calibration on a tiny null population: thresholds, false positives, exact bounds."""
+"""Calibration: encoder-level thresholds and bounds, conditions bound to the secret, plan enforcement in verify."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_overrides
-from dist_awenc.config import CalibrateConfig, PretrainConfig, VerifySection, WatermarkConfig, load_config
-from dist_awenc.verify.calibrate import load_thresholds, mode_test, tau_star
-from dist_awenc.verify.run import margins
+from dist_awenc.config import CalibrateConfig, PretrainConfig, VerifyConfig, WatermarkConfig, load_config
+from dist_awenc.errors import ConfigError
+from dist_awenc.verify.calibration import NullEncoder, load_calibration, mode_test, summarise, tau_star
+
+MODES = ("whitebox", "blackbox_score", "blackbox_label")
 
 
 def test_tau_star_is_where_the_test_crosses_alpha():
@@ -23,35 +25,120 @@ def test_tau_star_is_where_the_test_crosses_alpha():
     assert mode_test("blackbox_label", (hm, hr), t - 1e-3).p_value < 1e-3 <= mode_test("blackbox_label", (hm, hr), t + 1e-3).p_value
 
 
-def test_calibration_on_a_tiny_population(tmp_path):
+def _null(name, family, value):
+    return NullEncoder(name=name, family=family, tau_star={m: value for m in MODES}, effect={m: 0.0 for m in MODES})
+
+
+def test_summary_counts_families_and_never_reports_an_in_sample_rate():
+    """Threshold = max tau* over calibration families; FPR bounds only over held-out families, each labelled."""
+    nulls = []
+    for i in range(20):  # 20 families: a null encoder and its attacked copy
+        nulls += [_null(f"e{i}", f"e{i}", 0.01 * i), _null(f"e{i}__prune", f"e{i}", 0.01 * i + 0.005)]
+    owner = {m: {"tau_star": 0.5, "effect": 0.3} for m in MODES}
+    rep = summarise(nulls, owner, 1e-3, 0.5, seed=0)
+    held = set(rep["heldout_families"])
+    assert len(held) == 10 and set(rep["calibration_families"]) == {f"e{i}" for i in range(20)} - held
+    m = rep["modes"]["whitebox"]
+    cal_max = max(e.tau_star["whitebox"] for e in nulls if e.family not in held)
+    assert m["threshold"] == pytest.approx(cal_max + 1e-6)
+    assert m["calibration"] == {"families": 10, "encoders": 20}
+    h = m["heldout"]
+    assert h["families"] == 10 and h["encoders"] == 20
+    k = sum(any(e.tau_star["whitebox"] > m["threshold"] for e in nulls if e.family == f) for f in held)
+    assert h["false_positive_families"] == k  # a family is positive when any member is
+    from dist_awenc.verify.stats import clopper_pearson_upper
+
+    assert h["heldout_fpr_upper_95"] == pytest.approx(clopper_pearson_upper(k, 10))
+    assert m["exceed_probability_bound"] == pytest.approx(1 / 11)
+    assert m["owner_f0"]["detected_at_threshold"] is True
+    assert not any(t["positive"] for t in m["null"] if not t["heldout"])  # zero by construction...
+    assert "fpr_upper_95" not in m and "false_positives" not in m  # ...and so never reported as a rate
+    assert all(e.name != "owner_f0" for e in nulls)
+
+
+def test_zero_of_m_heldout_families_gives_the_exact_bound():
+    nulls = [_null(f"e{i}", f"e{i}", 0.5 if i % 2 else 0.1) for i in range(30)]
+    rep = summarise(nulls, None, 1e-3, 0.5, seed=3)
+    for m in rep["modes"].values():
+        h = m["heldout"]
+        if h["false_positive_families"] == 0:
+            assert h["heldout_fpr_upper_95"] == pytest.approx(1 - 0.05 ** (1 / 15), abs=1e-9)
+
+
+def _owner(tmp_path, alternatives=2):
     from dist_awenc.ssl.pretrain import pretrain
-    from dist_awenc.verify.calibrate import calibrate
     from dist_awenc.watermark.generate import watermark
 
     f0 = pretrain(load_config(PretrainConfig, None, tiny_overrides(tmp_path, "f0")))
-    secret = watermark(load_config(WatermarkConfig, None, [f"run.out_dir={tmp_path}", "run.name=wm", f"encoder={f0}",
-                                                           "data.image_size=8", "generation.steps=5", "generation.batch_size=32"]))
+    secret = watermark(load_config(WatermarkConfig, None, [
+        f"run.out_dir={tmp_path}", "run.name=wm", f"encoder={f0}", "data.image_size=8", "generation.steps=5",
+        "generation.batch_size=32", f"plan.alternatives={alternatives}", "plan.n_whitebox=64"]))
+    return f0, secret
+
+
+def _verify(tmp_path, suspect, secret, *extra):
+    from dist_awenc.verify.run import verify
+
+    return verify(load_config(VerifyConfig, None, [f"run.out_dir={tmp_path}", f"suspect={suspect}", f"secret={secret}",
+                                                   "data.image_size=8", *extra]))
+
+
+def test_calibration_binds_to_the_secret_and_verify_enforces_its_conditions(tmp_path):
+    from dist_awenc.verify.calibrate import calibrate
+
+    f0, secret = _owner(tmp_path)
     cfg = load_config(CalibrateConfig, None, [
         f"run.out_dir={tmp_path}", f"owner_encoder={f0}", f"secret={secret}", "data.image_size=8",
-        "population.methods=[simclr]", "population.widths=[8]", "population.seeds=3", "population.n_secrets=3",
-        "population.holdout_fraction=0.25", "encoder.proj_hidden_dim=32", "encoder.proj_dim=16",
+        "population.archs=[tiny:8,tiny_resnet:4]", "population.methods=[simclr]", "population.seeds=2",
+        "population.attacks=[prune_global:0.3]", "population.n_secrets=2", "population.holdout_fraction=0.5",
+        "population.owner_budget=false", "encoder.proj_hidden_dim=32", "encoder.proj_dim=16",
         "pretrain.batch_size=64", "pretrain.max_steps=3", "generation.steps=5", "generation.batch_size=32",
         "probe.epochs=3",
     ])
     report = calibrate(cfg)
-    saved = json.loads((tmp_path / "calibration" / "calibration.json").read_text())
-    assert saved["population"]["trials"] == 4 * 3  # (3 null seeds + f0) x 3 secrets
+    path = tmp_path / "calibration" / "calibration.json"
+    saved = json.loads(path.read_text())
+    assert len(saved["population"]["encoders"]) == 8 and saved["population"]["families"] == 4  # 4 + 4 attacked
+    assert "owner_f0" not in saved["population"]["encoders"]  # f0 is the owner's reference, not a null
+    assert saved["conditions"]["n"]["whitebox"] == 64 and saved["conditions"]["alpha"] == 1e-3
     for mode, m in saved["modes"].items():
-        assert m["false_positives"] == 0  # no calibration trial is positive under its threshold
-        cal = [t for t in m["null"] if t["encoder"] not in m["heldout"]["encoders"]]
-        assert all(not t["positive"] for t in cal) and len(cal) == m["trials"]
-        assert m["threshold"] >= max(t["tau_star"] for t in cal)
-        assert m["threshold"] >= m["default_margin"]
-        assert m["fpr_upper_95"] == pytest.approx(1 - 0.05 ** (1 / m["trials"]), abs=1e-9)
-        assert m["heldout"]["trials"] + m["trials"] == 12
-        assert any(t["own_secret"] for t in m["null"])  # f0 with the secret generated on it
-    thresholds = load_thresholds(tmp_path / "calibration")
-    assert thresholds == {mode: m["threshold"] for mode, m in report["modes"].items()}
-    v = VerifySection(calibration=str(tmp_path / "calibration" / "calibration.json"))
-    assert margins(v) == thresholds
+        assert m["owner_f0"] is not None
+        assert m["heldout"]["families"] == 2 and m["calibration"]["families"] == 2
     assert (tmp_path / "calibration" / "calibration.png").stat().st_size > 0
+    cal = load_calibration(path)
+    assert cal.thresholds == {mode: m["threshold"] for mode, m in report["modes"].items()}
+    record = json.loads((tmp_path / "wm" / "secret.json").read_text())
+    assert record["calibration"]["sha256"] == cal.sha256  # bound once calibrated
+
+    # the bound calibration is used without being named, and every verdict names it
+    verdicts = _verify(tmp_path, f0, secret, "run.name=v_bound")
+    assert verdicts[0].calibration_sha256 == cal.sha256 and verdicts[0].threshold == cal.thresholds["whitebox"]
+    assert verdicts[0].mode == "whitebox" and verdicts[1].mode == "whitebox_permutation"
+    out = json.loads((tmp_path / "v_bound" / "verdict.json").read_text())
+    assert out["calibration_sha256"] == cal.sha256 and "overall" in out and len(out["tests"]) == 2
+
+    # a calibration from other conditions is refused, exploratory or not
+    other = tmp_path / "other.json"
+    doc = json.loads(path.read_text())
+    doc["conditions"]["n"]["whitebox"] = 256
+    other.write_text(json.dumps(doc))
+    for extra in ([], ["verify.exploratory=true"]):
+        with pytest.raises(ConfigError, match="other conditions: n for whitebox 256 \\(here 64\\)"):
+            _verify(tmp_path, f0, secret, "run.name=v_other", f"verify.calibration={other}", *extra)
+    assert not (tmp_path / "v_other").exists()  # refused before the run folder is made
+
+
+def test_plan_deviations_are_refused_unless_exploratory(tmp_path):
+    f0, secret = _owner(tmp_path, alternatives=0)
+    v = _verify(tmp_path, f0, secret, "run.name=v_plan")
+    assert v[0].n == 64 and v[0].alpha == 1e-3 and not v[0].exploratory  # n and alpha from the plan
+    for dev, word in [("verify.n=32", "verify.n=32 instead of the plan's 64"),
+                      ("verify.alpha=0.01", "verify.alpha=0.01 instead of the plan's 0.001"),
+                      ("data.split_seed=1", "split_seed=1 instead of the plan's 0")]:
+        with pytest.raises(ConfigError, match="deviates from the secret's plan: .*" + word.replace(".", "\\.")):
+            _verify(tmp_path, f0, secret, "run.name=v_dev", dev)
+        assert not (tmp_path / "v_dev").exists()
+    v = _verify(tmp_path, f0, secret, "run.name=v_expl", "verify.n=32", "verify.exploratory=true")
+    assert v[0].exploratory and v[0].n == 32 and "verify.n=32" in v[0].plan_deviations[0]
+    assert "EXPLORATORY" in v[0].line()
+    assert json.loads((tmp_path / "v_expl" / "verdict.json").read_text())["overall"]["exploratory"] is True

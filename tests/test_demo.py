@@ -16,7 +16,8 @@ SMALL = [
 def test_demo_smallest_setting_writes_report(tmp_path, capsys):
     assert main(["demo", f"run.out_dir={tmp_path}", *SMALL]) == 0
     out = capsys.readouterr().out
-    assert "| model | mode | p-value" in out  # the verdict table is printed
+    assert "| model | test | p-value" in out  # the verdict table is printed
+    assert "alpha = 0.001" in out and "whitebox_permutation" in out
     root = tmp_path / "demo"
     report = json.loads((root / "report.json").read_text())
     assert set(report["utility"]) >= {"clean", "watermarked"}
@@ -25,7 +26,11 @@ def test_demo_smallest_setting_writes_report(tmp_path, capsys):
     rows = report["verification"]
     assert {(r["model"], r["mode"]) for r in rows} == {
         (m, mode) for m in ("watermarked", "clean", "independent")
-        for mode in ("whitebox", "blackbox_score", "blackbox_label")}
+        for mode in ("whitebox", "whitebox_permutation", "blackbox_score", "blackbox_label")}
+    perm = [r for r in rows if r["mode"] == "whitebox_permutation"]
+    assert all(r["alternatives"] == report["plan"]["alternatives"] > 0 for r in perm)
+    assert all(r["p_value"] >= 1 / (r["alternatives"] + 1) for r in perm)  # never below its resolution
+    assert set(report["overall"]) == {"watermarked", "clean", "independent"}
     for r in rows:
         assert 0 <= r["p_value"] <= 1 and isinstance(r["decision"], bool) and r["n"] > 0
         assert r["decision"] == (r["p_value"] < r["alpha"])

@@ -24,7 +24,8 @@ def owner(tmp_path_factory):
     root = tmp_path_factory.mktemp("owner")
     f0 = pretrain(load_config(PretrainConfig, None, tiny_overrides(root, "f0")))
     secret = watermark(load_config(WatermarkConfig, None, [f"run.out_dir={root}", "run.name=wm", f"encoder={f0}",
-                                                           "data.image_size=8", "generation.steps=5", "generation.batch_size=32"]))
+                                                           "data.image_size=8", "generation.steps=5", "generation.batch_size=32",
+                                                           "plan.n_whitebox=64", "plan.alternatives=0"]))
     return f0, secret
 
 
@@ -67,7 +68,7 @@ def test_robustness_grid_table_and_resume(owner, tmp_path):
     f0, secret = owner
     args = ["robustness", f"encoder={f0}", f"secret={secret}", f"run.out_dir={tmp_path}",
             "grid.attacks=[prune_global,query_jpeg]", "grid.strengths={prune_global: [0.2, 0.8], query_jpeg: [50]}",
-            "verify.n=64", *FAST]
+            *FAST]
     assert main(args) == 0
     root = tmp_path / "robustness"
     rows = list(csv.DictReader((root / "robustness.csv").open()))

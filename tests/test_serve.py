@@ -514,7 +514,9 @@ def test_cli_verify_against_a_live_endpoint(serve_model, model, model_path, secr
 
     save_secret(secret, tmp_path / "secret")
     server, url = serve_model(labels_only=True)
-    common = [f"secret={tmp_path / 'secret.safetensors'}", f"run.out_dir={tmp_path}", "data.image_size=8"]
+    # a hand-made secret carries no verification plan: verifying with it is exploratory, and said so
+    common = [f"secret={tmp_path / 'secret.safetensors'}", f"run.out_dir={tmp_path}", "data.image_size=8",
+              "verify.exploratory=true"]
     assert main(["verify", "--mode", "blackbox_label", "--endpoint", url + "/predict", "run.name=remote", *common]) == 0
     assert server.images_served <= 100
     remote = json.loads((tmp_path / "remote" / "verdict.json").read_text())

@@ -49,7 +49,8 @@ def owner(tmp_path_factory):
     root = tmp_path_factory.mktemp("owner")
     f0 = pretrain(load_config(PretrainConfig, None, tiny_overrides(root, "f0")))
     secret = watermark(load_config(WatermarkConfig, None, [f"run.out_dir={root}", "run.name=wm", f"encoder={f0}", "data.image_size=8",
-                                                           "generation.steps=5", "generation.batch_size=32"]))
+                                                           "generation.steps=5", "generation.batch_size=32",
+                                                           "plan.n_whitebox=64", "plan.alternatives=0"]))
     return f0, secret
 
 
@@ -91,18 +92,18 @@ def test_expansion_targets_and_null_population(owner, tmp_path):
     f0, secret = owner
     null = tmp_path / "null.yaml"
     null.write_text(yaml.safe_dump({"run": {"name": "cal", "out_dir": str(tmp_path)},
-                                    "population": {"methods": ["simclr", "byol"], "widths": [8], "seeds": 2}}))
+                                    "population": {"methods": ["simclr", "byol"], "archs": ["tiny:8"], "attacks": [], "owner_budget": False, "seeds": 2}}))
     cfg = load_config(sw.SweepConfig, None, [*SMALL_GRID, f"encoder={f0}", f"secret={secret}",
                                              f"encoders={{other: {f0}}}", f"secrets={{other: {secret}}}",
                                              f"null_population={null}"])
     ccfg = sw.null_config(cfg)
     tasks = sw.expand(cfg, sw.null_pretrain_configs(ccfg))
     ids = [t.id for t in tasks]
-    assert ids[:4] == ["null.simclr_w8_group_s0", "null.simclr_w8_group_s1", "null.byol_w8_group_s0", "null.byol_w8_group_s1"]
+    assert ids[:4] == ["null.simclr_tiny8_group_s0", "null.simclr_tiny8_group_s1", "null.byol_tiny8_group_s0", "null.byol_tiny8_group_s1"]
     assert len(ids) == 4 + 2 * 2 * 4 == len(set(ids))  # 2 targets x (baseline + 3 attack strengths) x 2 seeds
     assert "main.prune_global__0.8__s1" in ids and "other.query_jpeg__50__s0" in ids
     # null encoders go where `awenc calibrate` with that config looks for them
-    pcfg = sw.null_pretrain_configs(ccfg)["byol_w8_group_s1"]
+    pcfg = sw.null_pretrain_configs(ccfg)["byol_tiny8_group_s1"]
     assert Path(pcfg.run.out_dir) == tmp_path / "cal" / "population"
     with pytest.raises(ConfigError, match="same targets"):
         sw.targets_of(load_config(sw.SweepConfig, None, [f"encoders={{a: {f0}}}"]))
@@ -317,7 +318,7 @@ def test_null_population_lands_where_calibrate_reuses_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("null.yaml").write_text(yaml.safe_dump({
         "run": {"name": "cal", "out_dir": "runs"}, "data": {"image_size": 8},
-        "population": {"methods": ["simclr"], "widths": [8], "seeds": 1, "n_secrets": 1},
+        "population": {"methods": ["simclr"], "archs": ["tiny:8"], "attacks": [], "owner_budget": False, "seeds": 1, "n_secrets": 1},
         "encoder": {"proj_hidden_dim": 32, "proj_dim": 16},
         "pretrain": {"epochs": 1, "max_steps": 4, "batch_size": 64, "checkpoint_every": 2, "progress": False}}))
     cfg = load_config(sw.SweepConfig, None, ["null_population=null.yaml", "run.out_dir=runs", "run.name=nulls"])
@@ -512,7 +513,7 @@ def test_slurm_timeout_requeues_pretraining_and_resumes_from_its_checkpoint(slur
     null = tmp_path / "null.yaml"
     null.write_text(yaml.safe_dump({
         "run": {"name": "cal", "out_dir": str(tmp_path)}, "data": {"image_size": 8},
-        "population": {"methods": ["simclr"], "widths": [8], "seeds": 1, "n_secrets": 1},
+        "population": {"methods": ["simclr"], "archs": ["tiny:8"], "attacks": [], "owner_budget": False, "seeds": 1, "n_secrets": 1},
         "encoder": {"proj_hidden_dim": 32, "proj_dim": 16},
         "pretrain": {"epochs": 100000, "max_steps": steps, "batch_size": 64, "checkpoint_every": every,
                      "log_every": 50, "keep_checkpoints": 2, "progress": False},
@@ -523,7 +524,7 @@ def test_slurm_timeout_requeues_pretraining_and_resumes_from_its_checkpoint(slur
     sweep = sw.run(cfg, executor="slurm", wait_for=False)
     (tid,) = sweep.tasks
     job = next(iter(sweep.submissions()[0]["jobs"]))  # one task: a plain job, no array
-    run_dir = tmp_path / "cal" / "population" / "simclr_w8_group_s0"
+    run_dir = tmp_path / "cal" / "population" / "simclr_tiny8_group_s0"
     logs = sweep.logs / job
 
     def log() -> str:

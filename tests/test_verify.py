@@ -16,7 +16,8 @@ from dist_awenc.errors import ArtifactError, TamperedSecretError
 from dist_awenc.evaluate.probe import DownstreamModel
 from dist_awenc.verify.core import (images_for, verify_blackbox_label, verify_blackbox_score, verify_whitebox,
                                     whitebox_scores)
-from dist_awenc.verify.stats import clopper_pearson_upper, margin_wilcoxon, paired_proportion_margin
+from dist_awenc.verify.stats import (clopper_pearson_upper, exact_paired_margin_p, margin_sign_test,
+                                     paired_proportion_margin)
 from dist_awenc.watermark.secret import Secret, load_secret, save_secret
 
 EPS = 16 / 255
@@ -39,7 +40,8 @@ def test_tau_zero_is_mcnemar(b, c, both, neither):
     res = paired_proportion_margin(a, r, 0.0)
     z = (b - c) / math.sqrt(b + c)
     assert res.statistic == pytest.approx(z, rel=1e-12, abs=1e-12)
-    assert res.p_value == pytest.approx(float(stats.norm.sf(z)), rel=1e-10, abs=1e-15)
+    assert res.extra["tango_asymptotic_p"] == pytest.approx(float(stats.norm.sf(z)), rel=1e-10, abs=1e-15)
+    assert res.p_value == pytest.approx(exact_paired_margin_p(b, c, len(a), 0.0))
     exact = stats.binomtest(b, b + c, 0.5, alternative="greater").pvalue
     assert res.extra["mcnemar_exact_p"] == pytest.approx(exact, rel=1e-12)
     assert res.extra["discordant_marked"] == b and res.extra["discordant_control"] == c
@@ -62,7 +64,7 @@ def test_margin_statistic_matches_restricted_mle(b, c, both, neither, tau):
     z = (b - c - n * tau) / math.sqrt(n * (2 * q + tau - tau**2))
     res = paired_proportion_margin(a, r, tau)
     assert res.statistic == pytest.approx(z, rel=1e-5, abs=1e-6)
-    assert res.p_value == pytest.approx(float(stats.norm.sf(z)), rel=1e-4, abs=1e-9)
+    assert res.extra["tango_asymptotic_p"] == pytest.approx(float(stats.norm.sf(z)), rel=1e-4, abs=1e-9)
 
 
 def test_margin_makes_rejection_harder():
@@ -116,50 +118,35 @@ def test_paired_proportion_bad_input():
             paired_proportion_margin(np.ones(5), np.zeros(5), tau)
 
 
-# ----------------------------------------------------------------------------- Wilcoxon with a margin
+# ----------------------------------------------------------------------------- sign test with a margin
 
 
-def test_wilcoxon_all_at_margin_is_p_one():
-    res = margin_wilcoxon(np.full(20, 0.1), 0.1)
-    assert res.p_value == 1.0
-    assert res.effect == pytest.approx(0.1)
-
-
-def test_wilcoxon_clearly_above_margin():
+def test_sign_test_clearly_above_margin():
     rng = np.random.default_rng(0)
     s = 0.5 + 0.05 * rng.standard_normal(50)
-    res = margin_wilcoxon(s, 0.1)
-    assert res.p_value < 1e-8
-    assert res.extra["t_test_p"] < 1e-8
+    res = margin_sign_test(s, 0.1)
+    assert res.p_value == pytest.approx(0.5**50)
+    assert res.extra["t_test_p"] < 1e-8 and res.extra["wilcoxon_p"] < 1e-8
     assert res.effect == pytest.approx(s.mean())
     assert res.extra["median"] == pytest.approx(np.median(s))
 
 
-def test_wilcoxon_below_margin():
+def test_sign_test_below_margin():
     rng = np.random.default_rng(1)
     s = 0.05 + 0.05 * rng.standard_normal(40)
-    assert margin_wilcoxon(s, 0.1).p_value > 0.5
+    assert margin_sign_test(s, 0.1).p_value > 0.5
 
 
-@pytest.mark.parametrize("seed,shift,tau,n", [(0, 0.12, 0.1, 30), (1, 0.3, 0.1, 25), (2, 0.0, 0.0, 60), (3, 0.2, 0.25, 15)])
-def test_wilcoxon_matches_scipy(seed, shift, tau, n):
-    s = shift + 0.1 * np.random.default_rng(seed).standard_normal(n)
-    expected = stats.wilcoxon(s - tau, alternative="greater").pvalue
-    assert margin_wilcoxon(s, tau).p_value == pytest.approx(expected, rel=1e-12)
-    t_expected = stats.ttest_1samp(s - tau, 0.0, alternative="greater").pvalue
-    assert margin_wilcoxon(s, tau).extra["t_test_p"] == pytest.approx(t_expected, rel=1e-12)
-
-
-def test_wilcoxon_margin_raises_p():
+def test_sign_test_margin_raises_p():
     s = 0.15 + 0.1 * np.random.default_rng(5).standard_normal(40)
-    assert margin_wilcoxon(s, 0.0).p_value < margin_wilcoxon(s, 0.1).p_value
+    assert margin_sign_test(s, 0.0).p_value < margin_sign_test(s, 0.1).p_value
 
 
-def test_wilcoxon_bad_input():
+def test_sign_test_bad_input():
     with pytest.raises(ValueError, match="at least 2"):
-        margin_wilcoxon(np.array([1.0]), 0.1)
+        margin_sign_test(np.array([1.0]), 0.1)
     with pytest.raises(ValueError, match="1-d"):
-        margin_wilcoxon(np.ones((3, 3)), 0.1)
+        margin_sign_test(np.ones((3, 3)), 0.1)
 
 
 # ----------------------------------------------------------------------------- Clopper-Pearson

@@ -18,6 +18,14 @@ def info(msg: str) -> None:
         tqdm.write(msg)
 
 
+def warn(msg: str) -> None:
+    """A warning line on the main process only (stderr), prefixed ``warning:``."""
+    if dist.is_main():
+        import sys
+
+        tqdm.write(f"warning: {msg}", file=sys.stderr)
+
+
 class JSONLinesTracker(GeneralTracker):
     """Appends one JSON object per ``accelerator.log`` call: ``{"step", "time", **values}``."""
 

@@ -34,6 +34,7 @@ def evaluate_encoder(encoder: Encoder, images: torch.Tensor, labels: torch.Tenso
     metrics = {
         "linear_probe": accuracy(model, feats[te], labels[te]),
         "knn": knn_accuracy(feats[tr], labels[tr], feats[te], labels[te], k=probe.knn_k),
+        "test_images": int(len(te)),
         "n_train": len(tr),
         "n_test": len(te),
     }

@@ -28,9 +28,10 @@ from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.evaluate.downstream import evaluate_encoder
 from dist_awenc.runs import open_run
-from dist_awenc.verify.calibrate import collect_samples, load_thresholds, mode_test, tau_star
+from dist_awenc.verify.calibrate import collect_samples
+from dist_awenc.verify.calibration import load_calibration, mode_test, tau_star
 from dist_awenc.verify.core import MODES
-from dist_awenc.verify.run import margins, query_images
+from dist_awenc.verify.run import Settings, query_images, resolve_settings
 from dist_awenc.watermark.secret import Secret, load_secret
 
 
@@ -90,6 +91,7 @@ class Context:
     options: AttackOptions
     probe: ProbeSection
     verify: VerifySection
+    settings: dict[str, Settings] = field(default_factory=dict)  # per mode: n, alpha, margin (plan + calibration)
 
     @classmethod
     def load(cls, encoder: str, secret: str, data: DataSection, options: AttackOptions, probe: ProbeSection,
@@ -99,8 +101,11 @@ class Context:
         if card["input_size"] != sec.image_size:
             raise ArtifactError(f"encoder takes {card['input_size']} px but the secret is {sec.image_size} px")
         dataset = build_dataset(data.name, root=data.root, image_size=sec.image_size, seed=data.split_seed, size=data.size)
-        holdout, _ = dataset.get_batch(make_splits(len(dataset), data.split_seed)["holdout"])
-        return cls(enc, card, sec, holdout, PirateData.load(data, sec.image_size), options, probe, verify)
+        splits = make_splits(len(dataset), data.split_seed)
+        settings = {m: resolve_settings(verify, sec, m, dataset=data.name, dataset_size=len(dataset),
+                                        split_seed=data.split_seed, holdout_indices=splits["holdout"]) for m in MODES}
+        holdout, _ = dataset.get_batch(splits["holdout"])
+        return cls(enc, card, sec, holdout, PirateData.load(data, sec.image_size), options, probe, verify, settings)
 
 
 def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) -> dict[str, Any]:
@@ -118,17 +123,19 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
     row: dict[str, Any] = {**asdict(task), "linear_probe": metrics["linear_probe"], "knn": metrics["knn"],
                            "attack_seconds": details["seconds"],
                            "rel_weight_change": details.get("rel_weight_change", float("nan"))}
-    taus = margins(ctx.verify)
     # a query-side attack changes what the deployed model sees, not the weights the owner inspects
     weights_only = ctx.encoder if details.get("query_transform") else attacked
+    row["secret_sha256"] = ctx.secret.sha256
     for mode in MODES:
+        s = ctx.settings[mode]
         samples = collect_samples(mode, weights_only if mode == "whitebox" else attacked, model, ctx.secret,
-                                  query_images(ctx.holdout, ctx.verify, mode))
-        result = mode_test(mode, samples, taus[mode])
+                                  query_images(ctx.holdout, s.n, mode))
+        result = mode_test(mode, samples, s.tau)
         row[f"p_{mode}"] = result.p_value
         row[f"effect_{mode}"] = result.effect
-        row[f"decision_{mode}"] = bool(result.p_value < ctx.verify.alpha)
-        row[f"tau_star_{mode}"] = tau_star(mode, samples, ctx.verify.alpha)
+        row[f"decision_{mode}"] = bool(result.p_value < s.alpha)
+        row[f"tau_star_{mode}"] = tau_star(mode, samples, s.alpha)
+        row[f"n_{mode}"], row[f"alpha_{mode}"] = s.n, s.alpha
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(row, indent=2))
     return row
@@ -144,7 +151,7 @@ def collect(out_dir: Path, utility_drop: float, null_path: Optional[str] = None)
         ref = base.get(r["seed"], float("nan"))
         r["accuracy_change"] = r["linear_probe"] - ref
         r["keeps_utility"] = bool(r["accuracy_change"] >= -utility_drop)
-    thresholds = load_thresholds(null_path) if null_path else {}
+    thresholds = _calibrated_thresholds(null_path, rows) if null_path else {}
     for r in rows:  # p < alpha at margin T exactly when tau* > T: decisions at the calibrated margins
         for mode, t in thresholds.items():
             r[f"calibrated_{mode}"] = bool(r[f"tau_star_{mode}"] > t)
@@ -195,12 +202,25 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _calibrated_thresholds(path: str, rows: list[dict]) -> dict[str, float]:
+    """A calibration's thresholds, refused when the task results were measured under other conditions."""
+    cal = load_calibration(path)
+    c = cal.conditions
+    for r in rows:
+        bad = [k for k, ok in (("secret", r.get("secret_sha256") == c["secret_sha256"]),
+                               *((f"n for {m}", r.get(f"n_{m}") == c["n"].get(m)) for m in MODES),
+                               *((f"alpha for {m}", r.get(f"alpha_{m}") == c["alpha"]) for m in MODES)) if not ok]
+        if bad:
+            raise ConfigError(f"calibration {cal.path} was made under other conditions than task "
+                              f"{r['attack']}@{r['strength']:g}: {', '.join(bad)} differ; calibrate again")
+    return cal.thresholds
+
+
 def _null_tau_stars(path: Optional[str]) -> dict[str, list[float]]:
+    """The null encoders' tau* with the owner's secret, per mode (the ROC's negatives)."""
     if not path:
         return {}
-    p = Path(path)
-    p = p / "calibration.json" if p.is_dir() else p
-    data = json.loads(p.read_text())
+    data = load_calibration(path).data
     return {mode: [t["tau_star"] for t in m["null"]] for mode, m in data["modes"].items()}
 
 

@@ -1,73 +1,47 @@
 """Stage: calibrate each mode's margin on a null population (``awenc calibrate``).
 
-A null trial is a pair (encoder, secret) where the encoder never had that
-secret embedded: independently pre-trained encoders (other seeds, SSL methods,
-widths, normalisations) and the owner's clean f0, each tested with the owner's
-secret and with secrets generated independently on other null encoders.
+Null encoders are encoders trained independently of the owner's: every
+(architecture, SSL method, norm, seed) of ``population``, on the owner's data
+with the owner's training budget by default (read from the owner's f0 run),
+plus one attacked copy of each (the attacks a pirate would apply, round
+robin over ``population.attacks``) and any ``extra_encoders``. The owner's f0
+is not a null (a suspect behaving like f0 can only come from the owner): it
+is measured and reported as the owner's reference.
 
-For every trial and mode, ``tau*`` is the margin at which that trial's test
-would just reach ``p = alpha``: a larger margin makes it negative. The
-calibrated margin is the largest ``tau*`` over the calibration trials, so no
-calibration trial is positive; the null encoders held out of that choice
-check it, and the report gives the observed false positives with the exact
-Clopper-Pearson 95% upper bound on the false-positive rate for both.
+Each encoder is tested with the owner's secret (the trial that counts) and
+with secrets generated on other null encoders (reported to widen the
+picture, never counted as extra evidence). Thresholds, false positives and
+bounds are computed per encoder family in :mod:`dist_awenc.verify.calibration`.
+Per-encoder results are cached under ``trials/``, so an interrupted
+calibration resumes; a finished one binds itself to the owner's secret
+(its hash and path go into ``secret.json``), which ``verify`` then requires.
 """
 from __future__ import annotations
 
 import itertools
 import json
-import math
-from dataclasses import dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dist_awenc.config import CalibrateConfig, EncoderSection, PretrainConfig, RunSection, WatermarkConfig
+from dist_awenc.config import (CalibrateConfig, EncoderSection, PlanSection, PretrainConfig, RunSection,
+                               WatermarkConfig, load_config)
 from dist_awenc.data import build_dataset, make_splits
-from dist_awenc.encoders.io import atomic_write_text, load_encoder
-from dist_awenc.engine.log import info
+from dist_awenc.encoders.io import atomic_write_text, load_encoder, sha256_file
+from dist_awenc.engine.log import info, warn
 from dist_awenc.errors import ConfigError
 from dist_awenc.evaluate.downstream import evaluate_encoder
 from dist_awenc.runs import open_run, reuse_or_run
-from dist_awenc.verify.core import (DEFAULT_N, MODES, blackbox_score_differences, images_for, label_hits,
-                                    whitebox_scores)
-from dist_awenc.verify.stats import TestResult, clopper_pearson_upper, margin_wilcoxon, paired_proportion_margin
-from dist_awenc.watermark.secret import Secret, load_secret
+from dist_awenc.verify import plan as P
+from dist_awenc.verify.calibration import (CALIBRATION_FORMAT, MODES, NullEncoder, conditions, mode_test, plot_null,
+                                           summarise, tau_star)
+from dist_awenc.verify.core import DEFAULT_N, blackbox_score_differences, images_for, label_hits, whitebox_scores
+from dist_awenc.watermark.secret import Secret, bind_calibration, load_secret
 
-CALIBRATION_FORMAT = "dist_awenc.calibration/1"
-
-
-# ------------------------------------------------------------------ statistics
-
-
-def mode_test(mode: str, samples: Any, tau: float) -> TestResult:
-    """The mode's test on raw samples: score arrays (white-box, score) or (hits_marked, hits_control)."""
-    if mode == "blackbox_label":
-        return paired_proportion_margin(samples[0], samples[1], tau)
-    return margin_wilcoxon(samples, tau)
-
-
-def tau_star(mode: str, samples: Any, alpha: float, iters: int = 40) -> float:
-    """The margin at which the trial's p-value reaches ``alpha`` (p is non-decreasing in tau).
-
-    Returns the lower end of the search range when the trial is negative at
-    every margin, the upper end when it is positive at every margin.
-    """
-    lo, hi = (0.0, 0.999) if mode == "blackbox_label" else (-2.0, 2.0)
-    if mode_test(mode, samples, lo).p_value >= alpha:
-        return lo
-    if mode_test(mode, samples, hi).p_value < alpha:
-        return hi
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if mode_test(mode, samples, mid).p_value < alpha:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+ATTACK_SEP = "__"
 
 
 def collect_samples(mode: str, encoder: torch.nn.Module, downstream: torch.nn.Module, secret: Secret,
@@ -81,159 +55,183 @@ def collect_samples(mode: str, encoder: torch.nn.Module, downstream: torch.nn.Mo
     return hm, hr
 
 
-def threshold_from_null(tau_stars: list[float], floor: float) -> float:
-    """The calibrated margin: no calibration trial positive, never below ``floor``."""
-    return float(max([floor, *tau_stars])) + 1e-6
+def parse_arch(spec: str) -> tuple[str, Optional[int]]:
+    """``name[:width]`` -> (name, width or None)."""
+    name, _, width = spec.partition(":")
+    if width and not width.isdigit():
+        raise ConfigError(f"population.archs: '{spec}' is not name or name:width (e.g. tiny:32, tiny_resnet:16, resnet18)")
+    return name, int(width) if width else None
 
 
-@dataclass
-class NullTrial:
-    encoder: str
-    secret: str
-    own_secret: bool  # the secret was generated on this very encoder (the hardest null)
-    samples: dict[str, Any]
+def parse_attack(spec: str) -> tuple[str, float]:
+    """``name:strength`` -> (name, strength)."""
+    name, _, strength = spec.partition(":")
+    try:
+        return name, float(strength)
+    except ValueError:
+        raise ConfigError(f"population.attacks: '{spec}' is not name:strength (e.g. prune_global:0.5)") from None
 
 
-# ------------------------------------------------------------------ the stage
+def owner_budget(cfg: CalibrateConfig) -> CalibrateConfig:
+    """With ``population.owner_budget``, null encoders train like the owner's f0 (its run's config.yaml)."""
+    if not cfg.population.owner_budget or not cfg.owner_encoder:
+        return cfg
+    p = Path(cfg.owner_encoder)
+    run_cfg = (p if p.is_dir() else p.parent) / "config.yaml"
+    if not run_cfg.exists():
+        warn(f"population.owner_budget: {run_cfg} not found; null encoders use the pretrain/optim/views sections")
+        return cfg
+    owner = load_config(PretrainConfig, run_cfg)
+    return replace(cfg, pretrain=replace(owner.train, progress=False), optim=owner.optim, views=owner.views)
 
 
 def null_encoder_configs(cfg: CalibrateConfig, root: Path) -> list[PretrainConfig]:
-    """One pre-training config per (method, width, norm, seed) of the population."""
+    """One pre-training config per (arch, method, norm, seed) of the population."""
+    cfg = owner_budget(cfg)
     p = cfg.population
     out = []
-    for method, width, norm, seed in itertools.product(p.methods, p.widths, p.norms, range(p.seeds)):
-        enc = EncoderSection(**{**cfg.encoder.__dict__, "width": width, "norm": norm,
+    for spec, method, norm, seed in itertools.product(p.archs, p.methods, p.norms, range(p.seeds)):
+        arch, width = parse_arch(spec)
+        enc = EncoderSection(**{**cfg.encoder.__dict__, "arch": arch, "width": width, "norm": norm, "stem": None,
                                 "head_norm": "batch" if method == "byol" else cfg.encoder.head_norm})
         ssl = type(cfg.ssl)(**{**cfg.ssl.__dict__, "method": method})
-        out.append(PretrainConfig(run=RunSection(name=f"{method}_w{width}_{norm}_s{seed}", out_dir=str(root), seed=1000 + seed),
+        name = f"{method}_{arch}{width or ''}_{norm}_s{seed}"
+        out.append(PretrainConfig(run=RunSection(name=name, out_dir=str(root), seed=1000 + seed),
                                   data=cfg.data, views=cfg.views, encoder=enc, ssl=ssl, optim=cfg.optim, train=cfg.pretrain))
     return out
 
 
 def calibrate(cfg: CalibrateConfig) -> dict:
-    from dist_awenc.ssl.pretrain import pretrain
-    from dist_awenc.watermark.generate import watermark
+    from dist_awenc.attacks.stage import PirateData
 
-    v = cfg.verify
+    cfg = owner_budget(cfg)
+    p = cfg.population
     owner_secret = load_secret(cfg.secret)
-    if cfg.population.n_secrets < 1:
+    if p.n_secrets < 1:
         raise ConfigError("population.n_secrets must be >= 1 (the owner's secret)")
-    if not 0 <= cfg.population.holdout_fraction < 1:
+    if not 0 <= p.holdout_fraction < 1:
         raise ConfigError("population.holdout_fraction must be in [0, 1)")
+    attacks = [parse_attack(a) for a in p.attacks]
+    for spec in p.archs:
+        parse_arch(spec)
+    n = {m: P.resolve(owner_secret.plan, m, cfg.verify.n, None, DEFAULT_N, 1e-3)[0] for m in MODES}
+    alpha = P.resolve(owner_secret.plan, MODES[0], None, cfg.verify.alpha, DEFAULT_N, 1e-3)[1]
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=owner_secret.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
     splits = make_splits(len(dataset), cfg.data.split_seed)
-    holdout, _ = dataset.get_batch(splits["holdout"])
-    down_x, down_y = dataset.get_batch(splits["downstream"])
+    devs = P.deviations(owner_secret.plan, mode=MODES[0], n=None, alpha=alpha, dataset=cfg.data.name,
+                        dataset_size=len(dataset), split_seed=cfg.data.split_seed, holdout_indices=splits["holdout"],
+                        calibration_sha256=None, bound_calibration_sha256=None)
+    P.refuse_or_mark(devs, cfg.verify.exploratory)
+    holdout, _ = dataset.get_batch(splits["holdout"][: max(images_for(m, n[m]) for m in MODES)])
+    pirate = PirateData.load(cfg.data, owner_secret.image_size)
     with open_run(cfg, "calibrate") as run_dir:
         pop = run_dir / "population"
         configs = null_encoder_configs(cfg, pop)
-        info(f"null population: {len(configs)} encoders to pre-train (+ {len(cfg.population.extra_encoders)} given"
-             f"{' + the owner f0' if cfg.owner_encoder else ''}) x {cfg.population.n_secrets} secrets")
-        encoder_paths = {c.run.name: reuse_or_run(c, pretrain, "encoder.safetensors")
-                         for c in tqdm(configs, desc="null encoders", dynamic_ncols=True)}
-        encoder_paths.update({Path(p).stem if Path(p).is_file() else Path(p).name: Path(p) for p in cfg.population.extra_encoders})
-        if cfg.owner_encoder:
-            encoder_paths["owner_f0"] = Path(cfg.owner_encoder)
-        if not encoder_paths:
+        info(f"null population: {len(configs)} independent encoders to pre-train, {len(attacks) and len(configs)} "
+             f"attacked copies, {len(p.extra_encoders)} given; {p.n_secrets} secret(s) each"
+             + ("; the owner's f0 measured as the reference" if cfg.owner_encoder else ""))
+        paths: dict[str, tuple[Path, str]] = {}
+        for c in tqdm(configs, desc="null encoders", dynamic_ncols=True):
+            paths[c.run.name] = (reuse_or_run(c, _pretrain, "encoder.safetensors"), c.run.name)
+        for i, c in enumerate(configs if attacks else []):
+            name, strength = attacks[i % len(attacks)]
+            child = f"{c.run.name}{ATTACK_SEP}{name}{strength:g}"
+            paths[child] = (_attacked(paths[c.run.name][0], name, strength, pirate, cfg, pop / child, i), c.run.name)
+        for e in p.extra_encoders:
+            stem = Path(e).stem if Path(e).is_file() else Path(e).name
+            paths[f"extra_{stem}"] = (Path(e), f"extra_{stem}")
+        if not paths:
             raise ConfigError("the null population is empty: give population.seeds >= 1 or population.extra_encoders")
-        # secrets: the owner's, then independent ones generated on null encoders (round robin)
-        secrets: dict[str, tuple[Secret, str]] = {"owner": (owner_secret, "owner_f0")}
-        names = list(encoder_paths)
-        for i in range(cfg.population.n_secrets - 1):
-            on = names[i % len(names)]
-            wcfg = WatermarkConfig(run=RunSection(name=f"secret_{i}", out_dir=str(pop), seed=5000 + i),
-                                   encoder=str(encoder_paths[on]), data=cfg.data, generation=cfg.generation)
-            secrets[f"secret_{i}"] = (load_secret(reuse_or_run(wcfg, watermark, "secret.safetensors")), on)
-        trials = _run_trials(encoder_paths, secrets, holdout, down_x, down_y, dataset.num_classes, cfg)
-        report = summarise(trials, v.alpha, {"whitebox": v.tau_whitebox, "blackbox_score": v.tau_score,
-                                             "blackbox_label": v.tau_label}, cfg.population.holdout_fraction, cfg.run.seed)
-        report.update({"format": CALIBRATION_FORMAT, "owner_secret_sha256": owner_secret.sha256,
-                       "population": {"encoders": names, "secrets": list(secrets), "trials": len(trials)}})
-        atomic_write_text(run_dir / "calibration.json", json.dumps(report, indent=2))
+        secrets = {"owner": owner_secret, **_other_secrets(cfg, paths, pop)}
+        ctx = dict(holdout=holdout, pirate=pirate, cfg=cfg, n=n, alpha=alpha, cache=run_dir / "trials")
+        nulls = [_null_encoder(name, path, family, secrets, ctx)
+                 for name, (path, family) in tqdm(paths.items(), desc="null trials", dynamic_ncols=True)]
+        owner = None
+        if cfg.owner_encoder:
+            ref = _null_encoder("owner_f0", Path(cfg.owner_encoder), "owner", {"owner": owner_secret}, ctx)
+            owner = {m: {"tau_star": ref.tau_star[m], "effect": ref.effect[m]} for m in MODES}
+        report = summarise(nulls, owner, alpha, p.holdout_fraction, cfg.run.seed)
+        report.update({
+            "format": CALIBRATION_FORMAT,
+            "conditions": conditions(secret_sha256=owner_secret.sha256, alpha=alpha, n=n, dataset=cfg.data.name,
+                                     dataset_size=len(dataset), split_seed=cfg.data.split_seed,
+                                     holdout_indices=splits["holdout"]),
+            "population": {"encoders": list(paths), "families": len({f for _, f in paths.values()}),
+                           "secrets": list(secrets), "pretrain": asdict(cfg.pretrain)},
+        })
+        out = run_dir / "calibration.json"
+        atomic_write_text(out, json.dumps(report, indent=2))
         plot_null(report, run_dir / "calibration.png")
         for mode, m in report["modes"].items():
-            info(f"{mode:<15} threshold {m['threshold']:.4f}  false positives {m['false_positives']}/{m['trials']}  "
-                 f"FPR <= {m['fpr_upper_95']:.4f} (95% CP)  held-out {m['heldout']['false_positives']}/{m['heldout']['trials']}")
+            h = m["heldout"]
+            bound = f"{h['heldout_fpr_upper_95']:.3f}" if h["heldout_fpr_upper_95"] is not None else "n/a"
+            info(f"{mode:<15} threshold {m['threshold']:.4f}  held-out: {h['false_positive_families']}/{h['families']} "
+                 f"families positive, FPR <= {bound} (95% Clopper-Pearson); P(new null > threshold) <= "
+                 f"{m['exceed_probability_bound']:.3f} (order statistic, {m['calibration']['families']} calibration families)")
+        bind_calibration(cfg.secret, sha256_file(out), out)
     return report
 
 
-def _run_trials(encoder_paths: dict[str, Path], secrets: dict[str, tuple[Secret, str]], holdout: torch.Tensor,
-                down_x: torch.Tensor, down_y: torch.Tensor, num_classes: int, cfg: CalibrateConfig) -> list[NullTrial]:
-    trials: list[NullTrial] = []
-    for name, path in tqdm(encoder_paths.items(), desc="null trials", dynamic_ncols=True):
-        encoder, card = load_encoder(path)
-        downstream, _ = evaluate_encoder(encoder, down_x, down_y, num_classes, cfg.probe, cfg.run.seed)
-        for sname, (secret, generated_on) in secrets.items():
-            if card["input_size"] != secret.image_size:
-                raise ConfigError(f"null encoder {name} takes {card['input_size']} px, the secret {secret.image_size} px")
-            samples = {}
-            for mode in MODES:
-                k = images_for(mode, cfg.verify.n if cfg.verify.n is not None else DEFAULT_N[mode])
-                samples[mode] = collect_samples(mode, encoder, downstream, secret, holdout[:k])
-            trials.append(NullTrial(name, sname, generated_on == name, samples))
-    return trials
+def _pretrain(c: PretrainConfig) -> Path:
+    from dist_awenc.ssl.pretrain import pretrain
+
+    return pretrain(c)
 
 
-def summarise(trials: list[NullTrial], alpha: float, floors: dict[str, float], holdout_fraction: float,
-              seed: int) -> dict:
-    """Thresholds from the calibration encoders; false positives and CP bounds in- and out-of-sample."""
-    encoders = sorted({t.encoder for t in trials})
-    rng = np.random.default_rng(seed)
-    n_hold = int(math.floor(len(encoders) * holdout_fraction))
-    held = set(rng.permutation(encoders)[:n_hold].tolist()) if n_hold < len(encoders) else set()
-    modes: dict[str, dict] = {}
-    for mode in MODES:
-        stars = [tau_star(mode, t.samples[mode], alpha) for t in trials]
-        effects = [mode_test(mode, t.samples[mode], floors[mode]).effect for t in trials]
-        calib = [s for s, t in zip(stars, trials) if t.encoder not in held]
-        threshold = threshold_from_null(calib, floors[mode])
-        positives = [mode_test(mode, t.samples[mode], threshold).p_value < alpha for t in trials]
-        fp_cal = sum(p for p, t in zip(positives, trials) if t.encoder not in held)
-        n_cal = sum(t.encoder not in held for t in trials)
-        fp_held = sum(p for p, t in zip(positives, trials) if t.encoder in held)
-        n_held = sum(t.encoder in held for t in trials)
-        modes[mode] = {
-            "threshold": threshold, "alpha": alpha, "default_margin": floors[mode],
-            "trials": n_cal, "false_positives": int(fp_cal), "fpr_upper_95": clopper_pearson_upper(int(fp_cal), n_cal),
-            "heldout": {"encoders": sorted(held), "trials": n_held, "false_positives": int(fp_held),
-                        "fpr_upper_95": clopper_pearson_upper(int(fp_held), n_held) if n_held else None},
-            "all": {"trials": len(trials), "false_positives": int(sum(positives)),
-                    "fpr_upper_95": clopper_pearson_upper(int(sum(positives)), len(trials))},
-            "null": [{"encoder": t.encoder, "secret": t.secret, "own_secret": t.own_secret, "tau_star": s,
-                      "effect": e, "positive": bool(p)} for t, s, e, p in zip(trials, stars, effects, positives)],
-        }
-    return {"modes": modes}
+def _attacked(parent: Path, name: str, strength: float, pirate, cfg: CalibrateConfig, out: Path, i: int) -> Path:
+    """An attacked copy of a null encoder (reused when already written)."""
+    from dist_awenc.attacks.base import apply_attack
+    from dist_awenc.attacks.stage import attacked_card
+    from dist_awenc.encoders.io import save_encoder
+
+    path = out / "encoder.safetensors"
+    if path.exists():
+        return path
+    enc, card = load_encoder(parent)
+    attacked, details = apply_attack(name, enc, card, strength, pirate.attack_data(cfg.probe, 2000 + i),
+                                     progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    save_encoder(attacked, out / "encoder", attacked_card(card, details, attacked))
+    return path
 
 
-def load_thresholds(path: str | Path) -> dict[str, float]:
-    """Per-mode thresholds from a ``calibration.json``."""
-    p = Path(path)
-    p = p / "calibration.json" if p.is_dir() else p
-    if not p.exists():
-        raise ConfigError(f"calibration file '{p}' does not exist (run awenc calibrate first)")
-    data = json.loads(p.read_text())
-    if data.get("format") != CALIBRATION_FORMAT:
-        raise ConfigError(f"{p}: not a calibration file (format {data.get('format')!r}, expected {CALIBRATION_FORMAT!r})")
-    return {mode: float(m["threshold"]) for mode, m in data["modes"].items()}
+def _other_secrets(cfg: CalibrateConfig, paths: dict[str, tuple[Path, str]], pop: Path) -> dict[str, Secret]:
+    """Secrets generated on null encoders (round robin): they widen the picture, they are not evidence."""
+    from dist_awenc.watermark.generate import watermark
+
+    names, out = list(paths), {}
+    for i in range(cfg.population.n_secrets - 1):
+        on = names[i % len(names)]
+        wcfg = WatermarkConfig(run=RunSection(name=f"secret_{i}", out_dir=str(pop), seed=5000 + i),
+                               encoder=str(paths[on][0]), data=cfg.data, generation=cfg.generation,
+                               plan=PlanSection(alternatives=0))
+        out[f"secret_{i}_on_{on}"] = load_secret(reuse_or_run(wcfg, watermark, "secret.safetensors"))
+    return out
 
 
-def plot_null(report: dict, path: Path) -> None:
-    """Per mode: the null trials' tau* and the calibrated threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(MODES), figsize=(4 * len(MODES), 3.2))
-    for ax, mode in zip(axes, MODES):
-        m = report["modes"][mode]
-        ax.hist([t["tau_star"] for t in m["null"]], bins=30, color="tab:gray")
-        ax.axvline(m["threshold"], color="tab:red", ls="--", label=f"threshold {m['threshold']:.3f}")
-        ax.set_title(f"{mode}: {m['all']['trials']} null trials")
-        ax.set_xlabel("tau* (margin where p = alpha)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+def _null_encoder(name: str, path: Path, family: str, secrets: dict[str, Secret], ctx: dict) -> NullEncoder:
+    """tau* per mode with every secret (cached in ``trials/<name>.json`` by encoder and secret hashes)."""
+    cache = ctx["cache"] / f"{name}.json"
+    key = {"encoder_sha256": sha256_file(path), "secrets": {k: s.sha256 for k, s in secrets.items()},
+           "n": ctx["n"], "alpha": ctx["alpha"]}
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return NullEncoder(**saved["result"])
+    cfg, pirate = ctx["cfg"], ctx["pirate"]
+    encoder, _ = load_encoder(path)
+    downstream, _ = evaluate_encoder(encoder, pirate.images, pirate.labels, pirate.num_classes, cfg.probe, cfg.run.seed)
+    stars: dict[str, dict[str, float]] = {}
+    effects: dict[str, float] = {}
+    for sname, secret in secrets.items():
+        stars[sname] = {}
+        for mode in MODES:
+            samples = collect_samples(mode, encoder, downstream, secret, ctx["holdout"][: images_for(mode, ctx["n"][mode])])
+            stars[sname][mode] = tau_star(mode, samples, ctx["alpha"])
+            if sname == "owner":
+                effects[mode] = mode_test(mode, samples, 0.0).effect
+    others = {m: max((stars[s][m] for s in stars if s != "owner"), default=None) for m in MODES}
+    result = NullEncoder(name=name, family=family, tau_star=stars["owner"], tau_star_other_secrets=others, effect=effects)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cache, json.dumps({"key": key, "result": asdict(result)}, indent=2))
+    return result

@@ -2,21 +2,24 @@
 
 Each verdict compares marked queries ``x + delta`` with control queries
 ``x + r`` (``r`` a permutation of delta) and tests, with a margin, that the
-watermark's effect exceeds what any encoder shows (METHOD.md, stage 3).
+watermark's effect exceeds what any encoder shows (METHOD.md, stage 3). The
+white-box secret-permutation test needs no margin: it ranks the owner's
+statistic among J alternative secrets generated on the same f0.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dist_awenc.verify.stats import margin_wilcoxon, paired_proportion_margin
-from dist_awenc.watermark.secret import Secret
+from dist_awenc.verify.stats import holm, margin_sign_test, paired_proportion_margin, permutation_p
+from dist_awenc.watermark.secret import AlternativeSecrets, Secret
 
 MODES = ("whitebox", "blackbox_score", "blackbox_label")
+PERMUTATION = "whitebox_permutation"  # the margin-free white-box test (needs the alternative secrets)
 DEFAULT_N = {"whitebox": 256, "blackbox_score": 100, "blackbox_label": 100}
 
 
@@ -41,19 +44,27 @@ class Verdict:
     p_value: float
     effect: float
     n: int
-    threshold: float  # the margin tau the effect is tested against
+    threshold: Optional[float]  # the margin tau the effect is tested against (None: the permutation test)
     alpha: float  # p-value below which ownership is claimed
     decision: bool  # True: ownership evidence
     secret_sha256: str
     details: dict = field(default_factory=dict)
+    threshold_source: str = "demo default margin (not calibrated)"  # where the margin came from
+    calibration_sha256: Optional[str] = None  # the calibration file that set the margin, if any
+    exploratory: bool = False  # run outside the secret's verification plan
+    plan_deviations: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
         word = "OWNERSHIP EVIDENCE" if self.decision else "no evidence"
-        return (f"{self.mode:<15} p={self.p_value:.3g}  effect={self.effect:+.4f} (margin {self.threshold:g})  "
-                f"n={self.n}  -> {word}")
+        if self.threshold is None:
+            what = f"J={self.details.get('alternatives')}, resolution {self.details.get('resolution', 0):.3g}"
+        else:
+            what = f"margin {self.threshold:.4g}: {self.threshold_source}"
+        tag = "  [EXPLORATORY: outside the plan]" if self.exploratory else ""
+        return f"{self.mode:<20} p={self.p_value:.3g}  effect={self.effect:+.4f} ({what})  n={self.n}  -> {word}{tag}"
 
 
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -73,10 +84,57 @@ def whitebox_scores(encoder: torch.nn.Module, secret: Secret, images: torch.Tens
     return s.cpu().double().numpy()
 
 
+@torch.no_grad()
+def whitebox_statistics(encoder: torch.nn.Module, keys: torch.Tensor, deltas: torch.Tensor, controls: torch.Tensor,
+                        images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Mean white-box score ``T_j = mean_i s_ij`` for many secrets at once.
+
+    Args:
+        keys, deltas, controls: (J, 3, S, S) key images, watermarks and control perturbations.
+        images: (n, 3, S, S) hold-out images in [0, 1].
+
+    Returns:
+        (J,) float64: ``mean_i [cos(f(x_i+delta_j), f(k_j)) - cos(f(x_i+r_j), f(k_j))]``.
+    """
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    x = images.to(device)
+    f_keys = F.normalize(_batched(lambda b: encoder(b.to(device)).float(), keys, batch_size), dim=1)  # (J, d)
+    out = []
+    for j in range(len(keys)):
+        marked = lambda b: encoder((b + deltas[j].to(device)).clamp(0, 1)).float()  # noqa: E731
+        control = lambda b: encoder((b + controls[j].to(device)).clamp(0, 1)).float()  # noqa: E731
+        f_m = F.normalize(_batched(marked, x, batch_size), dim=1)
+        f_r = F.normalize(_batched(control, x, batch_size), dim=1)
+        out.append(float(((f_m - f_r) @ f_keys[j]).double().mean()))
+    return np.asarray(out, dtype=np.float64)
+
+
+def verify_permutation(encoder: torch.nn.Module, secret: Secret, alternatives: "AlternativeSecrets",
+                       images: torch.Tensor, *, alpha: float = 1e-3) -> Verdict:
+    """The secret-permutation test: the owner's mean score ranked among J alternative secrets.
+
+    Exact under H0 (the suspect is independent of f0, and so of every secret
+    generated on it) with no margin and no null population; its resolution
+    is ``1 / (J + 1)``, so it can claim ownership at ``alpha`` only when
+    ``J + 1 >= 1 / alpha``.
+    """
+    t_owner = float(whitebox_statistics(encoder, secret.key[None], secret.delta[None], secret.control()[None], images)[0])
+    t_alt = whitebox_statistics(encoder, alternatives.keys, alternatives.deltas, alternatives.controls(), images)
+    p = permutation_p(t_owner, t_alt)
+    j = len(t_alt)
+    details = {"alternatives": j, "resolution": 1 / (j + 1), "at_resolution_limit": p <= 1 / (j + 1) + 1e-12,
+               "can_decide_at_alpha": 1 / (j + 1) < alpha, "alternatives_needed_for_alpha": int(np.ceil(1 / alpha)) - 1,
+               "alternatives_max": float(t_alt.max()), "alternatives_mean": float(t_alt.mean()),
+               "alternatives_sha256": alternatives.sha256, "statistic": "mean white-box score s"}
+    return Verdict(PERMUTATION, p, t_owner, len(images), None, alpha, p < alpha, secret.sha256, details,
+                   threshold_source="none: exact permutation test over the alternative secrets")
+
+
 def verify_whitebox(encoder: torch.nn.Module, secret: Secret, images: torch.Tensor, *, tau: float = 0.1,
                     alpha: float = 1e-3) -> Verdict:
-    """White-box verdict: Wilcoxon signed-rank of ``s - tau`` > 0 (one-sided)."""
-    r = margin_wilcoxon(whitebox_scores(encoder, secret, images), tau)
+    """White-box verdict: the exact sign test of H0: median(s) <= tau (one-sided)."""
+    r = margin_sign_test(whitebox_scores(encoder, secret, images), tau)
     return Verdict("whitebox", r.p_value, r.effect, r.n, tau, alpha, r.p_value < alpha, secret.sha256, r.extra)
 
 
@@ -93,8 +151,8 @@ def blackbox_score_differences(predict_proba: Callable[[torch.Tensor], torch.Ten
 
 def verify_blackbox_score(predict_proba: Callable[[torch.Tensor], torch.Tensor], secret: Secret, images: torch.Tensor,
                           *, tau: float = 0.1, alpha: float = 1e-3) -> Verdict:
-    """Black-box verdict from output probabilities: Wilcoxon on the TV-distance differences."""
-    r = margin_wilcoxon(blackbox_score_differences(predict_proba, secret, images), tau)
+    """Black-box verdict from output probabilities: the sign test on the TV-distance differences minus tau."""
+    r = margin_sign_test(blackbox_score_differences(predict_proba, secret, images), tau)
     return Verdict("blackbox_score", r.p_value, r.effect, r.n, tau, alpha, r.p_value < alpha, secret.sha256,
                    {**r.extra, "queries": 3 * r.n})
 
@@ -111,8 +169,21 @@ def label_hits(predict_label: Callable[[torch.Tensor], torch.Tensor], secret: Se
 
 def verify_blackbox_label(predict_label: Callable[[torch.Tensor], torch.Tensor], secret: Secret, images: torch.Tensor,
                           *, tau: float = 0.3, alpha: float = 1e-3) -> Verdict:
-    """Label-only verdict: paired hit-rate difference > tau (Tango's score test)."""
+    """Label-only verdict: paired hit-rate difference > tau (Tango's statistic, exact unconditional p)."""
     hm, hr, key_label = label_hits(predict_label, secret, images)
     r = paired_proportion_margin(hm, hr, tau)
     return Verdict("blackbox_label", r.p_value, r.effect, r.n, tau, alpha, r.p_value < alpha, secret.sha256,
                    {**r.extra, "key_label": key_label, "queries": 2 * r.n + 1})
+
+
+def overall_verdict(verdicts: Sequence[Verdict], alpha: float) -> dict:
+    """One decision across several tests of the same suspect, family-wise error controlled by Holm.
+
+    Returns ``{"decision", "alpha", "tests": {mode: rejected}, "method": "holm"}``; an exploratory
+    verdict in the family makes the overall one exploratory too.
+    """
+    if not verdicts:
+        raise ValueError("overall_verdict needs at least one verdict")
+    rejected = holm({v.mode: v.p_value for v in verdicts}, alpha)
+    return {"decision": any(rejected.values()), "alpha": alpha, "method": "holm", "tests": rejected,
+            "exploratory": any(v.exploratory for v in verdicts)}

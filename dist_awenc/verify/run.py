@@ -1,28 +1,69 @@
-"""Stage: verify one suspect (``awenc verify --mode whitebox|blackbox_score|blackbox_label``)."""
+"""Stage: verify one suspect (``awenc verify --mode whitebox|blackbox_score|blackbox_label``).
+
+The secret's plan (``dist_awenc.verify.plan``) fixes n, alpha, the hold-out
+images and, once calibrated, the calibration: a request that deviates is
+refused unless ``verify.exploratory=true``, and then every verdict says so.
+White-box verification runs two tests, the margin test (sign test against
+the calibrated margin) and, when the plan has alternative secrets, the
+exact secret-permutation test; ``verdict.json`` holds both and the overall
+decision across them (Holm).
+"""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from dist_awenc.config import VerifyConfig, VerifySection
 from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.encoders.io import atomic_write_text, load_encoder
-from dist_awenc.engine.log import info
+from dist_awenc.engine.log import info, warn
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.evaluate.downstream import load_downstream
 from dist_awenc.runs import open_run
-from dist_awenc.verify.core import (DEFAULT_N, MODES, Verdict, images_for, verify_blackbox_label,
-                                    verify_blackbox_score, verify_whitebox)
-from dist_awenc.watermark.secret import Secret, load_secret
+from dist_awenc.verify import plan as P
+from dist_awenc.verify.core import (DEFAULT_N, MODES, Verdict, images_for, overall_verdict, verify_blackbox_label,
+                                    verify_blackbox_score, verify_permutation, verify_whitebox)
+from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_alternatives, load_secret
+
+DEFAULT_ALPHA = 1e-3
 
 
-def query_images(holdout: torch.Tensor, v: VerifySection, mode: str) -> torch.Tensor:
-    """The hold-out images a mode's budget ``verify.n`` pays for."""
+@dataclass
+class Settings:
+    """What one verification uses, resolved from the request, the plan and the calibration."""
+
+    n: int
+    alpha: float
+    tau: float
+    threshold_source: str
+    calibration_sha256: Optional[str] = None
+    exploratory: bool = False
+    deviations: tuple = ()
+
+    def stamp(self, v: Verdict) -> Verdict:
+        """Record where the verdict's numbers came from."""
+        if v.threshold is not None:
+            v.threshold_source, v.calibration_sha256 = self.threshold_source, self.calibration_sha256
+        v.exploratory, v.plan_deviations = self.exploratory, list(self.deviations)
+        return v
+
+
+def default_settings(v: VerifySection, mode: str, plan: Optional[dict] = None) -> Settings:
+    """Settings from the request and the plan alone (no calibration): the demo-default margins."""
+    n, alpha = P.resolve(plan or {}, mode, v.n, v.alpha, DEFAULT_N, DEFAULT_ALPHA)
+    tau = {"whitebox": v.tau_whitebox, "blackbox_score": v.tau_score, "blackbox_label": v.tau_label}[mode]
+    return Settings(n=n, alpha=alpha, tau=tau, threshold_source="demo default margin (not calibrated)")
+
+
+def query_images(holdout: torch.Tensor, n: int, mode: str) -> torch.Tensor:
+    """The hold-out images a mode's budget ``n`` pays for."""
     if mode not in MODES:
         raise ConfigError(f"unknown verify.mode '{mode}'; valid: {', '.join(MODES)}")
     try:
-        k = images_for(mode, v.n if v.n is not None else DEFAULT_N[mode])
+        k = images_for(mode, n)
     except ValueError as e:
         raise ConfigError(f"verify.n: {e}") from None
     if k > len(holdout):
@@ -30,44 +71,77 @@ def query_images(holdout: torch.Tensor, v: VerifySection, mode: str) -> torch.Te
     return holdout[:k]
 
 
-def verify_model(model: torch.nn.Module, secret: Secret, holdout: torch.Tensor, v: VerifySection, mode: str) -> Verdict:
-    """One verdict on an in-process suspect: an encoder (white-box) or a downstream model (black-box)."""
-    x, tau = query_images(holdout, v, mode), margins(v)[mode]
+def verify_model(model: torch.nn.Module, secret: Secret, holdout: torch.Tensor, s: Settings, mode: str,
+                 alternatives: Optional[AlternativeSecrets] = None) -> list[Verdict]:
+    """Verdicts on an in-process suspect: an encoder (white-box: margin + permutation) or a downstream model."""
+    x = query_images(holdout, s.n, mode)
     if mode == "whitebox":
-        return verify_whitebox(model, secret, x, tau=tau, alpha=v.alpha)
+        out = [verify_whitebox(model, secret, x, tau=s.tau, alpha=s.alpha)]
+        if alternatives is not None and len(alternatives):
+            out.append(verify_permutation(model, secret, alternatives, x, alpha=s.alpha))
+        return [s.stamp(v) for v in out]
     model.eval()
     if mode == "blackbox_score":
-        return verify_blackbox_score(model.predict_proba, secret, x, tau=tau, alpha=v.alpha)
-    return verify_blackbox_label(lambda b: model(b).argmax(1), secret, x, tau=tau, alpha=v.alpha)
+        return [s.stamp(verify_blackbox_score(model.predict_proba, secret, x, tau=s.tau, alpha=s.alpha))]
+    return [s.stamp(verify_blackbox_label(lambda b: model(b).argmax(1), secret, x, tau=s.tau, alpha=s.alpha))]
 
 
-def verify_remote(remote, secret: Secret, holdout: torch.Tensor, v: VerifySection, mode: str) -> Verdict:
+def verify_remote(remote, secret: Secret, holdout: torch.Tensor, s: Settings, mode: str) -> Verdict:
     """One black-box verdict on a live prediction API (a :class:`~dist_awenc.verify.endpoint.RemoteModel`)."""
-    x, tau = query_images(holdout, v, mode), margins(v)[mode]
+    x = query_images(holdout, s.n, mode)
     if mode == "blackbox_score":
-        verdict = verify_blackbox_score(remote.predict_proba, secret, x, tau=tau, alpha=v.alpha)
+        verdict = verify_blackbox_score(remote.predict_proba, secret, x, tau=s.tau, alpha=s.alpha)
     else:
-        verdict = verify_blackbox_label(remote.predict_label, secret, x, tau=tau, alpha=v.alpha)
+        verdict = verify_blackbox_label(remote.predict_label, secret, x, tau=s.tau, alpha=s.alpha)
     verdict.details["endpoint"] = remote.summary()
-    return verdict
+    return s.stamp(verdict)
 
 
-def margins(v: VerifySection) -> dict[str, float]:
-    """Each mode's margin: from ``verify.calibration`` when given, else the ``tau_*`` defaults."""
-    if v.calibration:
-        from dist_awenc.verify.calibrate import load_thresholds
+def resolve_settings(v: VerifySection, secret: Secret, mode: str, *, dataset: str, dataset_size: int, split_seed: int,
+                     holdout_indices) -> Settings:
+    """Check the request against the plan and the calibration's conditions; refuse a deviation unless exploratory."""
+    plan = secret.plan
+    s = default_settings(v, mode, plan)
+    bound = (secret.record.get("calibration") or {}) if secret.record else {}
+    calibration = v.calibration or bound.get("path")
+    cal = None
+    if calibration:
+        from dist_awenc.verify.calibration import check_conditions, load_calibration
 
-        return load_thresholds(v.calibration)
-    return {"whitebox": v.tau_whitebox, "blackbox_score": v.tau_score, "blackbox_label": v.tau_label}
+        cal = load_calibration(calibration)
+        check_conditions(cal, secret_sha256=secret.sha256, alpha=s.alpha, n={mode: s.n}, dataset=dataset,
+                         split_seed=split_seed, holdout_indices=holdout_indices, dataset_size=dataset_size)
+        s.tau, s.calibration_sha256 = cal.thresholds[mode], cal.sha256
+        s.threshold_source = f"calibration {cal.sha256[:12]}... ({cal.summary(mode)})"
+    devs = P.deviations(plan, mode=mode, n=v.n, alpha=v.alpha, dataset=dataset, dataset_size=dataset_size,
+                        split_seed=split_seed, holdout_indices=holdout_indices,
+                        calibration_sha256=cal.sha256 if cal else None, bound_calibration_sha256=bound.get("sha256"))
+    P.refuse_or_mark(devs, v.exploratory)
+    s.exploratory, s.deviations = bool(devs), tuple(devs)
+    for d in devs:
+        warn(f"exploratory verification: {d}")
+    return s
 
 
-def verify(cfg: VerifyConfig) -> Verdict:
+def load_plan_alternatives(secret_path: str, secret: Secret) -> Optional[AlternativeSecrets]:
+    """The plan's alternative secrets (hash-checked), or None when the plan has none."""
+    if not secret.plan or not secret.plan.get("alternatives"):
+        return None
+    from dist_awenc.watermark.generate import alternatives_path
+
+    return load_alternatives(alternatives_path(secret_path), expected_sha256=secret.plan.get("alternatives_sha256"))
+
+
+def verify(cfg: VerifyConfig) -> list[Verdict]:
     """Load suspect and secret, test on the owner's hold-out images, write ``verdict.json``."""
-    mode = cfg.verify.mode
+    mode, v = cfg.verify.mode, cfg.verify
     if mode not in MODES:
         raise ConfigError(f"unknown verify.mode '{mode}'; valid: {', '.join(MODES)}")
     secret = load_secret(cfg.secret)
-    v = cfg.verify
+    dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=secret.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
+    splits = make_splits(len(dataset), cfg.data.split_seed)
+    settings = lambda: resolve_settings(v, secret, mode, dataset=cfg.data.name, dataset_size=len(dataset),  # noqa: E731
+                                        split_seed=cfg.data.split_seed, holdout_indices=splits["holdout"])
     remote = None
     if v.endpoint:
         if mode == "whitebox":
@@ -76,8 +150,9 @@ def verify(cfg: VerifyConfig) -> Verdict:
             raise ConfigError("give suspect= (a saved model) or verify.endpoint= (a live API), not both")
         from dist_awenc.verify.endpoint import RemoteModel
 
-        remote = RemoteModel(v.endpoint, query_budget=v.n if v.n is not None else DEFAULT_N[mode],
-                             timeout=v.endpoint_timeout, retries=v.endpoint_retries, batch_size=v.endpoint_batch_size)
+        s = settings()  # refuse a plan deviation before the suspect's API is contacted
+        remote = RemoteModel(v.endpoint, query_budget=s.n, timeout=v.endpoint_timeout, retries=v.endpoint_retries,
+                             batch_size=v.endpoint_batch_size)
         card = {"input_size": remote.info.get("input_size", secret.image_size)}  # probes /health
         if mode == "blackbox_score" and remote.info.get("labels_only"):
             raise ConfigError(f"{remote.url} serves labels only; use --mode blackbox_label")
@@ -88,14 +163,24 @@ def verify(cfg: VerifyConfig) -> Verdict:
         card = full["encoder"]
     if card["input_size"] != secret.image_size:
         raise ArtifactError(f"suspect takes {card['input_size']} px inputs but the secret is {secret.image_size} px")
-    dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=secret.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
-    holdout, _ = dataset.get_batch(make_splits(len(dataset), cfg.data.split_seed)["holdout"])
+    s = s if remote is not None else settings()
+    query_images(torch.empty(len(splits["holdout"]), 0), s.n, mode)  # checks n before anything is written
+    alternatives = load_plan_alternatives(cfg.secret, secret) if mode == "whitebox" else None
+    holdout, _ = dataset.get_batch(splits["holdout"][: images_for(mode, s.n)])
     with open_run(cfg, "verify") as run_dir:
         if remote is not None:
-            verdict = verify_remote(remote, secret, holdout, v, mode)
+            verdicts = [verify_remote(remote, secret, holdout, s, mode)]
         else:
-            verdict = verify_model(model, secret, holdout, v, mode)
+            verdicts = verify_model(model, secret, holdout, s, mode, alternatives)
+        overall = overall_verdict(verdicts, s.alpha)
         suspect = cfg.suspect or remote.url
-        atomic_write_text(run_dir / "verdict.json", json.dumps({"suspect": suspect, **verdict.to_dict()}, indent=2))
-        info(verdict.line())
-    return verdict
+        primary = verdicts[0].to_dict()
+        atomic_write_text(run_dir / "verdict.json", json.dumps(
+            {"suspect": suspect, **primary, "primary_mode": (secret.plan or {}).get("primary_mode"),
+             "tests": [x.to_dict() for x in verdicts], "overall": overall}, indent=2))
+        for x in verdicts:
+            info(x.line())
+        if len(verdicts) > 1:
+            word = "OWNERSHIP EVIDENCE" if overall["decision"] else "no evidence"
+            info(f"overall (Holm over {len(verdicts)} tests, alpha {s.alpha:g}) -> {word}")
+    return verdicts

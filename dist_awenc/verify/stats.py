@@ -1,17 +1,20 @@
 """The statistical tests behind a verdict (scipy.stats does the distributions).
 
-Every test is one-sided with a margin ``tau``: a universal adversarial
+Every margin test is one-sided with a margin ``tau``: a universal adversarial
 perturbation partly transfers to encoders that never saw the watermark, so
 "marked beats control" alone is not evidence; "marked beats control by more
-than tau" is.
+than tau" is. Each decisive p-value is exact for the null it names: the sign
+test for H0: median(s) <= tau (white-box, score), an exact unconditional
+test for H0: p10 - p01 <= tau (label), and the secret-permutation test
+(:func:`permutation_p`), which needs no margin at all.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 
 @dataclass
@@ -23,39 +26,136 @@ class TestResult:
     extra: dict
 
 
-def margin_wilcoxon(s: np.ndarray, tau: float) -> TestResult:
-    """One-sided Wilcoxon signed-rank test of H0: median(s) <= tau.
+def margin_sign_test(s: np.ndarray, tau: float, secondary: bool = True) -> TestResult:
+    """Exact one-sided sign test of H0: median(s) <= tau.
+
+    Under H0 each ``s_i`` exceeds ``tau`` with probability at most 1/2, so the
+    number of exceedances ``k = #{s_i > tau}`` is stochastically at most
+    Binomial(n, 1/2) whatever the shape of the distribution (skewed either
+    way); ties with ``tau`` count as non-exceedances, which only makes the
+    test more conservative. The p-value is scipy's exact ``binomtest``.
+
+    The Wilcoxon signed-rank test and the t-test on ``s - tau`` are reported
+    in ``extra`` as secondary statistics only: Wilcoxon tests symmetry about
+    tau, not the median, and rejects skewed nulls whose median is tau.
 
     Args:
         s: (n,) paired differences (marked minus control).
         tau: the margin.
+        secondary: also compute the Wilcoxon and t-test p-values.
 
     Returns:
-        p-value of ``wilcoxon(s - tau, alternative="greater")``; effect = mean(s);
-        the paired t-test's p-value on the same shifted differences is in ``extra``.
+        p-value of the sign test; effect = mean(s); ``extra`` holds the
+        median, the exceedance count and the secondary p-values.
     """
     s = np.asarray(s, dtype=np.float64)
     if s.ndim != 1 or len(s) < 2:
         raise ValueError(f"need a 1-d array of at least 2 paired differences, got shape {s.shape}")
-    d = s - tau
-    if np.all(d == 0):
-        p, stat = 1.0, 0.0
-    else:
-        res = stats.wilcoxon(d, alternative="greater", zero_method="wilcox")
-        p, stat = float(res.pvalue), float(res.statistic)
-    t_p = float(stats.ttest_1samp(d, 0.0, alternative="greater").pvalue) if np.std(d) > 0 else (0.0 if d.mean() > 0 else 1.0)
-    return TestResult(p_value=p, statistic=stat, effect=float(s.mean()), n=len(s),
-                      extra={"median": float(np.median(s)), "t_test_p": t_p})
+    if not np.all(np.isfinite(s)):
+        raise ValueError("paired differences must be finite (a NaN or inf came from the suspect's outputs)")
+    n, k = len(s), int(np.sum(s > tau))
+    p = float(stats.binomtest(k, n, 0.5, alternative="greater").pvalue)
+    return TestResult(p_value=p, statistic=float(k), effect=float(s.mean()), n=n,
+                      extra={"median": float(np.median(s)), "exceedances": k, "test": "sign (exact binomial)",
+                             **(secondary_tests(s, tau) if secondary else {})})
+
+
+def secondary_tests(s: np.ndarray, tau: float) -> dict[str, float]:
+    """Wilcoxon signed-rank and t-test p-values on ``s - tau`` (reported, never decisive)."""
+    d = np.asarray(s, dtype=np.float64) - tau
+    w = 1.0 if np.all(d == 0) else float(stats.wilcoxon(d, alternative="greater", zero_method="wilcox").pvalue)
+    t = float(stats.ttest_1samp(d, 0.0, alternative="greater").pvalue) if np.std(d) > 0 else (0.0 if d.mean() > 0 else 1.0)
+    return {"wilcoxon_p": w, "t_test_p": t}
+
+
+def sign_test_critical(n: int, alpha: float) -> int:
+    """Smallest exceedance count ``k`` whose sign-test p-value is below ``alpha`` (n + 1 if none is)."""
+    # binom.sf(k - 1) = P(K >= k): decreasing in k
+    ks = np.arange(n + 1)
+    ok = stats.binom.sf(ks - 1, n, 0.5) < alpha
+    return int(ks[ok][0]) if ok.any() else n + 1
+
+
+def tango_z(b: np.ndarray, c: np.ndarray, n: int, tau: float) -> np.ndarray:
+    """Tango's score statistic for H0: p10 - p01 <= tau on n paired 0/1 outcomes (vectorised).
+
+    Args:
+        b: discordant pairs with a hit under the mark only (any shape).
+        c: discordant pairs with a hit under the control only (same shape).
+        n: number of pairs.
+        tau: the margin on the hit-rate difference, in [0, 1).
+
+    Returns:
+        z of the same shape: ``(b - c - n tau) / sqrt(n (2 q01 + tau - tau^2))`` with
+        ``q01`` the restricted maximum-likelihood estimate of P(control-only) under
+        ``p10 - p01 = tau`` (Tango 1998, Stat. Med. 17:891).
+    """
+    b, c = np.asarray(b, dtype=np.float64), np.asarray(c, dtype=np.float64)
+    big_b = (b + c) * (1 - tau) - 2 * tau * (n - b)
+    q01 = (big_b + np.sqrt(big_b**2 + 8 * n * c * tau * (1 - tau))) / (4 * n)
+    var = n * (2 * q01 + tau - tau**2)
+    num = b - c - n * tau
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(var > 0, num / np.sqrt(np.where(var > 0, var, 1.0)), np.sign(num) * np.inf)
+    return np.where((var <= 0) & (num == 0), 0.0, z)
+
+
+def _trinomial_logpmf(b: np.ndarray, c: np.ndarray, n: int, q01: np.ndarray, tau: float) -> np.ndarray:
+    """log P(b, c, n - b - c) under (p10, p01, p00) = (q01 + tau, q01, 1 - 2 q01 - tau); (G, O) for G nuisances."""
+    q = np.asarray(q01, dtype=np.float64)[:, None]
+    m = n - b - c
+    return (special.gammaln(n + 1) - special.gammaln(b + 1) - special.gammaln(c + 1) - special.gammaln(m + 1)
+            + special.xlogy(b, q + tau) + special.xlogy(c, q) + special.xlogy(m, np.clip(1 - 2 * q - tau, 0, 1)))
+
+
+@lru_cache(maxsize=512)
+def _null_table(n: int, tau: float, grid: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every outcome (b, c) of n pairs, sorted by Tango's z (largest first), and the grid of nuisances."""
+    bb, cc = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    ok = bb + cc <= n
+    bb, cc = bb[ok], cc[ok]
+    order = np.argsort(-tango_z(bb, cc, n, tau), kind="stable")
+    return bb[order], cc[order], tango_z(bb[order], cc[order], n, tau), np.linspace(0.0, (1 - tau) / 2, grid)
+
+
+def exact_paired_margin_p(b: int, c: int, n: int, tau: float) -> float:
+    """Exact unconditional p-value of Tango's statistic for H0: p10 - p01 <= tau.
+
+    The p-value is the largest probability, over every null distribution of the
+    pairs on the boundary ``p10 = p01 + tau`` (the nuisance ``p01`` ranges over
+    ``[0, (1 - tau) / 2]``), that the statistic is at least the observed one:
+    a trinomial sum over all ``(b', c')`` with ``b' + c' <= n``, maximised over
+    the nuisance by a grid, then refined by a bounded scalar search (scipy).
+    This holds the size at ``alpha`` where the normal approximation is liberal.
+    """
+    from scipy.optimize import minimize_scalar
+
+    bb, cc, z, qs = _null_table(int(n), float(tau))
+    z_obs = float(tango_z(np.array(b), np.array(c), n, tau))
+    k = int(np.searchsorted(-z, -(z_obs - 1e-9), side="right"))  # outcomes at least as extreme: the first k
+    if k == 0:
+        return 0.0
+    eb, ec = bb[:k], cc[:k]
+    tail = lambda q: float(np.exp(_trinomial_logpmf(eb, ec, n, np.atleast_1d(q), tau)).sum())  # noqa: E731
+    tails = np.exp(_trinomial_logpmf(eb, ec, n, qs, tau)).sum(axis=1)
+    i = int(tails.argmax())
+    lo, hi = qs[max(i - 1, 0)], qs[min(i + 1, len(qs) - 1)]
+    best = float(tails[i])
+    if hi > lo:
+        res = minimize_scalar(lambda q: -tail(q), bounds=(lo, hi), method="bounded", options={"xatol": 1e-12})
+        best = max(best, -float(res.fun))
+    return float(min(1.0, best))
 
 
 def paired_proportion_margin(hits_marked: np.ndarray, hits_control: np.ndarray, tau: float) -> TestResult:
     """One-sided test of H0: P(hit | marked) - P(hit | control) <= tau on paired 0/1 outcomes.
 
-    Tango's score test for a difference of paired proportions (Tango 1998,
-    Stat. Med. 17:891), with the null variance at the restricted maximum-
-    likelihood estimate; the normal tail comes from scipy. With tau = 0 it is
-    McNemar's test; McNemar's exact p-value (a binomial test on the discordant
-    pairs) is reported beside it in ``extra``.
+    The statistic is Tango's score statistic (Tango 1998); the decisive
+    p-value is its exact unconditional p-value (:func:`exact_paired_margin_p`),
+    because the normal tail is liberal at small n and small margins. The
+    asymptotic Tango p-value and McNemar's exact conditional p-value (a
+    binomial test on the discordant pairs, the classic test at tau = 0) are
+    reported beside it in ``extra``.
 
     Args:
         hits_marked, hits_control: (n,) 0/1 outcomes of the same n queries.
@@ -70,15 +170,13 @@ def paired_proportion_margin(hits_marked: np.ndarray, hits_control: np.ndarray, 
     n = len(a)
     b = int(np.sum(a & ~c_))  # marked hit, control missed
     c = int(np.sum(~a & c_))  # control hit, marked missed
-    big_b = (b + c) * (1 - tau) - 2 * tau * (n - b)
-    q01 = (big_b + math.sqrt(big_b**2 + 8 * n * c * tau * (1 - tau))) / (4 * n)  # restricted MLE of P(control-only)
-    var = n * (2 * q01 + tau - tau**2)
-    z = (b - c - n * tau) / math.sqrt(var) if var > 0 else (math.inf if b - c > n * tau else -math.inf)
-    p = float(stats.norm.sf(z))
-    exact = float(stats.binomtest(b, b + c, 0.5, alternative="greater").pvalue) if b + c > 0 else 1.0
-    return TestResult(p_value=p, statistic=float(z), effect=(b - c) / n, n=n,
+    z = float(tango_z(np.array(b), np.array(c), n, tau))
+    p = exact_paired_margin_p(b, c, n, tau)
+    mcnemar = float(stats.binomtest(b, b + c, 0.5, alternative="greater").pvalue) if b + c > 0 else 1.0
+    return TestResult(p_value=p, statistic=z, effect=(b - c) / n, n=n,
                       extra={"hit_rate_marked": float(a.mean()), "hit_rate_control": float(c_.mean()),
-                             "discordant_marked": b, "discordant_control": c, "mcnemar_exact_p": exact})
+                             "discordant_marked": b, "discordant_control": c, "test": "Tango score, exact unconditional",
+                             "tango_asymptotic_p": float(stats.norm.sf(z)), "mcnemar_exact_p": mcnemar})
 
 
 def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
@@ -86,3 +184,32 @@ def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
     if n < 1 or not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
     return float(stats.binomtest(k, n).proportion_ci(confidence_level=2 * confidence - 1, method="exact").high)
+
+
+def permutation_p(t_owner: float, t_alternatives: np.ndarray) -> float:
+    """Exact p-value of the secret-permutation test (METHOD.md, stage 3).
+
+    Under H0 the suspect is independent of f0 and of every secret generated on
+    it, so the owner's statistic is exchangeable with the J alternatives' and
+    ``p = (1 + #{j : T_j >= T_owner}) / (J + 1)`` is exact (ties count against
+    the owner). Its resolution is ``1 / (J + 1)``.
+    """
+    t = np.asarray(t_alternatives, dtype=np.float64)
+    if t.ndim != 1 or len(t) < 1:
+        raise ValueError(f"need a 1-d array of at least one alternative statistic, got shape {t.shape}")
+    if not np.isfinite(t_owner) or not np.all(np.isfinite(t)):
+        raise ValueError("permutation statistics must be finite")
+    return float((1 + np.sum(t >= t_owner)) / (len(t) + 1))
+
+
+def holm(p_values: dict[str, float], alpha: float) -> dict[str, bool]:
+    """Holm's step-down rejections at family-wise level ``alpha`` (scipy has no Holm; this is the 5-line rule).
+
+    Returns, per test name, whether it is rejected.
+    """
+    order = sorted(p_values, key=lambda k: p_values[k])
+    m, out, stop = len(order), {}, False
+    for i, k in enumerate(order):
+        stop = stop or p_values[k] >= alpha / (m - i)
+        out[k] = not stop
+    return out

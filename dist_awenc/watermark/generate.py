@@ -10,17 +10,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dist_awenc.config import WatermarkConfig
+from dist_awenc.config import GenerationSection, WatermarkConfig
 from dist_awenc.data import build_dataset, make_splits
-from dist_awenc.encoders.io import Encoder, atomic_write_text, load_encoder
+from dist_awenc.encoders.io import Encoder, atomic_write_text, load_encoder, read_state, save_tensors
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.runs import open_run
-from dist_awenc.watermark.secret import Secret, save_secret
+from dist_awenc.verify.plan import make_plan
+from dist_awenc.watermark.secret import AlternativeSecrets, Secret, save_alternatives, save_secret
 
 
 def generation_loss(f_marked: torch.Tensor, f_clean: torch.Tensor, f_key: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -63,34 +65,115 @@ def generate_delta(
     Returns:
         delta (3, S, S) with ``|delta|_inf <= eps``, and the loss per step.
     """
+    deltas, history = generate_deltas(encoder, images, key[None], [seed], eps=eps, alpha=alpha, steps=steps,
+                                      step_size=step_size, batch_size=batch_size, optimizer=optimizer, progress=progress)
+    return deltas[0], history[0]
+
+
+def generate_deltas(
+    encoder: Encoder,
+    images: torch.Tensor,
+    keys: torch.Tensor,
+    seeds: list[int],
+    *,
+    eps: float = 16 / 255,
+    alpha: float = 1.0,
+    steps: int = 300,
+    step_size: float = 1 / 255,
+    batch_size: int = 128,
+    optimizer: str = "pgd",
+    progress: bool = True,
+    desc: str = "watermark",
+) -> tuple[torch.Tensor, list[list[float]]]:
+    """Stage 1 for K secrets at once, each exactly as if generated alone.
+
+    Secret k draws its mini-batches from its own generator seeded by
+    ``seeds[k]`` and has its own perturbation; the K problems only share the
+    forward passes (one batch of K x b images), so the owner's secret and J
+    alternative secrets come from the same procedure.
+
+    Args:
+        encoder: frozen f0 (pixel space in, features out).
+        images: (N, 3, S, S) marking set in [0, 1].
+        keys: (K, 3, S, S) key images.
+        seeds: K seeds, one per secret.
+
+    Returns:
+        deltas (K, 3, S, S) with ``|delta|_inf <= eps``, and each secret's loss per step.
+    """
     if eps <= 0 or eps > 1 or steps < 1 or step_size <= 0 or batch_size < 1:
         raise ConfigError(f"generation: need 0 < eps <= 1, steps >= 1, step_size > 0, batch_size >= 1 (got {eps}, {steps}, {step_size}, {batch_size})")
     if optimizer not in ("pgd", "adam"):
         raise ConfigError(f"generation.optimizer must be pgd or adam, not '{optimizer}'")
+    if keys.ndim != 4 or len(keys) != len(seeds):
+        raise ConfigError(f"generate_deltas: {len(seeds)} seeds for keys of shape {tuple(keys.shape)}")
     device = next(encoder.parameters()).device
     encoder.eval().requires_grad_(False)
-    images, key = images.to(device), key.to(device)
+    images, keys = images.to(device), keys.to(device)
+    k, b = len(keys), min(batch_size, len(images))
     with torch.no_grad():
-        f_key = encoder(key[None])
-    delta = torch.zeros_like(key, requires_grad=True)
-    adam = torch.optim.Adam([delta], lr=step_size) if optimizer == "adam" else None
-    g = torch.Generator().manual_seed(seed)
-    history: list[float] = []
-    for _ in tqdm(range(steps), desc="watermark", disable=not progress, dynamic_ncols=True):
-        x = images[torch.randint(len(images), (min(batch_size, len(images)),), generator=g)]
+        f_key = encoder(keys)  # (K, d)
+    deltas = torch.zeros_like(keys, requires_grad=True)
+    adam = torch.optim.Adam([deltas], lr=step_size) if optimizer == "adam" else None
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    history: list[list[float]] = [[] for _ in range(k)]
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True):
+        idx = torch.stack([torch.randint(len(images), (b,), generator=g) for g in gens])  # (K, b)
+        x = images[idx.to(images.device)]  # (K, b, 3, S, S)
         with torch.no_grad():
-            f_clean = encoder(x)
-        loss = generation_loss(encoder((x + delta).clamp(0, 1)), f_clean, f_key, alpha)
-        (grad,) = torch.autograd.grad(loss, delta)
+            f_clean = encoder(x.flatten(0, 1)).unflatten(0, (k, b))
+        f_marked = encoder((x + deltas[:, None]).clamp(0, 1).flatten(0, 1)).unflatten(0, (k, b))
+        losses = torch.stack([generation_loss(f_marked[i], f_clean[i], f_key[i], alpha) for i in range(k)])
+        (grad,) = torch.autograd.grad(losses.sum(), deltas)
         with torch.no_grad():
             if adam is None:
-                delta -= step_size * grad.sign()
+                deltas -= step_size * grad.sign()
             else:
-                delta.grad = grad
+                deltas.grad = grad
                 adam.step()
-            delta.clamp_(-eps, eps)
-        history.append(float(loss.detach()))
-    return delta.detach().cpu(), history
+            deltas.clamp_(-eps, eps)
+        for i, v in enumerate(losses.detach().cpu().tolist()):
+            history[i].append(v)
+    return deltas.detach().cpu(), history
+
+
+def alternative_seeds(owner_seed: int, count: int) -> list[int]:
+    """J seeds for the alternative secrets, derived from the owner's and never equal to it."""
+    state = np.random.SeedSequence([int(owner_seed), 0xA17E]).generate_state(count + 1, dtype=np.uint32)
+    return [int(s) for s in state if int(s) != int(owner_seed)][:count]
+
+
+def generate_alternatives(encoder: Encoder, pool: torch.Tensor, g: GenerationSection, owner_seed: int, count: int,
+                          work_dir: Path, chunk: int = 16) -> AlternativeSecrets:
+    """J alternative secrets by exactly the owner's procedure (key draw + stage 1) with other seeds.
+
+    Generated ``chunk`` at a time; each finished chunk is saved under
+    ``work_dir``, so an interrupted run resumes where it stopped.
+    """
+    seeds = alternative_seeds(owner_seed, count)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    keys_all, deltas_all = [], []
+    for start in range(0, count, chunk):
+        part = seeds[start : start + chunk]
+        path = work_dir / f"chunk_{start:06d}_{len(part)}.safetensors"
+        if path.exists():
+            t = read_state(path)
+            keys, deltas = t["keys"], t["deltas"]
+        else:
+            keys = torch.stack([choose_key(g.key, pool, s)[0] for s in part])
+            deltas, _ = generate_deltas(encoder, pool, keys, part, eps=g.eps, alpha=g.alpha, steps=g.steps,
+                                        step_size=g.step_size, batch_size=g.batch_size, optimizer=g.optimizer,
+                                        desc=f"alternatives {start + len(part)}/{count}")
+            save_tensors(path, {"keys": keys, "deltas": deltas})
+        keys_all.append(keys)
+        deltas_all.append(deltas)
+    return AlternativeSecrets(keys=torch.cat(keys_all), deltas=torch.cat(deltas_all), seeds=seeds,
+                              control_seeds=[control_seed_of(s) for s in seeds])
+
+
+def control_seed_of(seed: int) -> int:
+    """The control permutation's seed for a secret generated with ``seed`` (owner and alternatives alike)."""
+    return int(seed) + 7919
 
 
 def choose_key(kind: str, pool: torch.Tensor, seed: int) -> tuple[torch.Tensor, str]:
@@ -117,8 +200,16 @@ def mark_statistics(encoder: Encoder, images: torch.Tensor, secret: Secret) -> d
 
 
 def watermark(cfg: WatermarkConfig) -> Path:
-    """Generate the owner's secret on f0; writes ``secret.safetensors`` + ``secret.json``."""
-    g = cfg.generation
+    """Generate the owner's secret on f0 with its verification plan (and the J alternative secrets).
+
+    Writes ``secret.safetensors`` + ``secret.json`` and, with ``plan.alternatives`` = J > 0,
+    ``alternatives.safetensors``, whose hash the plan records.
+    """
+    g, pl = cfg.generation, cfg.plan
+    n = {"whitebox": pl.n_whitebox, "blackbox_score": pl.n_score, "blackbox_label": pl.n_label}
+    make_plan(dataset=cfg.data.name, dataset_size=1, image_size=cfg.data.image_size, split_seed=cfg.data.split_seed,
+              holdout_indices=np.zeros(0), n=n, alpha=pl.alpha, alternatives=pl.alternatives, alternatives_sha256=None,
+              primary_mode=pl.primary_mode)  # checks the plan's values before anything is written
     encoder, card = load_encoder(cfg.encoder)
     if card["input_size"] != cfg.data.image_size:
         raise ArtifactError(f"encoder was trained at {card['input_size']} px but data.image_size={cfg.data.image_size}")
@@ -130,13 +221,28 @@ def watermark(cfg: WatermarkConfig) -> Path:
         key, key_source = choose_key(g.key, pool, cfg.run.seed)
         delta, history = generate_delta(encoder, pool, key, eps=g.eps, alpha=g.alpha, steps=g.steps, step_size=g.step_size,
                                         batch_size=g.batch_size, optimizer=g.optimizer, seed=cfg.run.seed)
-        secret = Secret(key=key, delta=delta, eps=g.eps, control_seed=cfg.run.seed + 7919,
+        alt_sha = None
+        if pl.alternatives:
+            alt = generate_alternatives(encoder, pool, g, cfg.run.seed, pl.alternatives, run_dir / "alternatives.parts")
+            alt_sha = save_alternatives(alt, run_dir / "alternatives.safetensors")
+        plan = make_plan(dataset=cfg.data.name, dataset_size=len(dataset), image_size=cfg.data.image_size,
+                         split_seed=cfg.data.split_seed, holdout_indices=splits["holdout"], n=n, alpha=pl.alpha,
+                         alternatives=pl.alternatives, alternatives_sha256=alt_sha, primary_mode=pl.primary_mode)
+        secret = Secret(key=key, delta=delta, eps=g.eps, control_seed=control_seed_of(cfg.run.seed),
                         meta={"encoder_sha256": card.get("sha256"), "alpha": g.alpha, "key_source": key_source,
-                              "dataset": cfg.data.name})
+                              "dataset": cfg.data.name, "seed": cfg.run.seed}, plan=plan)
         save_secret(secret, run_dir / "secret")
         stats = mark_statistics(encoder, holdout, secret)
         atomic_write_text(run_dir / "generation.json", json.dumps(
-            {"secret_sha256": secret.sha256, "loss_first": history[0], "loss_last": history[-1], "holdout": stats}, indent=2))
+            {"secret_sha256": secret.sha256, "loss_first": history[0], "loss_last": history[-1], "holdout": stats,
+             "alternatives": pl.alternatives, "alternatives_sha256": alt_sha}, indent=2))
         info(f"secret {secret.sha256[:12]}  holdout cos(marked, key) {stats['cos_marked_key']:.3f} "
-             f"vs control {stats['cos_control_key']:.3f}  -> {run_dir / 'secret.safetensors'}")
+             f"vs control {stats['cos_control_key']:.3f}  -> {run_dir / 'secret.safetensors'}"
+             + (f" (+ {pl.alternatives} alternative secrets)" if pl.alternatives else ""))
     return run_dir / "secret.safetensors"
+
+
+def alternatives_path(secret_path: str | Path) -> Path:
+    """Where a secret's alternatives live: ``alternatives.safetensors`` beside it."""
+    p = Path(secret_path)
+    return (p if p.is_dir() else p.parent) / "alternatives.safetensors"

@@ -1,10 +1,15 @@
 """The owner's secret: key image ``x_k`` and universal watermark ``delta``.
 
 Stored as ``secret.safetensors`` (tensors ``key`` and ``delta``; the settings
-needed to apply them in the safetensors header metadata) and ``secret.json``
-beside it, which records the file's SHA-256. Loading refuses a file whose
-content no longer matches that hash, so every verdict names exactly which
-secret it used.
+needed to apply them and the verification plan in the safetensors header
+metadata) and ``secret.json`` beside it, which records the file's SHA-256.
+Loading refuses a file whose content no longer matches that hash, so every
+verdict names exactly which secret it used; the hash covers the plan, so
+publishing it at release commits the owner to the plan.
+
+The J alternative secrets of the secret-permutation test (same f0, same
+procedure, other seeds; never embedded) are one more file,
+``alternatives.safetensors``, whose hash the plan records.
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ class Secret:
     control_seed: int
     meta: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""
+    plan: dict[str, Any] = field(default_factory=dict)  # the verification plan (dist_awenc.verify.plan); {} before plans
+    record: dict[str, Any] = field(default_factory=dict)  # secret.json as read (e.g. the bound calibration)
 
     def __post_init__(self) -> None:
         if self.key.shape != self.delta.shape or self.key.ndim != 3 or self.key.shape[0] != 3:
@@ -48,9 +55,7 @@ class Secret:
 
         Same eps, norm and value distribution as delta; no adversarial structure.
         """
-        g = torch.Generator().manual_seed(self.control_seed)
-        flat = self.delta.flatten()
-        return flat[torch.randperm(flat.numel(), generator=g)].view_as(self.delta)
+        return control_of(self.delta, self.control_seed)
 
     def mark(self, x: torch.Tensor) -> torch.Tensor:
         """Shape: (b, 3, S, S) -> clamp(x + delta, 0, 1)."""
@@ -60,16 +65,83 @@ class Secret:
         return (x + self.control().to(x.device, x.dtype)).clamp(0, 1)
 
 
+def control_of(delta: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded random permutation of ``delta``'s entries (the control perturbation ``r``)."""
+    g = torch.Generator().manual_seed(int(seed))
+    flat = delta.flatten()
+    return flat[torch.randperm(flat.numel(), generator=g)].view_as(delta)
+
+
+@dataclass
+class AlternativeSecrets:
+    """J alternative secrets on the owner's f0 (the secret-permutation test's reference set).
+
+    ``keys`` and ``deltas`` are (J, 3, S, S); ``seeds[j]`` is the seed that drew
+    key j and drove its generation, ``control_seeds[j]`` seeds its control.
+    """
+
+    keys: torch.Tensor
+    deltas: torch.Tensor
+    seeds: list[int]
+    control_seeds: list[int]
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        j = len(self.seeds)
+        if self.keys.shape != self.deltas.shape or self.keys.ndim != 4 or len(self.keys) != j or len(self.control_seeds) != j:
+            raise ArtifactError(f"alternative secrets: keys {tuple(self.keys.shape)}, deltas {tuple(self.deltas.shape)}, "
+                                f"{j} seeds and {len(self.control_seeds)} control seeds do not match")
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def controls(self) -> torch.Tensor:
+        return torch.stack([control_of(d, s) for d, s in zip(self.deltas, self.control_seeds)])
+
+
+ALTERNATIVES_FORMAT = "dist_awenc.alternatives/1"
+
+
+def save_alternatives(alt: AlternativeSecrets, path: str | Path) -> str:
+    """Write ``alternatives.safetensors`` atomically; returns (and sets) its SHA-256."""
+    header = json.dumps({"format": ALTERNATIVES_FORMAT, "seeds": list(map(int, alt.seeds)),
+                         "control_seeds": list(map(int, alt.control_seeds))}, sort_keys=True)
+    alt.sha256 = save_tensors(Path(path), {"keys": alt.keys, "deltas": alt.deltas}, metadata={"dist_awenc": header})
+    return alt.sha256
+
+
+def load_alternatives(path: str | Path, expected_sha256: str | None = None) -> AlternativeSecrets:
+    """Load the alternative secrets; with ``expected_sha256`` (the plan's), refuse any other file."""
+    p = Path(path)
+    if not p.exists():
+        raise ArtifactError(f"alternative secrets '{p}' do not exist (awenc watermark plan.alternatives=J writes them)")
+    digest = sha256_file(p)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise TamperedSecretError(f"{p}: SHA-256 {digest[:16]}... is not the plan's {expected_sha256[:16]}...; "
+                                  "the alternative secrets were modified or replaced")
+    tensors = read_state(p)
+    with safe_open(str(p), framework="pt") as f:
+        try:
+            header = json.loads((f.metadata() or {}).get("dist_awenc", "{}"))
+        except json.JSONDecodeError:
+            header = {}
+    if header.get("format") != ALTERNATIVES_FORMAT or set(tensors) != {"keys", "deltas"}:
+        raise ArtifactError(f"{p}: not a dist_awenc alternatives file (expected tensors keys, deltas and format "
+                            f"{ALTERNATIVES_FORMAT})")
+    return AlternativeSecrets(keys=tensors["keys"], deltas=tensors["deltas"], seeds=header["seeds"],
+                              control_seeds=header["control_seeds"], sha256=digest)
+
+
 def save_secret(secret: Secret, path: str | Path) -> str:
     """Write ``<path>.safetensors`` + ``<path>.json``; returns the SHA-256 (also set on ``secret``)."""
     path = Path(path).with_suffix(".safetensors")
     # one header entry of canonical JSON: safetensors orders several entries arbitrarily,
     # which would give the same secret a different file hash on every save
     header = json.dumps({"format": SECRET_FORMAT, "eps": secret.eps, "control_seed": secret.control_seed,
-                         "meta": secret.meta}, sort_keys=True)
+                         "meta": secret.meta, "plan": secret.plan}, sort_keys=True)
     secret.sha256 = save_tensors(path, {"key": secret.key, "delta": secret.delta}, metadata={"dist_awenc": header})
     record = {"format": SECRET_FORMAT, "sha256": secret.sha256, "eps": secret.eps, "control_seed": secret.control_seed,
-              "image_size": secret.image_size, **secret.meta}
+              "image_size": secret.image_size, **secret.meta, "plan": secret.plan}
     atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2))
     return secret.sha256
 
@@ -84,7 +156,13 @@ def load_secret(path: str | Path) -> Secret:
     p = Path(path)
     if not str(path):
         raise ArtifactError("no secret given: pass secret=<secret.safetensors or watermark run folder>")
-    p = p / "secret.safetensors" if p.is_dir() else p.with_suffix(".safetensors")
+    if p.is_dir():
+        p = p / "secret.safetensors"
+    elif p.suffix in ("", ".json"):
+        p = p.with_suffix(".safetensors")
+    elif p.suffix != ".safetensors":
+        raise ArtifactError(f"secret '{p}': expected a .safetensors secret or a watermark run folder, not a "
+                            f"'{p.suffix}' file (nothing is ever unpickled)")
     if not p.exists():
         raise ArtifactError(f"secret '{p}' does not exist")
     record_path = p.with_suffix(".json")
@@ -106,4 +184,29 @@ def load_secret(path: str | Path) -> Secret:
     if header.get("format") != SECRET_FORMAT or set(tensors) != {"key", "delta"}:
         raise ArtifactError(f"{p}: not a dist_awenc secret (expected tensors key, delta and format {SECRET_FORMAT})")
     return Secret(key=tensors["key"], delta=tensors["delta"], eps=float(header["eps"]),
-                  control_seed=int(header["control_seed"]), meta=header.get("meta", {}), sha256=digest)
+                  control_seed=int(header["control_seed"]), meta=header.get("meta", {}), sha256=digest,
+                  plan=header.get("plan") or {}, record=record)
+
+
+def bind_calibration(secret_path: str | Path, calibration_sha256: str, calibration_path: str | Path) -> bool:
+    """Record a calibration in the secret's record (``secret.json``), once; verification then requires it.
+
+    Returns True when bound now; an already bound secret keeps its calibration
+    (rebinding after the fact would let a verdict shop for thresholds).
+    """
+    from dist_awenc.engine.log import info, warn
+
+    secret = load_secret(secret_path)
+    bound = secret.record.get("calibration") or {}
+    if bound.get("sha256") == calibration_sha256:
+        return False
+    if bound:
+        warn(f"the secret is already bound to calibration {bound['sha256'][:12]}... ({bound.get('path')}); "
+             f"not rebinding to {calibration_sha256[:12]}...: verify keeps using the bound one")
+        return False
+    p = Path(secret_path)
+    record_path = (p / "secret.safetensors" if p.is_dir() else p.with_suffix(".safetensors")).with_suffix(".json")
+    record = {**secret.record, "calibration": {"sha256": calibration_sha256, "path": str(Path(calibration_path).resolve())}}
+    atomic_write_text(record_path, json.dumps(record, indent=2))
+    info(f"bound calibration {calibration_sha256[:12]}... to the secret ({record_path})")
+    return True

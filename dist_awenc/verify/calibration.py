@@ -1,0 +1,219 @@
+"""A calibration: per-mode thresholds set on null encoders, checked on held-out ones (METHOD.md, "Calibration").
+
+The unit of evidence is the encoder *family* (an independently pre-trained
+null encoder together with the attacked copies made from it), never the
+(encoder, secret) pair: an encoder that lets one universal perturbation
+through lets others through, and an attacked copy is not independent of its
+parent. Families are split into calibration and held-out ones. The threshold
+of a mode is the largest ``tau*`` (the margin at which a trial's test just
+reaches ``p = alpha``) of any calibration encoder with the owner's secret;
+the false-positive rate is measured only on held-out families, with two
+bounds, each labelled as what it is:
+
+* ``heldout_fpr_upper_95``: the exact Clopper-Pearson 95% upper bound on the
+  false-positive rate from the positives among the m held-out families
+  (0 of m gives ``1 - 0.05 ** (1 / m)``);
+* ``exceed_probability_bound``: for exchangeable families, a new null family
+  exceeds the maximum of m' calibration families with probability at most
+  ``1 / (m' + 1)``.
+
+A bound over the calibration families is zero by construction and is never
+reported. The owner's f0 is not a null: it is reported as the owner's
+reference. A calibration records its conditions (secret, alpha, n per mode,
+dataset, split, hold-out hash) and :func:`check_conditions` refuses to apply
+it under any other.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from dist_awenc.encoders.io import sha256_file
+from dist_awenc.errors import ConfigError
+from dist_awenc.verify.plan import holdout_sha256
+from dist_awenc.verify.stats import TestResult, clopper_pearson_upper, margin_sign_test, paired_proportion_margin
+
+CALIBRATION_FORMAT = "dist_awenc.calibration/2"
+MODES = ("whitebox", "blackbox_score", "blackbox_label")
+
+
+def mode_test(mode: str, samples: Any, tau: float) -> TestResult:
+    """The mode's decisive test on raw samples: score arrays (white-box, score) or (hits_marked, hits_control)."""
+    if mode == "blackbox_label":
+        return paired_proportion_margin(samples[0], samples[1], tau)
+    return margin_sign_test(samples, tau)
+
+
+def tau_star(mode: str, samples: Any, alpha: float, iters: int = 40) -> float:
+    """The margin at which the trial's p-value reaches ``alpha`` (p is non-decreasing in tau).
+
+    The trial is positive at margin T exactly when ``T < tau*``. Returns the
+    lower end of the search range when the trial is negative at every margin,
+    the upper end when it is positive at every margin.
+    """
+    lo, hi = (0.0, 0.999) if mode == "blackbox_label" else (-2.0, 2.0)
+    if mode_test(mode, samples, lo).p_value >= alpha:
+        return lo
+    if mode_test(mode, samples, hi).p_value < alpha:
+        return hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if mode_test(mode, samples, mid).p_value < alpha:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@dataclass
+class NullEncoder:
+    """One null encoder's results: ``tau*`` per mode with the owner's secret (and the largest with others)."""
+
+    name: str
+    family: str  # the independent pre-training it comes from (itself, or its parent for an attacked copy)
+    tau_star: dict[str, float]
+    tau_star_other_secrets: dict[str, float] = field(default_factory=dict)
+    effect: dict[str, float] = field(default_factory=dict)
+
+
+def split_families(families: list[str], holdout_fraction: float, seed: int) -> set[str]:
+    """The held-out families: a seeded random ``floor(fraction * m)`` of them."""
+    fams = sorted(set(families))
+    n_hold = int(math.floor(len(fams) * holdout_fraction))
+    return set(np.random.default_rng(seed).permutation(fams)[:n_hold].tolist())
+
+
+def summarise(nulls: list[NullEncoder], owner: Optional[dict[str, dict]], alpha: float, holdout_fraction: float,
+              seed: int) -> dict[str, Any]:
+    """Thresholds from the calibration families; false positives and both bounds on the held-out families."""
+    held = split_families([e.family for e in nulls], holdout_fraction, seed)
+    cal_fams = sorted({e.family for e in nulls} - held)
+    if not cal_fams:
+        raise ConfigError("no calibration family left: lower population.holdout_fraction or add null encoders")
+    modes: dict[str, Any] = {}
+    for mode in MODES:
+        threshold = max(e.tau_star[mode] for e in nulls if e.family not in held) + 1e-6
+        positive = {e.name: e.tau_star[mode] > threshold for e in nulls}  # p < alpha at T exactly when T < tau*
+        held_fams = sorted(held)
+        fam_pos = {f: any(positive[e.name] for e in nulls if e.family == f) for f in held_fams}
+        k, m = sum(fam_pos.values()), len(held_fams)
+        modes[mode] = {
+            "threshold": threshold, "alpha": alpha,
+            "calibration": {"families": len(cal_fams),
+                            "encoders": sum(e.family not in held for e in nulls)},
+            "heldout": {"families": m, "encoders": sum(e.family in held for e in nulls),
+                        "false_positive_families": k,
+                        "false_positive_encoders": sorted(e.name for e in nulls if e.family in held and positive[e.name]),
+                        "heldout_fpr_upper_95": clopper_pearson_upper(k, m) if m else None},
+            "exceed_probability_bound": 1 / (len(cal_fams) + 1),
+            "owner_f0": None if owner is None else {
+                "tau_star": owner[mode]["tau_star"], "detected_at_threshold": owner[mode]["tau_star"] > threshold},
+            "null": [{"encoder": e.name, "family": e.family, "heldout": e.family in held, "tau_star": e.tau_star[mode],
+                      "tau_star_other_secrets": e.tau_star_other_secrets.get(mode), "effect": e.effect.get(mode),
+                      "positive": positive[e.name]} for e in nulls],
+        }
+    return {"modes": modes, "heldout_families": sorted(held), "calibration_families": cal_fams}
+
+
+@dataclass
+class Calibration:
+    """A loaded calibration file: thresholds per mode, its SHA-256 and its recorded conditions."""
+
+    path: Path
+    sha256: str
+    thresholds: dict[str, float]
+    conditions: dict[str, Any]
+    data: dict[str, Any]
+
+    def summary(self, mode: str) -> str:
+        m = self.data["modes"][mode]
+        h = m["heldout"]
+        bound = h["heldout_fpr_upper_95"]
+        return (f"{h['false_positive_families']}/{h['families']} held-out null families positive, "
+                f"FPR <= {bound:.3f} (95% CP)" if bound is not None else "no held-out families")
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a ``calibration.json`` (or its run folder); one-line errors for anything else."""
+    p = Path(path)
+    p = p / "calibration.json" if p.is_dir() else p
+    if not p.exists():
+        raise ConfigError(f"calibration file '{p}' does not exist (run awenc calibrate first)")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
+        got = data.get("format") if isinstance(data, dict) else None
+        raise ConfigError(f"{p}: not a calibration file of this version (format {got!r}, expected "
+                          f"{CALIBRATION_FORMAT!r}); rerun awenc calibrate")
+    return Calibration(p, sha256_file(p), {m: float(v["threshold"]) for m, v in data["modes"].items()},
+                       data["conditions"], data)
+
+
+def load_thresholds(path: str | Path) -> dict[str, float]:
+    """Per-mode thresholds of a calibration file."""
+    return load_calibration(path).thresholds
+
+
+def conditions(*, secret_sha256: str, alpha: float, n: dict[str, int], dataset: str, dataset_size: int,
+               split_seed: int, holdout_indices) -> dict[str, Any]:
+    """The conditions a calibration is valid for."""
+    return {"secret_sha256": secret_sha256, "alpha": float(alpha), "n": {k: int(v) for k, v in n.items()},
+            "dataset": dataset, "dataset_size": int(dataset_size), "split_seed": int(split_seed),
+            "holdout_sha256": holdout_sha256(dataset, dataset_size, split_seed, holdout_indices)}
+
+
+def check_conditions(cal: Calibration, *, secret_sha256: str, alpha: float, n: dict[str, int], dataset: str,
+                     dataset_size: int, split_seed: int, holdout_indices) -> None:
+    """Refuse (one line) to apply a calibration made under other conditions than this verification's."""
+    want = conditions(secret_sha256=secret_sha256, alpha=alpha, n=n, dataset=dataset, dataset_size=dataset_size,
+                      split_seed=split_seed, holdout_indices=holdout_indices)
+    have = cal.conditions
+    diffs = []
+    for key in ("secret_sha256", "alpha", "dataset", "dataset_size", "split_seed", "holdout_sha256"):
+        if have.get(key) != want[key]:
+            diffs.append(f"{key} {_short(have.get(key))} (here {_short(want[key])})")
+    for mode, k in want["n"].items():
+        if have.get("n", {}).get(mode) != k:
+            diffs.append(f"n for {mode} {have.get('n', {}).get(mode)} (here {k})")
+    if diffs:
+        raise ConfigError(f"calibration {cal.path} was made under other conditions: " + "; ".join(diffs)
+                          + "; calibrate again for these conditions")
+
+
+def _short(v: Any) -> str:
+    return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else repr(v)
+
+
+def plot_null(report: dict, path: Path) -> None:
+    """Per mode: the null encoders' tau* (calibration and held-out), the threshold and the owner's f0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(MODES), figsize=(4.3 * len(MODES), 3.4))
+    for ax, mode in zip(axes, MODES):
+        m = report["modes"][mode]
+        cal = [t["tau_star"] for t in m["null"] if not t["heldout"]]
+        held = [t["tau_star"] for t in m["null"] if t["heldout"]]
+        bins = np.linspace(min(cal + held), max(cal + held + [m["threshold"]]) + 1e-9, 25)
+        ax.hist([cal, held], bins=bins, stacked=True, color=["tab:gray", "tab:blue"],
+                label=[f"calibration ({len(cal)})", f"held-out ({len(held)})"])
+        ax.axvline(m["threshold"], color="tab:red", ls="--", label=f"threshold {m['threshold']:.3f}")
+        if m.get("owner_f0"):
+            ax.axvline(m["owner_f0"]["tau_star"], color="tab:green", ls=":", label="owner's clean f0")
+        ax.set_title(f"{mode}: null encoders, owner's secret", fontsize=9)
+        ax.set_xlabel("tau* (margin where p = alpha)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
