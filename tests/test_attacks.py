@@ -13,7 +13,7 @@ from dist_awenc.attacks import (ATTACK_STRENGTHS, ATTACKS, AttackData, AttackOpt
                                 TransformedEncoder, apply_attack, register_attack, wrap_query_transform)
 from dist_awenc.attacks.base import relative_change
 from dist_awenc.data import build_dataset
-from dist_awenc.encoders.io import build_encoder, card_for, load_encoder, save_encoder
+from dist_awenc.encoders.io import build_encoder, card_for, load_encoder, save_encoder, with_recorded_transform
 from dist_awenc.errors import ConfigError
 from dist_awenc.evaluate.probe import DownstreamModel, extract_features
 
@@ -307,8 +307,12 @@ def test_query_attack_round_trips_through_its_spec(name, data, held, tmp_path):
     rebuilt = wrap_query_transform(enc, spec)
     assert torch.allclose(extract_features(rebuilt, held), extract_features(out, held), atol=1e-6)
     assert not torch.allclose(extract_features(enc, held), extract_features(out, held), atol=1e-6)
-    loaded, _ = load_encoder(tmp_path / "enc.safetensors")  # re-applies the recorded transform
-    assert torch.allclose(extract_features(loaded, held), extract_features(out, held), atol=1e-6)
+    # loading never applies a card's transform (a suspect's card must not change how its weights are measured);
+    # building the pirate's deployed model applies it, explicitly
+    loaded, loaded_card = load_encoder(tmp_path / "enc.safetensors")
+    assert torch.allclose(extract_features(loaded, held), extract_features(enc, held), atol=1e-6)
+    deployed = with_recorded_transform(loaded, loaded_card)
+    assert torch.allclose(extract_features(deployed, held), extract_features(out, held), atol=1e-6)
     # a downstream model over it has the usual state_dict keys
     assert set(DownstreamModel(out, out.feature_dim, 10).state_dict()) == set(
         DownstreamModel(enc, enc.feature_dim, 10).state_dict())
@@ -334,3 +338,21 @@ def test_overwrite_embeds_a_pirate_mark(data):
     again, info_again = apply_attack("overwrite", enc, card, 2, data, AttackOptions(**TINY_OPTIONS), progress=False)
     assert info_again["loss_last"] == pytest.approx(info["loss_last"])  # seeded
     assert relative_change(out.backbone, again.backbone) < 1e-6
+
+
+def test_a_hand_edited_card_cannot_change_a_whitebox_verdict(held, tmp_path):
+    """Adding a query_transform to a stolen encoder's card leaves the white-box statistic exactly as it was."""
+    from dist_awenc.verify.core import verify_whitebox
+    from dist_awenc.watermark.secret import Secret
+
+    enc, card = tiny_encoder()
+    g = torch.Generator().manual_seed(3)
+    secret = Secret(key=torch.rand(3, 8, 8, generator=g), delta=(16 / 255) * torch.sign(torch.randn(3, 8, 8, generator=g)),
+                    eps=16 / 255, control_seed=1)
+    save_encoder(enc, tmp_path / "stolen", card)
+    before = verify_whitebox(load_encoder(tmp_path / "stolen.safetensors")[0], secret, held)
+    edited = json.loads((tmp_path / "stolen.json").read_text())
+    edited["query_transform"] = {"kind": "jpeg", "strength": 10, "seed": 0}
+    (tmp_path / "stolen.json").write_text(json.dumps(edited))
+    after = verify_whitebox(load_encoder(tmp_path / "stolen.safetensors")[0], secret, held)
+    assert after.p_value == before.p_value and after.effect == before.effect

@@ -46,15 +46,27 @@ def test_attack_stage_writes_a_child_card_and_accuracies(owner, tmp_path):
     assert zeros == pytest.approx(0.5, abs=1e-3)
 
 
-def test_query_side_attack_is_reapplied_when_loading(owner, tmp_path):
-    f0, _ = owner
+def test_query_attacked_encoder_gets_the_same_whitebox_verdict_from_the_cli_and_robustness(owner, tmp_path):
+    """A query-side attack changes the pirate's serving path, not the weights: loading the attacked encoder
+    gives the suspect's bare weights, so `awenc verify` and `awenc robustness` inspect the same thing."""
+    import json
+
+    f0, secret = owner
     assert main(["attack", f"encoder={f0}", f"run.out_dir={tmp_path}", "run.name=noisy",
                  "attack.name=query_noise", "attack.strength=0.05", *FAST]) == 0
     enc, card = load_encoder(tmp_path / "noisy")
     plain, _ = load_encoder(f0)
     assert card["query_transform"]["kind"] == "noise"
     x = torch.rand(4, 3, 8, 8)
-    assert not torch.allclose(enc(x), plain(x))  # the transform runs in front of the same weights
+    assert torch.equal(enc(x), plain(x))  # the card's transform is not applied on load
+    assert main(["verify", "--mode", "whitebox", f"suspect={tmp_path / 'noisy'}", f"secret={secret}",
+                 f"run.out_dir={tmp_path}", "run.name=v_noisy", "data.image_size=8"]) == 0
+    cli = json.loads((tmp_path / "v_noisy" / "verdict.json").read_text())
+    assert main(["robustness", f"encoder={f0}", f"secret={secret}", f"run.out_dir={tmp_path}", "run.name=rob",
+                 "grid.attacks=[query_noise]", "grid.strengths={query_noise: [0.05]}", *FAST]) == 0
+    row = next(r for r in csv.DictReader((tmp_path / "rob" / "robustness.csv").open()) if r["attack"] == "query_noise")
+    assert float(row["p_whitebox"]) == pytest.approx(cli["p_value"], rel=1e-12)
+    assert (row["decision_whitebox"] == "True") == cli["decision"]
 
 
 def test_unknown_attack_is_a_one_line_error(owner, tmp_path, capsys):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import socket
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -60,20 +62,52 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+def _tmp_name(path: Path) -> Path:
+    """A temp name beside ``path`` that no other process or node shares."""
+    return path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
+
+
+def _durable_replace(tmp: Path, path: Path) -> None:
+    """fsync the written temp file, rename it over ``path``, fsync the folder: a crash leaves old or new, never empty."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory
+    finally:
+        os.close(dfd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically and durably (temp file, fsync, rename, fsync the folder)."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(text)
+        _durable_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Write safetensors atomically (temp file + rename); returns the file's SHA-256."""
+    """Write safetensors atomically and durably (temp file, fsync, rename); returns the file's SHA-256."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        digest = sha256_file(tmp)
+        _durable_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return digest
 
 
@@ -145,7 +179,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
 def load_card(path: Path) -> dict[str, Any]:
     card_path = path.with_suffix(".json")
     if not card_path.exists():
-        raise ArtifactError(f"{path}: its card {card_path.name} is missing; pass the architecture explicitly")
+        raise ArtifactError(f"{path}: its card {card_path.name} (architecture, input size, normalisation) is missing")
     try:
         card = json.loads(card_path.read_text())
     except json.JSONDecodeError as e:
@@ -185,11 +219,20 @@ def load_encoder(path: str | Path, card: dict[str, Any] | None = None, *, verify
             f"{p}: weights do not fit architecture '{card['arch']}' {card['arch_kwargs']}: {first[0] if first else e}"
         ) from None
     del result
-    return with_recorded_transform(encoder, card), card
+    if card.get("query_transform"):
+        from dist_awenc.engine.log import warn
+
+        warn(f"{p}: the card's query_transform is not applied: a card never changes how an encoder's weights are "
+             "measured (it belongs to a downstream model's serving path)")
+    return encoder, card
 
 
 def with_recorded_transform(encoder: Encoder, card: dict[str, Any]) -> Encoder:
-    """Put back the query-side transform an attack recorded in the card (``query_transform``)."""
+    """Put back the query-side transform an attack recorded in the card (``query_transform``).
+
+    Only for building the pirate's deployed downstream model (what black-box
+    verification queries): the caller's explicit choice, never part of loading.
+    """
     if not card.get("query_transform"):
         return encoder
     from dist_awenc.attacks.query import wrap_query_transform  # attacks import this module

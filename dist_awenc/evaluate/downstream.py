@@ -81,6 +81,9 @@ def load_downstream(path: str | Path) -> tuple[DownstreamModel, dict]:
 def downstream(cfg: DownstreamConfig) -> dict:
     """Evaluate an encoder on the pirate's downstream split; save the downstream model."""
     encoder, card = load_encoder(cfg.encoder)
+    if card.get("query_transform"):  # the pirate's deployment: its serving path transforms every query
+        encoder = with_recorded_transform(encoder, card)
+        info(f"the downstream model applies the encoder's recorded query transform {card['query_transform']}")
     if card["input_size"] != cfg.data.image_size:
         raise ArtifactError(
             f"encoder was trained at {card['input_size']} px but data.image_size={cfg.data.image_size}; set data.image_size={card['input_size']}"
