@@ -136,8 +136,25 @@ def _load_data_errors() -> tuple[type[BaseException], ...]:
     return (DatasetNotFoundError, EmptyDatasetError, ImageDecodeError, UnknownDatasetError)
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse options and ``key.sub=value`` overrides in any order (``verify suspect=x --mode whitebox secret=y``).
+
+    argparse stops a ``nargs="*"`` positional at the first option and has no intermixed parsing with
+    subcommands, so overrides after an option come back as unknown arguments and are appended here;
+    anything else unknown is still an error.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         if args.stage == "sweep":  # first: status and collect import nothing heavy
             from dist_awenc.launch.sweep import sweep_command

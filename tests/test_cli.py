@@ -263,3 +263,27 @@ def test_verify_with_corrupt_downstream_card_is_one_line(capsys, tmp_path):
     line = _fails(capsys, ["verify", "--mode", "blackbox_score", f"secret={tmp_path / 'secret.safetensors'}",
                            f"suspect={model}", f"run.out_dir={tmp_path / 'runs'}"])
     assert "model.json" in line
+
+
+def test_overrides_and_options_mix_in_any_order(capsys, tmp_path):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("train: {epochs: 7}\n")
+    assert main(["config", "pretrain", "run.name=before", "--config", str(cfg), "train.batch_size=32"]) == 0
+    out = capsys.readouterr().out
+    assert "name: before" in out and "epochs: 7" in out and "batch_size: 32" in out
+    with pytest.raises(SystemExit) as e:
+        main(["config", "pretrain", "--config", str(cfg), "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_secret_of_another_format_is_named_as_given(capsys, tmp_path):
+    (tmp_path / "secret.pt").write_bytes(b"\x80\x04not really")
+    line = _fails(capsys, ["verify", f"secret={tmp_path / 'secret.pt'}", f"suspect={tmp_path}",
+                           f"run.out_dir={tmp_path / 'runs'}"])
+    assert "secret.pt" in line and "safetensors" in line and "does not exist" not in line
+
+
+def test_bad_generation_settings_leave_no_run_folder(capsys, tmp_path):
+    line = _fails(capsys, ["watermark", "encoder=whatever", "generation.eps=-0.1", f"run.out_dir={tmp_path}"])
+    assert "eps" in line
+    assert not (tmp_path / "watermark").exists()

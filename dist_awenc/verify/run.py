@@ -172,6 +172,13 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
             verdicts = [verify_remote(remote, secret, holdout, s, mode)]
         else:
             verdicts = verify_model(model, secret, holdout, s, mode, alternatives)
+        if remote is None:
+            hashed = card.get("sha256")
+            note = hashed or "none: the suspect's card records no SHA-256, so its weights were not checked against one"
+            for x in verdicts:
+                x.details["suspect_sha256"] = note
+            if not hashed:
+                warn(f"{cfg.suspect}: {note}")
         overall = overall_verdict(verdicts, s.alpha)
         suspect = cfg.suspect or remote.url
         primary = verdicts[0].to_dict()

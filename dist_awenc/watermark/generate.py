@@ -210,6 +210,12 @@ def watermark(cfg: WatermarkConfig) -> Path:
     make_plan(dataset=cfg.data.name, dataset_size=1, image_size=cfg.data.image_size, split_seed=cfg.data.split_seed,
               holdout_indices=np.zeros(0), n=n, alpha=pl.alpha, alternatives=pl.alternatives, alternatives_sha256=None,
               primary_mode=pl.primary_mode)  # checks the plan's values before anything is written
+    if g.eps <= 0 or g.eps > 1 or g.steps < 1 or g.step_size <= 0 or g.batch_size < 1:
+        raise ConfigError(f"generation: need 0 < eps <= 1, steps >= 1, step_size > 0, batch_size >= 1 "
+                          f"(got {g.eps}, {g.steps}, {g.step_size}, {g.batch_size})")
+    if g.optimizer not in ("pgd", "adam") or g.key not in ("image", "noise"):
+        raise ConfigError(f"generation.optimizer must be pgd or adam and generation.key image or noise "
+                          f"(got '{g.optimizer}', '{g.key}')")
     encoder, card = load_encoder(cfg.encoder)
     if card["input_size"] != cfg.data.image_size:
         raise ArtifactError(f"encoder was trained at {card['input_size']} px but data.image_size={cfg.data.image_size}")
