@@ -8,23 +8,21 @@ state_dict only with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import secrets
-import socket
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import dist_awenc.encoders.backbones  # noqa: F401  (registers the backbones)
 from dist_awenc.encoders.registry import build_backbone
 from dist_awenc.errors import ArtifactError
+from dist_awenc.files import (_durable_replace, _tmp_name, atomic_write_text,  # noqa: F401  (re-exported)
+                              save_tensors, sha256_file)
 
 CARD_FORMAT = "dist_awenc.encoder/1"
 
@@ -52,63 +50,6 @@ class Encoder(nn.Module):
 
 def build_encoder(arch: str, arch_kwargs: dict, mean: list[float], std: list[float], input_size: int) -> Encoder:
     return Encoder(build_backbone(arch, **arch_kwargs), list(mean), list(std), input_size)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _tmp_name(path: Path) -> Path:
-    """A temp name beside ``path`` that no other process or node shares."""
-    return path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
-
-
-def _durable_replace(tmp: Path, path: Path) -> None:
-    """fsync the written temp file, rename it over ``path``, fsync the folder: a crash leaves old or new, never empty."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory
-    finally:
-        os.close(dfd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically and durably (temp file, fsync, rename, fsync the folder)."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(text)
-        _durable_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Write safetensors atomically and durably (temp file, fsync, rename); returns the file's SHA-256."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        digest = sha256_file(tmp)
-        _durable_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return digest
 
 
 def card_for(encoder: Encoder, *, arch: str, arch_kwargs: dict, method: str, stage: str,

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from dist_awenc.engine import dist
 from dist_awenc.engine.log import JSONLinesTracker, info
 from dist_awenc.errors import ArtifactError, ConfigError
-from dist_awenc.encoders.io import atomic_write_text
+from dist_awenc.files import atomic_write_text, fsync_dir
 
 CKPT_PREFIX = "step_"
 
@@ -137,6 +137,7 @@ def _save_checkpoint(accelerator: Accelerator, s: LoopSettings, step: int, confi
         (tmp / "config.yaml").write_text(config_yaml)
         atomic_write_text(tmp / "loop.json", f'{{"step": {step}}}\n')
         tmp.rename(final)
+        fsync_dir(final.parent)
         for old in checkpoints(s.run_dir)[: -s.keep_checkpoints]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -252,41 +250,6 @@ def _log_outcome(text: str) -> Optional[tuple[str, str]]:
             if ln.strip() and not ln[0].isspace():
                 return "error", ln.strip()
     return "error", tail[0].strip()
-
-
-def durable_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` atomically and durably: a temporary file beside ``path``, fsync, rename, fsync the folder.
-
-    After a crash (a node going down, a job killed) ``path`` holds the old
-    text or the new, never an empty or partial file. torch-free, for the sweep's
-    bookkeeping files (jobs.json, errors/, summary.json ...).
-    """
-    path = Path(path)
-    # unique across the nodes sharing the folder (a PID alone is not), created exclusively, umask permissions
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a folder
-        pass
-    finally:
-        os.close(fd)
 
 
 @contextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,10 +22,11 @@ from dist_awenc.attacks import ATTACK_STRENGTHS, ATTACKS, AttackOptions, apply_a
 from dist_awenc.attacks.stage import PirateData
 from dist_awenc.config import DataSection, ProbeSection, RunSection, VerifySection
 from dist_awenc.data import build_dataset, make_splits
-from dist_awenc.encoders.io import atomic_write_text, load_encoder
+from dist_awenc.encoders.io import load_encoder
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.evaluate.downstream import evaluate_encoder
+from dist_awenc.files import atomic_path, atomic_write_text
 from dist_awenc.runs import open_run
 from dist_awenc.verify.calibrate import collect_samples
 from dist_awenc.verify.calibration import load_calibration, mode_test, tau_star
@@ -194,12 +194,10 @@ def robustness(cfg: RobustnessConfig) -> dict[str, Any]:
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Rows (dicts; columns in first-seen order) as CSV, written atomically."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _calibrated_thresholds(path: str, rows: list[dict]) -> dict[str, float]:
@@ -228,10 +226,11 @@ def _savefig(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def plot_grid(rows: list[dict], path: Path) -> None:

@@ -58,9 +58,10 @@ from typing import Any, Iterable, Optional
 
 from dist_awenc.errors import AwencError, ConfigError
 from dist_awenc.launch.cluster import (SlurmSection, balanced, checked_id, classify, deferred_interrupts,
-                                       durable_write_text, last_error_line, locked, make_executor, max_array_size,
+                                       last_error_line, locked, make_executor, max_array_size,
                                        process_alive, resolve_executor, scheduler_states, split, submission_errors,
                                        submitit_outcome)
+from dist_awenc.files import atomic_path, atomic_write_text
 
 # Heavy modules (torch through the config sections, the attack registry and the robustness grid) are imported
 # inside the functions that need them, so `awenc sweep status` / `collect` start in a fraction of a second.
@@ -276,16 +277,16 @@ def prepare(cfg: SweepConfig) -> Path:
             raise ConfigError(f"sweep folder '{root}' holds a sweep with a different grid or inputs; resume it with the "
                               f"same config (only `slurm.*` may change) or choose another run.name")
     root.mkdir(parents=True, exist_ok=True)
-    durable_write_text(old, to_yaml(cfg))
+    atomic_write_text(old, to_yaml(cfg))
     if ccfg is not None:
-        durable_write_text(root / "null.yaml", to_yaml(ccfg))
+        atomic_write_text(root / "null.yaml", to_yaml(ccfg))
     for target in targets_of(cfg):
         tdir = root / "targets" / target
         (tdir / "tasks").mkdir(parents=True, exist_ok=True)
         # the same folder `awenc robustness --config targets/<t>/config.yaml` would fill, task by task
-        durable_write_text(tdir / "config.yaml", to_yaml(robustness_config(cfg, target, root)))
+        atomic_write_text(tdir / "config.yaml", to_yaml(robustness_config(cfg, target, root)))
     plan = {"format": SWEEP_FORMAT, "cwd": os.getcwd(), "tasks": [{"id": t.id, **asdict(t)} for t in tasks]}
-    durable_write_text(root / "sweep.json", json.dumps(plan, indent=1))
+    atomic_write_text(root / "sweep.json", json.dumps(plan, indent=1))
     return root
 
 
@@ -395,7 +396,7 @@ class Sweep:
         p = self.root / "jobs.json"
         with locked(p):
             subs = self.submissions() + [submission]
-            durable_write_text(p, json.dumps({"submissions": subs}, indent=1))
+            atomic_write_text(p, json.dumps({"submissions": subs}, indent=1))
 
     def latest_jobs(self) -> dict[str, tuple[str, str]]:
         """Task id -> (job id, executor) of its latest submission."""
@@ -428,7 +429,7 @@ def _record_error(sweep: Sweep, task_id: str, e: BaseException) -> str:
             "traceback": traceback.format_exc(limit=8)}
     path = sweep.error_path(task_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    durable_write_text(path, json.dumps(body, indent=1))
+    atomic_write_text(path, json.dumps(body, indent=1))
     return line
 
 
@@ -461,7 +462,7 @@ def _run_null(sweep: Sweep, tid: str) -> None:
         os.chdir(here)
     out = sweep.result_path(tid)
     out.parent.mkdir(parents=True, exist_ok=True)
-    durable_write_text(out, json.dumps({"encoder": str(path), "run_dir": str(path.parent)}, indent=1))
+    atomic_write_text(out, json.dumps({"encoder": str(path), "run_dir": str(path.parent)}, indent=1))
 
 
 def run_tasks(sweep_dir: Path, task_ids: list[str]) -> dict[str, Any]:
@@ -721,12 +722,12 @@ def collect(sweep: Sweep, out=None) -> dict[str, Any]:
             write_csv(sweep.root / "sweep.csv", rows)
             _write_parquet(sweep.root / "sweep.parquet", rows)
     failed = [asdict(t) for t in states.values() if t.state == "failed"]
-    durable_write_text(sweep.root / "failures.json", json.dumps(failed, indent=1))
+    atomic_write_text(sweep.root / "failures.json", json.dumps(failed, indent=1))
     null_done = {t.name: json.loads(sweep.result_path(tid).read_text())["encoder"]
                  for tid, t in sweep.tasks.items() if t.kind == "null" and sweep.done(tid)}
     summary = {"tasks": len(states), "counts": counts(states), "rows": len(rows), "targets": summaries,
                "failed": {f["id"]: f["error"] for f in failed}, "null_encoders": null_done}
-    durable_write_text(sweep.root / "summary.json", json.dumps(summary, indent=1, default=str))
+    atomic_write_text(sweep.root / "summary.json", json.dumps(summary, indent=1, default=str))
     c = summary["counts"]
     parquet = " (+ parquet)" if (sweep.root / "sweep.parquet").exists() else ""
     where = f" -> {sweep.root / 'sweep.csv'}{parquet}" if rows else ""
@@ -770,9 +771,8 @@ def _write_parquet(path: Path, rows: list[dict[str, str]]) -> None:
     except ImportError:
         print(f"note: pyarrow is not installed; no {path.name} (pip install 'dist_awenc[slurm]')", file=sys.stderr)
         return
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(pa.table(typed_columns(rows)), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(typed_columns(rows)), tmp)
 
 
 # ------------------------------------------------------------------ the stage

@@ -13,6 +13,7 @@ from torch import Tensor
 
 
 from dist_awenc.data.ffcv._common import WRITE_MODES, BetonWriteError, _require_ffcv
+from dist_awenc.files import durable_replace, tmp_name
 
 # --------------------------------------------------------------------------- writing
 
@@ -318,7 +319,7 @@ def write_beton(
     if path.exists() and not overwrite:
         raise FileExistsError(f"'{path}' exists; pass overwrite=True (beton.overwrite=true) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp = tmp_name(path, ".partial")
     errors = mp.Queue()
     writer_cls = _writer_class()
     fields = {
@@ -331,7 +332,7 @@ def write_beton(
     items = _BetonItems(dataset, original=original, errors=errors)
     try:
         writer.from_indexed_dataset(items, indices=idx, chunksize=max(1, int(chunksize)))
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     except (MemoryError, ValueError) as err:  # FFCV's allocator: an encoded image larger than a page
         if isinstance(err, ValueError) and "page size" not in str(err):
             raise
