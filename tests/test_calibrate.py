@@ -36,6 +36,13 @@ def test_summary_counts_families_and_never_reports_an_in_sample_rate():
         nulls += [_null(f"e{i}", f"e{i}", 0.01 * i), _null(f"e{i}__prune", f"e{i}", 0.01 * i + 0.005)]
     owner = {m: {"tau_star": 0.5, "effect": 0.3} for m in MODES}
     rep = summarise(nulls, owner, 1e-3, 0.5, seed=0)
+    rep.update(conditions={"secret_sha256": "a" * 64, "alpha": 1e-3, "n": {"whitebox": 256}, "dataset": "digits",
+                           "dataset_size": 1797, "split_seed": 0}, population={"families": 20, "encoders": [e.name for e in nulls]})
+    from dist_awenc.verify.calibration import markdown
+
+    md = markdown(rep)
+    assert "Clopper-Pearson" in md and "zero by construction" in md
+    assert sum(line.startswith("| e") for line in md.splitlines()) == 1 + 20  # header + every held-out encoder
     held = set(rep["heldout_families"])
     assert len(held) == 10 and set(rep["calibration_families"]) == {f"e{i}" for i in range(20)} - held
     m = rep["modes"]["whitebox"]

@@ -36,8 +36,8 @@ from dist_awenc.errors import ConfigError
 from dist_awenc.evaluate.downstream import evaluate_encoder
 from dist_awenc.runs import open_run, reuse_or_run
 from dist_awenc.verify import plan as P
-from dist_awenc.verify.calibration import (CALIBRATION_FORMAT, MODES, NullEncoder, conditions, mode_test, plot_null,
-                                           summarise, tau_star)
+from dist_awenc.verify.calibration import (CALIBRATION_FORMAT, MODES, NullEncoder, conditions, markdown, mode_test,
+                                           plot_null, summarise, tau_star)
 from dist_awenc.verify.core import DEFAULT_N, blackbox_score_differences, images_for, label_hits, whitebox_scores
 from dist_awenc.watermark.secret import Secret, bind_calibration, load_secret
 
@@ -162,6 +162,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         out = run_dir / "calibration.json"
         atomic_write_text(out, json.dumps(report, indent=2))
         plot_null(report, run_dir / "calibration.png")
+        atomic_write_text(run_dir / "calibration.md", markdown(report))
         for mode, m in report["modes"].items():
             h = m["heldout"]
             bound = f"{h['heldout_fpr_upper_95']:.3f}" if h["heldout_fpr_upper_95"] is not None else "n/a"

@@ -191,6 +191,34 @@ def _short(v: Any) -> str:
     return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else repr(v)
 
 
+def markdown(report: dict) -> str:
+    """The calibration as a reader checks it: thresholds, both bounds, and every held-out null encoder."""
+    c = report["conditions"]
+    lines = [f"# Calibration of secret `{c['secret_sha256'][:16]}…`", "",
+             f"alpha = {c['alpha']:g}; n = {c['n']}; {c['dataset']} ({c['dataset_size']} images), split seed "
+             f"{c['split_seed']}; {report['population']['families']} null families, "
+             f"{len(report['population']['encoders'])} null encoders.", "",
+             "| mode | threshold | calibration families | held-out families | held-out positive | "
+             "held-out FPR, exact 95% upper bound (Clopper-Pearson) | P(new null family > threshold) <= (order statistic) | "
+             "owner's clean f0 tau* |", "|---|---|---|---|---|---|---|---|"]
+    for mode, m in report["modes"].items():
+        h, o = m["heldout"], m.get("owner_f0")
+        bound = f"{h['heldout_fpr_upper_95']:.3f}" if h["heldout_fpr_upper_95"] is not None else "n/a"
+        owner = f"{o['tau_star']:.4f}" + (" (above the threshold)" if o["detected_at_threshold"] else "") if o else "n/a"
+        lines.append(f"| {mode} | {m['threshold']:.4f} | {m['calibration']['families']} | {h['families']} | "
+                     f"{h['false_positive_families']} | {bound} | {m['exceed_probability_bound']:.3f} | {owner} |")
+    lines += ["", "Held-out null encoders (tau* with the owner's secret; positive when tau* > threshold):", "",
+              "| encoder | family | " + " | ".join(f"{m} tau*" for m in report["modes"]) + " | positive |",
+              "|---|---|" + "---|" * len(report["modes"]) + "---|"]
+    rows = {t["encoder"]: t for t in next(iter(report["modes"].values()))["null"] if t["heldout"]}
+    for name, t in rows.items():
+        stars = [next(x for x in m["null"] if x["encoder"] == name) for m in report["modes"].values()]
+        lines.append(f"| {name} | {t['family']} | " + " | ".join(f"{x['tau_star']:.4f}" for x in stars)
+                     + f" | {'yes: ' + ', '.join(mo for mo, x in zip(report['modes'], stars) if x['positive']) if any(x['positive'] for x in stars) else 'no'} |")
+    lines += ["", "A bound over the calibration families would be zero by construction and is not reported.", ""]
+    return "\n".join(lines)
+
+
 def plot_null(report: dict, path: Path) -> None:
     """Per mode: the null encoders' tau* (calibration and held-out), the threshold and the owner's f0."""
     import matplotlib
