@@ -110,10 +110,10 @@ def test_slurm_job_states_come_from_the_scheduler_not_the_pickle(tmp_path, monke
     marker = tmp_path / "pwned"
     sweep = make_sweep(tmp_path / "sweep", marker, executor="slurm", job=SLURM_JOB)
     (sweep.logs / SLURM_JOB / f"{SLURM_JOB}_0_log.err").unlink()
-    monkeypatch.setattr(sw, "scheduler_states", lambda ids: {SLURM_JOB: "OUT_OF_MEMORY"})
+    monkeypatch.setattr(sw.report, "scheduler_states", lambda ids: {SLURM_JOB: "OUT_OF_MEMORY"})
     err = sw.task_states(sweep)[ROB].error
     assert err.startswith(f"job {SLURM_JOB} ended OUT_OF_MEMORY without a result")
-    monkeypatch.setattr(sw, "scheduler_states", lambda ids: {SLURM_JOB: "RUNNING"})
+    monkeypatch.setattr(sw.report, "scheduler_states", lambda ids: {SLURM_JOB: "RUNNING"})
     assert sw.task_states(sweep)[ROB].state == "running"
     assert not marker.exists()
 

@@ -30,7 +30,7 @@ class SweepJob:
     """Run some tasks of a sweep: ``SweepJob()(sweep_dir, task_ids)``."""
 
     def __call__(self, sweep_dir: str, task_ids: list[str]) -> dict[str, Any]:
-        from dist_awenc.launch.sweep import SweepTaskError, record_job_failure, run_tasks
+        from dist_awenc.launch.sweep.job import SweepTaskError, record_job_failure, run_tasks
 
         try:
             return run_tasks(Path(sweep_dir), list(task_ids))
