@@ -45,7 +45,7 @@ def _stage_fn(stage: str) -> Callable:
     elif stage == "attack":
         from dist_awenc.attacks.stage import attack as fn
     elif stage == "robustness":
-        from dist_awenc.launch.robustness import robustness as fn
+        from dist_awenc.robustness import robustness as fn
     else:
         from dist_awenc.demo import demo as fn
     return fn
@@ -60,7 +60,7 @@ def _schema(stage: str) -> type:
 
         return AttackConfig
     if stage == "robustness":
-        from dist_awenc.launch.robustness import RobustnessConfig
+        from dist_awenc.robustness import RobustnessConfig
 
         return RobustnessConfig
     return SCHEMAS[stage]

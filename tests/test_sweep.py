@@ -161,7 +161,7 @@ def test_prepare_checks_inputs_and_refuses_another_grid(owner, tmp_path):
     with pytest.raises(ConfigError, match="different grid"):
         sw.prepare(tiny_sweep(owner, tmp_path, *SMALL_GRID, "grid.seeds=[5]"))
     # each target folder holds the config `awenc robustness` would run for it
-    from dist_awenc.launch.robustness import RobustnessConfig
+    from dist_awenc.robustness import RobustnessConfig
 
     rcfg = load_config(RobustnessConfig, root / "targets" / "main" / "config.yaml")
     assert rcfg.grid.seeds == [0, 1] and Path(rcfg.run.out_dir) == root / "targets"
