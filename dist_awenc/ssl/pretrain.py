@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,10 +11,10 @@ from dist_awenc.config import PretrainConfig, to_dict, to_yaml
 from dist_awenc.data import GlobalBatchSampler, build_dataset, make_splits, make_views
 from dist_awenc.encoders.io import Encoder, build_encoder, card_for, save_encoder, save_tensors
 from dist_awenc.encoders.registry import resolve_arch_kwargs
-from dist_awenc.engine import dist
 from dist_awenc.engine.log import info
-from dist_awenc.engine.loop import LoopSettings, cosine_schedule, fit, make_accelerator, prepare_model
+from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator, prepare_model
 from dist_awenc.engine.optim import build_optimizer
+from dist_awenc.engine.plan import TrainPlan, loop_settings
 from dist_awenc.errors import ConfigError
 from dist_awenc.data.ffcv import build_source
 from dist_awenc.runs import open_run
@@ -42,36 +41,6 @@ def method_from_config(ssl, enc, encoder: Encoder) -> torch.nn.Module:
         kwargs["temperature"] = ssl.temperature
     accepted = inspect.signature(METHODS[ssl.method]).parameters
     return build_method(ssl.method, encoder, encoder.feature_dim, **{k: v for k, v in kwargs.items() if k in accepted})
-
-
-@dataclass
-class TrainPlan:
-    """Steps and epochs a train section and a data size imply."""
-
-    steps_per_epoch: int
-    total_steps: int
-
-    @classmethod
-    def of(cls, train, n_samples: int) -> "TrainPlan":
-        if train.batch_size < 1 or train.grad_accum < 1 or train.epochs < 1:
-            raise ConfigError("train.batch_size, train.grad_accum and train.epochs must be >= 1")
-        if train.batch_size % dist.world_size():
-            raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by the {dist.world_size()} processes")
-        spe = n_samples // train.batch_size // train.grad_accum
-        if spe < 1:
-            raise ConfigError(
-                f"train.batch_size={train.batch_size} x grad_accum={train.grad_accum} exceeds the {n_samples} training images"
-            )
-        total = spe * train.epochs
-        return cls(spe, min(total, train.max_steps) if train.max_steps else total)
-
-
-def loop_settings(train, run_dir: Path, plan: TrainPlan, desc: str) -> LoopSettings:
-    return LoopSettings(run_dir=run_dir, total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
-                        grad_accum=train.grad_accum, checkpoint_every=train.checkpoint_every,
-                        keep_checkpoints=train.keep_checkpoints, log_every=train.log_every,
-                        progress=train.progress, desc=desc, micro_batch=train.batch_size // dist.world_size(),
-                        channels_last=train.channels_last)
 
 
 def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path:
