@@ -159,6 +159,15 @@ def wrap_query_transform(encoder: Encoder, spec: dict | None) -> Encoder:
     return TransformedEncoder(QueryTransform(spec["kind"], spec["strength"], spec.get("seed", 0)), encoder)
 
 
+def with_recorded_transform(encoder: Encoder, card: dict[str, Any]) -> Encoder:
+    """Put back the query-side transform an attack recorded in the card (``query_transform``).
+
+    Only for building the pirate's deployed downstream model (what black-box
+    verification queries): the caller's explicit choice, never part of loading.
+    """
+    return wrap_query_transform(encoder, card.get("query_transform"))
+
+
 def _query_attack(kind: str):
     def attack(encoder: Encoder, card: dict, strength: float, data: AttackData,
                options: AttackOptions, progress: bool) -> tuple[Encoder, dict]:

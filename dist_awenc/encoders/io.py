@@ -166,16 +166,3 @@ def load_encoder(path: str | Path, card: dict[str, Any] | None = None, *, verify
         warn(f"{p}: the card's query_transform is not applied: a card never changes how an encoder's weights are "
              "measured (it belongs to a downstream model's serving path)")
     return encoder, card
-
-
-def with_recorded_transform(encoder: Encoder, card: dict[str, Any]) -> Encoder:
-    """Put back the query-side transform an attack recorded in the card (``query_transform``).
-
-    Only for building the pirate's deployed downstream model (what black-box
-    verification queries): the caller's explicit choice, never part of loading.
-    """
-    if not card.get("query_transform"):
-        return encoder
-    from dist_awenc.attacks.query import wrap_query_transform  # attacks import this module
-
-    return wrap_query_transform(encoder, card["query_transform"])

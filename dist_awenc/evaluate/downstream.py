@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 
+from dist_awenc.attacks.query import with_recorded_transform
 from dist_awenc.config import DownstreamConfig, ProbeSection
 from dist_awenc.data import build_dataset, make_splits, train_test_split_indices
-from dist_awenc.encoders.io import (Encoder, atomic_write_text, build_encoder, load_encoder, read_state,
-                                    save_tensors, sha256_file, with_recorded_transform)
+from dist_awenc.encoders.io import Encoder, build_encoder, load_encoder, read_state
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError
 from dist_awenc.evaluate.probe import DownstreamModel, accuracy, extract_features, knn_accuracy, train_linear_head
+from dist_awenc.files import atomic_write_text, save_tensors, sha256_file
 from dist_awenc.runs import open_run
 
 MODEL_FORMAT = "dist_awenc.downstream/1"
