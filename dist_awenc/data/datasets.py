@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+
+from dist_awenc.data.images import (DatasetNotFoundError, EmptyDatasetError, ImageDataset, ImageDecodeError,
+                                    ImageFolderDataset, TensorImageDataset, UnknownDatasetError, resize_images)
 
 __all__ = [
     "DATASETS",
@@ -37,168 +39,7 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------- errors
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The files of a dataset are not where the configuration says they are."""
-
-
-class EmptyDatasetError(ValueError):
-    """A dataset location exists but holds no usable images."""
-
-
-class ImageDecodeError(OSError):
-    """An image file of an on-disk dataset could not be decoded."""
-
-
-class UnknownDatasetError(KeyError, ValueError):
-    """A dataset name that is not in the registry (both a KeyError and a ValueError)."""
-
-    def __str__(self) -> str:  # KeyError would otherwise wrap the message in quotes
-        return str(self.args[0]) if self.args else ""
-
-
-# --------------------------------------------------------------------------- base classes
-
-
-class ImageDataset(Dataset):
-    """Base class shared by every dataset of the registry.
-
-    Attributes:
-        num_classes: number of classes (labels lie in ``range(num_classes)``).
-        image_size: side S of the square images.
-        labels: LongTensor (N,) with every item's label.
-    """
-
-    num_classes: int
-    image_size: int
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        raise NotImplementedError(f"{type(self).__name__} must implement __getitem__")
-
-    def get_batch(self, index: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
-        """Fetch several items at once.
-
-        Args:
-            index: dataset indices, LongTensor (b,) or a sequence of ints.
-
-        Returns:
-            ``(images, labels)``: float32 (b, 3, S, S) in [0, 1] and LongTensor (b,).
-        """
-        items = [self[int(i)] for i in torch.as_tensor(index).tolist()]
-        images = torch.stack([img for img, _ in items])
-        labels = torch.tensor([lab for _, lab in items], dtype=torch.long)
-        return images, labels
-
-
-class TensorImageDataset(ImageDataset):
-    """A dataset held as one tensor in memory.
-
-    Args:
-        images: float32 (N, 3, S, S) with values in [0, 1].
-        labels: integer tensor (N,).
-        num_classes: number of classes.
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, num_classes: int) -> None:
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
-            raise ValueError(
-                f"images must have shape (N, 3, S, S); got {tuple(images.shape)}"
-            )
-        if labels.shape != (images.shape[0],):
-            raise ValueError(
-                f"labels must have shape ({images.shape[0]},) to match the images; "
-                f"got {tuple(labels.shape)}"
-            )
-        self.images = images.to(torch.float32).contiguous()
-        self.labels = labels.to(torch.long).contiguous()
-        self.num_classes = int(num_classes)
-        self.image_size = int(images.shape[-1])
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.images[index], int(self.labels[index])
-
-    def get_batch(self, index: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
-        idx = torch.as_tensor(index, dtype=torch.long)
-        return self.images[idx], self.labels[idx]
-
-
-class ImageFolderDataset(ImageDataset):
-    """Lazily decoded ``root/<class>/<image>`` folder (via torchvision's ImageFolder).
-
-    Images are opened with PIL, converted to RGB and resized to (S, S) with
-    bilinear filtering in ``__getitem__``.
-
-    Args:
-        folder: a ``torchvision.datasets.ImageFolder`` (only its file list is used).
-        image_size: output side S.
-        keep: optional indices into the folder's samples to keep (a subset).
-    """
-
-    def __init__(self, folder, image_size: int, keep: Tensor | None = None) -> None:
-        samples: list[tuple[str, int]] = list(folder.samples)
-        if keep is not None:
-            samples = [samples[i] for i in keep.tolist()]
-        self.samples = samples
-        self.classes: list[str] = list(folder.classes)
-        self.root = str(folder.root)
-        self.num_classes = len(self.classes)
-        self.image_size = int(image_size)
-        self.labels = torch.tensor([lab for _, lab in samples], dtype=torch.long)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        path, label = self.samples[index]
-        return _load_image(path, self.image_size), int(label)
-
-
-def _load_image(path: str, size: int) -> Tensor:
-    """Decode one image file to float32 (3, size, size) in [0, 1]; errors name the file."""
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-    except (OSError, ValueError, SyntaxError) as err:  # PIL's decode failures
-        raise ImageDecodeError(f"cannot decode image file '{path}': {err}") from err
-    return pil_to_tensor(img).to(torch.float32).div_(255.0)
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def resize_images(images: Tensor, size: int, chunk: int = 2048) -> Tensor:
-    """Resize a batch of images to (size, size) with bilinear interpolation.
-
-    Uses ``F.interpolate(mode="bilinear", align_corners=False)``; antialiasing
-    is switched on when shrinking. Works in chunks to bound peak memory.
-
-    Args:
-        images: (N, C, H, W), any real or uint8 dtype; uint8 is scaled to [0, 1].
-        size: output side.
-        chunk: images per interpolation call.
-
-    Returns:
-        float32 (N, C, size, size), clamped to [0, 1].
-    """
-    scale = 255.0 if images.dtype == torch.uint8 else 1.0
-    out = []
-    for part in images.split(chunk):
-        part = part.to(torch.float32) / scale
-        if part.shape[-2:] != (size, size):
-            shrink = part.shape[-1] > size or part.shape[-2] > size
-            part = F.interpolate(
-                part, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink
-            )
-        out.append(part.clamp_(0.0, 1.0))
-    if not out:
-        return torch.empty(0, images.shape[1], size, size)
-    return torch.cat(out)
 
 
 def _subset(n: int, size: int | None, seed: int, name: str) -> Tensor | None:
