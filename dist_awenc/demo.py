@@ -19,6 +19,7 @@ import torch
 from dist_awenc.config import DemoConfig, EmbedConfig, PretrainConfig, RunSection, WatermarkConfig
 from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.encoders.io import atomic_write_text, load_encoder
+from dist_awenc.files import atomic_path
 from dist_awenc.engine.log import info
 from dist_awenc.evaluate.downstream import evaluate_encoder, save_downstream
 from dist_awenc.runs import reuse_or_run, run_dir_of
@@ -93,7 +94,8 @@ def demo(cfg: DemoConfig) -> dict:
     atomic_write_text(root / "report.json", json.dumps(report, indent=2))
     table = verdict_table(report)
     atomic_write_text(root / "report.md", table)
-    plot_scores(scores, settings["whitebox"].tau, root / "report.png")
+    plot_scores(scores, settings["whitebox"].tau, "calibrated" if settings["whitebox"].calibration_sha256 else "demo default",
+                root / "report.png")
     print("\n" + table)
     info(f"report -> {root / 'report.json'}, {root / 'report.md'}, {root / 'report.png'}  ({report['seconds']:.0f} s)")
     return report
@@ -161,7 +163,7 @@ def verdict_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_scores(scores: dict, tau: float, path: Path) -> None:
+def plot_scores(scores: dict, tau: float, tau_source: str, path: Path) -> None:
     """Histogram of white-box scores s per encoder, with the margin."""
     import matplotlib
 
@@ -174,13 +176,12 @@ def plot_scores(scores: dict, tau: float, path: Path) -> None:
     bins = np.linspace(min(float(s.min()) for s in scores.values()), max(float(s.max()) for s in scores.values()), 60)
     for name, s in scores.items():
         ax.hist(s, bins=bins, alpha=0.6, label=f"{name} (mean {s.mean():+.3f})")
-    ax.axvline(tau, color="k", ls="--", label=f"margin tau = {tau:g}")
+    ax.axvline(tau, color="k", ls="--", label=f"margin tau = {tau:.3g} ({tau_source})")
     ax.set_xlabel("s = cos(f(x+δ), f(x_k)) − cos(f(x+r), f(x_k))")
     ax.set_ylabel("hold-out images")
     ax.set_title("White-box verification scores with the owner's secret")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(path)

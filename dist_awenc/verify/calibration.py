@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dist_awenc.encoders.io import sha256_file
+from dist_awenc.files import atomic_path, sha256_file
 from dist_awenc.errors import ConfigError
 from dist_awenc.verify.plan import holdout_sha256
 from dist_awenc.verify.stats import TestResult, clopper_pearson_upper, margin_sign_test, paired_proportion_margin
@@ -241,7 +241,6 @@ def plot_null(report: dict, path: Path) -> None:
         ax.set_xlabel("tau* (margin where p = alpha)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
