@@ -101,10 +101,7 @@ def generate_deltas(
     Returns:
         deltas (K, 3, S, S) with ``|delta|_inf <= eps``, and each secret's loss per step.
     """
-    if eps <= 0 or eps > 1 or steps < 1 or step_size <= 0 or batch_size < 1:
-        raise ConfigError(f"generation: need 0 < eps <= 1, steps >= 1, step_size > 0, batch_size >= 1 (got {eps}, {steps}, {step_size}, {batch_size})")
-    if optimizer not in ("pgd", "adam"):
-        raise ConfigError(f"generation.optimizer must be pgd or adam, not '{optimizer}'")
+    check_generation(eps, steps, step_size, batch_size, optimizer)
     if keys.ndim != 4 or len(keys) != len(seeds):
         raise ConfigError(f"generate_deltas: {len(seeds)} seeds for keys of shape {tuple(keys.shape)}")
     device = next(encoder.parameters()).device
@@ -135,6 +132,15 @@ def generate_deltas(
         for i, v in enumerate(losses.detach().cpu().tolist()):
             history[i].append(v)
     return deltas.detach().cpu(), history
+
+
+def check_generation(eps: float, steps: int, step_size: float, batch_size: int, optimizer: str) -> None:
+    """One-line ConfigError for stage-1 settings out of range."""
+    if eps <= 0 or eps > 1 or steps < 1 or step_size <= 0 or batch_size < 1:
+        raise ConfigError(f"generation: need 0 < eps <= 1, steps >= 1, step_size > 0, batch_size >= 1 "
+                          f"(got {eps}, {steps}, {step_size}, {batch_size})")
+    if optimizer not in ("pgd", "adam"):
+        raise ConfigError(f"generation.optimizer must be pgd or adam, not '{optimizer}'")
 
 
 def alternative_seeds(owner_seed: int, count: int) -> list[int]:
@@ -210,12 +216,9 @@ def watermark(cfg: WatermarkConfig) -> Path:
     make_plan(dataset=cfg.data.name, dataset_size=1, image_size=cfg.data.image_size, split_seed=cfg.data.split_seed,
               holdout_indices=np.zeros(0), n=n, alpha=pl.alpha, alternatives=pl.alternatives, alternatives_sha256=None,
               primary_mode=pl.primary_mode)  # checks the plan's values before anything is written
-    if g.eps <= 0 or g.eps > 1 or g.steps < 1 or g.step_size <= 0 or g.batch_size < 1:
-        raise ConfigError(f"generation: need 0 < eps <= 1, steps >= 1, step_size > 0, batch_size >= 1 "
-                          f"(got {g.eps}, {g.steps}, {g.step_size}, {g.batch_size})")
-    if g.optimizer not in ("pgd", "adam") or g.key not in ("image", "noise"):
-        raise ConfigError(f"generation.optimizer must be pgd or adam and generation.key image or noise "
-                          f"(got '{g.optimizer}', '{g.key}')")
+    check_generation(g.eps, g.steps, g.step_size, g.batch_size, g.optimizer)
+    if g.key not in ("image", "noise"):
+        raise ConfigError(f"generation.key must be image or noise, not '{g.key}'")
     encoder, card = load_encoder(cfg.encoder)
     if card["input_size"] != cfg.data.image_size:
         raise ArtifactError(f"encoder was trained at {card['input_size']} px but data.image_size={cfg.data.image_size}")

@@ -65,6 +65,17 @@ class Secret:
         return (x + self.control().to(x.device, x.dtype)).clamp(0, 1)
 
 
+def _tensors_and_header(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A safetensors file's tensors and its ``dist_awenc`` JSON header entry ({} when absent or invalid)."""
+    tensors = read_state(p)
+    with safe_open(str(p), framework="pt") as f:
+        try:
+            header = json.loads((f.metadata() or {}).get("dist_awenc", "{}"))
+        except json.JSONDecodeError:
+            header = {}
+    return tensors, header if isinstance(header, dict) else {}
+
+
 def control_of(delta: torch.Tensor, seed: int) -> torch.Tensor:
     """A seeded random permutation of ``delta``'s entries (the control perturbation ``r``)."""
     g = torch.Generator().manual_seed(int(seed))
@@ -119,12 +130,7 @@ def load_alternatives(path: str | Path, expected_sha256: str | None = None) -> A
     if expected_sha256 is not None and digest != expected_sha256:
         raise TamperedSecretError(f"{p}: SHA-256 {digest[:16]}... is not the plan's {expected_sha256[:16]}...; "
                                   "the alternative secrets were modified or replaced")
-    tensors = read_state(p)
-    with safe_open(str(p), framework="pt") as f:
-        try:
-            header = json.loads((f.metadata() or {}).get("dist_awenc", "{}"))
-        except json.JSONDecodeError:
-            header = {}
+    tensors, header = _tensors_and_header(p)
     if header.get("format") != ALTERNATIVES_FORMAT or set(tensors) != {"keys", "deltas"}:
         raise ArtifactError(f"{p}: not a dist_awenc alternatives file (expected tensors keys, deltas and format "
                             f"{ALTERNATIVES_FORMAT})")
@@ -175,12 +181,7 @@ def load_secret(path: str | Path) -> Secret:
     digest = sha256_file(p)
     if digest != record.get("sha256"):
         raise TamperedSecretError(f"{p}: SHA-256 {digest[:16]}... does not match the recorded {str(record.get('sha256'))[:16]}...; the secret was modified")
-    tensors = read_state(p)
-    with safe_open(str(p), framework="pt") as f:
-        try:
-            header = json.loads((f.metadata() or {}).get("dist_awenc", "{}"))
-        except json.JSONDecodeError:
-            header = {}
+    tensors, header = _tensors_and_header(p)
     if header.get("format") != SECRET_FORMAT or set(tensors) != {"key", "delta"}:
         raise ArtifactError(f"{p}: not a dist_awenc secret (expected tensors key, delta and format {SECRET_FORMAT})")
     return Secret(key=tensors["key"], delta=tensors["delta"], eps=float(header["eps"]),
