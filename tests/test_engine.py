@@ -75,3 +75,16 @@ def test_two_processes_match_one_process_without_batch_statistics(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     assert json.loads((tmp_path / "two" / "status.json").read_text())["state"] == "complete"
+
+
+def test_resume_logs_no_step_twice(tmp_path):
+    """Steps logged after the last checkpoint are run again on resume: metrics.jsonl keeps each step once."""
+    with pytest.raises(Interrupted):
+        pretrain(_cfg(tmp_path, "m"), interrupt_at=5)  # checkpoint at 3, steps 4 and 5 logged, then killed
+    before = [json.loads(x)["step"] for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert 5 in before
+    with (tmp_path / "m" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "loss": 1.')  # a line cut short by the kill
+    pretrain(_cfg(tmp_path, "m"))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

@@ -8,6 +8,7 @@ of the step, so a resumed run continues bit-for-bit where it stopped.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -154,8 +155,25 @@ def _resume(accelerator: Accelerator, run_dir: Path) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ArtifactError(f"checkpoint {last} is unreadable (truncated or corrupt: {msg}); delete it to resume from the one before") from None
     step = int(last.name.removeprefix(CKPT_PREFIX))
+    if accelerator.is_main_process:
+        drop_metrics_after(run_dir / "metrics.jsonl", step)
     info(f"resumed from {last} (step {step})")
     return step
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Remove metric lines logged after ``step`` (the run repeats those steps on resume: no step twice)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            logged = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line cut short by the kill that interrupted the run
+        if logged is None or logged <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{x}\n" for x in kept))
 
 
 def fit(
