@@ -21,7 +21,7 @@ from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.encoders.io import atomic_write_text, load_encoder
 from dist_awenc.files import atomic_path
 from dist_awenc.engine.log import info
-from dist_awenc.evaluate.downstream import evaluate_encoder, save_downstream
+from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options, save_downstream
 from dist_awenc.runs import reuse_or_run, run_dir_of
 from dist_awenc.ssl.pretrain import encoder_from_config, pretrain
 from dist_awenc.verify.core import MODES, Verdict, overall_verdict, whitebox_scores
@@ -58,14 +58,15 @@ def demo(cfg: DemoConfig) -> dict:
     torch.manual_seed(cfg.run.seed)
     random_encoder = encoder_from_config(cfg.encoder, cfg.data.image_size)[0]
     encoders = {"clean": load_encoder(f0_path), "watermarked": load_encoder(wm_path), "independent": load_encoder(ind_path)}
+    probe = probe_options(cfg.probe)
     utility: dict[str, dict] = {}
     models = {}
     for name, (enc, card) in encoders.items():
-        model, metrics = evaluate_encoder(enc, down_x, down_y, dataset.num_classes, cfg.probe, cfg.run.seed)
+        model, metrics = evaluate_encoder(enc, down_x, down_y, dataset.num_classes, seed=cfg.run.seed, **probe)
         (root / f"downstream_{name}").mkdir(exist_ok=True)
         save_downstream(model, card, dataset.num_classes, root / f"downstream_{name}" / "model")
         utility[name], models[name] = metrics, model
-    utility["random_init"] = evaluate_encoder(random_encoder, down_x, down_y, dataset.num_classes, cfg.probe, cfg.run.seed)[1]
+    utility["random_init"] = evaluate_encoder(random_encoder, down_x, down_y, dataset.num_classes, seed=cfg.run.seed, **probe)[1]
     for name, m in utility.items():
         info(f"  {name:<12} linear probe {m['linear_probe']:.4f}   kNN {m['knn']:.4f}")
 
@@ -88,7 +89,7 @@ def demo(cfg: DemoConfig) -> dict:
         overall[name] = overall_verdict(mine, settings["whitebox"].alpha)
     report = {"utility": {k: {"linear_probe": v["linear_probe"], "knn": v["knn"]} for k, v in utility.items()},
               "verification": verdicts, "overall": overall, "alpha": settings["whitebox"].alpha,
-              "plan": secret.plan, "downstream_test_images": utility["clean"].get("test_images"),
+              "plan": secret.plan, "downstream_test_images": utility["clean"].get("n_test"),
               "secret_sha256": secret.sha256, "seconds": round(time.time() - t0, 1),
               "runs": {"f0": str(f0_path), "independent": str(ind_path), "secret": str(secret_path), "watermarked": str(wm_path)}}
     atomic_write_text(root / "report.json", json.dumps(report, indent=2))

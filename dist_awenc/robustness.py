@@ -25,7 +25,7 @@ from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.encoders.io import load_encoder
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
-from dist_awenc.evaluate.downstream import evaluate_encoder
+from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
 from dist_awenc.files import atomic_path, atomic_write_text
 from dist_awenc.runs import open_run
 from dist_awenc.verify.calibrate import collect_samples
@@ -117,9 +117,9 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
         attacked, details = ctx.encoder, {"attack": "none", "strength": 0.0, "seconds": 0.0}
     else:
         attacked, details = apply_attack(task.attack, ctx.encoder, ctx.card, task.strength,
-                                         ctx.pirate.attack_data(ctx.probe, task.seed), ctx.options, progress=progress)
+                                         ctx.pirate.attack_data(ctx.probe.test_fraction, task.seed), ctx.options, progress=progress)
     model, metrics = evaluate_encoder(attacked, ctx.pirate.images, ctx.pirate.labels, ctx.pirate.num_classes,
-                                      ctx.probe, task.seed)
+                                      seed=task.seed, **probe_options(ctx.probe))
     row: dict[str, Any] = {**asdict(task), "linear_probe": metrics["linear_probe"], "knn": metrics["knn"],
                            "attack_seconds": details["seconds"],
                            "rel_weight_change": details.get("rel_weight_change", float("nan"))}

@@ -18,7 +18,7 @@ from dist_awenc.data import build_dataset, make_splits, train_test_split_indices
 from dist_awenc.encoders.io import Encoder, atomic_write_text, card_for, load_encoder, save_encoder
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError
-from dist_awenc.evaluate.downstream import evaluate_encoder
+from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
 from dist_awenc.runs import open_run
 
 
@@ -52,8 +52,9 @@ class PirateData:
         images, labels = dataset.get_batch(make_splits(len(dataset), data.split_seed)["downstream"])
         return cls(images, labels, dataset.num_classes)
 
-    def attack_data(self, probe: ProbeSection, seed: int) -> AttackData:
-        train, _ = train_test_split_indices(torch.arange(len(self.images)), seed, probe.test_fraction)
+    def attack_data(self, test_fraction: float, seed: int) -> AttackData:
+        """The pirate's training part (the split :func:`evaluate_encoder` trains its head on)."""
+        train, _ = train_test_split_indices(torch.arange(len(self.images)), seed, test_fraction)
         return AttackData(train_images=self.images[train], train_labels=self.labels[train],
                           num_classes=self.num_classes, unlabeled=self.images[train], seed=seed)
 
@@ -74,10 +75,11 @@ def attack(cfg: AttackConfig) -> dict:
     pirate = PirateData.load(cfg.data, card["input_size"])
     with open_run(cfg, "attack") as run_dir:
         attacked, details = apply_attack(cfg.attack.name, suspect, card, cfg.attack.strength,
-                                         pirate.attack_data(cfg.probe, cfg.run.seed), cfg.options)
+                                         pirate.attack_data(cfg.probe.test_fraction, cfg.run.seed), cfg.options)
         save_encoder(attacked, run_dir / "encoder", attacked_card(card, details, attacked, {"config": to_dict(cfg)}))
-        _, before = evaluate_encoder(suspect, pirate.images, pirate.labels, pirate.num_classes, cfg.probe, cfg.run.seed)
-        _, after = evaluate_encoder(attacked, pirate.images, pirate.labels, pirate.num_classes, cfg.probe, cfg.run.seed)
+        probe = probe_options(cfg.probe)
+        _, before = evaluate_encoder(suspect, pirate.images, pirate.labels, pirate.num_classes, seed=cfg.run.seed, **probe)
+        _, after = evaluate_encoder(attacked, pirate.images, pirate.labels, pirate.num_classes, seed=cfg.run.seed, **probe)
         result = {"attack": details, "downstream": {"unattacked": before, "attacked": after,
                                                     "linear_probe_change": after["linear_probe"] - before["linear_probe"]}}
         atomic_write_text(run_dir / "attack.json", json.dumps(result, indent=2))

@@ -24,18 +24,33 @@ from dist_awenc.runs import open_run
 MODEL_FORMAT = "dist_awenc.downstream/1"
 
 
-def evaluate_encoder(encoder: Encoder, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                     probe: ProbeSection, seed: int) -> tuple[DownstreamModel, dict[str, float]]:
-    """Train the pirate's linear head on a seeded train part; report linear-probe and kNN accuracy."""
-    tr, te = train_test_split_indices(torch.arange(len(images)), seed, probe.test_fraction)
+def probe_options(probe: ProbeSection) -> dict[str, float]:
+    """A ``probe:`` config section as :func:`evaluate_encoder`'s keyword arguments (for stage code)."""
+    return {"epochs": probe.epochs, "lr": probe.lr, "weight_decay": probe.weight_decay, "knn_k": probe.knn_k,
+            "test_fraction": probe.test_fraction}
+
+
+def evaluate_encoder(encoder: Encoder, images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, seed: int,
+                     epochs: int = 100, lr: float = 1e-2, weight_decay: float = 1e-4, knn_k: int = 20,
+                     test_fraction: float = 0.3) -> tuple[DownstreamModel, dict[str, float]]:
+    """Train the pirate's linear head on a seeded train part; report linear-probe and kNN accuracy.
+
+    Args:
+        encoder: the (frozen) encoder.
+        images, labels: (N, 3, S, S) downstream images in [0, 1] and their (N,) labels.
+        num_classes: number of downstream classes.
+        seed: seeds the train/test split and the head's training.
+        epochs, lr, weight_decay: the linear head's training.
+        knn_k: neighbours of the kNN classifier.
+        test_fraction: share of the images held out for both accuracies.
+    """
+    tr, te = train_test_split_indices(torch.arange(len(images)), seed, test_fraction)
     feats = extract_features(encoder, images)
     model = DownstreamModel(encoder, encoder.feature_dim, num_classes)
-    train_linear_head(model, feats[tr], labels[tr], epochs=probe.epochs, lr=probe.lr,
-                      weight_decay=probe.weight_decay, seed=seed)
+    train_linear_head(model, feats[tr], labels[tr], epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
     metrics = {
         "linear_probe": accuracy(model, feats[te], labels[te]),
-        "knn": knn_accuracy(feats[tr], labels[tr], feats[te], labels[te], k=probe.knn_k),
-        "test_images": int(len(te)),
+        "knn": knn_accuracy(feats[tr], labels[tr], feats[te], labels[te], k=knn_k),
         "n_train": len(tr),
         "n_test": len(te),
     }
@@ -93,7 +108,8 @@ def downstream(cfg: DownstreamConfig) -> dict:
     idx = make_splits(len(dataset), cfg.data.split_seed)["downstream"]
     images, labels = dataset.get_batch(idx)
     with open_run(cfg, "downstream") as run_dir:
-        model, metrics = evaluate_encoder(encoder, images, labels, dataset.num_classes, cfg.probe, cfg.run.seed)
+        model, metrics = evaluate_encoder(encoder, images, labels, dataset.num_classes, seed=cfg.run.seed,
+                                          **probe_options(cfg.probe))
         save_downstream(model, card, dataset.num_classes, run_dir / "model")
         atomic_write_text(run_dir / "downstream.json", json.dumps({"encoder_sha256": card.get("sha256"), **metrics}, indent=2))
         info(f"linear probe {metrics['linear_probe']:.4f}  kNN {metrics['knn']:.4f}  -> {run_dir}")

@@ -33,7 +33,7 @@ from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.encoders.io import atomic_write_text, load_encoder, sha256_file
 from dist_awenc.engine.log import info, warn
 from dist_awenc.errors import ConfigError
-from dist_awenc.evaluate.downstream import evaluate_encoder
+from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
 from dist_awenc.runs import open_run, reuse_or_run
 from dist_awenc.verify import plan as P
 from dist_awenc.verify.calibration import (CALIBRATION_FORMAT, MODES, NullEncoder, conditions, markdown, mode_test,
@@ -189,7 +189,7 @@ def _attacked(parent: Path, name: str, strength: float, pirate, cfg: CalibrateCo
     if path.exists():
         return path
     enc, card = load_encoder(parent)
-    attacked, details = apply_attack(name, enc, card, strength, pirate.attack_data(cfg.probe, 2000 + i),
+    attacked, details = apply_attack(name, enc, card, strength, pirate.attack_data(cfg.probe.test_fraction, 2000 + i),
                                      progress=False)
     out.mkdir(parents=True, exist_ok=True)
     save_encoder(attacked, out / "encoder", attacked_card(card, details, attacked))
@@ -221,7 +221,8 @@ def _null_encoder(name: str, path: Path, family: str, secrets: dict[str, Secret]
             return NullEncoder(**saved["result"])
     cfg, pirate = ctx["cfg"], ctx["pirate"]
     encoder, _ = load_encoder(path)
-    downstream, _ = evaluate_encoder(encoder, pirate.images, pirate.labels, pirate.num_classes, cfg.probe, cfg.run.seed)
+    downstream, _ = evaluate_encoder(encoder, pirate.images, pirate.labels, pirate.num_classes, seed=cfg.run.seed,
+                                     **probe_options(cfg.probe))
     stars: dict[str, dict[str, float]] = {}
     effects: dict[str, float] = {}
     for sname, secret in secrets.items():
