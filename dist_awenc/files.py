@@ -10,18 +10,30 @@ so the sweep's bookkeeping (``awenc sweep status``) can use this module.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["atomic_path", "atomic_write_text", "durable_replace", "fsync_dir", "save_tensors", "sha256_file",
            "tmp_name"]
+
+
+def read_json(path: str | Path, error: type[Exception], what: str = "") -> Any:
+    """Parse a JSON file; a missing or malformed one is one ``error`` line naming the file (and ``what`` it is)."""
+    p = Path(path)
+    if not p.exists():
+        raise error(f"'{p}' does not exist" + (f" ({what})" if what else ""))
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def sha256_file(path: str | Path) -> str:

@@ -28,6 +28,8 @@ from dist_awenc.verify.core import verify_blackbox_label, verify_blackbox_score
 from dist_awenc.verify.endpoint import EndpointError, RemoteModel, probe
 from dist_awenc.watermark.secret import Secret
 
+HANG_GUARD_S = 60  # a request to the local server takes well under a second: a hang guard, not a speed check
+
 S = 8
 C = 10
 ARCH_KWARGS = {"width": 8, "norm": "group"}
@@ -99,7 +101,7 @@ def _post(url, body: bytes, ctype="application/json"):
     """POST -> (status, parsed JSON body)."""
     req = urllib.request.Request(url + "/predict", data=body, headers={"Content-Type": ctype}, method="POST")
     try:
-        with NO_PROXY.open(req, timeout=10) as resp:
+        with NO_PROXY.open(req, timeout=HANG_GUARD_S) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -107,7 +109,7 @@ def _post(url, body: bytes, ctype="application/json"):
 
 def _get(url, path):
     try:
-        with NO_PROXY.open(url + path, timeout=10) as resp:
+        with NO_PROXY.open(url + path, timeout=HANG_GUARD_S) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -238,7 +240,7 @@ def test_limits_and_paths(serve_model):
     assert _get(url, "/predict")[0] == 405
     req = urllib.request.Request(url + "/other", data=b"{}", headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
-        NO_PROXY.open(req, timeout=10)
+        NO_PROXY.open(req, timeout=HANG_GUARD_S)
     assert e.value.code == 404
     assert server.images_served == 0
 

@@ -22,7 +22,7 @@ import dist_awenc.encoders.backbones  # noqa: F401  (registers the backbones)
 from dist_awenc.encoders.registry import build_backbone
 from dist_awenc.errors import ArtifactError
 from dist_awenc.files import (_durable_replace, _tmp_name, atomic_write_text,  # noqa: F401  (re-exported)
-                              save_tensors, sha256_file)
+                              read_json, save_tensors, sha256_file)
 
 CARD_FORMAT = "dist_awenc.encoder/1"
 
@@ -119,12 +119,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
 
 def load_card(path: Path) -> dict[str, Any]:
     card_path = path.with_suffix(".json")
-    if not card_path.exists():
-        raise ArtifactError(f"{path}: its card {card_path.name} (architecture, input size, normalisation) is missing")
-    try:
-        card = json.loads(card_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{card_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    card = read_json(card_path, ArtifactError, f"the card of {path.name}: architecture, input size, normalisation")
     missing = [k for k in ("arch", "arch_kwargs", "input_size", "mean", "std") if k not in card]
     if missing:
         raise ArtifactError(f"{card_path}: card lacks field(s) {', '.join(missing)}")

@@ -18,7 +18,7 @@ from dist_awenc.encoders.io import Encoder, build_encoder, load_encoder, read_st
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError
 from dist_awenc.evaluate.probe import DownstreamModel, accuracy, extract_features, knn_accuracy, train_linear_head
-from dist_awenc.files import atomic_write_text, save_tensors, sha256_file
+from dist_awenc.files import atomic_write_text, read_json, save_tensors, sha256_file
 from dist_awenc.runs import open_run
 
 MODEL_FORMAT = "dist_awenc.downstream/1"
@@ -72,12 +72,7 @@ def load_downstream(path: str | Path) -> tuple[DownstreamModel, dict]:
     if not p.exists():
         raise ArtifactError(f"'{p}' does not exist (expected a downstream model.safetensors or its run folder)")
     card_path = p.with_suffix(".json")
-    if not card_path.exists():
-        raise ArtifactError(f"{p}: its card {card_path.name} is missing")
-    try:
-        card = json.loads(card_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{card_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    card = read_json(card_path, ArtifactError, f"the card of {p.name}")
     if not isinstance(card, dict) or card.get("format") != MODEL_FORMAT:
         raise ArtifactError(f"{card_path}: not a downstream model card (expected format {MODEL_FORMAT!r})")
     state = read_state(p)

@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dist_awenc.files import atomic_path, sha256_file
+from dist_awenc.files import atomic_path, read_json, sha256_file
 from dist_awenc.errors import ConfigError
 from dist_awenc.verify.plan import holdout_sha256
 from dist_awenc.verify.stats import TestResult, clopper_pearson_upper, margin_sign_test, paired_proportion_margin
@@ -142,12 +142,7 @@ def load_calibration(path: str | Path) -> Calibration:
     """Read a ``calibration.json`` (or its run folder); one-line errors for anything else."""
     p = Path(path)
     p = p / "calibration.json" if p.is_dir() else p
-    if not p.exists():
-        raise ConfigError(f"calibration file '{p}' does not exist (run awenc calibrate first)")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: not valid JSON ({e.msg})") from None
+    data = read_json(p, ConfigError, "a calibration file: run awenc calibrate first")
     if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
         got = data.get("format") if isinstance(data, dict) else None
         raise ConfigError(f"{p}: not a calibration file of this version (format {got!r}, expected "

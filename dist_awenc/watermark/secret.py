@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from dist_awenc.encoders.io import atomic_write_text, read_state, save_tensors, sha256_file
+from dist_awenc.files import read_json
 from dist_awenc.errors import ArtifactError, TamperedSecretError
 
 SECRET_FORMAT = "dist_awenc.secret/1"
@@ -172,12 +173,7 @@ def load_secret(path: str | Path) -> Secret:
     if not p.exists():
         raise ArtifactError(f"secret '{p}' does not exist")
     record_path = p.with_suffix(".json")
-    if not record_path.exists():
-        raise ArtifactError(f"{p}: its record {record_path.name} (with the SHA-256) is missing")
-    try:
-        record = json.loads(record_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{record_path}: not valid JSON ({e.msg})") from None
+    record = read_json(record_path, ArtifactError, f"the record of {p.name}, with its SHA-256")
     digest = sha256_file(p)
     if digest != record.get("sha256"):
         raise TamperedSecretError(f"{p}: SHA-256 {digest[:16]}... does not match the recorded {str(record.get('sha256'))[:16]}...; the secret was modified")
