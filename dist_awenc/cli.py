@@ -13,63 +13,16 @@ from typing import Callable
 from dist_awenc.errors import AwencError
 
 # dist_awenc.config imports torch (its sections do): it is imported where a stage needs it, so that
-# `awenc --help` and `awenc sweep status|collect` start without torch
+# `awenc --help` and `awenc sweep status|collect` start without torch; stages.py names every stage
 
-STAGES: dict[str, str] = {
-    "pretrain": "contrastive pre-training (SimCLR, MoCo v2, BYOL) of a clean encoder",
-    "watermark": "stage 1: generate the secret (key image + universal watermark) on f0",
-    "embed": "stage 2: embed the secret into the encoder (same training loop as pretrain)",
-    "downstream": "train the pirate's linear head; report linear-probe and kNN accuracy",
-    "verify": "verify a suspect: white-box (encoder) or black-box (downstream model)",
-    "attack": "apply one removal attack at one strength; report the pirate's downstream accuracy",
-    "robustness": "attack x strength x verification mode grid on one machine: robustness.csv and plots",
-    "calibrate": "set each mode's margin from a null population; exact bound on the false-positive rate",
-    "demo": "the whole method on scikit-learn's digits, on CPU, with a verdict table",
-}
-
-
-def _stage_fn(stage: str) -> Callable:
-    # imported lazily: `awenc --help` should not pay for torch
-    if stage == "pretrain":
-        from dist_awenc.ssl.pretrain import pretrain as fn
-    elif stage == "watermark":
-        from dist_awenc.watermark.generate import watermark as fn
-    elif stage == "embed":
-        from dist_awenc.watermark.embed import embed as fn
-    elif stage == "downstream":
-        from dist_awenc.evaluate.downstream import downstream as fn
-    elif stage == "verify":
-        from dist_awenc.verify.run import verify as fn
-    elif stage == "calibrate":
-        from dist_awenc.verify.calibrate import calibrate as fn
-    elif stage == "attack":
-        from dist_awenc.attacks.stage import attack as fn
-    elif stage == "robustness":
-        from dist_awenc.robustness import robustness as fn
-    else:
-        from dist_awenc.demo import demo as fn
-    return fn
-
-
-def _schema(stage: str) -> type:
-    from dist_awenc.config import SCHEMAS
-
-    # attack configs carry the attack options, which import the attack registry
-    if stage == "attack":
-        from dist_awenc.attacks.stage import AttackConfig
-
-        return AttackConfig
-    if stage == "robustness":
-        from dist_awenc.robustness import RobustnessConfig
-
-        return RobustnessConfig
-    return SCHEMAS[stage]
+from dist_awenc.stages import STAGES, SUBMITTABLE, schema, stage_function
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="awenc", description="Adversarial watermarking of contrastive image encoders.")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
-    for stage, help_text in STAGES.items():
+    for stage, row in STAGES.items():
+        help_text = row.help
         p = sub.add_parser(stage, help=help_text, description=help_text)
         p.add_argument("--config", help=f"YAML file (see configs/{stage}/); defaults apply where it is silent")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, applied last")
@@ -102,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit_help = "run a training stage as one SLURM job of N nodes (accelerate launch per node; requeued and resumed)"
     smt = sub.add_parser("submit", help=submit_help, description=submit_help)
     targets = smt.add_subparsers(dest="target", required=True, metavar="<stage>")
-    for target in ("pretrain", "embed", "watermark", "downstream"):
+    for target in SUBMITTABLE:
         t = targets.add_parser(target, help=f"awenc {target} as one SLURM job", description=f"awenc {target} as one SLURM job")
         t.add_argument("--config", help=f"the stage's YAML file (see configs/{target}/)")
         t.add_argument("--nodes", type=int, default=1)
@@ -195,15 +148,15 @@ def main(argv: list[str] | None = None) -> int:
                     raise AwencError(f"job {state['job']} {state['state']}: {state['error']}")
             return 0
         if args.stage == "config":
-            print(to_yaml(load_config(_schema(args.target), args.config, args.overrides)), end="")
+            print(to_yaml(load_config(schema(args.target), args.config, args.overrides)), end="")
             return 0
         overrides = list(args.overrides)
         if getattr(args, "mode", None):
             overrides.append(f"verify.mode={args.mode}")
         if getattr(args, "endpoint", None):
             overrides.append(f"verify.endpoint={args.endpoint}")
-        cfg = load_config(_schema(args.stage), args.config, overrides)
-        fn = _stage_fn(args.stage)
+        cfg = load_config(schema(args.stage), args.config, overrides)
+        fn = stage_function(args.stage)
         user_errors = (AwencError, *_load_data_errors())
         try:
             fn(cfg)

@@ -340,14 +340,3 @@ def to_yaml(cfg: Any) -> str:
 
 def to_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
-
-
-SCHEMAS: dict[str, type] = {
-    "pretrain": PretrainConfig,
-    "downstream": DownstreamConfig,
-    "watermark": WatermarkConfig,
-    "embed": EmbedConfig,
-    "verify": VerifyConfig,
-    "demo": DemoConfig,
-    "calibrate": CalibrateConfig,
-}

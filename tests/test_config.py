@@ -1,12 +1,14 @@
 """Typed config sections: YAML + dotted overrides, strict keys and types, shipped configs load."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from dist_awenc.config import SCHEMAS, DemoConfig, PretrainConfig, load_config, to_yaml
+from dist_awenc.config import DemoConfig, PretrainConfig, load_config, to_yaml
 from dist_awenc.errors import ConfigError
+from dist_awenc.stages import STAGES, schema, stage_function
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -53,5 +55,12 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_stage_config_loads(path):
-    if path.parent.name in SCHEMAS:
-        load_config(SCHEMAS[path.parent.name], path)
+    if path.parent.name in STAGES:
+        load_config(schema(path.parent.name), path)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_row_names_a_function_and_a_config_class_that_loads_its_defaults(stage):
+    assert callable(stage_function(stage))
+    cfg = load_config(schema(stage), None)  # defaults alone make a valid config
+    assert dataclasses.is_dataclass(cfg)

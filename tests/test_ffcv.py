@@ -104,12 +104,12 @@ def test_module_imports_and_errors_without_ffcv(monkeypatch, tmp_path):
     assert not (tmp_path / "x.beton").exists()
     # the torchvision source stays the default and needs nothing
     sampler = GlobalBatchSampler(len(ds), 4, seed=0)
-    assert isinstance(ffcv_mod.build_source(DataSection(), ds, torch.arange(len(ds)), sampler), SamplerSource)
+    assert isinstance(ffcv_mod.build_source(ds, torch.arange(len(ds)), sampler, image_size=8), SamplerSource)
     auto = DataSection(loader="auto", beton=str(tmp_path / "x.beton"))
-    assert isinstance(ffcv_mod.build_source(auto, ds, torch.arange(len(ds)), sampler), SamplerSource)
+    assert isinstance(ffcv_mod.build_source(ds, torch.arange(len(ds)), sampler, **ffcv_mod.source_options(auto)), SamplerSource)
     want = DataSection(loader="ffcv", beton=str(tmp_path / "x.beton"))
     with pytest.raises(ffcv_mod.FFCVNotInstalledError):
-        ffcv_mod.build_source(want, ds, torch.arange(len(ds)), sampler)
+        ffcv_mod.build_source(ds, torch.arange(len(ds)), sampler, **ffcv_mod.source_options(want))
 
 
 def test_beton_config_validation():
@@ -236,17 +236,17 @@ def test_split_beton_matches_split_sampler(fixed_folder, tmp_path):
     data = DataSection(name="imagefolder", image_size=8, loader="ffcv", beton=str(p))
     for rank in range(2):
         sampler = GlobalBatchSampler(split, 4, seed=2, rank=rank, world_size=2)
-        src = ffcv_mod.build_source(data, ds, split, sampler)
+        src = ffcv_mod.build_source(ds, split, sampler, **ffcv_mod.source_options(data))
         assert isinstance(src, ffcv_mod.FFCVSource)
         ref = SamplerSource(ds, GlobalBatchSampler(split, 4, seed=2, rank=rank, world_size=2))
         for x, y in zip(_epoch(src, 1), _epoch(ref, 1), strict=True):
             assert torch.equal(x.index, y.index) and torch.equal(x.images, y.images)
     other = make_splits(len(ds), seed=0)["downstream"]
     with pytest.raises(ConfigError, match="not this stage's split"):
-        ffcv_mod.build_source(data, ds, other, GlobalBatchSampler(other, 2, seed=0))
+        ffcv_mod.build_source(ds, other, GlobalBatchSampler(other, 2, seed=0), **ffcv_mod.source_options(data))
     missing = dataclasses.replace(data, beton=str(tmp_path / "none.beton"))
     with pytest.raises(ConfigError, match="no .beton"):
-        ffcv_mod.build_source(missing, ds, split, GlobalBatchSampler(split, 4, seed=0))
+        ffcv_mod.build_source(ds, split, GlobalBatchSampler(split, 4, seed=0), **ffcv_mod.source_options(missing))
 
 
 # --------------------------------------------------------------------------- atomic writes

@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from dist_awenc.config import SCHEMAS, load_config
+from dist_awenc.config import load_config
 from dist_awenc.encoders.io import atomic_write_text
 from dist_awenc.errors import ConfigError
 from dist_awenc.launch.cluster import (SlurmSection, classify, make_executor, process_alive, resolve_executor,
                                        scheduler_states, submission_errors, submitit_outcome, last_error_line)
 from dist_awenc.runs import run_dir_of, status
+from dist_awenc.stages import schema
 
 MULTINODE_STAGES = ("pretrain", "embed", "watermark", "downstream")
 
@@ -44,7 +45,7 @@ def submit_stage(stage: str, config: Optional[str] = None, overrides: Optional[l
     if kind != "slurm" and nodes > 1:
         raise ConfigError(f"--nodes {nodes} needs SLURM; the {kind} executor runs one node")
     overrides = list(overrides or [])
-    cfg = load_config(SCHEMAS[stage], config, overrides)  # fails here, not in the job, on a bad config
+    cfg = load_config(schema(stage), config, overrides)  # fails here, not in the job, on a bad config
     run_dir = run_dir_of(cfg).expanduser().resolve()
     overrides.append(f"run.out_dir={run_dir.parent}")  # the job may start in another directory
     slurm = slurm or SlurmSection()

@@ -16,7 +16,7 @@ from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator, prepa
 from dist_awenc.engine.optim import build_optimizer
 from dist_awenc.engine.plan import TrainPlan, loop_settings
 from dist_awenc.errors import ConfigError
-from dist_awenc.data.ffcv import build_source
+from dist_awenc.data.ffcv import build_source, source_options
 from dist_awenc.runs import open_run
 from dist_awenc.ssl.methods import METHODS, build_method
 
@@ -71,7 +71,7 @@ def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path
         info(f"pretrain {cfg.ssl.method} {arch} on {cfg.data.name} ({len(indices)} images, {world} process(es), "
              f"{plan.total_steps} steps) -> {run_dir}")
         method = fit(
-            accelerator, method, optimizer, source=build_source(cfg.data, dataset, indices, sampler, device=accelerator.device), make_inputs=make_inputs,
+            accelerator, method, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, **source_options(cfg.data)), make_inputs=make_inputs,
             lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
             settings=loop_settings(cfg.train, run_dir, plan, f"pretrain {cfg.ssl.method}"),
             config_yaml=to_yaml(cfg), after_step=after_step, interrupt_at=interrupt_at,

@@ -28,7 +28,7 @@ from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator, prepa
 from dist_awenc.engine.optim import build_optimizer
 from dist_awenc.engine.plan import TrainPlan, loop_settings
 from dist_awenc.errors import ArtifactError, ConfigError
-from dist_awenc.data.ffcv import build_source
+from dist_awenc.data.ffcv import build_source, source_options
 from dist_awenc.runs import open_run
 from dist_awenc.ssl.pretrain import method_from_config, save_method
 from dist_awenc.watermark.secret import Secret, load_secret
@@ -173,7 +173,7 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     with open_run(cfg, "embed") as run_dir:
         info(f"embed secret {secret.sha256[:12]} into {card['arch']} ({'heads from pre-training' if heads_loaded else 'fresh heads'}, "
              f"{world} process(es), {plan.total_steps} steps) -> {run_dir}")
-        task = fit(accelerator, task, optimizer, source=build_source(cfg.data, dataset, indices, sampler, device=accelerator.device), make_inputs=make_inputs,
+        task = fit(accelerator, task, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, **source_options(cfg.data)), make_inputs=make_inputs,
                    lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
                    settings=loop_settings(cfg.train, run_dir, plan, "embed"), config_yaml=to_yaml(cfg),
                    after_step=lambda m, step: m.momentum_update(step / plan.total_steps), interrupt_at=interrupt_at)

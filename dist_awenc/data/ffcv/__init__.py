@@ -23,7 +23,7 @@ path (:class:`~dist_awenc.data.sampler.SamplerSource`) stays the default.
 """
 from dist_awenc.data.ffcv._common import BetonWriteError, FFCVNotInstalledError, ffcv_available
 from dist_awenc.data.ffcv.loader import FFCVSource
-from dist_awenc.data.ffcv.stage import BetonConfig, BetonSection, beton_path, build_source, write_beton_stage
+from dist_awenc.data.ffcv.stage import BetonConfig, BetonSection, beton_path, build_source, source_options, write_beton_stage
 from dist_awenc.data.ffcv.writer import write_beton
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "FFCVSource",
     "beton_path",
     "build_source",
+    "source_options",
     "ffcv_available",
     "write_beton",
     "write_beton_stage",

@@ -99,48 +99,56 @@ def write_beton_stage(cfg: BetonConfig) -> Path:
 # --------------------------------------------------------------------------- choosing a source
 
 
+def source_options(data: DataSection) -> dict:
+    """The keyword arguments of :func:`build_source` that a stage's ``data`` section sets."""
+    return {"loader": getattr(data, "loader", "torch"), "beton": getattr(data, "beton", None),
+            "image_size": data.image_size, "num_workers": data.num_workers}
+
+
 def build_source(
-    data: DataSection,
     dataset,
     indices: Tensor,
     sampler: GlobalBatchSampler,
     *,
+    loader: str = "torch",
+    beton: Optional[str] = None,
+    image_size: int,
+    num_workers: int = 0,
     device: str | torch.device = "cpu",
 ):
-    """The batch source a training stage should use for ``data``.
+    """The batch source a training stage should use.
 
-    ``data.loader`` (``torch`` | ``ffcv`` | ``auto``; absent: ``torch``) picks
-    :class:`SamplerSource` or :class:`FFCVSource` on ``data.beton``; ``auto``
-    takes FFCV when it is installed and ``data.beton`` is set, else torchvision.
-    The ``.beton`` must hold exactly ``indices`` (the stage's split, in order),
-    which a file written by ``awenc data write-beton`` with the same ``data``
-    section and that split does.
+    ``loader`` (``torch`` | ``ffcv`` | ``auto``) picks :class:`SamplerSource` or
+    :class:`FFCVSource` on ``beton``; ``auto`` takes FFCV when it is installed
+    and ``beton`` is set, else torchvision. The ``.beton`` must hold exactly
+    ``indices`` (the stage's split, in order), which a file written by
+    ``awenc data write-beton`` with the same ``data`` section and that split does.
+    A stage passes its ``data`` section's fields (``data.loader``, ``data.beton``...).
 
     Raises:
-        ConfigError: unknown loader, no ``data.beton``, or a file of another split.
-        FFCVNotInstalledError: ``data.loader=ffcv`` without FFCV.
+        ConfigError: unknown loader, no ``beton``, or a file of another split.
+        FFCVNotInstalledError: ``loader="ffcv"`` without FFCV.
     """
-    loader = str(getattr(data, "loader", "torch") or "torch")
-    beton = getattr(data, "beton", None)
+    loader = str(loader or "torch")
     if loader not in ("torch", "ffcv", "auto"):
         raise ConfigError(f"data.loader must be one of torch, ffcv, auto; got '{loader}'")
     if loader == "auto":
         loader = "ffcv" if beton and ffcv_available() else "torch"
     if loader == "torch":
-        return SamplerSource(dataset, sampler, data.num_workers)
+        return SamplerSource(dataset, sampler, num_workers)
     if not beton:
         raise ConfigError("data.loader=ffcv needs data.beton=<file.beton> (write it with `awenc data write-beton`)")
     try:
-        source = FFCVSource(beton, image_size=data.image_size, global_batch_size=sampler.global_batch_size,
+        source = FFCVSource(beton, image_size=image_size, global_batch_size=sampler.global_batch_size,
                             seed=sampler.seed, rank=sampler.rank, world_size=sampler.world_size,
-                            drop_last=sampler.drop_last, num_workers=data.num_workers or None, device=device)
+                            drop_last=sampler.drop_last, num_workers=num_workers or None, device=device)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data.beton: {err}") from None
     want = torch.as_tensor(indices, dtype=torch.long).flatten()
     if not torch.equal(source.dataset_indices, want):
         raise ConfigError(
             f"data.beton '{beton}' holds {source.num_samples} images that are not this stage's split "
-            f"({want.numel()} images of data.name={data.name}, data.split_seed={data.split_seed}); write it with "
+            f"({want.numel()} images of the data section's dataset and split_seed); write it with "
             "`awenc data write-beton` using the same data section and the matching beton.split"
         )
     return source
