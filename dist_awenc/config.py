@@ -246,6 +246,9 @@ class PopulationSection:
     n_secrets: int = 3  # the owner's secret + (n_secrets - 1) generated on null encoders (not extra evidence)
     holdout_fraction: float = 0.5  # null families kept out of threshold setting, to measure the FPR
     owner_budget: bool = True  # null encoders train like the owner's f0 (its run's config.yaml), when found
+    # where the null encoders live ("" = <run folder>/population): point another secret's calibration at an
+    # existing population to reuse its pre-trained encoders (each is reused only under the same config)
+    root: str = ""
 
 
 @dataclass

@@ -125,7 +125,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     holdout, _ = dataset.get_batch(splits["holdout"][: max(images_for(m, n[m]) for m in MODES)])
     pirate = PirateData.load(cfg.data, owner_secret.image_size)
     with open_run(cfg, "calibrate") as run_dir:
-        pop = run_dir / "population"
+        pop = Path(p.root) if p.root else run_dir / "population"
         configs = null_encoder_configs(cfg, pop)
         info(f"null population: {len(configs)} independent encoders to pre-train, {len(attacks) and len(configs)} "
              f"attacked copies, {len(p.extra_encoders)} given; {p.n_secrets} secret(s) each"
