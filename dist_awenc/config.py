@@ -268,6 +268,23 @@ class CalibrateConfig:
     verify: VerifySection = field(default_factory=VerifySection)
 
 
+@dataclass
+class VariantSection:
+    """One watermark variant of `awenc ablation`."""
+
+    robustness: str = ""  # a finished `awenc robustness` run folder
+    stages: list[str] = field(default_factory=list)  # run folders whose seconds are the variant's cost
+
+
+@dataclass
+class AblationConfig:
+    run: RunSection = field(default_factory=lambda: RunSection(name="ablation"))
+    clean: str = ""  # the owner's clean f0 run folder (utility reference; its seconds are the pre-training cost)
+    data: DataSection = field(default_factory=DataSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
+    variants: dict[str, VariantSection] = field(default_factory=dict)
+
+
 # ----------------------------------------------------------------- loading
 
 C = TypeVar("C")

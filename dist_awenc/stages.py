@@ -40,6 +40,8 @@ STAGES: dict[str, Stage] = {
                     "dist_awenc.attacks.stage:attack", "dist_awenc.attacks.stage:AttackConfig"),
     "robustness": Stage("attack x strength x verification mode grid on one machine: robustness.csv and plots",
                         "dist_awenc.robustness:robustness", "dist_awenc.robustness:RobustnessConfig"),
+    "ablation": Stage("compare watermark variants' robustness runs: utility, TPR per mode, held-out FP, cost",
+                      "dist_awenc.ablation:ablation", "dist_awenc.config:AblationConfig"),
     "calibrate": Stage("set each mode's margin from a null population; exact bound on the false-positive rate",
                        "dist_awenc.verify.calibrate:calibrate", "dist_awenc.config:CalibrateConfig"),
     "demo": Stage("the whole method on scikit-learn's digits, on CPU, with a verdict table",

@@ -1,0 +1,141 @@
+"""Stage: compare watermark variants on the same grid, seeds and null population (``awenc ablation``).
+
+Each variant is one finished ``awenc robustness`` run (its watermarked encoder
+attacked by the same grid, verified at the thresholds of a calibration made
+for that variant's secret on the same null population) plus the run folders of
+the stages that made it (stage 1, stage 2), whose ``status.json`` give its cost.
+The clean f0 is probed here with the same probe settings, so utility is read
+against it. Writes ``ablation.json``, ``ablation.md`` and ``ablation.png``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from dist_awenc.config import AblationConfig, VariantSection, load_config
+from dist_awenc.engine.log import info
+from dist_awenc.errors import ArtifactError, ConfigError
+from dist_awenc.files import atomic_path, atomic_write_text, read_json
+from dist_awenc.runs import open_run
+from dist_awenc.verify.core import MODES
+
+
+def _seconds(folder: str) -> float:
+    status = read_json(Path(folder) / "status.json", ArtifactError, what="run status")
+    if status.get("state") != "complete":
+        raise ArtifactError(f"{folder}: run is not complete (state {status.get('state')!r})")
+    return float(status.get("seconds") or 0.0)
+
+
+def _rows(folder: Path) -> list[dict[str, str]]:
+    with (folder / "robustness.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _calibration(folder: Path) -> dict[str, Any]:
+    from dist_awenc.robustness import RobustnessConfig
+    from dist_awenc.verify.calibration import load_calibration
+
+    cfg = load_config(RobustnessConfig, folder / "config.yaml")
+    if not cfg.verify.calibration:
+        raise ConfigError(f"{folder}: robustness run without verify.calibration; the ablation compares calibrated "
+                          "decisions only")
+    data = load_calibration(cfg.verify.calibration).data
+    return {m: {"threshold": d["threshold"], "heldout_positive": d["heldout"]["false_positive_families"],
+                "heldout_families": d["heldout"]["families"], "fpr_upper_95": d["heldout"]["heldout_fpr_upper_95"]}
+            for m, d in data["modes"].items()}
+
+
+def summarise_variant(name: str, v: VariantSection, clean: dict[str, float], pretrain_s: float) -> dict[str, Any]:
+    folder = Path(v.robustness)
+    summary = read_json(folder / "robustness.json", ArtifactError, what="robustness summary")
+    if isinstance(summary.get("thresholds"), str):
+        raise ConfigError(f"variant {name}: {folder} was collected without a calibration")
+    rows = _rows(folder)
+    base = [r for r in rows if r["attack"] == "none"]
+    probe = sum(float(r["linear_probe"]) for r in base) / len(base)
+    knn = sum(float(r["knn"]) for r in base) / len(base)
+    cost = sum(_seconds(s) for s in v.stages)
+    modes = {m: summary["modes"][m] for m in MODES}
+    return {"variant": name, "linear_probe": probe, "knn": knn, "probe_change": probe - clean["linear_probe"],
+            "knn_change": knn - clean["knn"], "tpr": {m: modes[m]["tpr"] for m in MODES},
+            "detected": {m: f"{modes[m]['detected']}/{modes[m]['of']}" for m in MODES},
+            "missed": {m: modes[m]["missed"] for m in MODES},
+            "best_blackbox_tpr": max(modes["blackbox_score"]["tpr"], modes["blackbox_label"]["tpr"]),
+            "seconds": cost, "cost_fraction_of_pretraining": cost / pretrain_s if pretrain_s else None,
+            "calibration": _calibration(folder), "robustness": str(folder)}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    c = report["clean"]
+    lines = [f"# Watermark variants on one grid (clean f0: linear probe {c['linear_probe']:.4f}, kNN {c['knn']:.4f}, "
+             f"{c['n_test']} test images: one image = {100 / c['n_test']:.2f} points)", "",
+             "TPR = share of the utility-preserving derivatives detected at the variant's calibrated threshold; "
+             "held-out FP = null families (independent encoders and attacked copies) detected among those held out "
+             "of threshold setting.", "",
+             "| variant | probe (change) | kNN (change) | TPR white-box | TPR score | TPR label | held-out FP (wb/score/label) "
+             "| cost (s, x pre-training) |", "|---|---|---|---|---|---|---|---|"]
+    for v in report["variants"]:
+        fp = "/".join(f"{v['calibration'][m]['heldout_positive']}/{v['calibration'][m]['heldout_families']}" for m in MODES)
+        frac = v["cost_fraction_of_pretraining"]
+        cost = f"{v['seconds']:.0f} ({frac:.2f}x)" if frac is not None else f"{v['seconds']:.0f}"
+        tprs = " | ".join(f"{v['tpr'][m]:.2f} ({v['detected'][m]})" for m in MODES)
+        lines.append(f"| {v['variant']} | {v['linear_probe']:.4f} ({100 * v['probe_change']:+.1f}) | {v['knn']:.4f} "
+                     f"({100 * v['knn_change']:+.1f}) | {tprs} | {fp} | {cost} |")
+    lines += ["", "Missed derivatives (utility kept, not detected):", ""]
+    for v in report["variants"]:
+        for m in MODES:
+            if v["missed"][m]:
+                lines.append(f"- {v['variant']}, {m}: {', '.join(v['missed'][m])}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [v["variant"] for v in report["variants"]]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
+    width = 0.8 / len(MODES)
+    for j, m in enumerate(MODES):
+        ax.bar([i + (j - 1) * width for i in range(len(names))], [v["tpr"][m] for v in report["variants"]], width, label=m)
+    ax.axhline(0.95, color="k", ls=":", lw=0.8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("TPR at calibrated thresholds")
+    ax.set_title("utility-preserving derivatives detected (dotted: target 0.95)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def ablation(cfg: AblationConfig) -> dict[str, Any]:
+    from dist_awenc.attacks.stage import PirateData
+    from dist_awenc.encoders.io import load_encoder
+    from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
+
+    if not cfg.variants or not cfg.clean:
+        raise ConfigError("ablation needs clean=<f0 run folder> and variants.<name>.robustness=<robustness run folder>")
+    for name, v in cfg.variants.items():
+        if not (Path(v.robustness) / "robustness.json").exists():
+            raise ConfigError(f"variant {name}: {v.robustness} holds no collected robustness run (robustness.json)")
+    encoder, card = load_encoder(cfg.clean)
+    pirate = PirateData.load(cfg.data, card["input_size"])
+    _, clean = evaluate_encoder(encoder, pirate.images, pirate.labels, pirate.num_classes, seed=0, **probe_options(cfg.probe))
+    pretrain_s = _seconds(str(Path(cfg.clean) if Path(cfg.clean).is_dir() else Path(cfg.clean).parent))
+    with open_run(cfg, "ablation", allow_complete=True) as run_dir:
+        report = {"clean": {**clean, "seconds": pretrain_s},
+                  "variants": [summarise_variant(n, v, clean, pretrain_s) for n, v in cfg.variants.items()]}
+        atomic_write_text(run_dir / "ablation.json", json.dumps(report, indent=2))
+        atomic_write_text(run_dir / "ablation.md", markdown(report))
+        plot(report, run_dir / "ablation.png")
+        info(markdown(report))
+    return report
