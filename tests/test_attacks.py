@@ -19,13 +19,16 @@ from dist_awenc.errors import ConfigError
 from dist_awenc.evaluate.probe import DownstreamModel, extract_features
 
 ARCH_KWARGS = {"width": 8, "norm": "group"}
-QUERY_ATTACKS = ("query_jpeg", "query_noise", "query_resize", "query_crop")
+QUERY_ATTACKS = ("query_jpeg", "query_noise", "query_resize", "query_crop", "query_purify")
 WEIGHT_ATTACKS = sorted(set(ATTACKS) - set(QUERY_ATTACKS))
 # one cheap strength per attack for the sweep
 TINY_STRENGTH = {"finetune_probe": 0, "finetune_full": 1e-3, "finetune_ssl": 1, "prune_global": 0.5,
                  "prune_channel": 0.25, "distill": 1, "quantize_int8": 8, "query_jpeg": 50, "query_noise": 0.05,
-                 "query_resize": 0.5, "query_crop": 0.75, "overwrite": 1}
-TINY_OPTIONS = dict(epochs=1, batch_size=32, proj_hidden_dim=32, proj_dim=16, overwrite_steps=5)
+                 "query_resize": 0.5, "query_crop": 0.75, "overwrite": 1,
+                 # adaptive attacks (tests/test_adaptive_attacks.py checks what each one claims)
+                 "distill_strong_aug": 1, "distill_arch": 1, "prune_finetune": 0.5, "query_purify": 1.0,
+                 "adversarial_finetune": 1}
+TINY_OPTIONS = dict(epochs=1, batch_size=32, proj_hidden_dim=32, proj_dim=16, overwrite_steps=5, adv_steps=5)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,7 +80,8 @@ def same_state(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:
 def test_registry_lists_every_attack_with_a_grid():
     assert set(ATTACKS) == {"finetune_probe", "finetune_full", "finetune_ssl", "prune_global", "prune_channel",
                             "distill", "quantize_int8", "query_jpeg", "query_noise", "query_resize", "query_crop",
-                            "overwrite"}
+                            "overwrite", "distill_strong_aug", "distill_arch", "prune_finetune", "query_purify",
+                            "adversarial_finetune"}
     assert set(ATTACK_STRENGTHS) == set(ATTACKS)
     assert all(ATTACK_STRENGTHS[name] for name in ATTACKS)
     assert ATTACK_STRENGTHS["quantize_int8"] == [8]
@@ -134,7 +138,8 @@ def test_every_attack_runs_and_leaves_the_input_alone(name, norm, data, held):
     feats = extract_features(out, held[:10])
     assert feats.shape == (10, enc.feature_dim) and torch.isfinite(feats).all()
     assert info["attack"] == name and info["strength"] == float(TINY_STRENGTH[name])
-    assert info["arch"] == "tiny" and info["arch_kwargs"] == card["arch_kwargs"]
+    arch = "tiny_resnet" if name == "distill_arch" else "tiny"  # distill_arch's student is another architecture
+    assert info["arch"] == arch and info["arch_kwargs"] == card["arch_kwargs"]
     json.dumps(info)  # JSON-able
 
 

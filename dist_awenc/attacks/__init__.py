@@ -6,7 +6,7 @@ encoder a pirate would deploy and a JSON-able info dict;
 """
 from dist_awenc.attacks.base import (ATTACK_STRENGTHS, ATTACKS, AttackData, AttackOptions, apply_attack, get_attack,
                                      register_attack)
-from dist_awenc.attacks import finetune, prune, quantize, distill, query, overwrite  # noqa: F401,E402  (register)
+from dist_awenc.attacks import finetune, prune, quantize, distill, query, overwrite, adaptive  # noqa: F401,E402  (register)
 from dist_awenc.attacks.query import QUERY_KINDS, QueryTransform, TransformedEncoder, wrap_query_transform
 
 __all__ = [

@@ -73,17 +73,23 @@ class AttackOptions:
     every attack at every default strength runs in well under a minute.
 
     Attributes:
-        epochs: epochs of supervised fine-tuning (``finetune_full``; its lr is the strength).
-        lr: Adam learning rate of ``finetune_ssl``, ``distill`` and ``overwrite``.
+        epochs: epochs of supervised fine-tuning (``finetune_full``, whose lr is the strength, and
+            ``prune_finetune``).
+        lr: Adam learning rate of ``finetune_ssl``, the ``distill*`` attacks, ``overwrite``,
+            ``prune_finetune`` and ``adversarial_finetune``.
         weight_decay: Adam weight decay of every training attack.
         batch_size: mini-batch size of every training attack.
         proj_hidden_dim, proj_dim: the fresh SimCLR projector (``finetune_ssl``, ``overwrite``).
         temperature: SimCLR temperature (``finetune_ssl``, ``overwrite``).
-        student_arch: ``distill`` student architecture; "" = the suspect's.
-        student_width: ``distill`` student width (tiny nets); 0 = the suspect's.
+        student_arch: ``distill*`` student architecture; "" = the suspect's (``distill_arch``: another one).
+        student_width: ``distill*`` student width (tiny nets); 0 = the suspect's.
         overwrite_steps: steps of the pirate's watermark generation (``overwrite``).
         overwrite_eps: L-inf budget of the pirate's watermark (``overwrite``).
         quant_per_channel: ``quantize_int8`` scale per output channel (else per tensor).
+        adv_keys: universal perturbations (one per random key from the pirate's data) that
+            ``adversarial_finetune`` computes on the stolen encoder every epoch.
+        adv_steps: PGD steps of each of those perturbations.
+        adv_eps: their L-inf budget.
     """
 
     epochs: int = 5
@@ -98,13 +104,16 @@ class AttackOptions:
     overwrite_steps: int = 50
     overwrite_eps: float = 16 / 255
     quant_per_channel: bool = True
+    adv_keys: int = 4
+    adv_steps: int = 10
+    adv_eps: float = 16 / 255
 
     def __post_init__(self) -> None:
         self.check()
 
     def check(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
-        for name in ("epochs", "batch_size", "proj_hidden_dim", "proj_dim", "overwrite_steps"):
+        for name in ("epochs", "batch_size", "proj_hidden_dim", "proj_dim", "overwrite_steps", "adv_keys", "adv_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"attack.{name} must be >= 1; got {getattr(self, name)}")
         if not self.lr > 0 or self.weight_decay < 0 or not self.temperature > 0:
@@ -112,8 +121,9 @@ class AttackOptions:
                               f"got {self.lr}, {self.temperature}, {self.weight_decay}")
         if self.student_width < 0:
             raise ConfigError(f"attack.student_width must be >= 0 (0 = the suspect's); got {self.student_width}")
-        if not 0 < self.overwrite_eps <= 1:
-            raise ConfigError(f"attack.overwrite_eps must be in (0, 1]; got {self.overwrite_eps}")
+        for name in ("overwrite_eps", "adv_eps"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"attack.{name} must be in (0, 1]; got {getattr(self, name)}")
 
 
 def register_attack(name: str, strengths: Sequence[float] = ()) -> Callable[[AttackFn], AttackFn]:

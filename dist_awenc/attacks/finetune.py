@@ -20,19 +20,16 @@ def finetune_probe(encoder: Encoder, card: dict, strength: float, data: AttackDa
     return encoder, {"note": "encoder unchanged: only a linear head is trained downstream"}
 
 
-@register_attack("finetune_full", strengths=[1e-4, 1e-3, 3e-3])
-def finetune_full(encoder: Encoder, card: dict, strength: float, data: AttackData,
-                  options: AttackOptions, progress: bool) -> tuple[Encoder, dict]:
-    """Supervised fine-tuning of encoder + a fresh linear head (cross-entropy, Adam, lr = strength).
+def supervised_finetune(encoder: Encoder, data: AttackData, *, lr: float, epochs: int, batch_size: int,
+                        weight_decay: float, progress: bool, name: str) -> dict:
+    """Train ``encoder`` (in place) + a fresh linear head with cross-entropy on ``data.train_images``.
 
-    ``options.epochs`` epochs over ``data.train_images`` with mild views
-    (random-resized crop 0.8..1, flip, light colour jitter); normalisation
-    layers train as usual (BatchNorm statistics update).
+    ``epochs`` epochs of Adam at ``lr`` with mild views (random-resized crop
+    0.8..1, flip, light colour jitter); normalisation layers train as usual
+    (BatchNorm statistics update). Returns the training info.
     """
-    if not strength > 0:
-        raise ConfigError(f"attack finetune_full: strength is the learning rate, > 0; got {strength}")
     if len(data.train_images) == 0:
-        raise ConfigError("attack finetune_full needs labelled train_images")
+        raise ConfigError(f"attack {name} needs labelled train_images")
     device = device_of(encoder)
     head = nn.Linear(encoder.feature_dim, data.num_classes).to(device)
     model = nn.Sequential(encoder, head).train()
@@ -48,12 +45,24 @@ def finetune_full(encoder: Encoder, card: dict, strength: float, data: AttackDat
         correct[1] += len(y)
         return F.cross_entropy(logits, y)
 
-    history = fit_steps(model.parameters(), loss_at, n=len(images), epochs=options.epochs, batch_size=options.batch_size,
-                        lr=strength, weight_decay=options.weight_decay, seed=data.seed, desc="finetune_full",
-                        progress=progress)
-    return encoder, {"lr": strength, "epochs": options.epochs, "steps": len(history),
-                     "loss_first": history[0], "loss_last": history[-1],
-                     "train_accuracy": correct[0] / max(1, correct[1])}
+    history = fit_steps(model.parameters(), loss_at, n=len(images), epochs=epochs, batch_size=batch_size, lr=lr,
+                        weight_decay=weight_decay, seed=data.seed, desc=name, progress=progress)
+    return {"lr": lr, "epochs": epochs, "steps": len(history), "loss_first": history[0], "loss_last": history[-1],
+            "train_accuracy": correct[0] / max(1, correct[1])}
+
+
+@register_attack("finetune_full", strengths=[1e-4, 1e-3, 3e-3])
+def finetune_full(encoder: Encoder, card: dict, strength: float, data: AttackData,
+                  options: AttackOptions, progress: bool) -> tuple[Encoder, dict]:
+    """Supervised fine-tuning of encoder + a fresh linear head (cross-entropy, Adam, lr = strength).
+
+    ``options.epochs`` epochs of :func:`supervised_finetune`.
+    """
+    if not strength > 0:
+        raise ConfigError(f"attack finetune_full: strength is the learning rate, > 0; got {strength}")
+    return encoder, supervised_finetune(encoder, data, lr=strength, epochs=options.epochs,
+                                        batch_size=options.batch_size, weight_decay=options.weight_decay,
+                                        progress=progress, name="finetune_full")
 
 
 @register_attack("finetune_ssl", strengths=[1, 5, 10])

@@ -22,26 +22,39 @@ def zero_fraction(modules: list[nn.Module]) -> float:
     return zeros / total if total else 0.0
 
 
+def global_magnitude_masks(encoder: Encoder, ratio: float, name: str) -> list[nn.Module]:
+    """Global L1 (magnitude) unstructured pruning of every conv / linear weight of the backbone to ``ratio``.
+
+    ``round(ratio * total)`` weights with the smallest magnitude over all those
+    layers together are masked (``prune.global_unstructured`` with
+    ``L1Unstructured``); the masks stay attached (``weight = weight_orig *
+    weight_mask``, recomputed at every forward, so training keeps pruned weights
+    at zero) until :func:`remove_masks`. Returns the pruned modules.
+    """
+    modules = weight_modules(encoder.backbone)
+    if not modules:
+        raise ConfigError(f"attack {name}: the backbone has no conv / linear weights")
+    prune.global_unstructured([(m, "weight") for m in modules], pruning_method=prune.L1Unstructured, amount=ratio)
+    return modules
+
+
+def remove_masks(modules: list[nn.Module]) -> dict:
+    """Make the pruning permanent (plain ``weight`` parameters, exact zeros); the sparsity info."""
+    for m in modules:
+        prune.remove(m, "weight")
+    return {"sparsity": zero_fraction(modules), "n_weights": sum(m.weight.numel() for m in modules),
+            "n_layers": len(modules)}
+
+
 @register_attack("prune_global", strengths=[0.1, 0.3, 0.5, 0.7, 0.9])
 def prune_global(encoder: Encoder, card: dict, strength: float, data: AttackData,
                  options: AttackOptions, progress: bool) -> tuple[Encoder, dict]:
-    """Global L1 (magnitude) unstructured pruning of every conv / linear weight to ratio ``strength``.
-
-    ``round(strength * total)`` weights with the smallest magnitude over all
-    those layers together are set to zero (``prune.global_unstructured`` with
-    ``L1Unstructured``). Biases and normalisation layers are left alone.
+    """Global L1 (magnitude) unstructured pruning of every conv / linear weight to ratio ``strength``
+    (:func:`global_magnitude_masks`). Biases and normalisation layers are left alone.
     """
     ratio = as_fraction(strength, "prune_global", "the fraction of weights pruned")
-    modules = weight_modules(encoder.backbone)
-    if not modules:
-        raise ConfigError(f"attack prune_global: backbone '{card['arch']}' has no conv / linear weights")
-    params = [(m, "weight") for m in modules]
-    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=ratio)
-    for m, name in params:
-        prune.remove(m, name)
-    total = sum(m.weight.numel() for m in modules)
-    return encoder, {"target_sparsity": ratio, "sparsity": zero_fraction(modules), "n_weights": total,
-                     "n_layers": len(modules)}
+    modules = global_magnitude_masks(encoder, ratio, "prune_global")
+    return encoder, {"target_sparsity": ratio, **remove_masks(modules)}
 
 
 @register_attack("prune_channel", strengths=[0.1, 0.2, 0.3, 0.5])

@@ -11,6 +11,7 @@ from that dict by :func:`wrap_query_transform`.
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from typing import Any
 
@@ -21,10 +22,12 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from dist_awenc.attacks.base import AttackData, AttackOptions, as_count, as_fraction, register_attack
 from dist_awenc.data.splits import derive_seed
+from dist_awenc.data.views import gaussian_blur
 from dist_awenc.encoders.io import Encoder
 from dist_awenc.errors import ConfigError
 
-QUERY_KINDS = ("jpeg", "noise", "resize", "crop")
+QUERY_KINDS = ("jpeg", "noise", "resize", "crop", "purify")
+PURIFY_JPEG_QUALITY = 75  # query_purify: the JPEG step before the blur and the median filter
 
 
 def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
@@ -73,13 +76,34 @@ def center_crop_resize(x: torch.Tensor, keep: float) -> torch.Tensor:
     return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def median3x3(x: torch.Tensor) -> torch.Tensor:
+    """3x3 median filter per channel with reflect padding (a denoiser-like smoothing).
+
+    Shape: (b, C, H, W) -> (b, C, H, W); H, W >= 2.
+    """
+    patches = F.pad(x, (1, 1, 1, 1), mode="reflect").unfold(2, 3, 1).unfold(3, 3, 1)  # (b, C, H, W, 3, 3)
+    return patches.flatten(-2).median(dim=-1).values
+
+
+def purify(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Input purification: JPEG at quality 75 (straight-through gradient), Gaussian blur of std ``sigma``
+    pixels (radius ``ceil(3 sigma)``), then a 3x3 median filter.
+
+    Shape: (b, 3, S, S) in [0, 1] -> (b, 3, S, S) in [0, 1].
+    """
+    y = x + (jpeg_round_trip(x, PURIFY_JPEG_QUALITY) - x).detach()
+    y = gaussian_blur(y, torch.full((len(y),), sigma, device=y.device, dtype=y.dtype), math.ceil(3 * sigma))
+    return median3x3(y)
+
+
 class QueryTransform(nn.Module):
     """A pirate's query pre-processing: ``jpeg`` (strength = quality 1..100), ``noise``
-    (Gaussian sigma in pixel units), ``resize`` (down/up factor in (0, 1]) or
-    ``crop`` (central crop keeping a fraction (0, 1] of the side).
+    (Gaussian sigma in pixel units), ``resize`` (down/up factor in (0, 1]), ``crop``
+    (central crop keeping a fraction (0, 1] of the side) or ``purify`` (JPEG 75, then
+    a Gaussian blur of sigma = strength pixels, then a 3x3 median filter: :func:`purify`).
 
-    JPEG is applied with a straight-through gradient (identity backward); the
-    others are differentiable. No parameters or buffers.
+    JPEG (also inside ``purify``) is applied with a straight-through gradient
+    (identity backward); the rest is differentiable. No parameters or buffers.
 
     Shape: (b, 3, S, S) in [0, 1] -> (b, 3, S, S) in [0, 1].
     """
@@ -96,6 +120,9 @@ class QueryTransform(nn.Module):
         elif kind == "noise":
             if not strength >= 0:
                 raise ConfigError(f"attack {name}: strength is the noise sigma, >= 0; got {strength}")
+        elif kind == "purify":
+            if not strength > 0:
+                raise ConfigError(f"attack {name}: strength is the blur sigma in pixels, > 0; got {strength}")
         else:
             strength = as_fraction(strength, name, "the kept fraction of the side", allow_zero=False)
         self.kind = kind
@@ -111,6 +138,8 @@ class QueryTransform(nn.Module):
             return x + (jpeg_round_trip(x, int(self.strength)) - x).detach()
         if self.kind == "noise":
             out = x + image_seeded_noise(x, self.strength, self.seed)
+        elif self.kind == "purify":
+            out = purify(x, self.strength)
         elif self.kind == "resize":
             out = resize_round_trip(x, self.strength)
         else:
@@ -183,3 +212,4 @@ query_jpeg = register_attack("query_jpeg", strengths=[90, 70, 50])(_query_attack
 query_noise = register_attack("query_noise", strengths=[0.01, 0.03, 0.05])(_query_attack("noise"))
 query_resize = register_attack("query_resize", strengths=[0.75, 0.5])(_query_attack("resize"))
 query_crop = register_attack("query_crop", strengths=[0.9, 0.8])(_query_attack("crop"))
+query_purify = register_attack("query_purify", strengths=[0.5, 1.0])(_query_attack("purify"))

@@ -18,6 +18,12 @@ def mild_single_view() -> ViewConfig:
     return cfg
 
 
+def strong_single_view() -> ViewConfig:
+    """One strong view per image: random-resized crop 0.2..1 and flip, colour jitter (p 0.8), grayscale (p 0.2),
+    Gaussian blur (p 0.5, sigma 0.1..2 px): the default :class:`ViewConfig` with a wider crop and blur on."""
+    return ViewConfig(n_views=1, crop_scale_min=0.2, blur_p=0.5)
+
+
 def batch_plan(n: int, batch_size: int, min_batch: int = 1) -> int:
     """Mini-batches per epoch: ``ceil(n / batch_size)``, less a last batch smaller than ``min_batch``."""
     full, rest = divmod(n, batch_size)

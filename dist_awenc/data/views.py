@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .splits import derive_seed
 
-__all__ = ["ViewConfig", "apply_params", "make_views", "mild_view_config", "sample_params"]
+__all__ = ["ViewConfig", "apply_params", "gaussian_blur", "make_views", "mild_view_config", "sample_params"]
 
 # ITU-R 601 luma weights (as torchvision's rgb_to_grayscale).
 _LUMA = (0.299, 0.587, 0.114)
@@ -230,7 +230,7 @@ def _color_jitter(x: Tensor, p: dict[str, Tensor]) -> Tensor:
     return torch.einsum("mij,mjhw->mihw", mat, x).clamp(0.0, 1.0)
 
 
-def _gaussian_blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
+def gaussian_blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
     """Separable gaussian blur with a per-sample sigma and reflect padding.
 
     Shape: x (m, C, H, W), sigma (m,) on x's device -> (m, C, H, W).
@@ -299,7 +299,7 @@ def apply_params(x: Tensor, params: dict[str, Tensor]) -> Tensor:
     out = _on_subset(out, p["gray"], lambda sub, idx: _luma(sub).expand_as(sub).contiguous())
 
     def blur(sub: Tensor, idx: Tensor) -> Tensor:
-        return _gaussian_blur(sub, p["blur_sigma"][idx].to(x.device), int(p["blur_radius"][idx].max()))
+        return gaussian_blur(sub, p["blur_sigma"][idx].to(x.device), int(p["blur_radius"][idx].max()))
 
     out = _on_subset(out, p["blur"], blur)
     return out.clamp(0.0, 1.0)

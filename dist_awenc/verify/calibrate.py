@@ -27,10 +27,11 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
+from dist_awenc.attacks.query import with_recorded_transform
 from dist_awenc.config import (CalibrateConfig, EncoderSection, PlanSection, PretrainConfig, RunSection,
                                WatermarkConfig, load_config)
 from dist_awenc.data import build_dataset, make_splits
-from dist_awenc.encoders.io import atomic_write_text, load_encoder, sha256_file
+from dist_awenc.encoders.io import atomic_write_text, load_card, load_encoder, resolve_encoder_path, sha256_file
 from dist_awenc.engine.log import info, warn
 from dist_awenc.errors import ConfigError
 from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
@@ -64,8 +65,12 @@ def parse_arch(spec: str) -> tuple[str, Optional[int]]:
 
 
 def parse_attack(spec: str) -> tuple[str, float]:
-    """``name:strength`` -> (name, strength)."""
+    """``name:strength`` -> (name, strength); the attack must be registered (checked before any pre-training)."""
+    from dist_awenc.attacks import ATTACKS
+
     name, _, strength = spec.partition(":")
+    if name not in ATTACKS:
+        raise ConfigError(f"population.attacks: unknown attack '{name}' in '{spec}'; valid: {', '.join(sorted(ATTACKS))}")
     try:
         return name, float(strength)
     except ValueError:
@@ -215,13 +220,19 @@ def _null_encoder(name: str, path: Path, family: str, secrets: dict[str, Secret]
     cache = ctx["cache"] / f"{name}.json"
     key = {"encoder_sha256": sha256_file(path), "secrets": {k: s.sha256 for k, s in secrets.items()},
            "n": ctx["n"], "alpha": ctx["alpha"]}
+    transform = load_card(resolve_encoder_path(path)).get("query_transform")
+    if transform:  # the same weights under another serving path are another trial
+        key["query_transform"] = transform
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
             return NullEncoder(**saved["result"])
     cfg, pirate = ctx["cfg"], ctx["pirate"]
-    encoder, _ = load_encoder(path)
-    downstream, _ = evaluate_encoder(encoder, pirate.images, pirate.labels, pirate.num_classes, seed=cfg.run.seed,
+    encoder, card = load_encoder(path)
+    # a query-side attack (query_*): the deployed downstream model applies the recorded transform; white-box
+    # verification measures the weights alone, as for any suspect
+    deployed = with_recorded_transform(encoder, card)
+    downstream, _ = evaluate_encoder(deployed, pirate.images, pirate.labels, pirate.num_classes, seed=cfg.run.seed,
                                      **probe_options(cfg.probe))
     stars: dict[str, dict[str, float]] = {}
     effects: dict[str, float] = {}
