@@ -77,7 +77,7 @@ def test_adaptive_attacks_have_default_grids_in_the_robustness_grid():
 
 
 def test_null_population_takes_the_adaptive_attacks():
-    cfg = yaml.safe_load((ROOT / "configs/sweep/null/digits.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "configs/sweep/null/digits_adaptive.yaml").read_text())
     parsed = [C.parse_attack(a) for a in cfg["population"]["attacks"]]
     assert set(ADAPTIVE) <= {name for name, _ in parsed}
     for name, strength in parsed:  # each at a strength of its default grid
