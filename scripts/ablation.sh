@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The robust-watermark ablation at demo scale (issue #11; results in results/robust/):
+#   plain AWEncoder | + transform robustness (eot) | + derivative rehearsal (rehearsal) | both
+# on the demo's f0, with the demo's stage-1/stage-2 settings, one attack grid (configs/robustness/ablation.yaml),
+# and for each variant a calibration of its own secret on the same null population (the committed one,
+# runs/calibration/population, plus attacked copies by the adaptive attacks: configs/sweep/null/digits_adaptive.yaml).
+#
+# Needs: bash scripts/demo.sh (runs/demo) and the null population (runs/calibration/population: the committed
+# calibration's command in results/calibration/README.md). Every step reuses what is already complete.
+#   bash scripts/ablation.sh [variant ...]      # default: plain eot rehearsal both
+set -euo pipefail
+cd "$(dirname "$0")/.."
+awenc=.venv/bin/awenc
+out=runs/ablation
+eot='robust.transforms=[jpeg,resize,crop,noise,blur]'
+rehearse='rehearsal.surrogates=[distill:10,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=2'
+variants=("${@:-plain eot rehearsal both}")
+# shellcheck disable=SC2206
+variants=(${variants[*]})
+
+for v in "${variants[@]}"; do
+  case "$v" in
+    plain) flags=() ;;
+    eot) flags=("$eot") ;;
+    # shellcheck disable=SC2206
+    rehearsal) flags=($rehearse) ;;
+    # shellcheck disable=SC2206
+    both) flags=("$eot" $rehearse) ;;
+    *) echo "ablation: unknown variant '$v' (plain, eot, rehearsal, both)" >&2; exit 2 ;;
+  esac
+  if [ "$v" = plain ]; then
+    # a copy of the demo's secret: calibrate binds a calibration to the secret it calibrated (secret.json)
+    wm=$out/plain/watermark; emb=runs/demo/embed
+    [ -d "$wm" ] || { mkdir -p $out/plain && cp -r runs/demo/watermark "$wm"; }
+  else
+    wm=$out/$v/watermark; emb=$out/$v/embed
+    embed_flags=()
+    for f in "${flags[@]}"; do [[ $f == robust.* ]] && embed_flags+=("$f"); done
+    [ -f "$wm/secret.safetensors" ] || $awenc watermark --config runs/demo/watermark/config.yaml \
+      run.out_dir=$out/$v run.name=watermark "${flags[@]}"
+    [ -f "$emb/encoder.safetensors" ] || $awenc embed --config runs/demo/embed/config.yaml \
+      run.out_dir=$out/$v run.name=embed secret=$wm/secret.safetensors "${embed_flags[@]}"
+  fi
+  [ -f "$out/$v/calibration/calibration.json" ] || $awenc calibrate --config configs/sweep/null/digits_adaptive.yaml \
+    run.out_dir=$out/$v run.name=calibration secret=$wm/secret.safetensors population.root=runs/calibration/population
+  $awenc robustness --config configs/robustness/ablation.yaml run.out_dir=$out/$v run.name=robustness \
+    encoder=$emb/encoder.safetensors secret=$wm/secret.safetensors verify.calibration=$out/$v/calibration/calibration.json
+done
+
+args=()
+for v in plain eot rehearsal both; do
+  [ -f "$out/$v/robustness/robustness.json" ] || continue
+  if [ "$v" = plain ]; then stages="[$out/plain/watermark,runs/demo/embed]"; else stages="[$out/$v/watermark,$out/$v/embed]"; fi
+  args+=("variants.$v.robustness=$out/$v/robustness" "variants.$v.stages=$stages")
+done
+$awenc ablation run.out_dir=$out run.name=table clean=runs/demo/f0 "${args[@]}"
