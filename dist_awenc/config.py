@@ -18,6 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from dist_awenc.data.views import ViewConfig, mild_view_config
 from dist_awenc.errors import ConfigError
+from dist_awenc.watermark.transforms import check_robust
 
 # ----------------------------------------------------------------- sections
 
@@ -134,6 +135,23 @@ class GenerationSection:
 
 
 @dataclass
+class RobustSection:
+    """Transform robustness (METHOD.md, "Robust embedding"): marked images pass a random differentiable transform
+    before the encoder in stage 1 and in stage 2's watermark terms. ``transforms`` empty (the default): off."""
+
+    transforms: list[str] = field(default_factory=list)  # of jpeg, resize, crop, noise, blur
+    jpeg_quality: list[int] = field(default_factory=lambda: [50, 95])
+    resize_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    crop_area: list[float] = field(default_factory=lambda: [0.8, 1.0])
+    noise_std: list[float] = field(default_factory=lambda: [0.0, 0.03])
+    blur_sigma: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    p_identity: float = 0.2  # probability that an image is left as it is
+
+    def __post_init__(self) -> None:
+        check_robust(self)
+
+
+@dataclass
 class PlanSection:
     """The verification plan fixed with the secret and carried in its header (METHOD.md, stage 3)."""
 
@@ -152,6 +170,7 @@ class WatermarkConfig:
     data: DataSection = field(default_factory=DataSection)
     generation: GenerationSection = field(default_factory=GenerationSection)
     plan: PlanSection = field(default_factory=PlanSection)
+    robust: RobustSection = field(default_factory=RobustSection)
 
 
 @dataclass
@@ -178,6 +197,7 @@ class EmbedConfig:
     loss: EmbedLossSection = field(default_factory=EmbedLossSection)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-4))
     train: TrainSection = field(default_factory=lambda: TrainSection(epochs=20))
+    robust: RobustSection = field(default_factory=RobustSection)
 
 
 @dataclass
@@ -230,6 +250,7 @@ class DemoConfig:
     probe: ProbeSection = field(default_factory=ProbeSection)
     plan: PlanSection = field(default_factory=PlanSection)
     verify: VerifySection = field(default_factory=VerifySection)
+    robust: RobustSection = field(default_factory=RobustSection)  # stage 1 and stage 2 alike
 
 
 @dataclass

@@ -44,11 +44,12 @@ def demo(cfg: DemoConfig) -> dict:
     ind_path = reuse_or_run(PretrainConfig(run=sub("independent", cfg.run.seed + 1), **common), pretrain, "encoder.safetensors")
     info("[3/6] stage 1: generate the watermark on f0")
     secret_path = reuse_or_run(WatermarkConfig(run=sub("watermark"), encoder=str(f0_path), data=cfg.data,
-                                                generation=cfg.generation, plan=cfg.plan), watermark, "secret.safetensors")
+                                                generation=cfg.generation, plan=cfg.plan, robust=cfg.robust), watermark,
+                                 "secret.safetensors")
     info("[4/6] stage 2: embed it")
     wm_path = reuse_or_run(EmbedConfig(run=sub("embed"), encoder=str(f0_path), secret=str(secret_path), data=cfg.data,
                                         views=cfg.views, mild_views=cfg.mild_views, ssl=cfg.ssl, loss=cfg.loss,
-                                        optim=cfg.embed_optim, train=cfg.embed), embed, "encoder.safetensors")
+                                        optim=cfg.embed_optim, train=cfg.embed, robust=cfg.robust), embed, "encoder.safetensors")
 
     info("[5/6] downstream: the pirate's linear head on each encoder")
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)

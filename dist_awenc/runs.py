@@ -44,6 +44,9 @@ COSMETIC = frozenset({
     "run.out_dir",  # where the folder is: implied by the folder being compared
     "run.name",
 })
+# Sections added after run folders were written, whose defaults compute what those runs computed (robust: off): a
+# folder whose config predates the section is the same run as a config holding the section at its defaults.
+ADDED_AT_DEFAULTS = frozenset({"robust"})
 # files of a run folder that are no outputs: its config, its status, `awenc submit`'s job folder
 _BOOKKEEPING = ("config.yaml", "status.json", "slurm")
 _ABSENT = "<absent>"
@@ -82,7 +85,12 @@ def config_difference(run_dir: Path, cfg: Any) -> Optional[tuple[str, Any, Any]]
     except (OSError, yaml.YAMLError) as e:
         return "config.yaml", f"unreadable ({type(e).__name__})", "the new config"
     sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
-    return first_difference(old, yaml.safe_load(to_yaml(cfg)), sections)
+    new = yaml.safe_load(to_yaml(cfg))
+    for f in dataclasses.fields(cfg):
+        if (f.name in ADDED_AT_DEFAULTS and isinstance(old, dict) and f.name not in old
+                and f.default_factory is not dataclasses.MISSING and getattr(cfg, f.name) == f.default_factory()):
+            new.pop(f.name, None)
+    return first_difference(old, new, sections)
 
 
 def _describe(diff: tuple[str, Any, Any]) -> str:

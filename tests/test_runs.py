@@ -147,3 +147,21 @@ def test_real_pretraining_is_reused_with_a_progress_bar(tmp_path):
     again = reuse_or_run(load_config(PretrainConfig, None, base + ["train.progress=true", "train.log_every=2"]),
                          must_not_train, "encoder.safetensors")
     assert again == out and snapshot(out.parent) == before
+
+
+def test_a_folder_from_before_the_robust_section_is_the_same_run_as_robust_off(tmp_path):
+    """A run written before `robust:` existed is reused by a config holding it at its defaults (off), not with it on."""
+    import yaml
+
+    from dist_awenc.config import WatermarkConfig, to_yaml
+    from dist_awenc.runs import config_difference
+
+    cfg = load_config(WatermarkConfig, None, [f"run.out_dir={tmp_path}", "run.name=wm", "encoder=f0.safetensors"])
+    old = yaml.safe_load(to_yaml(cfg))
+    del old["robust"]
+    (tmp_path / "wm").mkdir()
+    (tmp_path / "wm" / "config.yaml").write_text(yaml.safe_dump(old))
+    assert config_difference(tmp_path / "wm", cfg) is None
+    on = load_config(WatermarkConfig, None, [f"run.out_dir={tmp_path}", "run.name=wm", "encoder=f0.safetensors",
+                                             "robust.transforms=[jpeg]"])
+    assert config_difference(tmp_path / "wm", on)[0] == "robust"

@@ -164,15 +164,18 @@ def test_interrupted_embedding_resumes_bit_for_bit(f0_and_secret, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _two_process_embed(root: str, f0: str, secret: str) -> None:
-    embed(_embed_cfg(root, f0, secret, root, "two"))
+def _two_process_embed(root: str, f0: str, secret: str, extra: dict) -> None:
+    embed(_embed_cfg(root, f0, secret, root, "two", **extra))
 
 
-def test_embedding_on_two_processes_equals_one_process(f0_and_secret, tmp_path):
-    """Joint loss (gathered NT-Xent + watermark terms) on 2 gloo ranks == 1 process on the same global batch."""
+@pytest.mark.parametrize("extra", [{}, {"robust.transforms": "[jpeg,resize,crop,noise,blur]", "robust.p_identity": 0.1}],
+                         ids=["plain", "transforms"])
+def test_embedding_on_two_processes_equals_one_process(f0_and_secret, tmp_path, extra):
+    """Joint loss (gathered NT-Xent + watermark terms) on 2 gloo ranks == 1 process on the same global batch;
+    with transforms, each rank transforms its slice of the global batch's draws (seeded by run seed and step)."""
     root, f0, secret = f0_and_secret
-    one = embed(_embed_cfg(root, f0, secret, tmp_path, "one"))
-    spawn_launch(_two_process_embed, (str(tmp_path), str(f0), str(secret)), tmp_path)
+    one = embed(_embed_cfg(root, f0, secret, tmp_path, "one", **extra))
+    spawn_launch(_two_process_embed, (str(tmp_path), str(f0), str(secret), extra), tmp_path)
     a, b = weights(one), weights(tmp_path / "two" / "encoder.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

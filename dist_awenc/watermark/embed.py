@@ -6,6 +6,11 @@
       + lambda_key  * [1 - cos(f(A(x_k)), f0(x_k))]            anchor key
       + lambda_keep * E[1 - cos(f(x), f0(x))]                  preserve
 
+With ``robust.transforms`` set, the two watermark terms see ``T(A(x)+delta)``
+instead of ``A(x)+delta``, T a random differentiable transform
+(:mod:`dist_awenc.watermark.transforms`) drawn per step from ``(run seed, step)``
+for the global batch, as the views are; the key and keep terms are unchanged.
+
 It runs on the same Accelerate loop as pre-training, so it runs under
 ``accelerate launch`` on 1..N processes.
 """
@@ -32,6 +37,7 @@ from dist_awenc.data.ffcv import build_source, source_options
 from dist_awenc.runs import open_run
 from dist_awenc.ssl.pretrain import method_from_config, save_method
 from dist_awenc.watermark.secret import Secret, load_secret
+from dist_awenc.watermark.transforms import TransformParams, apply_drawn, draws_for_rank
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -62,7 +68,10 @@ class EmbedTask(nn.Module):
     """The module the loop trains: SSL method (whose backbone is f) + frozen f0 + secret.
 
     forward(inputs) with ``inputs = {"views": [v1, v2], "aug": A(x), "clean": x,
-    "key_aug": A(x_k)}`` returns the loss and every weighted term.
+    "key_aug": A(x_k)}`` returns the loss and every weighted term; with
+    ``inputs["robust"]`` (transform draws for this batch, from
+    :func:`~dist_awenc.watermark.transforms.draws_for_rank`) the marked images
+    pass that transform before the encoder.
     """
 
     def __init__(self, method: nn.Module, f0: Encoder, secret: Secret, *, lambda_cl: float = 1.0, lambda_wm: float = 1.0,
@@ -100,6 +109,8 @@ class EmbedTask(nn.Module):
         b = aug.shape[0]
         f = self.method.backbone
         marked = (aug + self.delta).clamp(0, 1)
+        if inputs.get("robust") is not None:
+            marked = apply_drawn(marked, inputs["robust"])
         feats = f(torch.cat([marked, aug, clean, self.key[None], key_aug]))  # (3b + 2, d)
         f_m, f_a, f_c = feats[:b], feats[b : 2 * b], feats[2 * b : 3 * b]
         f_k, f_ka = feats[3 * b : 3 * b + 1], feats[3 * b + 1 :]
@@ -160,10 +171,16 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     mild_one = copy.copy(cfg.mild_views)
     mild_one.n_views = 1
     seed = cfg.run.seed
+    robust = TransformParams.of(cfg.robust)
+    if secret.meta.get("robust") != (robust.record() if robust.enabled else None):
+        info(f"note: the secret was generated with robust={secret.meta.get('robust')}; embedding uses "
+             f"{robust.record() if robust.enabled else 'no transforms'}")
 
     def make_inputs(batch, micro_step: int) -> dict:
         x = batch[0]
+        extra = {"robust": draws_for_rank(robust, len(x), seed, micro_step, rank, world)} if robust.enabled else {}
         return {
+            **extra,
             "views": make_views(x, cfg.views, seed=seed, step=micro_step, rank=rank, world_size=world),
             "aug": make_views(x, mild_one, seed=seed, step=micro_step, rank=rank, world_size=world, stream=1)[0],
             "clean": x,
@@ -172,7 +189,8 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
 
     with open_run(cfg, "embed") as run_dir:
         info(f"embed secret {secret.sha256[:12]} into {card['arch']} ({'heads from pre-training' if heads_loaded else 'fresh heads'}, "
-             f"{world} process(es), {plan.total_steps} steps) -> {run_dir}")
+             f"{world} process(es), {plan.total_steps} steps"
+             + (f", transforms {'/'.join(robust.transforms)}" if robust.enabled else "") + f") -> {run_dir}")
         task = fit(accelerator, task, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, **source_options(cfg.data)), make_inputs=make_inputs,
                    lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
                    settings=loop_settings(cfg.train, run_dir, plan, "embed"), config_yaml=to_yaml(cfg),

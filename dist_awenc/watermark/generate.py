@@ -3,12 +3,15 @@
     L_gen(delta) = E_x [ alpha * cos(f0(x+delta), f0(x)) - cos(f0(x+delta), f0(x_k)) ]
 
 minimised by projected sign-gradient steps (or Adam) with ``|delta|_inf <= eps``
-and ``x + delta`` clipped to [0, 1].
+and ``x + delta`` clipped to [0, 1]. With ``robust.transforms`` set, the
+marked images pass a random differentiable transform T first
+(:mod:`dist_awenc.watermark.transforms`): ``f0(T(x + delta))``.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -16,13 +19,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dist_awenc.config import GenerationSection, WatermarkConfig
-from dist_awenc.data import build_dataset, make_splits
+from dist_awenc.data import build_dataset, derive_seed, make_splits
 from dist_awenc.encoders.io import Encoder, atomic_write_text, load_encoder, read_state, save_tensors
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.runs import open_run
 from dist_awenc.verify.plan import make_plan
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret, save_alternatives, save_secret
+from dist_awenc.watermark.transforms import RandomTransform, TransformParams, cat_draws, make_transform
+
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (images, generator) -> T(images)
 
 
 def generation_loss(f_marked: torch.Tensor, f_clean: torch.Tensor, f_key: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -54,6 +60,7 @@ def generate_delta(
     optimizer: str = "pgd",
     seed: int = 0,
     progress: bool = True,
+    transform: Optional[Transform] = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Optimise one universal perturbation over mini-batches of ``images``.
 
@@ -66,7 +73,8 @@ def generate_delta(
         delta (3, S, S) with ``|delta|_inf <= eps``, and the loss per step.
     """
     deltas, history = generate_deltas(encoder, images, key[None], [seed], eps=eps, alpha=alpha, steps=steps,
-                                      step_size=step_size, batch_size=batch_size, optimizer=optimizer, progress=progress)
+                                      step_size=step_size, batch_size=batch_size, optimizer=optimizer, progress=progress,
+                                      transform=transform)
     return deltas[0], history[0]
 
 
@@ -84,6 +92,7 @@ def generate_deltas(
     optimizer: str = "pgd",
     progress: bool = True,
     desc: str = "watermark",
+    transform: Optional[Transform] = None,
 ) -> tuple[torch.Tensor, list[list[float]]]:
     """Stage 1 for K secrets at once, each exactly as if generated alone.
 
@@ -91,6 +100,13 @@ def generate_deltas(
     ``seeds[k]`` and has its own perturbation; the K problems only share the
     forward passes (one batch of K x b images), so the owner's secret and J
     alternative secrets come from the same procedure.
+
+    With ``transform`` (``(images, generator) -> images``, e.g.
+    :func:`~dist_awenc.watermark.transforms.make_transform`), the marked images
+    ``(x + delta).clamp(0, 1)`` of secret k pass ``transform(., g_k)`` before
+    the encoder (clean images and keys do not), ``g_k`` a CPU generator of its
+    own seeded by ``derive_seed(seeds[k], "robust")``: secret k's transform
+    draws, like its batches, depend on ``seeds[k]`` only.
 
     Args:
         encoder: frozen f0 (pixel space in, features out).
@@ -113,13 +129,20 @@ def generate_deltas(
     deltas = torch.zeros_like(keys, requires_grad=True)
     adam = torch.optim.Adam([deltas], lr=step_size) if optimizer == "adam" else None
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    t_gens = [torch.Generator().manual_seed(derive_seed(int(s), "robust")) for s in seeds]
     history: list[list[float]] = [[] for _ in range(k)]
     for _ in tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True):
         idx = torch.stack([torch.randint(len(images), (b,), generator=g) for g in gens])  # (K, b)
         x = images[idx.to(images.device)]  # (K, b, 3, S, S)
         with torch.no_grad():
             f_clean = encoder(x.flatten(0, 1)).unflatten(0, (k, b))
-        f_marked = encoder((x + deltas[:, None]).clamp(0, 1).flatten(0, 1)).unflatten(0, (k, b))
+        marked = (x + deltas[:, None]).clamp(0, 1)
+        if isinstance(transform, RandomTransform):  # the same, in one pass over the K secrets' images
+            draws = cat_draws([transform.draw(b, g) for g in t_gens])
+            marked = transform.apply(marked.flatten(0, 1), draws).unflatten(0, (k, b))
+        elif transform is not None:
+            marked = torch.stack([transform(marked[i], t_gens[i]) for i in range(k)])
+        f_marked = encoder(marked.flatten(0, 1)).unflatten(0, (k, b))
         losses = torch.stack([generation_loss(f_marked[i], f_clean[i], f_key[i], alpha) for i in range(k)])
         (grad,) = torch.autograd.grad(losses.sum(), deltas)
         with torch.no_grad():
@@ -150,8 +173,11 @@ def alternative_seeds(owner_seed: int, count: int) -> list[int]:
 
 
 def generate_alternatives(encoder: Encoder, pool: torch.Tensor, g: GenerationSection, owner_seed: int, count: int,
-                          work_dir: Path, chunk: int = 16) -> AlternativeSecrets:
+                          work_dir: Path, chunk: int = 16, *, transform: Optional[Transform]) -> AlternativeSecrets:
     """J alternative secrets by exactly the owner's procedure (key draw + stage 1) with other seeds.
+
+    ``transform`` is required (None: none) and must be the owner's: alternatives made with
+    another transform setting would not be exchangeable with the owner's secret.
 
     Generated ``chunk`` at a time; each finished chunk is saved under
     ``work_dir``, so an interrupted run resumes where it stopped.
@@ -169,7 +195,7 @@ def generate_alternatives(encoder: Encoder, pool: torch.Tensor, g: GenerationSec
             keys = torch.stack([choose_key(g.key, pool, s)[0] for s in part])
             deltas, _ = generate_deltas(encoder, pool, keys, part, eps=g.eps, alpha=g.alpha, steps=g.steps,
                                         step_size=g.step_size, batch_size=g.batch_size, optimizer=g.optimizer,
-                                        desc=f"alternatives {start + len(part)}/{count}")
+                                        desc=f"alternatives {start + len(part)}/{count}", transform=transform)
             save_tensors(path, {"keys": keys, "deltas": deltas})
         keys_all.append(keys)
         deltas_all.append(deltas)
@@ -219,6 +245,8 @@ def watermark(cfg: WatermarkConfig) -> Path:
     check_generation(g.eps, g.steps, g.step_size, g.batch_size, g.optimizer)
     if g.key not in ("image", "noise"):
         raise ConfigError(f"generation.key must be image or noise, not '{g.key}'")
+    robust = TransformParams.of(cfg.robust)
+    transform = make_transform(robust)  # one transform for the owner's secret and its alternatives alike
     encoder, card = load_encoder(cfg.encoder)
     if card["input_size"] != cfg.data.image_size:
         raise ArtifactError(f"encoder was trained at {card['input_size']} px but data.image_size={cfg.data.image_size}")
@@ -229,22 +257,27 @@ def watermark(cfg: WatermarkConfig) -> Path:
     with open_run(cfg, "watermark") as run_dir:
         key, key_source = choose_key(g.key, pool, cfg.run.seed)
         delta, history = generate_delta(encoder, pool, key, eps=g.eps, alpha=g.alpha, steps=g.steps, step_size=g.step_size,
-                                        batch_size=g.batch_size, optimizer=g.optimizer, seed=cfg.run.seed)
+                                        batch_size=g.batch_size, optimizer=g.optimizer, seed=cfg.run.seed,
+                                        transform=transform)
         alt_sha = None
         if pl.alternatives:
-            alt = generate_alternatives(encoder, pool, g, cfg.run.seed, pl.alternatives, run_dir / "alternatives.parts")
+            alt = generate_alternatives(encoder, pool, g, cfg.run.seed, pl.alternatives, run_dir / "alternatives.parts",
+                                        transform=transform)
             alt_sha = save_alternatives(alt, run_dir / "alternatives.safetensors")
         plan = make_plan(dataset=cfg.data.name, dataset_size=len(dataset), image_size=cfg.data.image_size,
                          split_seed=cfg.data.split_seed, holdout_indices=splits["holdout"], n=n, alpha=pl.alpha,
                          alternatives=pl.alternatives, alternatives_sha256=alt_sha, primary_mode=pl.primary_mode)
-        secret = Secret(key=key, delta=delta, eps=g.eps, control_seed=control_seed_of(cfg.run.seed),
-                        meta={"encoder_sha256": card.get("sha256"), "alpha": g.alpha, "key_source": key_source,
-                              "dataset": cfg.data.name, "seed": cfg.run.seed}, plan=plan)
+        meta = {"encoder_sha256": card.get("sha256"), "alpha": g.alpha, "key_source": key_source,
+                "dataset": cfg.data.name, "seed": cfg.run.seed}
+        if robust.enabled:  # only when on: a secret made without transforms keeps its bytes and hash
+            meta["robust"] = robust.record()  # the owner's secret and its alternatives alike
+        secret = Secret(key=key, delta=delta, eps=g.eps, control_seed=control_seed_of(cfg.run.seed), meta=meta, plan=plan)
         save_secret(secret, run_dir / "secret")
         stats = mark_statistics(encoder, holdout, secret)
         atomic_write_text(run_dir / "generation.json", json.dumps(
             {"secret_sha256": secret.sha256, "loss_first": history[0], "loss_last": history[-1], "holdout": stats,
-             "alternatives": pl.alternatives, "alternatives_sha256": alt_sha}, indent=2))
+             "alternatives": pl.alternatives, "alternatives_sha256": alt_sha,
+             **({"robust": robust.record()} if robust.enabled else {})}, indent=2))
         info(f"secret {secret.sha256[:12]}  holdout cos(marked, key) {stats['cos_marked_key']:.3f} "
              f"vs control {stats['cos_control_key']:.3f}  -> {run_dir / 'secret.safetensors'}"
              + (f" (+ {pl.alternatives} alternative secrets)" if pl.alternatives else ""))
