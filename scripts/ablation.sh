@@ -31,7 +31,10 @@ for v in "${variants[@]}"; do
   if [ "$v" = plain ]; then
     # a copy of the demo's secret: calibrate binds a calibration to the secret it calibrated (secret.json)
     wm=$out/plain/watermark; emb=runs/demo/embed
-    [ -d "$wm" ] || { mkdir -p $out/plain && cp -r runs/demo/watermark "$wm"; }
+    if [ ! -d "$wm" ]; then  # (without the demo's bound calibration: this copy is bound to the ablation's)
+      mkdir -p $out/plain && cp -r runs/demo/watermark "$wm"
+      .venv/bin/python -c "import json,sys; p=sys.argv[1]; r=json.load(open(p)); r.pop('calibration',None); json.dump(r,open(p,'w'),indent=2)" "$wm/secret.json"
+    fi
   else
     wm=$out/$v/watermark; emb=$out/$v/embed
     embed_flags=()
