@@ -140,7 +140,7 @@ def project_secs(ctx: Context, pre: str, stage: str, batch: int, mode: str, prot
 def generation_secs(ctx: Context, pre: str, batch: int, mode: str, gen, proto: dict, tmp: Path) -> list[float]:
     """Seconds per block of stage 1 (``generate_delta``: f0(x) without gradient, f0(x + delta) forward and backward to delta)."""
     from dist_awenc.ssl.pretrain import encoder_from_config
-    from dist_awenc.watermark.generate import generate_delta
+    from dist_awenc.watermark.perturbation import generate_delta
 
     cfg = _config(pre, batch, mode, tmp)
     s = cfg.data.image_size

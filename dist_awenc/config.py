@@ -152,6 +152,16 @@ class RobustSection:
 
 
 @dataclass
+class RehearsalSection:
+    """Derivative robustness (METHOD.md, "Robust embedding"): stage 1 also fits surrogate derivatives of f0 and keeps
+    reference encoders unmoved (dist_awenc/watermark/rehearsal.py). Both empty (the default): off."""
+
+    surrogates: list[str] = field(default_factory=list)  # attack:strength applied to f0 on the owner's data
+    references: int = 0  # independent encoders pre-trained like f0 (seeds 7000 + r)
+    reference_weight: float = 1.0
+
+
+@dataclass
 class PlanSection:
     """The verification plan fixed with the secret and carried in its header (METHOD.md, stage 3)."""
 
@@ -171,6 +181,7 @@ class WatermarkConfig:
     generation: GenerationSection = field(default_factory=GenerationSection)
     plan: PlanSection = field(default_factory=PlanSection)
     robust: RobustSection = field(default_factory=RobustSection)
+    rehearsal: RehearsalSection = field(default_factory=RehearsalSection)
 
 
 @dataclass

@@ -44,9 +44,9 @@ COSMETIC = frozenset({
     "run.out_dir",  # where the folder is: implied by the folder being compared
     "run.name",
 })
-# Sections added after run folders were written, whose defaults compute what those runs computed (robust: off): a
-# folder whose config predates the section is the same run as a config holding the section at its defaults.
-ADDED_AT_DEFAULTS = frozenset({"robust"})
+# Sections added after run folders were written, whose defaults compute what those runs computed (robust and
+# rehearsal: off): a folder whose config predates the section is the same run as a config holding it at defaults.
+ADDED_AT_DEFAULTS = frozenset({"robust", "rehearsal"})
 # files of a run folder that are no outputs: its config, its status, `awenc submit`'s job folder
 _BOOKKEEPING = ("config.yaml", "status.json", "slurm")
 _ABSENT = "<absent>"

@@ -3,7 +3,7 @@
 ``prune_finetune`` prunes and then fine-tunes with the pruning masks kept;
 ``adversarial_finetune`` makes the stolen encoder invariant to universal
 perturbations the pirate computes on it itself, with stage 1's own procedure
-(:func:`~dist_awenc.watermark.generate.generate_deltas`). The other adaptive
+(:func:`~dist_awenc.watermark.perturbation.generate_deltas`). The other adaptive
 attacks live beside their plain versions: ``distill_strong_aug`` and
 ``distill_arch`` in :mod:`~dist_awenc.attacks.distill`, ``query_purify`` in
 :mod:`~dist_awenc.attacks.query`.
@@ -24,7 +24,7 @@ from dist_awenc.data.splits import derive_seed
 from dist_awenc.data.views import make_views
 from dist_awenc.encoders.io import Encoder
 from dist_awenc.errors import ConfigError
-from dist_awenc.watermark.generate import choose_key, generate_deltas
+from dist_awenc.watermark.perturbation import choose_key, generate_deltas
 
 
 @register_attack("prune_finetune", strengths=[0.5, 0.7, 0.9])

@@ -1,7 +1,7 @@
 """Overwriting: the pirate embeds its own watermark, with its own key, into the suspect.
 
 The pirate runs the owner's two stages with its own secret: stage 1
-(:func:`~dist_awenc.watermark.generate.generate_delta`) on the suspect with a
+(:func:`~dist_awenc.watermark.perturbation.generate_delta`) on the suspect with a
 key image picked from its unlabeled data, then stage 2 (the
 :class:`~dist_awenc.watermark.embed.EmbedTask` loss, fresh SimCLR heads,
 ``f0`` = the suspect) for ``strength`` epochs in a plain in-process loop.
@@ -17,7 +17,7 @@ from dist_awenc.encoders.io import Encoder
 from dist_awenc.errors import ConfigError
 from dist_awenc.ssl.methods import build_method
 from dist_awenc.watermark.embed import EmbedTask
-from dist_awenc.watermark.generate import choose_key, generate_delta, mark_statistics
+from dist_awenc.watermark.perturbation import choose_key, generate_delta, mark_statistics
 from dist_awenc.watermark.secret import Secret
 
 PIRATE_SEED_OFFSET = 12345
