@@ -78,7 +78,7 @@ def markdown(report: dict[str, Any]) -> str:
              "| variant | probe (change) | kNN (change) | TPR white-box | TPR score | TPR label | held-out FP (wb/score/label) "
              "| cost (s, x pre-training) |", "|---|---|---|---|---|---|---|---|"]
     for v in report["variants"]:
-        fp = "/".join(f"{v['calibration'][m]['heldout_positive']}/{v['calibration'][m]['heldout_families']}" for m in MODES)
+        fp = ", ".join(f"{v['calibration'][m]['heldout_positive']}/{v['calibration'][m]['heldout_families']}" for m in MODES)
         frac = v["cost_fraction_of_pretraining"]
         cost = f"{v['seconds']:.0f} ({frac:.2f}x)" if frac is not None else f"{v['seconds']:.0f}"
         tprs = " | ".join(f"{v['tpr'][m]:.2f} ({v['detected'][m]})" for m in MODES)

@@ -66,7 +66,7 @@ def test_ablation_table_compares_variants_against_the_clean_encoder(tmp_path):
     assert rows["both"]["calibration"]["whitebox"]["heldout_positive"] == 1
     assert rows["plain"]["probe_change"] == pytest.approx(0.97 - report["clean"]["linear_probe"])
     md = (tmp_path / "ablation" / "ablation.md").read_text()
-    assert "| plain |" in md and "plain, whitebox: distill@30" in md and "(0.50x)" in md
+    assert "| plain |" in md and "plain, whitebox: distill@30" in md and "(0.50x)" in md and "| 0/15, 0/15, 0/15 |" in md
     assert (tmp_path / "ablation" / "ablation.png").stat().st_size > 0
 
 
