@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     wb = data_sub.add_parser("write-beton", help=beton_help, description=beton_help)
     wb.add_argument("--config", help="YAML file with data: and beton: sections; defaults apply where it is silent")
     wb.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. beton.split=pretrain beton.mode=jpg")
+    import_help = ("write a card + safetensors copy for third-party weights (a torchvision/timm ResNet state dict), "
+                   "once: later commands take the copy with no suspect_card fields")
+    imp = sub.add_parser("import", help=import_help, description=import_help)
+    imp.add_argument("weights", help=".safetensors, or a .pt/.pth state dict (read with weights_only=True only)")
+    imp.add_argument("--arch", required=True, help="resnet18, resnet34 or resnet50 (torchvision / timm key names)")
+    imp.add_argument("--stem", choices=["cifar", "imagenet"], help="default: from conv1's kernel (3x3 cifar, 7x7 imagenet)")
+    imp.add_argument("--input-size", type=int, required=True, help="pixels (square) the model takes")
+    imp.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="default: ImageNet's")
+    imp.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="default: ImageNet's")
+    imp.add_argument("--out", help="folder for encoder.safetensors + encoder.json (default: runs/imported/<weights name>)")
     show = sub.add_parser("config", help="print a stage's resolved config (the config reference)")
     show.add_argument("target", choices=sorted(STAGES))
     show.add_argument("--config")
@@ -130,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             except _load_data_errors() as e:
                 raise AwencError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
             return 0
+        if args.stage == "import":
+            from dist_awenc.encoders.thirdparty import import_weights
+
+            import_weights(args.weights, arch=args.arch, stem=args.stem, input_size=args.input_size, mean=args.mean,
+                           std=args.std, out=args.out)
+            return 0
         if args.stage == "submit":
             from dist_awenc.launch.cluster import SlurmSection
             from dist_awenc.launch.submit import submit_stage, wait_stage
@@ -169,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage in ("sweep", "submit"):
             print(f"awenc {args.stage}: stopped waiting; submitted jobs go on (awenc sweep status shows them)", file=sys.stderr)
             return 130
-        if args.stage in ("serve", "config", "data"):
+        if args.stage in ("serve", "config", "data", "import"):
             return 130
         print(f"awenc {args.stage}: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -1,23 +1,16 @@
-"""Typed config sections, YAML loading and dotted overrides (OmegaConf).
+"""Typed config sections: each stage has one root dataclass whose fields are the YAML sections.
 
-Each stage has one root dataclass whose fields are the YAML sections; a YAML
-file or a ``key.sub=value`` override naming a key the schema does not have,
-or a value of the wrong type, is a :class:`ConfigError` that names the key
-and lists the valid ones.
+Loading (YAML file, dotted overrides, one-line errors naming the key and the
+valid ones) is in :mod:`dist_awenc.config_loading`; ``load_config``,
+``to_yaml`` and ``to_dict`` are re-exported here.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Optional
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
-
+from dist_awenc.config_loading import load_config, to_dict, to_yaml  # noqa: F401  (re-exported)
 from dist_awenc.data.views import ViewConfig, mild_view_config
-from dist_awenc.errors import ConfigError
 from dist_awenc.watermark.transforms import check_robust
 
 # ----------------------------------------------------------------- sections
@@ -114,9 +107,22 @@ class PretrainConfig:
 
 
 @dataclass
+class SuspectCardSection:
+    """A bare weights file's architecture and input conventions, where no card is beside it (a torchvision or timm
+    ResNet state dict: README, "Verifying a model you found"). Where a card exists, a field set here must agree."""
+
+    arch: Optional[str] = None  # resnet18 | resnet34 | resnet50 (torchvision / timm key names)
+    stem: Optional[str] = None  # cifar (3x3, no max-pool) | imagenet (7x7 + max-pool); None: from conv1's kernel
+    input_size: Optional[int] = None  # pixels (square)
+    mean: Optional[list[float]] = None  # None: ImageNet's [0.485, 0.456, 0.406]
+    std: Optional[list[float]] = None  # None: ImageNet's [0.229, 0.224, 0.225]
+
+
+@dataclass
 class DownstreamConfig:
     run: RunSection = field(default_factory=lambda: RunSection(name="downstream"))
     encoder: str = ""  # encoder file or run folder
+    suspect_card: SuspectCardSection = field(default_factory=SuspectCardSection)  # when it is a bare weights file
     data: DataSection = field(default_factory=DataSection)
     probe: ProbeSection = field(default_factory=ProbeSection)
 
@@ -231,6 +237,7 @@ class VerifySection:
 class VerifyConfig:
     run: RunSection = field(default_factory=lambda: RunSection(name="verify"))
     suspect: str = ""  # encoder (white-box) or downstream model (black-box): file or run folder
+    suspect_card: SuspectCardSection = field(default_factory=SuspectCardSection)  # white-box: a bare weights file
     secret: str = ""
     data: DataSection = field(default_factory=DataSection)
     verify: VerifySection = field(default_factory=VerifySection)
@@ -315,80 +322,3 @@ class AblationConfig:
     data: DataSection = field(default_factory=DataSection)
     probe: ProbeSection = field(default_factory=ProbeSection)
     variants: dict[str, VariantSection] = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------- loading
-
-C = TypeVar("C")
-
-
-def _valid_keys(schema: type, dotted: str) -> list[str]:
-    """Field names of the section that ``dotted`` (a.b.c) points into."""
-    node: Any = schema
-    for part in dotted.split(".")[:-1]:
-        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
-        if part not in fields:
-            break
-        f = fields[part]
-        node = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.type
-        node = type(node) if dataclasses.is_dataclass(node) and not isinstance(node, type) else node
-    return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
-
-
-def load_config(schema: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Schema defaults <- YAML file <- dotted overrides, validated into ``schema``.
-
-    Raises:
-        ConfigError: one line naming the file, the key and what was expected.
-    """
-    where = str(path) if path else "overrides"
-    try:
-        merged = OmegaConf.structured(schema)
-        if path is not None:
-            merged = OmegaConf.merge(merged, _load_yaml(schema, Path(path)))
-        bad = [o for o in overrides or [] if "=" not in o]
-        if bad:
-            raise ConfigError(f"override '{bad[0]}' is not of the form key.sub=value")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except ConfigError:
-        raise
-    except ConfigKeyError as e:
-        key = e.full_key or str(e.key)
-        valid = ", ".join(_valid_keys(schema, key))
-        raise ConfigError(f"{where}: unknown config key '{key}'; valid keys there: {valid}") from None
-    except ValidationError as e:
-        msg = str(e.msg).splitlines()[0]
-        raise ConfigError(f"{where}: bad value for '{e.full_key}': {msg}") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
-    except (ValueError, TypeError) as e:  # __post_init__ checks of a section
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _load_yaml(schema: type, p: Path) -> Any:
-    """The YAML file as an OmegaConf mapping whose sections are mappings."""
-    if not p.is_file():
-        raise ConfigError(f"config file '{p}' does not exist")
-    try:
-        loaded = OmegaConf.load(p)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"{p}: expected a mapping of sections at the top level")
-    sections = {f.name: f for f in dataclasses.fields(schema)}
-    for key in loaded:
-        f = sections.get(str(key))
-        if f is not None and f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
-            if not isinstance(loaded[key], DictConfig):
-                valid = ", ".join(sorted(x.name for x in dataclasses.fields(f.default_factory())))
-                raise ConfigError(f"{p}: section '{key}' must be a mapping of keys ({valid}), got {loaded[key]!r}")
-    return loaded
-
-
-def to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def to_dict(cfg: Any) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

@@ -45,8 +45,9 @@ COSMETIC = frozenset({
     "run.name",
 })
 # Sections added after run folders were written, whose defaults compute what those runs computed (robust and
-# rehearsal: off): a folder whose config predates the section is the same run as a config holding it at defaults.
-ADDED_AT_DEFAULTS = frozenset({"robust", "rehearsal"})
+# rehearsal: off; suspect_card: unset, the suspect's card decides): a folder whose config predates the section is
+# the same run as a config holding it at defaults.
+ADDED_AT_DEFAULTS = frozenset({"robust", "rehearsal", "suspect_card"})
 # files of a run folder that are no outputs: its config, its status, `awenc submit`'s job folder
 _BOOKKEEPING = ("config.yaml", "status.json", "slurm")
 _ABSENT = "<absent>"

@@ -14,7 +14,8 @@ import torch
 from dist_awenc.attacks.query import with_recorded_transform
 from dist_awenc.config import DownstreamConfig, ProbeSection
 from dist_awenc.data import build_dataset, make_splits, train_test_split_indices
-from dist_awenc.encoders.io import Encoder, build_encoder, load_encoder, read_state
+from dist_awenc.encoders.io import Encoder, build_encoder, read_state
+from dist_awenc.encoders.thirdparty import load_suspect
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError
 from dist_awenc.evaluate.probe import DownstreamModel, accuracy, extract_features, knn_accuracy, train_linear_head
@@ -91,7 +92,7 @@ def load_downstream(path: str | Path) -> tuple[DownstreamModel, dict]:
 
 def downstream(cfg: DownstreamConfig) -> dict:
     """Evaluate an encoder on the pirate's downstream split; save the downstream model."""
-    encoder, card = load_encoder(cfg.encoder)
+    encoder, card = load_suspect(cfg.encoder, cfg.suspect_card)  # a card, or a bare weights file with suspect_card.*
     if card.get("query_transform"):  # the pirate's deployment: its serving path transforms every query
         encoder = with_recorded_transform(encoder, card)
         info(f"the downstream model applies the encoder's recorded query transform {card['query_transform']}")

@@ -18,7 +18,8 @@ import torch
 
 from dist_awenc.config import VerifyConfig, VerifySection
 from dist_awenc.data import build_dataset, make_splits
-from dist_awenc.encoders.io import atomic_write_text, load_encoder
+from dist_awenc.encoders.io import atomic_write_text
+from dist_awenc.encoders.thirdparty import declared, load_suspect
 from dist_awenc.engine.log import info, warn
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.evaluate.downstream import load_downstream
@@ -137,6 +138,9 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
     mode, v = cfg.verify.mode, cfg.verify
     if mode not in MODES:
         raise ConfigError(f"unknown verify.mode '{mode}'; valid: {', '.join(MODES)}")
+    if mode != "whitebox" and declared(cfg.suspect_card):
+        raise ConfigError("suspect_card.* describes an encoder's weights file, which is verified white-box "
+                          "(--mode whitebox); black-box modes query a downstream model or an endpoint")
     secret = load_secret(cfg.secret)
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=secret.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
     splits = make_splits(len(dataset), cfg.data.split_seed)
@@ -157,7 +161,7 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
         if mode == "blackbox_score" and remote.info.get("labels_only"):
             raise ConfigError(f"{remote.url} serves labels only; use --mode blackbox_label")
     elif mode == "whitebox":
-        model, card = load_encoder(cfg.suspect)
+        model, card = load_suspect(cfg.suspect, cfg.suspect_card)
     else:
         model, full = load_downstream(cfg.suspect)
         card = full["encoder"]
