@@ -3,8 +3,7 @@
 This is the one place that says where a stage's code is. Config classes live
 in :mod:`dist_awenc.config`, except those whose fields come from a registry
 the config module must not import (``attack``'s options, ``robustness``'s
-grid), which sit beside their stage function; ``attack`` runs through
-:mod:`dist_awenc.suspects`, which adds the ``suspect_card`` section. The CLI,
+grid), which sit beside their stage function. The CLI,
 ``awenc config``, ``awenc submit`` and the tests find a stage only through
 :data:`STAGES`, so adding a stage is one row. Tools without a config
 (``awenc serve``, ``awenc data``, ``awenc import``) are wired in the CLI.
@@ -39,7 +38,7 @@ STAGES: dict[str, Stage] = {
     "verify": Stage("verify a suspect: white-box (encoder) or black-box (downstream model)",
                     "dist_awenc.verify.run:verify", "dist_awenc.config:VerifyConfig"),
     "attack": Stage("apply one removal attack at one strength; report the pirate's downstream accuracy",
-                    "dist_awenc.suspects:attack", "dist_awenc.suspects:AttackSuspectConfig"),
+                    "dist_awenc.attacks.stage:attack", "dist_awenc.attacks.stage:AttackConfig"),
     "robustness": Stage("attack x strength x verification mode grid on one machine: robustness.csv and plots",
                         "dist_awenc.robustness:robustness", "dist_awenc.robustness:RobustnessConfig"),
     "ablation": Stage("compare watermark variants' robustness runs: utility, TPR per mode, held-out FP, cost",

@@ -1,7 +1,8 @@
 """Stage: one removal attack at one strength (``awenc attack``).
 
 Writes the attacked encoder (safetensors + a card naming its parent and the
-attack; a query-side attack records its transform, which loading re-applies)
+attack; a query-side attack records its transform, which the pirate's
+downstream model applies to its queries and loading never does)
 and the pirate's downstream accuracy on it, beside the unattacked one's.
 """
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 import torch
 
 from dist_awenc.attacks.base import AttackData, AttackOptions, apply_attack
-from dist_awenc.config import DataSection, ProbeSection, RunSection, to_dict
+from dist_awenc.config import DataSection, ProbeSection, RunSection, SuspectCardSection, to_dict
 from dist_awenc.data import build_dataset, make_splits, train_test_split_indices
-from dist_awenc.encoders.io import Encoder, atomic_write_text, card_for, load_encoder, save_encoder
+from dist_awenc.encoders.io import Encoder, atomic_write_text, card_for, save_encoder
+from dist_awenc.encoders.thirdparty import load_suspect
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError
 from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
@@ -36,6 +38,7 @@ class AttackConfig:
     attack: AttackSpec = field(default_factory=AttackSpec)
     options: AttackOptions = field(default_factory=AttackOptions)
     probe: ProbeSection = field(default_factory=ProbeSection)
+    suspect_card: SuspectCardSection = field(default_factory=SuspectCardSection)  # when `encoder` is a bare weights file
 
 
 @dataclass
@@ -69,7 +72,7 @@ def attacked_card(parent_card: dict, info_: dict[str, Any], attacked: Encoder, e
 
 def attack(cfg: AttackConfig) -> dict:
     """Attack the suspect once; returns the downstream accuracies and the attack's info."""
-    suspect, card = load_encoder(cfg.encoder)
+    suspect, card = load_suspect(cfg.encoder, cfg.suspect_card)
     if card["input_size"] != cfg.data.image_size:
         raise ArtifactError(f"encoder takes {card['input_size']} px but data.image_size={cfg.data.image_size}")
     pirate = PirateData.load(cfg.data, card["input_size"])

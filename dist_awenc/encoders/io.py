@@ -8,13 +8,10 @@ state_dict only with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
-import copy
 import json
-from contextlib import contextmanager
-from contextvars import ContextVar
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -28,8 +25,6 @@ from dist_awenc.files import (_durable_replace, _tmp_name, atomic_write_text,  #
                               read_json, save_tensors, sha256_file)
 
 CARD_FORMAT = "dist_awenc.encoder/1"
-# Suspects a stage wrapper already loaded, by resolved path (see :func:`preloaded`).
-_PRELOADED: ContextVar[dict] = ContextVar("dist_awenc_preloaded", default={})
 
 
 class Encoder(nn.Module):
@@ -131,20 +126,6 @@ def load_card(path: Path) -> dict[str, Any]:
     return card
 
 
-@contextmanager
-def preloaded(path: str | Path, encoder: Encoder, card: dict[str, Any]) -> Iterator[None]:
-    """While active, ``load_encoder(path)`` (without a card) returns a copy of ``encoder`` and ``card``.
-
-    For a stage that reads its suspect by path when the suspect is a bare third-party weights file
-    loaded with ``suspect_card.*`` (:func:`dist_awenc.encoders.thirdparty.load_suspect`): ``awenc attack``.
-    """
-    token = _PRELOADED.set({**_PRELOADED.get(), resolve_encoder_path(path).resolve(): (encoder, dict(card))})
-    try:
-        yield
-    finally:
-        _PRELOADED.reset(token)
-
-
 def load_encoder(path: str | Path, card: dict[str, Any] | None = None, *, verify_hash: bool = True) -> tuple[Encoder, dict]:
     """Rebuild an encoder from its weights file (or run folder) and card.
 
@@ -158,9 +139,6 @@ def load_encoder(path: str | Path, card: dict[str, Any] | None = None, *, verify
             hash mismatch, or weights that do not fit the card's architecture.
     """
     p = resolve_encoder_path(path)
-    hit = _PRELOADED.get().get(p.resolve()) if card is None else None
-    if hit is not None:
-        return copy.deepcopy(hit[0]), dict(hit[1])
     card = dict(card) if card is not None else load_card(p)
     state = read_state(p)
     if verify_hash and card.get("sha256") and p.suffix == ".safetensors":
