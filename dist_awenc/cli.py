@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         if stage == "verify":
             p.add_argument("--mode", choices=["whitebox", "blackbox_score", "blackbox_label"], help="shortcut for verify.mode")
             p.add_argument("--endpoint", metavar="URL", help="shortcut for verify.endpoint: query a live prediction API (awenc serve)")
+            p.add_argument("--replay", metavar="BUNDLE_DIR", help="recompute a black-box verdict from its run folder's "
+                           "evidence bundle (query log + secret; no suspect, no network)")
+            p.add_argument("--published-sha256", metavar="HASH_OR_CARD", help="with --replay: the secret's published "
+                           "SHA-256, or the released encoder's card recording it")
     srv = sub.add_parser("serve", help="serve a downstream model as an HTTP prediction API (the pirate's deployment)")
     srv.add_argument("model", help="downstream model.safetensors or its run folder")
     srv.add_argument("--host", default="127.0.0.1")
@@ -166,6 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "config":
             print(to_yaml(load_config(schema(args.target), args.config, args.overrides)), end="")
             return 0
+        if getattr(args, "replay", None):
+            from dist_awenc.verify.replay import replay
+
+            try:
+                replay(args.replay, args.overrides, args.published_sha256)
+            except (AwencError, *_load_data_errors()) as e:
+                raise AwencError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+            return 0
+        if getattr(args, "published_sha256", None):
+            raise AwencError("--published-sha256 goes with --replay")
         overrides = list(args.overrides)
         if getattr(args, "mode", None):
             overrides.append(f"verify.mode={args.mode}")

@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 import torch
 
+from dist_awenc.verify.evidence import QueryLog, image_sha256
 from dist_awenc.verify.transport import (ANSWER_ALLOWANCE, BYTES_PER_NUMBER, DEFAULT_DEADLINE, MAX_CLASSES,
                                          EndpointError, _Deadline, _probe, _Transport, base_url, probe)
 
@@ -60,7 +61,7 @@ class RemoteModel:
     """
 
     def __init__(self, url: str, *, query_budget: int, timeout: float = 10.0, retries: int = 3, backoff: float = 0.2,
-                 batch_size: int = 64, deadline: float = DEFAULT_DEADLINE) -> None:
+                 batch_size: int = 64, deadline: float = DEFAULT_DEADLINE, log: Optional[QueryLog] = None) -> None:
         if isinstance(query_budget, bool) or not isinstance(query_budget, int) or query_budget < 0:
             raise EndpointError(f"query_budget must be a non-negative integer, got {query_budget!r}")
         if batch_size < 1 or retries < 0 or timeout <= 0 or backoff < 0 or not deadline > 0:
@@ -76,6 +77,12 @@ class RemoteModel:
         self.deadline = _Deadline(deadline)
         self._transport = _Transport(self.url, timeout, retries, backoff, self.deadline)
         self._info: Optional[dict[str, Any]] = None
+        self.log = log  # the evidence bundle's query log: every answer is logged, no logged image is asked again
+        self.offline = False  # replay: answer only from the log, by query index
+        self.check_images = True  # offline: whether the queries are the real images (their hashes are checked)
+        self.position = 0  # index of the next query in this verification
+        self.from_log = 0
+        self._parsed: dict[tuple[int, bool], torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"RemoteModel({self.url!r}, queries={self.queries}/{self.query_budget})"
@@ -98,8 +105,18 @@ class RemoteModel:
 
     def summary(self) -> dict[str, Any]:
         """What to record beside a verdict."""
-        return {"endpoint": self.url, "query_budget": self.query_budget, "queries": self.queries,
-                "answered": self.answered, "requests": self.requests}
+        out = {"endpoint": self.url, "query_budget": self.query_budget, "queries": self.queries,
+               "answered": self.answered, "requests": self.requests}
+        if self.log is not None:
+            out["answered_from_log"] = self.from_log
+        return out
+
+    @classmethod
+    def replaying(cls, url: str, info: dict[str, Any], log: QueryLog, *, check_images: bool) -> "RemoteModel":
+        """A model that answers only from ``log``, by query index, and never opens a connection."""
+        m = cls(url, query_budget=0, log=log)
+        m._info, m.offline, m.check_images = dict(info), True, check_images
+        return m
 
     # ------------------------------------------------------------------ public callables
 
@@ -157,16 +174,72 @@ class RemoteModel:
     def _predict(self, x: torch.Tensor, *, want_proba: bool) -> torch.Tensor:
         x = self._check_input(x)
         b = len(x)
-        if self.queries + b > self.query_budget:
-            raise self._budget_error(b)
-        if b == 0:
-            return torch.empty(0, self.info.get("num_classes", 0)) if want_proba else torch.empty(0, dtype=torch.long)
-        step = self._chunk_size(x)
-        return torch.cat([self._request(x[i : i + step], want_proba) for i in range(0, b, step)])
+        if self.log is None:
+            if self.queries + b > self.query_budget:
+                raise self._budget_error(b)
+            if b == 0:
+                return self._empty(want_proba)
+            step = self._chunk_size(x)
+            return torch.cat([self._request(x[i : i + step], want_proba) for i in range(0, b, step)])
+        return self._predict_logged(x, want_proba)
 
-    def _request(self, x: torch.Tensor, want_proba: bool) -> torch.Tensor:
+    def _empty(self, want_proba: bool) -> torch.Tensor:
+        return torch.empty(0, self.info.get("num_classes", 0)) if want_proba else torch.empty(0, dtype=torch.long)
+
+    @staticmethod
+    def _wire(x: torch.Tensor) -> list[bytes]:
+        """The exact bytes each image is sent as (float32, little-endian)."""
+        return [img.numpy().astype("<f4", copy=False).tobytes() for img in x]
+
+    def _predict_logged(self, x: torch.Tensor, want_proba: bool) -> torch.Tensor:
+        """Answers from the log where it has them; the other images are asked once each, and logged."""
+        log, first = self.log, self.position
+        hashes = [image_sha256(w) for w in self._wire(x)]
+        self.position += len(x)
+        send: dict[str, int] = {}  # image hash -> index of the query that asks it
+        for i, h in enumerate(hashes, first):
+            e = log.by_index.get(i)
+            if self.offline:
+                if e is None:
+                    raise EndpointError(f"{log.path}: query {i} is not in the log")
+                if self.check_images and e["image_sha256"] != h:
+                    raise EndpointError(f"{log.path}: query {i}'s logged image is not the query the secret and the "
+                                        "hold-out images give (image SHA-256 differs)")
+            elif e is not None and e["image_sha256"] != h:
+                raise EndpointError(f"{log.path}: query {i} logged another image than this verification asks; the "
+                                    "log belongs to another run: choose another run.name")
+            elif e is None and h not in log.by_image:
+                send.setdefault(h, i)
+        if len(send) > self.remaining:
+            raise self._budget_error(len(send))
+        todo = torch.stack([x[i - first] for i in send.values()]) if send else x[:0]
+        step = self._chunk_size(x) if send else 1
+        for lo in range(0, len(todo), step):
+            part = list(send.items())[lo : lo + step]
+            data = self._exchange(todo[lo : lo + step])
+            log.log_exchange([(i, h) for h, i in part], data)
+        rows = []
+        for i, h in enumerate(hashes, first):
+            e = log.by_index.get(i)
+            if e is None:
+                e = log.log_repeat(i, h) if log.by_image[h]["index"] != i else log.by_index[i]
+            if send.get(h) != i:
+                self.from_log += 1
+            rows.append(self._logged_answer(e, want_proba))
+        self.answered += len(send)
+        return torch.stack(rows) if rows else self._empty(want_proba)
+
+    def _logged_answer(self, e: dict, want_proba: bool) -> torch.Tensor:
+        key = (e["exchange"], want_proba)
+        if key not in self._parsed:
+            data, parts = self.log.responses[e["exchange"]]
+            self._parsed[key] = self._parse(data, parts, want_proba)
+        return self._parsed[key][e["part"]]
+
+    def _exchange(self, x: torch.Tensor) -> bytes:
+        """One ``/predict`` exchange for the images ``x``: the answer's raw bytes (within the budget and limits)."""
         n = len(x)
-        raw = x.numpy().astype("<f4", copy=False).tobytes()
+        raw = b"".join(self._wire(x))
         body = json.dumps({"images_b64": base64.b64encode(raw).decode("ascii"), "shape": list(x.shape)}).encode()
 
         def before_attempt(attempt: int, last: str) -> None:
@@ -180,9 +253,12 @@ class RemoteModel:
             self.queries += n
             self.requests += 1
 
-        data = self._transport.exchange(self.predict_url, body, max_bytes=self._answer_limit(n),
+        return self._transport.exchange(self.predict_url, body, max_bytes=self._answer_limit(n),
                                         before_attempt=before_attempt, after_attempt=after_attempt)
-        out = self._parse(data, n, want_proba)
+
+    def _request(self, x: torch.Tensor, want_proba: bool) -> torch.Tensor:
+        n = len(x)
+        out = self._parse(self._exchange(x), n, want_proba)
         self.answered += n
         return out
 

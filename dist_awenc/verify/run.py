@@ -25,6 +25,7 @@ from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.evaluate.downstream import load_downstream
 from dist_awenc.runs import open_run
 from dist_awenc.verify import plan as P
+from dist_awenc.verify.evidence import start_bundle, write_report
 from dist_awenc.verify.core import (DEFAULT_N, MODES, Verdict, images_for, overall_verdict, verify_blackbox_label,
                                     verify_blackbox_score, verify_permutation, verify_whitebox)
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_alternatives, load_secret
@@ -43,6 +44,13 @@ class Settings:
     calibration_sha256: Optional[str] = None
     exploratory: bool = False
     deviations: tuple = ()
+    calibration_path: Optional[str] = None  # the calibration file read (copied into a black-box evidence bundle)
+
+    def record(self) -> dict:
+        """What replaying a verification needs to rebuild these settings (the calibration file's path aside)."""
+        return {"n": self.n, "alpha": self.alpha, "tau": self.tau, "threshold_source": self.threshold_source,
+                "calibration_sha256": self.calibration_sha256, "exploratory": self.exploratory,
+                "deviations": list(self.deviations)}
 
     def stamp(self, v: Verdict) -> Verdict:
         """Record where the verdict's numbers came from."""
@@ -112,7 +120,7 @@ def resolve_settings(v: VerifySection, secret: Secret, mode: str, *, dataset: st
         cal = load_calibration(calibration)
         check_conditions(cal, secret_sha256=secret.sha256, alpha=s.alpha, n={mode: s.n}, dataset=dataset,
                          split_seed=split_seed, holdout_indices=holdout_indices, dataset_size=dataset_size)
-        s.tau, s.calibration_sha256 = cal.thresholds[mode], cal.sha256
+        s.tau, s.calibration_sha256, s.calibration_path = cal.thresholds[mode], cal.sha256, str(cal.path)
         s.threshold_source = f"calibration {cal.sha256[:12]}... ({cal.summary(mode)})"
     devs = P.deviations(plan, mode=mode, n=v.n, alpha=v.alpha, dataset=dataset, dataset_size=dataset_size,
                         split_seed=split_seed, holdout_indices=holdout_indices,
@@ -173,6 +181,11 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
     holdout, _ = dataset.get_batch(splits["holdout"][: images_for(mode, s.n)])
     with open_run(cfg, "verify") as run_dir:
         if remote is not None:
+            remote.log = start_bundle(run_dir, mode=mode, endpoint=remote.url, endpoint_info=remote.info,
+                                      secret_sha256=secret.sha256, plan=secret.plan, settings=s.record(),
+                                      data={"dataset": cfg.data.name, "size": len(dataset),
+                                            "split_seed": cfg.data.split_seed},
+                                      calibration_path=s.calibration_path)
             verdicts = [verify_remote(remote, secret, holdout, s, mode)]
         else:
             verdicts = verify_model(model, secret, holdout, s, mode, alternatives)
@@ -186,9 +199,12 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
         overall = overall_verdict(verdicts, s.alpha)
         suspect = cfg.suspect or remote.url
         primary = verdicts[0].to_dict()
-        atomic_write_text(run_dir / "verdict.json", json.dumps(
-            {"suspect": suspect, **primary, "primary_mode": (secret.plan or {}).get("primary_mode"),
-             "tests": [x.to_dict() for x in verdicts], "overall": overall}, indent=2))
+        doc = {"suspect": suspect, **primary, "primary_mode": (secret.plan or {}).get("primary_mode"),
+               "tests": [x.to_dict() for x in verdicts], "overall": overall}
+        if remote is not None:
+            doc["evidence"] = remote.log.summary()
+            write_report(run_dir, doc)
+        atomic_write_text(run_dir / "verdict.json", json.dumps(doc, indent=2))
         for x in verdicts:
             info(x.line())
         if len(verdicts) > 1:
