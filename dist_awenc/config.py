@@ -231,6 +231,7 @@ class VerifySection:
     endpoint_timeout: float = 10.0
     endpoint_retries: int = 3
     endpoint_batch_size: int = 64
+    adapter: str = ""  # the API's wire format: a YAML file of configs/adapters/ ("": awenc serve's, = serve.yaml)
 
 
 @dataclass

@@ -24,7 +24,6 @@ Only the standard library (``urllib.request``) is used.
 """
 from __future__ import annotations
 
-import base64
 import json
 import math
 import time
@@ -32,6 +31,7 @@ from typing import Any, Optional
 
 import torch
 
+from dist_awenc.verify.adapter import SERVE, Adapter
 from dist_awenc.verify.evidence import QueryLog, image_sha256
 from dist_awenc.verify.transport import (ANSWER_ALLOWANCE, BYTES_PER_NUMBER, DEFAULT_DEADLINE, MAX_CLASSES,
                                          EndpointError, _Deadline, _probe, _Transport, base_url, probe)
@@ -61,13 +61,17 @@ class RemoteModel:
     """
 
     def __init__(self, url: str, *, query_budget: int, timeout: float = 10.0, retries: int = 3, backoff: float = 0.2,
-                 batch_size: int = 64, deadline: float = DEFAULT_DEADLINE, log: Optional[QueryLog] = None) -> None:
+                 batch_size: int = 64, deadline: float = DEFAULT_DEADLINE, log: Optional[QueryLog] = None,
+                 adapter: Adapter = SERVE) -> None:
         if isinstance(query_budget, bool) or not isinstance(query_budget, int) or query_budget < 0:
             raise EndpointError(f"query_budget must be a non-negative integer, got {query_budget!r}")
         if batch_size < 1 or retries < 0 or timeout <= 0 or backoff < 0 or not deadline > 0:
             raise EndpointError("need batch_size >= 1, retries >= 0, timeout > 0, backoff >= 0 and deadline > 0")
         self.url = base_url(url)
-        self.predict_url = self.url + "/predict"
+        self.adapter = adapter
+        self.predict_url = self.url + adapter.predict_path
+        timeout = adapter.timeout if adapter.timeout is not None else timeout
+        deadline = adapter.deadline if adapter.deadline is not None else deadline
         self.query_budget = query_budget
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         self.batch_size = int(batch_size)
@@ -75,7 +79,9 @@ class RemoteModel:
         self.answered = 0
         self.requests = 0
         self.deadline = _Deadline(deadline)
-        self._transport = _Transport(self.url, timeout, retries, backoff, self.deadline)
+        self._transport = _Transport(self.url, timeout, retries, backoff, self.deadline,
+                                     headers=adapter.header_values if adapter.headers else None,
+                                     rate_limit=adapter.rate_limit)
         self._info: Optional[dict[str, Any]] = None
         self.log = log  # the evidence bundle's query log: every answer is logged, no logged image is asked again
         self.offline = False  # replay: answer only from the log, by query index
@@ -94,9 +100,11 @@ class RemoteModel:
     @property
     def info(self) -> dict[str, Any]:
         """The server's ``/health`` answer, fetched once (costs no queries); ``{}`` if it has none."""
+        if self._info is None and self.adapter.health_path is None:
+            self._info = dict(self.adapter.info)
         if self._info is None:
             try:
-                self._info = _probe(self._transport, self.url + "/health")
+                self._info = {**self.adapter.info, **_probe(self._transport, self.url + self.adapter.health_path)}
             except EndpointError as e:
                 if e.status != 404:
                     raise
@@ -112,9 +120,10 @@ class RemoteModel:
         return out
 
     @classmethod
-    def replaying(cls, url: str, info: dict[str, Any], log: QueryLog, *, check_images: bool) -> "RemoteModel":
+    def replaying(cls, url: str, info: dict[str, Any], log: QueryLog, *, check_images: bool,
+                  adapter: Adapter = SERVE) -> "RemoteModel":
         """A model that answers only from ``log``, by query index, and never opens a connection."""
-        m = cls(url, query_budget=0, log=log)
+        m = cls(url, query_budget=0, log=log, adapter=adapter)
         m._info, m.offline, m.check_images = dict(info), True, check_images
         return m
 
@@ -130,7 +139,7 @@ class RemoteModel:
         Raises:
             EndpointError: the endpoint serves labels only (or any other endpoint failure).
         """
-        if self.info.get("labels_only"):
+        if self.info.get("labels_only") or self.adapter.probabilities is None:
             raise EndpointError(f"{self.url} serves labels only; score mode needs probabilities "
                                 "(verify with --mode blackbox_label)")
         return self._predict(x, want_proba=True)
@@ -150,7 +159,7 @@ class RemoteModel:
         return x
 
     def _chunk_size(self, x: torch.Tensor) -> int:
-        chunk = self.batch_size
+        chunk = self.batch_size if self.adapter.batch else 1
         cap = self.info.get("max_images")
         if isinstance(cap, int) and cap > 0:
             chunk = min(chunk, cap)
@@ -186,10 +195,9 @@ class RemoteModel:
     def _empty(self, want_proba: bool) -> torch.Tensor:
         return torch.empty(0, self.info.get("num_classes", 0)) if want_proba else torch.empty(0, dtype=torch.long)
 
-    @staticmethod
-    def _wire(x: torch.Tensor) -> list[bytes]:
-        """The exact bytes each image is sent as (float32, little-endian)."""
-        return [img.numpy().astype("<f4", copy=False).tobytes() for img in x]
+    def _wire(self, x: torch.Tensor) -> list[bytes]:
+        """The exact bytes each image is sent as (the adapter's encoding: float32 or PNG)."""
+        return self.adapter.wire(x)
 
     def _predict_logged(self, x: torch.Tensor, want_proba: bool) -> torch.Tensor:
         """Answers from the log where it has them; the other images are asked once each, and logged."""
@@ -239,8 +247,7 @@ class RemoteModel:
     def _exchange(self, x: torch.Tensor) -> bytes:
         """One ``/predict`` exchange for the images ``x``: the answer's raw bytes (within the budget and limits)."""
         n = len(x)
-        raw = b"".join(self._wire(x))
-        body = json.dumps({"images_b64": base64.b64encode(raw).decode("ascii"), "shape": list(x.shape)}).encode()
+        body, content_type = self.adapter.request(x, self._wire(x))
 
         def before_attempt(attempt: int, last: str) -> None:
             if self.queries + n > self.query_budget:
@@ -254,7 +261,8 @@ class RemoteModel:
             self.requests += 1
 
         return self._transport.exchange(self.predict_url, body, max_bytes=self._answer_limit(n),
-                                        before_attempt=before_attempt, after_attempt=after_attempt)
+                                        before_attempt=before_attempt, after_attempt=after_attempt,
+                                        content_type=content_type)
 
     def _request(self, x: torch.Tensor, want_proba: bool) -> torch.Tensor:
         n = len(x)
@@ -272,13 +280,15 @@ class RemoteModel:
             raise EndpointError(f"{url} answered a JSON {type(obj).__name__}, expected an object with 'labels'")
         num_classes = self.info.get("num_classes")
         if want_proba:
-            if "probabilities" not in obj:
-                hint = " (it serves labels only)" if "labels" in obj else ""
-                raise EndpointError(f"{url}: answer has no 'probabilities'{hint}")
+            path = self.adapter.probabilities
+            proba = self.adapter.answer(obj, path)
+            if proba is None:
+                hint = " (it serves labels only)" if self.adapter.answer(obj, self.adapter.labels) is not None else ""
+                raise EndpointError(f"{url}: answer has no '{path}'{hint}")
             try:
-                p = torch.tensor(obj["probabilities"], dtype=torch.float32)
+                p = torch.tensor(proba, dtype=torch.float32)
             except (TypeError, ValueError, RuntimeError):
-                raise EndpointError(f"{url}: 'probabilities' is not a (b, C) table of numbers") from None
+                raise EndpointError(f"{url}: '{path}' is not a (b, C) table of numbers") from None
             if p.ndim != 2 or len(p) != n or p.shape[1] < 1:
                 raise EndpointError(f"{url}: got probabilities of shape {tuple(p.shape)} for {n} images")
             if isinstance(num_classes, int) and p.shape[1] != num_classes:
@@ -286,11 +296,12 @@ class RemoteModel:
                                     f"the server has {num_classes} classes")
             if not bool(torch.isfinite(p).all()) or bool((p < -1e-6).any()) or \
                     not bool(torch.allclose(p.double().sum(1), torch.ones(n, dtype=torch.float64), atol=1e-3)):
-                raise EndpointError(f"{url}: 'probabilities' are not probability vectors (non-negative, summing to 1)")
+                raise EndpointError(f"{url}: '{path}' are not probability vectors (non-negative, summing to 1)")
             return p
-        labels = obj.get("labels")
+        labels = self.adapter.answer(obj, self.adapter.labels)
         if not isinstance(labels, list):
-            raise EndpointError(f"{url}: answer has no 'labels' list (keys: {', '.join(map(str, obj)) or 'none'})")
+            raise EndpointError(f"{url}: answer has no '{self.adapter.labels}' list "
+                                f"(keys: {', '.join(map(str, obj)) or 'none'})")
         if len(labels) != n:
             raise EndpointError(f"{url}: got {len(labels)} labels for {n} images")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):

@@ -24,7 +24,7 @@ again with the exchange that answered it: the API is never asked twice for the
 same image. The chain's final digest goes into ``verdict.json``
 (``evidence.chain_sha256``); ``bundle.json`` holds the plan, the secret's
 SHA-256, the settings, the calibration's hash (``calibration.json`` is a copy)
-and the endpoint's ``/health`` answer. ``awenc verify --replay DIR``
+the endpoint's ``/health`` answer and the adapter (its wire format; header names only). ``awenc verify --replay DIR``
 (:mod:`dist_awenc.verify.replay`) recomputes the verdict from these alone.
 """
 from __future__ import annotations
@@ -177,17 +177,17 @@ def image_sha256(data: bytes) -> str:
 
 
 def start_bundle(run_dir: Path, *, mode: str, endpoint: str, endpoint_info: dict, secret_sha256: str, plan: dict,
-                 settings: dict, data: dict, calibration_path: Optional[str]) -> QueryLog:
+                 settings: dict, data: dict, calibration_path: Optional[str], adapter: dict) -> QueryLog:
     """Write (or, resuming, check) ``bundle.json`` and the calibration's copy; open the query log."""
     manifest = {"format": BUNDLE_FORMAT, "mode": mode, "endpoint": endpoint, "endpoint_info": endpoint_info,
                 "secret_sha256": secret_sha256, "plan": plan, "plan_sha256": plan_sha256(plan), "settings": settings,
-                "data": data, "query_log": LOG_NAME,
+                "data": data, "query_log": LOG_NAME, "adapter": adapter,
                 "calibration": None if calibration_path is None else
                 {"sha256": settings["calibration_sha256"], "file": CALIBRATION_COPY}}
     path = run_dir / MANIFEST_NAME
     if path.exists():
         old = read_json(path, ArtifactError, "the evidence bundle's manifest")
-        for key in ("mode", "secret_sha256", "plan_sha256", "settings", "calibration"):
+        for key in ("mode", "secret_sha256", "plan_sha256", "settings", "calibration", "adapter"):
             if old.get(key) != manifest[key]:
                 raise ArtifactError(f"{path}: its {key} differs from this verification's; the query log there belongs "
                                     "to another verification: choose another run.name")

@@ -31,6 +31,7 @@ from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.engine.log import info, warn
 from dist_awenc.errors import ArtifactError, AwencError, TamperedSecretError
 from dist_awenc.files import read_json, sha256_file
+from dist_awenc.verify.adapter import load_adapter
 from dist_awenc.verify.core import Verdict, images_for
 from dist_awenc.verify.endpoint import RemoteModel
 from dist_awenc.verify.evidence import BUNDLE_FORMAT, CALIBRATION_COPY, MANIFEST_NAME, QueryLog, plan_sha256
@@ -121,7 +122,8 @@ def replay(bundle: str | Path, overrides: Optional[list[str]] = None, published:
     checked = holdout is not None
     if holdout is None:
         holdout = torch.zeros(k, 3, secret.image_size, secret.image_size)
-    remote = RemoteModel.replaying(manifest["endpoint"], manifest["endpoint_info"], log, check_images=checked)
+    remote = RemoteModel.replaying(manifest["endpoint"], manifest["endpoint_info"], log, check_images=checked,
+                                   adapter=load_adapter(manifest.get("adapter")))
     try:
         v = verify_remote(remote, secret, holdout, s, mode)
     except AwencError as e:

@@ -160,13 +160,15 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
             raise ConfigError("verify.endpoint is for black-box modes; white-box needs the encoder (suspect=...)")
         if cfg.suspect:
             raise ConfigError("give suspect= (a saved model) or verify.endpoint= (a live API), not both")
+        from dist_awenc.verify.adapter import load_adapter
         from dist_awenc.verify.endpoint import RemoteModel
 
         s = settings()  # refuse a plan deviation before the suspect's API is contacted
+        adapter = load_adapter(v.adapter)
         remote = RemoteModel(v.endpoint, query_budget=s.n, timeout=v.endpoint_timeout, retries=v.endpoint_retries,
-                             batch_size=v.endpoint_batch_size)
+                             batch_size=v.endpoint_batch_size, adapter=adapter)
         card = {"input_size": remote.info.get("input_size", secret.image_size)}  # probes /health
-        if mode == "blackbox_score" and remote.info.get("labels_only"):
+        if mode == "blackbox_score" and (remote.info.get("labels_only") or adapter.probabilities is None):
             raise ConfigError(f"{remote.url} serves labels only; use --mode blackbox_label")
     elif mode == "whitebox":
         model, card = load_suspect(cfg.suspect, cfg.suspect_card)
@@ -185,7 +187,7 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
                                       secret_sha256=secret.sha256, plan=secret.plan, settings=s.record(),
                                       data={"dataset": cfg.data.name, "size": len(dataset),
                                             "split_seed": cfg.data.split_seed},
-                                      calibration_path=s.calibration_path)
+                                      calibration_path=s.calibration_path, adapter=remote.adapter.record())
             verdicts = [verify_remote(remote, secret, holdout, s, mode)]
         else:
             verdicts = verify_model(model, secret, holdout, s, mode, alternatives)

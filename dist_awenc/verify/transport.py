@@ -171,19 +171,33 @@ class _Transport:
     """
 
     def __init__(self, url: str, timeout: float, retries: int, backoff: float,
-                 deadline: Optional[_Deadline] = None) -> None:
+                 deadline: Optional[_Deadline] = None, headers=None, rate_limit: float = 0.0) -> None:
         self.opener = _opener(url)
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.deadline = deadline if deadline is not None else _Deadline(DEFAULT_DEADLINE)
+        self.headers = headers  # a callable -> extra headers (read when a request is made; never stored or logged)
+        self.min_interval = 1.0 / rate_limit if rate_limit > 0 else 0.0
+        self._last_request: Optional[float] = None
+
+    def _pace(self, url: str) -> None:
+        """Wait for the rate limit: at least ``min_interval`` seconds between the starts of two requests."""
+        if self._last_request is not None and self.min_interval:
+            wait = self._last_request + self.min_interval - time.monotonic()
+            if wait > 0:
+                if wait >= self.deadline.check(url, "waiting for the rate limit"):
+                    raise EndpointError(f"{url}: the deadline of {self.deadline.seconds:g} s leaves no time for the "
+                                        "next request at the adapter's rate limit")
+                time.sleep(wait)
+        self._last_request = time.monotonic()
 
     def exchange(self, url: str, body: Optional[bytes] = None, *, max_bytes: int = ANSWER_ALLOWANCE,
-                 before_attempt=None, after_attempt=None) -> bytes:
+                 before_attempt=None, after_attempt=None, content_type: str = "application/json") -> bytes:
         """The body of a 2xx answer of at most ``max_bytes`` bytes; raises :class:`EndpointError`."""
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", **(self.headers() if self.headers is not None else {})}
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         last = ""
         attempts = self.retries + 1
         for attempt in range(attempts):
@@ -197,6 +211,7 @@ class _Transport:
                 before_attempt(attempt, last)
             left = self.deadline.check(url, f"after {attempt} attempts" if attempt else "before the first request",
                                        last)
+            self._pace(url)
             req = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
             try:
                 resp = self.opener.open(req, timeout=min(self.timeout, left))
