@@ -17,7 +17,7 @@ from typing import Any
 from dist_awenc.config import AblationConfig, VariantSection, load_config
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
-from dist_awenc.files import atomic_path, atomic_write_text, read_json
+from dist_awenc.files import atomic_write_text, read_json
 from dist_awenc.runs import open_run
 from dist_awenc.verify.core import MODES
 
@@ -98,6 +98,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dist_awenc.robustness import save_figure
+
     names = [v["variant"] for v in report["variants"]]
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
     width = 0.8 / len(MODES)
@@ -109,12 +111,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("TPR at calibrated thresholds")
     ax.set_title("utility-preserving derivatives detected (dotted: target 0.95)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def ablation(cfg: AblationConfig) -> dict[str, Any]:

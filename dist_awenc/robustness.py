@@ -222,7 +222,8 @@ def _null_tau_stars(path: Optional[str]) -> dict[str, list[float]]:
     return {mode: [t["tau_star"] for t in m["null"]] for mode, m in data["modes"].items()}
 
 
-def _savefig(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write atomically (PNG) and close a matplotlib figure."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -262,7 +263,7 @@ def plot_grid(rows: list[dict], path: Path) -> None:
             top.set_ylabel("-log10 p (dotted: alpha)", fontsize=8)
             bottom.set_ylabel("pirate's linear probe", fontsize=8)
     axes[0, 0].legend(fontsize=6)
-    _savefig(fig, path)
+    save_figure(fig, path)
 
 
 def plot_roc(threats: list[dict], null: dict[str, list[float]], path: Path) -> dict[str, float]:
@@ -288,5 +289,5 @@ def plot_roc(threats: list[dict], null: dict[str, list[float]], path: Path) -> d
     ax.set_xlabel("false-positive rate (null population)")
     ax.set_ylabel("true-positive rate (derivatives)")
     ax.legend(fontsize=7)
-    _savefig(fig, path)
+    save_figure(fig, path)
     return aucs

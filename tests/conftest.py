@@ -22,6 +22,16 @@ def weights(path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of many tiny ops, where 2 threads on a shared 2-core box only contend
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _reset_accelerate_state():
     """Each test gets a fresh Accelerate singleton (tests create Accelerators in-process)."""

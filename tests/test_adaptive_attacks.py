@@ -37,12 +37,7 @@ ADAPTIVE = ("distill_strong_aug", "distill_arch", "prune_finetune", "query_purif
 FAST = dict(epochs=1, batch_size=32, adv_steps=5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

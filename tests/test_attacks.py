@@ -31,13 +31,7 @@ TINY_STRENGTH = {"finetune_probe": 0, "finetune_full": 1e-3, "finetune_ssl": 1, 
 TINY_OPTIONS = dict(epochs=1, batch_size=32, proj_hidden_dim=32, proj_dim=16, overwrite_steps=5, adv_steps=5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: many tiny ops, where 2 threads on a shared 2-core box only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
