@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The robust-watermark ablation at demo scale (issue #11; results in results/robust/):
 #   plain AWEncoder | + transform robustness (eot) | + derivative rehearsal (rehearsal) | both
+#   (and eot_mixed / both_mixed: half of the marked images of both stages left untransformed, p_identity 0.5)
 # on the demo's f0, with the demo's stage-1/stage-2 settings, one attack grid (configs/robustness/ablation.yaml),
 # and for each variant a calibration of its own secret on the same null population (the committed one,
 # runs/calibration/population, plus attacked copies by the adaptive attacks: configs/sweep/null/digits_adaptive.yaml).
@@ -13,6 +14,7 @@ cd "$(dirname "$0")/.."
 awenc=.venv/bin/awenc
 out=runs/ablation
 eot='robust.transforms=[jpeg,resize,crop,noise,blur]'
+mixed='robust.p_identity=0.5'
 rehearse='rehearsal.surrogates=[distill:10,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=2'
 variants=("${@:-plain eot rehearsal both}")
 # shellcheck disable=SC2206
@@ -26,7 +28,10 @@ for v in "${variants[@]}"; do
     rehearsal) flags=($rehearse) ;;
     # shellcheck disable=SC2206
     both) flags=("$eot" $rehearse) ;;
-    *) echo "ablation: unknown variant '$v' (plain, eot, rehearsal, both)" >&2; exit 2 ;;
+    eot_mixed) flags=("$eot" "$mixed") ;;
+    # shellcheck disable=SC2206
+    both_mixed) flags=("$eot" "$mixed" $rehearse) ;;
+    *) echo "ablation: unknown variant '$v' (plain, eot, rehearsal, both, eot_mixed, both_mixed)" >&2; exit 2 ;;
   esac
   if [ "$v" = plain ]; then
     # a copy of the demo's secret: calibrate binds a calibration to the secret it calibrated (secret.json)
@@ -51,7 +56,7 @@ for v in "${variants[@]}"; do
 done
 
 args=()
-for v in plain eot rehearsal both; do
+for v in plain eot rehearsal both eot_mixed both_mixed; do
   [ -f "$out/$v/robustness/robustness.json" ] || continue
   if [ "$v" = plain ]; then stages="[$out/plain/watermark,runs/demo/embed]"; else stages="[$out/$v/watermark,$out/$v/embed]"; fi
   args+=("variants.$v.robustness=$out/$v/robustness" "variants.$v.stages=$stages")
