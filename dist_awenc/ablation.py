@@ -81,10 +81,13 @@ def markdown(report: dict[str, Any]) -> str:
         fp = ", ".join(f"{v['calibration'][m]['heldout_positive']}/{v['calibration'][m]['heldout_families']}" for m in MODES)
         frac = v["cost_fraction_of_pretraining"]
         cost = f"{v['seconds']:.0f} ({frac:.2f}x)" if frac is not None else f"{v['seconds']:.0f}"
-        tprs = " | ".join(f"{v['tpr'][m]:.2f} ({v['detected'][m]})" for m in MODES)
+        tprs = " | ".join(f"{v['tpr'][m]:.2f} ({v['detected'][m]})" + (" †" if v["calibration"][m]["heldout_positive"] else "")
+                          for m in MODES)
         lines.append(f"| {v['variant']} | {v['linear_probe']:.4f} ({100 * v['probe_change']:+.1f}) | {v['knn']:.4f} "
                      f"({100 * v['knn_change']:+.1f}) | {tprs} | {fp} | {cost} |")
-    lines += ["", "Missed derivatives (utility kept, not detected):", ""]
+    lines += ["", "† held-out null families were detected too at this threshold: the TPR is not backed by the "
+              "calibration (its threshold, the maximum over the calibration families, is too low for this secret).",
+              "", "Missed derivatives (utility kept, not detected):", ""]
     for v in report["variants"]:
         for m in MODES:
             if v["missed"][m]:
@@ -104,12 +107,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
     width = 0.8 / len(MODES)
     for j, m in enumerate(MODES):
-        ax.bar([i + (j - 1) * width for i in range(len(names))], [v["tpr"][m] for v in report["variants"]], width, label=m)
+        xs = [i + (j - 1) * width for i in range(len(names))]
+        bars = ax.bar(xs, [v["tpr"][m] for v in report["variants"]], width, label=m)
+        for x, bar, v in zip(xs, bars, report["variants"]):
+            fp = v["calibration"][m]["heldout_positive"]
+            if fp:  # the threshold let held-out null families through: this TPR is not backed by the calibration
+                bar.set_hatch("xx")
+                ax.text(x, bar.get_height() + 0.02, f"FP {fp}", ha="center", fontsize=6, color="crimson")
     ax.axhline(0.95, color="k", ls=":", lw=0.8)
     ax.set_xticks(range(len(names)), names)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.12)
     ax.set_ylabel("TPR at calibrated thresholds")
-    ax.set_title("utility-preserving derivatives detected (dotted: target 0.95)", fontsize=9)
+    ax.set_title("utility-preserving derivatives detected (dotted: target 0.95; hatched, FP k: k held-out null "
+                 "families also detected)", fontsize=8)
     ax.legend(fontsize=7)
     save_figure(fig, path)
 
