@@ -18,6 +18,25 @@ def tiny_overrides(out_dir, name: str = "run", **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def tiny_f0_and_secret(root, *watermark_overrides: str):
+    """A tiny f0 (``tiny_overrides``) pre-trained under ``root``/f0 and a secret on it under ``root``/wm, 8 px.
+
+    Returns (root, f0 encoder path, secret path); ``watermark_overrides`` go after the defaults.
+    """
+    from accelerate.state import AcceleratorState
+
+    from dist_awenc.config import PretrainConfig, WatermarkConfig, load_config
+    from dist_awenc.ssl.pretrain import pretrain
+    from dist_awenc.watermark.generate import watermark
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    f0 = pretrain(load_config(PretrainConfig, None, tiny_overrides(root, "f0")))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    secret = watermark(load_config(WatermarkConfig, None, [f"run.out_dir={root}", "run.name=wm", f"encoder={f0}",
+                                                           "data.image_size=8", *watermark_overrides]))
+    return root, f0, secret
+
+
 def weights(path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 

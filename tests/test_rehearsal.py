@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import tiny_f0_and_secret
 from dist_awenc.config import PretrainConfig, WatermarkConfig, load_config
 from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.encoders.io import build_encoder, load_encoder
@@ -47,19 +47,9 @@ def test_bad_settings_are_one_line_errors():
 
 @pytest.fixture(scope="module")
 def rehearsed(tmp_path_factory):
-    from accelerate.state import AcceleratorState
-
-    from dist_awenc.ssl.pretrain import pretrain
-    from dist_awenc.watermark.generate import watermark
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    root = tmp_path_factory.mktemp("rehearsal")
-    f0 = pretrain(load_config(PretrainConfig, None, tiny_overrides(root, "f0")))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    over = [f"run.out_dir={root}", "run.name=wm", f"encoder={f0}", "data.image_size=8", "generation.steps=4",
-            "generation.batch_size=16", "plan.alternatives=2", f"rehearsal.surrogates=[{','.join(SURROGATES)}]",
-            "rehearsal.references=1"]
-    return root, f0, watermark(load_config(WatermarkConfig, None, over))
+    return tiny_f0_and_secret(tmp_path_factory.mktemp("rehearsal"), "generation.steps=4", "generation.batch_size=16",
+                              "plan.alternatives=2", f"rehearsal.surrogates=[{','.join(SURROGATES)}]",
+                              "rehearsal.references=1")
 
 
 def test_watermark_records_the_rehearsal_and_makes_the_alternatives_with_it(rehearsed):

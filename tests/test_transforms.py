@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_overrides
-from dist_awenc.config import DemoConfig, EmbedConfig, PretrainConfig, WatermarkConfig, load_config
+from conftest import tiny_f0_and_secret
+from dist_awenc.config import DemoConfig, EmbedConfig, WatermarkConfig, load_config
 from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.encoders.io import build_encoder, load_encoder
 from dist_awenc.errors import ConfigError
@@ -183,19 +183,8 @@ ON = "robust.transforms=[jpeg,resize,crop,noise,blur]"
 
 @pytest.fixture(scope="module")
 def robust_secret(tmp_path_factory):
-    from accelerate.state import AcceleratorState
-
-    from dist_awenc.ssl.pretrain import pretrain
-    from dist_awenc.watermark.generate import watermark
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    root = tmp_path_factory.mktemp("robust")
-    f0 = pretrain(load_config(PretrainConfig, None, tiny_overrides(root, "f0")))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    secret = watermark(load_config(WatermarkConfig, None, [
-        f"run.out_dir={root}", "run.name=wm", f"encoder={f0}", "data.image_size=8", "generation.steps=6",
-        "generation.batch_size=16", "plan.alternatives=2", ON]))
-    return root, f0, secret
+    return tiny_f0_and_secret(tmp_path_factory.mktemp("robust"), "generation.steps=6", "generation.batch_size=16",
+                              "plan.alternatives=2", ON)
 
 
 def test_watermark_with_transforms_records_them_and_makes_the_alternatives_the_same_way(robust_secret):

@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import spawn_launch, tiny_overrides, weights
-from dist_awenc.config import EmbedConfig, PretrainConfig, WatermarkConfig, load_config
+from conftest import spawn_launch, tiny_f0_and_secret, weights
+from dist_awenc.config import EmbedConfig, load_config
 from dist_awenc.encoders.io import build_encoder, load_encoder
 from dist_awenc.engine.loop import Interrupted
-from dist_awenc.ssl.pretrain import pretrain
 from dist_awenc.watermark.embed import (EmbedTask, anchor_key_loss, deviate_loss, embed, preserve_loss,
                                         surround_key_loss)
-from dist_awenc.watermark.generate import generate_delta, generation_loss, watermark
+from dist_awenc.watermark.generate import generate_delta, generation_loss
 from dist_awenc.watermark.secret import Secret, load_secret
 
 
@@ -83,16 +82,7 @@ def test_generation_moves_marked_features_toward_the_key():
 
 @pytest.fixture(scope="module")
 def f0_and_secret(tmp_path_factory):
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    root = tmp_path_factory.mktemp("wm")
-    f0 = pretrain(load_config(PretrainConfig, None, tiny_overrides(root, "f0")))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    secret = watermark(load_config(WatermarkConfig, None, [
-        f"run.out_dir={root}", "run.name=wm", f"encoder={f0}", "data.image_size=8",
-        "generation.steps=10", "generation.batch_size=32"]))
-    return root, f0, secret
+    return tiny_f0_and_secret(tmp_path_factory.mktemp("wm"), "generation.steps=10", "generation.batch_size=32")
 
 
 def _embed_cfg(root, f0, secret, out, name="embed", **extra) -> EmbedConfig:
