@@ -149,3 +149,26 @@ def test_plan_deviations_are_refused_unless_exploratory(tmp_path):
     assert v[0].exploratory and v[0].n == 32 and "verify.n=32" in v[0].plan_deviations[0]
     assert "EXPLORATORY" in v[0].line()
     assert json.loads((tmp_path / "v_expl" / "verdict.json").read_text())["overall"]["exploratory"] is True
+
+
+def test_a_threshold_that_passed_heldout_nulls_never_decides_unless_exploratory(tmp_path):
+    """A calibration whose white-box threshold let a held-out independent family through is refused by verify."""
+    from dist_awenc.data import build_dataset, make_splits
+    from dist_awenc.verify.calibration import CALIBRATION_FORMAT, conditions
+    from dist_awenc.watermark.secret import load_secret
+
+    f0, secret = _owner(tmp_path, alternatives=0)
+    sec = load_secret(secret)
+    ds = build_dataset("digits", image_size=8, seed=0)
+    cond = conditions(secret_sha256=sec.sha256, alpha=1e-3, n=sec.plan["n"], dataset="digits", dataset_size=len(ds),
+                      split_seed=0, holdout_indices=make_splits(len(ds), 0)["holdout"])
+    cal = tmp_path / "leaky.json"
+    cal.write_text(json.dumps({"format": CALIBRATION_FORMAT, "conditions": cond, "modes": {
+        m: {"threshold": 0.05, "heldout": {"false_positive_families": int(m == "whitebox"), "families": 15,
+                                           "heldout_fpr_upper_95": 0.3 if m == "whitebox" else 0.181}} for m in MODES}}))
+    with pytest.raises(ConfigError, match=r"let 1/15 held-out null families through at its whitebox threshold") as err:
+        _verify(tmp_path, f0, secret, "run.name=v_leaky", f"verify.calibration={cal}")
+    assert "\n" not in str(err.value) and "verify.exploratory=true" in str(err.value)
+    assert not (tmp_path / "v_leaky").exists()
+    v = _verify(tmp_path, f0, secret, "run.name=v_leaky", f"verify.calibration={cal}", "verify.exploratory=true")
+    assert v[0].exploratory and any("held-out null families" in d for d in v[0].plan_deviations)

@@ -130,6 +130,15 @@ class Calibration:
     conditions: dict[str, Any]
     data: dict[str, Any]
 
+    def heldout_failure(self, mode: str) -> Optional[str]:
+        """One phrase when ``mode``'s threshold let held-out null families through (None when it did not)."""
+        h = self.data["modes"][mode]["heldout"]
+        if not h["false_positive_families"]:
+            return None
+        return (f"calibration {self.sha256[:12]}... let {h['false_positive_families']}/{h['families']} held-out null "
+                f"families through at its {mode} threshold (FPR <= {h['heldout_fpr_upper_95']:.3f}, 95% CP): it fires on "
+                "encoders that are not the owner's; calibrate again with more families")
+
     def summary(self, mode: str) -> str:
         m = self.data["modes"][mode]
         h = m["heldout"]

@@ -126,6 +126,10 @@ def resolve_settings(v: VerifySection, secret: Secret, mode: str, *, dataset: st
                         split_seed=split_seed, holdout_indices=holdout_indices,
                         calibration_sha256=cal.sha256 if cal else None, bound_calibration_sha256=bound.get("sha256"))
     P.refuse_or_mark(devs, v.exploratory)
+    failed = cal.heldout_failure(mode) if cal else None
+    if failed and not v.exploratory:  # a threshold shown to pass independent encoders never decides ownership
+        raise ConfigError(failed + " (rerun with verify.exploratory=true to run it anyway, marked exploratory)")
+    devs += [failed] if failed else []
     s.exploratory, s.deviations = bool(devs), tuple(devs)
     for d in devs:
         warn(f"exploratory verification: {d}")
