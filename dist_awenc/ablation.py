@@ -17,7 +17,7 @@ from typing import Any
 from dist_awenc.config import AblationConfig, VariantSection, load_config
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
-from dist_awenc.files import atomic_write_text, read_json
+from dist_awenc.files import atomic_write_text, read_json, save_figure
 from dist_awenc.runs import open_run
 from dist_awenc.verify.core import MODES
 
@@ -101,7 +101,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dist_awenc.robustness import save_figure
 
     names = [v["variant"] for v in report["variants"]]
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))

@@ -19,7 +19,7 @@ import torch
 from dist_awenc.config import DemoConfig, EmbedConfig, PretrainConfig, RunSection, WatermarkConfig
 from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.encoders.io import atomic_write_text, load_encoder
-from dist_awenc.files import atomic_path
+from dist_awenc.files import save_figure
 from dist_awenc.engine.log import info
 from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options, save_downstream
 from dist_awenc.runs import reuse_or_run, run_dir_of
@@ -183,7 +183,4 @@ def plot_scores(scores: dict, tau: float, tau_source: str, path: Path) -> None:
     ax.set_ylabel("hold-out images")
     ax.set_title("White-box verification scores with the owner's secret")
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["atomic_path", "atomic_write_text", "durable_replace", "fsync_dir", "save_tensors", "sha256_file",
-           "tmp_name"]
+__all__ = ["atomic_path", "atomic_write_text", "durable_replace", "fsync_dir", "save_figure", "save_tensors",
+           "sha256_file", "tmp_name"]
 
 
 def read_json(path: str | Path, error: type[Exception], what: str = "") -> Any:
@@ -107,6 +107,18 @@ def save_tensors(path: str | Path, tensors: "dict[str, torch.Tensor]", metadata:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         digest = sha256_file(tmp)
     return digest
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Lay out, write atomically (PNG) and close a matplotlib figure (pyplot imported only when called)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 # the names these helpers had in dist_awenc.encoders.io

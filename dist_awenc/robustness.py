@@ -26,7 +26,7 @@ from dist_awenc.encoders.io import load_encoder
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
-from dist_awenc.files import atomic_path, atomic_write_text
+from dist_awenc.files import atomic_path, atomic_write_text, save_figure
 from dist_awenc.runs import open_run
 from dist_awenc.verify.calibrate import collect_samples
 from dist_awenc.verify.calibration import load_calibration, mode_test, tau_star
@@ -220,18 +220,6 @@ def _null_tau_stars(path: Optional[str]) -> dict[str, list[float]]:
         return {}
     data = load_calibration(path).data
     return {mode: [t["tau_star"] for t in m["null"]] for mode, m in data["modes"].items()}
-
-
-def save_figure(fig, path: Path) -> None:
-    """Lay out, write atomically (PNG) and close a matplotlib figure."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
 
 
 def plot_grid(rows: list[dict], path: Path) -> None:
