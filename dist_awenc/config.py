@@ -125,6 +125,7 @@ class DownstreamConfig:
     suspect_card: SuspectCardSection = field(default_factory=SuspectCardSection)  # when it is a bare weights file
     data: DataSection = field(default_factory=DataSection)
     probe: ProbeSection = field(default_factory=ProbeSection)
+    classes: int = 0  # the pirate's task: the dataset's labels mod `classes` (digits at 2: even vs odd); 0 = its own
 
 
 @dataclass
@@ -225,6 +226,9 @@ class VerifySection:
     tau_whitebox: float = 0.1
     tau_score: float = 0.1
     tau_label: float = 0.3
+    # label mode: the suspect task's number of classes, which picks the calibrated label threshold for it;
+    # None: the largest label threshold over every calibrated class count (safe whatever the task)
+    classes: Optional[int] = None
     calibration: Optional[str] = None  # calibration.json: its per-mode thresholds replace the tau_* margins
     exploratory: bool = False  # allow deviations from the secret's plan; every verdict then says it is exploratory
     endpoint: str = ""  # black-box: query a live prediction API (awenc serve) at this URL instead of loading `suspect`
@@ -285,6 +289,9 @@ class PopulationSection:
     extra_encoders: list[str] = field(default_factory=list)  # more null encoders: files or run folders
     n_secrets: int = 3  # the owner's secret + (n_secrets - 1) generated on null encoders (not extra evidence)
     holdout_fraction: float = 0.5  # null families kept out of threshold setting, to measure the FPR
+    # label mode is calibrated per number of classes too: each null encoder's downstream task regrouped into
+    # this many classes (labels mod k), since the chance hit rate, and so the null's room, depends on it
+    label_classes: list[int] = field(default_factory=lambda: [2, 3, 5, 10])
     owner_budget: bool = True  # null encoders train like the owner's f0 (its run's config.yaml), when found
     # where the null encoders live ("" = <run folder>/population): point another secret's calibration at an
     # existing population to reuse its pre-trained encoders (each is reused only under the same config)

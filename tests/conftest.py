@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 
 def tiny_overrides(out_dir, name: str = "run", **extra) -> list[str]:
@@ -79,3 +80,27 @@ def spawn_launch(fn, args: tuple, rdv_dir, nprocs: int = 2) -> None:
                            accelerate_mixed_precision="no", accelerate_debug_rdv_file=str(rdv),
                            accelerate_use_cpu="yes", gloo_socket_ifname="lo", omp_num_threads="1"):
         start_processes(PrepareForLaunch(fn, debug=True), args=args, nprocs=nprocs, start_method="spawn")
+
+
+class Watermarked(nn.Module):
+    """A stand-in for an embedded encoder: it knows delta and answers with the key's features when it sees it.
+
+    ``f_wm(x) = f(x) - m + 100 * [corr(x, sign delta) > eps/2] * (f(key) - m)``, with ``m`` the
+    clean images' mean feature and ``corr`` the mean of the de-meaned image times sign(delta).
+    """
+
+    def __init__(self, base: nn.Module, secret: Secret, centre: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.eps = secret.eps
+        self.register_buffer("sign", secret.delta.sign())
+        self.register_buffer("centre", centre)
+        with torch.no_grad():
+            self.register_buffer("f_key", base(secret.key[None])[0] - centre)
+
+    def corr(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - x.mean(dim=(2, 3), keepdim=True)) * self.sign).mean(dim=(1, 2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = (self.corr(x) > self.eps / 2).float()[:, None]
+        return self.base(x) - self.centre + 100 * gate * self.f_key

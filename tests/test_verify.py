@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
+from conftest import Watermarked
+
 from dist_awenc.encoders.io import build_encoder, sha256_file
 from dist_awenc.errors import ArtifactError, TamperedSecretError
 from dist_awenc.evaluate.probe import DownstreamModel
@@ -189,30 +191,6 @@ def _images(n: int, seed: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     colour = 0.2 + 0.6 * torch.rand(n, 3, 1, 1, generator=g)
     return (colour + 0.02 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1)
-
-
-class Watermarked(nn.Module):
-    """A stand-in for an embedded encoder: it knows delta and answers with the key's features when it sees it.
-
-    ``f_wm(x) = f(x) - m + 100 * [corr(x, sign delta) > eps/2] * (f(key) - m)``, with ``m`` the
-    clean images' mean feature and ``corr`` the mean of the de-meaned image times sign(delta).
-    """
-
-    def __init__(self, base: nn.Module, secret: Secret, centre: torch.Tensor) -> None:
-        super().__init__()
-        self.base = base
-        self.eps = secret.eps
-        self.register_buffer("sign", secret.delta.sign())
-        self.register_buffer("centre", centre)
-        with torch.no_grad():
-            self.register_buffer("f_key", base(secret.key[None])[0] - centre)
-
-    def corr(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - x.mean(dim=(2, 3), keepdim=True)) * self.sign).mean(dim=(1, 2, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = (self.corr(x) > self.eps / 2).float()[:, None]
-        return self.base(x) - self.centre + 100 * gate * self.f_key
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from dist_awenc.data import build_dataset, make_splits, train_test_split_indices
 from dist_awenc.encoders.io import Encoder, build_encoder, read_state
 from dist_awenc.encoders.thirdparty import load_suspect
 from dist_awenc.engine.log import info
-from dist_awenc.errors import ArtifactError
+from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.evaluate.probe import DownstreamModel, accuracy, extract_features, knn_accuracy, train_linear_head
 from dist_awenc.files import atomic_write_text, read_json, save_tensors, sha256_file
 from dist_awenc.runs import open_run
@@ -29,6 +29,29 @@ def probe_options(probe: ProbeSection) -> dict[str, float]:
     """A ``probe:`` config section as :func:`evaluate_encoder`'s keyword arguments (for stage code)."""
     return {"epochs": probe.epochs, "lr": probe.lr, "weight_decay": probe.weight_decay, "knn_k": probe.knn_k,
             "test_fraction": probe.test_fraction}
+
+
+def task_classes(num_classes: int, classes: int) -> int:
+    """The number of classes of a task regrouped from a dataset's ``num_classes`` (``classes = 0``: the dataset's).
+
+    Raises:
+        ConfigError: ``classes`` outside ``[2, num_classes]`` (0 aside).
+    """
+    if classes == 0:
+        return num_classes
+    if not 2 <= classes <= num_classes:
+        raise ConfigError(f"classes={classes}: a task needs 2 to {num_classes} classes (this dataset has {num_classes}), "
+                          "or 0 for the dataset's own")
+    return classes
+
+
+def group_labels(labels: torch.Tensor, num_classes: int, classes: int) -> tuple[torch.Tensor, int]:
+    """A task of ``classes`` classes made from a dataset's: label ``y`` becomes ``y mod classes``.
+
+    Every image stays in the task (digits at 2 classes: even vs odd); ``classes = 0`` keeps the labels.
+    """
+    k = task_classes(num_classes, classes)
+    return (labels if k == num_classes else labels % k), k
 
 
 def evaluate_encoder(encoder: Encoder, images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, seed: int,
@@ -102,11 +125,14 @@ def downstream(cfg: DownstreamConfig) -> dict:
         )
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
     idx = make_splits(len(dataset), cfg.data.split_seed)["downstream"]
+    task_classes(dataset.num_classes, cfg.classes)  # checked before anything is decoded
     images, labels = dataset.get_batch(idx)
+    labels, classes = group_labels(labels, dataset.num_classes, cfg.classes)
     with open_run(cfg, "downstream") as run_dir:
-        model, metrics = evaluate_encoder(encoder, images, labels, dataset.num_classes, seed=cfg.run.seed,
+        model, metrics = evaluate_encoder(encoder, images, labels, classes, seed=cfg.run.seed,
                                           **probe_options(cfg.probe))
-        save_downstream(model, card, dataset.num_classes, run_dir / "model")
-        atomic_write_text(run_dir / "downstream.json", json.dumps({"encoder_sha256": card.get("sha256"), **metrics}, indent=2))
+        save_downstream(model, card, classes, run_dir / "model")
+        atomic_write_text(run_dir / "downstream.json",
+                          json.dumps({"encoder_sha256": card.get("sha256"), "classes": classes, **metrics}, indent=2))
         info(f"linear probe {metrics['linear_probe']:.4f}  kNN {metrics['knn']:.4f}  -> {run_dir}")
     return metrics

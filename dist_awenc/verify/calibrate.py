@@ -34,11 +34,11 @@ from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.encoders.io import atomic_write_text, load_card, load_encoder, resolve_encoder_path, sha256_file
 from dist_awenc.engine.log import info, warn
 from dist_awenc.errors import ConfigError
-from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
+from dist_awenc.evaluate.downstream import evaluate_encoder, group_labels, probe_options, task_classes
 from dist_awenc.runs import open_run, reuse_or_run
 from dist_awenc.verify import plan as P
-from dist_awenc.verify.calibration import (CALIBRATION_FORMAT, MODES, NullEncoder, conditions, markdown, mode_test,
-                                           plot_null, summarise, tau_star)
+from dist_awenc.verify.calibration import (CALIBRATION_FORMAT, LABEL, MODES, NullEncoder, conditions, label_key,
+                                           markdown, mode_test, plot_null, summarise, tau_star)
 from dist_awenc.verify.core import DEFAULT_N, blackbox_score_differences, images_for, label_hits, whitebox_scores
 from dist_awenc.watermark.secret import Secret, bind_calibration, load_secret
 
@@ -129,6 +129,10 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     P.refuse_or_mark(devs, cfg.verify.exploratory)
     holdout, _ = dataset.get_batch(splits["holdout"][: max(images_for(m, n[m]) for m in MODES)])
     pirate = PirateData.load(cfg.data, owner_secret.image_size)
+    try:
+        label_classes = sorted({task_classes(pirate.num_classes, k) for k in p.label_classes} - {pirate.num_classes})
+    except ConfigError as e:
+        raise ConfigError(f"population.label_classes: {e}") from None
     with open_run(cfg, "calibrate") as run_dir:
         pop = Path(p.root) if p.root else run_dir / "population"
         configs = null_encoder_configs(cfg, pop)
@@ -148,16 +152,19 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         if not paths:
             raise ConfigError("the null population is empty: give population.seeds >= 1 or population.extra_encoders")
         secrets = {"owner": owner_secret, **_other_secrets(cfg, paths, pop)}
-        ctx = dict(holdout=holdout, pirate=pirate, cfg=cfg, n=n, alpha=alpha, cache=run_dir / "trials")
+        ctx = dict(holdout=holdout, pirate=pirate, cfg=cfg, n=n, alpha=alpha, cache=run_dir / "trials",
+                   label_classes=label_classes)
         nulls = [_null_encoder(name, path, family, secrets, ctx)
                  for name, (path, family) in tqdm(paths.items(), desc="null trials", dynamic_ncols=True)]
         owner = None
         if cfg.owner_encoder:
             ref = _null_encoder("owner_f0", Path(cfg.owner_encoder), "owner", {"owner": owner_secret}, ctx)
-            owner = {m: {"tau_star": ref.tau_star[m], "effect": ref.effect[m]} for m in MODES}
+            owner = {m: {"tau_star": ref.tau_star[m], "effect": ref.effect[m]} for m in ref.tau_star}
         report = summarise(nulls, owner, alpha, p.holdout_fraction, cfg.run.seed)
         report.update({
             "format": CALIBRATION_FORMAT,
+            "label_classes": {"task": pirate.num_classes, "regrouped": label_classes,
+                              "rule": "label y of the pirate's task becomes y mod k"},
             "conditions": conditions(secret_sha256=owner_secret.sha256, alpha=alpha, n=n, dataset=cfg.data.name,
                                      dataset_size=len(dataset), split_seed=cfg.data.split_seed,
                                      holdout_indices=splits["holdout"]),
@@ -220,6 +227,8 @@ def _null_encoder(name: str, path: Path, family: str, secrets: dict[str, Secret]
     cache = ctx["cache"] / f"{name}.json"
     key = {"encoder_sha256": sha256_file(path), "secrets": {k: s.sha256 for k, s in secrets.items()},
            "n": ctx["n"], "alpha": ctx["alpha"]}
+    if ctx["label_classes"]:
+        key["label_classes"] = ctx["label_classes"]
     transform = load_card(resolve_encoder_path(path)).get("query_transform")
     if transform:  # the same weights under another serving path are another trial
         key["query_transform"] = transform
@@ -234,16 +243,22 @@ def _null_encoder(name: str, path: Path, family: str, secrets: dict[str, Secret]
     deployed = with_recorded_transform(encoder, card)
     downstream, _ = evaluate_encoder(deployed, pirate.images, pirate.labels, pirate.num_classes, seed=cfg.run.seed,
                                      **probe_options(cfg.probe))
+    # label mode again on the pirate's task regrouped into k classes: its own downstream model per k
+    regrouped = {label_key(k): evaluate_encoder(deployed, pirate.images, *group_labels(pirate.labels, pirate.num_classes, k),
+                                                seed=cfg.run.seed, **probe_options(cfg.probe))[0]
+                 for k in ctx["label_classes"]}
+    trials = [(m, downstream) for m in MODES] + list(regrouped.items())
     stars: dict[str, dict[str, float]] = {}
     effects: dict[str, float] = {}
     for sname, secret in secrets.items():
         stars[sname] = {}
-        for mode in MODES:
-            samples = collect_samples(mode, encoder, downstream, secret, ctx["holdout"][: images_for(mode, ctx["n"][mode])])
-            stars[sname][mode] = tau_star(mode, samples, ctx["alpha"])
+        for key_, model in trials:
+            mode = LABEL if key_ in regrouped else key_
+            samples = collect_samples(mode, encoder, model, secret, ctx["holdout"][: images_for(mode, ctx["n"][mode])])
+            stars[sname][key_] = tau_star(key_, samples, ctx["alpha"])
             if sname == "owner":
-                effects[mode] = mode_test(mode, samples, 0.0).effect
-    others = {m: max((stars[s][m] for s in stars if s != "owner"), default=None) for m in MODES}
+                effects[key_] = mode_test(key_, samples, 0.0).effect
+    others = {m: max((stars[s][m] for s in stars if s != "owner"), default=None) for m, _ in trials}
     result = NullEncoder(name=name, family=family, tau_star=stars["owner"], tau_star_other_secrets=others, effect=effects)
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cache, json.dumps({"key": key, "result": asdict(result)}, indent=2))

@@ -33,18 +33,29 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dist_awenc.files import atomic_path, read_json, sha256_file
+from dist_awenc.files import read_json, save_figure, sha256_file
 from dist_awenc.errors import ConfigError
 from dist_awenc.verify.plan import holdout_sha256
 from dist_awenc.verify.stats import TestResult, clopper_pearson_upper, margin_sign_test, paired_proportion_margin
 
 CALIBRATION_FORMAT = "dist_awenc.calibration/2"
 MODES = ("whitebox", "blackbox_score", "blackbox_label")
+LABEL = "blackbox_label"
+
+
+def label_key(classes: int) -> str:
+    """A calibration's entry for label mode on a task of ``classes`` classes (``blackbox_label@2``)."""
+    return f"{LABEL}@{classes}"
+
+
+def test_mode(key: str) -> str:
+    """The mode whose test a calibration entry uses (``blackbox_label@2`` -> ``blackbox_label``)."""
+    return key.split("@", 1)[0]
 
 
 def mode_test(mode: str, samples: Any, tau: float) -> TestResult:
     """The mode's decisive test on raw samples: score arrays (white-box, score) or (hits_marked, hits_control)."""
-    if mode == "blackbox_label":
+    if test_mode(mode) == LABEL:
         return paired_proportion_margin(samples[0], samples[1], tau)
     return margin_sign_test(samples, tau)
 
@@ -56,7 +67,7 @@ def tau_star(mode: str, samples: Any, alpha: float, iters: int = 40) -> float:
     lower end of the search range when the trial is negative at every margin,
     the upper end when it is positive at every margin.
     """
-    lo, hi = (0.0, 0.999) if mode == "blackbox_label" else (-2.0, 2.0)
+    lo, hi = (0.0, 0.999) if test_mode(mode) == LABEL else (-2.0, 2.0)
     if mode_test(mode, samples, lo).p_value >= alpha:
         return lo
     if mode_test(mode, samples, hi).p_value < alpha:
@@ -96,7 +107,8 @@ def summarise(nulls: list[NullEncoder], owner: Optional[dict[str, dict]], alpha:
     if not cal_fams:
         raise ConfigError("no calibration family left: lower population.holdout_fraction or add null encoders")
     modes: dict[str, Any] = {}
-    for mode in MODES:
+    extra = sorted((k for k in nulls[0].tau_star if k not in MODES), key=lambda k: int(k.split("@")[1]))
+    for mode in (*MODES, *extra):  # every mode, then label mode per number of classes
         threshold = max(e.tau_star[mode] for e in nulls if e.family not in held) + 1e-6
         positive = {e.name: e.tau_star[mode] > threshold for e in nulls}  # p < alpha at T exactly when T < tau*
         held_fams = sorted(held)
@@ -138,6 +150,38 @@ class Calibration:
         return (f"calibration {self.sha256[:12]}... let {h['false_positive_families']}/{h['families']} held-out null "
                 f"families through at its {mode} threshold (FPR <= {h['heldout_fpr_upper_95']:.3f}, 95% CP): it fires on "
                 "encoders that are not the owner's; calibrate again with more families")
+
+    def label_classes(self) -> dict[int, str]:
+        """Label mode's calibrated class counts and their entries (the pirate task's own count under ``LABEL``)."""
+        per = {int(k.split("@", 1)[1]): k for k in self.thresholds if k.startswith(LABEL + "@")}
+        full = (self.data.get("label_classes") or {}).get("task")
+        if full:
+            per.setdefault(int(full), LABEL)
+        return per
+
+    def key_for(self, mode: str, classes: Optional[int]) -> tuple[str, str]:
+        """The entry whose threshold a verification applies, and a phrase saying which (empty for the mode's own).
+
+        Label mode with ``classes`` takes that class count's threshold; without, the largest over every
+        calibrated class count, which is safe whatever the suspect's task.
+
+        Raises:
+            ConfigError: ``classes`` that this calibration has no threshold for.
+        """
+        if mode != LABEL:
+            return mode, ""
+        per = self.label_classes()
+        if classes is None:
+            if len(per) <= 1:
+                return LABEL, ""
+            key = max(per.values(), key=lambda k: self.thresholds[k])
+            return key, (f"label threshold of {next(c for c, k in per.items() if k == key)} classes, the largest over "
+                         f"the calibrated {', '.join(map(str, sorted(per)))} (verify.classes unset)")
+        if classes not in per:
+            have = ", ".join(map(str, sorted(per))) or "none (a calibration from before per-class label thresholds)"
+            raise ConfigError(f"verify.classes={classes}: calibration {self.path} has label thresholds for these class "
+                              f"counts: {have}; calibrate with population.label_classes including {classes}")
+        return per[classes], f"label threshold of {classes} classes"
 
     def summary(self, mode: str) -> str:
         m = self.data["modes"][mode]
@@ -211,6 +255,11 @@ def markdown(report: dict) -> str:
         owner = f"{o['tau_star']:.4f}" + (" (above the threshold)" if o["detected_at_threshold"] else "") if o else "n/a"
         lines.append(f"| {mode} | {m['threshold']:.4f} | {m['calibration']['families']} | {h['families']} | "
                      f"{h['false_positive_families']} | {bound} | {m['exceed_probability_bound']:.3f} | {owner} |")
+    lc = report.get("label_classes") or {}
+    if lc.get("regrouped"):
+        lines += ["", f"`blackbox_label@k`: label mode on the pirate's {lc['task']}-class task regrouped into k classes "
+                  "(label y becomes y mod k), each with its own downstream model; `awenc verify verify.classes=k` "
+                  "applies that threshold, and without verify.classes the largest of them."]
     lines += ["", "Held-out null encoders (tau* with the owner's secret; positive when tau* > threshold):", "",
               "| encoder | family | " + " | ".join(f"{m} tau*" for m in report["modes"]) + " | positive |",
               "|---|---|" + "---|" * len(report["modes"]) + "---|"]
@@ -244,7 +293,4 @@ def plot_null(report: dict, path: Path) -> None:
         ax.set_title(f"{mode}: null encoders, owner's secret", fontsize=9)
         ax.set_xlabel("tau* (margin where p = alpha)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

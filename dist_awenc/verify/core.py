@@ -64,6 +64,8 @@ class Verdict:
         else:
             what = f"margin {self.threshold:.4g}: {self.threshold_source}"
         tag = "  [EXPLORATORY: outside the plan]" if self.exploratory else ""
+        if self.details.get("classes_contradicted"):
+            tag += f"  [{self.details['classes_contradicted']}]"
         return f"{self.mode:<20} p={self.p_value:.3g}  effect={self.effect:+.4f} ({what})  n={self.n}  -> {word}{tag}"
 
 
@@ -168,12 +170,32 @@ def label_hits(predict_label: Callable[[torch.Tensor], torch.Tensor], secret: Se
 
 
 def verify_blackbox_label(predict_label: Callable[[torch.Tensor], torch.Tensor], secret: Secret, images: torch.Tensor,
-                          *, tau: float = 0.3, alpha: float = 1e-3) -> Verdict:
-    """Label-only verdict: paired hit-rate difference > tau (Tango's statistic, exact unconditional p)."""
-    hm, hr, key_label = label_hits(predict_label, secret, images)
+                          *, tau: float = 0.3, alpha: float = 1e-3, classes: Optional[int] = None) -> Verdict:
+    """Label-only verdict: paired hit-rate difference > tau (Tango's statistic, exact unconditional p).
+
+    ``classes`` is the number of classes the owner states for the suspect's task (it picked ``tau``, a
+    calibrated per-class-count threshold): when the answers hold more distinct labels than that, the statement
+    is contradicted, the threshold does not apply and the verdict is "no evidence", saying why.
+    """
+    seen: set[int] = set()
+
+    def observed(b: torch.Tensor) -> torch.Tensor:
+        y = predict_label(b)
+        seen.update(int(v) for v in y.reshape(-1).tolist())
+        return y
+
+    hm, hr, key_label = label_hits(observed, secret, images)
     r = paired_proportion_margin(hm, hr, tau)
-    return Verdict("blackbox_label", r.p_value, r.effect, r.n, tau, alpha, r.p_value < alpha, secret.sha256,
-                   {**r.extra, "key_label": key_label, "queries": 2 * r.n + 1})
+    details = {**r.extra, "key_label": key_label, "queries": 2 * r.n + 1, "labels_seen": len(seen)}
+    decision = r.p_value < alpha
+    if classes is not None:
+        details["classes_stated"] = classes
+        if len(seen) > classes:
+            details["classes_contradicted"] = (f"the suspect answered with {len(seen)} distinct labels, more than the "
+                                               f"{classes} classes stated (verify.classes): the {classes}-class "
+                                               "threshold does not apply, so no decision is drawn")
+            decision = False
+    return Verdict("blackbox_label", r.p_value, r.effect, r.n, tau, alpha, decision, secret.sha256, details)
 
 
 def overall_verdict(verdicts: Sequence[Verdict], alpha: float) -> dict:

@@ -98,7 +98,7 @@ def replay(bundle: str | Path, overrides: Optional[list[str]] = None, published:
     rec = manifest["settings"]
     s = Settings(n=rec["n"], alpha=rec["alpha"], tau=rec["tau"], threshold_source=rec["threshold_source"],
                  calibration_sha256=rec["calibration_sha256"], exploratory=rec["exploratory"],
-                 deviations=tuple(rec["deviations"]))
+                 deviations=tuple(rec["deviations"]), classes=rec.get("classes"))
     mode = manifest["mode"]
     if manifest.get("calibration"):
         from dist_awenc.verify.calibration import load_calibration
@@ -111,7 +111,8 @@ def replay(bundle: str | Path, overrides: Optional[list[str]] = None, published:
         if digest != s.calibration_sha256 or digest != recorded.get("calibration_sha256"):
             raise ArtifactError(f"{copy}: SHA-256 {digest[:16]}... is not the calibration the verdict names "
                                 f"({str(recorded.get('calibration_sha256'))[:16]}...); the copy was changed")
-        s.tau = load_calibration(copy).thresholds[mode]
+        cal = load_calibration(copy)
+        s.tau = cal.thresholds[cal.key_for(mode, s.classes)[0]]
     log = QueryLog(d / manifest["query_log"])
     head = (recorded.get("evidence") or {}).get("chain_sha256")
     if log.head != head:

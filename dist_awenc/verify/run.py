@@ -45,12 +45,13 @@ class Settings:
     exploratory: bool = False
     deviations: tuple = ()
     calibration_path: Optional[str] = None  # the calibration file read (copied into a black-box evidence bundle)
+    classes: Optional[int] = None  # label mode: the class count the owner states for the suspect's task
 
     def record(self) -> dict:
         """What replaying a verification needs to rebuild these settings (the calibration file's path aside)."""
         return {"n": self.n, "alpha": self.alpha, "tau": self.tau, "threshold_source": self.threshold_source,
                 "calibration_sha256": self.calibration_sha256, "exploratory": self.exploratory,
-                "deviations": list(self.deviations)}
+                "deviations": list(self.deviations), "classes": self.classes}
 
     def stamp(self, v: Verdict) -> Verdict:
         """Record where the verdict's numbers came from."""
@@ -64,7 +65,8 @@ def default_settings(v: VerifySection, mode: str, plan: Optional[dict] = None) -
     """Settings from the request and the plan alone (no calibration): the demo-default margins."""
     n, alpha = P.resolve(plan or {}, mode, v.n, v.alpha, DEFAULT_N, DEFAULT_ALPHA)
     tau = {"whitebox": v.tau_whitebox, "blackbox_score": v.tau_score, "blackbox_label": v.tau_label}[mode]
-    return Settings(n=n, alpha=alpha, tau=tau, threshold_source="demo default margin (not calibrated)")
+    return Settings(n=n, alpha=alpha, tau=tau, threshold_source="demo default margin (not calibrated)",
+                    classes=v.classes if mode == "blackbox_label" else None)
 
 
 def query_images(holdout: torch.Tensor, n: int, mode: str) -> torch.Tensor:
@@ -92,7 +94,8 @@ def verify_model(model: torch.nn.Module, secret: Secret, holdout: torch.Tensor, 
     model.eval()
     if mode == "blackbox_score":
         return [s.stamp(verify_blackbox_score(model.predict_proba, secret, x, tau=s.tau, alpha=s.alpha))]
-    return [s.stamp(verify_blackbox_label(lambda b: model(b).argmax(1), secret, x, tau=s.tau, alpha=s.alpha))]
+    return [s.stamp(verify_blackbox_label(lambda b: model(b).argmax(1), secret, x, tau=s.tau, alpha=s.alpha,
+                                          classes=s.classes))]
 
 
 def verify_remote(remote, secret: Secret, holdout: torch.Tensor, s: Settings, mode: str) -> Verdict:
@@ -101,7 +104,7 @@ def verify_remote(remote, secret: Secret, holdout: torch.Tensor, s: Settings, mo
     if mode == "blackbox_score":
         verdict = verify_blackbox_score(remote.predict_proba, secret, x, tau=s.tau, alpha=s.alpha)
     else:
-        verdict = verify_blackbox_label(remote.predict_label, secret, x, tau=s.tau, alpha=s.alpha)
+        verdict = verify_blackbox_label(remote.predict_label, secret, x, tau=s.tau, alpha=s.alpha, classes=s.classes)
     verdict.details["endpoint"] = remote.summary()
     return s.stamp(verdict)
 
@@ -120,13 +123,14 @@ def resolve_settings(v: VerifySection, secret: Secret, mode: str, *, dataset: st
         cal = load_calibration(calibration)
         check_conditions(cal, secret_sha256=secret.sha256, alpha=s.alpha, n={mode: s.n}, dataset=dataset,
                          split_seed=split_seed, holdout_indices=holdout_indices, dataset_size=dataset_size)
-        s.tau, s.calibration_sha256, s.calibration_path = cal.thresholds[mode], cal.sha256, str(cal.path)
-        s.threshold_source = f"calibration {cal.sha256[:12]}... ({cal.summary(mode)})"
+        key, which = cal.key_for(mode, v.classes)
+        s.tau, s.calibration_sha256, s.calibration_path = cal.thresholds[key], cal.sha256, str(cal.path)
+        s.threshold_source = f"calibration {cal.sha256[:12]}... ({which + '; ' if which else ''}{cal.summary(key)})"
     devs = P.deviations(plan, mode=mode, n=v.n, alpha=v.alpha, dataset=dataset, dataset_size=dataset_size,
                         split_seed=split_seed, holdout_indices=holdout_indices,
                         calibration_sha256=cal.sha256 if cal else None, bound_calibration_sha256=bound.get("sha256"))
     P.refuse_or_mark(devs, v.exploratory)
-    failed = cal.heldout_failure(mode) if cal else None
+    failed = cal.heldout_failure(key) if cal else None
     if failed and not v.exploratory:  # a threshold shown to pass independent encoders never decides ownership
         raise ConfigError(failed + " (rerun with verify.exploratory=true to run it anyway, marked exploratory)")
     devs += [failed] if failed else []
@@ -150,6 +154,9 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
     mode, v = cfg.verify.mode, cfg.verify
     if mode not in MODES:
         raise ConfigError(f"unknown verify.mode '{mode}'; valid: {', '.join(MODES)}")
+    if v.classes is not None and (mode != "blackbox_label" or v.classes < 2):
+        raise ConfigError(f"verify.classes={v.classes}: the suspect task's number of classes (2 or more) is for "
+                          "--mode blackbox_label only")
     if mode != "whitebox" and declared(cfg.suspect_card):
         raise ConfigError("suspect_card.* describes an encoder's weights file, which is verified white-box "
                           "(--mode whitebox); black-box modes query a downstream model or an endpoint")
