@@ -14,12 +14,14 @@ from dist_awenc.ssl import (
     BYOL,
     METHODS,
     MoCoV2,
+    MoCoV3,
     SimCLR,
     SSLMethod,
     build_method,
     byol_momentum,
     byol_regression,
     moco_infonce,
+    mocov3_infonce,
     nt_xent,
     register_method,
 )
@@ -204,8 +206,8 @@ def test_mlp_head_validation(kw, match):
 
 
 def test_registry_contents_and_build():
-    assert list(METHODS) == ["simclr", "moco_v2", "byol"]
-    for name, cls in [("simclr", SimCLR), ("moco_v2", MoCoV2), ("byol", BYOL)]:
+    assert list(METHODS) == ["simclr", "moco_v2", "byol", "moco_v3"]
+    for name, cls in [("simclr", SimCLR), ("moco_v2", MoCoV2), ("byol", BYOL), ("moco_v3", MoCoV3)]:
         m = make(name)
         assert type(m) is cls and m.method_name == name
     m = make("moco_v2", temperature=0.1, queue_size=32, momentum=0.9)
@@ -236,6 +238,9 @@ def test_registry_errors():
         ("moco_v2", dict(queue_seed=0.5), "queue_seed"),
         ("byol", dict(momentum=-0.1), "momentum"),
         ("byol", dict(pred_hidden_dim=0), "pred_hidden_dim"),
+        ("moco_v3", dict(temperature=0.0), "temperature"),
+        ("moco_v3", dict(momentum=2.0), "momentum"),
+        ("moco_v3", dict(pred_hidden_dim=0), "pred_hidden_dim"),
     ],
 )
 def test_method_hyperparameter_validation(name, kw, match):
@@ -253,7 +258,7 @@ def test_method_feature_dim_and_backbone_validation():
 # ----------------------------------------------------------------------------- methods
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco_v2", "byol"])
+@pytest.mark.parametrize("name", ["simclr", "moco_v2", "byol", "moco_v3"])
 def test_method_forward_backward(name):
     m = make(name)
     out = m(views())
@@ -270,7 +275,7 @@ def test_method_forward_backward(name):
                 assert not p.requires_grad and p.grad is None
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco_v2", "byol"])
+@pytest.mark.parametrize("name", ["simclr", "moco_v2", "byol", "moco_v3"])
 def test_method_rejects_bad_views_and_progress(name):
     m = make(name)
     v = views()
@@ -285,7 +290,7 @@ def test_method_rejects_bad_views_and_progress(name):
 
 
 def test_cl_loss_equals_forward_loss():
-    for name in ("simclr", "byol"):
+    for name in ("simclr", "byol", "moco_v3"):
         m = make(name)
         torch.testing.assert_close(m.cl_loss(views()), m(views())["loss"])
     m = make("moco_v2")
@@ -312,6 +317,9 @@ def test_state_dict_contents():
     byol = set(make("byol").state_dict())
     assert any(k.startswith("predictor.") for k in byol)
     assert any(k.startswith("momentum_backbone.") for k in byol)
+    mocov3 = set(make("moco_v3").state_dict())  # everything a resumed run needs; no queue
+    assert {k.split(".")[0] for k in mocov3} == {"backbone", "projector", "predictor", "momentum_backbone",
+                                                 "momentum_projector"}
 
 
 def _perturb_online(m: SSLMethod) -> None:
@@ -417,7 +425,7 @@ def test_moco_eval_mode_does_not_enqueue():
     torch.testing.assert_close(m.queue, before)
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco_v2", "byol"])
+@pytest.mark.parametrize("name", ["simclr", "moco_v2", "byol", "moco_v3"])
 def test_loss_goes_down(name):
     m = make(name, momentum=0.9) if name != "simclr" else make(name)
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
@@ -438,3 +446,112 @@ def test_loss_goes_down(name):
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert all(math.isfinite(v) for v in losses)
     assert last < 0.9 * first, (name, losses)
+
+
+# ----------------------------------------------------------------------------- MoCo v3
+
+
+def ref_mocov3(q: torch.Tensor, k: torch.Tensor, t: float) -> torch.Tensor:
+    """Explicit loop: query i against every key, its own key the positive (float64)."""
+    q, k = q.double(), k.detach().double()
+    losses = []
+    for i in range(q.shape[0]):
+        logits = torch.stack([q[i] @ k[j] / (q[i].norm() * k[j].norm()) for j in range(k.shape[0])]) / t
+        losses.append(-logits[i] + torch.logsumexp(logits, 0))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("t", [0.2, 1.0])
+def test_mocov3_infonce_matches_explicit_logits(t):
+    torch.manual_seed(0)
+    q = torch.randn(5, 6, requires_grad=True)
+    k = torch.randn(5, 6, requires_grad=True)
+    loss = mocov3_infonce(q, k, temperature=t)
+    loss.backward()
+    a = q.detach().double().requires_grad_()
+    ref = ref_mocov3(a, k, t)
+    ref.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q.grad.double(), a.grad, atol=1e-5, rtol=1e-4)
+    assert k.grad is None  # keys are the momentum encoder's: no gradient
+    with pytest.raises(ValueError, match="temperature"):
+        mocov3_infonce(q, k, temperature=0)
+    with pytest.raises(ValueError, match="same shape"):
+        mocov3_infonce(q, k[:3])
+
+
+def test_mocov3_infonce_on_two_ranks_equals_one_process_on_the_whole_batch(monkeypatch):
+    """Each rank's queries against the gathered keys, labelled rank * b + i: the mean over ranks of the loss (and the
+    DDP-averaged gradient of each rank's queries) equals one process on the concatenated batch."""
+    from dist_awenc.engine import dist
+
+    torch.manual_seed(0)
+    b, world = 3, 2
+    q = torch.randn(world * b, 6)
+    k = torch.randn(world * b, 6)
+    whole = q.clone().requires_grad_()
+    full = mocov3_infonce(whole, k, 0.2)
+    full.backward()
+    monkeypatch.setattr(dist, "is_dist", lambda: True)
+    monkeypatch.setattr(dist, "world_size", lambda: world)
+    monkeypatch.setattr(dist, "gather_nograd", lambda x: F.normalize(k, dim=1))  # every rank's (normalised) keys
+    losses = []
+    for r in range(world):
+        monkeypatch.setattr(dist, "rank", lambda r=r: r)
+        local = q[r * b:(r + 1) * b].clone().requires_grad_()
+        loss = mocov3_infonce(local, k[r * b:(r + 1) * b], 0.2)
+        loss.backward()
+        losses.append(loss.detach())
+        torch.testing.assert_close(local.grad / world, whole.grad[r * b:(r + 1) * b])  # DDP averages over ranks
+    torch.testing.assert_close(torch.stack(losses).mean(), full.detach())
+    monkeypatch.setattr(dist, "gather_nograd", lambda x: F.normalize(k[:4], dim=1))
+    with pytest.raises(ValueError, match="same local batch size"):
+        mocov3_infonce(q[:b], k[:b], 0.2)
+
+
+def test_moco_v3_loss_is_symmetrised_infonce_of_predictions_against_momentum_keys():
+    m = make("moco_v3", temperature=0.3)
+    _perturb_online(m)  # the key encoder differs from the query encoder
+    v = views()
+    q1, q2 = (m.predictor(m.projector(m.backbone(x))) for x in v)
+    with torch.no_grad():
+        k1, k2 = (m.momentum_projector(m.momentum_backbone(x)) for x in v)
+    expected = 0.5 * (ref_mocov3(q1, k2, 0.3) + ref_mocov3(q2, k1, 0.3))
+    torch.testing.assert_close(m(v)["loss"].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.5, 1.0])
+def test_moco_v3_momentum_update_follows_the_cosine_schedule(progress):
+    m = make("moco_v3", momentum=0.9)
+    _perturb_online(m)
+    old_t = [p.clone() for p in list(m.momentum_backbone.parameters()) + list(m.momentum_projector.parameters())]
+    online = list(m.backbone.parameters()) + list(m.projector.parameters())
+    m.momentum_update(progress)
+    mom = byol_momentum(0.9, progress)
+    assert m.current_momentum == pytest.approx(mom)
+    new_t = list(m.momentum_backbone.parameters()) + list(m.momentum_projector.parameters())
+    for t_old, t_new, o in zip(old_t, new_t, online, strict=True):
+        torch.testing.assert_close(t_new, mom * t_old + (1 - mom) * o)
+    assert not any(p.requires_grad for p in m.momentum_backbone.parameters())
+
+
+def test_moco_v3_pretrain_resumes_bit_for_bit(tmp_path):
+    """`awenc pretrain` with ssl.method=moco_v3: a run killed after 3 steps and resumed ends with the same encoder,
+    heads and momentum encoder as one that ran through (everything is in the method's state dict)."""
+    from conftest import tiny_overrides, weights
+    from dist_awenc.config import PretrainConfig, load_config
+    from dist_awenc.engine.loop import Interrupted
+    from dist_awenc.ssl.pretrain import pretrain
+
+    def cfg(name):
+        return load_config(PretrainConfig, None, tiny_overrides(tmp_path, name, **{"ssl.method": "moco_v3"}))
+
+    full = pretrain(cfg("full"))
+    with pytest.raises(Interrupted):
+        pretrain(cfg("cut"), interrupt_at=3)
+    resumed = pretrain(cfg("cut"))
+    for name in ("encoder.safetensors", "method.safetensors"):
+        a, b = weights(full.with_name(name)), weights(resumed.with_name(name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert any(k.startswith("momentum_backbone.") for k in weights(full.with_name("method.safetensors")))

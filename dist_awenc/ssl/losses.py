@@ -2,8 +2,9 @@
 
 Every function computes in float32 (inputs are cast), so it is safe under
 autocast. The only cross-process communication is :func:`nt_xent`'s
-differentiable gather through :mod:`dist_awenc.engine.dist`; the other losses
-are local means, which DDP's gradient averaging turns into the global mean.
+differentiable gather and :func:`mocov3_infonce`'s gather of keys (no gradient)
+through :mod:`dist_awenc.engine.dist`; the other losses are local means, which
+DDP's gradient averaging turns into the global mean.
 """
 from __future__ import annotations
 
@@ -156,3 +157,43 @@ def byol_regression(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     _check_pair(p, z, "p and z", "byol_regression")
     cos = F.cosine_similarity(p.float(), z.detach().float(), dim=1)
     return (2.0 - 2.0 * cos).mean()
+
+
+def mocov3_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, gather: bool = True) -> torch.Tensor:
+    """InfoNCE of MoCo v3: the keys of the whole batch are the candidates, no queue.
+
+    Chen, Xie, He 2021, "An Empirical Study of Training Self-Supervised Vision Transformers" (arXiv:2104.02057),
+    Algorithm 1: ``logits = q @ k_all^T / T``, cross entropy to each query's own key. The keys are detached (the
+    momentum encoder's) and, with ``gather=True``, gathered from every rank without gradient
+    (:func:`dist_awenc.engine.dist.gather_nograd`, rank-major), so query ``i`` of rank ``r`` is labelled
+    ``r * b + i``; with DDP's gradient averaging the loss and gradients equal one process on the concatenated batch.
+    The paper scales the loss by ``2T`` (a learning-rate rescale); here it is the plain cross entropy, like the
+    other losses.
+
+    Args:
+        q: queries (predictor outputs), ``(b, d)``; normalised inside.
+        k: keys (momentum projections of the other view), ``(b, d)``; row ``i`` pairs with ``q[i]``.
+        temperature: softmax temperature ``T > 0``.
+        gather: take the keys of all ranks (identity on one process).
+
+    Shape:
+        ``q, k: (b, d)`` -> scalar.
+
+    Returns:
+        Mean cross entropy over the ``b`` local queries (float32).
+    """
+    _check_temperature(temperature, "mocov3_infonce")
+    _check_pair(q, k, "q and k", "mocov3_infonce")
+    b = q.shape[0]
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(k.detach().float(), dim=1)
+    offset = 0
+    if gather and dist.is_dist():
+        keys = dist.gather_nograd(k)
+        if keys.shape[0] != dist.world_size() * b:
+            raise ValueError("mocov3_infonce: every rank must use the same local batch size")
+        offset = dist.rank() * b
+    else:
+        keys = k
+    logits = q @ keys.T / temperature  # (b, W*b)
+    return F.cross_entropy(logits, offset + torch.arange(b, device=q.device))
