@@ -269,7 +269,7 @@ def test_missing_and_unexpected_keys_are_listed(pirate, tmp_path):
     assert "missing (layer1.2.conv1.weight" in str(e.value) and "more)" in str(e.value)
     with pytest.raises(ArtifactError, match=r"shape\(s\) differ .*conv1.weight \(64, 3, 3, 3\) vs \(64, 3, 7, 7\)"):
         load_suspect(pirate["files"]["pt_fp16"], _card(stem="imagenet"))
-    with pytest.raises(ConfigError, match="ViT and ConvNeXt"):
+    with pytest.raises(ConfigError, match="suspect_card.arch: unknown encoder 'vit_b_16'; valid: .*timm/<model name>"):
         load_suspect(pirate["files"]["pt_fp16"], _card(arch="vit_b_16"))
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import dist_awenc.encoders.backbones  # noqa: F401  (registers the backbones)
+import dist_awenc.encoders.timm_backbones  # noqa: F401  (registers timm/<model name>; timm itself loads on first use)
 from dist_awenc.encoders.registry import build_backbone
 from dist_awenc.errors import ArtifactError
 from dist_awenc.files import (_durable_replace, _tmp_name, atomic_write_text,  # noqa: F401  (re-exported)

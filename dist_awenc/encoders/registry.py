@@ -2,6 +2,10 @@
 
 A backbone maps normalised images (b, 3, H, W) to features (b, feature_dim)
 and exposes ``feature_dim``. Heads live in :mod:`dist_awenc.encoders.heads`.
+
+Besides the names registered one by one (:data:`ENCODERS`), a family resolves every name under a prefix
+(``register_family("timm/", resolve)``: ``timm/vit_tiny_patch16_224``, ``timm/resnet18``, ...) without listing
+them; ``resolve(rest)`` returns the factory of that name or raises a one-line ConfigError.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from torch import nn
 from dist_awenc.errors import ConfigError
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {}
+FAMILIES: dict[str, Callable[[str], Callable[..., nn.Module]]] = {}  # prefix -> resolve(name after the prefix)
 
 
 def register_encoder(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -25,10 +30,34 @@ def register_encoder(name: str) -> Callable[[Callable[..., nn.Module]], Callable
     return deco
 
 
+def register_family(prefix: str, resolve: Callable[[str], Callable[..., nn.Module]]) -> None:
+    """Names ``<prefix><rest>`` resolve through ``resolve(rest)`` (which raises ConfigError for an unknown ``rest``)."""
+    if not prefix.endswith("/") or prefix in FAMILIES:
+        raise ValueError(f"encoder family '{prefix}': a prefix ends with '/' and is registered once")
+    FAMILIES[prefix] = resolve
+
+
+def valid_names() -> str:
+    """What an architecture name may be, for error messages."""
+    return ", ".join(sorted(ENCODERS)) + "".join(f", {p}<model name>" for p in sorted(FAMILIES))
+
+
+def factory(name: str) -> Callable[..., nn.Module]:
+    """The function that builds backbone ``name`` (registered, or resolved by its family).
+
+    Raises:
+        ConfigError: an unknown name (one line, the valid ones listed or close names suggested).
+    """
+    if name in ENCODERS:
+        return ENCODERS[name]
+    for prefix, resolve in FAMILIES.items():
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return resolve(name[len(prefix):])
+    raise ConfigError(f"unknown encoder '{name}'; valid: {valid_names()}")
+
+
 def _params(name: str) -> dict[str, inspect.Parameter]:
-    if name not in ENCODERS:
-        raise ConfigError(f"unknown encoder '{name}'; valid: {', '.join(sorted(ENCODERS))}")
-    return dict(inspect.signature(ENCODERS[name]).parameters)
+    return dict(inspect.signature(factory(name)).parameters)
 
 
 def build_backbone(name: str, **kwargs) -> nn.Module:
@@ -38,7 +67,7 @@ def build_backbone(name: str, **kwargs) -> nn.Module:
     if unknown:
         raise ConfigError(f"encoder '{name}' takes no argument {', '.join(map(repr, unknown))} "
                           f"(it takes: {', '.join(params) or 'none'})")
-    return ENCODERS[name](**kwargs)
+    return factory(name)(**kwargs)
 
 
 def resolve_arch_kwargs(name: str, **explicit) -> dict:

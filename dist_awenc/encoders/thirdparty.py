@@ -15,8 +15,10 @@ Only the owner's fields and the weights' shapes decide how a suspect is
 measured: nothing else in its files does (a checkpoint's other entries and a
 safetensors header's metadata are ignored). A ``.pt``/``.pth`` file is read with
 ``torch.load(weights_only=True)`` only: anything but plain containers of
-tensors is refused before any of it runs. ResNets only for now (torchvision's and
-timm's share key names); ViT and ConvNeXt checkpoints need timm backbones, a later change.
+tensors is refused before any of it runs. A torchvision ResNet maps onto this
+project's ``resnet18/34/50`` (timm's ResNets share its key names); any timm model
+onto ``timm/<model name>`` (a ViT's patch size and a ResNet's or ConvNeXt's stem
+are read from the weights' first convolution, a ViT's ``img_size`` is the input size).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import torch
 from dist_awenc.encoders.io import (Encoder, build_encoder, card_for, load_card, load_encoder, read_state,
                                     resolve_encoder_path, save_encoder)
 from dist_awenc.encoders.keymap import fit, strip_prefixes, unwrap
-from dist_awenc.encoders.registry import ENCODERS, resolve_arch_kwargs
+from dist_awenc.encoders.registry import factory, resolve_arch_kwargs
+from dist_awenc.encoders.timm_backbones import PREFIX as TIMM, stem_from_weights
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.files import read_json, sha256_file
@@ -93,10 +96,16 @@ def read_foreign(p: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
 
 
 def _stem(arch: str, stem: Optional[str], state: dict[str, torch.Tensor], notes: list[str]) -> dict[str, Any]:
-    """The backbone's explicit arguments: the stem where it takes one (from conv1's kernel when not given)."""
+    """The backbone's explicit arguments: the stem where it takes one (from the first convolution's kernel when not
+    given)."""
     if "stem" not in resolve_arch_kwargs(arch):
         return {} if stem is None else {"stem": stem}  # resolve_arch_kwargs then names the unused argument
-    if stem is None:
+    if stem is None and arch.startswith(TIMM):
+        stem, why = stem_from_weights(arch, state)
+        if stem is None:
+            raise ConfigError(f"give suspect_card.stem for {arch}: {why} in the file")
+        notes.append(f"stem {stem}: {why}")
+    elif stem is None:
         w = state.get("conv1.weight")
         stem = STEM_OF_KERNEL.get(int(w.shape[-1])) if w is not None and w.ndim == 4 else None
         if stem is None:
@@ -116,9 +125,10 @@ def build_declared(p: Path, fields: dict[str, Any], *, stage: str = "third_party
     if missing:
         raise ConfigError(f"{p}: no card ({p.with_suffix('.json').name}) beside it: {NO_CARD_HINT}")
     arch, size = fields["arch"], fields["input_size"]
-    if arch not in ENCODERS:
-        raise ConfigError(f"suspect_card.arch: unknown architecture '{arch}'; valid: {', '.join(sorted(ENCODERS))} "
-                          "(ViT and ConvNeXt checkpoints need timm backbones, a later change)")
+    try:
+        factory(arch)
+    except ConfigError as e:
+        raise ConfigError(f"suspect_card.arch: {e}") from None
     if not isinstance(size, int) or size < 1:
         raise ConfigError(f"suspect_card.input_size must be a positive number of pixels; got {size}")
     notes: list[str] = []
@@ -130,7 +140,10 @@ def build_declared(p: Path, fields: dict[str, Any], *, stage: str = "third_party
     state, stripped = read_foreign(p)
     state, more = strip_prefixes(state)
     notes += stripped + more
-    kwargs = resolve_arch_kwargs(arch, **_stem(arch, fields.get("stem"), state, notes))
+    explicit = _stem(arch, fields.get("stem"), state, notes)
+    if "img_size" in resolve_arch_kwargs(arch):  # a ViT: built for the input size
+        explicit["img_size"] = size
+    kwargs = resolve_arch_kwargs(arch, **explicit)
     encoder = build_encoder(arch, kwargs, mean, std, size)
     state, more = fit(state, encoder.backbone.state_dict(), str(p), f"{arch} {kwargs}")
     notes += more

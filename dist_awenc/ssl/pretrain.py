@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from dist_awenc.config import PretrainConfig, to_dict, to_yaml
+from dist_awenc.config import EncoderSection, PretrainConfig, to_dict, to_yaml
 from dist_awenc.data import GlobalBatchSampler, build_dataset, make_splits, make_views
 from dist_awenc.encoders.io import Encoder, build_encoder, card_for, save_encoder, save_tensors
 from dist_awenc.encoders.registry import resolve_arch_kwargs
@@ -22,9 +22,16 @@ from dist_awenc.ssl.methods import METHODS, build_method
 
 
 def encoder_from_config(enc, image_size: int) -> tuple[Encoder, str, dict]:
-    """Build the pixel-space encoder an ``encoder:`` section describes."""
-    explicit = {"norm": enc.norm, **({"width": enc.width} if enc.width is not None else {}),
-                **({"stem": enc.stem} if enc.stem is not None else {})}
+    """Build the pixel-space encoder an ``encoder:`` section describes.
+
+    A backbone without a ``norm`` argument (a timm model) is built when ``encoder.norm`` is left at its default
+    (any other value is an error naming what it takes); one with an ``img_size`` (a timm ViT) gets ``image_size``.
+    """
+    takes = resolve_arch_kwargs(enc.arch)
+    explicit = {**({"norm": enc.norm} if "norm" in takes or enc.norm != EncoderSection.norm else {}),
+                **({"width": enc.width} if enc.width is not None else {}),
+                **({"stem": enc.stem} if enc.stem is not None else {}),
+                **({"img_size": image_size} if "img_size" in takes else {})}
     kwargs = resolve_arch_kwargs(enc.arch, **explicit)
     return build_encoder(enc.arch, kwargs, enc.mean, enc.std, image_size), enc.arch, kwargs
 
