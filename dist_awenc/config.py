@@ -30,6 +30,10 @@ class DataSection:
     image_size: int = 16
     size: Optional[int] = None  # number of samples, for `fake`
     split_seed: int = 0
+    # fractions of the dataset for pre-training / the owner's hold-out / the pirate's downstream task, cut from one
+    # permutation seeded by split_seed; a 0 leaves that split empty ([1, 0, 0]: all for pre-training; [0, 0, 1]:
+    # a downstream task on another dataset or folder)
+    splits: list[float] = field(default_factory=lambda: [0.5, 0.2, 0.3])
     num_workers: int = 0
     loader: str = "torch"  # torch | ffcv | auto (ffcv when installed and data.beton is set)
     beton: Optional[str] = None  # .beton of this stage's split (awenc data write-beton)

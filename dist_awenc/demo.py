@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dist_awenc.config import DemoConfig, EmbedConfig, PretrainConfig, RunSection, WatermarkConfig
-from dist_awenc.data import build_dataset, make_splits
+from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import atomic_write_text, load_encoder
 from dist_awenc.files import save_figure
 from dist_awenc.engine.log import info
@@ -53,7 +53,7 @@ def demo(cfg: DemoConfig) -> dict:
 
     info("[5/6] downstream: the pirate's linear head on each encoder")
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
-    splits = make_splits(len(dataset), cfg.data.split_seed)
+    splits = splits_for(len(dataset), cfg.data.split_seed, cfg.data.splits, "the demo", "pretrain", "holdout", "downstream")
     down_x, down_y = dataset.get_batch(splits["downstream"])
     holdout, _ = dataset.get_batch(splits["holdout"])
     torch.manual_seed(cfg.run.seed)

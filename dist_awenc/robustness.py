@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from dist_awenc.attacks import ATTACK_STRENGTHS, ATTACKS, AttackOptions, apply_attack
 from dist_awenc.attacks.stage import PirateData
 from dist_awenc.config import DataSection, ProbeSection, RunSection, VerifySection
-from dist_awenc.data import build_dataset, make_splits
+from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import load_encoder
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
@@ -101,7 +101,7 @@ class Context:
         if card["input_size"] != sec.image_size:
             raise ArtifactError(f"encoder takes {card['input_size']} px but the secret is {sec.image_size} px")
         dataset = build_dataset(data.name, root=data.root, image_size=sec.image_size, seed=data.split_seed, size=data.size)
-        splits = make_splits(len(dataset), data.split_seed)
+        splits = splits_for(len(dataset), data.split_seed, data.splits, "robustness", "holdout")
         settings = {m: resolve_settings(verify, sec, m, dataset=data.name, dataset_size=len(dataset),
                                         split_seed=data.split_seed, holdout_indices=splits["holdout"]) for m in MODES}
         holdout, _ = dataset.get_batch(splits["holdout"])

@@ -48,6 +48,9 @@ COSMETIC = frozenset({
 # rehearsal: off; suspect_card: unset, the suspect's card decides): a folder whose config predates the section is
 # the same run as a config holding it at defaults.
 ADDED_AT_DEFAULTS = frozenset({"robust", "rehearsal", "suspect_card"})
+# Fields added the same way, in whatever section holds them (data.splits: the split every run used before;
+# classes: the dataset's own, or none stated; label_classes is not here: it adds per-class thresholds).
+FIELDS_ADDED_AT_DEFAULTS = frozenset({"splits", "classes"})
 # files of a run folder that are no outputs: its config, its status, `awenc submit`'s job folder
 _BOOKKEEPING = ("config.yaml", "status.json", "slurm")
 _ABSENT = "<absent>"
@@ -91,7 +94,23 @@ def config_difference(run_dir: Path, cfg: Any) -> Optional[tuple[str, Any, Any]]
         if (f.name in ADDED_AT_DEFAULTS and isinstance(old, dict) and f.name not in old
                 and f.default_factory is not dataclasses.MISSING and getattr(cfg, f.name) == f.default_factory()):
             new.pop(f.name, None)
+    _drop_added_fields(old, new, cfg)
     return first_difference(old, new, sections)
+
+
+def _drop_added_fields(old: Any, new: dict, node: Any) -> None:
+    """Remove from ``new`` each :data:`FIELDS_ADDED_AT_DEFAULTS` field that ``old`` lacks and ``node`` (the
+    dataclass ``new`` was written from) holds at its default, section by section."""
+    if not isinstance(old, dict) or not dataclasses.is_dataclass(node):
+        return
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _drop_added_fields(old.get(f.name), new.get(f.name, {}), value)
+        elif f.name in FIELDS_ADDED_AT_DEFAULTS and f.name not in old:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value == default:
+                new.pop(f.name, None)
 
 
 def _describe(diff: tuple[str, Any, Any]) -> str:

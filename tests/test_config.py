@@ -64,3 +64,21 @@ def test_every_stage_row_names_a_function_and_a_config_class_that_loads_its_defa
     assert callable(stage_function(stage))
     cfg = load_config(schema(stage), None)  # defaults alone make a valid config
     assert dataclasses.is_dataclass(cfg)
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_imagenet_warmup_is_ten_epochs_of_the_split_it_pretrains_on(method):
+    """The recipes' warm-up is written in steps: 10 epochs of the pre-training split, not of the whole dataset."""
+    from dist_awenc.config import PretrainConfig
+    from dist_awenc.data import make_splits
+
+    cfg = load_config(PretrainConfig, CONFIGS / "pretrain" / f"imagenet_resnet50_{method}.yaml")
+    n_train = 1_281_167  # ImageNet-1k train
+    per_epoch = len(make_splits(n_train, cfg.data.split_seed, cfg.data.splits)["pretrain"]) // cfg.train.batch_size
+    assert cfg.optim.warmup_steps == 10 * per_epoch
+
+
+def test_imagenet_moco_v2_has_global_batch_norm():
+    from dist_awenc.config import PretrainConfig
+
+    assert load_config(PretrainConfig, CONFIGS / "pretrain" / "imagenet_resnet50_moco_v2.yaml").train.sync_bn

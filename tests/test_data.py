@@ -148,12 +148,31 @@ def test_splits_disjoint_cover_deterministic():
 def test_splits_bad_fractions():
     with pytest.raises(ValueError, match="sum to 1"):
         make_splits(100, 0, (0.5, 0.2, 0.2))
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         make_splits(100, 0, (0.8, 0.3, -0.1))
     with pytest.raises(ValueError, match="3 entries"):
         make_splits(100, 0, (0.5, 0.5))
     with pytest.raises(ValueError, match="too small"):
         make_splits(2, 0)
+
+
+def test_split_fractions_are_a_config_field_and_zero_leaves_a_split_empty():
+    from dist_awenc.data import splits_for
+    from dist_awenc.errors import ConfigError
+
+    default = make_splits(1797, seed=0)
+    same = make_splits(1797, 0, [0.5, 0.2, 0.3])
+    assert all(torch.equal(default[k], same[k]) for k in default)  # the field's default is the split every run used
+    everything = make_splits(1797, 0, [1, 0, 0])
+    assert len(everything["pretrain"]) == 1797 and len(everything["holdout"]) == len(everything["downstream"]) == 0
+    other_dataset = splits_for(1797, 0, [0, 0, 1], "downstream", "downstream")
+    assert len(other_dataset["downstream"]) == 1797
+    with pytest.raises(ConfigError, match=r"data.splits=\[1, 0, 0\] leaves the holdout split empty, and verify needs it"):
+        splits_for(1797, 0, [1, 0, 0], "verify", "holdout")
+    with pytest.raises(ConfigError, match="data.splits: fractions must be in"):
+        splits_for(1797, 0, [0.5, 0.6, 0.0], "verify", "holdout")
+    with pytest.raises(ValueError, match="too small"):
+        make_splits(10, 0, (0.98, 0.01, 0.01))  # a positive fraction that rounds to no image
 
 
 def test_train_test_split_indices():

@@ -143,6 +143,9 @@ def test_downstream_stage_builds_a_k_class_task(tmp_path, capsys):
     assert main(["downstream", *common, "run.name=eleven", "classes=11"]) == 2
     assert "classes=11: a task needs 2 to 10 classes" in capsys.readouterr().err
     assert not (tmp_path / "eleven").exists()
+    assert main(["downstream", *common, "run.name=none", "data.splits=[1,0,0]"]) == 2
+    assert "data.splits=[1.0, 0.0, 0.0] leaves the downstream split empty, and downstream needs it" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_verify_classes_is_for_label_mode_only(tmp_path, capsys):

@@ -149,6 +149,26 @@ def test_real_pretraining_is_reused_with_a_progress_bar(tmp_path):
     assert again == out and snapshot(out.parent) == before
 
 
+def test_a_folder_from_before_a_field_existed_is_the_same_run_at_its_default(tmp_path):
+    """data.splits, verify.classes and downstream's classes were added later at the values old runs used."""
+    import yaml
+
+    from dist_awenc.config import DownstreamConfig, to_yaml
+    from dist_awenc.runs import config_difference
+
+    cfg = load_config(DownstreamConfig, None, [f"run.out_dir={tmp_path}", "run.name=d", "encoder=f0.safetensors"])
+    old = yaml.safe_load(to_yaml(cfg))
+    del old["data"]["splits"], old["classes"]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.yaml").write_text(yaml.safe_dump(old))
+    assert config_difference(tmp_path / "d", cfg) is None
+    other = load_config(DownstreamConfig, None, [f"run.out_dir={tmp_path}", "run.name=d", "encoder=f0.safetensors",
+                                                 "data.splits=[0.8,0.1,0.1]"])
+    assert config_difference(tmp_path / "d", other)[0] == "data.splits"
+    two = load_config(DownstreamConfig, None, [f"run.out_dir={tmp_path}", "run.name=d", "encoder=f0.safetensors", "classes=2"])
+    assert config_difference(tmp_path / "d", two)[0] == "classes"
+
+
 def test_a_folder_from_before_the_robust_section_is_the_same_run_as_robust_off(tmp_path):
     """A run written before `robust:` existed is reused by a config holding it at its defaults (off), not with it on."""
     import yaml

@@ -15,7 +15,7 @@ import torch
 
 from dist_awenc.attacks.base import AttackData, AttackOptions, apply_attack
 from dist_awenc.config import DataSection, ProbeSection, RunSection, SuspectCardSection, to_dict
-from dist_awenc.data import build_dataset, make_splits, train_test_split_indices
+from dist_awenc.data import build_dataset, splits_for, train_test_split_indices
 from dist_awenc.encoders.io import Encoder, atomic_write_text, card_for, save_encoder
 from dist_awenc.encoders.thirdparty import load_suspect
 from dist_awenc.engine.log import info
@@ -52,7 +52,8 @@ class PirateData:
     @classmethod
     def load(cls, data: DataSection, image_size: int) -> "PirateData":
         dataset = build_dataset(data.name, root=data.root, image_size=image_size, seed=data.split_seed, size=data.size)
-        images, labels = dataset.get_batch(make_splits(len(dataset), data.split_seed)["downstream"])
+        images, labels = dataset.get_batch(splits_for(len(dataset), data.split_seed, data.splits, "the pirate's task",
+                                                          "downstream")["downstream"])
         return cls(images, labels, dataset.num_classes)
 
     def attack_data(self, test_fraction: float, seed: int) -> AttackData:

@@ -11,7 +11,7 @@ from .datasets import (
     register_dataset,
 )
 from .sampler import GlobalBatchSampler, IndexedBatch, SamplerSource, loader
-from .splits import derive_seed, make_splits, train_test_split_indices
+from .splits import derive_seed, make_splits, splits_for, train_test_split_indices
 from .views import ViewConfig, apply_params, make_views, mild_view_config, sample_params
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "derive_seed",
     "loader",
     "make_splits",
+    "splits_for",
     "make_views",
     "mild_view_config",
     "register_dataset",

@@ -12,9 +12,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["SPLIT_NAMES", "derive_seed", "make_splits", "train_test_split_indices"]
+from dist_awenc.errors import ConfigError
+
+__all__ = ["DEFAULT_FRACTIONS", "SPLIT_NAMES", "derive_seed", "make_splits", "splits_for", "train_test_split_indices"]
 
 SPLIT_NAMES: tuple[str, str, str] = ("pretrain", "holdout", "downstream")
+DEFAULT_FRACTIONS: tuple[float, float, float] = (0.5, 0.2, 0.3)
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -36,17 +39,19 @@ def _generator(*parts: int | str) -> torch.Generator:
 
 
 def make_splits(
-    n: int, seed: int, fractions: Sequence[float] = (0.5, 0.2, 0.3)
+    n: int, seed: int, fractions: Sequence[float] = DEFAULT_FRACTIONS
 ) -> dict[str, Tensor]:
     """Split ``range(n)`` into the pretrain / holdout / downstream index sets.
 
     A seeded random permutation is cut into consecutive pieces of sizes
-    ``round(f * n)`` (the last piece takes the remainder).
+    ``round(f * n)`` (the last piece takes the remainder). A fraction of 0
+    leaves its split empty (``(1, 0, 0)``: everything for pre-training; a
+    downstream task on another dataset: ``(0, 0, 1)`` there).
 
     Args:
         n: dataset size.
         seed: split seed (same seed -> same splits).
-        fractions: three positive fractions summing to 1, in the order of
+        fractions: three fractions in [0, 1] summing to 1, in the order of
             ``("pretrain", "holdout", "downstream")``.
 
     Returns:
@@ -54,24 +59,41 @@ def make_splits(
         LongTensor; disjoint and together covering ``range(n)``.
 
     Raises:
-        ValueError: on bad fractions or when a split would be empty.
+        ValueError: on bad fractions or when a split with a positive fraction would be empty.
     """
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != len(SPLIT_NAMES):
         raise ValueError(
             f"fractions must have {len(SPLIT_NAMES)} entries {SPLIT_NAMES}; got {fractions}"
         )
-    if any(not f > 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-        raise ValueError(f"fractions must be positive and sum to 1; got {fractions}")
+    if any(not 0 <= f <= 1 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"fractions must be in [0, 1] and sum to 1; got {fractions}")
     sizes = [round(f * n) for f in fractions[:-1]]
     sizes.append(n - sum(sizes))
-    if any(s < 1 for s in sizes):
+    if any(s < 1 for s, f in zip(sizes, fractions) if f > 0) or any(s < 0 for s in sizes):
         raise ValueError(
             f"n={n} is too small for fractions {fractions}: split sizes would be {sizes}"
         )
     perm = torch.randperm(n, generator=_generator(seed, "splits"))
     pieces = perm.split(sizes)
     return {name: piece.sort().values for name, piece in zip(SPLIT_NAMES, pieces)}
+
+
+def splits_for(n: int, seed: int, fractions: Sequence[float], stage: str, *needed: str) -> dict[str, Tensor]:
+    """:func:`make_splits` for a stage: bad fractions, or an empty split among ``needed``, are one-line errors.
+
+    Raises:
+        ConfigError: naming ``data.splits`` and the stage that needs the empty split.
+    """
+    try:
+        splits = make_splits(n, seed, fractions)
+    except ValueError as e:
+        raise ConfigError(f"data.splits: {e}") from None
+    for name in needed:
+        if len(splits[name]) == 0:
+            raise ConfigError(f"data.splits={list(fractions)} leaves the {name} split empty, and {stage} needs it "
+                              f"(the fractions are of {'/'.join(SPLIT_NAMES)})")
+    return splits
 
 
 def train_test_split_indices(

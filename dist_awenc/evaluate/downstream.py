@@ -13,7 +13,7 @@ import torch
 
 from dist_awenc.attacks.query import with_recorded_transform
 from dist_awenc.config import DownstreamConfig, ProbeSection
-from dist_awenc.data import build_dataset, make_splits, train_test_split_indices
+from dist_awenc.data import build_dataset, splits_for, train_test_split_indices
 from dist_awenc.encoders.io import Encoder, build_encoder, read_state
 from dist_awenc.encoders.thirdparty import load_suspect
 from dist_awenc.engine.log import info
@@ -124,7 +124,7 @@ def downstream(cfg: DownstreamConfig) -> dict:
             f"encoder was trained at {card['input_size']} px but data.image_size={cfg.data.image_size}; set data.image_size={card['input_size']}"
         )
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
-    idx = make_splits(len(dataset), cfg.data.split_seed)["downstream"]
+    idx = splits_for(len(dataset), cfg.data.split_seed, cfg.data.splits, "downstream", "downstream")["downstream"]
     task_classes(dataset.num_classes, cfg.classes)  # checked before anything is decoded
     images, labels = dataset.get_batch(idx)
     labels, classes = group_labels(labels, dataset.num_classes, cfg.classes)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from dist_awenc.attacks.query import with_recorded_transform
 from dist_awenc.config import (CalibrateConfig, EncoderSection, PlanSection, PretrainConfig, RunSection,
                                WatermarkConfig, load_config)
-from dist_awenc.data import build_dataset, make_splits
+from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import atomic_write_text, load_card, load_encoder, resolve_encoder_path, sha256_file
 from dist_awenc.engine.log import info, warn
 from dist_awenc.errors import ConfigError
@@ -122,7 +122,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     n = {m: P.resolve(owner_secret.plan, m, cfg.verify.n, None, DEFAULT_N, 1e-3)[0] for m in MODES}
     alpha = P.resolve(owner_secret.plan, MODES[0], None, cfg.verify.alpha, DEFAULT_N, 1e-3)[1]
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=owner_secret.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
-    splits = make_splits(len(dataset), cfg.data.split_seed)
+    splits = splits_for(len(dataset), cfg.data.split_seed, cfg.data.splits, "calibrate", "holdout")
     devs = P.deviations(owner_secret.plan, mode=MODES[0], n=None, alpha=alpha, dataset=cfg.data.name,
                         dataset_size=len(dataset), split_seed=cfg.data.split_seed, holdout_indices=splits["holdout"],
                         calibration_sha256=None, bound_calibration_sha256=None)

@@ -27,7 +27,7 @@ import torch
 
 from dist_awenc.config import VerifyConfig
 from dist_awenc.config_loading import load_config
-from dist_awenc.data import build_dataset, make_splits
+from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.engine.log import info, warn
 from dist_awenc.errors import ArtifactError, AwencError, TamperedSecretError
 from dist_awenc.files import read_json, sha256_file
@@ -71,7 +71,7 @@ def _holdout(cfg: VerifyConfig, manifest: dict, image_size: int, k: int) -> Opti
     if len(dataset) != data.get("size") or cfg.data.split_seed != data.get("split_seed"):
         raise ArtifactError(f"replay: data {cfg.data.name} ({len(dataset)} images, split seed {cfg.data.split_seed}) "
                             f"is not the bundle's ({data.get('size')} images, split seed {data.get('split_seed')})")
-    idx = make_splits(len(dataset), cfg.data.split_seed)["holdout"]
+    idx = splits_for(len(dataset), cfg.data.split_seed, cfg.data.splits, "replay", "holdout")["holdout"]
     return dataset.get_batch(idx[:k])[0]
 
 

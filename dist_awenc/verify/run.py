@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from dist_awenc.config import VerifyConfig, VerifySection
-from dist_awenc.data import build_dataset, make_splits
+from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import atomic_write_text
 from dist_awenc.encoders.thirdparty import declared, load_suspect
 from dist_awenc.engine.log import info, warn
@@ -162,7 +162,7 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
                           "(--mode whitebox); black-box modes query a downstream model or an endpoint")
     secret = load_secret(cfg.secret)
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=secret.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
-    splits = make_splits(len(dataset), cfg.data.split_seed)
+    splits = splits_for(len(dataset), cfg.data.split_seed, cfg.data.splits, "verify", "holdout")
     settings = lambda: resolve_settings(v, secret, mode, dataset=cfg.data.name, dataset_size=len(dataset),  # noqa: E731
                                         split_seed=cfg.data.split_seed, holdout_indices=splits["holdout"])
     remote = None

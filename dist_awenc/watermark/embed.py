@@ -26,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 from dist_awenc.config import EmbedConfig, to_dict, to_yaml
-from dist_awenc.data import GlobalBatchSampler, build_dataset, make_splits, make_views
+from dist_awenc.data import GlobalBatchSampler, build_dataset, make_views, splits_for
 from dist_awenc.encoders.io import Encoder, card_for, load_encoder, read_state, resolve_encoder_path, save_encoder
 from dist_awenc.engine.log import info
 from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator, prepare_model
@@ -155,7 +155,7 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     if secret.image_size != card["input_size"] or cfg.data.image_size != card["input_size"]:
         raise ArtifactError(f"sizes disagree: encoder {card['input_size']} px, secret {secret.image_size} px, data.image_size={cfg.data.image_size}")
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
-    indices = make_splits(len(dataset), cfg.data.split_seed)["pretrain"]
+    indices = splits_for(len(dataset), cfg.data.split_seed, cfg.data.splits, "embedding", "pretrain")["pretrain"]
     plan = TrainPlan.of(cfg.train, len(indices))
     torch.manual_seed(cfg.run.seed)
     f = copy.deepcopy(f0)

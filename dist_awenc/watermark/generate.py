@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dist_awenc.config import GenerationSection, WatermarkConfig
-from dist_awenc.data import build_dataset, make_splits
+from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import Encoder, atomic_write_text, load_encoder, read_state, save_tensors
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
@@ -96,7 +96,7 @@ def watermark(cfg: WatermarkConfig) -> Path:
     if card["input_size"] != cfg.data.image_size:
         raise ArtifactError(f"encoder was trained at {card['input_size']} px but data.image_size={cfg.data.image_size}")
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
-    splits = make_splits(len(dataset), cfg.data.split_seed)
+    splits = splits_for(len(dataset), cfg.data.split_seed, cfg.data.splits, "watermark", "pretrain", "holdout")
     pool, _ = dataset.get_batch(splits["pretrain"])
     holdout, _ = dataset.get_batch(splits["holdout"])
     with open_run(cfg, "watermark") as run_dir:

@@ -12,7 +12,7 @@ from torch import Tensor
 from dist_awenc.config import DataSection
 from dist_awenc.errors import ConfigError
 from dist_awenc.data.sampler import GlobalBatchSampler, SamplerSource
-from dist_awenc.data.splits import make_splits
+from dist_awenc.data.splits import splits_for
 from dist_awenc.data.ffcv._common import SPLITS, WRITE_MODES, ffcv_available, _require_ffcv
 from dist_awenc.data.ffcv.loader import FFCVSource, _default_threads
 from dist_awenc.data.ffcv.writer import write_beton
@@ -81,7 +81,8 @@ def write_beton_stage(cfg: BetonConfig) -> Path:
         raise ConfigError(f"beton.original=true needs data.name=imagefolder (image files); got '{cfg.data.name}'")
     d = cfg.data
     dataset = build_dataset(d.name, root=d.root, image_size=d.image_size, seed=d.split_seed, size=d.size)
-    indices = None if cfg.beton.split == "all" else make_splits(len(dataset), d.split_seed)[cfg.beton.split]
+    indices = None if cfg.beton.split == "all" else splits_for(len(dataset), d.split_seed, d.splits, "write-beton",
+                                                                       cfg.beton.split)[cfg.beton.split]
     n = len(dataset) if indices is None else int(indices.numel())
     workers = cfg.beton.num_workers or _default_threads()
     info(f"write-beton {d.name} split={cfg.beton.split} ({n} of {len(dataset)} images, {cfg.beton.mode}"
