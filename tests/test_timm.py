@@ -126,6 +126,21 @@ def test_bad_timm_names_and_arguments_are_one_line_config_errors():
         assert "\n" not in str(e.value)
 
 
+def test_pretrain_encoder_section_builds_a_timm_vit_for_the_image_size():
+    """`encoder.norm` left at its default is not passed to a timm model (set, it is an error naming what it takes);
+    a ViT's img_size is the data's image size, recorded with every other argument."""
+    from dist_awenc.config import EncoderSection
+    from dist_awenc.ssl.pretrain import encoder_from_config
+
+    enc, arch, kwargs = encoder_from_config(EncoderSection(arch=VIT, stem="patch4"), SIZE)
+    assert (arch, kwargs, enc.feature_dim, enc.input_size) == (VIT, VIT_KWARGS, 192, SIZE)
+    assert encoder_from_config(EncoderSection(arch="timm/resnet18", stem="cifar"), SIZE)[2] == {"stem": "cifar"}
+    with pytest.raises(ConfigError, match="takes no argument 'norm'"):
+        encoder_from_config(EncoderSection(arch=VIT, stem="patch4", norm="batch"), SIZE)
+    with pytest.raises(ConfigError, match="takes no argument 'width'"):
+        encoder_from_config(EncoderSection(arch=VIT, width=8), SIZE)
+
+
 def test_importing_dist_awenc_does_not_import_timm():
     code = ("import sys, dist_awenc.cli, dist_awenc.encoders.io, dist_awenc.encoders.thirdparty, dist_awenc.ssl; "
             "assert 'timm' not in sys.modules, 'timm imported'")
