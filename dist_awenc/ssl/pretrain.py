@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 from dist_awenc.config import EncoderSection, PretrainConfig, to_dict, to_yaml
-from dist_awenc.data import GlobalBatchSampler, build_dataset, make_splits, make_views
+from dist_awenc.data import GlobalBatchSampler, build_dataset, make_views, splits_for
 from dist_awenc.encoders.io import Encoder, build_encoder, card_for, save_encoder, save_tensors
 from dist_awenc.encoders.registry import resolve_arch_kwargs
 from dist_awenc.engine.log import info
@@ -57,9 +57,9 @@ def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path
     its last checkpoint (``interrupt_at`` simulates a kill, for tests).
     """
     accelerator = make_accelerator(Path(cfg.run.out_dir) / cfg.run.name, cfg.train.mixed_precision, cfg.train.trackers,
-                                   cfg.train.grad_accum, cfg.train.compile, cfg.train.deepspeed)
+                                   cfg.train.grad_accum, cfg.train.compile, cfg.train.deepspeed, cfg.optim.name)
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
-    indices = make_splits(len(dataset), cfg.data.split_seed)["pretrain"]
+    indices = splits_for(len(dataset), cfg.data.split_seed, cfg.data.splits, "pre-training", "pretrain")["pretrain"]
     plan = TrainPlan.of(cfg.train, len(indices))
     torch.manual_seed(cfg.run.seed)
     encoder, arch, akw = encoder_from_config(cfg.encoder, cfg.data.image_size)
