@@ -67,3 +67,27 @@ def test_zero2_matches_plain_training_and_resumes_exactly(tmp_path):
     resumed = pretrain(_cfg(tmp_path, "cut"))
     c = weights(resumed)
     assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_lars_under_zero_is_refused_before_the_run_folder_exists(tmp_path):
+    """ZeRO hands the optimizer flat partitions across layers: LARS's per-layer trust ratios would be wrong."""
+    from dist_awenc.errors import ConfigError
+    from dist_awenc.ssl.pretrain import pretrain
+
+    with pytest.raises(ConfigError, match=r"optim.name=lars cannot run under ZeRO stage 2 \(train.deepspeed=.*zero2.json\)"):
+        pretrain(_cfg(tmp_path, "lars", **{"optim.name": "lars"}))
+    assert not (tmp_path / "lars").exists()
+
+
+def test_zero_stage_of_a_deepspeed_json(tmp_path):
+    from dist_awenc.engine.loop import refuse_lars_under_zero, zero_stage
+    from dist_awenc.errors import ConfigError
+
+    assert zero_stage(ZERO2) == 2
+    (tmp_path / "none.json").write_text('{"bf16": {"enabled": "auto"}}')
+    assert zero_stage(tmp_path / "none.json") == 0
+    refuse_lars_under_zero("lars", 0, "no ZeRO")  # plain data parallel: LARS sees whole layers
+    refuse_lars_under_zero("sgd", 2, "ZeRO-2")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json is not a DeepSpeed JSON config"):
+        zero_stage(tmp_path / "bad.json")

@@ -53,15 +53,35 @@ class LoopSettings:
     channels_last: bool = False
 
 
+def zero_stage(path: str | Path) -> int:
+    """The ZeRO stage of a DeepSpeed JSON (0 when it sets none)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        return int((doc.get("zero_optimization") or {}).get("stage", 0))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"train.deepspeed: {path} is not a DeepSpeed JSON config ({type(e).__name__}: {e})") from None
+
+
+def refuse_lars_under_zero(optimizer: str, stage: int, where: str) -> None:
+    """LARS scales each layer's step by ||w|| / ||g||; ZeRO 1-3 hand the optimizer flat partitions that cut
+    across layers, so the trust ratios would be computed over slices of several layers: silently wrong."""
+    if optimizer == "lars" and stage >= 1:
+        raise ConfigError(f"optim.name=lars cannot run under ZeRO stage {stage} ({where}): ZeRO gives the optimizer flat "
+                          "partitions across layers, so LARS's per-layer trust ratios would be wrong; use LARS with "
+                          "DDP (no train.deepspeed) or optim.name=sgd/adamw under ZeRO")
+
+
 def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, trackers: list[str] | None = None,
-                     grad_accum: int = 1, compile: bool = False, deepspeed: Optional[str] = None) -> Accelerator:
+                     grad_accum: int = 1, compile: bool = False, deepspeed: Optional[str] = None,
+                     optimizer: str = "") -> Accelerator:
     """An Accelerator logging to ``run_dir/metrics.jsonl`` (+ tensorboard / wandb when asked).
 
     Process count, device and DeepSpeed come from the launcher (``accelerate
     launch --config_file configs/accelerate/...``); ``compile`` asks for
     torch.compile (inductor) on top of what the launcher sets; ``deepspeed``
     (a DeepSpeed JSON) selects ZeRO from the run's config instead, which also
-    works on CPU processes (gloo), where the launcher's DeepSpeed route does not.
+    works on CPU processes (gloo), where the launcher's DeepSpeed route does not. ``optimizer`` (the
+    ``optim.name``) is checked against it before anything is written: LARS under ZeRO is refused.
     """
     plugin = None
     if deepspeed:
@@ -70,6 +90,7 @@ def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, track
 
         if not Path(deepspeed).is_file():
             raise ConfigError(f"train.deepspeed: no DeepSpeed config at '{deepspeed}' (see configs/deepspeed/)")
+        refuse_lars_under_zero(optimizer, zero_stage(deepspeed), f"train.deepspeed={deepspeed}")
         if "RANK" not in os.environ:  # one process without a launcher: DeepSpeed still wants a rendezvous
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -216,6 +237,9 @@ def fit(
     if accelerator.gradient_accumulation_steps != s.grad_accum:
         raise ConfigError(f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, the loop {s.grad_accum}")
     plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:  # the launcher's DeepSpeed route too (accelerate launch --config_file ..._zero2.yaml)
+        refuse_lars_under_zero("lars" if type(optimizer).__name__ == "LARS" else "", int(plugin.zero_stage or 0),
+                               "the launcher's DeepSpeed config")
     if plugin is not None:  # no dataloader goes through prepare(): tell DeepSpeed the batch arithmetic
         plugin.deepspeed_config.update({
             "train_micro_batch_size_per_gpu": s.micro_batch, "gradient_accumulation_steps": s.grad_accum,

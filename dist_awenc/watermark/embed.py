@@ -148,7 +148,7 @@ def load_method_state(method: nn.Module, encoder_path: Path) -> bool:
 def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     """Fine-tune f0 with the joint loss; writes the watermarked ``encoder.safetensors``."""
     accelerator = make_accelerator(Path(cfg.run.out_dir) / cfg.run.name, cfg.train.mixed_precision, cfg.train.trackers,
-                                   cfg.train.grad_accum, cfg.train.compile, cfg.train.deepspeed)
+                                   cfg.train.grad_accum, cfg.train.compile, cfg.train.deepspeed, cfg.optim.name)
     encoder_path = resolve_encoder_path(cfg.encoder)
     f0, card = load_encoder(encoder_path)
     secret = load_secret(cfg.secret)
