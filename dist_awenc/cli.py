@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "once: later commands take the copy with no suspect_card fields")
     imp = sub.add_parser("import", help=import_help, description=import_help)
     imp.add_argument("weights", help=".safetensors, or a .pt/.pth state dict (read with weights_only=True only)")
-    imp.add_argument("--arch", required=True, help="resnet18, resnet34 or resnet50 (torchvision / timm key names)")
-    imp.add_argument("--stem", choices=["cifar", "imagenet"], help="default: from conv1's kernel (3x3 cifar, 7x7 imagenet)")
+    imp.add_argument("--arch", required=True, help="resnet18/34/50 (torchvision key names), timm/<any timm model> "
+                     "(timm/vit_tiny_patch16_224, timm/convnext_atto, ...), or this project's tiny, tiny_resnet")
+    imp.add_argument("--stem", help="cifar | imagenet (ResNets, ConvNeXt), patch<N> (ViTs); default: read from the "
+                     "weights' first convolution")
     imp.add_argument("--input-size", type=int, required=True, help="pixels (square) the model takes")
     imp.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="default: ImageNet's")
     imp.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="default: ImageNet's")

@@ -44,7 +44,7 @@ class EncoderSection:
     arch: str = "tiny"
     width: Optional[int] = None  # tiny nets only (None: the net's default, 32); an error for a net without a width
     norm: str = "group"  # group | batch | none
-    stem: Optional[str] = None  # resnets only: cifar | imagenet (None: cifar); an error for a net without a stem
+    stem: Optional[str] = None  # ResNets/ConvNeXt: cifar | imagenet (None: cifar); ViTs: patch<N>; an error for a net without one
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     proj_hidden_dim: int = 256
@@ -115,8 +115,8 @@ class SuspectCardSection:
     """A bare weights file's architecture and input conventions, where no card is beside it (a torchvision or timm
     ResNet state dict: README, "Verifying a model you found"). Where a card exists, a field set here must agree."""
 
-    arch: Optional[str] = None  # resnet18 | resnet34 | resnet50 (torchvision / timm key names)
-    stem: Optional[str] = None  # cifar (3x3, no max-pool) | imagenet (7x7 + max-pool); None: from conv1's kernel
+    arch: Optional[str] = None  # resnet18 | resnet34 | resnet50 (torchvision names) | timm/<timm model> | tiny | ...
+    stem: Optional[str] = None  # cifar (3x3, no max-pool) | imagenet (7x7 + max-pool) | patch<N> (ViT); None: from the weights
     input_size: Optional[int] = None  # pixels (square)
     mean: Optional[list[float]] = None  # None: ImageNet's [0.485, 0.456, 0.406]
     std: Optional[list[float]] = None  # None: ImageNet's [0.229, 0.224, 0.225]
