@@ -26,22 +26,29 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        """One step per param group with ``torch._foreach_*`` ops (no per-parameter Python loop, no host sync):
+        ``d = g + wd w``; on ``lars`` groups ``d *= eta |w| / |d|`` (1 where either norm is 0);
+        ``buf = momentum * buf + d`` (``d`` on the first step); ``w -= lr * buf``."""
         loss = closure() if closure is not None else None
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad.add(p, alpha=g["weight_decay"]) if g["weight_decay"] else p.grad.clone()
-                if g["lars"]:
-                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
-                    d = d.mul(trust)
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(g["momentum"]).add_(d)
-                p.add_(buf, alpha=-g["lr"])
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            d = torch._foreach_add(grads, params, alpha=g["weight_decay"]) if g["weight_decay"] else grads
+            if g["lars"]:
+                w_norm, d_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(d))
+                trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                d = torch._foreach_mul(d, list(trust.unbind()))
+            bufs = [self.state[p].get("momentum_buffer") for p in params]
+            old = [i for i, b in enumerate(bufs) if b is not None]
+            if old:
+                torch._foreach_mul_([bufs[i] for i in old], g["momentum"])
+                torch._foreach_add_([bufs[i] for i in old], [d[i] for i in old])
+            for i, b in enumerate(bufs):  # the first step only: the buffers start as d
+                if b is None:
+                    bufs[i] = self.state[params[i]]["momentum_buffer"] = d[i].clone()
+            torch._foreach_add_(params, bufs, alpha=-g["lr"])
         return loss
 
 

@@ -101,9 +101,12 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def _ema_(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """``theta_t <- m * theta_t + (1 - m) * theta_o`` over matching parameters."""
-    for p_t, p_o in zip(target.parameters(), online.parameters(), strict=True):
-        p_t.lerp_(p_o.detach(), 1.0 - momentum)
+    """``theta_t <- m * theta_t + (1 - m) * theta_o`` over matching parameters: one ``_foreach_lerp_`` (values of ``lerp_``)."""
+    targets, onlines = list(target.parameters()), [p.detach() for p in online.parameters()]
+    if len(targets) != len(onlines):
+        raise ValueError(f"EMA: the target has {len(targets)} parameters, the online network {len(onlines)}")
+    if targets:
+        torch._foreach_lerp_(targets, onlines, 1.0 - momentum)
 
 
 class SSLMethod(nn.Module):
@@ -297,9 +300,7 @@ class MoCoV2(SSLMethod):
             k1 = F.normalize(self.momentum_projector(self.momentum_backbone(v1)).float(), dim=1)
             k2 = F.normalize(self.momentum_projector(self.momentum_backbone(v2)).float(), dim=1)
         queue = self.queue.clone()  # the loss must not see this step's keys
-        loss = 0.5 * (
-            moco_infonce(q1, k2, queue, self.temperature) + moco_infonce(q2, k1, queue, self.temperature)
-        )
+        loss = 0.5 * (moco_infonce(q1, k2, queue, self.temperature) + moco_infonce(q2, k1, queue, self.temperature))
         if self.training:
             self._dequeue_and_enqueue(k1, k2)
         return {"loss": loss}
