@@ -8,6 +8,12 @@ affine resampling, colour jitter, random grayscale, gaussian blur.
 :func:`make_views` draws the parameters of the *global* batch from
 ``(seed, step)`` and applies this rank's slice, so the views of a run do not
 depend on how many processes share the batch.
+
+Nothing waits for the device: everything derived from the draws (the crop's affine matrix, the hue rotation, the
+indices of the images each colour operation touches) is computed on the host and packed into one float32 tensor
+(:func:`draw_views`), which reaches the device in one non-blocking copy
+(:func:`~dist_awenc.data.transfer.to_device_once`; a step moves all its draws together); which images are flagged
+stays on the host, so no step reads a device value.
 """
 from __future__ import annotations
 
@@ -19,8 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .splits import derive_seed
+from .transfer import to_device_once
 
-__all__ = ["ViewConfig", "apply_params", "gaussian_blur", "make_views", "mild_view_config", "sample_params"]
+__all__ = ["ViewConfig", "ViewDraw", "apply_params", "draw_views", "gaussian_blur", "make_views", "mild_view_config",
+           "sample_params"]
 
 # ITU-R 601 luma weights (as torchvision's rgb_to_grayscale).
 _LUMA = (0.299, 0.587, 0.114)
@@ -175,21 +183,56 @@ def sample_params(cfg: ViewConfig, n: int, generator: torch.Generator) -> dict[s
     }
 
 
-# --------------------------------------------------------------------------- operations
+# --------------------------------------------------------------------------- packing (host side)
+
+# Columns of the packed parameters of one view, (n, _K) float32, one row per image.
+_THETA = slice(0, 6)  # the 2x3 affine matrix of crop + flip, row-major
+_BRIGHT, _CONTRAST, _SAT = 6, 7, 8  # colour-jitter factors
+_HUE = slice(9, 18)  # the 3x3 RGB hue rotation, row-major
+_SIGMA = 18  # blur sigma in pixels
+_ROWS = (19, 20, 21)  # jitter, gray, blur: the indices of the flagged images, first (exact in float32 below 2**24)
+_K = 22
+_FLAGS = ("jitter", "gray", "blur")
 
 
-def _crop_flip(x: Tensor, p: dict[str, Tensor]) -> Tensor:
-    """Random-resized crop + flip as one batched affine resampling (output size = input size)."""
-    n = x.shape[0]
-    sign = 1.0 - 2.0 * p["flip"].to(torch.float32)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = p["crop_w"] * sign
-    theta[:, 0, 2] = p["crop_cx"]
-    theta[:, 1, 1] = p["crop_h"]
-    theta[:, 1, 2] = p["crop_cy"]
-    theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+def _pack(p: dict[str, Tensor]) -> tuple[Tensor, Tensor, int]:
+    """:func:`sample_params` output for n images -> (packed (n, _K) float32, flags (n, 3) bool, blur radius), on the CPU."""
+    n = p["flip"].shape[0]
+    packed = torch.zeros(n, _K)
+    packed[:, 0] = p["crop_w"] * (1.0 - 2.0 * p["flip"].to(torch.float32))
+    packed[:, 2], packed[:, 4], packed[:, 5] = p["crop_cx"], p["crop_h"], p["crop_cy"]
+    packed[:, _BRIGHT], packed[:, _CONTRAST], packed[:, _SAT] = p["brightness"], p["contrast"], p["saturation"]
+    packed[:, _HUE] = _hue_matrices(p["hue"]).reshape(n, 9).to(torch.float32)
+    packed[:, _SIGMA] = p["blur_sigma"]
+    flags = torch.stack([p[k].bool() for k in _FLAGS], dim=1)
+    for col, flag in zip(_ROWS, flags.unbind(1)):
+        rows = flag.nonzero().flatten()
+        packed[: rows.numel(), col] = rows.to(torch.float32)
+    return packed, flags, int(p["blur_radius"].max()) if n else 1
+
+
+@dataclass
+class ViewDraw:
+    """The parameters of V views of b images, drawn and prepared on the host (:func:`draw_views`).
+
+    Attributes:
+        packed: (V, b, _K) float32 CPU tensor, what the device needs; move it with
+            :func:`~dist_awenc.data.transfer.to_device_once` (one copy for all the draws of a step).
+        flags: (V, b, 3) bool CPU tensor (jitter, grayscale, blur per image); never leaves the host.
+        radius: blur kernel half-width.
+    """
+
+    packed: Tensor
+    flags: Tensor
+    radius: int
+
+    def apply(self, x: Tensor, packed: Tensor) -> list[Tensor]:
+        """The V views of ``x`` (b, 3, H, W), given ``packed`` = ``self.packed`` on x's device."""
+        _check_images(x, self.packed.shape[1])
+        return [_apply_packed(x, packed[v], self.flags[v], self.radius) for v in range(self.packed.shape[0])]
+
+
+# --------------------------------------------------------------------------- operations (device side)
 
 
 def _luma(x: Tensor) -> Tensor:
@@ -200,12 +243,12 @@ def _luma(x: Tensor) -> Tensor:
 
 def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
     """``factor * a + (1 - factor) * b`` per sample, clamped to [0, 1]."""
-    f = factor.view(-1, 1, 1, 1)
+    f = factor.reshape(-1, 1, 1, 1)
     return (f * a + (1.0 - f) * b).clamp(0.0, 1.0)
 
 
 def _hue_matrices(hue: Tensor) -> Tensor:
-    """Per-sample 3x3 RGB matrices rotating the YIQ chroma plane by ``2*pi*hue``: (m,) -> (m, 3, 3)."""
+    """Per-sample 3x3 RGB matrices rotating the YIQ chroma plane by ``2*pi*hue``: (m,) -> (m, 3, 3), float64 CPU."""
     to_yiq = torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)
     angle = 2.0 * math.pi * hue.to(torch.float64)
     cos, sin = angle.cos(), angle.sin()
@@ -216,17 +259,16 @@ def _hue_matrices(hue: Tensor) -> Tensor:
     return torch.linalg.inv(to_yiq) @ rot @ to_yiq
 
 
-def _color_jitter(x: Tensor, p: dict[str, Tensor]) -> Tensor:
+def _color_jitter(x: Tensor, rows: Tensor) -> Tensor:
     """Brightness, contrast, saturation, hue (in that order) with per-sample factors.
 
-    Shape: x (m, 3, H, W) in [0, 1]; every tensor of ``p`` is (m,), on x's device,
-    except ``hue`` which stays on the CPU.
+    Shape: x (m, 3, H, W) in [0, 1]; rows (m, _K), the packed parameters of these images, on x's device.
     """
-    x = _blend(x, torch.zeros_like(x), p["brightness"])
+    x = _blend(x, torch.zeros_like(x), rows[:, _BRIGHT])
     mean = _luma(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = _blend(x, mean.expand_as(x), p["contrast"])
-    x = _blend(x, _luma(x).expand_as(x), p["saturation"])
-    mat = _hue_matrices(p["hue"]).to(device=x.device, dtype=x.dtype)
+    x = _blend(x, mean.expand_as(x), rows[:, _CONTRAST])
+    x = _blend(x, _luma(x).expand_as(x), rows[:, _SAT])
+    mat = rows[:, _HUE].reshape(-1, 3, 3).to(x.dtype)
     return torch.einsum("mij,mjhw->mihw", mat, x).clamp(0.0, 1.0)
 
 
@@ -238,7 +280,7 @@ def gaussian_blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
     m, c, h, w = x.shape
     radius = max(1, min(radius, h - 1, w - 1))
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (taps.view(1, -1) / sigma.view(-1, 1).to(x.dtype)) ** 2)
+    kernel = torch.exp(-0.5 * (taps.view(1, -1) / sigma.reshape(-1, 1).to(x.dtype)) ** 2)
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (m*C, k)
     k = kernel.shape[1]
     y = x.reshape(1, m * c, h, w)
@@ -249,17 +291,35 @@ def gaussian_blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
     return y.reshape(m, c, h, w)
 
 
-def _on_subset(x: Tensor, flag: Tensor, fn) -> Tensor:
-    """Apply ``fn(x[idx], idx_cpu)`` to the flagged samples only (flag is a CPU bool tensor)."""
-    idx = flag.nonzero().flatten()
-    if idx.numel() == 0:
+def _on_subset(x: Tensor, rows: Tensor, flag: Tensor, col: int, fn) -> Tensor:
+    """``fn(x[i], rows[i])`` on the flagged images only; flag is a CPU bool tensor, the indices come from ``rows[:, col]``."""
+    k = int(flag.sum())  # a host value: the flags never left the CPU
+    if k == 0:
         return x
-    if idx.numel() == x.shape[0]:
-        return fn(x, idx)
-    dev_idx = idx.to(x.device)
-    x = x.clone()
-    x[dev_idx] = fn(x[dev_idx], idx)
-    return x
+    if k == x.shape[0]:
+        return fn(x, rows)
+    idx = rows[:k, col].long()  # on x's device, from the one copy
+    return x.index_copy(0, idx, fn(x.index_select(0, idx), rows.index_select(0, idx)))
+
+
+def _apply_packed(x: Tensor, rows: Tensor, flags: Tensor, radius: int) -> Tensor:
+    """One view: crop + flip as one affine ``grid_sample``, then jitter, grayscale and blur on the flagged images."""
+    theta = rows[:, _THETA].reshape(-1, 2, 3).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = _on_subset(out, rows, flags[:, 0], _ROWS[0], _color_jitter)
+    out = _on_subset(out, rows, flags[:, 1], _ROWS[1], lambda sub, r: _luma(sub).expand_as(sub).contiguous())
+    out = _on_subset(out, rows, flags[:, 2], _ROWS[2], lambda sub, r: gaussian_blur(sub, r[:, _SIGMA], radius))
+    return out.clamp(0.0, 1.0)
+
+
+def _check_images(x: Tensor, n: int) -> None:
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"views expect images of shape (n, 3, H, W); got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"views expect float images in [0, 1]; got dtype {x.dtype}")
+    if n != x.shape[0]:
+        raise ValueError(f"params are for {n} images but the batch has {x.shape[0]}")
 
 
 def apply_params(x: Tensor, params: dict[str, Tensor]) -> Tensor:
@@ -267,7 +327,7 @@ def apply_params(x: Tensor, params: dict[str, Tensor]) -> Tensor:
 
     Crop + flip (one affine ``grid_sample``, bilinear, ``align_corners=False``),
     then colour jitter, grayscale and blur on the flagged samples only; the
-    result is clamped to [0, 1]. Parameters are moved to ``x``'s device.
+    result is clamped to [0, 1]. The parameters reach ``x``'s device in one copy.
 
     Args:
         x: float images in [0, 1], any device.
@@ -279,48 +339,39 @@ def apply_params(x: Tensor, params: dict[str, Tensor]) -> Tensor:
     Returns:
         The augmented batch, same device and dtype as ``x``.
     """
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"views expect images of shape (n, 3, H, W); got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"views expect float images in [0, 1]; got dtype {x.dtype}")
-    n = x.shape[0]
-    if params["flip"].shape[0] != n:
-        raise ValueError(f"params are for {params['flip'].shape[0]} images but the batch has {n}")
-    p = {k: v.cpu() for k, v in params.items()}
-
-    out = _crop_flip(x, p)
-
-    def jitter(sub: Tensor, idx: Tensor) -> Tensor:
-        sel = {k: p[k][idx] for k in ("brightness", "contrast", "saturation", "hue")}
-        sel.update({k: sel[k].to(x.device) for k in ("brightness", "contrast", "saturation")})
-        return _color_jitter(sub, sel)
-
-    out = _on_subset(out, p["jitter"], jitter)
-    out = _on_subset(out, p["gray"], lambda sub, idx: _luma(sub).expand_as(sub).contiguous())
-
-    def blur(sub: Tensor, idx: Tensor) -> Tensor:
-        return gaussian_blur(sub, p["blur_sigma"][idx].to(x.device), int(p["blur_radius"][idx].max()))
-
-    out = _on_subset(out, p["blur"], blur)
-    return out.clamp(0.0, 1.0)
+    _check_images(x, params["flip"].shape[0])
+    packed, flags, radius = _pack({k: v.cpu() for k, v in params.items()})
+    (rows,) = to_device_once([packed], x.device)
+    return _apply_packed(x, rows, flags, radius)
 
 
-def make_views(
-    x: Tensor,
-    cfg: ViewConfig,
-    seed: int,
-    step: int,
-    rank: int = 0,
-    world_size: int = 1,
-    *,
-    stream: int = 0,
-) -> list[Tensor]:
+def draw_views(cfg: ViewConfig, b: int, seed: int, step: int, rank: int = 0, world_size: int = 1, *,
+               stream: int = 0) -> ViewDraw:
+    """The host half of :func:`make_views`: this rank's parameters of ``cfg.n_views`` views of ``b`` images.
+
+    Drawn for the global batch (``b * world_size`` images, rank r takes rows ``[r*b : (r+1)*b]``) from a CPU
+    generator seeded by ``(seed, stream, step)``; the same values :func:`make_views` applies.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
+    gen = torch.Generator().manual_seed(derive_seed(seed, "views", stream, step))
+    parts = []
+    for _ in range(cfg.n_views):
+        params = sample_params(cfg, b * world_size, gen)
+        parts.append(_pack({k: v[rank * b : (rank + 1) * b] for k, v in params.items()}))
+    return ViewDraw(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), parts[0][2])
+
+
+def make_views(x: Tensor, cfg: ViewConfig, seed: int, step: int, rank: int = 0, world_size: int = 1, *,
+               stream: int = 0) -> list[Tensor]:
     """Make ``cfg.n_views`` augmented views of this rank's slice of a global batch.
 
     The parameters are drawn for the global batch (``b * world_size`` images)
     from a CPU generator seeded by ``(seed, stream, step)`` and this rank uses
     rows ``[rank*b : (rank+1)*b]``; so concatenating the views of all ranks
-    gives the views a single process makes of the concatenated batch.
+    gives the views a single process makes of the concatenated batch. They
+    reach the device in one copy (a step that makes several sets of views can
+    move all their :func:`draw_views` in one, see :meth:`ViewDraw.apply`).
 
     Args:
         x: this rank's local batch, float in [0, 1], any device.
@@ -338,13 +389,7 @@ def make_views(
     Returns:
         The list of views.
     """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
-    b = x.shape[0]
-    gen = torch.Generator().manual_seed(derive_seed(seed, "views", stream, step))
-    views = []
-    for _ in range(cfg.n_views):
-        params = sample_params(cfg, b * world_size, gen)
-        local = {k: v[rank * b : (rank + 1) * b] for k, v in params.items()}
-        views.append(apply_params(x, local))
-    return views
+    draw = draw_views(cfg, x.shape[0], seed, step, rank, world_size, stream=stream)
+    _check_images(x, x.shape[0])
+    (packed,) = to_device_once([draw.packed], x.device)
+    return draw.apply(x, packed)

@@ -282,7 +282,8 @@ def fit(
         if after_step is not None:
             after_step(accelerator.unwrap_model(model), step)
         if step % s.log_every == 0 or step == s.total_steps:
-            metrics = {k: float(dist.all_reduce_mean(v / count)) for k, v in sums.items()}
+            means = dist.all_reduce_mean(torch.stack(list(sums.values())) / count)  # one collective, one host read
+            metrics = dict(zip(sums, means.tolist()))
             metrics["lr"] = optimizer.param_groups[0]["lr"]
             metrics["epoch"] = (step * s.grad_accum) / batches_per_epoch
             accelerator.log(metrics, step=step)

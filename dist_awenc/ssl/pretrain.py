@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from dist_awenc.config import EncoderSection, PretrainConfig, to_dict, to_yaml
-from dist_awenc.data import GlobalBatchSampler, build_dataset, make_views, splits_for
+from dist_awenc.data import GlobalBatchSampler, ViewConfig, build_dataset, make_views, splits_for
 from dist_awenc.encoders.io import Encoder, build_encoder, card_for, save_encoder, save_tensors
 from dist_awenc.encoders.registry import resolve_arch_kwargs
 from dist_awenc.engine.log import info
@@ -50,6 +50,14 @@ def method_from_config(ssl, enc, encoder: Encoder) -> torch.nn.Module:
     return build_method(ssl.method, encoder, encoder.feature_dim, **{k: v for k, v in kwargs.items() if k in accepted})
 
 
+def pretrain_inputs(views: ViewConfig, seed: int, rank: int, world: int) -> Callable[[tuple, int], list[torch.Tensor]]:
+    """The loop's ``make_inputs`` of pre-training: the views of this rank's batch for a micro-step (one copy)."""
+    def make_inputs(batch, micro_step: int) -> list[torch.Tensor]:
+        return make_views(batch[0], views, seed=seed, step=micro_step, rank=rank, world_size=world)
+
+    return make_inputs
+
+
 def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path:
     """Pre-train an encoder; returns the path of its ``encoder.safetensors``.
 
@@ -68,9 +76,6 @@ def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path
     rank, world = accelerator.process_index, accelerator.num_processes
     sampler = GlobalBatchSampler(indices, cfg.train.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)
 
-    def make_inputs(batch, micro_step: int):
-        return make_views(batch[0], cfg.views, seed=cfg.run.seed, step=micro_step, rank=rank, world_size=world)
-
     def after_step(model, step: int) -> None:
         model.momentum_update(step / plan.total_steps)
 
@@ -78,7 +83,7 @@ def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path
         info(f"pretrain {cfg.ssl.method} {arch} on {cfg.data.name} ({len(indices)} images, {world} process(es), "
              f"{plan.total_steps} steps) -> {run_dir}")
         method = fit(
-            accelerator, method, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, **source_options(cfg.data)), make_inputs=make_inputs,
+            accelerator, method, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, **source_options(cfg.data)), make_inputs=pretrain_inputs(cfg.views, cfg.run.seed, rank, world),
             lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
             settings=loop_settings(cfg.train, run_dir, plan, f"pretrain {cfg.ssl.method}"),
             config_yaml=to_yaml(cfg), after_step=after_step, interrupt_at=interrupt_at,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,9 @@ from safetensors import safe_open
 from torch import nn
 
 from dist_awenc.config import EmbedConfig, to_dict, to_yaml
-from dist_awenc.data import GlobalBatchSampler, build_dataset, make_views, splits_for
+from dist_awenc.data import GlobalBatchSampler, ViewConfig, build_dataset, splits_for
+from dist_awenc.data.transfer import to_device_once
+from dist_awenc.data.views import draw_views
 from dist_awenc.encoders.io import Encoder, card_for, load_encoder, read_state, resolve_encoder_path, save_encoder
 from dist_awenc.engine.log import info
 from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator, prepare_model
@@ -128,6 +130,30 @@ class EmbedTask(nn.Module):
         return out
 
 
+def embed_inputs(views: ViewConfig, mild_views: ViewConfig, key: torch.Tensor, seed: int, rank: int, world: int,
+                 robust: TransformParams) -> Callable[[tuple, int], dict]:
+    """The loop's ``make_inputs`` of stage 2: ``(batch, micro_step) -> EmbedTask input``.
+
+    The contrastive views (stream 0), the mild view of the batch (stream 1) and of the key (stream 2, the same on
+    every rank) are drawn on the host and reach the device in one non-blocking copy; ``key`` (3, S, S) is given on
+    the device once, so a step moves nothing else (the ``robust`` draws excepted, when set).
+    """
+    mild_one = copy.copy(mild_views)
+    mild_one.n_views = 1
+
+    def make_inputs(batch, micro_step: int) -> dict:
+        x = batch[0]
+        draws = [draw_views(views, len(x), seed, micro_step, rank, world),
+                 draw_views(mild_one, len(x), seed, micro_step, rank, world, stream=1),
+                 draw_views(mild_one, 1, seed, micro_step, stream=2)]
+        views_p, aug_p, key_p = to_device_once([d.packed for d in draws], x.device)
+        extra = {"robust": draws_for_rank(robust, len(x), seed, micro_step, rank, world)} if robust.enabled else {}
+        return {**extra, "views": draws[0].apply(x, views_p), "aug": draws[1].apply(x, aug_p)[0], "clean": x,
+                "key_aug": draws[2].apply(key[None], key_p)[0]}
+
+    return make_inputs
+
+
 def load_method_state(method: nn.Module, encoder_path: Path) -> bool:
     """Load heads (and momentum parts) saved by pre-training beside f0, when they match."""
     path = encoder_path.with_name("method.safetensors")
@@ -168,24 +194,11 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     optimizer = build_optimizer(task, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum)
     rank, world = accelerator.process_index, accelerator.num_processes
     sampler = GlobalBatchSampler(indices, cfg.train.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)
-    mild_one = copy.copy(cfg.mild_views)
-    mild_one.n_views = 1
-    seed = cfg.run.seed
     robust = TransformParams.of(cfg.robust)
     if secret.meta.get("robust") != (robust.record() if robust.enabled else None):
         info(f"note: the secret was generated with robust={secret.meta.get('robust')}; embedding uses "
              f"{robust.record() if robust.enabled else 'no transforms'}")
-
-    def make_inputs(batch, micro_step: int) -> dict:
-        x = batch[0]
-        extra = {"robust": draws_for_rank(robust, len(x), seed, micro_step, rank, world)} if robust.enabled else {}
-        return {
-            **extra,
-            "views": make_views(x, cfg.views, seed=seed, step=micro_step, rank=rank, world_size=world),
-            "aug": make_views(x, mild_one, seed=seed, step=micro_step, rank=rank, world_size=world, stream=1)[0],
-            "clean": x,
-            "key_aug": make_views(secret.key[None].to(x.device), mild_one, seed=seed, step=micro_step, stream=2)[0],
-        }
+    make_inputs = embed_inputs(cfg.views, cfg.mild_views, secret.key.to(accelerator.device), cfg.run.seed, rank, world, robust)
 
     with open_run(cfg, "embed") as run_dir:
         info(f"embed secret {secret.sha256[:12]} into {card['arch']} ({'heads from pre-training' if heads_loaded else 'fresh heads'}, "
