@@ -253,6 +253,34 @@ def test_loader_with_lazy_dataset(tmp_path):
     assert labels.tolist() == ds.labels[index].tolist()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sampler_source_builds_one_loader_whose_workers_persist_across_epochs(digits, workers):
+    from dist_awenc.data import SamplerSource
+
+    split = torch.arange(40, 88)
+    source = SamplerSource(digits, GlobalBatchSampler(split, 8, seed=4, rank=1, world_size=2), workers)
+    fresh = SamplerSource(digits, GlobalBatchSampler(split, 8, seed=4, rank=1, world_size=2), 0)
+    seen, pids = [], []
+    for epoch, start, take in [(0, 0, 2), (0, 3, 3), (1, 0, 6), (2, 5, 1)]:  # partly consumed epochs, resumes
+        it = source.iterate(epoch, start)
+        got = [next(it) for _ in range(take)]
+        want = list(fresh.iterate(epoch, start))[:take]
+        assert all(torch.equal(a.index, b.index) and torch.equal(a.images, b.images) for a, b in zip(got, want))
+        seen.append(source._loader)
+        if workers:
+            pids.append([w.pid for w in source._loader._iterator._workers])
+    assert all(ld is seen[0] for ld in seen)  # one DataLoader for the run
+    assert all(p == pids[0] for p in pids)  # the same worker processes in every epoch
+
+
+def test_build_source_pins_memory_for_cuda_only(digits):
+    from dist_awenc.data.ffcv import build_source
+
+    sampler = GlobalBatchSampler(16, 8, seed=0)
+    assert not build_source(digits, torch.arange(16), sampler, image_size=16, device="cpu").pin_memory
+    assert build_source(digits, torch.arange(16), sampler, image_size=16, device=torch.device("cuda", 0)).pin_memory
+
+
 # --------------------------------------------------------------------------- views
 
 IDENTITY = dict(

@@ -202,12 +202,21 @@ class SamplerSource:
     ``iterate(epoch, start)`` yields this rank's batches of ``epoch`` from global
     batch ``start`` on, so a resumed run picks up exactly where it stopped.
     Other sources (the FFCV loader) implement the same two-argument method.
+
+    One DataLoader serves the whole run: ``iterate`` re-points its batch sampler
+    and iterates it again, so with ``num_workers > 0`` the workers persist across
+    epochs instead of starting anew; ``pin_memory`` (set for CUDA devices by
+    :func:`~dist_awenc.data.ffcv.build_source`) lets the loop's batch copy run non-blocking.
     """
 
-    def __init__(self, dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int = 0) -> None:
-        self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
+    def __init__(self, dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int = 0, *,
+                 pin_memory: bool = False) -> None:
+        self.dataset, self.sampler, self.num_workers, self.pin_memory = dataset, sampler, num_workers, pin_memory
+        self._loader: DataLoader | None = None
 
     def iterate(self, epoch: int, start: int) -> Iterator[IndexedBatch]:
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(start)
-        return iter(loader(self.dataset, self.sampler, num_workers=self.num_workers))
+        if self._loader is None:
+            self._loader = loader(self.dataset, self.sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return iter(self._loader)  # persistent workers: resets them onto the sampler's new epoch and start

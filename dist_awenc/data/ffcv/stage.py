@@ -136,7 +136,7 @@ def build_source(
     if loader == "auto":
         loader = "ffcv" if beton and ffcv_available() else "torch"
     if loader == "torch":
-        return SamplerSource(dataset, sampler, num_workers)
+        return SamplerSource(dataset, sampler, num_workers, pin_memory=torch.device(device).type == "cuda")
     if not beton:
         raise ConfigError("data.loader=ffcv needs data.beton=<file.beton> (write it with `awenc data write-beton`)")
     try:
