@@ -296,3 +296,26 @@ def test_vit_tiny_pretrains_with_moco_v3_on_digits(tmp_path, no_network):
     assert any(not torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), fresh.state_dict().values()))
     with torch.no_grad():
         assert encoder.eval()(_images(2)).shape == (2, 192)
+
+
+def test_a_timm_vit_is_pretrained_watermarked_embedded_and_verified(tmp_path, no_network):
+    """Owners can watermark a ViT: MoCo v3 pre-training, stage 1, stage 2 and a white-box verdict run on a timm
+    ViT-Tiny end to end (a few steps each, 16 px; the verdict's numbers are not the point, that it runs is)."""
+    from dist_awenc.config import EmbedConfig, PretrainConfig, VerifyConfig, WatermarkConfig, load_config
+    from dist_awenc.ssl.pretrain import pretrain
+    from dist_awenc.verify.run import verify
+    from dist_awenc.watermark.embed import embed
+    from dist_awenc.watermark.generate import watermark
+
+    out = [f"run.out_dir={tmp_path}"]
+    f0 = pretrain(load_config(PretrainConfig, ROOT / "configs" / "pretrain" / "digits_vit_mocov3.yaml",
+                              out + ["train.max_steps=1", "train.batch_size=8", "train.progress=false"]))
+    secret = watermark(load_config(WatermarkConfig, None, out + ["run.name=wm", f"encoder={f0}", "generation.steps=2",
+                                                                 "generation.batch_size=8", "plan.alternatives=0"]))
+    wm = embed(load_config(EmbedConfig, None, out + ["run.name=embed", f"encoder={f0}", f"secret={secret}",
+                                                     "ssl.method=moco_v3", "train.max_steps=1", "train.batch_size=8",
+                                                     "train.progress=false"]))
+    card = json.loads(wm.with_suffix(".json").read_text())
+    assert card["arch"] == VIT and card["arch_kwargs"] == VIT_KWARGS and card["secret_sha256"]
+    verdicts = verify(load_config(VerifyConfig, None, out + ["run.name=v", f"suspect={wm}", f"secret={secret}"]))
+    assert verdicts[0].mode == "whitebox" and verdicts[0].n == 256 and 0 <= verdicts[0].p_value <= 1
