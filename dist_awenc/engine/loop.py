@@ -22,7 +22,7 @@ from accelerate.utils import DataLoaderConfiguration
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from dist_awenc.engine import dist
+from dist_awenc.engine import dist, precision
 from dist_awenc.engine.log import JSONLinesTracker, info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.files import atomic_write_text, fsync_dir
@@ -71,6 +71,15 @@ def refuse_lars_under_zero(optimizer: str, stage: int, where: str) -> None:
                           "DDP (no train.deepspeed) or optim.name=sgd/adamw under ZeRO")
 
 
+def refuse_zero3(stage: int, where: str) -> None:
+    """ZeRO-3 partitions every parameter, frozen ones included: the momentum EMA (outside the forward), f0, the
+    fp32 frozen parts (:mod:`dist_awenc.engine.precision`) and the encoder saved at the end would see empty shards."""
+    if stage >= 3:
+        raise ConfigError(f"ZeRO stage {stage} ({where}) is not supported: it partitions every parameter, so momentum "
+                          "encoders, f0 and the saved encoder would see shards; use ZeRO-1 or ZeRO-2 "
+                          "(configs/deepspeed/zero1.json, zero2.json)")
+
+
 def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, trackers: list[str] | None = None,
                      grad_accum: int = 1, compile: bool = False, deepspeed: Optional[str] = None,
                      optimizer: str = "") -> Accelerator:
@@ -91,10 +100,14 @@ def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, track
         if not Path(deepspeed).is_file():
             raise ConfigError(f"train.deepspeed: no DeepSpeed config at '{deepspeed}' (see configs/deepspeed/)")
         refuse_lars_under_zero(optimizer, zero_stage(deepspeed), f"train.deepspeed={deepspeed}")
+        refuse_zero3(zero_stage(deepspeed), f"train.deepspeed={deepspeed}")
         if "RANK" not in os.environ:  # one process without a launcher: DeepSpeed still wants a rendezvous
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
         if not torch.cuda.is_available():
+            # ACCELERATE_USE_CPU=1 (the README's CPU launch) makes Accelerate skip its DeepSpeed setup, and the
+            # Accelerator then fails ("no attribute 'mixed_precision'"); DeepSpeed picks its CPU accelerator itself
+            os.environ.pop("ACCELERATE_USE_CPU", None)
             PartialState(backend="gloo")  # DeepSpeed's CPU accelerator; Accelerate would assume one process otherwise
         plugin = DeepSpeedPlugin(hf_ds_config=str(deepspeed))
     if mixed_precision not in (None, "no", "bf16", "fp16"):
@@ -240,13 +253,21 @@ def fit(
     if plugin is not None:  # the launcher's DeepSpeed route too (accelerate launch --config_file ..._zero2.yaml)
         refuse_lars_under_zero("lars" if type(optimizer).__name__ == "LARS" else "", int(plugin.zero_stage or 0),
                                "the launcher's DeepSpeed config")
+        refuse_zero3(int(plugin.zero_stage or 0), "the launcher's DeepSpeed config")
     if plugin is not None:  # no dataloader goes through prepare(): tell DeepSpeed the batch arithmetic
         plugin.deepspeed_config.update({
             "train_micro_batch_size_per_gpu": s.micro_batch, "gradient_accumulation_steps": s.grad_accum,
             "train_batch_size": s.micro_batch * s.grad_accum * accelerator.num_processes})
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # DeepSpeed bf16/fp16 casts the module it wraps: frozen parameters (momentum encoders, f0) and buffers (MoCo's
+    # queue, the secret) go back to fp32 after its cast, and the forward runs under autocast (engine/precision.py)
+    kept = precision.kept_in_fp32(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    low = precision.engine_dtype(model)
+    if low is not None:
+        precision.restore(kept)
+    del kept
     start = _resume(accelerator, s.run_dir)
     accelerator.init_trackers(s.desc)
     bar = tqdm(total=s.total_steps, initial=start, desc=s.desc, disable=not (s.progress and accelerator.is_main_process),
@@ -270,7 +291,8 @@ def fit(
                 inputs = _channels_last(inputs)
             # Accelerate syncs gradients (DDP, DeepSpeed) and steps only on the last micro-batch
             with accelerator.accumulate(model):
-                out = model(inputs)
+                with precision.autocast(accelerator.device.type, low):
+                    out = model(inputs)
                 accelerator.backward(out["loss"])
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -299,7 +321,10 @@ def fit(
             raise Interrupted(f"interrupted after step {step}")
     bar.close()
     _finish_trackers(accelerator)
-    return accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model)
+    if low is not None:  # the released weights are the fp32 master weights, not the bf16 copies the forward used
+        precision.to_fp32_master(unwrapped)
+    return unwrapped
 
 
 def _finish_trackers(accelerator: Accelerator) -> None:

@@ -1,17 +1,30 @@
 """Self-supervised losses as small pure functions.
 
-Every function computes in float32 (inputs are cast), so it is safe under
-autocast. The only cross-process communication is :func:`nt_xent`'s
+Every function computes in float32: inputs are cast and autocast is off inside
+(:func:`_fp32`; under autocast a matmul would otherwise run in bf16 again).
+The only cross-process communication is :func:`nt_xent`'s
 differentiable gather and :func:`mocov3_infonce`'s gather of keys (no gradient)
 through :mod:`dist_awenc.engine.dist`; the other losses are local means, which
 DDP's gradient averaging turns into the global mean.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from dist_awenc.engine import dist
+
+
+def _fp32(fn):
+    """Run ``fn`` with autocast off on the device of its first argument (its inputs are cast to float32 inside)."""
+    @functools.wraps(fn)
+    def wrapped(first: torch.Tensor, *args, **kwargs):
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(first, *args, **kwargs)
+
+    return wrapped
 
 
 def _check_temperature(temperature: float, where: str) -> None:
@@ -29,6 +42,7 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, names: str, where: str) -> Non
         raise ValueError(f"{where}: empty batch")
 
 
+@_fp32
 def nt_xent(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -93,6 +107,7 @@ def nt_xent(
     return F.cross_entropy(logits, pos_idx)
 
 
+@_fp32
 def moco_infonce(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -138,6 +153,7 @@ def moco_infonce(
     return F.cross_entropy(logits, target)
 
 
+@_fp32
 def byol_regression(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL's normalised regression loss ``2 - 2 cos(p, sg(z))``.
 
@@ -159,6 +175,7 @@ def byol_regression(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2.0 - 2.0 * cos).mean()
 
 
+@_fp32
 def mocov3_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, gather: bool = True) -> torch.Tensor:
     """InfoNCE of MoCo v3: the keys of the whole batch are the candidates, no queue.
 

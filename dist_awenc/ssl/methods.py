@@ -101,12 +101,13 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def _ema_(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """``theta_t <- m * theta_t + (1 - m) * theta_o`` over matching parameters: one ``_foreach_lerp_`` (values of ``lerp_``)."""
-    targets, onlines = list(target.parameters()), [p.detach() for p in online.parameters()]
+    """``theta_t <- m * theta_t + (1 - m) * theta_o`` over matching parameters: one ``_foreach_lerp_`` (values of ``lerp_``),
+    in the target's dtype (fp32 under DeepSpeed bf16, whose online weights are bf16: :mod:`dist_awenc.engine.precision`)."""
+    targets, onlines = list(target.parameters()), list(online.parameters())
     if len(targets) != len(onlines):
         raise ValueError(f"EMA: the target has {len(targets)} parameters, the online network {len(onlines)}")
     if targets:
-        torch._foreach_lerp_(targets, onlines, 1.0 - momentum)
+        torch._foreach_lerp_(targets, [o.detach().to(t.dtype) for o, t in zip(onlines, targets)], 1.0 - momentum)
 
 
 class SSLMethod(nn.Module):
