@@ -155,3 +155,75 @@ def _compare(root: Path, file: str) -> None:
     assert between < min(BF16_REL, 0.5 * own), (between, own)
     for a, b in zip(_losses(root / "one_bf16"), _losses(root / "two_bf16")):
         assert a == pytest.approx(b, rel=BF16_LOSS_REL)
+
+
+# ------------------------------------------------------------------ embedding
+
+
+@pytest.fixture(scope="module")
+def f0_and_secret(tmp_path_factory):
+    return tiny_f0_and_secret(tmp_path_factory.mktemp("wm"), "generation.steps=4", "generation.batch_size=16")
+
+
+def _embed_cfg(f0, secret, out, name, mp="bf16", deepspeed=True, **extra) -> EmbedConfig:
+    over = {"run.out_dir": out, "run.name": name, "encoder": f0, "secret": secret, "data.image_size": 8,
+            "train.batch_size": 32, "train.epochs": 1, "train.max_steps": 4, "train.checkpoint_every": 2,
+            "train.log_every": 1, "train.progress": False, **({"train.deepspeed": ZERO2} if deepspeed else {}),
+            **_precision(mp), **extra}
+    return load_config(EmbedConfig, None, [f"{k}={v}" for k, v in over.items()])
+
+
+def test_bf16_zero2_embedding_keeps_f0_and_the_secret_exact(f0_and_secret, tmp_path):
+    """MoCo v2 as L_CL: f0, the momentum encoder, the queue, delta and the key image stay fp32; f0 is untouched."""
+    from dist_awenc.watermark.embed import embed
+    from dist_awenc.watermark.secret import load_secret
+
+    _, f0, secret = f0_and_secret
+    out = embed(_embed_cfg(f0, secret, tmp_path, "bf16", **{"ssl.method": "moco_v2"}))
+    run = tmp_path / "bf16"
+    assert all(math.isfinite(x) for x in _losses(run))
+    _assert_fp32_encoder(out)
+    state, f0_file, s = _module_state(run, 4), weights(f0), load_secret(secret)
+    assert state["method.backbone.backbone.features.0.weight"].dtype == torch.bfloat16  # the engine's cast
+    for k, v in f0_file.items():
+        assert state[f"f0.{k}"].dtype == torch.float32 and torch.equal(state[f"f0.{k}"], v), k
+    assert torch.equal(state["delta"], s.delta) and torch.equal(state["key"], s.key)
+    assert all(state[k].dtype == torch.float32 for k in state if k.startswith("method.momentum_") or k == "method.queue")
+
+
+def _two_process_embed(f0: str, secret: str, out: str, name: str, mp: str, deepspeed: bool, extra: dict) -> None:
+    from dist_awenc.watermark.embed import embed
+
+    _as_launched_rank()
+    embed(_embed_cfg(f0, secret, out, name, mp, deepspeed, **extra))
+
+
+def test_embedding_two_processes_equal_one_under_zero2_fp32_and_bf16(f0_and_secret, tmp_path):
+    from dist_awenc.watermark.embed import embed
+
+    _, f0, secret = f0_and_secret
+    for mp in ("fp32", "bf16"):
+        _fresh_state()
+        embed(_embed_cfg(f0, secret, tmp_path, f"one_{mp}", mp))
+        _fresh_state()
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(k, None)
+        (tmp_path / mp).mkdir()
+        spawn_launch(_two_process_embed, (str(f0), str(secret), str(tmp_path), f"two_{mp}", mp, True, {}), tmp_path / mp)
+    _compare(tmp_path, "encoder.safetensors")
+
+
+def test_embedding_without_the_contrastive_term_on_two_ddp_processes(f0_and_secret, tmp_path):
+    """loss.lambda_cl=0: the heads get no gradient; they are frozen, so DDP waits for none (no DeepSpeed here)."""
+    from dist_awenc.watermark.embed import embed
+
+    _, f0, secret = f0_and_secret
+    extra = {"loss.lambda_cl": 0}
+    one = embed(_embed_cfg(f0, secret, tmp_path, "one", "fp32", False, **extra))
+    spawn_launch(_two_process_embed, (str(f0), str(secret), str(tmp_path), "two", "fp32", False, extra), tmp_path)
+    a, b = weights(one), weights(tmp_path / "two" / "encoder.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert any(not torch.equal(a[k], v) for k, v in weights(f0).items())  # it trained
+    for x, y in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two")):
+        assert x == pytest.approx(y, rel=1e-4)

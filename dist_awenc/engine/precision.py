@@ -12,9 +12,9 @@ then turns its own autocast off. Left at that, three things break:
 
 So the loop (:func:`dist_awenc.engine.loop.fit`) does this, and only under a reduced-precision DeepSpeed engine:
 
-1. before ``prepare``, :func:`kept_in_fp32` records every tensor the optimizer does not train (parameters
-   with ``requires_grad=False`` and every buffer) with its dtype;
-2. after ``prepare`` (the engine's cast), :func:`restore` puts them back in that dtype. DeepSpeed never
+1. before ``prepare``, :func:`kept_in_fp32` keeps (a reference to) every tensor the optimizer does not train
+   (parameters with ``requires_grad=False`` and every buffer);
+2. after ``prepare`` (the engine's cast), :func:`restore` puts those original fp32 values back. DeepSpeed never
    partitions or flattens them under ZeRO-1/2 (its optimizer only holds the trained parameters), so they stay
    ordinary fp32 tensors of the module, saved and loaded with its ``state_dict`` (``load_state_dict`` copies into
    the existing dtype, so a resume keeps them fp32). ZeRO-3 partitions every parameter and is refused
@@ -46,26 +46,30 @@ def engine_dtype(model: nn.Module) -> Optional[torch.dtype]:
     return None
 
 
-def kept_in_fp32(module: nn.Module) -> list[tuple[nn.Module, str, bool, torch.dtype]]:
-    """(owner, name, is_parameter, dtype) of every frozen parameter and every floating buffer of ``module``."""
+def kept_in_fp32(module: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
+    """(owner, name, is_parameter, data) of every frozen parameter and every floating buffer of ``module``.
+
+    The data itself is kept (a reference, no copy): the cast replaces ``.data``, and casting back would keep the
+    bf16 rounding (f0 would no longer be the file it was loaded from).
+    """
     kept = []
     for owner in module.modules():
         for name, p in owner.named_parameters(recurse=False):
             if not p.requires_grad and p.is_floating_point():
-                kept.append((owner, name, True, p.dtype))
+                kept.append((owner, name, True, p.data))
         for name, b in owner.named_buffers(recurse=False):
             if b is not None and b.is_floating_point():
-                kept.append((owner, name, False, b.dtype))
+                kept.append((owner, name, False, b.data))
     return kept
 
 
-def restore(kept: list[tuple[nn.Module, str, bool, torch.dtype]]) -> int:
+def restore(kept: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> int:
     """Undo the engine's cast of the tensors :func:`kept_in_fp32` recorded; returns how many it changed."""
     changed = 0
-    for owner, name, is_param, dtype in kept:
+    for owner, name, is_param, data in kept:
         t = owner._parameters[name] if is_param else owner._buffers[name]
-        if t.dtype != dtype:
-            t.data = t.data.to(dtype)
+        if t.dtype != data.dtype:
+            t.data = data.to(t.device)
             changed += 1
     return changed
 

@@ -43,7 +43,8 @@ from dist_awenc.watermark.transforms import TransformParams, apply_drawn, draws_
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.cosine_similarity(a, b.expand_as(a), dim=1)
+    """In float32 (features may be bf16 under autocast; cosine_similarity is not an autocast op, so it keeps the cast)."""
+    return F.cosine_similarity(a.float(), b.float().expand_as(a), dim=1)
 
 
 def surround_key_loss(f_marked: torch.Tensor, f_key: torch.Tensor) -> torch.Tensor:
@@ -84,6 +85,10 @@ class EmbedTask(nn.Module):
             raise ConfigError(f"embedding loss weights must be >= 0, got {weights}")
         self.weights = weights
         self.method = method
+        if lambda_cl == 0:  # L_CL is not computed: the heads get no gradient, which DDP (and ZeRO) would wait for
+            for name, p in method.named_parameters():
+                if not name.startswith("backbone."):
+                    p.requires_grad_(False)
         self.f0 = copy.deepcopy(f0).eval().requires_grad_(False)
         self.register_buffer("delta", secret.delta.clone())
         self.register_buffer("key", secret.key.clone())
