@@ -101,8 +101,7 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def _ema_(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """``theta_t <- m * theta_t + (1 - m) * theta_o`` over matching parameters: one ``_foreach_lerp_`` (values of ``lerp_``),
-    in the target's dtype (fp32 under DeepSpeed bf16, whose online weights are bf16: :mod:`dist_awenc.engine.precision`)."""
+    """``theta_t <- m * theta_t + (1 - m) * theta_o``: one ``_foreach_lerp_``, in the target's dtype (fp32 under DeepSpeed bf16)."""
     targets, onlines = list(target.parameters()), list(online.parameters())
     if len(targets) != len(onlines):
         raise ValueError(f"EMA: the target has {len(targets)} parameters, the online network {len(onlines)}")
