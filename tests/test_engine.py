@@ -129,3 +129,11 @@ def test_resume_logs_no_step_twice(tmp_path):
     pretrain(_cfg(tmp_path, "m"))
     steps = [json.loads(x)["step"] for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_mixed_precision_no_survives_yaml(tmp_path):
+    """`train.mixed_precision=no` (YAML 1.1 reads it as false) means no mixed precision, not an error."""
+    from dist_awenc.engine.loop import make_accelerator
+
+    cfg = load_config(PretrainConfig, None, tiny_overrides(tmp_path, "mp", **{"train.mixed_precision": "no"}))
+    assert make_accelerator(tmp_path / "mp", cfg.train.mixed_precision).mixed_precision == "no"

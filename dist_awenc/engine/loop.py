@@ -110,6 +110,8 @@ def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, track
             os.environ.pop("ACCELERATE_USE_CPU", None)
             PartialState(backend="gloo")  # DeepSpeed's CPU accelerator; Accelerate would assume one process otherwise
         plugin = DeepSpeedPlugin(hf_ds_config=str(deepspeed))
+    if mixed_precision in ("False", "false"):  # YAML 1.1 reads `no` as false (`train.mixed_precision=no`)
+        mixed_precision = "no"
     if mixed_precision not in (None, "no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, not '{mixed_precision}'")
     log_with: list[Any] = [JSONLinesTracker(run_dir / "metrics.jsonl")]
