@@ -17,11 +17,17 @@ import torch.nn.functional as F
 from dist_awenc.engine import dist
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu")  # where autocast can be on (not `meta`, which the step tests use)
+
+
 def _fp32(fn):
     """Run ``fn`` with autocast off on the device of its first argument (its inputs are cast to float32 inside)."""
     @functools.wraps(fn)
     def wrapped(first: torch.Tensor, *args, **kwargs):
-        with torch.autocast(first.device.type, enabled=False):
+        dev = first.device.type
+        if dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
+            return fn(first, *args, **kwargs)
+        with torch.autocast(dev, enabled=False):
             return fn(first, *args, **kwargs)
 
     return wrapped

@@ -227,8 +227,9 @@ def _null_encoder(name: str, path: Path, family: str, secrets: dict[str, Secret]
     cache = ctx["cache"] / f"{name}.json"
     key = {"encoder_sha256": sha256_file(path), "secrets": {k: s.sha256 for k, s in secrets.items()},
            "n": ctx["n"], "alpha": ctx["alpha"]}
-    if ctx["label_classes"]:
-        key["label_classes"] = ctx["label_classes"]
+    label_classes = ctx.get("label_classes", [])
+    if label_classes:
+        key["label_classes"] = label_classes
     transform = load_card(resolve_encoder_path(path)).get("query_transform")
     if transform:  # the same weights under another serving path are another trial
         key["query_transform"] = transform
@@ -246,7 +247,7 @@ def _null_encoder(name: str, path: Path, family: str, secrets: dict[str, Secret]
     # label mode again on the pirate's task regrouped into k classes: its own downstream model per k
     regrouped = {label_key(k): evaluate_encoder(deployed, pirate.images, *group_labels(pirate.labels, pirate.num_classes, k),
                                                 seed=cfg.run.seed, **probe_options(cfg.probe))[0]
-                 for k in ctx["label_classes"]}
+                 for k in label_classes}
     trials = [(m, downstream) for m in MODES] + list(regrouped.items())
     stars: dict[str, dict[str, float]] = {}
     effects: dict[str, float] = {}
