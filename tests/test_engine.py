@@ -137,3 +137,33 @@ def test_mixed_precision_no_survives_yaml(tmp_path):
 
     cfg = load_config(PretrainConfig, None, tiny_overrides(tmp_path, "mp", **{"train.mixed_precision": "no"}))
     assert make_accelerator(tmp_path / "mp", cfg.train.mixed_precision).mixed_precision == "no"
+
+
+def test_two_nodes_of_one_process_each_match_one_process(tmp_path):
+    """Multi-node on one machine: `accelerate launch --num_machines 2 --machine_rank {0,1}` (gloo, one process per
+    "node") ends with the weights of one process on the same global batch. Both nodes have local rank 0, so a run
+    that sharded data or chose its writer by the local rank would train on the same half twice, or write twice."""
+    import os
+    import subprocess
+    import sys
+
+    from dist_awenc.engine.loop import _free_port
+
+    one = pretrain(_cfg(tmp_path, "one"))
+    port = str(_free_port())
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "2",
+         "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dist_awenc", "pretrain",
+         *tiny_overrides(tmp_path, "two")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in nodes]  # a hang guard: the run takes about 20 s
+    assert [p.returncode for p in nodes] == [0, 0], logs
+    assert "2 process(es)" in logs[0] and "encoder ->" in logs[0]
+    assert "encoder ->" not in logs[1] and "pretrain simclr" not in logs[1]  # only the global rank 0 writes and logs
+    a, b = weights(one), weights(tmp_path / "two" / "encoder.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
