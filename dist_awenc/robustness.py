@@ -30,7 +30,7 @@ from dist_awenc.files import atomic_path, atomic_write_text, save_figure
 from dist_awenc.runs import open_run
 from dist_awenc.verify.calibrate import collect_samples
 from dist_awenc.verify.calibration import load_calibration, mode_test, tau_star
-from dist_awenc.verify.core import MODES
+from dist_awenc.verify.core import MODES, images_for
 from dist_awenc.verify.run import Settings, query_images, resolve_settings
 from dist_awenc.watermark.secret import Secret, load_secret
 
@@ -104,7 +104,8 @@ class Context:
         splits = splits_for(len(dataset), data.split_seed, data.splits, "robustness", "holdout")
         settings = {m: resolve_settings(verify, sec, m, dataset=data.name, dataset_size=len(dataset),
                                         split_seed=data.split_seed, holdout_indices=splits["holdout"]) for m in MODES}
-        holdout, _ = dataset.get_batch(splits["holdout"])
+        # only the hold-out images some mode's budget pays for are decoded (every mode takes a prefix)
+        holdout, _ = dataset.get_batch(splits["holdout"][: max(images_for(m, s.n) for m, s in settings.items())])
         return cls(enc, card, sec, holdout, PirateData.load(data, sec.image_size), options, probe, verify, settings)
 
 
