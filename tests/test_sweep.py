@@ -588,6 +588,33 @@ def test_slurm_stage_job_and_sbatch_template_run_accelerate_launch(slurm_cluster
                      slurm=SlurmSection(partition="no_such_partition", mem_gb=1))
 
 
+@pytest.mark.slurm
+def test_sbatch_template_on_two_tasks_standing_in_for_two_nodes_equals_one_process(slurm_cluster, tmp_path):
+    """slurm/accelerate_multinode.sbatch's srun path with two tasks (machine ranks 0 and 1, one gloo process each)
+    ends with the weights of one process on the same global batch; only machine 0 writes."""
+    from safetensors.torch import load_file
+
+    from dist_awenc.ssl.pretrain import pretrain
+
+    one = pretrain(load_config(PretrainConfig, None, tiny_overrides(tmp_path, "one")))
+    out = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=0",
+                          "--cpus-per-task=1", "--mem=1G", "--time=10", f"--output={tmp_path}/two.out",
+                          str(REPO / "slurm" / "accelerate_multinode.sbatch"), "pretrain", *tiny_overrides(tmp_path, "two")],
+                         env={**os.environ, "AWENC_PYTHON": sys.executable, "GLOO_SOCKET_IFNAME": "lo"}, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    status = tmp_path / "two" / "status.json"
+    deadline = time.time() + 2 * HANG_GUARD_S  # ~30 s usually
+    while json.loads(status.read_text() if status.exists() else "{}").get("state") != "complete":
+        assert time.time() < deadline, (tmp_path / "two.out").read_text()[-3000:] if (tmp_path / "two.out").exists() else ""
+        time.sleep(1)
+    log = (tmp_path / "two.out").read_text()
+    assert "2 machine(s) x 1 process(es)" in log and log.count("encoder ->") == 1  # machine 0 alone writes
+    a, b = load_file(str(one)), load_file(str(tmp_path / "two" / "encoder.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_cli_sweep(owner, tmp_path, capsys):
     """`awenc sweep run|status|collect` once dist_awenc/cli.py wires them (skipped before)."""
     from dist_awenc.cli import build_parser, main
