@@ -131,7 +131,7 @@ def _two_process_pretrain(out: str, name: str, mp: str, method: str) -> None:
 BF16_REL, BF16_LOSS_REL = 3e-2, 1e-3
 
 
-@pytest.mark.parametrize("method", ["simclr"])
+@pytest.mark.parametrize("method", ["simclr", "moco_v2", "moco_v3", "byol"])
 def test_two_processes_equal_one_under_zero2_fp32_and_bf16(tmp_path, method):
     from dist_awenc.ssl.pretrain import pretrain
 
