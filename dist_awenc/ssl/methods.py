@@ -373,8 +373,8 @@ class BYOL(SSLMethod):
         super().__init__(
             backbone, feature_dim, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, head_norm=head_norm
         )
-        _check_unit_interval(momentum, "momentum", "BYOL")
-        _check_positive_int(pred_hidden_dim, "pred_hidden_dim", "BYOL")
+        _check_unit_interval(momentum, "momentum", type(self).__name__)
+        _check_positive_int(pred_hidden_dim, "pred_hidden_dim", type(self).__name__)
         self.base_momentum = float(momentum)
         self.current_momentum = float(momentum)
         self.predictor = MLPHead(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, norm=head_norm)

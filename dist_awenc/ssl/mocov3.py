@@ -10,22 +10,21 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dist_awenc.encoders.heads import MLPHead
 from dist_awenc.ssl.losses import mocov3_infonce
-from dist_awenc.ssl.methods import (SSLMethod, _check_positive_int, _check_temperature, _check_unit_interval, _ema_,
-                                    _frozen_copy, byol_momentum, register_method)
+from dist_awenc.ssl.methods import BYOL, _check_temperature, register_method
 
 
 @register_method("moco_v3")
-class MoCoV3(SSLMethod):
+class MoCoV3(BYOL):
     """MoCo v3: a query encoder with a predictor, a momentum key encoder, and the keys of the batch as negatives.
 
     Query = ``predictor(projector(backbone(view)))``; key = ``momentum_projector(momentum_backbone(view))``
     (frozen copies, averaged by :meth:`momentum_update`). Symmetrised loss
     ``(L(q1, k2) + L(q2, k1)) / 2`` with :func:`~dist_awenc.ssl.losses.mocov3_infonce`: the keys of every rank
     are gathered (no gradient), so the negatives are the rest of the global batch; there is no queue. The momentum
-    follows the cosine schedule of the paper (the same as BYOL's, :func:`~dist_awenc.ssl.methods.byol_momentum`:
-    from ``momentum`` to 1); the last value used is kept in ``current_momentum``. The paper's heads use
+    follows the cosine schedule of the paper, BYOL's (:func:`~dist_awenc.ssl.methods.byol_momentum`: from
+    ``momentum`` to 1; the last value used is kept in ``current_momentum``): the networks, the predictor and the
+    momentum update are BYOL's, only the loss differs. The paper's heads use
     BatchNorm (``head_norm="batch"``); its 3-layer projector is this project's 2-layer one. Everything the method
     holds (heads, momentum encoders) is in its ``state_dict``, so a checkpoint resumes it exactly.
 
@@ -51,18 +50,10 @@ class MoCoV3(SSLMethod):
         momentum: float = 0.99,
         pred_hidden_dim: int = 512,
     ) -> None:
-        super().__init__(
-            backbone, feature_dim, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, head_norm=head_norm
-        )
+        super().__init__(backbone, feature_dim, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, head_norm=head_norm,
+                         momentum=momentum, pred_hidden_dim=pred_hidden_dim)
         _check_temperature(temperature, "MoCoV3")
-        _check_unit_interval(momentum, "momentum", "MoCoV3")
-        _check_positive_int(pred_hidden_dim, "pred_hidden_dim", "MoCoV3")
         self.temperature = float(temperature)
-        self.base_momentum = float(momentum)
-        self.current_momentum = float(momentum)
-        self.predictor = MLPHead(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, norm=head_norm)
-        self.momentum_backbone = _frozen_copy(self.backbone)
-        self.momentum_projector = _frozen_copy(self.projector)
 
     def forward(self, views: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         v1, v2 = self._check_views(views)
@@ -73,11 +64,3 @@ class MoCoV3(SSLMethod):
             k2 = self.momentum_projector(self.momentum_backbone(v2))
         loss = 0.5 * (mocov3_infonce(q1, k2, self.temperature) + mocov3_infonce(q2, k1, self.temperature))
         return {"loss": loss}
-
-    def momentum_update(self, progress: float) -> None:
-        """Key encoder EMA with ``m = byol_momentum(momentum, progress)`` (cosine from ``momentum`` to 1)."""
-        super().momentum_update(progress)
-        m = byol_momentum(self.base_momentum, float(progress))
-        _ema_(self.momentum_backbone, self.backbone, m)
-        _ema_(self.momentum_projector, self.projector, m)
-        self.current_momentum = m
