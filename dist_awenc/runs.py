@@ -90,27 +90,25 @@ def config_difference(run_dir: Path, cfg: Any) -> Optional[tuple[str, Any, Any]]
         return "config.yaml", f"unreadable ({type(e).__name__})", "the new config"
     sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
     new = yaml.safe_load(to_yaml(cfg))
-    for f in dataclasses.fields(cfg):
-        if (f.name in ADDED_AT_DEFAULTS and isinstance(old, dict) and f.name not in old
-                and f.default_factory is not dataclasses.MISSING and getattr(cfg, f.name) == f.default_factory()):
-            new.pop(f.name, None)
     _drop_added_fields(old, new, cfg)
     return first_difference(old, new, sections)
 
 
 def _drop_added_fields(old: Any, new: dict, node: Any) -> None:
-    """Remove from ``new`` each :data:`FIELDS_ADDED_AT_DEFAULTS` field that ``old`` lacks and ``node`` (the
-    dataclass ``new`` was written from) holds at its default, section by section."""
+    """Remove from ``new`` each section of :data:`ADDED_AT_DEFAULTS` and each field of
+    :data:`FIELDS_ADDED_AT_DEFAULTS` that ``old`` lacks and ``node`` (the dataclass ``new`` was written from) holds
+    at its default, section by section."""
     if not isinstance(old, dict) or not dataclasses.is_dataclass(node):
         return
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)
-        if dataclasses.is_dataclass(value):
-            _drop_added_fields(old.get(f.name), new.get(f.name, {}), value)
-        elif f.name in FIELDS_ADDED_AT_DEFAULTS and f.name not in old:
+        added = f.name in (ADDED_AT_DEFAULTS if dataclasses.is_dataclass(value) else FIELDS_ADDED_AT_DEFAULTS)
+        if added and f.name not in old:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if value == default:
                 new.pop(f.name, None)
+        elif dataclasses.is_dataclass(value):
+            _drop_added_fields(old.get(f.name), new.get(f.name, {}), value)
 
 
 def _describe(diff: tuple[str, Any, Any]) -> str:
