@@ -7,10 +7,12 @@ torch-function level, or as an op mixing a CPU tensor with a meta one. A meta te
 that read a device value on the host (``.item()``, ``nonzero`` for an index, ``if tensor:``) would fail here.
 
 Each step (pre-training's views + forward + backward + optimiser step + momentum update; stage 2's inputs + the
-same) must make exactly one host-to-device copy, non-blocking: the packed random parameters of the step
-(:func:`~dist_awenc.data.transfer.to_device_once`, pinned on CUDA). On the code before this change (its
-``make_inputs`` bodies in place of ``pretrain_inputs`` / ``embed_inputs``) the same tests counted 16 blocking
-copies in each pre-training step and 22 in the embedding step.
+same) starts from a batch and a draw already on the device and must make no host-to-device copy at all: the host half
+of its inputs (:meth:`~dist_awenc.data.transfer.StepInputs.draw`) is taken over before the step, with the batch, by
+:func:`~dist_awenc.data.transfer.move_step`, in two non-blocking copies (the images; everything else in one buffer,
+pinned on CUDA). On the code before #12 (its ``make_inputs`` bodies in place of ``pretrain_inputs`` /
+``embed_inputs``) the same counter saw 16 blocking copies in each pre-training step and 22 in the embedding step;
+with the draws moved inside the step, one.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from dist_awenc.data.transfer import to_device_once
+from dist_awenc.data.transfer import move_step, to_device_once
 from dist_awenc.data.views import ViewConfig, mild_view_config
 from dist_awenc.encoders.io import build_encoder
 from dist_awenc.engine.optim import build_optimizer
@@ -85,16 +87,19 @@ def traffic(step) -> tuple[HostToDevice, DataToDevice]:
     return h2d, data
 
 
-def assert_one_nonblocking_copy(step, steps: int = 2) -> None:
-    """Runs ``step(i)`` for i < steps; each makes exactly one host-to-device copy, non-blocking, and nothing else."""
+def assert_no_copy(step, steps: int = 2) -> None:
+    """Runs ``step(i)`` for i < steps; none makes a host-to-device copy or mixes host and device tensors."""
     for i in range(steps):
         h2d, data = traffic(lambda: step(i))
-        blocking = [c for c in h2d.copies if not c[1]]
-        assert not blocking, f"step {i}: blocking host-to-device copies {blocking}"
-        assert len(h2d.copies) == 1, f"step {i}: {len(h2d.copies)} host-to-device copies, want 1: {h2d.copies}"
-        assert h2d.copies[0][2][0] % 16 == 0  # the packed, aligned byte buffer
+        assert not h2d.copies, f"step {i}: {len(h2d.copies)} host-to-device copies inside the step: {h2d.copies}"
         assert not h2d.mixed, f"step {i}: ops mixing host and device tensors {h2d.mixed}"
         assert not data.calls, f"step {i}: tensors made from host data on the device {data.calls}"
+
+
+def _moved(make_inputs, batch, i):
+    """The loop's transfer before step i (outside the counted step): the batch and the step's draw on META."""
+    draw = make_inputs.draw(len(batch[0]), i)
+    return (*move_step(batch, draw, META), draw)
 
 
 def _encoder():
@@ -112,7 +117,7 @@ def _train_step(model, optimizer, inputs) -> None:
 
 @pytest.mark.parametrize("method,optim", [("simclr", "sgd"), ("simclr", "lars"), ("moco_v2", "sgd"), ("byol", "lars"),
                                           ("moco_v3", "sgd")])
-def test_a_pretraining_step_makes_one_nonblocking_copy(method, optim):
+def test_a_pretraining_step_makes_no_copy(method, optim):
     import dist_awenc.ssl.mocov3  # noqa: F401  (registers moco_v3)
 
     enc = _encoder()
@@ -120,11 +125,12 @@ def test_a_pretraining_step_makes_one_nonblocking_copy(method, optim):
     model = build_method(method, enc, enc.feature_dim, proj_hidden_dim=16, proj_dim=8, **extra).to(META)
     optimizer = build_optimizer(model, optim, lr=0.1, weight_decay=1e-4)
     make_inputs = pretrain_inputs(ViewConfig(blur_p=0.5, grayscale_p=0.5), seed=0, rank=1, world=2)
-    batch = (torch.empty(6, 3, S, S, device=META), torch.empty(6, dtype=torch.long, device=META))
-    assert_one_nonblocking_copy(lambda i: _train_step(model, optimizer, make_inputs(batch, i)))
+    batch = (torch.empty(6, 3, S, S, dtype=torch.uint8), torch.zeros(6, dtype=torch.long))
+    moved = [_moved(make_inputs, batch, i) for i in range(2)]
+    assert_no_copy(lambda i: _train_step(model, optimizer, make_inputs.apply(*moved[i])))
 
 
-def test_an_embedding_step_makes_one_nonblocking_copy():
+def test_an_embedding_step_makes_no_copy():
     g = torch.Generator().manual_seed(0)
     secret = Secret(key=torch.rand(3, S, S, generator=g), delta=16 / 255 * torch.sign(torch.randn(3, S, S, generator=g)),
                     eps=16 / 255, control_seed=1)
@@ -135,8 +141,9 @@ def test_an_embedding_step_makes_one_nonblocking_copy():
     optimizer = build_optimizer(task, "sgd", lr=0.1, weight_decay=1e-4)
     make_inputs = embed_inputs(ViewConfig(blur_p=0.5), mild_view_config(), secret.key.to(META), seed=0, rank=0,
                                world=1, robust=TransformParams())
-    batch = (torch.empty(5, 3, S, S, device=META),)
-    assert_one_nonblocking_copy(lambda i: _train_step(task, optimizer, make_inputs(batch, i)))
+    batch = (torch.empty(5, 3, S, S),)
+    moved = [_moved(make_inputs, batch, i) for i in range(2)]
+    assert_no_copy(lambda i: _train_step(task, optimizer, make_inputs.apply(*moved[i])))
 
 
 def test_the_counter_sees_the_copies_it_must_see():
@@ -146,8 +153,31 @@ def test_the_counter_sees_the_copies_it_must_see():
                                  torch.zeros(3).to(META, non_blocking=True)))
     assert [c[1] for c in h2d.copies] == [False, False, True]
     assert data.calls == ["tensor"]
-    with pytest.raises(AssertionError, match="blocking"):
-        assert_one_nonblocking_copy(lambda i: torch.ones(2).to(META), steps=1)
+    with pytest.raises(AssertionError, match="1 host-to-device copies"):
+        assert_no_copy(lambda i: torch.ones(2).to(META, non_blocking=True), steps=1)
+
+
+def test_the_transfer_before_a_step_is_two_nonblocking_copies():
+    """move_step: the images (pinned by the loader on CUDA) and one buffer for labels, index and the draw."""
+    make_inputs = pretrain_inputs(ViewConfig(), seed=0, rank=0, world=1)
+    batch = (torch.zeros(4, 3, S, S, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), torch.arange(4))
+    draw = make_inputs.draw(4, 0)
+    h2d, data = traffic(lambda: move_step(batch, draw, META))
+    assert [c[1] for c in h2d.copies] == [True, True], h2d.copies
+    assert h2d.copies[0][2] == (4, 3, S, S) and h2d.copies[1][2][0] % 16 == 0  # the images, then the packed buffer
+    assert not data.calls
+    (images, labels, index), moved = move_step(batch, draw, META)
+    assert images.dtype == torch.float32 and labels.device == index.device == META and len(moved) == 1
+
+
+def test_the_two_halves_make_what_one_call_makes():
+    """On the CPU, ``apply(move_step(draw))`` gives the same views as ``make_inputs(batch, step)``, uint8 included."""
+    make_inputs = pretrain_inputs(ViewConfig(blur_p=0.5), seed=3, rank=0, world=1)
+    x8 = torch.randint(0, 256, (4, 3, S, S), dtype=torch.uint8)
+    draw = make_inputs.draw(4, 7)
+    halves = make_inputs.apply(*move_step((x8,), draw, "cpu"), draw)
+    whole = make_inputs((x8.float() / 255,), 7)
+    assert all(torch.equal(a, b) for a, b in zip(halves, whole))
 
 
 def test_to_device_once_keeps_shapes_dtypes_and_values():

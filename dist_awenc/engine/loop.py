@@ -22,6 +22,7 @@ from accelerate.utils import DataLoaderConfiguration
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from dist_awenc.data.transfer import HostDraw, StepInputs, move_step
 from dist_awenc.engine import dist, precision
 from dist_awenc.engine.log import JSONLinesTracker, info
 from dist_awenc.errors import ArtifactError, ConfigError
@@ -232,7 +233,9 @@ def fit(
             batches (images, labels, index) of an epoch from a global batch on.
         make_inputs: ``(batch, micro_step) -> forward input`` where batch is
             (images, labels, index) of this rank and micro_step counts
-            micro-batches from 0 over the whole run (the view seed).
+            micro-batches from 0 over the whole run (the view seed). A
+            :class:`~dist_awenc.data.transfer.StepInputs` has its host draw taken to
+            the device with the batch, so the step itself copies nothing.
         after_step: ``(unwrapped_model, step)`` after each optimiser step
             (momentum encoders).
         interrupt_at: raise :class:`Interrupted` right after the checkpoint of
@@ -287,8 +290,7 @@ def fit(
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_at(step)
         for micro in range(s.grad_accum):
-            batch = next(it)
-            inputs = make_inputs(tuple(t.to(accelerator.device, non_blocking=True) for t in batch), micro0 + micro)
+            inputs = _inputs(make_inputs, next(it), micro0 + micro, accelerator.device)
             if s.channels_last:
                 inputs = _channels_last(inputs)
             # Accelerate syncs gradients (DDP, DeepSpeed) and steps only on the last micro-batch
@@ -327,6 +329,17 @@ def fit(
     if low is not None:  # the released weights are the fp32 master weights, not the bf16 copies the forward used
         precision.to_fp32_master(unwrapped)
     return unwrapped
+
+
+def _inputs(make_inputs: Callable[[tuple[torch.Tensor, ...], int], Any], batch, micro_step: int, device) -> Any:
+    """The forward's input of one micro-step: a :class:`StepInputs` gets its draw moved with the batch (two
+    non-blocking copies before the step, none inside it); a plain callable gets the batch on the device."""
+    if isinstance(make_inputs, StepInputs):
+        draw = make_inputs.draw(len(batch[0]), micro_step)
+        on_device, moved = move_step(batch, draw, device)
+        return make_inputs.apply(on_device, moved, draw)
+    on_device, _ = move_step(batch, HostDraw([]), device)
+    return make_inputs(on_device, micro_step)
 
 
 def _finish_trackers(accelerator: Accelerator) -> None:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
 from dist_awenc.config import EncoderSection, PretrainConfig, to_dict, to_yaml
-from dist_awenc.data import GlobalBatchSampler, ViewConfig, build_dataset, make_views, splits_for
+from dist_awenc.data import GlobalBatchSampler, ViewConfig, build_dataset, splits_for
+from dist_awenc.data.transfer import HostDraw, StepInputs
+from dist_awenc.data.views import draw_views
 from dist_awenc.encoders.io import Encoder, build_encoder, card_for, save_encoder, save_tensors
 from dist_awenc.encoders.registry import resolve_arch_kwargs
 from dist_awenc.engine.log import info
@@ -50,12 +52,27 @@ def method_from_config(ssl, enc, encoder: Encoder) -> torch.nn.Module:
     return build_method(ssl.method, encoder, encoder.feature_dim, **{k: v for k, v in kwargs.items() if k in accepted})
 
 
-def pretrain_inputs(views: ViewConfig, seed: int, rank: int, world: int) -> Callable[[tuple, int], list[torch.Tensor]]:
-    """The loop's ``make_inputs`` of pre-training: the views of this rank's batch for a micro-step (one copy)."""
-    def make_inputs(batch, micro_step: int) -> list[torch.Tensor]:
-        return make_views(batch[0], views, seed=seed, step=micro_step, rank=rank, world_size=world)
+class PretrainInputs(StepInputs):
+    """The loop's ``make_inputs`` of pre-training: the views of this rank's batch for a micro-step.
 
-    return make_inputs
+    The host half draws the views' parameters (:func:`~dist_awenc.data.views.draw_views`), the device half applies
+    them, so the step moves nothing (:func:`~dist_awenc.data.transfer.move_step` takes the draw over with the batch).
+    """
+
+    def __init__(self, views: ViewConfig, seed: int, rank: int, world: int) -> None:
+        self.views, self.seed, self.rank, self.world = views, seed, rank, world
+
+    def draw(self, n: int, micro_step: int) -> HostDraw:
+        d = draw_views(self.views, n, self.seed, micro_step, self.rank, self.world)
+        return HostDraw([d.packed], d)
+
+    def apply(self, batch, moved, draw: HostDraw) -> list[torch.Tensor]:
+        return draw.host.apply(batch[0], moved[0])
+
+
+def pretrain_inputs(views: ViewConfig, seed: int, rank: int, world: int) -> PretrainInputs:
+    """The loop's ``make_inputs`` of pre-training (:class:`PretrainInputs`); ``make_inputs(batch, step)`` works too."""
+    return PretrainInputs(views, seed, rank, world)
 
 
 def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from torch import nn
 
 from dist_awenc.config import EmbedConfig, to_dict, to_yaml
 from dist_awenc.data import GlobalBatchSampler, ViewConfig, build_dataset, splits_for
-from dist_awenc.data.transfer import to_device_once
+from dist_awenc.data.transfer import HostDraw, StepInputs
 from dist_awenc.data.views import draw_views
 from dist_awenc.encoders.io import Encoder, card_for, load_encoder, read_state, resolve_encoder_path, save_encoder
 from dist_awenc.engine.log import info
@@ -135,28 +135,41 @@ class EmbedTask(nn.Module):
         return out
 
 
-def embed_inputs(views: ViewConfig, mild_views: ViewConfig, key: torch.Tensor, seed: int, rank: int, world: int,
-                 robust: TransformParams) -> Callable[[tuple, int], dict]:
-    """The loop's ``make_inputs`` of stage 2: ``(batch, micro_step) -> EmbedTask input``.
+class EmbedInputs(StepInputs):
+    """The loop's ``make_inputs`` of stage 2: ``(batch, micro_step) -> EmbedTask input``, in a host and a device half.
 
     The contrastive views (stream 0), the mild view of the batch (stream 1) and of the key (stream 2, the same on
-    every rank) are drawn on the host and reach the device in one non-blocking copy; ``key`` (3, S, S) is given on
-    the device once, so a step moves nothing else (the ``robust`` draws excepted, when set).
+    every rank) are drawn on the host and taken to the device with the batch
+    (:func:`~dist_awenc.data.transfer.move_step`); ``key`` (3, S, S) is given on the device once, so the step moves
+    nothing (the ``robust`` transform draws excepted, when set: they stay on the host and
+    :func:`~dist_awenc.watermark.transforms.apply_drawn` moves what it needs).
     """
-    mild_one = copy.copy(mild_views)
-    mild_one.n_views = 1
 
-    def make_inputs(batch, micro_step: int) -> dict:
+    def __init__(self, views: ViewConfig, mild_views: ViewConfig, key: torch.Tensor, seed: int, rank: int, world: int,
+                 robust: TransformParams) -> None:
+        self.mild_one = copy.copy(mild_views)
+        self.mild_one.n_views = 1
+        self.views, self.key, self.seed, self.rank, self.world, self.robust = views, key, seed, rank, world, robust
+
+    def draw(self, n: int, micro_step: int) -> HostDraw:
+        s, r, w = self.seed, self.rank, self.world
+        draws = [draw_views(self.views, n, s, micro_step, r, w), draw_views(self.mild_one, n, s, micro_step, r, w, stream=1),
+                 draw_views(self.mild_one, 1, s, micro_step, stream=2)]
+        robust = draws_for_rank(self.robust, n, s, micro_step, r, w) if self.robust.enabled else None
+        return HostDraw([d.packed for d in draws], (draws, robust))
+
+    def apply(self, batch, moved, draw: HostDraw) -> dict:
         x = batch[0]
-        draws = [draw_views(views, len(x), seed, micro_step, rank, world),
-                 draw_views(mild_one, len(x), seed, micro_step, rank, world, stream=1),
-                 draw_views(mild_one, 1, seed, micro_step, stream=2)]
-        views_p, aug_p, key_p = to_device_once([d.packed for d in draws], x.device)
-        extra = {"robust": draws_for_rank(robust, len(x), seed, micro_step, rank, world)} if robust.enabled else {}
-        return {**extra, "views": draws[0].apply(x, views_p), "aug": draws[1].apply(x, aug_p)[0], "clean": x,
-                "key_aug": draws[2].apply(key[None], key_p)[0]}
+        (views, aug, key), robust = draw.host
+        extra = {"robust": robust} if robust is not None else {}
+        return {**extra, "views": views.apply(x, moved[0]), "aug": aug.apply(x, moved[1])[0], "clean": x,
+                "key_aug": key.apply(self.key[None], moved[2])[0]}
 
-    return make_inputs
+
+def embed_inputs(views: ViewConfig, mild_views: ViewConfig, key: torch.Tensor, seed: int, rank: int, world: int,
+                 robust: TransformParams) -> EmbedInputs:
+    """The loop's ``make_inputs`` of stage 2 (:class:`EmbedInputs`); ``make_inputs(batch, step)`` works too."""
+    return EmbedInputs(views, mild_views, key, seed, rank, world, robust)
 
 
 def load_method_state(method: nn.Module, encoder_path: Path) -> bool:
