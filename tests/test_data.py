@@ -369,7 +369,9 @@ def test_view_config_validation_and_mild():
         ViewConfig(blur_sigma_min=3.0, blur_sigma_max=2.0)
     mild = mild_view_config()
     assert (mild.crop_scale_min, mild.grayscale_p, mild.blur_p, mild.jitter_p) == (0.8, 0.0, 0.0, 0.5)
-    assert all(f.type in ("int", "float", "bool", int, float, bool) for f in dataclasses.fields(ViewConfig))
+    assert all(f.type in ("int", "float", "bool", "str", int, float, bool, str) for f in dataclasses.fields(ViewConfig))
+    with pytest.raises(ValueError, match="views.crop must be one of device, decode"):
+        ViewConfig(crop="center")
 
 
 def test_views_reject_bad_input():

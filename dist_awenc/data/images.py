@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -72,6 +73,30 @@ class ImageDataset(Dataset):
         labels = torch.tensor([lab for _, lab in items], dtype=torch.long)
         return images, labels
 
+    def original(self, index: int) -> Tensor:
+        """The stored image, before any resizing: (3, H, W), float in [0, 1] or uint8 (default: ``self[index]``)."""
+        return self[index][0]
+
+    def crop_views(self, index: Sequence[int], boxes_of, size: int) -> Tensor:
+        """Decode-time views: the boxes ``boxes_of(height, width, k)`` -> (V, 4) of item ``index[k]``, cut from its
+        original image and resized to (size, size) (bilinear, antialiased when shrinking).
+
+        Returns:
+            (b, V, 3, size, size) in the dtype of :meth:`original` (uint8 or float32 in [0, 1]).
+        """
+        out = []
+        for k, i in enumerate(index):
+            img = self.original(int(i))
+            views = []
+            for top, left, h, w in boxes_of(img.shape[-2], img.shape[-1], k).tolist():
+                patch = img[None, :, top : top + h, left : left + w].to(torch.float32)
+                shrink = h > size or w > size
+                patch = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+                views.append(patch[0].round_().clamp_(0, 255).to(torch.uint8) if img.dtype == torch.uint8
+                             else patch[0].clamp_(0.0, 1.0))
+            out.append(torch.stack(views))
+        return torch.stack(out)
+
 
 class TensorImageDataset(ImageDataset):
     """A dataset held as one tensor in memory.
@@ -104,6 +129,9 @@ class TensorImageDataset(ImageDataset):
         idx = torch.as_tensor(index, dtype=torch.long)
         return self.images[idx], self.labels[idx]
 
+    def original(self, index: int) -> Tensor:
+        return self.images[index]
+
 
 class ImageFolderDataset(ImageDataset):
     """Lazily decoded ``root/<class>/<image>`` folder (via torchvision's ImageFolder).
@@ -131,6 +159,24 @@ class ImageFolderDataset(ImageDataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]
         return _load_image(path, self.image_size), int(label)
+
+    def crop_views(self, index: Sequence[int], boxes_of, size: int) -> Tensor:
+        """Decode each file once, cut its boxes from the full-resolution image with PIL (bilinear with PIL's
+        reducing filter, as torchvision's ``resized_crop`` on a PIL image): uint8 (b, V, 3, size, size)."""
+        from PIL import Image
+
+        out = []
+        for k, i in enumerate(index):
+            path = self.samples[int(i)][0]
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("RGB")
+                    views = [np.asarray(img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR))
+                             for top, left, h, w in boxes_of(img.height, img.width, k).tolist()]
+            except (OSError, ValueError, SyntaxError) as err:  # PIL's decode failures
+                raise ImageDecodeError(f"cannot decode image file '{path}': {err}") from err
+            out.append(np.stack(views))
+        return torch.from_numpy(np.stack(out)).permute(0, 1, 4, 2, 3).contiguous()
 
 
 def _load_image(path: str, size: int) -> Tensor:

@@ -99,28 +99,40 @@ class GlobalBatchSampler(Sampler[list[int]]):
             )
         self.start = int(batch)
 
+    def epoch_positions(self) -> Tensor:
+        """The epoch's order as positions into ``indices`` (what a ``.beton`` of the split is addressed by).
+
+        Returns:
+            LongTensor (batches_per_epoch * global_batch_size,), padded by wrapping when drop_last=False.
+        """
+        n = self.indices.numel()
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+            order = torch.randperm(n, generator=gen)
+        else:
+            order = torch.arange(n)
+        total = self.batches_per_epoch * self.global_batch_size
+        if total > n:  # pad the last batch by wrapping around
+            order = order.repeat(-(-total // n))
+        return order[:total]
+
     def epoch_order(self) -> Tensor:
         """The epoch's full order of dataset indices, padded when drop_last=False.
 
         Returns:
             LongTensor (batches_per_epoch * global_batch_size,).
         """
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-            order = self.indices[torch.randperm(self.indices.numel(), generator=gen)]
-        else:
-            order = self.indices
-        total = self.batches_per_epoch * self.global_batch_size
-        if total > order.numel():  # pad the last batch by wrapping around
-            reps = -(-total // order.numel())
-            order = order.repeat(reps)
-        return order[:total]
+        return self.indices[self.epoch_positions()]
+
+    def local_positions(self) -> Tensor:
+        """This rank's rows of :meth:`epoch_positions`, from the start batch on: LongTensor (batches, local batch)."""
+        pos = self.epoch_positions().view(self.batches_per_epoch, self.global_batch_size)
+        lo = self.rank * self.local_batch_size
+        return pos[self.start :, lo : lo + self.local_batch_size]
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = self.epoch_order().view(self.batches_per_epoch, self.global_batch_size)
-        lo = self.rank * self.local_batch_size
-        for batch in order[self.start :, lo : lo + self.local_batch_size]:
-            yield batch.tolist()
+        for batch in self.local_positions():
+            yield self.indices[batch].tolist()
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start
@@ -214,9 +226,12 @@ class SamplerSource:
         self.dataset, self.sampler, self.num_workers, self.pin_memory = dataset, sampler, num_workers, pin_memory
         self._loader: DataLoader | None = None
 
+    def _make_loader(self) -> DataLoader:
+        return loader(self.dataset, self.sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
     def iterate(self, epoch: int, start: int) -> Iterator[IndexedBatch]:
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(start)
         if self._loader is None:
-            self._loader = loader(self.dataset, self.sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
+            self._loader = self._make_loader()
         return iter(self._loader)  # persistent workers: resets them onto the sampler's new epoch and start

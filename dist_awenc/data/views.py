@@ -24,20 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .color import blend, gaussian_blur, hue_matrices, luma
 from .splits import derive_seed
 from .transfer import to_device_once
 
 __all__ = ["ViewConfig", "ViewDraw", "apply_params", "draw_views", "gaussian_blur", "make_views", "mild_view_config",
            "sample_params"]
 
-# ITU-R 601 luma weights (as torchvision's rgb_to_grayscale).
-_LUMA = (0.299, 0.587, 0.114)
-# RGB -> YIQ; the hue is shifted by rotating the (I, Q) chroma plane.
-_RGB_TO_YIQ = (
-    (0.299, 0.587, 0.114),
-    (0.595716, -0.274453, -0.321263),
-    (0.211456, -0.522591, 0.311135),
-)
+CROP_MODES = ("device", "decode")
 
 
 @dataclass
@@ -46,6 +40,10 @@ class ViewConfig:
 
     Attributes:
         n_views: views made per image.
+        crop: where the random-resized crop is cut: ``device`` (the default) resamples the loaded S x S image on
+            the device (box area and aspect drawn, then clamped to the image); ``decode`` has the loader cut
+            torchvision's RandomResizedCrop boxes from the original image and resize them to S
+            (:mod:`dist_awenc.data.crops`), and the device only flips and colours (pre-training only).
         crop_scale_min, crop_scale_max: area fraction of the random crop, in (0, 1].
         crop_ratio_min, crop_ratio_max: aspect ratio (width / height) of the crop.
         flip_p: probability of a horizontal flip.
@@ -58,6 +56,7 @@ class ViewConfig:
     """
 
     n_views: int = 2
+    crop: str = "device"
     crop_scale_min: float = 0.3
     crop_scale_max: float = 1.0
     crop_ratio_min: float = 3 / 4
@@ -76,6 +75,8 @@ class ViewConfig:
     def __post_init__(self) -> None:
         if self.n_views < 1:
             raise ValueError(f"views.n_views must be >= 1; got {self.n_views}")
+        if self.crop not in CROP_MODES:
+            raise ValueError(f"views.crop must be one of {', '.join(CROP_MODES)}; got {self.crop!r}")
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -195,14 +196,20 @@ _K = 22
 _FLAGS = ("jitter", "gray", "blur")
 
 
-def _pack(p: dict[str, Tensor]) -> tuple[Tensor, Tensor, int]:
-    """:func:`sample_params` output for n images -> (packed (n, _K) float32, flags (n, 3) bool, blur radius), on the CPU."""
+def _pack(p: dict[str, Tensor], crop: bool = True) -> tuple[Tensor, Tensor, int]:
+    """:func:`sample_params` output for n images -> (packed (n, _K) float32, flags (n, 3) bool, blur radius), on the CPU.
+
+    ``crop=False`` (the loader cut the crop): the affine matrix is the flip alone.
+    """
     n = p["flip"].shape[0]
     packed = torch.zeros(n, _K)
-    packed[:, 0] = p["crop_w"] * (1.0 - 2.0 * p["flip"].to(torch.float32))
-    packed[:, 2], packed[:, 4], packed[:, 5] = p["crop_cx"], p["crop_h"], p["crop_cy"]
+    packed[:, 0] = (p["crop_w"] if crop else 1.0) * (1.0 - 2.0 * p["flip"].to(torch.float32))
+    if crop:
+        packed[:, 2], packed[:, 4], packed[:, 5] = p["crop_cx"], p["crop_h"], p["crop_cy"]
+    else:
+        packed[:, 4] = 1.0
     packed[:, _BRIGHT], packed[:, _CONTRAST], packed[:, _SAT] = p["brightness"], p["contrast"], p["saturation"]
-    packed[:, _HUE] = _hue_matrices(p["hue"]).reshape(n, 9).to(torch.float32)
+    packed[:, _HUE] = hue_matrices(p["hue"]).reshape(n, 9).to(torch.float32)
     packed[:, _SIGMA] = p["blur_sigma"]
     flags = torch.stack([p[k].bool() for k in _FLAGS], dim=1)
     for col, flag in zip(_ROWS, flags.unbind(1)):
@@ -220,43 +227,33 @@ class ViewDraw:
             :func:`~dist_awenc.data.transfer.to_device_once` (one copy for all the draws of a step).
         flags: (V, b, 3) bool CPU tensor (jitter, grayscale, blur per image); never leaves the host.
         radius: blur kernel half-width.
+        crop: whether the views are cut here (``views.crop=device``) or were cut by the loader (``decode``).
     """
 
     packed: Tensor
     flags: Tensor
     radius: int
+    crop: bool = True
 
     def apply(self, x: Tensor, packed: Tensor) -> list[Tensor]:
-        """The V views of ``x`` (b, 3, H, W), given ``packed`` = ``self.packed`` on x's device."""
+        """The V views of ``x`` given ``packed`` = ``self.packed`` on x's device.
+
+        ``x`` is the batch (b, 3, H, W), or with ``views.crop=decode`` the loader's crops (b, V, 3, S, S).
+        """
+        V = self.packed.shape[0]
+        if not self.crop:
+            if x.dim() != 5 or x.shape[1] != V:
+                raise ValueError(f"views.crop=decode expects the loader's {V} crops per image, (b, {V}, 3, S, S); "
+                                 f"got a batch of shape {tuple(x.shape)}")
+            parts = x.unbind(1)
+            for part in parts:
+                _check_images(part, self.packed.shape[1])
+            return [_apply_packed(parts[v], packed[v], self.flags[v], self.radius, crop=False) for v in range(V)]
         _check_images(x, self.packed.shape[1])
-        return [_apply_packed(x, packed[v], self.flags[v], self.radius) for v in range(self.packed.shape[0])]
+        return [_apply_packed(x, packed[v], self.flags[v], self.radius) for v in range(V)]
 
 
 # --------------------------------------------------------------------------- operations (device side)
-
-
-def _luma(x: Tensor) -> Tensor:
-    """(m, 3, H, W) -> (m, 1, H, W) grayscale."""
-    r, g, b = x.unbind(1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
-
-
-def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
-    """``factor * a + (1 - factor) * b`` per sample, clamped to [0, 1]."""
-    f = factor.reshape(-1, 1, 1, 1)
-    return (f * a + (1.0 - f) * b).clamp(0.0, 1.0)
-
-
-def _hue_matrices(hue: Tensor) -> Tensor:
-    """Per-sample 3x3 RGB matrices rotating the YIQ chroma plane by ``2*pi*hue``: (m,) -> (m, 3, 3), float64 CPU."""
-    to_yiq = torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)
-    angle = 2.0 * math.pi * hue.to(torch.float64)
-    cos, sin = angle.cos(), angle.sin()
-    rot = torch.zeros(hue.shape[0], 3, 3, dtype=torch.float64)
-    rot[:, 0, 0] = 1.0
-    rot[:, 1, 1], rot[:, 1, 2] = cos, -sin
-    rot[:, 2, 1], rot[:, 2, 2] = sin, cos
-    return torch.linalg.inv(to_yiq) @ rot @ to_yiq
 
 
 def _color_jitter(x: Tensor, rows: Tensor) -> Tensor:
@@ -264,31 +261,12 @@ def _color_jitter(x: Tensor, rows: Tensor) -> Tensor:
 
     Shape: x (m, 3, H, W) in [0, 1]; rows (m, _K), the packed parameters of these images, on x's device.
     """
-    x = _blend(x, torch.zeros_like(x), rows[:, _BRIGHT])
-    mean = _luma(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = _blend(x, mean.expand_as(x), rows[:, _CONTRAST])
-    x = _blend(x, _luma(x).expand_as(x), rows[:, _SAT])
+    x = blend(x, torch.zeros_like(x), rows[:, _BRIGHT])
+    mean = luma(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = blend(x, mean.expand_as(x), rows[:, _CONTRAST])
+    x = blend(x, luma(x).expand_as(x), rows[:, _SAT])
     mat = rows[:, _HUE].reshape(-1, 3, 3).to(x.dtype)
     return torch.einsum("mij,mjhw->mihw", mat, x).clamp(0.0, 1.0)
-
-
-def gaussian_blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
-    """Separable gaussian blur with a per-sample sigma and reflect padding.
-
-    Shape: x (m, C, H, W), sigma (m,) on x's device -> (m, C, H, W).
-    """
-    m, c, h, w = x.shape
-    radius = max(1, min(radius, h - 1, w - 1))
-    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (taps.view(1, -1) / sigma.reshape(-1, 1).to(x.dtype)) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (m*C, k)
-    k = kernel.shape[1]
-    y = x.reshape(1, m * c, h, w)
-    y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
-    y = F.conv2d(y, kernel.view(m * c, 1, 1, k), groups=m * c)
-    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
-    y = F.conv2d(y, kernel.view(m * c, 1, k, 1), groups=m * c)
-    return y.reshape(m, c, h, w)
 
 
 def _on_subset(x: Tensor, rows: Tensor, flag: Tensor, col: int, fn) -> Tensor:
@@ -302,13 +280,17 @@ def _on_subset(x: Tensor, rows: Tensor, flag: Tensor, col: int, fn) -> Tensor:
     return x.index_copy(0, idx, fn(x.index_select(0, idx), rows.index_select(0, idx)))
 
 
-def _apply_packed(x: Tensor, rows: Tensor, flags: Tensor, radius: int) -> Tensor:
-    """One view: crop + flip as one affine ``grid_sample``, then jitter, grayscale and blur on the flagged images."""
-    theta = rows[:, _THETA].reshape(-1, 2, 3).to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+def _apply_packed(x: Tensor, rows: Tensor, flags: Tensor, radius: int, crop: bool = True) -> Tensor:
+    """One view: crop + flip as one affine ``grid_sample`` (``crop=False``: the flip alone, as a masked select), then
+    jitter, grayscale and blur on the flagged images."""
+    if crop:
+        theta = rows[:, _THETA].reshape(-1, 2, 3).to(x.dtype)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    else:  # rows[:, 0] is -1 where the image is flipped: a device-side mask, no host read
+        out = torch.where((rows[:, 0] < 0).reshape(-1, 1, 1, 1), x.flip(-1), x)
     out = _on_subset(out, rows, flags[:, 0], _ROWS[0], _color_jitter)
-    out = _on_subset(out, rows, flags[:, 1], _ROWS[1], lambda sub, r: _luma(sub).expand_as(sub).contiguous())
+    out = _on_subset(out, rows, flags[:, 1], _ROWS[1], lambda sub, r: luma(sub).expand_as(sub).contiguous())
     out = _on_subset(out, rows, flags[:, 2], _ROWS[2], lambda sub, r: gaussian_blur(sub, r[:, _SIGMA], radius))
     return out.clamp(0.0, 1.0)
 
@@ -356,10 +338,11 @@ def draw_views(cfg: ViewConfig, b: int, seed: int, step: int, rank: int = 0, wor
         raise ValueError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
     gen = torch.Generator().manual_seed(derive_seed(seed, "views", stream, step))
     parts = []
+    crop = cfg.crop == "device"
     for _ in range(cfg.n_views):
         params = sample_params(cfg, b * world_size, gen)
-        parts.append(_pack({k: v[rank * b : (rank + 1) * b] for k, v in params.items()}))
-    return ViewDraw(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), parts[0][2])
+        parts.append(_pack({k: v[rank * b : (rank + 1) * b] for k, v in params.items()}, crop))
+    return ViewDraw(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), parts[0][2], crop)
 
 
 def make_views(x: Tensor, cfg: ViewConfig, seed: int, step: int, rank: int = 0, world_size: int = 1, *,

@@ -9,6 +9,7 @@ import torch
 
 from dist_awenc.config import EncoderSection, PretrainConfig, to_dict, to_yaml
 from dist_awenc.data import GlobalBatchSampler, ViewConfig, build_dataset, splits_for
+from dist_awenc.data.decode_views import crop_spec
 from dist_awenc.data.transfer import HostDraw, StepInputs
 from dist_awenc.data.views import draw_views
 from dist_awenc.encoders.io import Encoder, build_encoder, card_for, save_encoder, save_tensors
@@ -100,7 +101,9 @@ def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path
         info(f"pretrain {cfg.ssl.method} {arch} on {cfg.data.name} ({len(indices)} images, {world} process(es), "
              f"{plan.total_steps} steps) -> {run_dir}")
         method = fit(
-            accelerator, method, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, **source_options(cfg.data)), make_inputs=pretrain_inputs(cfg.views, cfg.run.seed, rank, world),
+            accelerator, method, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, **source_options(cfg.data),
+                                                crops=crop_spec(cfg.views, cfg.data.image_size, cfg.run.seed)),
+            make_inputs=pretrain_inputs(cfg.views, cfg.run.seed, rank, world),
             lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
             settings=loop_settings(cfg.train, run_dir, plan, f"pretrain {cfg.ssl.method}"),
             config_yaml=to_yaml(cfg), after_step=after_step, interrupt_at=interrupt_at,

@@ -138,7 +138,8 @@ class EmbedTask(nn.Module):
 class EmbedInputs(StepInputs):
     """The loop's ``make_inputs`` of stage 2: ``(batch, micro_step) -> EmbedTask input``, in a host and a device half.
 
-    The contrastive views (stream 0), the mild view of the batch (stream 1) and of the key (stream 2, the same on
+    The contrastive views (stream 0; always cut on the device from the whole image, ``views.crop=decode`` being
+    a pre-training setting), the mild view of the batch (stream 1) and of the key (stream 2, the same on
     every rank) are drawn on the host and taken to the device with the batch
     (:func:`~dist_awenc.data.transfer.move_step`); ``key`` (3, S, S) is given on the device once, so the step moves
     nothing (the ``robust`` transform draws excepted, when set: they stay on the host and
@@ -149,6 +150,9 @@ class EmbedInputs(StepInputs):
                  robust: TransformParams) -> None:
         self.mild_one = copy.copy(mild_views)
         self.mild_one.n_views = 1
+        if views.crop != "device":  # stage 2 needs the whole images (clean and marked terms): its views are cut here
+            views = copy.copy(views)
+            views.crop = "device"
         self.views, self.key, self.seed, self.rank, self.world, self.robust = views, key, seed, rank, world, robust
 
     def draw(self, n: int, micro_step: int) -> HostDraw:

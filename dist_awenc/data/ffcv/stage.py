@@ -11,6 +11,8 @@ from torch import Tensor
 
 from dist_awenc.config import DataSection
 from dist_awenc.errors import ConfigError
+from dist_awenc.data.crops import CropSpec
+from dist_awenc.data.decode_views import DecodeSource
 from dist_awenc.data.sampler import GlobalBatchSampler, SamplerSource
 from dist_awenc.data.splits import splits_for
 from dist_awenc.data.ffcv._common import SPLITS, WRITE_MODES, ffcv_available, _require_ffcv
@@ -116,6 +118,7 @@ def build_source(
     image_size: int,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
+    crops: Optional[CropSpec] = None,
 ):
     """The batch source a training stage should use.
 
@@ -124,7 +127,8 @@ def build_source(
     and ``beton`` is set, else torchvision. The ``.beton`` must hold exactly
     ``indices`` (the stage's split, in order), which a file written by
     ``awenc data write-beton`` with the same ``data`` section and that split does.
-    A stage passes its ``data`` section's fields (``data.loader``, ``data.beton``...).
+    A stage passes its ``data`` section's fields (``data.loader``, ``data.beton``...). With ``crops`` (pre-training
+    with ``views.crop=decode``) either loader cuts the views from the original images (batches (b, V, 3, S, S)).
 
     Raises:
         ConfigError: unknown loader, no ``beton``, or a file of another split.
@@ -136,13 +140,16 @@ def build_source(
     if loader == "auto":
         loader = "ffcv" if beton and ffcv_available() else "torch"
     if loader == "torch":
-        return SamplerSource(dataset, sampler, num_workers, pin_memory=torch.device(device).type == "cuda")
+        pin = torch.device(device).type == "cuda"
+        if crops is not None:
+            return DecodeSource(dataset, sampler, crops, num_workers, pin_memory=pin)
+        return SamplerSource(dataset, sampler, num_workers, pin_memory=pin)
     if not beton:
         raise ConfigError("data.loader=ffcv needs data.beton=<file.beton> (write it with `awenc data write-beton`)")
     try:
         source = FFCVSource(beton, image_size=image_size, global_batch_size=sampler.global_batch_size,
                             seed=sampler.seed, rank=sampler.rank, world_size=sampler.world_size,
-                            drop_last=sampler.drop_last, num_workers=num_workers or None, device=device)
+                            drop_last=sampler.drop_last, num_workers=num_workers or None, device=device, crops=crops)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data.beton: {err}") from None
     want = torch.as_tensor(indices, dtype=torch.long).flatten()

@@ -1,0 +1,87 @@
+"""The torchvision loader's decode-time views (``views.crop=decode``): each worker decodes an image once and cuts
+its V random-resized crops from the original (:mod:`dist_awenc.data.crops`), so a batch is (b, V, 3, S, S).
+
+:class:`CropBatchSampler` turns a :class:`~dist_awenc.data.sampler.GlobalBatchSampler` into requests that carry the
+epoch and each image's position in the split (the two things its boxes depend on besides the seed);
+:class:`DecodeViews` answers them through the dataset's ``crop_views``.
+"""
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .crops import CropSpec, crop_boxes, crop_uniforms
+from .views import ViewConfig
+from .sampler import GlobalBatchSampler, IndexedBatch, SamplerSource, collate_indexed
+
+__all__ = ["CropBatchSampler", "CropRequest", "DecodeSource", "DecodeViews", "crop_spec"]
+
+
+def crop_spec(views: ViewConfig, size: int, seed: int) -> Optional[CropSpec]:
+    """The loader's crops of a ``views`` section (``views.crop=decode``; None for ``device``)."""
+    if views.crop != "decode":
+        return None
+    return CropSpec(size=size, n_views=views.n_views, seed=seed, scale=(views.crop_scale_min, views.crop_scale_max),
+                    ratio=(views.crop_ratio_min, views.crop_ratio_max))
+
+
+class CropRequest(NamedTuple):
+    """One local batch to decode: dataset ``indices``, their ``positions`` in the split, the ``epoch``."""
+
+    indices: list[int]
+    positions: list[int]
+    epoch: int
+
+
+class CropBatchSampler(Sampler[CropRequest]):
+    """The batches of ``sampler`` (same order, same rank slice, same start) as :class:`CropRequest`."""
+
+    def __init__(self, sampler: GlobalBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[CropRequest]:
+        s = self.sampler
+        for pos in s.local_positions():
+            yield CropRequest(s.indices[pos].tolist(), pos.tolist(), s.epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class DecodeViews(Dataset):
+    """Wraps an image dataset: a :class:`CropRequest` gives an :class:`IndexedBatch` of (b, V, 3, S, S) views."""
+
+    def __init__(self, dataset: Dataset, spec: CropSpec) -> None:
+        if not hasattr(dataset, "crop_views"):
+            raise TypeError(f"views.crop=decode needs a dataset with crop_views(); {type(dataset).__name__} has none")
+        self.dataset, self.spec = dataset, spec
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def boxes(self, request: CropRequest):
+        """``boxes_of(height, width, k)`` -> int64 (V, 4) boxes of the request's k-th image."""
+        spec = self.spec
+        u = crop_uniforms(spec.key(request.epoch), np.asarray(request.positions), spec.n_views)
+        return lambda h, w, k: crop_boxes(u[k : k + 1], np.array([h]), np.array([w]), spec.scale, spec.ratio)[0]
+
+    def __getitems__(self, request: CropRequest) -> IndexedBatch:
+        index = torch.as_tensor(request.indices, dtype=torch.long)
+        images = self.dataset.crop_views(request.indices, self.boxes(request), self.spec.size)
+        return IndexedBatch(images, self.dataset.labels[index], index)
+
+
+class DecodeSource(SamplerSource):
+    """:class:`SamplerSource` whose batches are decode-time views (one persistent DataLoader, as its parent)."""
+
+    def __init__(self, dataset: Dataset, sampler: GlobalBatchSampler, spec: CropSpec, num_workers: int = 0, *,
+                 pin_memory: bool = False) -> None:
+        super().__init__(DecodeViews(dataset, spec), sampler, num_workers, pin_memory=pin_memory)
+
+    def _make_loader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_sampler=CropBatchSampler(self.sampler), collate_fn=collate_indexed,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0)
