@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 
 
+from dist_awenc.data.crops import CropSpec
+from dist_awenc.data.ffcv.crops import seeded_decoder_class
 from dist_awenc.data.sampler import GlobalBatchSampler, IndexedBatch
 from dist_awenc.data.ffcv._common import RESIZE_MODES, _require_ffcv
 
@@ -98,6 +100,10 @@ class FFCVSource:
         resize: ``"squash"`` or ``"center"`` (only used when sizes differ from S).
         batches_ahead: batches FFCV decodes ahead.
         os_cache: read through the OS page cache (shared by the ranks of a node).
+        crops: decode-time views (``views.crop=decode``): one FFCV pipeline per view over the image field, each
+            cutting the seeded box of :mod:`dist_awenc.data.crops` from the stored image and resizing it to
+            ``crops.size`` (:mod:`dist_awenc.data.ffcv.crops`); batches are uint8 (b, V, 3, S, S). The loader is
+            built again each epoch (the epoch's key is compiled in).
     """
 
     def __init__(
@@ -115,6 +121,7 @@ class FFCVSource:
         resize: str = "squash",
         batches_ahead: int = 3,
         os_cache: bool = True,
+        crops: Optional[CropSpec] = None,
     ) -> None:
         _require_ffcv()
         from ffcv.reader import Reader
@@ -149,6 +156,8 @@ class FFCVSource:
         self.device = torch.device(device)
         self.num_workers = int(num_workers) if num_workers else _default_threads()
         self.resize, self.batches_ahead, self.os_cache = resize, int(batches_ahead), bool(os_cache)
+        self.crops = crops
+        self._epoch: Optional[int] = None  # the epoch the decode-time crop loader was built for
         self._loader = None
         self._order = None
         self._live: Optional[Iterator] = None
@@ -169,27 +178,41 @@ class FFCVSource:
             return torch.empty(0, dtype=torch.long)
         return torch.tensor(batches, dtype=torch.long).flatten()
 
-    def _build_loader(self):
-        import numba
-        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
-        from ffcv.loader import Loader
-        from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+    def _image_decoders(self, epoch: int) -> list:
+        """One decoder per view (decode-time crops) or the one decoder of S x S images."""
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
 
         S = self.image_size
+        if self.crops is not None:
+            c, decoder = self.crops, seeded_decoder_class()
+            return [decoder(c.size, c.key(epoch), v, c.scale, c.ratio) for v in range(c.n_views)]
         if self.exact_size:
-            decoder = SimpleRGBImageDecoder()
-        elif self.resize == "center":
-            decoder = CenterCropRGBImageDecoder((S, S), ratio=1.0)
-        else:
-            decoder = _squash_decoder_class()((S, S))
-        image_ops: list = [decoder, ToTensor()]
-        if self.device.type != "cpu":
-            image_ops.append(ToDevice(self.device, non_blocking=True))
-        image_ops.append(ToTorchImage(channels_last=True))
-        pipelines: dict = {"image": image_ops, "label": [IntDecoder(), ToTensor()]}
+            return [SimpleRGBImageDecoder()]
+        if self.resize == "center":
+            return [CenterCropRGBImageDecoder((S, S), ratio=1.0)]
+        return [_squash_decoder_class()((S, S))]
+
+    def _build_loader(self, epoch: int):
+        import numba
+        from ffcv.fields.decoders import IntDecoder
+        from ffcv.loader import Loader
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+        def image_ops() -> list:
+            ops: list = [ToTensor()]
+            if self.device.type != "cpu":
+                ops.append(ToDevice(self.device, non_blocking=True))
+            return ops + [ToTorchImage(channels_last=True)]
+
+        first, *more = self._image_decoders(epoch)
+        image_ops_0 = [first, *image_ops()]
+        pipelines: dict = {"image": image_ops_0, "label": [IntDecoder(), ToTensor()]}
         for name in self.fields:
             if name not in ("image", "label"):
                 pipelines[name] = [IntDecoder(), ToTensor()] if name == "index" else None
+        for v, decoder in enumerate(more, start=1):  # further views: the same image field, another box
+            pipelines[f"image_view{v}"] = PipelineSpec("image", decoder=decoder, transforms=image_ops())
         # the loader's length (and its truncation of every epoch's order) comes from the first
         # order: give it a full epoch, later (resumed) epochs are never longer
         full = self.batches_per_epoch * self.sampler.local_batch_size
@@ -207,10 +230,12 @@ class FFCVSource:
             self._live = None
         if pos.numel() == 0:
             return iter(())
-        if self._loader is None:
-            self._build_loader()
+        if self._loader is None or (self.crops is not None and self._epoch != epoch):
+            self._build_loader(epoch)
+            self._epoch = epoch
         self._order.order = pos.numpy().astype(np.uint64)
-        self._live = _EpochBatches(iter(self._loader), pos, self.sampler.local_batch_size, "index" in self.fields)
+        self._live = _EpochBatches(iter(self._loader), pos, self.sampler.local_batch_size, "index" in self.fields,
+                                   self.crops.n_views if self.crops is not None else 0)
         return self._live
 
     def close(self) -> None:
@@ -223,8 +248,8 @@ class FFCVSource:
 class _EpochBatches:
     """Iterator over one epoch of an FFCV loader, as :class:`IndexedBatch` copies of FFCV's reused buffers."""
 
-    def __init__(self, epoch_it, pos: Tensor, batch_size: int, has_index: bool) -> None:
-        self._it, self._pos, self._b, self._has_index = epoch_it, pos, batch_size, has_index
+    def __init__(self, epoch_it, pos: Tensor, batch_size: int, has_index: bool, views: int = 0) -> None:
+        self._it, self._pos, self._b, self._has_index, self._views = epoch_it, pos, batch_size, has_index, views
         self._k = 0
         self._closed = False
 
@@ -241,7 +266,10 @@ class _EpochBatches:
             raise
         images, labels = out[0], out[1]
         # FFCV reuses its buffers: copy out before the next batch is decoded
-        images = images.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+        if self._views:  # decode-time views: uint8 (b, V, 3, S, S), the further views are the last outputs
+            images = torch.stack([images, *out[len(out) - self._views + 1:]], dim=1).contiguous()
+        else:
+            images = images.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
         labels = labels.reshape(-1).to(torch.long, copy=True)
         if self._has_index:
             index = out[2].reshape(-1).to(torch.long, copy=True)
