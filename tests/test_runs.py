@@ -185,3 +185,20 @@ def test_a_folder_from_before_the_robust_section_is_the_same_run_as_robust_off(t
     on = load_config(WatermarkConfig, None, [f"run.out_dir={tmp_path}", "run.name=wm", "encoder=f0.safetensors",
                                              "robust.transforms=[jpeg]"])
     assert config_difference(tmp_path / "wm", on)[0] == "robust"
+
+
+def test_a_pretraining_folder_from_before_views_crop_is_the_same_run_at_device(tmp_path):
+    """views.crop was added at ``device``, how every earlier run cut its views; ``decode`` is another run."""
+    import yaml
+
+    from dist_awenc.config import to_yaml
+    from dist_awenc.runs import config_difference
+
+    base = [f"run.out_dir={tmp_path}", "run.name=p"]
+    cfg = load_config(PretrainConfig, None, base)
+    old = yaml.safe_load(to_yaml(cfg))
+    del old["views"]["crop"]
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "config.yaml").write_text(yaml.safe_dump(old))
+    assert config_difference(tmp_path / "p", cfg) is None
+    assert config_difference(tmp_path / "p", load_config(PretrainConfig, None, base + ["views.crop=decode"]))[0] == "views.crop"
