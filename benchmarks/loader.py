@@ -1,25 +1,25 @@
-"""Suite ``loader``: images/s per CPU core of the loaders, with the two contrastive views made.
+"""Suite ``loader``: images/s per CPU core of the loaders, two views per image at the output size.
 
-All rows read the same generated JPEGs (:mod:`benchmarks.data`):
+All rows read the same generated JPEGs (:mod:`benchmarks.data`, 500 x 375 by default), two views per image:
 
-* ``torchvision ImageFolder + PIL``: the usual recipe, two views per image
-  made in the loader (RandomResizedCrop, flip, colour jitter, grayscale,
-  blur, ToTensor, as the ImageNet SimCLR config asks);
-* ``project imagefolder + make_views``: the project's ``imagefolder`` dataset
-  (PIL decode + resize) through its ``SamplerSource``, then the project's
-  batched ``make_views`` on the CPU (on a GPU they run on the device);
-* ``project imagefolder decode only`` and ``project make_views only``: the two
-  halves of the previous row;
-* ``FFCV``: the project's FFCV loader (``dist_awenc.data.ffcv``) when ffcv
-  and that module are importable, else marked ``not installed``.
+* ``torchvision/PIL RandomResizedCrop + flip``: ``ImageFolder`` with torchvision's per-image transforms
+  cutting what the project's decode-time loaders cut (RandomResizedCrop, flip, ToTensor): the like-for-like
+  reference of the project's loaders, whose colour work runs batched on the device;
+* ``torchvision/PIL full SimCLR views``: the same plus colour jitter, grayscale and blur in the loader
+  (the usual recipe when the GPU does none of it);
+* ``project torchvision path (views.crop=decode)``: the project's ``imagefolder`` dataset through its
+  ``DecodeSource``: each image decoded once, its two seeded boxes cut from the original and resized (uint8);
+* ``project FFCV decode-time crop``: ``FFCVSource(crops=...)`` on a ``.beton`` of the files stored as JPEG at
+  their own size (``beton.original=true``): one seeded crop decoder per view, FFCV's compiled decode threads;
+* ``nvjpeg`` (GPU only): ``torchvision.io.decode_jpeg(device="cuda")`` of a batch, then the same boxes resized
+  on the device.
 
-Per core = images/s divided by the cores doing the work: the DataLoader
-workers, or the torch threads of the main process with ``num_workers=0``;
-for FFCV its decoding threads, plus the main process's torch threads when it
-also makes the views.
+Per core = images/s divided by the cores doing the work: one for a DataLoader without workers (torch
+threads set to 1 while it runs: PIL decodes on one core), the workers otherwise, FFCV's decoding threads.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -82,125 +82,142 @@ def passes(ctx: Context, make_iter: Callable[[], Iterable], consume: Callable, r
 
 
 def run(ctx: Context, args) -> Path:
-    from torch.utils.data import DataLoader
-    from torchvision.datasets import ImageFolder
-
-    from dist_awenc.data import GlobalBatchSampler, SamplerSource, build_dataset, make_views
-
     cpu = Context(device=torch.device("cpu"), quick=ctx.quick, out_dir=ctx.out_dir, threads=ctx.threads,
                   max_seconds=ctx.max_seconds, started=ctx.started)
     out = SuiteWriter("loader", cpu, COLUMNS, TABLE_SETTINGS)
-    n, jpeg, size, batch = (64, (160, 120), 64, 16) if ctx.quick else (512, (500, 375), 224, 32)
+    n, jpeg, size, batch = (64, (160, 120), 64, 16) if ctx.quick else (384, (500, 375), 224, 32)
     reps = args.reps or (2 if ctx.quick else 3)
     v = views_config()
-    worker_options = [0] + ([min(8, (os.cpu_count() or 1) - 1)] if (os.cpu_count() or 1) >= 4 and not ctx.quick else [])
+    cores_here = os.cpu_count() or 1
+    workers = [0] + ([min(8, cores_here - 1)] if cores_here >= 4 and not ctx.quick else [])
     with tempfile.TemporaryDirectory(prefix="awenc_bench_loader_") as tmp:
         info = write_jpegs(Path(tmp) / "jpeg", n, jpeg, processes=1 if ctx.quick else None)
         base = {"images": n, "jpeg": f"{jpeg[0]}x{jpeg[1]}", "jpeg_mean_kib": info["mean_kib"], "image_size": size,
-                "batch": batch, "views_per_image": 2, "threads": torch.get_num_threads(), "passes": reps}
+                "batch": batch, "views_per_image": 2, "passes": reps}
+        images = n // batch * batch
 
-        def add(name: str, settings: dict, fn: Callable[[], list[float]], images_per_pass: int, cores: int) -> None:
+        def add(name: str, settings: dict, fn: Callable[[], list[float]], cores: int) -> None:
             s = {**base, **settings, "cores": cores}
             if cpu.out_of_time():
                 out.add(row(name, s, status="skipped", note="suite time budget (--max-seconds) used up"))
                 return
             try:
-                ips = rates(fn(), images_per_pass)
+                with torch_threads(1 if settings.get("num_workers") == 0 else torch.get_num_threads()):
+                    ips = rates(fn(), images)
+            except NotInstalled as e:
+                out.add(row(name, s, status="not installed", note=str(e)))
+                return
             except Exception as e:  # noqa: BLE001
                 out.add(row(name, s, status="failed", note=short_error(e)))
                 return
             out.add(row(name, s, images_per_s=ips, images_per_s_per_core=scaled(ips, 1 / cores)))
 
-        sink = lambda b, i: None  # noqa: E731
-        for w in worker_options:
-            cores = w or torch.get_num_threads()
-            tv = ImageFolder(info["root"], transform=torchvision_transform(v, size))
-            add(f"torchvision ImageFolder + PIL, 2 views (workers={w})", {"num_workers": w},
-                lambda: passes(cpu, lambda: DataLoader(tv, batch_size=batch, shuffle=True, num_workers=w, drop_last=True,
-                                                       persistent_workers=False), sink, reps),
-                n // batch * batch, cores)
-
-            ds = build_dataset("imagefolder", root=info["root"], image_size=size)
-            sampler = GlobalBatchSampler(len(ds), batch, seed=0)
-            source = SamplerSource(ds, sampler, num_workers=w)
-            make = lambda: source.iterate(0, 0)  # noqa: E731
-            views = lambda b, i: make_views(b[0], v, seed=0, step=max(i, 0))  # noqa: E731
-            add(f"project imagefolder + make_views on CPU (workers={w})", {"num_workers": w},
-                lambda: passes(cpu, make, views, reps), n // batch * batch, cores)
-            add(f"project imagefolder decode only (workers={w})", {"num_workers": w, "views_per_image": 0},
-                lambda: passes(cpu, make, sink, reps), n // batch * batch, cores)
-
-        x = torch.rand(batch, 3, size, size)
-        add("project make_views only (in-memory batch)", {"num_workers": 0},
-            lambda: passes(cpu, lambda: [x] * (n // batch), lambda b, i: make_views(b, v, seed=0, step=max(i, 0)), reps),
-            n // batch * batch, torch.get_num_threads())
-        for r in ffcv_rows(cpu, base, info, v, size, batch, reps, [1] + [w for w in worker_options if w]):
-            out.add(r)
+        for w in workers:
+            for name, loader in torchvision_loaders(info["root"], v, size, batch, w).items():
+                add(f"{name} (workers={w})", {"num_workers": w}, lambda: passes(cpu, lambda: loader, _sink, reps), max(w, 1))
+            source = project_source(info["root"], v, size, batch, w)
+            add(f"project torchvision path, views.crop=decode (workers={w})", {"num_workers": w},
+                lambda: passes(cpu, lambda: source.iterate(0, 0), _sink, reps), max(w, 1))
+        for t in [1] + [w for w in workers if w]:
+            add(f"project FFCV decode-time crop (threads={t})", {"num_workers": t, "beton": "jpg, original size"},
+                lambda: ffcv_passes(cpu, info, v, size, batch, t, reps), t)
+        add("nvjpeg decode + crops on the GPU", {"num_workers": 0, "device": "cuda"},
+            lambda: nvjpeg_passes(cpu, info, v, size, batch, reps), 1)
     return out.json_path
 
 
-def ffcv_rows(ctx: Context, base: dict, info: dict, v, size: int, batch: int, reps: int, threads: list[int]) -> list[dict]:
-    """The project's FFCV loader on the same files (stored as JPEG at their own size, decoded and resized
-    at load time, as for ImageNet), when ffcv and ``dist_awenc.data.ffcv`` import here."""
-    names = [f"FFCV (dist_awenc.data.ffcv) {what} (threads={t})" for t in threads for what in ("+ make_views", "decode only")]
-    settings = {**base, "num_workers": None}
+_sink = lambda b, i: None  # noqa: E731
 
-    def none(status: str, note: str) -> list[dict]:
-        return [row(n, settings, status=status, note=note) for n in names]
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def torchvision_loaders(root: str, v, size: int, batch: int, workers: int) -> dict:
+    """The two torchvision/PIL reference loaders: RandomResizedCrop + flip, and the full SimCLR views."""
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    crop = T.Compose([T.RandomResizedCrop(size, scale=(v.crop_scale_min, v.crop_scale_max),
+                                          ratio=(v.crop_ratio_min, v.crop_ratio_max)),
+                      T.RandomHorizontalFlip(v.flip_p), T.PILToTensor()])
+    two = {"torchvision/PIL RandomResizedCrop + flip": lambda img: (crop(img), crop(img)),
+           "torchvision/PIL full SimCLR views": torchvision_transform(v, size)}
+    return {name: DataLoader(ImageFolder(root, transform=tf), batch_size=batch, shuffle=True, num_workers=workers,
+                             drop_last=True, persistent_workers=workers > 0) for name, tf in two.items()}
+
+
+def project_source(root: str, v, size: int, batch: int, workers: int):
+    from dist_awenc.data import GlobalBatchSampler, build_dataset
+    from dist_awenc.data.decode_views import DecodeSource, crop_spec
+    import dataclasses
+
+    ds = build_dataset("imagefolder", root=root, image_size=size)
+    spec = crop_spec(dataclasses.replace(v, crop="decode"), size, seed=0)
+    return DecodeSource(ds, GlobalBatchSampler(len(ds), batch, seed=0), spec, workers)
+
+
+def ffcv_passes(ctx: Context, info: dict, v, size: int, batch: int, threads: int, reps: int) -> list[float]:
+    """FFCV with the project's seeded decode-time crop, on the files stored as JPEG at their own size."""
+    import dataclasses
 
     if importlib.util.find_spec("ffcv") is None:
-        return none("not installed", "ffcv is not installed (scripts/install_ffcv.sh)")
-    try:
-        spec = importlib.util.find_spec("dist_awenc.data.ffcv")
-    except ImportError:
-        spec = None
-    if spec is None:
-        return none("not installed", "dist_awenc.data.ffcv is not in this checkout")
-    try:
-        mod = importlib.import_module("dist_awenc.data.ffcv")
-    except Exception as e:  # noqa: BLE001
-        return none("not installed", f"dist_awenc.data.ffcv does not import: {short_error(e)}")
-    if not (hasattr(mod, "write_beton") and hasattr(mod, "FFCVSource")):
-        return none("unsupported", "dist_awenc.data.ffcv has no write_beton(...) and FFCVSource(...) for this suite to call")
-    import inspect
+        raise NotInstalled("ffcv is not installed (scripts/install_ffcv.sh)")
+    from dist_awenc.data import build_dataset
+    from dist_awenc.data.decode_views import crop_spec
+    from dist_awenc.data.ffcv import FFCVSource, write_beton
 
-    from dist_awenc.data import build_dataset, make_views
-
-    def accepted(fn, **kw):
-        params = inspect.signature(fn).parameters
-        return {k: val for k, val in kw.items() if k in params}
-
-    try:
+    beton = Path(info["root"]).parent / "bench.beton"
+    if not beton.exists():
         ds = build_dataset("imagefolder", root=info["root"], image_size=size)
-        beton = Path(info["root"]).parent / "bench.beton"
-        mod.write_beton(ds, beton, **accepted(mod.write_beton, mode="jpg", original=True, jpeg_quality=90,
-                                               max_resolution=max(info["width"], info["height"]), num_workers=1,
-                                               progress=False))
-    except Exception as e:  # noqa: BLE001
-        return none("failed", f"write_beton: {short_error(e)}")
-    out = []
-    n = len(ds) // batch * batch
-    views = lambda b, i: make_views(b[0], v, seed=0, step=max(i, 0))  # noqa: E731
-    sink = lambda b, i: None  # noqa: E731
-    for t in threads:
-        for what, consume in (("+ make_views", views), ("decode only", sink)):
-            name = f"FFCV (dist_awenc.data.ffcv) {what} (threads={t})"
-            cores = t + (torch.get_num_threads() if consume is views else 0)
-            s = {**settings, "num_workers": t, "ffcv_threads": t, "cores": cores, "beton": "jpg, original size",
-                 "views_per_image": 2 if consume is views else 0}
-            if ctx.out_of_time():
-                out.append(row(name, s, status="skipped", note="suite time budget (--max-seconds) used up"))
-                continue
-            try:
-                source = mod.FFCVSource(beton, **accepted(mod.FFCVSource, image_size=size, global_batch_size=batch, seed=0,
-                                                          num_workers=t, device="cpu", resize="squash"))
-                _KEEP.append(source)
-                secs = passes(ctx, lambda: source.iterate(0, 0), consume, reps)
-                if hasattr(source, "close"):
-                    source.close()
-            except Exception as e:  # noqa: BLE001
-                out.append(row(name, s, status="failed", note=short_error(e)))
-                continue
-            ips = rates(secs, n)
-            out.append(row(name, s, images_per_s=ips, images_per_s_per_core=scaled(ips, 1 / cores)))
-    return out
+        write_beton(ds, beton, mode="jpg", original=True, jpeg_quality=90, num_workers=1, progress=False,
+                    max_resolution=max(info["width"], info["height"]))
+    spec = crop_spec(dataclasses.replace(v, crop="decode"), size, seed=0)
+    source = FFCVSource(beton, image_size=size, global_batch_size=batch, seed=0, num_workers=threads, crops=spec)
+    _KEEP.append(source)
+    try:
+        return passes(ctx, lambda: source.iterate(0, 0), _sink, reps)
+    finally:
+        source.close()
+
+
+def nvjpeg_passes(ctx: Context, info: dict, v, size: int, batch: int, reps: int) -> list[float]:
+    """GPU decoding: a batch of JPEG files decoded by nvjpeg, each view's seeded box resized on the device."""
+    import dataclasses
+
+    import numpy as np
+    import torch.nn.functional as F
+    from torchvision.io import decode_jpeg, read_file
+
+    if not torch.cuda.is_available():
+        raise NotInstalled("no CUDA device: nvjpeg decoding runs on a GPU only")
+    from dist_awenc.data.crops import crop_boxes, crop_uniforms
+    from dist_awenc.data.decode_views import crop_spec
+
+    spec = crop_spec(dataclasses.replace(v, crop="decode"), size, seed=0)
+    files = sorted(str(p) for p in Path(info["root"]).rglob("*.jpg"))
+    data = [read_file(f) for f in files]
+    batches = [list(range(i, i + batch)) for i in range(0, len(files) - batch + 1, batch)]
+
+    def one(idx, _):
+        imgs = decode_jpeg([data[i] for i in idx], device="cuda")
+        u = crop_uniforms(spec.key(0), np.asarray(idx), spec.n_views)
+        hw = np.array([im.shape[-2:] for im in imgs])
+        boxes = crop_boxes(u, hw[:, 0], hw[:, 1], spec.scale, spec.ratio)
+        views = [F.interpolate(im[None, :, i:i + h, j:j + w].float(), size=(size, size), mode="bilinear",
+                               antialias=True) for im, b in zip(imgs, boxes) for i, j, h, w in b.tolist()]
+        torch.cat(views)
+        torch.cuda.synchronize()
+
+    return passes(ctx, lambda: batches, one, reps)
+
+
+class NotInstalled(RuntimeError):
+    """What a row needs is missing here (recorded as ``not installed``, not as a failure)."""
