@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,26 @@ def test_imagefolder_loads_pngs(tmp_path):
     images, labels = ds.get_batch(torch.tensor([1, 4]))
     assert images.shape == (2, 3, 8, 8) and labels.tolist() == [0, 1]
     assert images[1, 2].min() == 1.0  # blue
+
+
+def test_a_training_source_sends_decoded_files_as_uint8(tmp_path):
+    """build_source's torchvision source: an image folder's batches are the decoder's uint8, and the loop's transfer
+    (move_step) makes exactly get_batch's float32 of them; an in-memory dataset stays float32."""
+    from dist_awenc.data.ffcv import build_source
+    from dist_awenc.data.transfer import HostDraw, move_step
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        _write_png(tmp_path / f"c{i % 2}" / f"{i}.png", (int(rng.integers(5, 20)), 9), tuple(int(c) for c in rng.integers(0, 256, 3)))
+    ds = build_dataset("imagefolder", root=tmp_path, image_size=8)
+    src = build_source(ds, torch.arange(8), GlobalBatchSampler(8, 4, seed=0), image_size=8)
+    batch = next(iter(src.iterate(0, 0)))
+    assert batch.images.dtype == torch.uint8
+    (on_device, *_), _ = move_step(batch, HostDraw([]), "cpu")
+    assert torch.equal(on_device, ds.get_batch(batch.index)[0])
+    digits = build_dataset("digits", image_size=8)
+    mem = next(iter(build_source(digits, torch.arange(16), GlobalBatchSampler(16, 4, seed=0), image_size=8).iterate(0, 0)))
+    assert mem.images.dtype == torch.float32
 
 
 def test_imagefolder_errors(tmp_path):

@@ -151,11 +151,14 @@ class IndexedDataset(Dataset):
 
     Items are ``(image, label, index)``; ``__getitems__`` fetches a whole batch
     at once through the dataset's ``get_batch`` when it has one (bulk tensor
-    indexing for in-memory datasets).
+    indexing for in-memory datasets); with ``uint8`` through its ``get_batch_uint8``
+    when it has one (files: the decoder's bytes, made float on the device).
     """
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, uint8: bool = False) -> None:
         self.dataset = dataset
+        self.get_batch = getattr(dataset, "get_batch_uint8" if uint8 and hasattr(dataset, "get_batch_uint8")
+                                 else "get_batch", None)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -166,8 +169,8 @@ class IndexedDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> IndexedBatch:
         index = torch.as_tensor(indices, dtype=torch.long)
-        if hasattr(self.dataset, "get_batch"):
-            images, labels = self.dataset.get_batch(index)
+        if self.get_batch is not None:
+            images, labels = self.get_batch(index)
             return IndexedBatch(images, torch.as_tensor(labels, dtype=torch.long), index)
         return collate_indexed([self[i] for i in indices])
 
@@ -183,7 +186,8 @@ def collate_indexed(items: IndexedBatch | list[tuple[Tensor, int, int]]) -> Inde
 
 
 def loader(
-    dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int = 0, *, pin_memory: bool = False
+    dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int = 0, *, pin_memory: bool = False,
+    uint8: bool = False,
 ) -> DataLoader:
     """DataLoader over ``dataset`` driven by ``sampler`` (a batch sampler).
 
@@ -193,13 +197,14 @@ def loader(
             before iterating the loader.
         num_workers: worker processes for decoding (0: in the main process).
         pin_memory: pin batches for faster host-to-GPU copies.
+        uint8: deliver uint8 images where the dataset decodes files (``get_batch_uint8``).
 
     Returns:
         A DataLoader yielding :class:`IndexedBatch` ``(images (b,3,S,S),
         labels (b,), index (b,))``.
     """
     return DataLoader(
-        IndexedDataset(dataset),
+        IndexedDataset(dataset, uint8),
         batch_sampler=sampler,
         collate_fn=collate_indexed,
         num_workers=num_workers,
@@ -218,16 +223,19 @@ class SamplerSource:
     One DataLoader serves the whole run: ``iterate`` re-points its batch sampler
     and iterates it again, so with ``num_workers > 0`` the workers persist across
     epochs instead of starting anew; ``pin_memory`` (set for CUDA devices by
-    :func:`~dist_awenc.data.ffcv.build_source`) lets the loop's batch copy run non-blocking.
+    :func:`~dist_awenc.data.ffcv.build_source`) lets the loop's batch copy run non-blocking, and ``uint8``
+    (also set there) sends decoded files as uint8, made float32 on the device by the loop.
     """
 
     def __init__(self, dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int = 0, *,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, uint8: bool = False) -> None:
         self.dataset, self.sampler, self.num_workers, self.pin_memory = dataset, sampler, num_workers, pin_memory
+        self.uint8 = uint8
         self._loader: DataLoader | None = None
 
     def _make_loader(self) -> DataLoader:
-        return loader(self.dataset, self.sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return loader(self.dataset, self.sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                      uint8=self.uint8)
 
     def iterate(self, epoch: int, start: int) -> Iterator[IndexedBatch]:
         self.sampler.set_epoch(epoch)

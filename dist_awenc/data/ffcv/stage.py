@@ -143,7 +143,7 @@ def build_source(
         pin = torch.device(device).type == "cuda"
         if crops is not None:
             return DecodeSource(dataset, sampler, crops, num_workers, pin_memory=pin)
-        return SamplerSource(dataset, sampler, num_workers, pin_memory=pin)
+        return SamplerSource(dataset, sampler, num_workers, pin_memory=pin, uint8=True)
     if not beton:
         raise ConfigError("data.loader=ffcv needs data.beton=<file.beton> (write it with `awenc data write-beton`)")
     try:
