@@ -183,7 +183,7 @@ class ImageFolderDataset(ImageDataset):
             except (OSError, ValueError, SyntaxError) as err:  # PIL's decode failures
                 raise ImageDecodeError(f"cannot decode image file '{path}': {err}") from err
             out.append(np.stack(views))
-        return torch.from_numpy(np.stack(out)).permute(0, 1, 4, 2, 3).contiguous()
+        return torch.from_numpy(np.stack(out)).permute(0, 1, 4, 2, 3)  # channels-last in memory: no copy here
 
 
 def _load_uint8(path: str, size: int) -> Tensor:

@@ -4,8 +4,8 @@ FFCV's own ``RandomResizedCropRGBImageDecoder`` draws its boxes from numpy's glo
 which nothing seeds: the crops would differ between runs, resumes and process counts. :func:`seeded_box` is the
 arithmetic of :func:`dist_awenc.data.crops.crop_boxes` on the uniforms of
 :func:`~dist_awenc.data.crops.crop_uniforms`, written as scalar code that numba compiles; the decoder
-(:func:`seeded_decoder_class`) is FFCV's resized-crop decoder with that box in place of FFCV's draw, one instance
-per view over the same image field. The epoch's key is a constant of the compiled code, so the source builds its
+(:func:`seeded_decoder_class`) is FFCV's resized-crop decoder with that box in place of FFCV's draw, and it cuts
+every view of an image from one decode (FFCV's recipe of one pipeline per view decodes each image once per view). The epoch's key is a constant of the compiled code, so the source builds its
 FFCV loader again at each epoch (a compile of a few seconds, once an epoch).
 """
 from __future__ import annotations
@@ -67,21 +67,30 @@ def seeded_decoder_class() -> type:
     """FFCV's ``ResizedCropRGBImageDecoder`` cutting :func:`seeded_box` boxes (built on first use: FFCV is optional)."""
     if "decoder" in _CLASSES:
         return _CLASSES["decoder"]
+    from dataclasses import replace
+
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
     from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
 
     class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
-        """View ``view`` of every image, cut at the box of ``(key, file position, view)`` and resized to ``size``."""
+        """Every view of an image from one decode: view v cut at the box of ``(key, file position, v)`` and resized
+        to ``size``; the output of an image is (n_views, size, size, 3) uint8."""
 
-        def __init__(self, size: int, key: int, view: int, scale: tuple[float, float], ratio: tuple[float, float]):
+        def __init__(self, size: int, key: int, n_views: int, scale: tuple[float, float], ratio: tuple[float, float]):
             super().__init__((size, size))
-            self.key, self.view = np.uint64(key), np.uint64(view)
+            self.key, self.n_views = np.uint64(key), int(n_views)
             self.scale, self.ratio = scale, ratio
 
         @property
         def get_crop_generator(self):  # unused: generate_code below calls seeded_box
             return None
+
+        def declare_state_and_memory(self, previous_state):
+            state, (out, temp) = super().declare_state_and_memory(previous_state)
+            shape = (self.n_views, *self.output_size, 3)
+            return replace(state, shape=shape), (AllocationQuery(shape, out.dtype), temp)
 
         def generate_code(self):
             jpg = IMAGE_MODES["jpg"]
@@ -89,7 +98,7 @@ def seeded_decoder_class() -> type:
             my_range = Compiler.get_iterator()
             imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
             box_c = Compiler.compile(seeded_box)
-            key, view = self.key, self.view
+            key, n_views = self.key, self.n_views
             smin, smax = float(self.scale[0]), float(self.scale[1])
             lrmin, lrmax = math.log(self.ratio[0]), math.log(self.ratio[1])
 
@@ -106,8 +115,10 @@ def seeded_decoder_class() -> type:
                         temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
                     else:
                         temp_buffer = image_data.reshape(height, width, 3)
-                    i, j, h, w = box_c(key, np.uint64(source_ix), view, height, width, smin, smax, lrmin, lrmax)
-                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                    for v in range(n_views):  # one decode, every view
+                        i, j, h, w = box_c(key, np.uint64(source_ix), np.uint64(v), height, width,
+                                           smin, smax, lrmin, lrmax)
+                        resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix, v])
                 return destination[: len(batch_indices)]
 
             decode.is_parallel = True

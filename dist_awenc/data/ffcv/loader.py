@@ -100,9 +100,9 @@ class FFCVSource:
         resize: ``"squash"`` or ``"center"`` (only used when sizes differ from S).
         batches_ahead: batches FFCV decodes ahead.
         os_cache: read through the OS page cache (shared by the ranks of a node).
-        crops: decode-time views (``views.crop=decode``): one FFCV pipeline per view over the image field, each
-            cutting the seeded box of :mod:`dist_awenc.data.crops` from the stored image and resizing it to
-            ``crops.size`` (:mod:`dist_awenc.data.ffcv.crops`); batches are uint8 (b, V, 3, S, S). The loader is
+        crops: decode-time views (``views.crop=decode``): each stored image decoded once and every view's seeded
+            box of :mod:`dist_awenc.data.crops` cut from it and resized to ``crops.size``
+            (:mod:`dist_awenc.data.ffcv.crops`); batches are uint8 (b, V, 3, S, S). The loader is
             built again each epoch (the epoch's key is compiled in).
     """
 
@@ -184,8 +184,8 @@ class FFCVSource:
 
         S = self.image_size
         if self.crops is not None:
-            c, decoder = self.crops, seeded_decoder_class()
-            return [decoder(c.size, c.key(epoch), v, c.scale, c.ratio) for v in range(c.n_views)]
+            c = self.crops
+            return [seeded_decoder_class()(c.size, c.key(epoch), c.n_views, c.scale, c.ratio)]
         if self.exact_size:
             return [SimpleRGBImageDecoder()]
         if self.resize == "center":
@@ -196,23 +196,17 @@ class FFCVSource:
         import numba
         from ffcv.fields.decoders import IntDecoder
         from ffcv.loader import Loader
-        from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-        def image_ops() -> list:
-            ops: list = [ToTensor()]
-            if self.device.type != "cpu":
-                ops.append(ToDevice(self.device, non_blocking=True))
-            return ops + [ToTorchImage(channels_last=True)]
-
-        first, *more = self._image_decoders(epoch)
-        image_ops_0 = [first, *image_ops()]
-        pipelines: dict = {"image": image_ops_0, "label": [IntDecoder(), ToTensor()]}
+        image_ops: list = [*self._image_decoders(epoch), ToTensor()]
+        if self.device.type != "cpu":
+            image_ops.append(ToDevice(self.device, non_blocking=True))
+        if self.crops is None:  # decode-time views are (b, V, S, S, 3): _EpochBatches permutes them
+            image_ops.append(ToTorchImage(channels_last=True))
+        pipelines: dict = {"image": image_ops, "label": [IntDecoder(), ToTensor()]}
         for name in self.fields:
             if name not in ("image", "label"):
                 pipelines[name] = [IntDecoder(), ToTensor()] if name == "index" else None
-        for v, decoder in enumerate(more, start=1):  # further views: the same image field, another box
-            pipelines[f"image_view{v}"] = PipelineSpec("image", decoder=decoder, transforms=image_ops())
         # the loader's length (and its truncation of every epoch's order) comes from the first
         # order: give it a full epoch, later (resumed) epochs are never longer
         full = self.batches_per_epoch * self.sampler.local_batch_size
@@ -266,8 +260,8 @@ class _EpochBatches:
             raise
         images, labels = out[0], out[1]
         # FFCV reuses its buffers: copy out before the next batch is decoded
-        if self._views:  # decode-time views: uint8 (b, V, 3, S, S), the further views are the last outputs
-            images = torch.stack([images, *out[len(out) - self._views + 1:]], dim=1).contiguous()
+        if self._views:  # decode-time views: (b, V, S, S, 3) -> uint8 (b, V, 3, S, S)
+            images = images.permute(0, 1, 4, 2, 3).contiguous()
         else:
             images = images.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
         labels = labels.reshape(-1).to(torch.long, copy=True)
