@@ -12,8 +12,12 @@ depend on how many processes share the batch.
 Nothing waits for the device: everything derived from the draws (the crop's affine matrix, the hue rotation, the
 indices of the images each colour operation touches) is computed on the host and packed into one float32 tensor
 (:func:`draw_views`), which reaches the device in one non-blocking copy
-(:func:`~dist_awenc.data.transfer.to_device_once`; a step moves all its draws together); which images are flagged
-stays on the host, so no step reads a device value.
+(:func:`~dist_awenc.data.transfer.to_device_once`; the training loop moves a step's draws with its batch, before
+the step, :func:`~dist_awenc.data.transfer.move_step`); which images are flagged stays on the host, so no step
+reads a device value.
+
+With ``views.crop=decode`` the loader has already cut each view from the original image
+(:mod:`dist_awenc.data.crops`) and the batch is (b, V, 3, S, S): the device flips and colours them only.
 """
 from __future__ import annotations
 
