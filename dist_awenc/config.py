@@ -37,6 +37,9 @@ class DataSection:
     num_workers: int = 0
     loader: str = "torch"  # torch | ffcv | auto (ffcv when installed and data.beton is set)
     beton: Optional[str] = None  # .beton of this stage's split (awenc data write-beton)
+    # where JPEG files are decoded with views.crop=decode and the torch loader: cpu (the workers, PIL) or device
+    # (the workers read the bytes and the boxes, the training device decodes: nvjpeg on a GPU)
+    decode: str = "cpu"
 
 
 @dataclass

@@ -200,3 +200,49 @@ def test_pretraining_with_decode_views_runs_and_resumes(tmp_path):
     resumed = run("cut")
     a, b = weights(whole), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_decoding_on_the_device_cuts_the_same_views(tmp_path):
+    """data.decode=device: the workers send JPEG bytes and boxes, the device decodes (here the CPU stands in for a
+    GPU's nvjpeg) and cuts the same boxes; the views match PIL's within resampling differences, batch by batch."""
+    from dist_awenc.data.decode_views import DeviceDecodeSource
+    from dist_awenc.data.sampler import GlobalBatchSampler
+
+    ds = _folder(tmp_path)
+    spec = CropSpec(size=16, n_views=2, seed=2)
+    pil = _batches(ds, spec, batch=4, epoch=3)
+    dev = list(DeviceDecodeSource(ds, GlobalBatchSampler(len(ds), 4, seed=2), spec, "cpu").iterate(3, 0))
+    assert [torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels) for a, b in zip(pil, dev)] == [True] * 3
+    a, b = torch.cat([x.images for x in pil]).float(), torch.cat([x.images for x in dev]).float()
+    assert b.shape == a.shape and dev[0].images.dtype == torch.uint8
+    assert (a - b).abs().mean() < 3.0, (a - b).abs().mean()  # levels of 255: PIL's vs torch's bilinear filter
+
+
+def test_decoding_on_the_device_refuses_what_it_cannot_decode(tmp_path):
+    from PIL import Image
+
+    from dist_awenc.config import DataSection
+    from dist_awenc.data import TensorImageDataset
+    from dist_awenc.data.decode_views import DeviceDecodeSource
+    from dist_awenc.data.ffcv import build_source, source_options
+    from dist_awenc.data.sampler import GlobalBatchSampler
+    from dist_awenc.errors import ConfigError
+    from dist_awenc.data.images import ImageDecodeError
+
+    spec = CropSpec(size=8, n_views=2, seed=0)
+    (tmp_path / "a").mkdir()
+    for k in range(4):
+        Image.new("RGB", (12, 10), (k * 40, 0, 0)).save(tmp_path / "a" / f"{k}.png")
+    from dist_awenc.data import build_dataset
+
+    ds = build_dataset("imagefolder", root=tmp_path, image_size=8)
+    with pytest.raises(ImageDecodeError, match="decodes JPEG files only; .*[0-9].png' is PNG"):
+        list(DeviceDecodeSource(ds, GlobalBatchSampler(4, 4, seed=0), spec, "cpu").iterate(0, 0))
+    with pytest.raises(TypeError, match="reads image files; TensorImageDataset holds none"):
+        DeviceDecodeSource(TensorImageDataset(torch.rand(4, 3, 8, 8), torch.zeros(4), 1), GlobalBatchSampler(4, 4, seed=0),
+                           spec, "cpu")
+    opts = source_options(DataSection(name="imagefolder", image_size=8, decode="device"))
+    with pytest.raises(ConfigError, match="needs views.crop=decode"):
+        build_source(ds, torch.arange(4), GlobalBatchSampler(4, 4, seed=0), **opts)
+    with pytest.raises(ConfigError, match="data.decode must be cpu or device"):
+        build_source(ds, torch.arange(4), GlobalBatchSampler(4, 4, seed=0), **{**opts, "decode": "gpu"})

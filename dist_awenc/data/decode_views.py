@@ -1,6 +1,10 @@
 """The torchvision loader's decode-time views (``views.crop=decode``): each worker decodes an image once and cuts
 its V random-resized crops from the original (:mod:`dist_awenc.data.crops`), so a batch is (b, V, 3, S, S).
 
+With ``data.decode=device`` (:class:`DeviceDecodeSource`) the workers only read each JPEG's bytes and its size
+(from the header) and compute the boxes; the training device decodes the batch (``torchvision.io.decode_jpeg``:
+nvjpeg on a GPU) and cuts and resizes the same boxes there.
+
 :class:`CropBatchSampler` turns a :class:`~dist_awenc.data.sampler.GlobalBatchSampler` into requests that carry the
 epoch and each image's position in the split (the two things its boxes depend on besides the seed);
 :class:`DecodeViews` answers them through the dataset's ``crop_views``.
@@ -17,7 +21,8 @@ from .crops import CropSpec, crop_boxes, crop_uniforms
 from .views import ViewConfig
 from .sampler import GlobalBatchSampler, IndexedBatch, SamplerSource, collate_indexed
 
-__all__ = ["CropBatchSampler", "CropRequest", "DecodeSource", "DecodeViews", "crop_spec"]
+__all__ = ["CropBatchSampler", "CropRequest", "DecodeSource", "DecodeViews", "DeviceDecodeSource", "crop_spec",
+           "decode_crops"]
 
 
 def crop_spec(views: ViewConfig, size: int, seed: int) -> Optional[CropSpec]:
@@ -85,3 +90,76 @@ class DecodeSource(SamplerSource):
         return DataLoader(self.dataset, batch_sampler=CropBatchSampler(self.sampler), collate_fn=collate_indexed,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
+
+
+class EncodedBatch(NamedTuple):
+    """A local batch as the files' bytes (``data``: uint8 1-D tensors), the views' ``boxes`` (b, V, 4), labels, index."""
+
+    data: list
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+
+class _EncodedViews(DecodeViews):
+    def __getitems__(self, request: CropRequest) -> EncodedBatch:
+        from PIL import Image
+        from torchvision.io import read_file
+
+        from .images import ImageDecodeError
+
+        boxes_of, data, boxes = self.boxes(request), [], []
+        for k, i in enumerate(request.indices):
+            path = self.dataset.samples[i][0]
+            try:
+                with Image.open(path) as img:  # the header only
+                    fmt, (w, h) = img.format, img.size
+            except (OSError, ValueError, SyntaxError) as err:
+                raise ImageDecodeError(f"cannot read image file '{path}': {err}") from err
+            if fmt != "JPEG":
+                raise ImageDecodeError(f"data.decode=device decodes JPEG files only; '{path}' is {fmt}")
+            data.append(read_file(path))
+            boxes.append(torch.from_numpy(boxes_of(h, w, k)))
+        index = torch.as_tensor(request.indices, dtype=torch.long)
+        return EncodedBatch(data, torch.stack(boxes), self.dataset.labels[index], index)
+
+
+def _as_is(batch):
+    return batch
+
+
+def decode_crops(data: list, boxes: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    """Decode JPEG bytes on ``device`` and cut each image's boxes (b, V, 4), resized to ``size`` (bilinear,
+    antialiased when shrinking): uint8 (b, V, 3, size, size) on ``device``."""
+    import torch.nn.functional as F
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    out = torch.empty(len(images), boxes.shape[1], 3, size, size, dtype=torch.uint8, device=device)
+    for k, (img, rows) in enumerate(zip(images, boxes.tolist())):  # boxes stay on the host: no device read
+        for v, (i, j, h, w) in enumerate(rows):
+            patch = img[None, :, i : i + h, j : j + w].to(torch.float32)
+            out[k, v] = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False,
+                                      antialias=h > size or w > size)[0].round_().clamp_(0, 255)
+    return out
+
+
+class DeviceDecodeSource(SamplerSource):
+    """Decode-time views decoded on ``device`` (``data.decode=device``): batches arrive with their views there."""
+
+    def __init__(self, dataset: Dataset, sampler: GlobalBatchSampler, spec: CropSpec, device, num_workers: int = 0,
+                 *, pin_memory: bool = False) -> None:
+        if not hasattr(dataset, "samples"):
+            raise TypeError(f"data.decode=device reads image files; {type(dataset).__name__} holds none "
+                            "(use data.name=imagefolder, or data.decode=cpu)")
+        super().__init__(_EncodedViews(dataset, spec), sampler, num_workers, pin_memory=pin_memory)
+        self.spec, self.device = spec, torch.device(device)
+
+    def _make_loader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_sampler=CropBatchSampler(self.sampler), collate_fn=_as_is,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0)
+
+    def iterate(self, epoch: int, start: int) -> Iterator[IndexedBatch]:
+        for b in super().iterate(epoch, start):
+            yield IndexedBatch(decode_crops(b.data, b.boxes, self.spec.size, self.device), b.labels, b.index)

@@ -12,7 +12,7 @@ from torch import Tensor
 from dist_awenc.config import DataSection
 from dist_awenc.errors import ConfigError
 from dist_awenc.data.crops import CropSpec
-from dist_awenc.data.decode_views import DecodeSource
+from dist_awenc.data.decode_views import DecodeSource, DeviceDecodeSource
 from dist_awenc.data.sampler import GlobalBatchSampler, SamplerSource
 from dist_awenc.data.splits import splits_for
 from dist_awenc.data.ffcv._common import SPLITS, WRITE_MODES, ffcv_available, _require_ffcv
@@ -105,7 +105,7 @@ def write_beton_stage(cfg: BetonConfig) -> Path:
 def source_options(data: DataSection) -> dict:
     """The keyword arguments of :func:`build_source` that a stage's ``data`` section sets."""
     return {"loader": getattr(data, "loader", "torch"), "beton": getattr(data, "beton", None),
-            "image_size": data.image_size, "num_workers": data.num_workers}
+            "image_size": data.image_size, "num_workers": data.num_workers, "decode": getattr(data, "decode", "cpu")}
 
 
 def build_source(
@@ -119,6 +119,7 @@ def build_source(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     crops: Optional[CropSpec] = None,
+    decode: str = "cpu",
 ):
     """The batch source a training stage should use.
 
@@ -137,10 +138,17 @@ def build_source(
     loader = str(loader or "torch")
     if loader not in ("torch", "ffcv", "auto"):
         raise ConfigError(f"data.loader must be one of torch, ffcv, auto; got '{loader}'")
+    if decode not in ("cpu", "device"):
+        raise ConfigError(f"data.decode must be cpu or device; got '{decode}'")
     if loader == "auto":
         loader = "ffcv" if beton and ffcv_available() else "torch"
+    if decode == "device" and (crops is None or loader != "torch"):
+        raise ConfigError("data.decode=device decodes the views' crops of image files on the device: it needs "
+                          "views.crop=decode and data.loader=torch (FFCV decodes on its own threads)")
     if loader == "torch":
         pin = torch.device(device).type == "cuda"
+        if decode == "device":
+            return DeviceDecodeSource(dataset, sampler, crops, device, num_workers, pin_memory=pin)
         if crops is not None:
             return DecodeSource(dataset, sampler, crops, num_workers, pin_memory=pin)
         return SamplerSource(dataset, sampler, num_workers, pin_memory=pin, uint8=True)
