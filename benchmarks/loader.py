@@ -11,8 +11,8 @@ All rows read the same generated JPEGs (:mod:`benchmarks.data`, 500 x 375 by def
   ``DecodeSource``: each image decoded once, its two seeded boxes cut from the original and resized (uint8);
 * ``project FFCV decode-time crop``: ``FFCVSource(crops=...)`` on a ``.beton`` of the files stored as JPEG at
   their own size (``beton.original=true``): one seeded crop decoder per view, FFCV's compiled decode threads;
-* ``nvjpeg`` (GPU only): ``torchvision.io.decode_jpeg(device="cuda")`` of a batch, then the same boxes resized
-  on the device.
+* ``nvjpeg`` (GPU only): ``data.decode=device``, the project's ``DeviceDecodeSource``: the bytes and boxes from
+  the loader, ``torchvision.io.decode_jpeg(device="cuda")`` of the batch, the same boxes resized on the device.
 
 Per core = images/s divided by the cores doing the work: one for a DataLoader without workers (torch
 threads set to 1 while it runs: PIL decodes on one core), the workers otherwise, FFCV's decoding threads.
@@ -189,34 +189,18 @@ def ffcv_passes(ctx: Context, info: dict, v, size: int, batch: int, threads: int
 
 
 def nvjpeg_passes(ctx: Context, info: dict, v, size: int, batch: int, reps: int) -> list[float]:
-    """GPU decoding: a batch of JPEG files decoded by nvjpeg, each view's seeded box resized on the device."""
-    import dataclasses
-
-    import numpy as np
-    import torch.nn.functional as F
-    from torchvision.io import decode_jpeg, read_file
-
+    """``data.decode=device`` on a GPU: the workers read the bytes and boxes, nvjpeg decodes, the device cuts."""
     if not torch.cuda.is_available():
         raise NotInstalled("no CUDA device: nvjpeg decoding runs on a GPU only")
-    from dist_awenc.data.crops import crop_boxes, crop_uniforms
-    from dist_awenc.data.decode_views import crop_spec
+    import dataclasses
 
+    from dist_awenc.data import GlobalBatchSampler, build_dataset
+    from dist_awenc.data.decode_views import DeviceDecodeSource, crop_spec
+
+    ds = build_dataset("imagefolder", root=info["root"], image_size=size)
     spec = crop_spec(dataclasses.replace(v, crop="decode"), size, seed=0)
-    files = sorted(str(p) for p in Path(info["root"]).rglob("*.jpg"))
-    data = [read_file(f) for f in files]
-    batches = [list(range(i, i + batch)) for i in range(0, len(files) - batch + 1, batch)]
-
-    def one(idx, _):
-        imgs = decode_jpeg([data[i] for i in idx], device="cuda")
-        u = crop_uniforms(spec.key(0), np.asarray(idx), spec.n_views)
-        hw = np.array([im.shape[-2:] for im in imgs])
-        boxes = crop_boxes(u, hw[:, 0], hw[:, 1], spec.scale, spec.ratio)
-        views = [F.interpolate(im[None, :, i:i + h, j:j + w].float(), size=(size, size), mode="bilinear",
-                               antialias=True) for im, b in zip(imgs, boxes) for i, j, h, w in b.tolist()]
-        torch.cat(views)
-        torch.cuda.synchronize()
-
-    return passes(ctx, lambda: batches, one, reps)
+    source = DeviceDecodeSource(ds, GlobalBatchSampler(len(ds), batch, seed=0), spec, "cuda")
+    return passes(ctx, lambda: source.iterate(0, 0), lambda b, i: torch.cuda.synchronize(), reps)
 
 
 class NotInstalled(RuntimeError):
