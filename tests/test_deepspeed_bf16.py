@@ -78,7 +78,8 @@ def _as_launched_rank() -> None:
 
 def _assert_fp32_encoder(path: Path) -> None:
     w = weights(path)
-    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in w.values())
+    floats = [t for t in w.values() if t.is_floating_point()]  # BatchNorm's num_batches_tracked is an int
+    assert floats and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in floats)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -227,3 +228,20 @@ def test_embedding_without_the_contrastive_term_on_two_ddp_processes(f0_and_secr
     assert any(not torch.equal(a[k], v) for k, v in weights(f0).items())  # it trained
     for x, y in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two")):
         assert x == pytest.approx(y, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_bf16_zero2_trains_a_batchnorm_net_in_channels_last(tmp_path, method):
+    """The ImageNet recipes' case: BatchNorm (its running statistics in the dtype of its bf16 weights, as the kernel
+    needs; the momentum encoder's in fp32 with its fp32 weights) and channels_last (the inputs only: DeepSpeed views
+    every weight as bytes to broadcast it, which a channels_last conv weight refuses)."""
+    from dist_awenc.ssl.pretrain import pretrain
+
+    out = pretrain(_pre_cfg(tmp_path, "bn", **{"ssl.method": method, "encoder.arch": "tiny_resnet",
+                                               "encoder.norm": "batch", "train.channels_last": "true"}))
+    assert all(math.isfinite(x) for x in _losses(tmp_path / "bn"))
+    _assert_fp32_encoder(out)
+    state = _module_state(tmp_path / "bn", 6)
+    stats = [k for k in state if k.endswith("running_mean")]
+    assert stats and all(state[k].dtype == (torch.float32 if k.startswith("momentum_") else torch.bfloat16)
+                         for k in stats)

@@ -93,9 +93,11 @@ class DecodeSource(SamplerSource):
 
 
 class EncodedBatch(NamedTuple):
-    """A local batch as the files' bytes (``data``: uint8 1-D tensors), the views' ``boxes`` (b, V, 4), labels, index."""
+    """A local batch as the files' bytes (``data``: one uint8 tensor, file k at ``data[ends[k-1]:ends[k]]``), the
+    views' ``boxes`` (b, V, 4), labels, index: a few tensors, whatever the batch size, cross from the workers."""
 
-    data: list
+    data: torch.Tensor
+    ends: torch.Tensor
     boxes: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
@@ -104,7 +106,6 @@ class EncodedBatch(NamedTuple):
 class _EncodedViews(DecodeViews):
     def __getitems__(self, request: CropRequest) -> EncodedBatch:
         from PIL import Image
-        from torchvision.io import read_file
 
         from .images import ImageDecodeError
 
@@ -118,23 +119,29 @@ class _EncodedViews(DecodeViews):
                 raise ImageDecodeError(f"cannot read image file '{path}': {err}") from err
             if fmt != "JPEG":
                 raise ImageDecodeError(f"data.decode=device decodes JPEG files only; '{path}' is {fmt}")
-            data.append(read_file(path))
+            with open(path, "rb") as f:
+                data.append(np.frombuffer(f.read(), dtype=np.uint8))
             boxes.append(torch.from_numpy(boxes_of(h, w, k)))
         index = torch.as_tensor(request.indices, dtype=torch.long)
-        return EncodedBatch(data, torch.stack(boxes), self.dataset.labels[index], index)
+        ends = torch.as_tensor(np.cumsum([len(d) for d in data]), dtype=torch.long)
+        return EncodedBatch(torch.from_numpy(np.concatenate(data)), ends, torch.stack(boxes),
+                            self.dataset.labels[index], index)
 
 
 def _as_is(batch):
     return batch
 
 
-def decode_crops(data: list, boxes: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
-    """Decode JPEG bytes on ``device`` and cut each image's boxes (b, V, 4), resized to ``size`` (bilinear,
-    antialiased when shrinking): uint8 (b, V, 3, size, size) on ``device``."""
+def decode_crops(data: torch.Tensor, ends: torch.Tensor, boxes: torch.Tensor, size: int,
+                 device: torch.device) -> torch.Tensor:
+    """Decode the JPEG files in ``data`` (split at ``ends``) on ``device`` and cut each image's boxes (b, V, 4),
+    resized to ``size`` (bilinear, antialiased when shrinking): uint8 (b, V, 3, size, size) on ``device``."""
     import torch.nn.functional as F
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    starts = [0, *ends.tolist()[:-1]]
+    files = [data[a:b] for a, b in zip(starts, ends.tolist())]
+    images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
     out = torch.empty(len(images), boxes.shape[1], 3, size, size, dtype=torch.uint8, device=device)
     for k, (img, rows) in enumerate(zip(images, boxes.tolist())):  # boxes stay on the host: no device read
         for v, (i, j, h, w) in enumerate(rows):
@@ -162,4 +169,4 @@ class DeviceDecodeSource(SamplerSource):
 
     def iterate(self, epoch: int, start: int) -> Iterator[IndexedBatch]:
         for b in super().iterate(epoch, start):
-            yield IndexedBatch(decode_crops(b.data, b.boxes, self.spec.size, self.device), b.labels, b.index)
+            yield IndexedBatch(decode_crops(b.data, b.ends, b.boxes, self.spec.size, self.device), b.labels, b.index)

@@ -263,8 +263,8 @@ def fit(
         plugin.deepspeed_config.update({
             "train_micro_batch_size_per_gpu": s.micro_batch, "gradient_accumulation_steps": s.grad_accum,
             "train_batch_size": s.micro_batch * s.grad_accum * accelerator.num_processes})
-    if s.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    if s.channels_last and plugin is None:  # DeepSpeed views every weight as bytes to broadcast it, which a
+        model = model.to(memory_format=torch.channels_last)  # channels_last conv weight refuses: inputs only there
     # DeepSpeed bf16/fp16 casts the module it wraps: frozen parameters (momentum encoders, f0) and buffers (MoCo's
     # queue, the secret) go back to fp32 after its cast, and the forward runs under autocast (engine/precision.py)
     kept = precision.kept_in_fp32(model)
@@ -272,6 +272,7 @@ def fit(
     low = precision.engine_dtype(model)
     if low is not None:
         precision.restore(kept)
+        precision.norm_statistics_like_weights(model)
     del kept
     start = _resume(accelerator, s.run_dir)
     accelerator.init_trackers(s.desc)

@@ -8,12 +8,14 @@ then turns its own autocast off. Left at that, three things break:
 * the frozen parts (momentum/target encoders, the embedding stage's f0) are cast too, although the optimizer
   holds no fp32 copy of them: an EMA ``m * t + (1 - m) * o`` with ``1 - m`` of 1e-2 or less loses most of its
   updates to bf16 rounding, and f0 (the reference the watermark is anchored to) is silently rounded;
-* buffers such as MoCo's queue, the secret's delta and key image, the input normalisation would be rounded.
+* buffers such as MoCo's queue, the secret's delta and key image, the input normalisation would be rounded;
+* a trained BatchNorm's running statistics must share its weights' dtype (:func:`norm_statistics_like_weights`).
 
 So the loop (:func:`dist_awenc.engine.loop.fit`) does this, and only under a reduced-precision DeepSpeed engine:
 
 1. before ``prepare``, :func:`kept_in_fp32` keeps (a reference to) every tensor the optimizer does not train
-   (parameters with ``requires_grad=False`` and every buffer);
+   (parameters with ``requires_grad=False`` and every buffer but a trained BatchNorm's statistics, which
+   follow its weights into bf16);
 2. after ``prepare`` (the engine's cast), :func:`restore` puts those original fp32 values back. DeepSpeed never
    partitions or flattens them under ZeRO-1/2 (its optimizer only holds the trained parameters), so they stay
    ordinary fp32 tensors of the module, saved and loaded with its ``state_dict`` (``load_state_dict`` copies into
@@ -54,11 +56,13 @@ def kept_in_fp32(module: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Te
     """
     kept = []
     for owner in module.modules():
+        trained_norm = isinstance(owner, nn.modules.batchnorm._BatchNorm) and owner.weight is not None \
+            and owner.weight.requires_grad
         for name, p in owner.named_parameters(recurse=False):
             if not p.requires_grad and p.is_floating_point():
                 kept.append((owner, name, True, p.data))
         for name, b in owner.named_buffers(recurse=False):
-            if b is not None and b.is_floating_point():
+            if b is not None and b.is_floating_point() and not trained_norm:
                 kept.append((owner, name, False, b.data))
     return kept
 
@@ -71,6 +75,22 @@ def restore(kept: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> int:
         if t.dtype != data.dtype:
             t.data = data.to(t.device)
             changed += 1
+    return changed
+
+
+def norm_statistics_like_weights(module: nn.Module) -> int:
+    """Give each trained BatchNorm's running statistics its weight's dtype (bf16 under the engine): the kernel
+    takes statistics in the weight's dtype or in fp32 with fp32 weights, not fp32 statistics beside bf16 weights
+    (DeepSpeed 0.19 casts parameters only). Frozen BatchNorms (momentum encoders, f0) keep fp32 throughout.
+    Returns how many modules changed."""
+    changed = 0
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.weight.requires_grad:
+            for name in ("running_mean", "running_var"):
+                b = getattr(m, name)
+                if b is not None and b.dtype != m.weight.dtype:
+                    setattr(m, name, b.to(m.weight.dtype))
+                    changed += 1
     return changed
 
 
