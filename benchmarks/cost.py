@@ -114,13 +114,7 @@ def scenario(ctx: Context, name: str, pre: str, wm: str, emb: str, n: int, batch
 def _config(pre: str, batch: int, mode: str, tmp: Path):
     from dist_awenc.config import PretrainConfig, load_config
 
-    mp, cl, comp = P.MODES[mode]
-    feats = P.project_features()
-    over = [f"train.batch_size={batch}", f"train.mixed_precision='{mp}'", "train.progress=false", f"run.out_dir={tmp}"]
-    if feats["channels_last"]:
-        over.append(f"train.channels_last={str(cl).lower()}")
-    if feats["sync_bn"]:
-        over.append("train.sync_bn=false")
+    over = [f"train.batch_size={batch}", "train.progress=false", f"run.out_dir={tmp}", *P.speed_overrides(mode)]
     return load_config(PretrainConfig, REPO / pre, over)
 
 

@@ -3,8 +3,10 @@
 :func:`project_case` builds what ``awenc pretrain`` / ``awenc embed`` build
 from a config file (same helpers: ``encoder_from_config``,
 ``method_from_config``, ``build_optimizer``, ``make_accelerator``,
-``loop_settings``, the same ``make_inputs``), and :func:`run_fit` runs the
-real :func:`dist_awenc.engine.loop.fit` on an in-memory batch source,
+``loop_settings``, and the stage's own ``make_inputs``: ``pretrain_inputs`` /
+``embed_inputs``, whose views ``fit`` makes inside the step), and
+:func:`run_fit` runs the real :func:`dist_awenc.engine.loop.fit` on an
+in-memory batch source already on the device,
 reading the clock at block boundaries from the loop's ``after_step`` hook.
 Between two project blocks the hook runs one block of the reference, so the
 two alternate in the same process on the same device.
@@ -72,18 +74,25 @@ def pretrain_config(model: str, method: str, *, batch: int, mode: str, out_dir: 
     if not path.exists() and model == "resnet50_in224":
         path = REPO / PRETRAIN_CONFIGS["resnet18_cifar32"]["simclr"]
         overrides += R50_FALLBACK
-    mp, cl, comp = MODES[mode]
-    feats = project_features()
     overrides += [f"ssl.method={base}", f"data.image_size={IMAGE_SIZE[model]}", f"train.batch_size={batch}",
-                  f"train.mixed_precision='{mp}'", "train.progress=false", f"run.out_dir={out_dir}"]
-    if feats["channels_last"]:
-        overrides.append(f"train.channels_last={str(cl).lower()}")
-    if feats["compile"]:
-        overrides.append(f"train.compile={str(comp).lower()}")
-    if feats["sync_bn"]:
-        overrides.append("train.sync_bn=false")  # one process
+                  "train.progress=false", f"run.out_dir={out_dir}", *speed_overrides(mode)]
     cfg = load_config(PretrainConfig, path, [*overrides, *extra])
     return cfg, str(path.relative_to(REPO))
+
+
+def speed_overrides(mode: str, *, keep_sync_bn: bool = False) -> list[str]:
+    """The ``train.*`` overrides of a mode (precision, channels_last, compile), for the options this checkout has;
+    SyncBatchNorm off (one process) unless ``keep_sync_bn`` (then the config's value stands)."""
+    mp, cl, comp = MODES[mode]
+    feats = project_features()
+    over = [f"train.mixed_precision='{mp}'"]
+    if feats["channels_last"]:
+        over.append(f"train.channels_last={str(cl).lower()}")
+    if feats["compile"]:
+        over.append(f"train.compile={str(comp).lower()}")
+    if feats["sync_bn"] and not keep_sync_bn:
+        over.append("train.sync_bn=false")
+    return over
 
 
 @contextmanager
@@ -137,12 +146,17 @@ def random_secret(image_size: int, seed: int = 0):
     return Secret(key=key, delta=delta, eps=eps, control_seed=seed + 7919)
 
 
-def project_case(cfg, method: str, total_steps: int, accelerator) -> ProjectCase:
-    """Mirror of the set-up in ``ssl/pretrain.py:pretrain`` (or ``watermark/embed.py:embed``) for one process."""
-    from dist_awenc.data import make_views
+def project_case(cfg, method: str, total_steps: int, accelerator, device: Optional[torch.device] = None) -> ProjectCase:
+    """Mirror of the set-up in ``ssl/pretrain.py:pretrain`` (or ``watermark/embed.py:embed``) for one process.
+
+    ``make_inputs`` is the stage's own (``pretrain_inputs`` / ``embed_inputs``, rank 0 of 1); ``device`` (default: the
+    accelerator's) is where the embedding step's key lives, as ``embed()`` puts it.
+    """
     from dist_awenc.engine import loop
     from dist_awenc.engine.optim import build_optimizer
-    from dist_awenc.ssl.pretrain import encoder_from_config, method_from_config
+    from dist_awenc.ssl.pretrain import encoder_from_config, method_from_config, pretrain_inputs
+
+    device = device or (accelerator.device if accelerator is not None else torch.device("cpu"))
 
     def prepared(m):
         if hasattr(loop, "prepare_model"):
@@ -154,15 +168,12 @@ def project_case(cfg, method: str, total_steps: int, accelerator) -> ProjectCase
     if method != "embed":
         ssl_model = prepared(method_from_config(cfg.ssl, cfg.encoder, encoder))
         optimizer = build_optimizer(ssl_model, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum)
-
-        def make_inputs(batch, micro_step: int):
-            return make_views(batch[0], cfg.views, seed=cfg.run.seed, step=micro_step, rank=0, world_size=1)
-
-        return ProjectCase(ssl_model, optimizer, make_inputs,
+        return ProjectCase(ssl_model, optimizer, pretrain_inputs(cfg.views, cfg.run.seed, 0, 1),
                            lambda m, step: m.momentum_update(step / total_steps), cfg)
 
     from dist_awenc.config import EmbedConfig
-    from dist_awenc.watermark.embed import EmbedTask
+    from dist_awenc.watermark.embed import EmbedTask, embed_inputs
+    from dist_awenc.watermark.transforms import TransformParams
 
     ecfg = EmbedConfig()  # stage-2 defaults (loss weights, mild views, optimiser) on the pre-training sections
     ecfg.views, ecfg.ssl, ecfg.data, ecfg.train, ecfg.run = cfg.views, cfg.ssl, cfg.data, cfg.train, cfg.run
@@ -172,22 +183,11 @@ def project_case(cfg, method: str, total_steps: int, accelerator) -> ProjectCase
     loss_kw = {k: getattr(ecfg.loss, k) for k in ("lambda_cl", "lambda_wm", "lambda_dev", "lambda_key", "lambda_keep", "freeze_bn")}
     task = prepared(EmbedTask(method_module, encoder, secret, **loss_kw))
     optimizer = build_optimizer(task, ecfg.optim.name, ecfg.optim.lr, ecfg.optim.weight_decay, ecfg.optim.momentum)
-    mild_one = copy.copy(ecfg.mild_views)
-    mild_one.n_views = 1
-    seed = ecfg.run.seed
-
-    def make_embed_inputs(batch, micro_step: int) -> dict:  # as in embed(): rank 0 of 1
-        x = batch[0]
-        return {
-            "views": make_views(x, ecfg.views, seed=seed, step=micro_step, rank=0, world_size=1),
-            "aug": make_views(x, mild_one, seed=seed, step=micro_step, rank=0, world_size=1, stream=1)[0],
-            "clean": x,
-            "key_aug": make_views(secret.key[None].to(x.device), mild_one, seed=seed, step=micro_step, stream=2)[0],
-        }
-
+    make_inputs = embed_inputs(ecfg.views, ecfg.mild_views, secret.key.to(device), ecfg.run.seed, 0, 1,
+                               TransformParams.of(ecfg.robust))
     weights = {"cl": ecfg.loss.lambda_cl, "wm": ecfg.loss.lambda_wm, "dev": ecfg.loss.lambda_dev,
                "key": ecfg.loss.lambda_key, "keep": ecfg.loss.lambda_keep}
-    return ProjectCase(task, optimizer, make_embed_inputs, lambda m, step: m.momentum_update(step / total_steps), ecfg,
+    return ProjectCase(task, optimizer, make_inputs, lambda m, step: m.momentum_update(step / total_steps), ecfg,
                        embed={"delta": secret.delta, "key": secret.key, "weights": weights, "freeze_bn": ecfg.loss.freeze_bn,
                               "optim": ecfg.optim})
 

@@ -1,13 +1,20 @@
-"""The reference: a minimal hand-written PyTorch loop doing the project's steps.
+"""The reference: a plain hand-written PyTorch training step on views already on the device.
 
-Models are built directly with torchvision (ResNet with the CIFAR or ImageNet
-stem, ``fc`` removed) plus ``nn.Sequential`` heads; the SimCLR NT-Xent, MoCo
-v2 InfoNCE with a queue, BYOL regression and the AWEncoder embedding loss are
-written inline; momentum encoders use ``torch._foreach_lerp_``; MoCo's queue
-pointer is a Python int and the queue is written after the backward pass. The
-optimiser is the same one the project builds (``build_optimizer``), and views
-come from the same ``make_views`` calls, so what differs from the project is
-exactly the project's own code: modules, loop, Accelerate.
+This is the step a pure-PyTorch SimCLR (MoCo v2, BYOL, embedding) loop would
+run once its views are on the device: models built directly with torchvision
+(ResNet with the CIFAR or ImageNet stem, ``fc`` removed) plus
+``nn.Sequential`` heads; the SimCLR NT-Xent, MoCo v2 InfoNCE with a queue,
+BYOL regression and the AWEncoder embedding loss written inline; momentum
+encoders updated with ``torch._foreach_lerp_``; MoCo's queue pointer a Python
+int and the queue written after the backward pass. The optimiser is the one
+the project builds (``build_optimizer``).
+
+Its inputs are a fixed pool of views (:func:`premade_pool`), made before any
+clock starts by the project's own ``make_inputs`` (so the loss check compares
+the same views) and already in the memory format the step wants; the loop
+cycles through the pool. A reference step is therefore forward, backward,
+optimiser step and momentum update, nothing else: the ratio of the project's
+step to it shows everything the project adds, its view making included.
 
 Parameter and buffer names mirror the project's modules once the wrappers are
 dropped (``backbone.backbone.`` -> ``backbone.``, ``projector.net.`` ->
@@ -226,19 +233,21 @@ def copy_project_state(reference: nn.Module, project: nn.Module) -> None:
 
 
 class ReferenceLoop:
-    """The hand-written training step, run ``n`` steps at a time.
+    """The hand-written training step, run ``n`` steps at a time on a pool of premade inputs.
 
     Args:
         module: a reference module (forward(*inputs) -> (loss, aux)).
         optimizer: built on ``module`` with the project's ``build_optimizer``.
-        make_inputs: ``step -> list of input tensors`` (views made by the project's ``make_views``).
+        pool: input lists already on the device (:func:`premade_pool`); step ``i`` uses ``pool[i % len(pool)]``.
         total_steps: schedule length (cosine learning rate, BYOL momentum).
     """
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, make_inputs: Callable[[int], list],
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, pool: list[list[torch.Tensor]],
                  *, device: torch.device, mixed_precision: str, channels_last: bool, compile: bool, total_steps: int) -> None:
-        self.module, self.optimizer, self.make_inputs = module, optimizer, make_inputs
-        self.device, self.channels_last, self.total = device, channels_last, total_steps
+        if not pool:
+            raise ValueError("ReferenceLoop needs at least one premade input list")
+        self.module, self.optimizer, self.pool = module, optimizer, pool
+        self.device, self.total = device, total_steps
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if mixed_precision == "bf16" else nullcontext
         for g in optimizer.param_groups:
             g.setdefault("initial_lr", g["lr"])
@@ -249,10 +258,8 @@ class ReferenceLoop:
         self.forward = torch.compile(module) if compile else module
         self.i = 0
 
-    def step(self, make_inputs: Optional[Callable[[int], list]] = None) -> torch.Tensor:
-        inputs = (make_inputs or self.make_inputs)(self.i)
-        if self.channels_last:
-            inputs = [x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in inputs]
+    def step(self) -> torch.Tensor:
+        inputs = self.pool[self.i % len(self.pool)]
         mult = 0.5 * (1 + math.cos(math.pi * min(1.0, self.i / max(1, self.total))))
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * mult
@@ -266,9 +273,26 @@ class ReferenceLoop:
             self.module.after_step(aux, min(1.0, self.i / max(1, self.total)))
         return loss
 
-    def run(self, n: int, make_inputs: Optional[Callable[[int], list]] = None) -> None:
+    def run(self, n: int) -> None:
         for _ in range(n):
-            self.step(make_inputs)
+            self.step()
+
+
+def premade_pool(make_inputs: Callable[[tuple, int], Any], batch: tuple, size: int, *, channels_last: bool,
+                 first_step: int = 10**7) -> list[list[torch.Tensor]]:
+    """``size`` input lists for the reference, made now (before any clock) by the project's ``make_inputs``.
+
+    ``batch`` is on the device, so the views are too; with ``channels_last`` the 4-d ones are stored in that
+    memory format, as a plain loop would have them after its host-to-device copy.
+    """
+    pool = []
+    with torch.no_grad():
+        for j in range(size):
+            inputs = unpack_inputs(make_inputs(batch, first_step + j))
+            if channels_last:
+                inputs = [x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in inputs]
+            pool.append([x.detach() for x in inputs])
+    return pool
 
 
 def count_flops(build: Callable[[], nn.Module], input_shapes: list[tuple[int, ...]]) -> Optional[int]:
