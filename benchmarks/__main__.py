@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", choices=["resnet18_cifar32", "resnet50_in224"], help="step/e2e: models to run")
     p.add_argument("--methods", nargs="+", choices=["simclr", "moco_v2", "byol", "embed"], help="step/e2e: methods to run")
     p.add_argument("--modes", nargs="+", choices=["fp32", "bf16_cl", "bf16_cl_compile"], help="step/e2e: precision modes")
+    p.add_argument("--launchers", nargs="+", choices=["single", "ddp", "zero2"],
+                   help="e2e: accelerate launch routes (default: all three on a GPU, single elsewhere)")
     p.add_argument("--batch", type=int, help="step: batch size (source images per step) for every model")
     p.add_argument("--steps", type=int, help="step: timed steps per repetition")
     p.add_argument("--reps", type=int, help="step/e2e/verify: repetitions")

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -79,3 +80,36 @@ def test_validator_rejects_bad_documents():
     bad = json.loads(json.dumps(good))
     del bad["cuda"]
     assert validate(bad)
+
+
+def test_gpu_launch_commands_use_the_projects_launch_configs():
+    """The e2e suite's GPU command lines (no GPU needed to build them): the launch configs exist, ZeRO-2 gets its
+    precision from train.mixed_precision (DeepSpeed refuses the launcher's beside a config file) and no LARS."""
+    import torch
+
+    from benchmarks.e2e import LAUNCH_CONFIG, ZERO_OPTIM, command, failure, plan
+    from benchmarks.project import IMAGE_SIZE
+    from dist_awenc.engine.loop import zero_stage
+
+    gpu = SimpleNamespace(on_gpu=True, quick=False, device=torch.device("cuda"))
+    args = SimpleNamespace(launchers=None, models=None, methods=None, modes=None)
+    cases = plan(gpu, args)
+    r50 = [(c[2], c[3]) for c in cases if c[0] == "resnet50_in224"]
+    assert r50 == [("bf16_cl", "single"), ("bf16_cl", "ddp"), ("bf16_cl", "zero2")]
+    assert all(c[4]["batch"] == 128 and IMAGE_SIZE[c[0]] == 224 for c in cases if c[0] == "resnet50_in224")
+    single, _ = command(gpu, "single", 1, "bf16", "no")
+    assert single[single.index("--config_file") + 1] == "configs/accelerate/1gpu.yaml"
+    zero, env = command(gpu, "zero2", 4, "bf16", "no")
+    assert "--mixed_precision" not in zero and not env
+    assert zero[zero.index("--num_processes") + 1] == "4"
+    assert zero_stage(REPO / "configs" / "deepspeed" / "zero2.json") == 2
+    for path in LAUNCH_CONFIG.values():
+        assert (REPO / path).is_file()
+    assert "optim.name=lars" not in ZERO_OPTIM and any(o.startswith("optim.name=") for o in ZERO_OPTIM)
+    cpu = SimpleNamespace(on_gpu=False, quick=True, device=torch.device("cpu"))
+    _, env = command(cpu, "ddp", 1, "bf16", "no")
+    assert env == {"ACCELERATE_USE_CPU": "1"}
+    assert [c[3] for c in plan(cpu, args)] == ["single"]  # the CI smoke run launches once
+    log = "[rank0]: Traceback\n[rank0]: RuntimeError: boom\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+    assert failure(log) == "RuntimeError: boom"
+
