@@ -5,6 +5,7 @@ far too small to mean anything.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -80,6 +81,53 @@ def test_validator_rejects_bad_documents():
     bad = json.loads(json.dumps(good))
     del bad["cuda"]
     assert validate(bad)
+
+
+# Project bugs the dry run found (ZeRO-2 under the launcher, ResNet with BatchNorm): DeepSpeed's broadcast of
+# channels_last weights (`p.data.view(torch.uint8)`), and bf16 BatchNorm weights beside the fp32 running statistics
+# engine/precision.py restores. The dry run then also runs ZeRO-2 in fp32 without channels_last, which must work.
+KNOWN_ZERO2_FAILURES = ("to view BFloat16 as Byte", "expected scalar type BFloat16 but found Float")
+
+
+@pytest.mark.slow
+def test_gpu_checks_dry_run(tmp_path):
+    """`gpu_checks.sh --dry-run`: the GPU sequence (step; e2e launched one-process, DDP and ZeRO-2; cost) on the CPU
+    at --quick sizes, every file validated. About 2 minutes on 2 busy cores, plus one JIT build of DeepSpeed's CPU
+    communication op where TORCH_EXTENSIONS_DIR has none yet (test_deepspeed.py then finds it built)."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    cmd = ["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), "--dry-run", str(tmp_path)]
+    try:  # a hang guard only (about 10x the usual time)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=2 * HANG_GUARD_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"gpu_checks.sh --dry-run still running after {2 * HANG_GUARD_S} s: it hangs")
+    log = proc.stderr[-4000:]
+    docs = {}
+    for suite in ("step", "e2e", "cost"):
+        assert (tmp_path / f"{suite}.json").exists(), log
+        docs[suite] = json.loads((tmp_path / f"{suite}.json").read_text())
+        assert validate(docs[suite], suite) == [], suite
+        assert docs[suite]["quick"] is True and docs[suite]["device_type"] == "cpu"
+        assert any(r["status"] == "ok" and r.get("kind") != "aux" for r in docs[suite]["rows"]), suite
+    e2e = docs["e2e"]["rows"]
+    by = {k: [r for r in e2e if r["settings"]["launcher"] == k] for k in ("single", "ddp", "zero2")}
+    assert [r["status"] for r in by["single"]] == ["ok"] and [r["status"] for r in by["ddp"]] == ["ok"], log
+    assert "--config_file configs/accelerate/8gpu.yaml" in by["ddp"][0]["settings"]["command"]
+    assert by["ddp"][0]["settings"]["mixed_precision"] == "bf16" and by["ddp"][0]["settings"]["channels_last"] is True
+    zero2 = by["zero2"]
+    if not (importlib.util.find_spec("deepspeed") and importlib.util.find_spec("transformers")):
+        assert [r["status"] for r in zero2] == ["not installed"] and "skipped" in zero2[0]["note"]
+        assert proc.returncode == 0, log
+        return
+    assert zero2 and all("8gpu_zero2.yaml" in r["settings"]["command"] for r in zero2 if r["status"] == "ok")
+    assert all(r["settings"]["optimizer"] != "lars" for r in zero2 if r["status"] == "ok")
+    assert zero2[-1]["status"] == "ok", zero2[-1].get("note")  # ZeRO-2 runs (at least in fp32)
+    known = [r for r in zero2 if r["status"] == "failed" and any(k in r["note"] for k in KNOWN_ZERO2_FAILURES)]
+    others = [r for r in e2e + docs["step"]["rows"] + docs["cost"]["rows"] if r["status"] == "failed" and r not in known]
+    assert not others, [(r["name"], r.get("note")) for r in others]
+    if known:
+        assert proc.returncode == 1  # the script reports a failed row
+        pytest.xfail(f"ZeRO-2 with bf16 + channels_last fails in the project: {known[0]['note'][-160:]}")
+    assert proc.returncode == 0, log
 
 
 def test_gpu_launch_commands_use_the_projects_launch_configs():
