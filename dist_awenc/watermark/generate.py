@@ -17,6 +17,7 @@ import torch
 
 from dist_awenc.config import GenerationSection, WatermarkConfig
 from dist_awenc.data import build_dataset, splits_for
+from dist_awenc.data.stream import Images, IndexedImages
 from dist_awenc.encoders.io import Encoder, atomic_write_text, load_encoder, read_state, save_tensors
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
@@ -30,13 +31,16 @@ from dist_awenc.watermark.secret import AlternativeSecrets, Secret, save_alterna
 from dist_awenc.watermark.transforms import TransformParams, make_transform
 
 
+STATISTICS_IMAGES = 2048  # generation.json's hold-out statistics: the first this many hold-out images (a report, not a test)
+
+
 def alternative_seeds(owner_seed: int, count: int) -> list[int]:
     """J seeds for the alternative secrets, derived from the owner's and never equal to it."""
     state = np.random.SeedSequence([int(owner_seed), 0xA17E]).generate_state(count + 1, dtype=np.uint32)
     return [int(s) for s in state if int(s) != int(owner_seed)][:count]
 
 
-def generate_alternatives(encoder: Encoder, pool: torch.Tensor, g: GenerationSection, owner_seed: int, count: int,
+def generate_alternatives(encoder: Encoder, pool: Images, g: GenerationSection, owner_seed: int, count: int,
                           work_dir: Path, chunk: int = 16, *, transform: Optional[Transform],
                           rehearsal: Optional[Rehearsal] = None) -> AlternativeSecrets:
     """J alternative secrets by exactly the owner's procedure (key draw + stage 1) with other seeds.
@@ -97,8 +101,9 @@ def watermark(cfg: WatermarkConfig) -> Path:
         raise ArtifactError(f"encoder was trained at {card['input_size']} px but data.image_size={cfg.data.image_size}")
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
     splits = splits_for(len(dataset), cfg.data.split_seed, cfg.data.splits, "watermark", "pretrain", "holdout")
-    pool, _ = dataset.get_batch(splits["pretrain"])
-    holdout, _ = dataset.get_batch(splits["holdout"])
+    # nothing is decoded here: stage 1 decodes the images each step draws, the statistics their hold-out prefix
+    pool = IndexedImages(dataset, splits["pretrain"], num_workers=cfg.data.num_workers)
+    holdout = IndexedImages(dataset, splits["holdout"][:STATISTICS_IMAGES], num_workers=cfg.data.num_workers)
     with open_run(cfg, "watermark") as run_dir:
         rehearsal, rehearsal_record = prepare_rehearsal(encoder, card, cfg, dataset, splits["pretrain"], run_dir / "rehearsal")
         key, key_source = choose_key(g.key, pool, cfg.run.seed)
@@ -121,7 +126,7 @@ def watermark(cfg: WatermarkConfig) -> Path:
             meta["rehearsal"] = rehearsal_record
         secret = Secret(key=key, delta=delta, eps=g.eps, control_seed=control_seed_of(cfg.run.seed), meta=meta, plan=plan)
         save_secret(secret, run_dir / "secret")
-        stats = mark_statistics(encoder, holdout, secret)
+        stats = {**mark_statistics(encoder, holdout, secret), "images": len(holdout)}
         atomic_write_text(run_dir / "generation.json", json.dumps(
             {"secret_sha256": secret.sha256, "loss_first": history[0], "loss_last": history[-1], "holdout": stats,
              "alternatives": pl.alternatives, "alternatives_sha256": alt_sha,

@@ -15,13 +15,14 @@ imports neither stages nor attacks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dist_awenc.data import derive_seed
+from dist_awenc.data.stream import Images, batches, stream
 from dist_awenc.encoders.io import Encoder
 from dist_awenc.errors import ConfigError
 from dist_awenc.watermark.secret import Secret
@@ -65,7 +66,7 @@ def generation_loss(f_marked: torch.Tensor, f_clean: torch.Tensor, f_key: torch.
 
 def generate_delta(
     encoder: Encoder,
-    images: torch.Tensor,
+    images: Images,
     key: torch.Tensor,
     *,
     eps: float = 16 / 255,
@@ -83,7 +84,8 @@ def generate_delta(
 
     Args:
         encoder: frozen f0 (pixel space in, features out).
-        images: (N, 3, S, S) marking set in [0, 1].
+        images: (N, 3, S, S) marking set in [0, 1], a tensor or an
+            :class:`~dist_awenc.data.stream.IndexedImages` (decoded batch by batch).
         key: (3, S, S) key image.
 
     Returns:
@@ -97,7 +99,7 @@ def generate_delta(
 
 def generate_deltas(
     encoder: Encoder,
-    images: torch.Tensor,
+    images: Images,
     keys: torch.Tensor,
     seeds: list[int],
     *,
@@ -117,7 +119,10 @@ def generate_deltas(
     Secret k draws its mini-batches from its own generator seeded by
     ``seeds[k]`` and has its own perturbation; the K problems only share the
     forward passes (one batch of K x b images), so the owner's secret and J
-    alternative secrets come from the same procedure.
+    alternative secrets come from the same procedure. Only those K x b
+    images are decoded per step (:class:`MarkingSampler`), on a split's
+    :class:`~dist_awenc.data.stream.IndexedImages` through the project's
+    loader; a tensor is moved to the encoder's device once and gathered there.
 
     With ``transform`` (``(images, generator) -> images``, e.g.
     :func:`~dist_awenc.watermark.transforms.make_transform`), the marked images
@@ -132,7 +137,7 @@ def generate_deltas(
 
     Args:
         encoder: frozen f0 (pixel space in, features out).
-        images: (N, 3, S, S) marking set in [0, 1].
+        images: (N, 3, S, S) marking set in [0, 1] (tensor or IndexedImages).
         keys: (K, 3, S, S) key images.
         seeds: K seeds, one per secret.
 
@@ -146,18 +151,19 @@ def generate_deltas(
     encoder.eval().requires_grad_(False)
     if rehearsal:
         rehearsal.to(device)
-    images, keys = images.to(device), keys.to(device)
+    if isinstance(images, torch.Tensor):
+        images = images.to(device)
+    keys = keys.to(device)
     k, b = len(keys), min(batch_size, len(images))
     with torch.no_grad():
         f_key = encoder(keys)  # (K, d)
     deltas = torch.zeros_like(keys, requires_grad=True)
     adam = torch.optim.Adam([deltas], lr=step_size) if optimizer == "adam" else None
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     t_gens = [torch.Generator().manual_seed(derive_seed(int(s), "robust")) for s in seeds]
     history: list[list[float]] = [[] for _ in range(k)]
-    for _ in tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True):
-        idx = torch.stack([torch.randint(len(images), (b,), generator=g) for g in gens])  # (K, b)
-        x = images[idx.to(images.device)]  # (K, b, 3, S, S)
+    marking = stream(images, MarkingSampler(len(images), b, seeds, steps))
+    for _, drawn in zip(tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True), marking):
+        x = drawn.to(device).unflatten(0, (k, b))  # (K, b, 3, S, S)
         with torch.no_grad():
             f_clean = encoder(x.flatten(0, 1)).unflatten(0, (k, b))
         marked = (x + deltas[:, None]).clamp(0, 1)
@@ -184,6 +190,25 @@ def generate_deltas(
     return deltas.detach().cpu(), history
 
 
+class MarkingSampler:
+    """Stage 1's mini-batches as a batch sampler: per step, secret k's ``b`` positions drawn with replacement.
+
+    Secret k's generator is seeded by ``seeds[k]``; each step yields the K secrets' draws one after the
+    other (K x b positions into the marking set), so the K problems stay independent of one another.
+    """
+
+    def __init__(self, n: int, b: int, seeds: list[int], steps: int) -> None:
+        self.n, self.b, self.seeds, self.steps = int(n), int(b), [int(s) for s in seeds], int(steps)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gens = [torch.Generator().manual_seed(s) for s in self.seeds]
+        for _ in range(self.steps):
+            yield torch.stack([torch.randint(self.n, (self.b,), generator=g) for g in gens]).flatten().tolist()
+
+
 def check_generation(eps: float, steps: int, step_size: float, batch_size: int, optimizer: str) -> None:
     """One-line ConfigError for stage-1 settings out of range."""
     if eps <= 0 or eps > 1 or steps < 1 or step_size <= 0 or batch_size < 1:
@@ -205,15 +230,23 @@ def choose_key(kind: str, pool: torch.Tensor, seed: int) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def mark_statistics(encoder: Encoder, images: torch.Tensor, secret: Secret) -> dict[str, float]:
-    """Mean cosines that stage 1 moves: marked vs own clean features, marked vs key."""
+def mark_statistics(encoder: Encoder, images: Images, secret: Secret, batch_size: int = 512) -> dict[str, float]:
+    """Mean cosines that stage 1 moves: marked vs own clean features, marked vs key.
+
+    ``images`` (a tensor or IndexedImages) pass the encoder ``batch_size`` at a time; the means are
+    over every image's cosine, so up to ``batch_size`` images give what one forward over them gave.
+    """
     device = next(encoder.parameters()).device
     f_key = encoder(secret.key[None].to(device))
-    x = images.to(device)
-    f_x, f_m, f_r = encoder(x), encoder(secret.mark(x)), encoder(secret.mark_control(x))
-    cos = lambda a, b: float(F.cosine_similarity(a, b.expand_as(a), dim=1).mean())  # noqa: E731
-    return {"cos_marked_own": cos(f_m, f_x), "cos_marked_key": cos(f_m, f_key),
-            "cos_control_key": cos(f_r, f_key), "cos_clean_key": cos(f_x, f_key)}
+    cos = lambda a, b: F.cosine_similarity(a, b.expand_as(a), dim=1)  # noqa: E731
+    parts: dict[str, list[torch.Tensor]] = {"cos_marked_own": [], "cos_marked_key": [], "cos_control_key": [],
+                                            "cos_clean_key": []}
+    for x in batches(images, batch_size):
+        x = x.to(device)
+        f_x, f_m, f_r = encoder(x), encoder(secret.mark(x)), encoder(secret.mark_control(x))
+        for name, c in zip(parts, (cos(f_m, f_x), cos(f_m, f_key), cos(f_r, f_key), cos(f_x, f_key))):
+            parts[name].append(c)
+    return {name: float(torch.cat(c).mean()) for name, c in parts.items()}
 
 
 def rehearsal_terms(rehearsal: Rehearsal, x: torch.Tensor, marked: torch.Tensor, keys: torch.Tensor,
