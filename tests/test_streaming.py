@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dist_awenc.config import VerifyConfig, WatermarkConfig, load_config
+from dist_awenc.config import DownstreamConfig, VerifyConfig, WatermarkConfig, load_config
 from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.data.stream import IndexedImages, batches, take
 from dist_awenc.encoders.io import build_encoder, card_for, load_encoder, save_encoder
@@ -189,3 +189,61 @@ def test_streamed_watermark_stage_gives_what_the_whole_split_code_gave(encoder_f
     assert stats == _old_mark_statistics(encoder, holdout, secret)
     batched = mark_statistics(encoder, IndexedImages(ds, splits["holdout"]), secret, batch_size=50)
     assert batched == pytest.approx(stats, abs=1e-5)
+
+
+def test_downstream_decodes_each_image_of_its_split_once(folder, encoder_file, decoded, tmp_path):
+    from dist_awenc.evaluate.downstream import downstream
+
+    metrics = downstream(load_config(DownstreamConfig, None, [f"run.out_dir={tmp_path}", "run.name=d",
+                                                              f"encoder={encoder_file}", f"data.root={folder}", *DATA,
+                                                              "probe.epochs=2"]))
+    assert metrics["n_train"] + metrics["n_test"] == 150
+    assert decoded == Counter({p: 1 for p in _paths(folder, "downstream")})
+
+
+def test_probe_on_a_view_is_the_probe_on_the_tensor(encoder_file):
+    from dist_awenc.evaluate.downstream import evaluate_encoder
+
+    encoder, _ = load_encoder(encoder_file)
+    ds = build_dataset("digits", image_size=S)
+    idx = make_splits(len(ds), 0)["downstream"]
+    images, labels = ds.get_batch(idx)
+    m_tensor, a = evaluate_encoder(encoder, images, labels, 10, seed=0, epochs=3)
+    m_view, b = evaluate_encoder(encoder, IndexedImages(ds, idx), labels, 10, seed=0, epochs=3)
+    assert a == b and torch.equal(m_tensor.head.weight, m_view.head.weight)
+
+
+def test_attack_stage_decodes_the_probe_passes_and_the_attack_batches(folder, encoder_file, decoded, tmp_path):
+    from dist_awenc.attacks.stage import AttackConfig, PirateData, attack
+    from dist_awenc.config import DataSection
+
+    data = DataSection(name="imagefolder", root=str(folder), image_size=S, splits=SPLITS)
+    pirate = PirateData.load(data, S)
+    pirate.attack_data(0.3, 0)
+    assert not decoded  # holding the pirate's split decodes nothing
+    base = [f"run.out_dir={tmp_path}", f"encoder={encoder_file}", f"data.root={folder}", *DATA, "probe.epochs=2"]
+    attack(load_config(AttackConfig, None, [*base, "run.name=pruned", "attack.name=prune_global", "attack.strength=0.5"]))
+    down = _paths(folder, "downstream")
+    assert decoded == Counter({p: 2 for p in down})  # the probe before and after; pruning reads no image
+    decoded.clear()
+    result = attack(load_config(AttackConfig, None, [*base, "run.name=tuned", "attack.name=finetune_full",
+                                                     "attack.strength=0.001", "options.epochs=1", "options.batch_size=32"]))
+    n_train = result["downstream"]["attacked"]["n_train"]
+    assert sum(decoded.values()) == 2 * len(down) + n_train  # one epoch over the pirate's train part
+
+
+def test_robustness_context_decodes_the_hold_out_prefix_only(folder, encoder_file, decoded, tmp_path):
+    from dist_awenc.attacks import AttackOptions
+    from dist_awenc.config import DataSection, ProbeSection, VerifySection
+    from dist_awenc.robustness import Context
+
+    holdout = make_splits(FILES, 0, SPLITS)["holdout"]
+    plan = make_plan(dataset="imagefolder", dataset_size=FILES, image_size=S, split_seed=0, holdout_indices=holdout,
+                     n={"whitebox": 6, "blackbox_score": 9, "blackbox_label": 9}, alpha=1e-3, alternatives=0,
+                     alternatives_sha256=None, primary_mode="whitebox")
+    save_secret(Secret(key=torch.rand(3, S, S), delta=torch.zeros(3, S, S), eps=16 / 255, control_seed=1, plan=plan),
+                tmp_path / "secret")
+    data = DataSection(name="imagefolder", root=str(folder), image_size=S, splits=SPLITS)
+    ctx = Context.load(str(encoder_file), str(tmp_path / "secret.safetensors"), data, AttackOptions(), ProbeSection(),
+                       VerifySection())
+    assert len(ctx.holdout) == 6 and sorted(decoded) == sorted(_paths(folder, "holdout")[:6])

@@ -16,6 +16,7 @@ import torch
 from dist_awenc.attacks.base import AttackData, AttackOptions, apply_attack
 from dist_awenc.config import DataSection, ProbeSection, RunSection, SuspectCardSection, to_dict
 from dist_awenc.data import build_dataset, splits_for, train_test_split_indices
+from dist_awenc.data.stream import Images, IndexedImages, take
 from dist_awenc.encoders.io import Encoder, atomic_write_text, card_for, save_encoder
 from dist_awenc.encoders.thirdparty import load_suspect
 from dist_awenc.engine.log import info
@@ -43,24 +44,28 @@ class AttackConfig:
 
 @dataclass
 class PirateData:
-    """The pirate's downstream split: the attack trains on its train part; accuracy is measured on the rest."""
+    """The pirate's downstream split: the attack trains on its train part; accuracy is measured on the rest.
 
-    images: torch.Tensor
+    ``images`` is the split undecoded (:class:`~dist_awenc.data.stream.IndexedImages`; a tensor also
+    works): attacks decode their mini-batches, the probe its feature batches.
+    """
+
+    images: Images
     labels: torch.Tensor
     num_classes: int
 
     @classmethod
     def load(cls, data: DataSection, image_size: int) -> "PirateData":
         dataset = build_dataset(data.name, root=data.root, image_size=image_size, seed=data.split_seed, size=data.size)
-        images, labels = dataset.get_batch(splits_for(len(dataset), data.split_seed, data.splits, "the pirate's task",
-                                                          "downstream")["downstream"])
-        return cls(images, labels, dataset.num_classes)
+        images = IndexedImages(dataset, splits_for(len(dataset), data.split_seed, data.splits, "the pirate's task",
+                                                   "downstream")["downstream"], num_workers=data.num_workers)
+        return cls(images, images.labels, dataset.num_classes)
 
     def attack_data(self, test_fraction: float, seed: int) -> AttackData:
         """The pirate's training part (the split :func:`evaluate_encoder` trains its head on)."""
         train, _ = train_test_split_indices(torch.arange(len(self.images)), seed, test_fraction)
-        return AttackData(train_images=self.images[train], train_labels=self.labels[train],
-                          num_classes=self.num_classes, unlabeled=self.images[train], seed=seed)
+        return AttackData(train_images=take(self.images, train), train_labels=self.labels[train],
+                          num_classes=self.num_classes, unlabeled=take(self.images, train), seed=seed)
 
 
 def attacked_card(parent_card: dict, info_: dict[str, Any], attacked: Encoder, extra: dict | None = None) -> dict:

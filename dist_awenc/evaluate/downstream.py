@@ -14,6 +14,7 @@ import torch
 from dist_awenc.attacks.query import with_recorded_transform
 from dist_awenc.config import DownstreamConfig, ProbeSection
 from dist_awenc.data import build_dataset, splits_for, train_test_split_indices
+from dist_awenc.data.stream import Images, IndexedImages
 from dist_awenc.encoders.io import Encoder, build_encoder, read_state
 from dist_awenc.encoders.thirdparty import load_suspect
 from dist_awenc.engine.log import info
@@ -54,14 +55,15 @@ def group_labels(labels: torch.Tensor, num_classes: int, classes: int) -> tuple[
     return (labels if k == num_classes else labels % k), k
 
 
-def evaluate_encoder(encoder: Encoder, images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, seed: int,
+def evaluate_encoder(encoder: Encoder, images: Images, labels: torch.Tensor, num_classes: int, *, seed: int,
                      epochs: int = 100, lr: float = 1e-2, weight_decay: float = 1e-4, knn_k: int = 20,
                      test_fraction: float = 0.3) -> tuple[DownstreamModel, dict[str, float]]:
     """Train the pirate's linear head on a seeded train part; report linear-probe and kNN accuracy.
 
     Args:
         encoder: the (frozen) encoder.
-        images, labels: (N, 3, S, S) downstream images in [0, 1] and their (N,) labels.
+        images, labels: (N, 3, S, S) downstream images in [0, 1] (a tensor, or an
+            :class:`~dist_awenc.data.stream.IndexedImages` decoded batch by batch) and their (N,) labels.
         num_classes: number of downstream classes.
         seed: seeds the train/test split and the head's training.
         epochs, lr, weight_decay: the linear head's training.
@@ -70,11 +72,12 @@ def evaluate_encoder(encoder: Encoder, images: torch.Tensor, labels: torch.Tenso
     """
     tr, te = train_test_split_indices(torch.arange(len(images)), seed, test_fraction)
     feats = extract_features(encoder, images)
+    device = next(encoder.parameters()).device  # kNN on the encoder's device (a top-k of a matmul)
     model = DownstreamModel(encoder, encoder.feature_dim, num_classes)
     train_linear_head(model, feats[tr], labels[tr], epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
     metrics = {
         "linear_probe": accuracy(model, feats[te], labels[te]),
-        "knn": knn_accuracy(feats[tr], labels[tr], feats[te], labels[te], k=knn_k),
+        "knn": knn_accuracy(feats[tr].to(device), labels[tr], feats[te].to(device), labels[te], k=knn_k),
         "n_train": len(tr),
         "n_test": len(te),
     }
@@ -126,8 +129,8 @@ def downstream(cfg: DownstreamConfig) -> dict:
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
     idx = splits_for(len(dataset), cfg.data.split_seed, cfg.data.splits, "downstream", "downstream")["downstream"]
     task_classes(dataset.num_classes, cfg.classes)  # checked before anything is decoded
-    images, labels = dataset.get_batch(idx)
-    labels, classes = group_labels(labels, dataset.num_classes, cfg.classes)
+    images = IndexedImages(dataset, idx, num_workers=cfg.data.num_workers)  # decoded batch by batch by the probe
+    labels, classes = group_labels(images.labels, dataset.num_classes, cfg.classes)
     with open_run(cfg, "downstream") as run_dir:
         model, metrics = evaluate_encoder(encoder, images, labels, classes, seed=cfg.run.seed,
                                           **probe_options(cfg.probe))

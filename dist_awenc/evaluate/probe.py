@@ -5,14 +5,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_awenc.data.stream import Images, batches
+
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Shape: (N, 3, S, S) in [0, 1] -> (N, D) features, in eval mode, on the encoder's device."""
+def extract_features(encoder: nn.Module, images: Images, batch_size: int = 512) -> torch.Tensor:
+    """Shape: (N, 3, S, S) in [0, 1] -> (N, D) features on the CPU, computed in eval mode on the encoder's device.
+
+    ``images`` is a tensor or an :class:`~dist_awenc.data.stream.IndexedImages`, decoded ``batch_size`` at a time.
+    """
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
-    out = [encoder(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    out = [encoder(x.to(device)).float().cpu() for x in batches(images, batch_size)]
     encoder.train(was_training)
     return torch.cat(out)
 
