@@ -218,7 +218,7 @@ def check_generation(eps: float, steps: int, step_size: float, batch_size: int, 
         raise ConfigError(f"generation.optimizer must be pgd or adam, not '{optimizer}'")
 
 
-def choose_key(kind: str, pool: torch.Tensor, seed: int) -> tuple[torch.Tensor, str]:
+def choose_key(kind: str, pool: Images, seed: int) -> tuple[torch.Tensor, str]:
     """The key image: a seeded pick from the owner's pool, or seeded uniform noise."""
     g = torch.Generator().manual_seed(seed)
     if kind == "image":
