@@ -30,9 +30,9 @@ from dist_awenc.files import atomic_path, atomic_write_text, save_figure
 from dist_awenc.runs import open_run
 from dist_awenc.verify.calibrate import collect_samples
 from dist_awenc.verify.calibration import load_calibration, mode_test, tau_star
-from dist_awenc.verify.core import MODES, images_for
-from dist_awenc.verify.run import Settings, query_images, resolve_settings
-from dist_awenc.watermark.secret import Secret, load_secret
+from dist_awenc.verify.core import MODES, images_for, verify_permutation
+from dist_awenc.verify.run import Settings, load_plan_alternatives, query_images, resolve_settings
+from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_secret
 
 
 @dataclass
@@ -92,6 +92,7 @@ class Context:
     probe: ProbeSection
     verify: VerifySection
     settings: dict[str, Settings] = field(default_factory=dict)  # per mode: n, alpha, margin (plan + calibration)
+    alternatives: Optional[AlternativeSecrets] = None  # the plan's J alternatives: the permutation test per task
 
     @classmethod
     def load(cls, encoder: str, secret: str, data: DataSection, options: AttackOptions, probe: ProbeSection,
@@ -106,7 +107,8 @@ class Context:
                                         split_seed=data.split_seed, holdout_indices=splits["holdout"]) for m in MODES}
         # only the hold-out images some mode's budget pays for are decoded (every mode takes a prefix)
         holdout, _ = dataset.get_batch(splits["holdout"][: max(images_for(m, s.n) for m, s in settings.items())])
-        return cls(enc, card, sec, holdout, PirateData.load(data, sec.image_size), options, probe, verify, settings)
+        return cls(enc, card, sec, holdout, PirateData.load(data, sec.image_size), options, probe, verify, settings,
+                   load_plan_alternatives(secret, sec))
 
 
 def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) -> dict[str, Any]:
@@ -137,6 +139,11 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
         row[f"decision_{mode}"] = bool(result.p_value < s.alpha)
         row[f"tau_star_{mode}"] = tau_star(mode, samples, s.alpha)
         row[f"n_{mode}"], row[f"alpha_{mode}"] = s.n, s.alpha
+    if ctx.alternatives is not None and len(ctx.alternatives):  # margin-free: ranks the owner among J secrets
+        s = ctx.settings["whitebox"]
+        v = verify_permutation(weights_only, ctx.secret, ctx.alternatives, query_images(ctx.holdout, s.n, "whitebox"))
+        row["p_permutation"], row["permutation_at_limit"] = v.p_value, v.details["at_resolution_limit"]
+        row["permutation_alternatives"] = v.details["alternatives"]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(row, indent=2))
     return row
@@ -167,6 +174,13 @@ def collect(out_dir: Path, utility_drop: float, null_path: Optional[str] = None)
         missed = [f"{r['attack']}@{r['strength']:g}" for r in threats if not r[key]]
         summary["modes"][mode] = {"tpr": hits / len(threats) if threats else float("nan"), "detected": hits,
                                   "of": len(threats), "missed": missed}
+    perm = [r for r in threats if "p_permutation" in r]
+    if perm:  # detected "at its resolution limit": the owner's secret ranked first among the J + 1
+        J = int(perm[0]["permutation_alternatives"])
+        summary["permutation"] = {"alternatives": J, "resolution": 1 / (J + 1),
+                                  "at_limit": sum(bool(r["permutation_at_limit"]) for r in perm), "of": len(perm),
+                                  "missed": [f"{r['attack']}@{r['strength']:g}" for r in perm
+                                             if not r["permutation_at_limit"]]}
     null = _null_tau_stars(null_path)
     plot_grid(rows, out_dir / "robustness.png")
     if null:
@@ -186,6 +200,11 @@ def robustness(cfg: RobustnessConfig) -> dict[str, Any]:
         for mode, m in summary["modes"].items():
             info(f"{mode:<15} TPR {m['tpr']:.3f} ({m['detected']}/{m['of']} utility-preserving derivatives)"
                  + (f"; missed: {', '.join(m['missed'])}" if m["missed"] else ""))
+        if "permutation" in summary:
+            m = summary["permutation"]
+            info(f"{'permutation':<15} at its resolution limit (p = {m['resolution']:.3g}, J = {m['alternatives']}) "
+                 f"for {m['at_limit']}/{m['of']} utility-preserving derivatives"
+                 + (f"; not: {', '.join(m['missed'])}" if m["missed"] else ""))
     return summary
 
 

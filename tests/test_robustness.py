@@ -98,3 +98,38 @@ def test_robustness_grid_table_and_resume(owner, tmp_path):
     assert main(args) == 0
     assert before == {p.name: p.stat().st_mtime_ns for p in (root / "tasks").iterdir()}
     assert list(csv.DictReader((root / "robustness.csv").open())) == rows
+
+
+def test_robustness_ranks_each_derivative_by_the_permutation_test(owner, tmp_path):
+    """With the plan's J alternative secrets, every task also runs the secret-permutation test on the weights the
+    owner inspects: its p equals `verify_permutation` on the same images, and the summary counts the
+    utility-keeping derivatives at the test's resolution limit 1/(J+1)."""
+    from accelerate.state import AcceleratorState
+
+    from dist_awenc.verify.core import verify_permutation
+    from dist_awenc.verify.run import load_plan_alternatives
+    from dist_awenc.watermark.generate import watermark
+    from dist_awenc.watermark.secret import load_secret
+
+    f0, _ = owner
+    AcceleratorState._reset_state(reset_partial_state=True)
+    secret = watermark(load_config(WatermarkConfig, None, [f"run.out_dir={tmp_path}", "run.name=wm", f"encoder={f0}",
+                                                           "data.image_size=8", "generation.steps=5",
+                                                           "generation.batch_size=32", "plan.n_whitebox=64",
+                                                           "plan.alternatives=3"]))
+    assert main(["robustness", f"encoder={f0}", f"secret={secret}", f"run.out_dir={tmp_path}",
+                 "grid.attacks=[prune_global]", "grid.strengths={prune_global: [0.2]}", *FAST]) == 0
+    rows = list(csv.DictReader((tmp_path / "robustness" / "robustness.csv").open()))
+    assert {r["permutation_alternatives"] for r in rows} == {"3"}
+    assert all(float(r["p_permutation"]) in (0.25, 0.5, 0.75, 1.0) for r in rows)
+    from dist_awenc.data import build_dataset, splits_for
+
+    sec = load_secret(secret)
+    ds = build_dataset("digits", image_size=8)
+    x, _ = ds.get_batch(splits_for(len(ds), 0, [0.5, 0.2, 0.3], "test", "holdout")["holdout"][:64])
+    enc, _ = load_encoder(f0)
+    want = verify_permutation(enc, sec, load_plan_alternatives(secret, sec), x)
+    assert float(rows[0]["p_permutation"]) == want.p_value and rows[0]["attack"] == "none"
+    summary = json.loads((tmp_path / "robustness" / "robustness.json").read_text())["permutation"]
+    assert summary["alternatives"] == 3 and summary["resolution"] == 0.25 and summary["of"] >= 1
+    assert summary["at_limit"] == summary["of"] - len(summary["missed"])
