@@ -128,8 +128,7 @@ def project_secs(ctx: Context, pre: str, stage: str, batch: int, mode: str, prot
     run_dir = Path(tempfile.mkdtemp(prefix=f"{Path(pre).stem}_{stage}_", dir=tmp))
     accelerator = P.make_project_accelerator(cfg, run_dir, False)
     case = P.project_case(cfg, "embed" if stage == "embed" else cfg.ssl.method, total, accelerator)
-    s = cfg.data.image_size
-    images = torch.rand(batch, 3, s, s, device=ctx.device)
+    images = P.fixed_images(case, batch, ctx.device)
     return P.run_fit(ctx, case, accelerator, images, run_dir, warmup=proto["warmup"], steps=proto["steps"], reps=proto["reps"])
 
 

@@ -192,6 +192,15 @@ def project_case(cfg, method: str, total_steps: int, accelerator, device: Option
                               "optim": ecfg.optim})
 
 
+def fixed_images(case: ProjectCase, batch: int, device) -> torch.Tensor:
+    """The benchmark's fixed batch on ``device``: (b, 3, S, S), or the loader's decode-time views (b, V, 3, S, S)
+    when pre-training cuts them there (``views.crop=decode``, the ImageNet recipes): the step then only flips
+    and colours, as in a real run."""
+    s, v = case.cfg.data.image_size, case.cfg.views
+    shape = (batch, v.n_views, 3, s, s) if case.embed is None and v.crop == "decode" else (batch, 3, s, s)
+    return torch.rand(*shape, device=device)
+
+
 class FixedBatchSource:
     """A BatchSource yielding one fixed batch (already on the device) forever: no loader in the timing."""
 

@@ -125,7 +125,7 @@ def views_row(ctx: Context, model: str, p: dict, tmp: Path) -> dict:
 
     cfg, path = P.pretrain_config(model, "simclr", batch=p["batch"], mode="fp32", out_dir=tmp)
     make_inputs = pretrain_inputs(cfg.views, cfg.run.seed, 0, 1)
-    x = torch.rand(p["batch"], 3, P.IMAGE_SIZE[model], P.IMAGE_SIZE[model], device=ctx.device)
+    x = P.fixed_images(P.ProjectCase(None, None, make_inputs, None, cfg), p["batch"], ctx.device)
     batch = (x, torch.zeros(len(x), dtype=torch.long, device=ctx.device), torch.arange(len(x), device=ctx.device))
     n = max(p["steps"], 2)
     make_inputs(batch, 0)
@@ -163,7 +163,7 @@ def build_pair(ctx: Context, model: str, method: str, mode: str, p: dict, tmp: P
         copy_project_state(ref, case.model)
     except RuntimeError as e:
         same_arch, arch_note = False, short_error(e)
-    images = torch.rand(p["batch"], 3, cfg.data.image_size, cfg.data.image_size, device=ctx.device)
+    images = P.fixed_images(case, p["batch"], ctx.device)
     batch = (images, torch.zeros(p["batch"], dtype=torch.long, device=ctx.device), torch.arange(p["batch"], device=ctx.device))
     case.model.to(ctx.device)
     ref.to(ctx.device)
