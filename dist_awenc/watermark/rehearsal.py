@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from dist_awenc.data.stream import IndexedImages
 from dist_awenc.data.splits import derive_seed
 from dist_awenc.encoders.io import Encoder, load_encoder, save_encoder
 from dist_awenc.engine.log import info
@@ -112,7 +113,8 @@ def prepare_rehearsal(f0: Encoder, card: dict, cfg, dataset, pretrain_indices, o
     rh = cfg.rehearsal
     if not rh.surrogates and not rh.references:
         return Rehearsal(), {}
-    images, labels = dataset.get_batch(pretrain_indices)
+    images = IndexedImages(dataset, pretrain_indices)  # decoded as the surrogates' attacks draw their mini-batches
+    labels = dataset.labels[torch.as_tensor(pretrain_indices, dtype=torch.long)]
     surrogates = build_surrogates(f0, card, list(rh.surrogates), images, labels, dataset.num_classes,
                                   out_dir / "surrogates", derive_seed(cfg.run.seed, "rehearsal"))
     references = build_references(cfg.encoder, rh.references, out_dir / "references")
