@@ -10,7 +10,7 @@ All rows read the same generated JPEGs (:mod:`benchmarks.data`, 500 x 375 by def
 * ``project torchvision path (views.crop=decode)``: the project's ``imagefolder`` dataset through its
   ``DecodeSource``: each image decoded once, its two seeded boxes cut from the original and resized (uint8);
 * ``project FFCV decode-time crop``: ``FFCVSource(crops=...)`` on a ``.beton`` of the files stored as JPEG at
-  their own size (``beton.original=true``): one seeded crop decoder per view, FFCV's compiled decode threads;
+  their own size (``beton.original=true``): every view's seeded crop from one decode, FFCV's compiled threads;
 * ``nvjpeg`` (GPU only): ``data.decode=device``, the project's ``DeviceDecodeSource``: the bytes and boxes from
   the loader, ``torchvision.io.decode_jpeg(device="cuda")`` of the batch, the same boxes resized on the device.
 
@@ -154,24 +154,32 @@ def torchvision_loaders(root: str, v, size: int, batch: int, workers: int) -> di
                              drop_last=True, persistent_workers=workers > 0) for name, tf in two.items()}
 
 
-def project_source(root: str, v, size: int, batch: int, workers: int):
-    from dist_awenc.data import GlobalBatchSampler, build_dataset
-    from dist_awenc.data.decode_views import DecodeSource, crop_spec
+def _decode_spec(v, size: int):
+    """The views' decode-time crops (whatever ``v.crop`` says: every project row cuts at decode time)."""
     import dataclasses
 
+    from dist_awenc.data.decode_views import crop_spec
+
+    return crop_spec(dataclasses.replace(v, crop="decode"), size, seed=0)
+
+
+def project_source(root: str, v, size: int, batch: int, workers: int, *, device: str | None = None):
+    """The project's decode-time loader over ``root``: DecodeSource, or DeviceDecodeSource on ``device``."""
+    from dist_awenc.data import GlobalBatchSampler, build_dataset
+    from dist_awenc.data.decode_views import DecodeSource, DeviceDecodeSource
+
     ds = build_dataset("imagefolder", root=root, image_size=size)
-    spec = crop_spec(dataclasses.replace(v, crop="decode"), size, seed=0)
-    return DecodeSource(ds, GlobalBatchSampler(len(ds), batch, seed=0), spec, workers)
+    sampler, spec = GlobalBatchSampler(len(ds), batch, seed=0), _decode_spec(v, size)
+    if device is None:
+        return DecodeSource(ds, sampler, spec, workers)
+    return DeviceDecodeSource(ds, sampler, spec, device, workers)
 
 
 def ffcv_passes(ctx: Context, info: dict, v, size: int, batch: int, threads: int, reps: int) -> list[float]:
     """FFCV with the project's seeded decode-time crop, on the files stored as JPEG at their own size."""
-    import dataclasses
-
     if importlib.util.find_spec("ffcv") is None:
         raise NotInstalled("ffcv is not installed (scripts/install_ffcv.sh)")
     from dist_awenc.data import build_dataset
-    from dist_awenc.data.decode_views import crop_spec
     from dist_awenc.data.ffcv import FFCVSource, write_beton
 
     beton = Path(info["root"]).parent / "bench.beton"
@@ -179,7 +187,7 @@ def ffcv_passes(ctx: Context, info: dict, v, size: int, batch: int, threads: int
         ds = build_dataset("imagefolder", root=info["root"], image_size=size)
         write_beton(ds, beton, mode="jpg", original=True, jpeg_quality=90, num_workers=1, progress=False,
                     max_resolution=max(info["width"], info["height"]))
-    spec = crop_spec(dataclasses.replace(v, crop="decode"), size, seed=0)
+    spec = _decode_spec(v, size)
     source = FFCVSource(beton, image_size=size, global_batch_size=batch, seed=0, num_workers=threads, crops=spec)
     _KEEP.append(source)
     try:
@@ -192,14 +200,7 @@ def nvjpeg_passes(ctx: Context, info: dict, v, size: int, batch: int, reps: int)
     """``data.decode=device`` on a GPU: the workers read the bytes and boxes, nvjpeg decodes, the device cuts."""
     if not torch.cuda.is_available():
         raise NotInstalled("no CUDA device: nvjpeg decoding runs on a GPU only")
-    import dataclasses
-
-    from dist_awenc.data import GlobalBatchSampler, build_dataset
-    from dist_awenc.data.decode_views import DeviceDecodeSource, crop_spec
-
-    ds = build_dataset("imagefolder", root=info["root"], image_size=size)
-    spec = crop_spec(dataclasses.replace(v, crop="decode"), size, seed=0)
-    source = DeviceDecodeSource(ds, GlobalBatchSampler(len(ds), batch, seed=0), spec, "cuda")
+    source = project_source(info["root"], v, size, batch, 0, device="cuda")
     return passes(ctx, lambda: source.iterate(0, 0), lambda b, i: torch.cuda.synchronize(), reps)
 
 

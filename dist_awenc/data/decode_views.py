@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .crops import CropSpec, crop_boxes, crop_uniforms
 from .views import ViewConfig
-from .sampler import GlobalBatchSampler, IndexedBatch, SamplerSource, collate_indexed
+from .images import resized_box
+from .sampler import GlobalBatchSampler, IndexedBatch, SamplerSource
 
 __all__ = ["CropBatchSampler", "CropRequest", "DecodeSource", "DecodeViews", "DeviceDecodeSource", "crop_spec",
            "decode_crops"]
@@ -79,15 +80,22 @@ class DecodeViews(Dataset):
         return IndexedBatch(images, self.dataset.labels[index], index)
 
 
+def _as_is(batch):
+    """The workers already built the batch (``__getitems__``): nothing to collate."""
+    return batch
+
+
 class DecodeSource(SamplerSource):
     """:class:`SamplerSource` whose batches are decode-time views (one persistent DataLoader, as its parent)."""
 
+    views_class: type = DecodeViews  # what answers a CropRequest in the workers
+
     def __init__(self, dataset: Dataset, sampler: GlobalBatchSampler, spec: CropSpec, num_workers: int = 0, *,
                  pin_memory: bool = False) -> None:
-        super().__init__(DecodeViews(dataset, spec), sampler, num_workers, pin_memory=pin_memory)
+        super().__init__(self.views_class(dataset, spec), sampler, num_workers, pin_memory=pin_memory)
 
     def _make_loader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_sampler=CropBatchSampler(self.sampler), collate_fn=collate_indexed,
+        return DataLoader(self.dataset, batch_sampler=CropBatchSampler(self.sampler), collate_fn=_as_is,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
 
@@ -128,44 +136,32 @@ class _EncodedViews(DecodeViews):
                             self.dataset.labels[index], index)
 
 
-def _as_is(batch):
-    return batch
-
-
 def decode_crops(data: torch.Tensor, ends: torch.Tensor, boxes: torch.Tensor, size: int,
                  device: torch.device) -> torch.Tensor:
     """Decode the JPEG files in ``data`` (split at ``ends``) on ``device`` and cut each image's boxes (b, V, 4),
     resized to ``size`` (bilinear, antialiased when shrinking): uint8 (b, V, 3, size, size) on ``device``."""
-    import torch.nn.functional as F
     from torchvision.io import ImageReadMode, decode_jpeg
 
     starts = [0, *ends.tolist()[:-1]]
     files = [data[a:b] for a, b in zip(starts, ends.tolist())]
     images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
-    out = torch.empty(len(images), boxes.shape[1], 3, size, size, dtype=torch.uint8, device=device)
-    for k, (img, rows) in enumerate(zip(images, boxes.tolist())):  # boxes stay on the host: no device read
-        for v, (i, j, h, w) in enumerate(rows):
-            patch = img[None, :, i : i + h, j : j + w].to(torch.float32)
-            out[k, v] = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False,
-                                      antialias=h > size or w > size)[0].round_().clamp_(0, 255)
-    return out
+    # the boxes stay on the host: no device read
+    return torch.stack([torch.stack([resized_box(img, box, size) for box in rows])
+                        for img, rows in zip(images, boxes.tolist())])
 
 
-class DeviceDecodeSource(SamplerSource):
+class DeviceDecodeSource(DecodeSource):
     """Decode-time views decoded on ``device`` (``data.decode=device``): batches arrive with their views there."""
+
+    views_class = _EncodedViews
 
     def __init__(self, dataset: Dataset, sampler: GlobalBatchSampler, spec: CropSpec, device, num_workers: int = 0,
                  *, pin_memory: bool = False) -> None:
         if not hasattr(dataset, "samples"):
             raise TypeError(f"data.decode=device reads image files; {type(dataset).__name__} holds none "
                             "(use data.name=imagefolder, or data.decode=cpu)")
-        super().__init__(_EncodedViews(dataset, spec), sampler, num_workers, pin_memory=pin_memory)
+        super().__init__(dataset, sampler, spec, num_workers, pin_memory=pin_memory)
         self.spec, self.device = spec, torch.device(device)
-
-    def _make_loader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_sampler=CropBatchSampler(self.sampler), collate_fn=_as_is,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
 
     def iterate(self, epoch: int, start: int) -> Iterator[IndexedBatch]:
         for b in super().iterate(epoch, start):

@@ -87,14 +87,8 @@ class ImageDataset(Dataset):
         out = []
         for k, i in enumerate(index):
             img = self.original(int(i))
-            views = []
-            for top, left, h, w in boxes_of(img.shape[-2], img.shape[-1], k).tolist():
-                patch = img[None, :, top : top + h, left : left + w].to(torch.float32)
-                shrink = h > size or w > size
-                patch = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
-                views.append(patch[0].round_().clamp_(0, 255).to(torch.uint8) if img.dtype == torch.uint8
-                             else patch[0].clamp_(0.0, 1.0))
-            out.append(torch.stack(views))
+            boxes = boxes_of(img.shape[-2], img.shape[-1], k).tolist()
+            out.append(torch.stack([resized_box(img, box, size) for box in boxes]))
         return torch.stack(out)
 
 
@@ -205,6 +199,15 @@ def _load_image(path: str, size: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def resized_box(img: Tensor, box: Sequence[int], size: int) -> Tensor:
+    """The ``(top, left, height, width)`` box of ``img`` (3, H, W) resized to (size, size): bilinear, antialiased
+    when shrinking, on img's device and in its dtype (uint8 rounded, float clamped to [0, 1])."""
+    top, left, h, w = box
+    patch = img[None, :, top : top + h, left : left + w].to(torch.float32)
+    out = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False, antialias=h > size or w > size)[0]
+    return out.round_().clamp_(0, 255).to(torch.uint8) if img.dtype == torch.uint8 else out.clamp_(0.0, 1.0)
 
 
 def resize_images(images: Tensor, size: int, chunk: int = 2048) -> Tensor:

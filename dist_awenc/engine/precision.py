@@ -48,6 +48,11 @@ def engine_dtype(model: nn.Module) -> Optional[torch.dtype]:
     return None
 
 
+def _trained_norm(m: nn.Module) -> bool:
+    """A BatchNorm whose affine weights the optimizer trains (its statistics follow them into the engine's dtype)."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.weight.requires_grad
+
+
 def kept_in_fp32(module: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
     """(owner, name, is_parameter, data) of every frozen parameter and every floating buffer of ``module``.
 
@@ -56,8 +61,7 @@ def kept_in_fp32(module: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Te
     """
     kept = []
     for owner in module.modules():
-        trained_norm = isinstance(owner, nn.modules.batchnorm._BatchNorm) and owner.weight is not None \
-            and owner.weight.requires_grad
+        trained_norm = _trained_norm(owner)
         for name, p in owner.named_parameters(recurse=False):
             if not p.requires_grad and p.is_floating_point():
                 kept.append((owner, name, True, p.data))
@@ -85,7 +89,7 @@ def norm_statistics_like_weights(module: nn.Module) -> int:
     Returns how many modules changed."""
     changed = 0
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.weight.requires_grad:
+        if _trained_norm(m):
             for name in ("running_mean", "running_var"):
                 b = getattr(m, name)
                 if b is not None and b.dtype != m.weight.dtype:

@@ -173,24 +173,21 @@ class FFCVSource:
         """File positions this rank reads for ``epoch`` from global batch ``start`` on, in order (LongTensor)."""
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(start)
-        batches = list(self.sampler)
-        if not batches:
-            return torch.empty(0, dtype=torch.long)
-        return torch.tensor(batches, dtype=torch.long).flatten()
+        return self.sampler.local_positions().flatten()
 
-    def _image_decoders(self, epoch: int) -> list:
-        """One decoder per view (decode-time crops) or the one decoder of S x S images."""
+    def _image_decoder(self, epoch: int):
+        """The image field's decoder: every view's seeded crop from one decode (decode-time crops), or S x S images."""
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
 
         S = self.image_size
         if self.crops is not None:
             c = self.crops
-            return [seeded_decoder_class()(c.size, c.key(epoch), c.n_views, c.scale, c.ratio)]
+            return seeded_decoder_class()(c.size, c.key(epoch), c.n_views, c.scale, c.ratio)
         if self.exact_size:
-            return [SimpleRGBImageDecoder()]
+            return SimpleRGBImageDecoder()
         if self.resize == "center":
-            return [CenterCropRGBImageDecoder((S, S), ratio=1.0)]
-        return [_squash_decoder_class()((S, S))]
+            return CenterCropRGBImageDecoder((S, S), ratio=1.0)
+        return _squash_decoder_class()((S, S))
 
     def _build_loader(self, epoch: int):
         import numba
@@ -198,7 +195,7 @@ class FFCVSource:
         from ffcv.loader import Loader
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-        image_ops: list = [*self._image_decoders(epoch), ToTensor()]
+        image_ops: list = [self._image_decoder(epoch), ToTensor()]
         if self.device.type != "cpu":
             image_ops.append(ToDevice(self.device, non_blocking=True))
         if self.crops is None:  # decode-time views are (b, V, S, S, 3): _EpochBatches permutes them
