@@ -11,6 +11,7 @@ from typing import Optional
 
 from dist_awenc.config_loading import load_config, to_dict, to_yaml  # noqa: F401  (re-exported)
 from dist_awenc.data.views import ViewConfig, mild_view_config
+from dist_awenc.watermark.shadow import check_shadow
 from dist_awenc.watermark.transforms import check_robust
 
 # ----------------------------------------------------------------- sections
@@ -211,6 +212,19 @@ class EmbedLossSection:
 
 
 @dataclass
+class ShadowSection:
+    """Derivative robustness in stage 2 (dist_awenc/watermark/shadow.py): a shadow student distilled alongside, and
+    ``weight`` x the term that makes f's clean answers teach it the watermark. ``weight`` 0 (the default): off."""
+
+    weight: float = 0.0
+    arch: str = ""  # the shadow student's architecture ('': f0's)
+    refresh: int = 0  # restart the shadow from a fresh initialisation every this many steps (0: never)
+
+    def __post_init__(self) -> None:
+        check_shadow(self)
+
+
+@dataclass
 class EmbedConfig:
     run: RunSection = field(default_factory=lambda: RunSection(name="embed"))
     encoder: str = ""  # f0: file or pre-training run folder (its heads are reused)
@@ -223,6 +237,7 @@ class EmbedConfig:
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-4))
     train: TrainSection = field(default_factory=lambda: TrainSection(epochs=20))
     robust: RobustSection = field(default_factory=RobustSection)
+    shadow: ShadowSection = field(default_factory=ShadowSection)
 
 
 @dataclass

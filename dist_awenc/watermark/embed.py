@@ -10,6 +10,9 @@ With ``robust.transforms`` set, the two watermark terms see ``T(A(x)+delta)``
 instead of ``A(x)+delta``, T a random differentiable transform
 (:mod:`dist_awenc.watermark.transforms`) drawn per step from ``(run seed, step)``
 for the global batch, as the views are; the key and keep terms are unchanged.
+With ``shadow.weight`` > 0 a shadow student is distilled alongside and
+``lambda_shadow * L_shadow`` (:mod:`dist_awenc.watermark.shadow`) shapes f's
+clean answers so that distilling them teaches a student the watermark.
 
 It runs on the same Accelerate loop as pre-training, so it runs under
 ``accelerate launch`` on 1..N processes.
@@ -39,6 +42,7 @@ from dist_awenc.data.ffcv import build_source, source_options
 from dist_awenc.runs import open_run
 from dist_awenc.ssl.pretrain import method_from_config, save_method
 from dist_awenc.watermark.secret import Secret, load_secret
+from dist_awenc.watermark.shadow import Shadow, build_shadow
 from dist_awenc.watermark.transforms import TransformParams, apply_drawn, draws_for_rank
 
 
@@ -78,9 +82,12 @@ class EmbedTask(nn.Module):
     """
 
     def __init__(self, method: nn.Module, f0: Encoder, secret: Secret, *, lambda_cl: float = 1.0, lambda_wm: float = 1.0,
-                 lambda_dev: float = 0.5, lambda_key: float = 1.0, lambda_keep: float = 1.0, freeze_bn: bool = True) -> None:
+                 lambda_dev: float = 0.5, lambda_key: float = 1.0, lambda_keep: float = 1.0, freeze_bn: bool = True,
+                 shadow: Optional[Shadow] = None, lambda_shadow: float = 0.0) -> None:
         super().__init__()
         weights = dict(cl=lambda_cl, wm=lambda_wm, dev=lambda_dev, key=lambda_key, keep=lambda_keep)
+        if shadow is not None:
+            weights.update(steal=1.0, shadow=lambda_shadow)
         if any(w < 0 for w in weights.values()):
             raise ConfigError(f"embedding loss weights must be >= 0, got {weights}")
         self.weights = weights
@@ -94,6 +101,7 @@ class EmbedTask(nn.Module):
         self.register_buffer("key", secret.key.clone())
         self.freeze_bn = freeze_bn
         self.method_name = getattr(method, "method_name", "")
+        self.shadow = shadow
 
     @property
     def backbone(self) -> Encoder:
@@ -110,6 +118,12 @@ class EmbedTask(nn.Module):
 
     def momentum_update(self, progress: float) -> None:
         self.method.momentum_update(progress)
+
+    def after_step(self, step: int, total_steps: int, refresh: int = 0) -> None:
+        """The loop's hook: momentum encoders, then the shadow's restart every ``refresh`` steps."""
+        self.momentum_update(step / total_steps)
+        if self.shadow is not None and refresh and step % refresh == 0 and step < total_steps:
+            self.shadow.restart(step // refresh)
 
     def forward(self, inputs: dict) -> dict[str, torch.Tensor]:
         aug, clean, key_aug = inputs["aug"], inputs["clean"], inputs["key_aug"]
@@ -130,7 +144,11 @@ class EmbedTask(nn.Module):
             "key": anchor_key_loss(f_ka, f0_out[-1:]),
             "keep": preserve_loss(f_c, f0_out[:-1]),
         }
-        out = {f"loss_{k}": v for k, v in terms.items()}
+        extra = {}
+        if self.shadow is not None:
+            extra = self.shadow.terms(aug, f_a, marked, self.key[None])
+            terms.update(steal=extra.pop("steal"), shadow=extra.pop("shadow"))
+        out = {f"loss_{k}": v for k, v in terms.items()} | extra
         out["loss"] = sum(self.weights[k] * v for k, v in terms.items())
         return out
 
@@ -195,6 +213,9 @@ def load_method_state(method: nn.Module, encoder_path: Path) -> bool:
 
 def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     """Fine-tune f0 with the joint loss; writes the watermarked ``encoder.safetensors``."""
+    if cfg.shadow.weight > 0 and cfg.train.deepspeed:
+        raise ConfigError("shadow.weight > 0 is not supported under train.deepspeed (the shadow's weight gradients are "
+                          "taken inside the step, which ZeRO partitions); use DDP (no train.deepspeed)")
     accelerator = make_accelerator(Path(cfg.run.out_dir) / cfg.run.name, cfg.train.mixed_precision, cfg.train.trackers,
                                    cfg.train.grad_accum, cfg.train.compile, cfg.train.deepspeed, cfg.optim.name)
     encoder_path = resolve_encoder_path(cfg.encoder)
@@ -210,8 +231,12 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     enc_section = _encoder_section_from_card(card, cfg)
     method = method_from_config(cfg.ssl, enc_section, f)
     heads_loaded = load_method_state(method, encoder_path)
-    task = EmbedTask(method, f0, secret, **{k: getattr(cfg.loss, k) for k in
-                                            ("lambda_cl", "lambda_wm", "lambda_dev", "lambda_key", "lambda_keep", "freeze_bn")})
+    shadow = None
+    if cfg.shadow.weight > 0:
+        shadow = Shadow(build_shadow(f0, card, cfg.shadow.arch, cfg.run.seed), cfg.run.seed, cfg.shadow.arch, card)
+    task = EmbedTask(method, f0, secret, shadow=shadow, lambda_shadow=cfg.shadow.weight,
+                     **{k: getattr(cfg.loss, k) for k in
+                        ("lambda_cl", "lambda_wm", "lambda_dev", "lambda_key", "lambda_keep", "freeze_bn")})
     task = prepare_model(task, accelerator, cfg.train.sync_bn)
     optimizer = build_optimizer(task, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -225,11 +250,12 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     with open_run(cfg, "embed") as run_dir:
         info(f"embed secret {secret.sha256[:12]} into {card['arch']} ({'heads from pre-training' if heads_loaded else 'fresh heads'}, "
              f"{world} process(es), {plan.total_steps} steps"
-             + (f", transforms {'/'.join(robust.transforms)}" if robust.enabled else "") + f") -> {run_dir}")
+             + (f", transforms {'/'.join(robust.transforms)}" if robust.enabled else "")
+             + (f", shadow student x{cfg.shadow.weight:g}" if shadow is not None else "") + f") -> {run_dir}")
         task = fit(accelerator, task, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, **source_options(cfg.data)), make_inputs=make_inputs,
                    lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
                    settings=loop_settings(cfg.train, run_dir, plan, "embed"), config_yaml=to_yaml(cfg),
-                   after_step=lambda m, step: m.momentum_update(step / plan.total_steps), interrupt_at=interrupt_at)
+                   after_step=lambda m, step: m.after_step(step, plan.total_steps, cfg.shadow.refresh), interrupt_at=interrupt_at)
         if accelerator.is_main_process:
             save_method(task.method, run_dir)
             new_card = card_for(task.backbone, arch=card["arch"], arch_kwargs=card["arch_kwargs"], method=card.get("method", ""),
