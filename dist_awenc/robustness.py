@@ -231,7 +231,9 @@ def _calibrated_thresholds(path: str, rows: list[dict]) -> dict[str, float]:
         if bad:
             raise ConfigError(f"calibration {cal.path} was made under other conditions than task "
                               f"{r['attack']}@{r['strength']:g}: {', '.join(bad)} differ; calibrate again")
-    return cal.thresholds
+    # label mode: the grid's pirate task has the dataset's own classes, whose threshold is the mode's own entry
+    # (the blackbox_label@k entries are for tasks regrouped into k classes)
+    return {m: cal.thresholds[m] for m in MODES if m in cal.thresholds}
 
 
 def _null_tau_stars(path: Optional[str]) -> dict[str, list[float]]:
@@ -239,7 +241,7 @@ def _null_tau_stars(path: Optional[str]) -> dict[str, list[float]]:
     if not path:
         return {}
     data = load_calibration(path).data
-    return {mode: [t["tau_star"] for t in m["null"]] for mode, m in data["modes"].items()}
+    return {mode: [t["tau_star"] for t in m["null"]] for mode, m in data["modes"].items() if mode in MODES}
 
 
 def plot_grid(rows: list[dict], path: Path) -> None:

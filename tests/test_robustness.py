@@ -133,3 +133,29 @@ def test_robustness_ranks_each_derivative_by_the_permutation_test(owner, tmp_pat
     summary = json.loads((tmp_path / "robustness" / "robustness.json").read_text())["permutation"]
     assert summary["alternatives"] == 3 and summary["resolution"] == 0.25 and summary["of"] >= 1
     assert summary["at_limit"] == summary["of"] - len(summary["missed"])
+
+
+def test_collect_applies_the_pirate_tasks_own_label_threshold_of_a_per_class_calibration(tmp_path):
+    """A calibration with per-class-count label entries (blackbox_label@k, `population.label_classes`): the grid's
+    pirate task has the dataset's own classes, so its label decisions use the mode's own threshold, not an @k one."""
+    from dist_awenc.robustness import collect
+    from dist_awenc.verify.calibration import CALIBRATION_FORMAT
+    from dist_awenc.verify.core import MODES
+
+    n = {"whitebox": 256, "blackbox_score": 100, "blackbox_label": 100}
+    modes = {m: {"threshold": 0.05, "null": [{"tau_star": 0.01}]} for m in MODES}
+    modes["blackbox_label@2"] = {"threshold": 0.5, "null": [{"tau_star": 0.2}]}
+    cal = tmp_path / "calibration.json"
+    cal.write_text(json.dumps({"format": CALIBRATION_FORMAT, "modes": modes, "label_classes": {"task": 10},
+                               "conditions": {"secret_sha256": "s", "n": n, "alpha": 1e-3}}))
+    (tmp_path / "tasks").mkdir()
+    for i, (attack, tau) in enumerate([("none", 0.3), ("distill", 0.1), ("prune_global", 0.01)]):
+        row = {"attack": attack, "strength": float(i), "seed": 0, "linear_probe": 0.9, "knn": 0.9, "secret_sha256": "s"}
+        for m in MODES:
+            row.update({f"p_{m}": 1e-4, f"effect_{m}": tau, f"decision_{m}": True, f"tau_star_{m}": tau,
+                        f"n_{m}": n[m], f"alpha_{m}": 1e-3})
+        (tmp_path / "tasks" / f"{i}.json").write_text(json.dumps(row))
+    summary = collect(tmp_path, 0.05, str(cal))
+    assert summary["thresholds"] == {m: 0.05 for m in MODES}
+    assert summary["modes"]["blackbox_label"]["detected"] == 2  # 0.3 and 0.1 > 0.05 (the @2 entry, 0.5, would give 0)
+    assert summary["modes"]["blackbox_label"]["missed"] == ["prune_global@2"]
