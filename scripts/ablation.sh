@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The robust-watermark ablation at demo scale (issue #11; results in results/robust/):
 #   plain AWEncoder | + transform robustness (eot) | + derivative rehearsal (rehearsal) | both
-#   (and eot_mixed / both_mixed: half of the marked images of both stages left untransformed, p_identity 0.5)
+#   (and eot_mixed / both_mixed: half of the marked images of both stages left untransformed, p_identity 0.5;
+#    shadow: plain's secret embedded with stage 2's shadow student, shadow.weight=1 shadow.refresh=70)
 # on the demo's f0, with the demo's stage-1/stage-2 settings, one attack grid (configs/robustness/ablation.yaml),
 # and for each variant a calibration of its own secret on the same null population (the committed one,
 # runs/calibration/population, plus attacked copies by the adaptive attacks: configs/sweep/null/digits_adaptive.yaml).
@@ -16,6 +17,7 @@ out=runs/ablation
 eot='robust.transforms=[jpeg,resize,crop,noise,blur]'
 mixed='robust.p_identity=0.5'
 rehearse='rehearsal.surrogates=[distill:10,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=2'
+shadow='shadow.weight=1 shadow.refresh=70'
 variants=("${@:-plain eot rehearsal both}")
 # shellcheck disable=SC2206
 variants=(${variants[*]})
@@ -31,9 +33,18 @@ for v in "${variants[@]}"; do
     eot_mixed) flags=("$eot" "$mixed") ;;
     # shellcheck disable=SC2206
     both_mixed) flags=("$eot" "$mixed" $rehearse) ;;
-    *) echo "ablation: unknown variant '$v' (plain, eot, rehearsal, both, eot_mixed, both_mixed)" >&2; exit 2 ;;
+    # shellcheck disable=SC2206
+    shadow) flags=($shadow) ;;
+    *) echo "ablation: unknown variant '$v' (plain, eot, rehearsal, both, eot_mixed, both_mixed, shadow)" >&2; exit 2 ;;
   esac
-  if [ "$v" = plain ]; then
+  cal=$out/$v/calibration
+  if [ "$v" = shadow ]; then
+    # stage 2 only: plain's secret (and so plain's calibration, which depends on the secret and the nulls only)
+    [ -f "$out/plain/calibration/calibration.json" ] || { echo "ablation: run the plain variant first" >&2; exit 2; }
+    wm=$out/plain/watermark; emb=$out/$v/embed; cal=$out/plain/calibration
+    [ -f "$emb/encoder.safetensors" ] || $awenc embed --config runs/demo/embed/config.yaml \
+      run.out_dir=$out/$v run.name=embed secret=$wm/secret.safetensors "${flags[@]}"
+  elif [ "$v" = plain ]; then
     # a copy of the demo's secret: calibrate binds a calibration to the secret it calibrated (secret.json)
     wm=$out/plain/watermark; emb=runs/demo/embed
     if [ ! -d "$wm" ]; then  # (without the demo's bound calibration: this copy is bound to the ablation's)
@@ -49,19 +60,23 @@ for v in "${variants[@]}"; do
     [ -f "$emb/encoder.safetensors" ] || $awenc embed --config runs/demo/embed/config.yaml \
       run.out_dir=$out/$v run.name=embed secret=$wm/secret.safetensors "${embed_flags[@]}"
   fi
-  [ -f "$out/$v/calibration/calibration.json" ] || $awenc calibrate --config configs/sweep/null/digits_adaptive.yaml \
+  [ -f "$cal/calibration.json" ] || $awenc calibrate --config configs/sweep/null/digits_adaptive.yaml \
     run.out_dir=$out/$v run.name=calibration secret=$wm/secret.safetensors population.root=runs/calibration/population
   # exploratory: verify refuses a threshold that let held-out null families through (the rehearsal variants' do);
   # the ablation measures every variant's thresholds as they are, and its table marks those
   $awenc robustness --config configs/robustness/ablation.yaml run.out_dir=$out/$v run.name=robustness \
-    encoder=$emb/encoder.safetensors secret=$wm/secret.safetensors verify.calibration=$out/$v/calibration/calibration.json \
+    encoder=$emb/encoder.safetensors secret=$wm/secret.safetensors verify.calibration=$cal/calibration.json \
     verify.exploratory=true
 done
 
 args=()
-for v in plain eot rehearsal both eot_mixed both_mixed; do
+for v in plain eot rehearsal both eot_mixed both_mixed shadow; do
   [ -f "$out/$v/robustness/robustness.json" ] || continue
-  if [ "$v" = plain ]; then stages="[$out/plain/watermark,runs/demo/embed]"; else stages="[$out/$v/watermark,$out/$v/embed]"; fi
+  case "$v" in
+    plain) stages="[$out/plain/watermark,runs/demo/embed]" ;;
+    shadow) stages="[$out/plain/watermark,$out/$v/embed]" ;;
+    *) stages="[$out/$v/watermark,$out/$v/embed]" ;;
+  esac
   args+=("variants.$v.robustness=$out/$v/robustness" "variants.$v.stages=$stages")
 done
 $awenc ablation run.out_dir=$out run.name=table clean=runs/demo/f0 "${args[@]}"
