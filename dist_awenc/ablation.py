@@ -103,7 +103,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
     names = [v["variant"] for v in report["variants"]]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.6 + 1.4 * len(names)), 3.8))  # wide enough for the title
     width = 0.8 / len(MODES)
     for j, m in enumerate(MODES):
         xs = [i + (j - 1) * width for i in range(len(names))]
@@ -117,7 +117,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(names)), names)
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("TPR at calibrated thresholds")
-    ax.set_title("utility-preserving derivatives detected (dotted: target 0.95; hatched, FP k: k held-out null "
+    ax.set_title("utility-preserving derivatives detected\n(dotted: target 0.95; hatched, FP k: k held-out null "
                  "families also detected)", fontsize=8)
     ax.legend(fontsize=7)
     save_figure(fig, path)
