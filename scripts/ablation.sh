@@ -2,7 +2,8 @@
 # The robust-watermark ablation at demo scale (issue #11; results in results/robust/):
 #   plain AWEncoder | + transform robustness (eot) | + derivative rehearsal (rehearsal) | both
 #   (and eot_mixed / both_mixed: half of the marked images of both stages left untransformed, p_identity 0.5;
-#    shadow: plain's secret embedded with stage 2's shadow student, shadow.weight=1 shadow.refresh=70)
+#    shadow, <variant>_shadow: plain's or that variant's secret and calibration, embedded with stage 2's shadow
+#    student, shadow.weight=1 shadow.refresh=70)
 # on the demo's f0, with the demo's stage-1/stage-2 settings, one attack grid (configs/robustness/ablation.yaml),
 # and for each variant a calibration of its own secret on the same null population (the committed one,
 # runs/calibration/population, plus attacked copies by the adaptive attacks: configs/sweep/null/digits_adaptive.yaml).
@@ -22,8 +23,8 @@ variants=("${@:-plain eot rehearsal both}")
 # shellcheck disable=SC2206
 variants=(${variants[*]})
 
-for v in "${variants[@]}"; do
-  case "$v" in
+flags_of() {  # the stage-1/stage-2 switches of a variant without its shadow
+  case "$1" in
     plain) flags=() ;;
     eot) flags=("$eot") ;;
     # shellcheck disable=SC2206
@@ -33,17 +34,26 @@ for v in "${variants[@]}"; do
     eot_mixed) flags=("$eot" "$mixed") ;;
     # shellcheck disable=SC2206
     both_mixed) flags=("$eot" "$mixed" $rehearse) ;;
-    # shellcheck disable=SC2206
-    shadow) flags=($shadow) ;;
-    *) echo "ablation: unknown variant '$v' (plain, eot, rehearsal, both, eot_mixed, both_mixed, shadow)" >&2; exit 2 ;;
+    *) echo "ablation: unknown variant '$v' (plain, eot, rehearsal, both, eot_mixed, both_mixed, shadow, <variant>_shadow)" >&2
+       exit 2 ;;
   esac
+}
+
+for v in "${variants[@]}"; do
+  base=$v
+  [ "$v" = shadow ] && base=plain
+  [[ $v == *_shadow ]] && base=${v%_shadow}
+  flags_of "$base"
   cal=$out/$v/calibration
-  if [ "$v" = shadow ]; then
-    # stage 2 only: plain's secret (and so plain's calibration, which depends on the secret and the nulls only)
-    [ -f "$out/plain/calibration/calibration.json" ] || { echo "ablation: run the plain variant first" >&2; exit 2; }
-    wm=$out/plain/watermark; emb=$out/$v/embed; cal=$out/plain/calibration
+  if [ "$base" != "$v" ]; then
+    # stage 2 only: the base variant's secret (and so its calibration, which depends on the secret and the nulls only)
+    [ -f "$out/$base/calibration/calibration.json" ] || { echo "ablation: run the $base variant first" >&2; exit 2; }
+    wm=$out/$base/watermark; emb=$out/$v/embed; cal=$out/$base/calibration
+    embed_flags=()
+    for f in "${flags[@]}"; do [[ $f == robust.* ]] && embed_flags+=("$f"); done
+    # shellcheck disable=SC2086
     [ -f "$emb/encoder.safetensors" ] || $awenc embed --config runs/demo/embed/config.yaml \
-      run.out_dir=$out/$v run.name=embed secret=$wm/secret.safetensors "${flags[@]}"
+      run.out_dir=$out/$v run.name=embed secret=$wm/secret.safetensors "${embed_flags[@]}" $shadow
   elif [ "$v" = plain ]; then
     # a copy of the demo's secret: calibrate binds a calibration to the secret it calibrated (secret.json)
     wm=$out/plain/watermark; emb=runs/demo/embed
@@ -70,11 +80,12 @@ for v in "${variants[@]}"; do
 done
 
 args=()
-for v in plain eot rehearsal both eot_mixed both_mixed shadow; do
+for v in plain eot rehearsal both eot_mixed both_mixed shadow eot_mixed_shadow both_mixed_shadow; do
   [ -f "$out/$v/robustness/robustness.json" ] || continue
   case "$v" in
     plain) stages="[$out/plain/watermark,runs/demo/embed]" ;;
     shadow) stages="[$out/plain/watermark,$out/$v/embed]" ;;
+    *_shadow) stages="[$out/${v%_shadow}/watermark,$out/$v/embed]" ;;
     *) stages="[$out/$v/watermark,$out/$v/embed]" ;;
   esac
   args+=("variants.$v.robustness=$out/$v/robustness" "variants.$v.stages=$stages")
