@@ -130,13 +130,20 @@ def test_a_pretraining_step_makes_no_copy(method, optim):
     assert_no_copy(lambda i: _train_step(model, optimizer, make_inputs.apply(*moved[i])))
 
 
-def test_an_embedding_step_makes_no_copy():
+@pytest.mark.parametrize("with_shadow", [False, True], ids=["plain", "shadow"])
+def test_an_embedding_step_makes_no_copy(with_shadow):
+    """With ``shadow.weight`` > 0 too: the shadow student's two terms and their weight gradients stay on the device."""
+    from dist_awenc.watermark.shadow import Shadow, build_shadow
+
     g = torch.Generator().manual_seed(0)
     secret = Secret(key=torch.rand(3, S, S, generator=g), delta=16 / 255 * torch.sign(torch.randn(3, S, S, generator=g)),
                     eps=16 / 255, control_seed=1)
     f0 = _encoder()
     f = copy.deepcopy(f0)
-    task = EmbedTask(build_method("byol", f, f.feature_dim, proj_hidden_dim=16, proj_dim=8), f0, secret).to(META)
+    card = {"arch": "tiny", "arch_kwargs": {"width": 8}}
+    shadow = Shadow(build_shadow(f0, card, "", seed=0), 0, "", card) if with_shadow else None
+    task = EmbedTask(build_method("byol", f, f.feature_dim, proj_hidden_dim=16, proj_dim=8), f0, secret,
+                     shadow=shadow, lambda_shadow=1.0).to(META)
     task.train()
     optimizer = build_optimizer(task, "sgd", lr=0.1, weight_decay=1e-4)
     make_inputs = embed_inputs(ViewConfig(blur_p=0.5), mild_view_config(), secret.key.to(META), seed=0, rank=0,
