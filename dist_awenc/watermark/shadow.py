@@ -69,10 +69,14 @@ class Shadow(nn.Module):
         self.student = student
         self.seed, self.arch, self.card = seed, arch, card
 
-    def terms(self, aug: torch.Tensor, f_aug: torch.Tensor, marked: torch.Tensor, key: torch.Tensor) -> dict[str, torch.Tensor]:
+    def terms(self, aug: torch.Tensor, f_aug: torch.Tensor, marked: torch.Tensor,
+              key: torch.Tensor) -> dict[str, torch.Tensor]:
         """``steal`` (trains S on f's detached answers), ``shadow`` (1 - cos of the two weight gradients; reaches f
-        through ``f_aug`` only) and ``shadow_effect`` (the student's watermark effect now, for the log). Shapes: aug (b, 3, S, S), f_aug (b, d) with f's graph, marked (b, 3, S, S)
-        (already transformed when ``robust`` is on), key (1, 3, S, S)."""
+        through ``f_aug`` only) and ``shadow_effect`` (the student's watermark effect now, for the log).
+
+        Shapes: aug (b, 3, S, S); f_aug (b, d), with f's graph; marked (b, 3, S, S), already transformed when
+        ``robust`` is on; key (1, 3, S, S).
+        """
         s = self.student
         steal = (1 - _unit_cos(s(aug), f_aug.detach())).mean()
         params = {n: p.detach().requires_grad_(True) for n, p in s.named_parameters()}
