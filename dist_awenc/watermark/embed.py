@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
@@ -42,13 +41,8 @@ from dist_awenc.data.ffcv import build_source, source_options
 from dist_awenc.runs import open_run
 from dist_awenc.ssl.pretrain import method_from_config, save_method
 from dist_awenc.watermark.secret import Secret, load_secret
-from dist_awenc.watermark.shadow import Shadow, build_shadow
+from dist_awenc.watermark.shadow import Shadow, build_shadow, row_cos as _cos
 from dist_awenc.watermark.transforms import TransformParams, apply_drawn, draws_for_rank
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """In float32 (features may be bf16 under autocast; cosine_similarity is not an autocast op, so it keeps the cast)."""
-    return F.cosine_similarity(a.float(), b.float().expand_as(a), dim=1)
 
 
 def surround_key_loss(f_marked: torch.Tensor, f_key: torch.Tensor) -> torch.Tensor:

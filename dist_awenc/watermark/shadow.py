@@ -57,7 +57,9 @@ def build_shadow(f0: Encoder, card: dict, arch: str, seed: int, refresh_index: i
     return student
 
 
-def _unit_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def row_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine in float32 (features may be bf16 under autocast; cosine_similarity is not an autocast op, so
+    it keeps the cast); ``b`` (1, d) is broadcast. Shape: (b, d), (b or 1, d) -> (b,)."""
     return F.cosine_similarity(a.float(), b.float().expand_as(a), dim=1)
 
 
@@ -78,18 +80,18 @@ class Shadow(nn.Module):
         ``robust`` is on; key (1, 3, S, S).
         """
         s = self.student
-        steal = (1 - _unit_cos(s(aug), f_aug.detach())).mean()
+        steal = (1 - row_cos(s(aug), f_aug.detach())).mean()
         params = {n: p.detach().requires_grad_(True) for n, p in s.named_parameters()}
         buffers = {n: b.clone() for n, b in s.named_buffers()}  # running statistics are not updated twice
 
         def s_of(x: torch.Tensor) -> torch.Tensor:
             return functional_call(s, (params, buffers), (x,))
 
-        with torch.enable_grad():
+        with torch.enable_grad():  # one forward of S serves both gradients (S(A(x)) is the control and the student)
             s_m, s_c, s_k = s_of(torch.cat([marked.detach(), aug.detach(), key])).split([len(marked), len(aug), 1])
-            effect = (_unit_cos(s_m, s_k) - _unit_cos(s_c, s_k)).mean()
-            g_wm = torch.autograd.grad(-effect, list(params.values()))
-            distill = (1 - _unit_cos(s_of(aug.detach()), f_aug)).mean()
+            effect = (row_cos(s_m, s_k) - row_cos(s_c, s_k)).mean()
+            g_wm = torch.autograd.grad(-effect, list(params.values()), retain_graph=True)
+            distill = (1 - row_cos(s_c, f_aug)).mean()
             g_steal = torch.autograd.grad(distill, list(params.values()), create_graph=True)
         flat_steal = torch.cat([g.flatten() for g in g_steal]).float()
         flat_wm = torch.cat([g.flatten() for g in g_wm]).float()
