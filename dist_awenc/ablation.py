@@ -58,39 +58,47 @@ def summarise_variant(name: str, v: VariantSection, clean: dict[str, float], pre
     probe = sum(float(r["linear_probe"]) for r in base) / len(base)
     knn = sum(float(r["knn"]) for r in base) / len(base)
     cost = sum(_seconds(s) for s in v.stages)
-    modes = {m: summary["modes"][m] for m in MODES}
+    modes = {m: summary["modes"][m] for m in MODES if m in summary["modes"]}  # collapse mode: runs since it exists
     return {"variant": name, "linear_probe": probe, "knn": knn, "probe_change": probe - clean["linear_probe"],
-            "knn_change": knn - clean["knn"], "tpr": {m: modes[m]["tpr"] for m in MODES},
-            "detected": {m: f"{modes[m]['detected']}/{modes[m]['of']}" for m in MODES},
-            "missed": {m: modes[m]["missed"] for m in MODES},
-            "best_blackbox_tpr": max(modes["blackbox_score"]["tpr"], modes["blackbox_label"]["tpr"]),
+            "knn_change": knn - clean["knn"], "tpr": {m: s["tpr"] for m, s in modes.items()},
+            "detected": {m: f"{s['detected']}/{s['of']}" for m, s in modes.items()},
+            "missed": {m: s["missed"] for m, s in modes.items()},
+            "best_blackbox_tpr": max(s["tpr"] for m, s in modes.items() if m != "whitebox"),
             "seconds": cost, "cost_fraction_of_pretraining": cost / pretrain_s if pretrain_s else None,
             "calibration": _calibration(folder), "robustness": str(folder)}
 
 
+def _modes(report: dict[str, Any]) -> list[str]:
+    """The modes any variant measured (a run from before collapse mode has no column for it: n/a)."""
+    return [m for m in MODES if any(m in v["tpr"] for v in report["variants"])]
+
+
 def markdown(report: dict[str, Any]) -> str:
-    c = report["clean"]
+    c, modes = report["clean"], _modes(report)
+    short = {"whitebox": "white-box", "blackbox_score": "score", "blackbox_label": "label", "blackbox_collapse": "collapse"}
     lines = [f"# Watermark variants on one grid (clean f0: linear probe {c['linear_probe']:.4f}, kNN {c['knn']:.4f}, "
              f"{c['n_test']} test images: one image = {100 / c['n_test']:.2f} points)", "",
              "TPR = share of the utility-preserving derivatives detected at the variant's calibrated threshold; "
              "held-out FP = null families (independent encoders and attacked copies) detected among those held out "
              "of threshold setting.", "",
-             "| variant | probe (change) | kNN (change) | TPR white-box | TPR score | TPR label | held-out FP (wb/score/label) "
-             "| cost (s, x pre-training) |", "|---|---|---|---|---|---|---|---|"]
+             "| variant | probe (change) | kNN (change) | " + " | ".join(f"TPR {short[m]}" for m in modes)
+             + f" | held-out FP ({'/'.join(short[m] for m in modes)}) | cost (s, x pre-training) |",
+             "|---|---|---|" + "---|" * len(modes) + "---|---|"]
     for v in report["variants"]:
-        fp = ", ".join(f"{v['calibration'][m]['heldout_positive']}/{v['calibration'][m]['heldout_families']}" for m in MODES)
+        fp = ", ".join(f"{v['calibration'][m]['heldout_positive']}/{v['calibration'][m]['heldout_families']}"
+                       if m in v["tpr"] else "n/a" for m in modes)
         frac = v["cost_fraction_of_pretraining"]
         cost = f"{v['seconds']:.0f} ({frac:.2f}x)" if frac is not None else f"{v['seconds']:.0f}"
         tprs = " | ".join(f"{v['tpr'][m]:.2f} ({v['detected'][m]})" + (" †" if v["calibration"][m]["heldout_positive"] else "")
-                          for m in MODES)
+                          if m in v["tpr"] else "n/a" for m in modes)
         lines.append(f"| {v['variant']} | {v['linear_probe']:.4f} ({100 * v['probe_change']:+.1f}) | {v['knn']:.4f} "
                      f"({100 * v['knn_change']:+.1f}) | {tprs} | {fp} | {cost} |")
     lines += ["", "† held-out null families were detected too at this threshold: the TPR is not backed by the "
               "calibration (its threshold, the maximum over the calibration families, is too low for this secret).",
               "", "Missed derivatives (utility kept, not detected):", ""]
     for v in report["variants"]:
-        for m in MODES:
-            if v["missed"][m]:
+        for m in modes:
+            if v["missed"].get(m):
                 lines.append(f"- {v['variant']}, {m}: {', '.join(v['missed'][m])}")
     return "\n".join(lines) + "\n"
 
@@ -104,12 +112,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     names = [v["variant"] for v in report["variants"]]
     fig, ax = plt.subplots(figsize=(max(6.4, 1.6 + 1.4 * len(names)), 3.8))  # wide enough for the title
-    width = 0.8 / len(MODES)
-    for j, m in enumerate(MODES):
-        xs = [i + (j - 1) * width for i in range(len(names))]
-        bars = ax.bar(xs, [v["tpr"][m] for v in report["variants"]], width, label=m)
+    modes = _modes(report)
+    width = 0.8 / len(modes)
+    for j, m in enumerate(modes):
+        xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(names))]
+        bars = ax.bar(xs, [v["tpr"].get(m, 0.0) for v in report["variants"]], width, label=m)
         for x, bar, v in zip(xs, bars, report["variants"]):
-            fp = v["calibration"][m]["heldout_positive"]
+            fp = v["calibration"][m]["heldout_positive"] if m in v["tpr"] else 0
             if fp:  # the threshold let held-out null families through: this TPR is not backed by the calibration
                 bar.set_hatch("xx")
                 ax.text(x, bar.get_height() + 0.02, f"FP {fp}", ha="center", fontsize=6, color="crimson")

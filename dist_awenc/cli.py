@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help=f"YAML file (see configs/{stage}/); defaults apply where it is silent")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, applied last")
         if stage == "verify":
-            p.add_argument("--mode", choices=["whitebox", "blackbox_score", "blackbox_label"], help="shortcut for verify.mode")
+            p.add_argument("--mode", choices=["whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse"], help="shortcut for verify.mode")
             p.add_argument("--endpoint", metavar="URL", help="shortcut for verify.endpoint: query a live prediction API (awenc serve)")
             p.add_argument("--replay", metavar="BUNDLE_DIR", help="recompute a black-box verdict from its run folder's "
                            "evidence bundle (query log + secret; no suspect, no network)")

@@ -184,6 +184,7 @@ class PlanSection:
     n_whitebox: int = 256  # hold-out images, white-box
     n_score: int = 100  # queries, black-box score mode
     n_label: int = 100  # queries, black-box label mode
+    n_collapse: int = 100  # queries, black-box label-agnostic (collapse) mode
     alternatives: int = 19  # J alternative secrets for the permutation test (resolution 1/(J+1); 999 for 1e-3)
     primary_mode: str = "whitebox"
 
@@ -242,12 +243,13 @@ class EmbedConfig:
 
 @dataclass
 class VerifySection:
-    mode: str = "whitebox"  # whitebox | blackbox_score | blackbox_label
+    mode: str = "whitebox"  # whitebox | blackbox_score | blackbox_label | blackbox_collapse
     n: Optional[int] = None  # None: the secret's plan (256 white-box images, 100 black-box queries by default)
     alpha: Optional[float] = None  # p-value below which ownership is claimed; None: the plan's (1e-3 by default)
     tau_whitebox: float = 0.1
     tau_score: float = 0.1
     tau_label: float = 0.3
+    tau_collapse: float = 0.3
     # label mode: the suspect task's number of classes, which picks the calibrated label threshold for it;
     # None: the largest label threshold over every calibrated class count (safe whatever the task)
     classes: Optional[int] = None

@@ -21,19 +21,21 @@ def _status(folder: Path, seconds: float, state: str = "complete") -> None:
 
 
 def _variant(root: Path, name: str, detected: dict[str, int], of: int, probe: float, heldout_fp: int) -> Path:
+    """A collected robustness run and its calibration, measured in the modes ``detected`` names."""
+    modes = list(detected)
     cal = root / f"cal_{name}" / "calibration.json"
     cal.parent.mkdir(parents=True)
     cal.write_text(json.dumps({"format": CALIBRATION_FORMAT, "conditions": {}, "modes": {
         m: {"threshold": 0.01, "heldout": {"false_positive_families": heldout_fp, "families": 15,
-                                           "heldout_fpr_upper_95": 0.181}} for m in MODES}}))
+                                           "heldout_fpr_upper_95": 0.181}} for m in modes}}))
     rob = root / f"rob_{name}"
     rob.mkdir()
     cfg = RobustnessConfig()
     cfg.verify.calibration = str(cal)
     (rob / "config.yaml").write_text(to_yaml(cfg))
-    (rob / "robustness.json").write_text(json.dumps({"thresholds": {m: 0.01 for m in MODES}, "modes": {
+    (rob / "robustness.json").write_text(json.dumps({"thresholds": {m: 0.01 for m in modes}, "modes": {
         m: {"tpr": detected[m] / of, "detected": detected[m], "of": of, "missed": ["distill@30"] * (of - detected[m])}
-        for m in MODES}}))
+        for m in modes}}))
     with (rob / "robustness.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["attack", "strength", "seed", "linear_probe", "knn"])
         w.writeheader()
@@ -51,8 +53,11 @@ def test_ablation_table_compares_variants_against_the_clean_encoder(tmp_path):
     save_encoder(enc, f0 / "encoder", card_for(enc, arch="tiny", arch_kwargs={"width": 4, "norm": "group"},
                                                method="simclr", stage="pretrain", parent=None))
     _status(f0, 100.0)
+    # plain was measured before collapse mode existed: its column reads n/a, and both's is filled
     plain = _variant(tmp_path, "plain", {"whitebox": 3, "blackbox_score": 2, "blackbox_label": 1}, 4, 0.97, 0)
-    both = _variant(tmp_path, "both", {"whitebox": 4, "blackbox_score": 4, "blackbox_label": 3}, 4, 0.96, 1)
+    both = _variant(tmp_path, "both", {"whitebox": 4, "blackbox_score": 2, "blackbox_label": 3,
+                                       "blackbox_collapse": 4}, 4, 0.96, 1)
+    assert set(MODES) == {"whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse"}
     args = ["ablation", f"run.out_dir={tmp_path}", f"clean={f0}", "probe.epochs=2",
             f"variants.plain.robustness={plain}", f"variants.plain.stages=[{tmp_path / 'plain_watermark'},{tmp_path / 'plain_embed'}]",
             f"variants.both.robustness={both}", f"variants.both.stages=[{tmp_path / 'both_watermark'}]"]
@@ -66,7 +71,9 @@ def test_ablation_table_compares_variants_against_the_clean_encoder(tmp_path):
     assert rows["both"]["calibration"]["whitebox"]["heldout_positive"] == 1
     assert rows["plain"]["probe_change"] == pytest.approx(0.97 - report["clean"]["linear_probe"])
     md = (tmp_path / "ablation" / "ablation.md").read_text()
-    assert "| plain |" in md and "plain, whitebox: distill@30" in md and "(0.50x)" in md and "| 0/15, 0/15, 0/15 |" in md
+    assert "| plain |" in md and "plain, whitebox: distill@30" in md and "(0.50x)" in md
+    assert "| TPR collapse |" in md and "| 0/15, 0/15, 0/15, n/a |" in md and "| 1.00 (4/4) † |" in md
+    assert rows["plain"]["best_blackbox_tpr"] == 0.5 and "blackbox_collapse" not in rows["plain"]["tpr"]
     assert (tmp_path / "ablation" / "ablation.png").stat().st_size > 0
 
 

@@ -43,7 +43,8 @@ def secret_path(tmp_path_factory):
     ds = build_dataset("digits", image_size=S, seed=0)
     splits = make_splits(len(ds), 0)
     plan = make_plan(dataset="digits", dataset_size=len(ds), image_size=S, split_seed=0,
-                     holdout_indices=splits["holdout"], n={"whitebox": 256, "blackbox_score": 99, "blackbox_label": 99},
+                     holdout_indices=splits["holdout"],
+                     n={"whitebox": 256, "blackbox_score": 99, "blackbox_label": 99, "blackbox_collapse": 99},
                      alpha=1e-3, alternatives=0, alternatives_sha256=None, primary_mode="blackbox_label")
     torch.manual_seed(2)
     secret = Secret(key=torch.rand(3, S, S), delta=(16 / 255) * torch.sign(torch.randn(3, S, S)), eps=16 / 255,
@@ -92,7 +93,8 @@ def _rewrite(folder, entries, rechain=False):
     (folder / "queries.jsonl").write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("mode,labels_only", [("blackbox_label", True), ("blackbox_score", False)])
+@pytest.mark.parametrize("mode,labels_only", [("blackbox_label", True), ("blackbox_score", False),
+                                              ("blackbox_collapse", True)])
 def test_bundle_written_and_replayed_offline(serve, secret_path, tmp_path, capsys, mode, labels_only):
     server, url = serve(labels_only=labels_only)
     assert _verify(url, secret_path, tmp_path, "v", mode) == 0

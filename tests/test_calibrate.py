@@ -11,7 +11,7 @@ from dist_awenc.config import CalibrateConfig, PretrainConfig, VerifyConfig, Wat
 from dist_awenc.errors import ConfigError
 from dist_awenc.verify.calibration import NullEncoder, load_calibration, mode_test, summarise, tau_star
 
-MODES = ("whitebox", "blackbox_score", "blackbox_label")
+from dist_awenc.verify.core import MODES
 
 
 def test_tau_star_is_where_the_test_crosses_alpha():
@@ -107,9 +107,9 @@ def test_calibration_binds_to_the_secret_and_verify_enforces_its_conditions(tmp_
     saved = json.loads(path.read_text())
     assert len(saved["population"]["encoders"]) == 8 and saved["population"]["families"] == 4  # 4 + 4 attacked
     assert "owner_f0" not in saved["population"]["encoders"]  # f0 is the owner's reference, not a null
-    # label mode is calibrated per class count too (the pirate's 10 digits regrouped into 2, 3 and 5 classes)
+    # the label-only modes are calibrated per class count too (the pirate's 10 digits regrouped into 2, 3, 5 classes)
     assert saved["label_classes"]["task"] == 10 and saved["label_classes"]["regrouped"] == [2, 3, 5]
-    assert {"blackbox_label@2", "blackbox_label@3", "blackbox_label@5"} <= set(saved["modes"])
+    assert list(saved["modes"]) == [*MODES, *(f"{m}@{k}" for m in ("blackbox_label", "blackbox_collapse") for k in (2, 3, 5))]
     assert "`blackbox_label@k`" in (tmp_path / "calibration" / "calibration.md").read_text()
     assert saved["conditions"]["n"]["whitebox"] == 64 and saved["conditions"]["alpha"] == 1e-3
     for mode, m in saved["modes"].items():

@@ -26,7 +26,7 @@ def test_demo_smallest_setting_writes_report(tmp_path, capsys):
     rows = report["verification"]
     assert {(r["model"], r["mode"]) for r in rows} == {
         (m, mode) for m in ("watermarked", "clean", "independent")
-        for mode in ("whitebox", "whitebox_permutation", "blackbox_score", "blackbox_label")}
+        for mode in ("whitebox", "whitebox_permutation", "blackbox_score", "blackbox_label", "blackbox_collapse")}
     perm = [r for r in rows if r["mode"] == "whitebox_permutation"]
     assert all(r["alternatives"] == report["plan"]["alternatives"] > 0 for r in perm)
     assert all(r["p_value"] >= 1 / (r["alternatives"] + 1) for r in perm)  # never below its resolution
@@ -34,7 +34,7 @@ def test_demo_smallest_setting_writes_report(tmp_path, capsys):
     for r in rows:
         assert 0 <= r["p_value"] <= 1 and isinstance(r["decision"], bool) and r["n"] > 0
         assert r["decision"] == (r["p_value"] < r["alpha"])
-    label = [r for r in rows if r["mode"] == "blackbox_label"]
+    label = [r for r in rows if r["mode"] in ("blackbox_label", "blackbox_collapse")]
     assert all(r["queries"] <= 100 for r in label)
     assert len(report["secret_sha256"]) == 64 and report["seconds"] > 0
     assert (root / "report.md").read_text().startswith("# dist_awenc demo report")

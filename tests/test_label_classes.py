@@ -112,8 +112,18 @@ def test_the_stated_class_count_picks_its_threshold_and_none_picks_the_largest()
     key, why = cal.key_for(LABEL, None)
     assert key == label_key(2) and "the largest over the calibrated 2, 3, 5, 10" in why
     assert cal.key_for("whitebox", None) == ("whitebox", "") and cal.key_for("whitebox", 2) == ("whitebox", "")
-    with pytest.raises(ConfigError, match=r"verify.classes=7: .* has label thresholds for these class counts: 2, 3, 5, 10"):
+    with pytest.raises(ConfigError, match=r"verify.classes=7: .* has blackbox_label thresholds for these class counts: "
+                                          "2, 3, 5, 10"):
         cal.key_for(LABEL, 7)
+    # collapse mode has its own per-class entries; label mode's never stand in for them
+    both = _calibration({LABEL: 0.0, label_key(2): 0.25, "blackbox_collapse": 0.01,
+                         label_key(2, "blackbox_collapse"): 0.4, label_key(5, "blackbox_collapse"): 0.1})
+    assert both.key_for("blackbox_collapse", 2) == ("blackbox_collapse@2", "label threshold of 2 classes")
+    assert both.key_for("blackbox_collapse", 10) == ("blackbox_collapse", "label threshold of 10 classes")
+    assert both.key_for("blackbox_collapse", None)[0] == "blackbox_collapse@2"
+    assert both.key_for(LABEL, None)[0] == label_key(2)
+    with pytest.raises(ConfigError, match="has blackbox_collapse thresholds for these class counts: 2, 5, 10"):
+        both.key_for("blackbox_collapse", 3)
     old = _calibration({"whitebox": 0.03, LABEL: 0.0}, task=None)  # made before per-class thresholds
     assert old.key_for(LABEL, None) == (LABEL, "")
     with pytest.raises(ConfigError, match="before per-class label thresholds"):
@@ -153,5 +163,5 @@ def test_verify_classes_is_for_label_mode_only(tmp_path, capsys):
 
     assert main(["verify", "--mode", "whitebox", "suspect=x", "secret=y", "verify.classes=2",
                  f"run.out_dir={tmp_path}"]) == 2
-    assert "verify.classes=2: the suspect task's number of classes (2 or more) is for --mode blackbox_label only" \
-        in capsys.readouterr().err
+    assert ("verify.classes=2: the suspect task's number of classes (2 or more) is for --mode blackbox_label or "
+            "blackbox_collapse only") in capsys.readouterr().err

@@ -11,6 +11,7 @@ from conftest import tiny_overrides
 from dist_awenc.cli import main
 from dist_awenc.config import PretrainConfig, WatermarkConfig, load_config
 from dist_awenc.encoders.io import load_encoder
+from dist_awenc.verify.core import MODES
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +88,11 @@ def test_robustness_grid_table_and_resume(owner, tmp_path):
     assert [(r["attack"], float(r["strength"])) for r in rows] == [("none", 0.0), ("prune_global", 0.2),
                                                                    ("prune_global", 0.8), ("query_jpeg", 50.0)]
     for r in rows:
-        for mode in ("whitebox", "blackbox_score", "blackbox_label"):
+        for mode in MODES:
             assert 0 <= float(r[f"p_{mode}"]) <= 1 and r[f"decision_{mode}"] in ("True", "False")
     assert float(rows[0]["accuracy_change"]) == 0.0
     summary = json.loads((root / "robustness.json").read_text())
-    assert summary["tasks"] == 4 and set(summary["modes"]) == {"whitebox", "blackbox_score", "blackbox_label"}
+    assert summary["tasks"] == 4 and set(summary["modes"]) == set(MODES)
     assert (root / "robustness.png").stat().st_size > 0
     # a second run reuses every task file and gives the same table
     before = {p.name: p.stat().st_mtime_ns for p in (root / "tasks").iterdir()}
@@ -142,9 +143,10 @@ def test_collect_applies_the_pirate_tasks_own_label_threshold_of_a_per_class_cal
     from dist_awenc.verify.calibration import CALIBRATION_FORMAT
     from dist_awenc.verify.core import MODES
 
-    n = {"whitebox": 256, "blackbox_score": 100, "blackbox_label": 100}
+    n = {"whitebox": 256, "blackbox_score": 100, "blackbox_label": 100, "blackbox_collapse": 100}
     modes = {m: {"threshold": 0.05, "null": [{"tau_star": 0.01}]} for m in MODES}
     modes["blackbox_label@2"] = {"threshold": 0.5, "null": [{"tau_star": 0.2}]}
+    modes["blackbox_collapse@2"] = {"threshold": 0.5, "null": [{"tau_star": 0.2}]}
     cal = tmp_path / "calibration.json"
     cal.write_text(json.dumps({"format": CALIBRATION_FORMAT, "modes": modes, "label_classes": {"task": 10},
                                "conditions": {"secret_sha256": "s", "n": n, "alpha": 1e-3}}))
@@ -159,3 +161,4 @@ def test_collect_applies_the_pirate_tasks_own_label_threshold_of_a_per_class_cal
     assert summary["thresholds"] == {m: 0.05 for m in MODES}
     assert summary["modes"]["blackbox_label"]["detected"] == 2  # 0.3 and 0.1 > 0.05 (the @2 entry, 0.5, would give 0)
     assert summary["modes"]["blackbox_label"]["missed"] == ["prune_global@2"]
+    assert summary["modes"]["blackbox_collapse"]["detected"] == 2

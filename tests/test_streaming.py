@@ -96,8 +96,8 @@ def test_verify_decodes_only_the_n_images_it_tests(folder, encoder_file, decoded
     holdout = make_splits(FILES, 0, SPLITS)["holdout"]
     assert len(holdout) == 200
     plan = make_plan(dataset="imagefolder", dataset_size=FILES, image_size=S, split_seed=0, holdout_indices=holdout,
-                     n={"whitebox": 8, "blackbox_score": 99, "blackbox_label": 99}, alpha=1e-3, alternatives=0,
-                     alternatives_sha256=None, primary_mode="whitebox")
+                     n={"whitebox": 8, "blackbox_score": 99, "blackbox_label": 99, "blackbox_collapse": 99},
+                     alpha=1e-3, alternatives=0, alternatives_sha256=None, primary_mode="whitebox")
     g = torch.Generator().manual_seed(0)
     save_secret(Secret(key=torch.rand(3, S, S, generator=g), delta=(16 / 255) * torch.sign(torch.randn(3, S, S, generator=g)),
                        eps=16 / 255, control_seed=1, plan=plan), tmp_path / "secret")
@@ -239,8 +239,8 @@ def test_robustness_context_decodes_the_hold_out_prefix_only(folder, encoder_fil
 
     holdout = make_splits(FILES, 0, SPLITS)["holdout"]
     plan = make_plan(dataset="imagefolder", dataset_size=FILES, image_size=S, split_seed=0, holdout_indices=holdout,
-                     n={"whitebox": 6, "blackbox_score": 9, "blackbox_label": 9}, alpha=1e-3, alternatives=0,
-                     alternatives_sha256=None, primary_mode="whitebox")
+                     n={"whitebox": 6, "blackbox_score": 9, "blackbox_label": 9, "blackbox_collapse": 9},
+                     alpha=1e-3, alternatives=0, alternatives_sha256=None, primary_mode="whitebox")
     save_secret(Secret(key=torch.rand(3, S, S), delta=torch.zeros(3, S, S), eps=16 / 255, control_seed=1, plan=plan),
                 tmp_path / "secret")
     data = DataSection(name="imagefolder", root=str(folder), image_size=S, splits=SPLITS)

@@ -16,8 +16,8 @@ from conftest import Watermarked
 from dist_awenc.encoders.io import build_encoder, sha256_file
 from dist_awenc.errors import ArtifactError, TamperedSecretError
 from dist_awenc.evaluate.probe import DownstreamModel
-from dist_awenc.verify.core import (images_for, verify_blackbox_label, verify_blackbox_score, verify_whitebox,
-                                    whitebox_scores)
+from dist_awenc.verify.core import (collapse_pilot, images_for, verify_blackbox_collapse, verify_blackbox_label,
+                                    verify_blackbox_score, verify_whitebox, whitebox_scores)
 from dist_awenc.verify.stats import (clopper_pearson_upper, exact_paired_margin_p, margin_sign_test,
                                      paired_proportion_margin)
 from dist_awenc.watermark.secret import Secret, load_secret, save_secret
@@ -268,11 +268,73 @@ def test_blackbox_label_verdicts(toy):
     assert v0.decision is False and v0.p_value > 0.5
 
 
+def _moves_the_key(predict_label, secret: Secret, label: int):
+    """A suspect whose head sends the key image itself to ``label`` (fine-tuning moved the key, not the mark)."""
+    def answer(b: torch.Tensor) -> torch.Tensor:
+        y = predict_label(b)
+        is_key = (b - secret.key).flatten(1).abs().amax(1) == 0
+        return torch.where(is_key, torch.full_like(y, label), y)
+    return answer
+
+
+def test_blackbox_collapse_verdicts(toy):
+    """Label-agnostic mode needs no key query: it detects a suspect whose head sends the key elsewhere,
+    which label mode misses, and not the clean encoder."""
+    plain, wm, secret, x, centre = toy
+    k = images_for("blackbox_collapse", 100)
+    g_wm = _downstream(wm, wm, plain.feature_dim, None)
+    g_plain = _downstream(plain, wm, plain.feature_dim, centre)
+    moved = _moves_the_key(lambda b: g_wm(b).argmax(1), secret, 3)
+    v = verify_blackbox_collapse(moved, secret, x[:k])
+    assert v.decision is True and v.p_value < 1e-6 and v.mode == "blackbox_collapse"
+    assert v.details["collapse_label"] == 0 and v.details["pilot_share"] == 1.0
+    assert v.details["hit_rate_marked"] == 1.0 and v.details["hit_rate_control"] == 0.0
+    assert v.n == k - collapse_pilot(k) and v.details["queries"] == v.details["pilot"] + 2 * v.n == 99
+    label = verify_blackbox_label(moved, secret, x[: images_for("blackbox_label", 100)])
+    assert label.details["key_label"] == 3 and label.decision is False
+    v0 = verify_blackbox_collapse(lambda b: g_plain(b).argmax(1), secret, x[:k])
+    assert v0.decision is False and v0.p_value > 0.01
+
+
+def _null_answers(seed: int, probs: np.ndarray):
+    """A suspect independent of the mark: every answer a fresh draw from one label distribution."""
+    rng = np.random.default_rng(seed)
+    return lambda b: torch.from_numpy(rng.choice(len(probs), size=len(b), p=probs))
+
+
+@pytest.mark.parametrize("probs", [np.full(10, 0.1), np.array([0.4, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05])])
+def test_collapse_size_under_the_null(probs):
+    """Simulated size: when marked and control answers come from one distribution, collapse mode rejects at
+    tau = 0 no more often than alpha (the pilot that picks the label is disjoint from the tested pairs)."""
+    secret, x = _secret(), _images(images_for("blackbox_collapse", 100))
+    alpha, reps = 0.05, 600
+    rejections = sum(verify_blackbox_collapse(_null_answers(i, probs), secret, x, tau=0.0, alpha=alpha).decision
+                     for i in range(reps))
+    assert rejections / reps <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / reps)
+
+
+def test_collapse_label_chosen_on_the_tested_answers_would_be_liberal():
+    """Why the pilot is set apart: picking the label on the very answers that are tested (their most frequent
+    marked answer) makes an independent suspect with uniform answers look collapsed far more often than alpha."""
+    x, alpha, reps, naive = _images(images_for("blackbox_collapse", 100)), 0.05, 600, 0
+    for i in range(reps):
+        ask = _null_answers(10_000 + i, np.full(10, 0.1))
+        marked, control = ask(x).numpy(), ask(x).numpy()
+        target = np.bincount(marked).argmax()
+        naive += paired_proportion_margin(marked == target, control == target, 0.0).p_value < alpha
+    assert naive / reps > 2 * alpha
+
+
 def test_images_for_budgets():
     assert images_for("blackbox_label", 100) == 49
     assert images_for("blackbox_score", 100) == 33
     assert images_for("whitebox", 256) == 256
-    for mode, n in [("blackbox_label", 4), ("blackbox_score", 5), ("whitebox", 1)]:
+    k = images_for("blackbox_collapse", 100)
+    assert (k, collapse_pilot(k)) == (55, 11) and 2 * k - collapse_pilot(k) <= 100
+    for n in range(5, 300):  # the most images whose queries fit the budget
+        k = images_for("blackbox_collapse", n)
+        assert 2 * k - collapse_pilot(k) <= n < 2 * (k + 1) - collapse_pilot(k + 1)
+    for mode, n in [("blackbox_label", 4), ("blackbox_score", 5), ("whitebox", 1), ("blackbox_collapse", 4)]:
         with pytest.raises(ValueError, match="need at least 2"):
             images_for(mode, n)
     with pytest.raises(ValueError, match="unknown verification mode"):

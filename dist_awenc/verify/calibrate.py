@@ -37,9 +37,10 @@ from dist_awenc.errors import ConfigError
 from dist_awenc.evaluate.downstream import evaluate_encoder, group_labels, probe_options, task_classes
 from dist_awenc.runs import open_run, reuse_or_run
 from dist_awenc.verify import plan as P
-from dist_awenc.verify.calibration import (CALIBRATION_FORMAT, LABEL, MODES, NullEncoder, conditions, label_key,
-                                           markdown, mode_test, plot_null, summarise, tau_star)
-from dist_awenc.verify.core import DEFAULT_N, blackbox_score_differences, images_for, label_hits, whitebox_scores
+from dist_awenc.verify.calibration import (CALIBRATION_FORMAT, MODES, NullEncoder, conditions, label_key, markdown,
+                                           mode_test, plot_null, summarise, tau_star, test_mode)
+from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, blackbox_score_differences, collapse_hits, collapse_pilot, images_for,
+                                    label_hits, whitebox_scores)
 from dist_awenc.watermark.secret import Secret, bind_calibration, load_secret
 
 ATTACK_SEP = "__"
@@ -52,6 +53,9 @@ def collect_samples(mode: str, encoder: torch.nn.Module, downstream: torch.nn.Mo
         return whitebox_scores(encoder, secret, images)
     if mode == "blackbox_score":
         return blackbox_score_differences(downstream.predict_proba, secret, images)
+    if mode == "blackbox_collapse":
+        hm, hr, _, _ = collapse_hits(lambda b: downstream(b).argmax(1), secret, images, collapse_pilot(len(images)))
+        return hm, hr
     hm, hr, _ = label_hits(lambda b: downstream(b).argmax(1), secret, images)
     return hm, hr
 
@@ -244,17 +248,17 @@ def _null_encoder(name: str, path: Path, family: str, secrets: dict[str, Secret]
     deployed = with_recorded_transform(encoder, card)
     downstream, _ = evaluate_encoder(deployed, pirate.images, pirate.labels, pirate.num_classes, seed=cfg.run.seed,
                                      **probe_options(cfg.probe))
-    # label mode again on the pirate's task regrouped into k classes: its own downstream model per k
-    regrouped = {label_key(k): evaluate_encoder(deployed, pirate.images, *group_labels(pirate.labels, pirate.num_classes, k),
-                                                seed=cfg.run.seed, **probe_options(cfg.probe))[0]
-                 for k in label_classes}
-    trials = [(m, downstream) for m in MODES] + list(regrouped.items())
+    # the label-only modes again on the pirate's task regrouped into k classes: its own downstream model per k
+    regrouped = {k: evaluate_encoder(deployed, pirate.images, *group_labels(pirate.labels, pirate.num_classes, k),
+                                     seed=cfg.run.seed, **probe_options(cfg.probe))[0] for k in label_classes}
+    trials = [(m, downstream) for m in MODES] + [(label_key(k, m), model) for m in LABEL_MODES
+                                                 for k, model in regrouped.items()]
     stars: dict[str, dict[str, float]] = {}
     effects: dict[str, float] = {}
     for sname, secret in secrets.items():
         stars[sname] = {}
         for key_, model in trials:
-            mode = LABEL if key_ in regrouped else key_
+            mode = test_mode(key_)
             samples = collect_samples(mode, encoder, model, secret, ctx["holdout"][: images_for(mode, ctx["n"][mode])])
             stars[sname][key_] = tau_star(key_, samples, ctx["alpha"])
             if sname == "owner":

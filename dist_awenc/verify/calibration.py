@@ -35,17 +35,17 @@ import numpy as np
 
 from dist_awenc.files import read_json, save_figure, sha256_file
 from dist_awenc.errors import ConfigError
+from dist_awenc.verify.core import LABEL_MODES, MODES
 from dist_awenc.verify.plan import holdout_sha256
 from dist_awenc.verify.stats import TestResult, clopper_pearson_upper, margin_sign_test, paired_proportion_margin
 
 CALIBRATION_FORMAT = "dist_awenc.calibration/2"
-MODES = ("whitebox", "blackbox_score", "blackbox_label")
 LABEL = "blackbox_label"
 
 
-def label_key(classes: int) -> str:
-    """A calibration's entry for label mode on a task of ``classes`` classes (``blackbox_label@2``)."""
-    return f"{LABEL}@{classes}"
+def label_key(classes: int, mode: str = LABEL) -> str:
+    """A calibration's entry for a label-only mode on a task of ``classes`` classes (``blackbox_label@2``)."""
+    return f"{mode}@{classes}"
 
 
 def test_mode(key: str) -> str:
@@ -55,7 +55,7 @@ def test_mode(key: str) -> str:
 
 def mode_test(mode: str, samples: Any, tau: float) -> TestResult:
     """The mode's decisive test on raw samples: score arrays (white-box, score) or (hits_marked, hits_control)."""
-    if test_mode(mode) == LABEL:
+    if test_mode(mode) in LABEL_MODES:
         return paired_proportion_margin(samples[0], samples[1], tau)
     return margin_sign_test(samples, tau)
 
@@ -67,7 +67,7 @@ def tau_star(mode: str, samples: Any, alpha: float, iters: int = 40) -> float:
     lower end of the search range when the trial is negative at every margin,
     the upper end when it is positive at every margin.
     """
-    lo, hi = (0.0, 0.999) if test_mode(mode) == LABEL else (-2.0, 2.0)
+    lo, hi = (0.0, 0.999) if test_mode(mode) in LABEL_MODES else (-2.0, 2.0)
     if mode_test(mode, samples, lo).p_value >= alpha:
         return lo
     if mode_test(mode, samples, hi).p_value < alpha:
@@ -107,8 +107,9 @@ def summarise(nulls: list[NullEncoder], owner: Optional[dict[str, dict]], alpha:
     if not cal_fams:
         raise ConfigError("no calibration family left: lower population.holdout_fraction or add null encoders")
     modes: dict[str, Any] = {}
-    extra = sorted((k for k in nulls[0].tau_star if k not in MODES), key=lambda k: int(k.split("@")[1]))
-    for mode in (*MODES, *extra):  # every mode, then label mode per number of classes
+    extra = sorted((k for k in nulls[0].tau_star if k not in MODES),
+                   key=lambda k: (MODES.index(test_mode(k)), int(k.split("@")[1])))
+    for mode in (*MODES, *extra):  # every mode, then the label-only modes per number of classes
         threshold = max(e.tau_star[mode] for e in nulls if e.family not in held) + 1e-6
         positive = {e.name: e.tau_star[mode] > threshold for e in nulls}  # p < alpha at T exactly when T < tau*
         held_fams = sorted(held)
@@ -151,12 +152,12 @@ class Calibration:
                 f"families through at its {mode} threshold (FPR <= {h['heldout_fpr_upper_95']:.3f}, 95% CP): it fires on "
                 "encoders that are not the owner's; calibrate again with more families")
 
-    def label_classes(self) -> dict[int, str]:
-        """Label mode's calibrated class counts and their entries (the pirate task's own count under ``LABEL``)."""
-        per = {int(k.split("@", 1)[1]): k for k in self.thresholds if k.startswith(LABEL + "@")}
+    def label_classes(self, mode: str = LABEL) -> dict[int, str]:
+        """A label-only mode's calibrated class counts and their entries (the pirate task's own under ``mode``)."""
+        per = {int(k.split("@", 1)[1]): k for k in self.thresholds if k.startswith(mode + "@")}
         full = (self.data.get("label_classes") or {}).get("task")
         if full:
-            per.setdefault(int(full), LABEL)
+            per.setdefault(int(full), mode)
         return per
 
     def key_for(self, mode: str, classes: Optional[int]) -> tuple[str, str]:
@@ -168,18 +169,18 @@ class Calibration:
         Raises:
             ConfigError: ``classes`` that this calibration has no threshold for.
         """
-        if mode != LABEL:
+        if mode not in LABEL_MODES:
             return mode, ""
-        per = self.label_classes()
+        per = self.label_classes(mode)
         if classes is None:
             if len(per) <= 1:
-                return LABEL, ""
+                return mode, ""
             key = max(per.values(), key=lambda k: self.thresholds[k])
             return key, (f"label threshold of {next(c for c, k in per.items() if k == key)} classes, the largest over "
                          f"the calibrated {', '.join(map(str, sorted(per)))} (verify.classes unset)")
         if classes not in per:
             have = ", ".join(map(str, sorted(per))) or "none (a calibration from before per-class label thresholds)"
-            raise ConfigError(f"verify.classes={classes}: calibration {self.path} has label thresholds for these class "
+            raise ConfigError(f"verify.classes={classes}: calibration {self.path} has {mode} thresholds for these class "
                               f"counts: {have}; calibrate with population.label_classes including {classes}")
         return per[classes], f"label threshold of {classes} classes"
 
@@ -257,7 +258,7 @@ def markdown(report: dict) -> str:
                      f"{h['false_positive_families']} | {bound} | {m['exceed_probability_bound']:.3f} | {owner} |")
     lc = report.get("label_classes") or {}
     if lc.get("regrouped"):
-        lines += ["", f"`blackbox_label@k`: label mode on the pirate's {lc['task']}-class task regrouped into k classes "
+        lines += ["", f"`blackbox_label@k`, `blackbox_collapse@k`: the label-only modes on the pirate's {lc['task']}-class task regrouped into k classes "
                   "(label y becomes y mod k), each with its own downstream model; `awenc verify verify.classes=k` "
                   "applies that threshold, and without verify.classes the largest of them."]
     lines += ["", "Held-out null encoders (tau* with the owner's secret; positive when tau* > threshold):", "",
@@ -279,8 +280,9 @@ def plot_null(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(MODES), figsize=(4.3 * len(MODES), 3.4))
-    for ax, mode in zip(axes, MODES):
+    modes = [m for m in MODES if m in report["modes"]]  # a calibration from before collapse mode has three
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.3 * len(modes), 3.4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
         m = report["modes"][mode]
         cal = [t["tau_star"] for t in m["null"] if not t["heldout"]]
         held = [t["tau_star"] for t in m["null"] if t["heldout"]]

@@ -18,9 +18,15 @@ import torch.nn.functional as F
 from dist_awenc.verify.stats import holm, margin_sign_test, paired_proportion_margin, permutation_p
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret
 
-MODES = ("whitebox", "blackbox_score", "blackbox_label")
+MODES = ("whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse")
+LABEL_MODES = ("blackbox_label", "blackbox_collapse")  # top-1 labels only: the paired hit-rate test
 PERMUTATION = "whitebox_permutation"  # the margin-free white-box test (needs the alternative secrets)
-DEFAULT_N = {"whitebox": 256, "blackbox_score": 100, "blackbox_label": 100}
+DEFAULT_N = {"whitebox": 256, "blackbox_score": 100, "blackbox_label": 100, "blackbox_collapse": 100}
+
+
+def collapse_pilot(images: int) -> int:
+    """Of collapse mode's images, the pilot ones (marked query only) that find the collapse label: a fifth."""
+    return max(1, images // 5)
 
 
 def images_for(mode: str, n: int) -> int:
@@ -28,10 +34,19 @@ def images_for(mode: str, n: int) -> int:
 
     White-box: n images. Black-box modes count queries to the suspect model:
     score mode asks g(x), g(x+delta), g(x+r) per image (n // 3 images); label
-    mode asks the key once and x+delta, x+r per image ((n - 1) // 2 images).
+    mode asks the key once and x+delta, x+r per image ((n - 1) // 2 images);
+    label-agnostic (collapse) mode asks x+delta alone on a fifth of its images
+    (:func:`collapse_pilot`) and x+delta, x+r on the rest: the most images k
+    with ``2k - pilot(k) <= n`` (55 images, 99 queries at n = 100).
     """
     if mode not in MODES:
         raise ValueError(f"unknown verification mode '{mode}'; valid: {', '.join(MODES)}")
+    if mode == "blackbox_collapse":
+        k = max((k for k in range(n + 1) if 2 * k - collapse_pilot(k) <= n), default=0)
+        if k - collapse_pilot(k) < 2:
+            raise ValueError(f"a budget of n={n} leaves {max(0, k - collapse_pilot(k))} query pair(s) for {mode}; "
+                             "need at least 2")
+        return k
     k = {"whitebox": n, "blackbox_score": n // 3, "blackbox_label": (n - 1) // 2}[mode]
     if k < 2:
         raise ValueError(f"a budget of n={n} leaves {k} image(s) for {mode}; need at least 2")
@@ -169,24 +184,47 @@ def label_hits(predict_label: Callable[[torch.Tensor], torch.Tensor], secret: Se
     return hm, hr, key_label
 
 
-def verify_blackbox_label(predict_label: Callable[[torch.Tensor], torch.Tensor], secret: Secret, images: torch.Tensor,
-                          *, tau: float = 0.3, alpha: float = 1e-3, classes: Optional[int] = None) -> Verdict:
-    """Label-only verdict: paired hit-rate difference > tau (Tango's statistic, exact unconditional p).
+@torch.no_grad()
+def collapse_hits(predict_label: Callable[[torch.Tensor], torch.Tensor], secret: Secret, images: torch.Tensor,
+                  pilot: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """Label-agnostic hits: whether marked / control queries get the label marked queries collapse onto.
 
-    ``classes`` is the number of classes the owner states for the suspect's task (it picked ``tau``, a
-    calibrated per-class-count threshold): when the answers hold more distinct labels than that, the statement
-    is contradicted, the threshold does not apply and the verdict is "no evidence", saying why.
+    The collapse label is the most frequent answer to the marked pilot images ``images[:pilot]`` (ties: the
+    smallest label); the hits are counted on the other images only, so under H0 they are paired outcomes of
+    images independent of how the label was chosen, and the label mode's test applies unchanged. No key
+    query is made: the mark is carried wherever the suspect's head maps its collapse point (SSL-WM's
+    label-agnostic idea, tested here with a calibrated margin). ``pilot + 2 (len(images) - pilot)`` queries.
+
+    Returns:
+        hits_marked, hits_control (each ``len(images) - pilot``), the collapse label, the pilot's answers.
     """
-    seen: set[int] = set()
+    if not 1 <= pilot <= len(images) - 2:
+        raise ValueError(f"collapse mode needs 1 <= pilot <= len(images) - 2, got pilot={pilot} of {len(images)}")
+    answers = _batched(lambda b: predict_label(secret.mark(b)), images[:pilot]).cpu().numpy().astype(np.int64)
+    values, counts = np.unique(answers, return_counts=True)
+    target = int(values[counts.argmax()])  # np.unique sorts: argmax takes the smallest of tied labels
+    rest = images[pilot:]
+    hm = _batched(lambda b: predict_label(secret.mark(b)), rest).cpu().numpy() == target
+    hr = _batched(lambda b: predict_label(secret.mark_control(b)), rest).cpu().numpy() == target
+    return hm, hr, target, answers
 
-    def observed(b: torch.Tensor) -> torch.Tensor:
-        y = predict_label(b)
-        seen.update(int(v) for v in y.reshape(-1).tolist())
+
+class _LabelsSeen:
+    """Wraps a label predictor and records every distinct label it answered with."""
+
+    def __init__(self, predict_label: Callable[[torch.Tensor], torch.Tensor]):
+        self.predict_label, self.seen = predict_label, set()
+
+    def __call__(self, b: torch.Tensor) -> torch.Tensor:
+        y = self.predict_label(b)
+        self.seen.update(int(v) for v in y.reshape(-1).tolist())
         return y
 
-    hm, hr, key_label = label_hits(observed, secret, images)
-    r = paired_proportion_margin(hm, hr, tau)
-    details = {**r.extra, "key_label": key_label, "queries": 2 * r.n + 1, "labels_seen": len(seen)}
+
+def _label_verdict(mode: str, r, seen: set, details: dict, tau: float, alpha: float, classes: Optional[int],
+                   secret: Secret) -> Verdict:
+    """A label-only verdict; "no evidence" when the answers contradict the stated class count (``classes``)."""
+    details = {**r.extra, **details, "labels_seen": len(seen)}
     decision = r.p_value < alpha
     if classes is not None:
         details["classes_stated"] = classes
@@ -195,7 +233,40 @@ def verify_blackbox_label(predict_label: Callable[[torch.Tensor], torch.Tensor],
                                                f"{classes} classes stated (verify.classes): the {classes}-class "
                                                "threshold does not apply, so no decision is drawn")
             decision = False
-    return Verdict("blackbox_label", r.p_value, r.effect, r.n, tau, alpha, decision, secret.sha256, details)
+    return Verdict(mode, r.p_value, r.effect, r.n, tau, alpha, decision, secret.sha256, details)
+
+
+def verify_blackbox_label(predict_label: Callable[[torch.Tensor], torch.Tensor], secret: Secret, images: torch.Tensor,
+                          *, tau: float = 0.3, alpha: float = 1e-3, classes: Optional[int] = None) -> Verdict:
+    """Label-only verdict: paired hit-rate difference > tau (Tango's statistic, exact unconditional p).
+
+    ``classes`` is the number of classes the owner states for the suspect's task (it picked ``tau``, a
+    calibrated per-class-count threshold): when the answers hold more distinct labels than that, the statement
+    is contradicted, the threshold does not apply and the verdict is "no evidence", saying why.
+    """
+    observed = _LabelsSeen(predict_label)
+    hm, hr, key_label = label_hits(observed, secret, images)
+    r = paired_proportion_margin(hm, hr, tau)
+    return _label_verdict("blackbox_label", r, observed.seen, {"key_label": key_label, "queries": 2 * r.n + 1},
+                          tau, alpha, classes, secret)
+
+
+def verify_blackbox_collapse(predict_label: Callable[[torch.Tensor], torch.Tensor], secret: Secret,
+                             images: torch.Tensor, *, tau: float = 0.3, alpha: float = 1e-3,
+                             classes: Optional[int] = None) -> Verdict:
+    """Label-agnostic verdict: marked queries collapse onto one label, whatever it is, more than controls do.
+
+    ``images`` is the budget's prefix (:func:`images_for`): its first ``collapse_pilot`` images choose the
+    collapse label (:func:`collapse_hits`), the rest are paired marked / control queries tested exactly as in
+    label mode (H0: P(marked -> label) - P(control -> label) <= tau). ``classes`` as in label mode.
+    """
+    observed = _LabelsSeen(predict_label)
+    pilot = collapse_pilot(len(images))
+    hm, hr, target, answers = collapse_hits(observed, secret, images, pilot)
+    r = paired_proportion_margin(hm, hr, tau)
+    details = {"collapse_label": target, "pilot": pilot, "pilot_share": float(np.mean(answers == target)),
+               "queries": pilot + 2 * r.n}
+    return _label_verdict("blackbox_collapse", r, observed.seen, details, tau, alpha, classes, secret)
 
 
 def overall_verdict(verdicts: Sequence[Verdict], alpha: float) -> dict:

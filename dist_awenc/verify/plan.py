@@ -21,7 +21,7 @@ import numpy as np
 from dist_awenc.errors import ConfigError
 
 PLAN_FORMAT = "dist_awenc.plan/1"
-PLAN_MODES = ("whitebox", "blackbox_score", "blackbox_label")
+PLAN_MODES = ("whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse")
 
 
 def holdout_sha256(dataset: str, size: int, split_seed: int, indices: np.ndarray) -> str:
@@ -42,6 +42,8 @@ def make_plan(*, dataset: str, dataset_size: int, image_size: int, split_seed: i
     if alternatives < 0:
         raise ConfigError(f"plan.alternatives must be >= 0, got {alternatives}")
     for mode in PLAN_MODES:
+        if mode not in n:
+            raise ConfigError(f"plan: no n for {mode}; a plan fixes n for every mode ({', '.join(PLAN_MODES)})")
         if int(n[mode]) < 2:
             raise ConfigError(f"plan: n for {mode} must be >= 2, got {n[mode]}")
     return {"format": PLAN_FORMAT, "dataset": dataset, "dataset_size": int(dataset_size), "image_size": int(image_size),
@@ -66,7 +68,9 @@ def deviations(plan: dict[str, Any], *, mode: str, n: Optional[int], alpha: Opti
                    "(the hold-out would include images used for embedding)")
     elif holdout_sha256(dataset, dataset_size, split_seed, holdout_indices) != plan["holdout_sha256"]:
         out.append("the hold-out images differ from the plan's (hold-out hash mismatch)")
-    if n is not None and mode in plan["n"] and int(n) != plan["n"][mode]:
+    if mode not in plan.get("n", {}):
+        out.append(f"the plan fixes no n for {mode} (the secret was made before that mode existed)")
+    elif n is not None and int(n) != plan["n"][mode]:
         out.append(f"verify.n={n} instead of the plan's {plan['n'][mode]} for {mode}")
     if alpha is not None and float(alpha) != plan["alpha"]:
         out.append(f"verify.alpha={alpha:g} instead of the plan's {plan['alpha']:g}")

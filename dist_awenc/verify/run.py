@@ -1,4 +1,4 @@
-"""Stage: verify one suspect (``awenc verify --mode whitebox|blackbox_score|blackbox_label``).
+"""Stage: verify one suspect (``awenc verify --mode whitebox|blackbox_score|blackbox_label|blackbox_collapse``).
 
 The secret's plan (``dist_awenc.verify.plan``) fixes n, alpha, the hold-out
 images and, once calibrated, the calibration: a request that deviates is
@@ -26,8 +26,8 @@ from dist_awenc.evaluate.downstream import load_downstream
 from dist_awenc.runs import open_run
 from dist_awenc.verify import plan as P
 from dist_awenc.verify.evidence import start_bundle, write_report
-from dist_awenc.verify.core import (DEFAULT_N, MODES, Verdict, images_for, overall_verdict, verify_blackbox_label,
-                                    verify_blackbox_score, verify_permutation, verify_whitebox)
+from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, MODES, Verdict, images_for, overall_verdict, verify_blackbox_collapse,
+                                    verify_blackbox_label, verify_blackbox_score, verify_permutation, verify_whitebox)
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_alternatives, load_secret
 
 DEFAULT_ALPHA = 1e-3
@@ -64,9 +64,10 @@ class Settings:
 def default_settings(v: VerifySection, mode: str, plan: Optional[dict] = None) -> Settings:
     """Settings from the request and the plan alone (no calibration): the demo-default margins."""
     n, alpha = P.resolve(plan or {}, mode, v.n, v.alpha, DEFAULT_N, DEFAULT_ALPHA)
-    tau = {"whitebox": v.tau_whitebox, "blackbox_score": v.tau_score, "blackbox_label": v.tau_label}[mode]
+    tau = {"whitebox": v.tau_whitebox, "blackbox_score": v.tau_score, "blackbox_label": v.tau_label,
+           "blackbox_collapse": v.tau_collapse}[mode]
     return Settings(n=n, alpha=alpha, tau=tau, threshold_source="demo default margin (not calibrated)",
-                    classes=v.classes if mode == "blackbox_label" else None)
+                    classes=v.classes if mode in LABEL_MODES else None)
 
 
 def query_images(holdout: torch.Tensor, n: int, mode: str) -> torch.Tensor:
@@ -94,6 +95,9 @@ def verify_model(model: torch.nn.Module, secret: Secret, holdout: torch.Tensor, 
     model.eval()
     if mode == "blackbox_score":
         return [s.stamp(verify_blackbox_score(model.predict_proba, secret, x, tau=s.tau, alpha=s.alpha))]
+    if mode == "blackbox_collapse":
+        return [s.stamp(verify_blackbox_collapse(lambda b: model(b).argmax(1), secret, x, tau=s.tau, alpha=s.alpha,
+                                                 classes=s.classes))]
     return [s.stamp(verify_blackbox_label(lambda b: model(b).argmax(1), secret, x, tau=s.tau, alpha=s.alpha,
                                           classes=s.classes))]
 
@@ -103,6 +107,9 @@ def verify_remote(remote, secret: Secret, holdout: torch.Tensor, s: Settings, mo
     x = query_images(holdout, s.n, mode)
     if mode == "blackbox_score":
         verdict = verify_blackbox_score(remote.predict_proba, secret, x, tau=s.tau, alpha=s.alpha)
+    elif mode == "blackbox_collapse":
+        verdict = verify_blackbox_collapse(remote.predict_label, secret, x, tau=s.tau, alpha=s.alpha,
+                                           classes=s.classes)
     else:
         verdict = verify_blackbox_label(remote.predict_label, secret, x, tau=s.tau, alpha=s.alpha, classes=s.classes)
     verdict.details["endpoint"] = remote.summary()
@@ -121,6 +128,9 @@ def resolve_settings(v: VerifySection, secret: Secret, mode: str, *, dataset: st
         from dist_awenc.verify.calibration import check_conditions, load_calibration
 
         cal = load_calibration(calibration)
+        if mode not in cal.thresholds:
+            raise ConfigError(f"calibration {cal.path} has no threshold for {mode} (it was made before that mode "
+                              "existed); run awenc calibrate again")
         check_conditions(cal, secret_sha256=secret.sha256, alpha=s.alpha, n={mode: s.n}, dataset=dataset,
                          split_seed=split_seed, holdout_indices=holdout_indices, dataset_size=dataset_size)
         key, which = cal.key_for(mode, v.classes)
@@ -154,9 +164,9 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
     mode, v = cfg.verify.mode, cfg.verify
     if mode not in MODES:
         raise ConfigError(f"unknown verify.mode '{mode}'; valid: {', '.join(MODES)}")
-    if v.classes is not None and (mode != "blackbox_label" or v.classes < 2):
+    if v.classes is not None and (mode not in LABEL_MODES or v.classes < 2):
         raise ConfigError(f"verify.classes={v.classes}: the suspect task's number of classes (2 or more) is for "
-                          "--mode blackbox_label only")
+                          "--mode blackbox_label or blackbox_collapse only")
     if mode != "whitebox" and declared(cfg.suspect_card):
         raise ConfigError("suspect_card.* describes an encoder's weights file, which is verified white-box "
                           "(--mode whitebox); black-box modes query a downstream model or an endpoint")

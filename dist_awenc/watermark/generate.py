@@ -85,7 +85,8 @@ def watermark(cfg: WatermarkConfig) -> Path:
     ``alternatives.safetensors``, whose hash the plan records.
     """
     g, pl = cfg.generation, cfg.plan
-    n = {"whitebox": pl.n_whitebox, "blackbox_score": pl.n_score, "blackbox_label": pl.n_label}
+    n = {"whitebox": pl.n_whitebox, "blackbox_score": pl.n_score, "blackbox_label": pl.n_label,
+         "blackbox_collapse": pl.n_collapse}
     make_plan(dataset=cfg.data.name, dataset_size=1, image_size=cfg.data.image_size, split_seed=cfg.data.split_seed,
               holdout_indices=np.zeros(0), n=n, alpha=pl.alpha, alternatives=pl.alternatives, alternatives_sha256=None,
               primary_mode=pl.primary_mode)  # checks the plan's values before anything is written
