@@ -125,10 +125,10 @@ independence: a removal attack can weaken the mark below what the test can see.
   secret beat every alternative, the most this J can show; deciding at alpha = {alpha:g} needs
   J >= {need}. The clean f0 responds to its own secrets as much as to the owner's, so it is not detected.
 - **margin tests** (whitebox, blackbox_score: exact sign test of median(s) <= tau; blackbox_label: exact
-  unconditional test of hit-rate difference <= tau, a hit being the key image's label; blackbox_collapse: the
-  same test with no key query, a hit being the label the first fifth of the marked queries collapse onto): a universal adversarial perturbation partly transfers
-  to encoders that never saw it, so the clean f0 and independent encoders show a positive effect too and
-  their scores straddle the margin; the margin tau says how much more than that an owner's derivative
+  unconditional test of hit-rate difference <= tau, a hit being the key image's label; blackbox_collapse:
+  the same test with no key query, a hit being the label that the first fifth of the marked queries
+  collapse onto): a universal adversarial perturbation partly transfers to encoders that never saw it,
+  so the clean f0 and independent encoders show a positive effect too and their scores straddle the margin; the margin tau says how much more than that an owner's derivative
   must show. The margin below is **{tau_src}**; only a calibrated margin (awenc calibrate, measured on
   independent null encoders) comes with a measured false-positive rate.
 - **overall**: one decision per model across its tests with Holm's correction at alpha = {alpha:g}.
