@@ -166,8 +166,8 @@ def _planned_secret(path: Path, files: int, size: int, n: int) -> Path:
 
     plan = make_plan(dataset="imagefolder", dataset_size=files, image_size=size, split_seed=0,
                      holdout_indices=splits_for(files, 0, [0, 1, 0], "verify", "holdout")["holdout"],
-                     n={"whitebox": n, "blackbox_score": 100, "blackbox_label": 100}, alpha=1e-3, alternatives=0,
-                     alternatives_sha256=None, primary_mode="whitebox")
+                     n={"whitebox": n, "blackbox_score": 100, "blackbox_label": 100, "blackbox_collapse": 100},
+                     alpha=1e-3, alternatives=0, alternatives_sha256=None, primary_mode="whitebox")
     save_secret(replace(random_secret(size), plan=plan), path)
     return path.with_suffix(".safetensors")
 
