@@ -39,7 +39,7 @@ from dist_awenc.runs import open_run, reuse_or_run
 from dist_awenc.verify import plan as P
 from dist_awenc.verify.calibration import (CALIBRATION_FORMAT, MODES, NullEncoder, conditions, label_key, markdown,
                                            mode_test, plot_null, summarise, tau_star, test_mode)
-from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, blackbox_score_differences, collapse_hits, collapse_pilot, images_for,
+from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, blackbox_score_differences, collapse_hits, images_for,
                                     label_hits, whitebox_scores)
 from dist_awenc.watermark.secret import Secret, bind_calibration, load_secret
 
@@ -54,7 +54,7 @@ def collect_samples(mode: str, encoder: torch.nn.Module, downstream: torch.nn.Mo
     if mode == "blackbox_score":
         return blackbox_score_differences(downstream.predict_proba, secret, images)
     if mode == "blackbox_collapse":
-        hm, hr, _, _ = collapse_hits(lambda b: downstream(b).argmax(1), secret, images, collapse_pilot(len(images)))
+        hm, hr, _, _ = collapse_hits(lambda b: downstream(b).argmax(1), secret, images)
         return hm, hr
     hm, hr, _ = label_hits(lambda b: downstream(b).argmax(1), secret, images)
     return hm, hr

@@ -186,18 +186,20 @@ def label_hits(predict_label: Callable[[torch.Tensor], torch.Tensor], secret: Se
 
 @torch.no_grad()
 def collapse_hits(predict_label: Callable[[torch.Tensor], torch.Tensor], secret: Secret, images: torch.Tensor,
-                  pilot: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+                  pilot: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """Label-agnostic hits: whether marked / control queries get the label marked queries collapse onto.
 
     The collapse label is the most frequent answer to the marked pilot images ``images[:pilot]`` (ties: the
     smallest label); the hits are counted on the other images only, so under H0 they are paired outcomes of
     images independent of how the label was chosen, and the label mode's test applies unchanged. No key
     query is made: the mark is carried wherever the suspect's head maps its collapse point (SSL-WM's
-    label-agnostic idea, tested here with a calibrated margin). ``pilot + 2 (len(images) - pilot)`` queries.
+    label-agnostic idea, tested here with a calibrated margin). ``pilot + 2 (len(images) - pilot)`` queries;
+    ``pilot`` defaults to the mode's rule, :func:`collapse_pilot`.
 
     Returns:
         hits_marked, hits_control (each ``len(images) - pilot``), the collapse label, the pilot's answers.
     """
+    pilot = collapse_pilot(len(images)) if pilot is None else pilot
     if not 1 <= pilot <= len(images) - 2:
         raise ValueError(f"collapse mode needs 1 <= pilot <= len(images) - 2, got pilot={pilot} of {len(images)}")
     answers = _batched(lambda b: predict_label(secret.mark(b)), images[:pilot]).cpu().numpy().astype(np.int64)
@@ -261,11 +263,10 @@ def verify_blackbox_collapse(predict_label: Callable[[torch.Tensor], torch.Tenso
     label mode (H0: P(marked -> label) - P(control -> label) <= tau). ``classes`` as in label mode.
     """
     observed = _LabelsSeen(predict_label)
-    pilot = collapse_pilot(len(images))
-    hm, hr, target, answers = collapse_hits(observed, secret, images, pilot)
+    hm, hr, target, answers = collapse_hits(observed, secret, images)
     r = paired_proportion_margin(hm, hr, tau)
-    details = {"collapse_label": target, "pilot": pilot, "pilot_share": float(np.mean(answers == target)),
-               "queries": pilot + 2 * r.n}
+    details = {"collapse_label": target, "pilot": len(answers), "pilot_share": float(np.mean(answers == target)),
+               "queries": len(answers) + 2 * r.n}
     return _label_verdict("blackbox_collapse", r, observed.seen, details, tau, alpha, classes, secret)
 
 

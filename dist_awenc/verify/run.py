@@ -26,8 +26,9 @@ from dist_awenc.evaluate.downstream import load_downstream
 from dist_awenc.runs import open_run
 from dist_awenc.verify import plan as P
 from dist_awenc.verify.evidence import start_bundle, write_report
-from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, MODES, Verdict, images_for, overall_verdict, verify_blackbox_collapse,
-                                    verify_blackbox_label, verify_blackbox_score, verify_permutation, verify_whitebox)
+from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, MODES, Verdict, images_for, overall_verdict,
+                                    verify_blackbox_collapse, verify_blackbox_label, verify_blackbox_score,
+                                    verify_permutation, verify_whitebox)
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_alternatives, load_secret
 
 DEFAULT_ALPHA = 1e-3
