@@ -5,7 +5,12 @@ attacked by the same grid, verified at the thresholds of a calibration made
 for that variant's secret on the same null population) plus the run folders of
 the stages that made it (stage 1, stage 2), whose ``status.json`` give its cost.
 The clean f0 is probed here with the same probe settings, so utility is read
-against it. Writes ``ablation.json``, ``ablation.md`` and ``ablation.png``.
+against it. Each variant is checked against ``targets`` (issue #11's by
+default): utility, white-box, best black-box and best label-only TPR, and no
+held-out null family detected; a TPR counts only where its mode's threshold
+held on the held-out families. Writes ``ablation.json``, ``ablation.md`` and
+``ablation.png``; ``report=<ablation.json>`` renders an earlier run's again
+(with the targets given now) without measuring anything.
 """
 from __future__ import annotations
 
@@ -14,12 +19,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dist_awenc.config import AblationConfig, VariantSection, load_config
+from dist_awenc.config import AblationConfig, TargetsSection, VariantSection, load_config
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.files import atomic_write_text, read_json, save_figure
 from dist_awenc.runs import open_run
-from dist_awenc.verify.core import MODES
+from dist_awenc.verify.core import LABEL_MODES, MODES
 
 
 def _seconds(folder: str) -> float:
@@ -68,6 +73,67 @@ def summarise_variant(name: str, v: VariantSection, clean: dict[str, float], pre
             "calibration": _calibration(folder), "robustness": str(folder)}
 
 
+def check_targets(v: dict[str, Any], t: TargetsSection) -> dict[str, dict[str, Any]]:
+    """Which targets a variant reaches: ``{target: {"required", "value", "met"}}`` (values in points or rates).
+
+    A mode's TPR counts only when no held-out null family passed its threshold (otherwise the calibration does
+    not back it): the white-box entry says ``backed``, and the best black-box and label-only TPRs are the best
+    backed ones among the modes the variant measured.
+    """
+    measured = [m for m in MODES if m in v["tpr"]]
+    backed = {m: v["calibration"][m]["heldout_positive"] == 0 for m in measured}
+
+    def best(modes: list[str]) -> float:
+        return max((v["tpr"][m] for m in modes if backed[m]), default=0.0)
+
+    def rate(value: float, required: float) -> dict[str, Any]:
+        return {"required": f">= {required:g}", "value": value, "met": value >= required}
+
+    def points(change: float, allowed: float) -> dict[str, Any]:
+        value = 100 * change
+        return {"required": f">= -{allowed:g} points", "value": value, "met": value >= -allowed - 1e-9}
+
+    fp = sum(v["calibration"][m]["heldout_positive"] for m in measured)
+    return {
+        "linear_probe": points(v["probe_change"], t.probe_points),
+        "knn": points(v["knn_change"], t.knn_points),
+        "whitebox_tpr": {**rate(v["tpr"]["whitebox"], t.whitebox_tpr), "backed": backed["whitebox"],
+                         "met": backed["whitebox"] and v["tpr"]["whitebox"] >= t.whitebox_tpr},
+        "best_blackbox_tpr": rate(best([m for m in measured if m != "whitebox"]), t.blackbox_tpr),
+        "best_label_only_tpr": rate(best([m for m in measured if m in LABEL_MODES]), t.label_tpr),
+        "heldout_false_positives": {"required": "0", "value": fp, "met": fp == 0},
+    }
+
+
+def with_targets(report: dict[str, Any], t: TargetsSection) -> dict[str, Any]:
+    """The report with every variant's :func:`check_targets` and the targets used."""
+    out = {**report, "targets": {"settings": dict(vars(t)), "variants": {}}}
+    for v in report["variants"]:
+        out["targets"]["variants"][v["variant"]] = check_targets(v, t)
+    return out
+
+
+def _targets_markdown(report: dict[str, Any]) -> list[str]:
+    t, rows = report["targets"]["settings"], report["targets"]["variants"]
+    head = {"linear_probe": f"probe change (>= -{t['probe_points']:g} pt)", "knn": f"kNN change (>= -{t['knn_points']:g} pt)",
+            "whitebox_tpr": f"TPR white-box (>= {t['whitebox_tpr']:g})",
+            "best_blackbox_tpr": f"best black-box TPR (>= {t['blackbox_tpr']:g})",
+            "best_label_only_tpr": f"best label-only TPR (>= {t['label_tpr']:g})",
+            "heldout_false_positives": "held-out FP families, summed over modes (0)"}
+    lines = ["", "Targets (a TPR counts only in modes whose threshold detected no held-out null family):", "",
+             "| variant | " + " | ".join(head.values()) + " | all met |", "|---|" + "---|" * (len(head) + 1)]
+    for name, r in rows.items():
+        cells = []
+        for k in head:
+            value = r[k]["value"]
+            shown = f"{value:+.1f}" if k in ("linear_probe", "knn") else (f"{value:.2f}" if "tpr" in k else f"{value}")
+            if r[k].get("backed") is False:
+                shown += " (not backed)"
+            cells.append(f"{shown} {'met' if r[k]['met'] else '**missed**'}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'yes' if all(x['met'] for x in r.values()) else 'no'} |")
+    return lines
+
+
 def _modes(report: dict[str, Any]) -> list[str]:
     """The modes any variant measured (a run from before collapse mode has no column for it: n/a)."""
     return [m for m in MODES if any(m in v["tpr"] for v in report["variants"])]
@@ -94,8 +160,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {v['variant']} | {v['linear_probe']:.4f} ({100 * v['probe_change']:+.1f}) | {v['knn']:.4f} "
                      f"({100 * v['knn_change']:+.1f}) | {tprs} | {fp} | {cost} |")
     lines += ["", "† held-out null families were detected too at this threshold: the TPR is not backed by the "
-              "calibration (its threshold, the maximum over the calibration families, is too low for this secret).",
-              "", "Missed derivatives (utility kept, not detected):", ""]
+              "calibration (its threshold, the maximum over the calibration families, is too low for this secret)."]
+    if "targets" in report:
+        lines += _targets_markdown(report)
+    lines += ["", "Missed derivatives (utility kept, not detected):", ""]
     for v in report["variants"]:
         for m in modes:
             if v["missed"].get(m):
@@ -137,6 +205,8 @@ def ablation(cfg: AblationConfig) -> dict[str, Any]:
     from dist_awenc.encoders.io import load_encoder
     from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
 
+    if cfg.report:
+        return rerender(cfg)
     if not cfg.variants or not cfg.clean:
         raise ConfigError("ablation needs clean=<f0 run folder> and variants.<name>.robustness=<robustness run folder>")
     for name, v in cfg.variants.items():
@@ -147,10 +217,29 @@ def ablation(cfg: AblationConfig) -> dict[str, Any]:
     _, clean = evaluate_encoder(encoder, pirate.images, pirate.labels, pirate.num_classes, seed=0, **probe_options(cfg.probe))
     pretrain_s = _seconds(str(Path(cfg.clean) if Path(cfg.clean).is_dir() else Path(cfg.clean).parent))
     with open_run(cfg, "ablation", allow_complete=True) as run_dir:
-        report = {"clean": {**clean, "seconds": pretrain_s},
-                  "variants": [summarise_variant(n, v, clean, pretrain_s) for n, v in cfg.variants.items()]}
-        atomic_write_text(run_dir / "ablation.json", json.dumps(report, indent=2))
-        atomic_write_text(run_dir / "ablation.md", markdown(report))
-        plot(report, run_dir / "ablation.png")
-        info(markdown(report))
+        report = with_targets({"clean": {**clean, "seconds": pretrain_s},
+                               "variants": [summarise_variant(n, v, clean, pretrain_s) for n, v in cfg.variants.items()]},
+                              cfg.targets)
+        _write(report, run_dir)
+    return report
+
+
+def _write(report: dict[str, Any], run_dir: Path) -> None:
+    atomic_write_text(run_dir / "ablation.json", json.dumps(report, indent=2))
+    atomic_write_text(run_dir / "ablation.md", markdown(report))
+    plot(report, run_dir / "ablation.png")
+    info(markdown(report))
+
+
+def rerender(cfg: AblationConfig) -> dict[str, Any]:
+    """``report=<ablation.json>``: an earlier run's table, targets (``cfg.targets``) and plot, measuring nothing."""
+    if cfg.variants or cfg.clean:
+        raise ConfigError("report= renders a finished ablation again; give it alone, without clean= or variants.*")
+    saved = read_json(Path(cfg.report), ArtifactError, what="ablation report")
+    if not isinstance(saved.get("variants"), list) or not isinstance(saved.get("clean"), dict):
+        raise ArtifactError(f"{cfg.report}: not an ablation report (expected 'clean' and a 'variants' list, as "
+                            "awenc ablation writes in ablation.json)")
+    report = with_targets({k: v for k, v in saved.items() if k != "targets"}, cfg.targets)
+    with open_run(cfg, "ablation", allow_complete=True) as run_dir:
+        _write(report, run_dir)
     return report

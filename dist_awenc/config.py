@@ -11,6 +11,7 @@ from typing import Optional
 
 from dist_awenc.config_loading import load_config, to_dict, to_yaml  # noqa: F401  (re-exported)
 from dist_awenc.data.views import ViewConfig, mild_view_config
+from dist_awenc.errors import ConfigError
 from dist_awenc.watermark.shadow import check_shadow
 from dist_awenc.watermark.transforms import check_robust
 
@@ -348,9 +349,33 @@ class VariantSection:
 
 
 @dataclass
+class TargetsSection:
+    """What a robust watermark must reach (issue #11's targets by default); `awenc ablation` says, per variant, which
+    hold. A TPR counts only where no held-out null family was detected in that mode."""
+
+    probe_points: float = 0.5  # the linear probe may lose at most this many points against the clean f0
+    knn_points: float = 1.0  # likewise kNN
+    whitebox_tpr: float = 0.95
+    blackbox_tpr: float = 0.95  # the best black-box mode's
+    label_tpr: float = 0.8  # the best label-only mode's
+
+    def __post_init__(self) -> None:
+        for name in ("probe_points", "knn_points"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"targets.{name} must be >= 0 (points of accuracy the watermark may cost), "
+                                  f"got {getattr(self, name)}")
+        for name in ("whitebox_tpr", "blackbox_tpr", "label_tpr"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"targets.{name} must be a rate in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
 class AblationConfig:
     run: RunSection = field(default_factory=lambda: RunSection(name="ablation"))
     clean: str = ""  # the owner's clean f0 run folder (utility reference; its seconds are the pre-training cost)
     data: DataSection = field(default_factory=DataSection)
     probe: ProbeSection = field(default_factory=ProbeSection)
     variants: dict[str, VariantSection] = field(default_factory=dict)
+    targets: TargetsSection = field(default_factory=TargetsSection)
+    # an earlier run's ablation.json: render its table, targets and plot again without measuring anything
+    report: str = ""

@@ -75,8 +75,67 @@ def test_ablation_table_compares_variants_against_the_clean_encoder(tmp_path):
     assert "| TPR collapse |" in md and "| 0/15, 0/15, 0/15, n/a |" in md and "| 1.00 (4/4) † |" in md
     assert rows["plain"]["best_blackbox_tpr"] == 0.5 and "blackbox_collapse" not in rows["plain"]["tpr"]
     assert (tmp_path / "ablation" / "ablation.png").stat().st_size > 0
+    # both's white-box 1.00 let a held-out family through: the target is missed, and the table says why
+    targets = report["targets"]["variants"]
+    assert targets["both"]["whitebox_tpr"] == {"required": ">= 0.95", "value": 1.0, "met": False, "backed": False}
+    assert targets["plain"]["best_label_only_tpr"]["value"] == 0.25  # label mode only: plain has no collapse run
+    assert "1.00 (not backed) **missed**" in md and "Targets" in md
 
 
 def test_ablation_refuses_an_unfinished_stage_and_an_uncollected_run(tmp_path, capsys):
     assert main(["ablation", f"run.out_dir={tmp_path}", f"clean={tmp_path}", f"variants.a.robustness={tmp_path / 'nope'}"]) == 2
     assert "holds no collected robustness run" in capsys.readouterr().err
+
+
+def _summary(tpr: dict[str, float], fp: dict[str, int], probe_change: float = 0.0, knn_change: float = 0.0) -> dict:
+    """One variant as ``summarise_variant`` reports it (only what the targets read)."""
+    return {"variant": "v", "probe_change": probe_change, "knn_change": knn_change, "tpr": tpr,
+            "calibration": {m: {"heldout_positive": fp.get(m, 0)} for m in tpr}}
+
+
+def test_targets_hold_only_where_the_calibration_backs_the_tpr():
+    from dist_awenc.ablation import check_targets
+    from dist_awenc.config import TargetsSection
+
+    t = TargetsSection()
+    ok = check_targets(_summary({"whitebox": 0.95, "blackbox_score": 0.95, "blackbox_label": 0.8},
+                                {}, probe_change=-0.005, knn_change=-0.01), t)
+    assert all(r["met"] for r in ok.values()), ok  # every value exactly at its target holds
+    short = check_targets(_summary({"whitebox": 0.94, "blackbox_score": 1.0, "blackbox_label": 0.5,
+                                    "blackbox_collapse": 0.9}, {"blackbox_score": 1}, knn_change=-0.011), t)
+    assert not short["whitebox_tpr"]["met"] and short["whitebox_tpr"]["backed"]
+    assert not short["knn"]["met"] and short["linear_probe"]["met"]
+    # score mode's 1.00 let a held-out null family through: the best backed black-box mode is collapse's 0.9
+    assert short["best_blackbox_tpr"]["value"] == 0.9 and not short["best_blackbox_tpr"]["met"]
+    assert short["best_label_only_tpr"]["value"] == 0.9 and short["best_label_only_tpr"]["met"]
+    assert short["heldout_false_positives"] == {"required": "0", "value": 1, "met": False}
+    unbacked = check_targets(_summary({"whitebox": 1.0, "blackbox_score": 1.0, "blackbox_label": 1.0},
+                                      {"whitebox": 2}), t)
+    assert unbacked["whitebox_tpr"]["value"] == 1.0 and not unbacked["whitebox_tpr"]["met"]
+
+
+def test_ablation_report_renders_again_with_other_targets_and_refuses_bad_input(tmp_path, capsys):
+    report = {"clean": {"linear_probe": 0.9, "knn": 0.9, "n_test": 100, "seconds": 10.0},
+              "variants": [{**_summary({"whitebox": 0.75, "blackbox_score": 0.5, "blackbox_label": 0.25}, {}),
+                            "variant": "plain", "linear_probe": 0.9, "knn": 0.9, "seconds": 5.0,
+                            "cost_fraction_of_pretraining": 0.5,
+                            "detected": {"whitebox": "3/4", "blackbox_score": "2/4", "blackbox_label": "1/4"},
+                            "missed": {"whitebox": ["distill@30"]},
+                            "calibration": {m: {"heldout_positive": 0, "heldout_families": 15}
+                                            for m in ("whitebox", "blackbox_score", "blackbox_label")}}]}
+    saved = tmp_path / "ablation.json"
+    saved.write_text(json.dumps(report))
+    assert main(["ablation", f"report={saved}", f"run.out_dir={tmp_path}", "run.name=again"]) == 0
+    md = (tmp_path / "again" / "ablation.md").read_text()
+    assert "| plain | +0.0 met | +0.0 met | 0.75 **missed** | 0.50 **missed** | 0.25 **missed** | 0 met | no |" in md
+    assert main(["ablation", f"report={saved}", f"run.out_dir={tmp_path}", "run.name=lenient",
+                 "targets.whitebox_tpr=0.7"]) == 0
+    rows = json.loads((tmp_path / "lenient" / "ablation.json").read_text())["targets"]["variants"]["plain"]
+    assert rows["whitebox_tpr"]["met"] and not rows["best_blackbox_tpr"]["met"]
+    capsys.readouterr()
+    assert main(["ablation", f"report={saved}", f"clean={tmp_path}", f"run.out_dir={tmp_path}", "run.name=x"]) == 2
+    assert "give it alone" in capsys.readouterr().err
+    assert main(["ablation", f"report={tmp_path / 'again' / 'ablation.md'}", f"run.out_dir={tmp_path}", "run.name=y"]) == 2
+    assert main(["ablation", f"report={saved}", f"run.out_dir={tmp_path}", "run.name=z", "targets.label_tpr=2"]) == 2
+    assert "targets.label_tpr must be a rate in [0, 1], got 2" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in ("x", "y", "z"))  # refused before any run folder
