@@ -86,8 +86,8 @@ def check_targets(v: dict[str, Any], t: TargetsSection) -> dict[str, dict[str, A
     def best(modes: list[str]) -> float:
         return max((v["tpr"][m] for m in modes if backed[m]), default=0.0)
 
-    def rate(value: float, required: float) -> dict[str, Any]:
-        return {"required": f">= {required:g}", "value": value, "met": value >= required}
+    def rate(value: float, required: float, backed: bool = True) -> dict[str, Any]:
+        return {"required": f">= {required:g}", "value": value, "met": backed and value >= required}
 
     def points(change: float, allowed: float) -> dict[str, Any]:
         value = 100 * change
@@ -97,8 +97,7 @@ def check_targets(v: dict[str, Any], t: TargetsSection) -> dict[str, dict[str, A
     return {
         "linear_probe": points(v["probe_change"], t.probe_points),
         "knn": points(v["knn_change"], t.knn_points),
-        "whitebox_tpr": {**rate(v["tpr"]["whitebox"], t.whitebox_tpr), "backed": backed["whitebox"],
-                         "met": backed["whitebox"] and v["tpr"]["whitebox"] >= t.whitebox_tpr},
+        "whitebox_tpr": {**rate(v["tpr"]["whitebox"], t.whitebox_tpr, backed["whitebox"]), "backed": backed["whitebox"]},
         "best_blackbox_tpr": rate(best([m for m in measured if m != "whitebox"]), t.blackbox_tpr),
         "best_label_only_tpr": rate(best([m for m in measured if m in LABEL_MODES]), t.label_tpr),
         "heldout_false_positives": {"required": "0", "value": fp, "met": fp == 0},
@@ -225,10 +224,11 @@ def ablation(cfg: AblationConfig) -> dict[str, Any]:
 
 
 def _write(report: dict[str, Any], run_dir: Path) -> None:
+    table = markdown(report)
     atomic_write_text(run_dir / "ablation.json", json.dumps(report, indent=2))
-    atomic_write_text(run_dir / "ablation.md", markdown(report))
+    atomic_write_text(run_dir / "ablation.md", table)
     plot(report, run_dir / "ablation.png")
-    info(markdown(report))
+    info(table)
 
 
 def rerender(cfg: AblationConfig) -> dict[str, Any]:
