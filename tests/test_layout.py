@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import gc
 from pathlib import Path
 
 PACKAGE = "dist_awenc"
@@ -30,11 +31,32 @@ def _resolve(name: str, modules: dict[str, Path]) -> str | None:
     return name or None
 
 
+def _parse(path: Path) -> ast.Module:
+    """``ast.parse`` with the garbage collector held off while it builds the tree.
+
+    Python 3.11.7 keeps the AST constructor's recursion depth in state shared by the interpreter. A collection in
+    the middle of the construction runs finalizers (FFCV's numba dispatchers, left over from earlier tests, have
+    them); one that lets another thread parse meanwhile leaves the count off, and the parse ends in
+    ``SystemError: AST constructor recursion depth mismatch`` (seen once in CI; reproduced here with finalizers
+    that sleep and a second thread that parses: 20 of 20 parses failed unguarded, none guarded). With the collector
+    paused no Python code runs inside the construction; the tree is the same.
+    """
+    source = path.read_text()
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(source, str(path))
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> dict[str, int]:
     """Internal modules that ``name`` imports, at module level or inside functions -> first line."""
     is_package = path.name == "__init__.py"
     out: dict[str, int] = {}
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(_parse(path)):
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
