@@ -3,7 +3,7 @@
 #   plain AWEncoder | + transform robustness (eot) | + derivative rehearsal (rehearsal) | both
 #   (and eot_mixed / both_mixed: half of the marked images of both stages left untransformed, p_identity 0.5;
 #    shadow, <variant>_shadow: plain's or that variant's secret and calibration, embedded with stage 2's shadow
-#    student, shadow.weight=1 shadow.refresh=70)
+#    student, shadow.weight=1 shadow.refresh=70; rehearsal30: rehearsal with a 30-epoch student and 4 references)
 # on the demo's f0, with the demo's stage-1/stage-2 settings, one attack grid (configs/robustness/ablation.yaml),
 # and for each variant a calibration of its own secret on the same null population (the committed one,
 # runs/calibration/population, plus attacked copies by the adaptive attacks: configs/sweep/null/digits_adaptive.yaml).
@@ -18,6 +18,8 @@ out=runs/ablation
 eot='robust.transforms=[jpeg,resize,crop,noise,blur]'
 mixed='robust.p_identity=0.5'
 rehearse='rehearsal.surrogates=[distill:10,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=2'
+# the pirate's own student length (30 epochs) rehearsed, against twice the references (results/robust/rehearsal30/)
+rehearse30='rehearsal.surrogates=[distill:30,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=4'
 shadow='shadow.weight=1 shadow.refresh=70'
 variants=("${@:-plain eot rehearsal both}")
 # shellcheck disable=SC2206
@@ -30,11 +32,13 @@ flags_of() {  # the stage-1/stage-2 switches of a variant without its shadow
     # shellcheck disable=SC2206
     rehearsal) flags=($rehearse) ;;
     # shellcheck disable=SC2206
+    rehearsal30) flags=($rehearse30) ;;
+    # shellcheck disable=SC2206
     both) flags=("$eot" $rehearse) ;;
     eot_mixed) flags=("$eot" "$mixed") ;;
     # shellcheck disable=SC2206
     both_mixed) flags=("$eot" "$mixed" $rehearse) ;;
-    *) echo "ablation: unknown variant '$v' (plain, eot, rehearsal, both, eot_mixed, both_mixed, shadow, <variant>_shadow)" >&2
+    *) echo "ablation: unknown variant '$v' (plain, eot, rehearsal, rehearsal30, both, eot_mixed, both_mixed, shadow, <variant>_shadow)" >&2
        exit 2 ;;
   esac
 }
@@ -80,7 +84,7 @@ for v in "${variants[@]}"; do
 done
 
 args=()
-for v in plain eot rehearsal both eot_mixed both_mixed shadow eot_mixed_shadow both_mixed_shadow; do
+for v in plain eot rehearsal rehearsal30 both eot_mixed both_mixed shadow eot_mixed_shadow both_mixed_shadow; do
   [ -f "$out/$v/robustness/robustness.json" ] || continue
   case "$v" in
     plain) stages="[$out/plain/watermark,runs/demo/embed]" ;;
