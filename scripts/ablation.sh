@@ -3,7 +3,8 @@
 #   plain AWEncoder | + transform robustness (eot) | + derivative rehearsal (rehearsal) | both
 #   (and eot_mixed / both_mixed: half of the marked images of both stages left untransformed, p_identity 0.5;
 #    shadow, <variant>_shadow: plain's or that variant's secret and calibration, embedded with stage 2's shadow
-#    student, shadow.weight=1 shadow.refresh=70; rehearsal30: rehearsal with a 30-epoch student and 4 references)
+#    student, shadow.weight=1 shadow.refresh=70; rehearsal30 / both_mixed30: rehearsal / both_mixed with a 30-epoch
+#    student among the surrogates and 4 references)
 # on the demo's f0, with the demo's stage-1/stage-2 settings, one attack grid (configs/robustness/ablation.yaml),
 # and for each variant a calibration of its own secret on the same null population (the committed one,
 # runs/calibration/population, plus attacked copies by the adaptive attacks: configs/sweep/null/digits_adaptive.yaml).
@@ -11,6 +12,9 @@
 # Needs: bash scripts/demo.sh (runs/demo) and the null population (runs/calibration/population: the committed
 # calibration's command in results/calibration/README.md). Every step reuses what is already complete.
 #   bash scripts/ablation.sh [variant ...]      # default: plain eot rehearsal both
+# ABLATION_NULLS=60 calibrates on twice the null population instead (configs/sweep/null/digits_adaptive10.yaml:
+# 60 families, 30 held out; results/robust/nulls60/), into calibration60/, robustness60/ and table60/; the secrets
+# and watermarked encoders are the same.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 awenc=.venv/bin/awenc
@@ -21,6 +25,11 @@ rehearse='rehearsal.surrogates=[distill:10,prune_finetune:0.5,finetune_full:0.00
 # the pirate's own student length (30 epochs) rehearsed, against twice the references (results/robust/rehearsal30/)
 rehearse30='rehearsal.surrogates=[distill:30,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=4'
 shadow='shadow.weight=1 shadow.refresh=70'
+case "${ABLATION_NULLS:-30}" in
+  30) nulls=configs/sweep/null/digits_adaptive.yaml; tag= ;;
+  60) nulls=configs/sweep/null/digits_adaptive10.yaml; tag=60 ;;
+  *) echo "ablation: ABLATION_NULLS must be 30 or 60 (null families), not '$ABLATION_NULLS'" >&2; exit 2 ;;
+esac
 variants=("${@:-plain eot rehearsal both}")
 # shellcheck disable=SC2206
 variants=(${variants[*]})
@@ -38,7 +47,9 @@ flags_of() {  # the stage-1/stage-2 switches of a variant without its shadow
     eot_mixed) flags=("$eot" "$mixed") ;;
     # shellcheck disable=SC2206
     both_mixed) flags=("$eot" "$mixed" $rehearse) ;;
-    *) echo "ablation: unknown variant '$v' (plain, eot, rehearsal, rehearsal30, both, eot_mixed, both_mixed, shadow, <variant>_shadow)" >&2
+    # shellcheck disable=SC2206
+    both_mixed30) flags=("$eot" "$mixed" $rehearse30) ;;
+    *) echo "ablation: unknown variant '$v' (plain, eot, rehearsal, rehearsal30, both, eot_mixed, both_mixed, both_mixed30, shadow, <variant>_shadow)" >&2
        exit 2 ;;
   esac
 }
@@ -48,11 +59,11 @@ for v in "${variants[@]}"; do
   [ "$v" = shadow ] && base=plain
   [[ $v == *_shadow ]] && base=${v%_shadow}
   flags_of "$base"
-  cal=$out/$v/calibration
+  cal=$out/$v/calibration$tag
   if [ "$base" != "$v" ]; then
     # stage 2 only: the base variant's secret (and so its calibration, which depends on the secret and the nulls only)
-    [ -f "$out/$base/calibration/calibration.json" ] || { echo "ablation: run the $base variant first" >&2; exit 2; }
-    wm=$out/$base/watermark; emb=$out/$v/embed; cal=$out/$base/calibration
+    wm=$out/$base/watermark; emb=$out/$v/embed; cal=$out/$base/calibration$tag
+    [ -f "$cal/calibration.json" ] || { echo "ablation: run the $base variant first" >&2; exit 2; }
     embed_flags=()
     for f in "${flags[@]}"; do [[ $f == robust.* ]] && embed_flags+=("$f"); done
     # shellcheck disable=SC2086
@@ -74,24 +85,25 @@ for v in "${variants[@]}"; do
     [ -f "$emb/encoder.safetensors" ] || $awenc embed --config runs/demo/embed/config.yaml \
       run.out_dir=$out/$v run.name=embed secret=$wm/secret.safetensors "${embed_flags[@]}"
   fi
-  [ -f "$cal/calibration.json" ] || $awenc calibrate --config configs/sweep/null/digits_adaptive.yaml \
-    run.out_dir=$out/$v run.name=calibration secret=$wm/secret.safetensors population.root=runs/calibration/population
+  [ -f "$cal/calibration.json" ] || $awenc calibrate --config $nulls \
+    run.out_dir=$out/$v run.name=calibration$tag secret=$wm/secret.safetensors population.root=runs/calibration/population
   # exploratory: verify refuses a threshold that let held-out null families through (the rehearsal variants' do);
   # the ablation measures every variant's thresholds as they are, and its table marks those
-  $awenc robustness --config configs/robustness/ablation.yaml run.out_dir=$out/$v run.name=robustness \
+  $awenc robustness --config configs/robustness/ablation.yaml run.out_dir=$out/$v run.name=robustness$tag \
     encoder=$emb/encoder.safetensors secret=$wm/secret.safetensors verify.calibration=$cal/calibration.json \
     verify.exploratory=true
 done
 
 args=()
-for v in plain eot rehearsal rehearsal30 both eot_mixed both_mixed shadow eot_mixed_shadow both_mixed_shadow; do
-  [ -f "$out/$v/robustness/robustness.json" ] || continue
+for v in plain eot rehearsal rehearsal30 both eot_mixed both_mixed both_mixed30 shadow eot_mixed_shadow both_mixed_shadow \
+    both_mixed30_shadow; do
+  [ -f "$out/$v/robustness$tag/robustness.json" ] || continue
   case "$v" in
     plain) stages="[$out/plain/watermark,runs/demo/embed]" ;;
     shadow) stages="[$out/plain/watermark,$out/$v/embed]" ;;
     *_shadow) stages="[$out/${v%_shadow}/watermark,$out/$v/embed]" ;;
     *) stages="[$out/$v/watermark,$out/$v/embed]" ;;
   esac
-  args+=("variants.$v.robustness=$out/$v/robustness" "variants.$v.stages=$stages")
+  args+=("variants.$v.robustness=$out/$v/robustness$tag" "variants.$v.stages=$stages")
 done
-$awenc ablation run.out_dir=$out run.name=table clean=runs/demo/f0 "${args[@]}"
+$awenc ablation run.out_dir=$out run.name=table$tag clean=runs/demo/f0 "${args[@]}"
