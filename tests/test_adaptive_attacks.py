@@ -71,12 +71,25 @@ def test_adaptive_attacks_have_default_grids_in_the_robustness_grid():
     assert sweep["grid"]["attacks"] == []  # the digits sweep runs every registered attack, the adaptive ones too
 
 
-def test_null_population_takes_the_adaptive_attacks():
-    cfg = yaml.safe_load((ROOT / "configs/sweep/null/digits_adaptive.yaml").read_text())
+@pytest.mark.parametrize("name", ["digits_adaptive", "digits_adaptive10"])
+def test_null_population_takes_the_adaptive_attacks(name):
+    from dist_awenc.config import CalibrateConfig, load_config
+
+    path = ROOT / f"configs/sweep/null/{name}.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    load_config(CalibrateConfig, path)
     parsed = [C.parse_attack(a) for a in cfg["population"]["attacks"]]
     assert set(ADAPTIVE) <= {name for name, _ in parsed}
     for name, strength in parsed:  # each at a strength of its default grid
         assert strength in ATTACK_STRENGTHS[name], (name, strength)
+
+
+def test_the_larger_null_population_is_the_adaptive_one_with_twice_the_seeds():
+    small, large = (yaml.safe_load((ROOT / f"configs/sweep/null/{n}.yaml").read_text())
+                    for n in ("digits_adaptive", "digits_adaptive10"))
+    assert large["population"]["seeds"] == 2 * small["population"]["seeds"]
+    assert {**large["population"], "seeds": None} == {**small["population"], "seeds": None}
+    assert {k: v for k, v in large.items() if k != "population"} == {k: v for k, v in small.items() if k != "population"}
 
 
 def test_null_population_refuses_an_unregistered_attack():
