@@ -4,7 +4,8 @@
 #   (and eot_mixed / both_mixed: half of the marked images of both stages left untransformed, p_identity 0.5;
 #    shadow, <variant>_shadow: plain's or that variant's secret and calibration, embedded with stage 2's shadow
 #    student, shadow.weight=1 shadow.refresh=70; rehearsal30 / both_mixed30: rehearsal / both_mixed with a 30-epoch
-#    student among the surrogates and 4 references; rehearsal30arch: and one of the other architecture)
+#    student among the surrogates and 4 references; rehearsal30arch: and one of the other architecture;
+#    rehearsal_refs4: rehearsal with 4 references)
 # on the demo's f0, with the demo's stage-1/stage-2 settings, one attack grid (configs/robustness/ablation.yaml),
 # and for each variant a calibration of its own secret on the same null population (the committed one,
 # runs/calibration/population, plus attacked copies by the adaptive attacks: configs/sweep/null/digits_adaptive.yaml).
@@ -24,8 +25,10 @@ mixed='robust.p_identity=0.5'
 rehearse='rehearsal.surrogates=[distill:10,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=2'
 # the pirate's own student length (30 epochs) rehearsed, against twice the references (results/robust/rehearsal30/)
 rehearse30='rehearsal.surrogates=[distill:30,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=4'
-# and a 30-epoch student of the other architecture beside it (results/robust/nulls60/)
+# and a 30-epoch student of the other architecture beside it; and rehearsal's 10-epoch student with 4 references
+# (results/robust/nulls60/)
 rehearse30arch='rehearsal.surrogates=[distill:30,distill_arch:30,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=4'
+rehearse_refs4='rehearsal.surrogates=[distill:10,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=4'
 shadow='shadow.weight=1 shadow.refresh=70'
 case "${ABLATION_NULLS:-30}" in
   30) nulls=configs/sweep/null/digits_adaptive.yaml; tag= ;;
@@ -47,13 +50,15 @@ flags_of() {  # the stage-1/stage-2 switches of a variant without its shadow
     # shellcheck disable=SC2206
     rehearsal30arch) flags=($rehearse30arch) ;;
     # shellcheck disable=SC2206
+    rehearsal_refs4) flags=($rehearse_refs4) ;;
+    # shellcheck disable=SC2206
     both) flags=("$eot" $rehearse) ;;
     eot_mixed) flags=("$eot" "$mixed") ;;
     # shellcheck disable=SC2206
     both_mixed) flags=("$eot" "$mixed" $rehearse) ;;
     # shellcheck disable=SC2206
     both_mixed30) flags=("$eot" "$mixed" $rehearse30) ;;
-    *) echo "ablation: unknown variant '$v' (plain, eot, rehearsal, rehearsal30, rehearsal30arch, both, eot_mixed, both_mixed, both_mixed30, shadow, <variant>_shadow)" >&2
+    *) echo "ablation: unknown variant '$v' (plain, eot, rehearsal, rehearsal30, rehearsal30arch, rehearsal_refs4, both, eot_mixed, both_mixed, both_mixed30, shadow, <variant>_shadow)" >&2
        exit 2 ;;
   esac
 }
@@ -99,7 +104,7 @@ for v in "${variants[@]}"; do
 done
 
 args=()
-for v in plain eot rehearsal rehearsal30 rehearsal30arch both eot_mixed both_mixed both_mixed30 shadow eot_mixed_shadow both_mixed_shadow \
+for v in plain eot rehearsal rehearsal30 rehearsal30arch rehearsal_refs4 both eot_mixed both_mixed both_mixed30 shadow eot_mixed_shadow both_mixed_shadow \
     both_mixed30_shadow; do
   [ -f "$out/$v/robustness$tag/robustness.json" ] || continue
   case "$v" in
