@@ -13,7 +13,7 @@ import csv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
-VARIANTS = ["plain", "rehearsal30", "both_mixed30", "both_mixed30_shadow", "rehearsal30arch"]
+VARIANTS = ["plain", "rehearsal30", "both_mixed30", "both_mixed30_shadow", "rehearsal30arch", "rehearsal_refs4"]
 ATTACKS = [("distill", "30"), ("distill_arch", "30"), ("adversarial_finetune", "3")]
 MODES = ["whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse"]
 
