@@ -22,19 +22,22 @@ awenc=.venv/bin/awenc
 out=runs/ablation
 eot='robust.transforms=[jpeg,resize,crop,noise,blur]'
 mixed='robust.p_identity=0.5'
-rehearse='rehearsal.surrogates=[distill:10,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=2'
+rehearsal_of() { echo "rehearsal.surrogates=[$1,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=$2"; }
+rehearse=$(rehearsal_of distill:10 2)
 # the pirate's own student length (30 epochs) rehearsed, against twice the references (results/robust/rehearsal30/)
-rehearse30='rehearsal.surrogates=[distill:30,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=4'
+rehearse30=$(rehearsal_of distill:30 4)
 # and a 30-epoch student of the other architecture beside it; and rehearsal's 10-epoch student with 4 references
 # (results/robust/nulls60/)
-rehearse30arch='rehearsal.surrogates=[distill:30,distill_arch:30,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=4'
-rehearse_refs4='rehearsal.surrogates=[distill:10,prune_finetune:0.5,finetune_full:0.001] rehearsal.references=4'
+rehearse30arch=$(rehearsal_of distill:30,distill_arch:30 4)
+rehearse_refs4=$(rehearsal_of distill:10 4)
 shadow='shadow.weight=1 shadow.refresh=70'
 case "${ABLATION_NULLS:-30}" in
   30) nulls=configs/sweep/null/digits_adaptive.yaml; tag= ;;
   60) nulls=configs/sweep/null/digits_adaptive10.yaml; tag=60 ;;
   *) echo "ablation: ABLATION_NULLS must be 30 or 60 (null families), not '$ABLATION_NULLS'" >&2; exit 2 ;;
 esac
+known=(plain eot rehearsal rehearsal30 rehearsal30arch rehearsal_refs4 both eot_mixed both_mixed both_mixed30 shadow
+       eot_mixed_shadow both_mixed_shadow both_mixed30_shadow)  # the table's rows, in this order
 variants=("${@:-plain eot rehearsal both}")
 # shellcheck disable=SC2206
 variants=(${variants[*]})
@@ -58,7 +61,7 @@ flags_of() {  # the stage-1/stage-2 switches of a variant without its shadow
     both_mixed) flags=("$eot" "$mixed" $rehearse) ;;
     # shellcheck disable=SC2206
     both_mixed30) flags=("$eot" "$mixed" $rehearse30) ;;
-    *) echo "ablation: unknown variant '$v' (plain, eot, rehearsal, rehearsal30, rehearsal30arch, rehearsal_refs4, both, eot_mixed, both_mixed, both_mixed30, shadow, <variant>_shadow)" >&2
+    *) echo "ablation: unknown variant '$v' (one of: ${known[*]}; or <variant>_shadow)" >&2
        exit 2 ;;
   esac
 }
@@ -104,8 +107,7 @@ for v in "${variants[@]}"; do
 done
 
 args=()
-for v in plain eot rehearsal rehearsal30 rehearsal30arch rehearsal_refs4 both eot_mixed both_mixed both_mixed30 shadow eot_mixed_shadow both_mixed_shadow \
-    both_mixed30_shadow; do
+for v in "${known[@]}"; do
   [ -f "$out/$v/robustness$tag/robustness.json" ] || continue
   case "$v" in
     plain) stages="[$out/plain/watermark,runs/demo/embed]" ;;

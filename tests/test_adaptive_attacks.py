@@ -71,11 +71,11 @@ def test_adaptive_attacks_have_default_grids_in_the_robustness_grid():
     assert sweep["grid"]["attacks"] == []  # the digits sweep runs every registered attack, the adaptive ones too
 
 
-@pytest.mark.parametrize("name", ["digits_adaptive", "digits_adaptive10"])
-def test_null_population_takes_the_adaptive_attacks(name):
+@pytest.mark.parametrize("population", ["digits_adaptive", "digits_adaptive10"])
+def test_null_population_takes_the_adaptive_attacks(population):
     from dist_awenc.config import CalibrateConfig, load_config
 
-    path = ROOT / f"configs/sweep/null/{name}.yaml"
+    path = ROOT / f"configs/sweep/null/{population}.yaml"
     cfg = yaml.safe_load(path.read_text())
     load_config(CalibrateConfig, path)
     parsed = [C.parse_attack(a) for a in cfg["population"]["attacks"]]

@@ -10,6 +10,7 @@ threshold, and the white-box tau* per seed.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -41,8 +42,6 @@ def main() -> None:
 
 
 def _threshold(path: Path) -> float:
-    import json
-
     return float(json.loads(path.read_text())["modes"]["whitebox"]["threshold"])
 
 
