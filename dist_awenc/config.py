@@ -175,6 +175,8 @@ class RehearsalSection:
     surrogates: list[str] = field(default_factory=list)  # attack:strength applied to f0 on the owner's data
     references: int = 0  # independent encoders pre-trained like f0 (seeds 7000 + r)
     reference_weight: float = 1.0
+    # more architectures (name[:width]) for the references, `references` encoders each, pre-trained like f0 otherwise
+    reference_archs: list[str] = field(default_factory=list)
 
 
 @dataclass

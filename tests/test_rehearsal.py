@@ -13,7 +13,8 @@ from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.encoders.io import build_encoder, load_encoder
 from dist_awenc.errors import ConfigError
 from dist_awenc.watermark.perturbation import Rehearsal, rehearsal_terms
-from dist_awenc.watermark.rehearsal import REFERENCE_SEED, check_rehearsal, fingerprint
+from dist_awenc.watermark.rehearsal import (REFERENCE_SEED, build_references, check_rehearsal, fingerprint,
+                                            reference_specs)
 
 SURROGATES = ["distill:1", "prune_global:0.5"]
 
@@ -43,6 +44,20 @@ def test_bad_settings_are_one_line_errors():
         check_rehearsal(["distill"], 0, 1.0)
     with pytest.raises(ConfigError, match="references >= 0"):
         check_rehearsal([], -1, 1.0)
+    with pytest.raises(ConfigError, match=r"rehearsal.reference_archs: 'tiny:wide' is not name or name:width"):
+        check_rehearsal([], 1, 1.0, ["tiny:wide"])
+    with pytest.raises(ConfigError, match=r"rehearsal.reference_archs: 'no_such_net'.*unknown encoder"):
+        check_rehearsal([], 1, 1.0, ["no_such_net"])
+    with pytest.raises(ConfigError, match=r"references in 1..99 .*not 0"):
+        check_rehearsal([], 0, 1.0, ["tiny_resnet:16"])
+
+
+def test_references_of_other_architectures_have_their_own_seeds_after_f0s():
+    specs = reference_specs(2, ["tiny_resnet:16", "tiny"])
+    assert specs == [("reference_0", 7000, None), ("reference_1", 7001, None),
+                     ("reference_tiny_resnet16_0", 7100, "tiny_resnet:16"), ("reference_tiny_resnet16_1", 7101, "tiny_resnet:16"),
+                     ("reference_tiny_0", 7200, "tiny"), ("reference_tiny_1", 7201, "tiny")]
+    assert reference_specs(3) == [(f"reference_{r}", REFERENCE_SEED + r, None) for r in range(3)]  # as before the option
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +74,7 @@ def test_watermark_records_the_rehearsal_and_makes_the_alternatives_with_it(rehe
     root, f0_path, secret_path = rehearsed
     secret = load_secret(secret_path)
     rec = secret.meta["rehearsal"]
-    assert rec["surrogates"] == SURROGATES and rec["reference_seeds"] == [REFERENCE_SEED]
+    assert rec["surrogates"] == SURROGATES and rec["reference_seeds"] == [REFERENCE_SEED] and "reference_archs" not in rec
     surrogate_files = sorted((root / "wm" / "rehearsal" / "surrogates").glob("*/encoder.safetensors"))
     reference = root / "wm" / "rehearsal" / "references" / "reference_0" / "encoder.safetensors"
     members = [load_encoder(p)[0] for p in (*surrogate_files, reference)]
@@ -81,6 +96,19 @@ def test_watermark_records_the_rehearsal_and_makes_the_alternatives_with_it(rehe
     torch.testing.assert_close(alt.deltas[0], again, atol=1e-6, rtol=0)
     plain, _ = generate_delta(enc, pool, alt.keys[0], seed=alt.seeds[0], steps=4, batch_size=16, progress=False)
     assert not torch.equal(plain, alt.deltas[0])
+
+
+def test_a_reference_of_another_architecture_is_pretrained_like_f0_otherwise(tmp_path, rehearsed):
+    _, f0_path, _ = rehearsed
+    refs = build_references(f0_path, 1, tmp_path, ["tiny_resnet:4"])
+    assert len(refs) == 2
+    f0_cfg = load_config(PretrainConfig, Path(f0_path).parent / "config.yaml")
+    same = load_config(PretrainConfig, tmp_path / "reference_0" / "config.yaml")
+    other = load_config(PretrainConfig, tmp_path / "reference_tiny_resnet4_0" / "config.yaml")
+    assert (same.encoder, same.run.seed) == (f0_cfg.encoder, REFERENCE_SEED)
+    assert (other.encoder.arch, other.encoder.width, other.run.seed) == ("tiny_resnet", 4, REFERENCE_SEED + 100)
+    assert (other.encoder.norm, other.ssl, other.train.max_steps) == (f0_cfg.encoder.norm, f0_cfg.ssl, f0_cfg.train.max_steps)
+    assert load_encoder(tmp_path / "reference_tiny_resnet4_0" / "encoder.safetensors")[1]["arch"] == "tiny_resnet"
 
 
 def test_a_query_side_surrogate_is_refused(tmp_path, rehearsed):

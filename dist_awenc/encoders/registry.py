@@ -10,7 +10,7 @@ them; ``resolve(rest)`` returns the factory of that name or raises a one-line Co
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -89,3 +89,15 @@ def arch_kwargs(name: str, **kwargs) -> dict:
     """The subset of ``kwargs`` that backbone ``name`` takes (for callers that offer a superset on purpose)."""
     params = _params(name)
     return {k: v for k, v in kwargs.items() if k in params}
+
+
+def parse_arch(spec: str, key: str = "population.archs") -> tuple[str, Optional[int]]:
+    """``name[:width]`` -> (name, width or None); the name must be a known backbone (one-line error naming ``key``)."""
+    name, _, width = str(spec).partition(":")
+    if width and not width.isdigit():
+        raise ConfigError(f"{key}: '{spec}' is not name or name:width (e.g. tiny:32, tiny_resnet:16, resnet18)")
+    try:
+        factory(name)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: '{spec}': {e}") from None
+    return name, int(width) if width else None

@@ -32,6 +32,7 @@ from dist_awenc.config import (CalibrateConfig, EncoderSection, PlanSection, Pre
                                WatermarkConfig, load_config)
 from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import atomic_write_text, load_card, load_encoder, resolve_encoder_path, sha256_file
+from dist_awenc.encoders.registry import parse_arch
 from dist_awenc.engine.log import info, warn
 from dist_awenc.errors import ConfigError
 from dist_awenc.evaluate.downstream import evaluate_encoder, group_labels, probe_options, task_classes
@@ -58,14 +59,6 @@ def collect_samples(mode: str, encoder: torch.nn.Module, downstream: torch.nn.Mo
         return hm, hr
     hm, hr, _ = label_hits(lambda b: downstream(b).argmax(1), secret, images)
     return hm, hr
-
-
-def parse_arch(spec: str) -> tuple[str, Optional[int]]:
-    """``name[:width]`` -> (name, width or None)."""
-    name, _, width = spec.partition(":")
-    if width and not width.isdigit():
-        raise ConfigError(f"population.archs: '{spec}' is not name or name:width (e.g. tiny:32, tiny_resnet:16, resnet18)")
-    return name, int(width) if width else None
 
 
 def parse_attack(spec: str) -> tuple[str, float]:

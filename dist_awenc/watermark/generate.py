@@ -96,7 +96,7 @@ def watermark(cfg: WatermarkConfig) -> Path:
     robust = TransformParams.of(cfg.robust)
     transform = make_transform(robust)  # one transform for the owner's secret and its alternatives alike
     rh = cfg.rehearsal
-    check_rehearsal(rh.surrogates, rh.references, rh.reference_weight)
+    check_rehearsal(rh.surrogates, rh.references, rh.reference_weight, rh.reference_archs)
     encoder, card = load_encoder(cfg.encoder)
     if card["input_size"] != cfg.data.image_size:
         raise ArtifactError(f"encoder was trained at {card['input_size']} px but data.image_size={cfg.data.image_size}")

@@ -16,18 +16,23 @@ ICLR 2021; SSLGuard's shadow encoder plays the same role).
 The references are seeded 7000 + r: disjoint from the demo's encoders (0, 1)
 and from the calibration's null population (1000 + seed), so calibration and
 the "independent" comparisons never test an encoder the secret was tuned
-against. Surrogates and references are cached in the watermark run folder.
+against. ``reference_archs`` adds references of other architectures (a pirate
+may distil into one, and strangers of that architecture must stay quiet too):
+``references`` of each, seeded 7000 + 100 a + r for the a-th listed one.
+Surrogates and references are cached in the watermark run folder.
 """
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
 from dist_awenc.data.stream import IndexedImages
 from dist_awenc.data.splits import derive_seed
 from dist_awenc.encoders.io import Encoder, load_encoder, save_encoder
+from dist_awenc.encoders.registry import parse_arch
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.watermark.perturbation import Rehearsal
@@ -49,8 +54,14 @@ def parse_surrogate(spec: str) -> tuple[str, float]:
         raise ConfigError(f"rehearsal.surrogates: '{spec}': strength must be a number") from None
 
 
-def check_rehearsal(surrogates: list[str], references: int, reference_weight: float) -> None:
+def check_rehearsal(surrogates: list[str], references: int, reference_weight: float,
+                    reference_archs: Sequence[str] = ()) -> None:
     """One-line ConfigError for rehearsal settings out of range (before a run folder exists)."""
+    for spec in reference_archs:
+        parse_arch(spec, "rehearsal.reference_archs")
+    if reference_archs and not 1 <= references <= 99:  # seeds 7000 + 100 a + r stay apart
+        raise ConfigError(f"rehearsal.reference_archs needs rehearsal.references in 1..99 (the count per "
+                          f"architecture), not {references}")
     for s in surrogates:
         if parse_surrogate(s)[0].startswith("query_"):
             raise ConfigError(f"rehearsal.surrogates: '{s}' is a query-side attack; the surrogates must be encoders")
@@ -80,8 +91,18 @@ def build_surrogates(f0: Encoder, card: dict, specs: list[str], images: torch.Te
     return out
 
 
-def build_references(f0_path: str | Path, count: int, out_dir: Path) -> list[Encoder]:
-    """``count`` encoders pre-trained exactly like f0 (its run's config.yaml) with seeds 7000 + r."""
+def reference_specs(count: int, archs: Sequence[str] = ()) -> list[tuple[str, int, Optional[str]]]:
+    """(run name, seed, architecture or None for f0's) of each reference: f0's architecture first, as always."""
+    out = [(f"reference_{r}", REFERENCE_SEED + r, None) for r in range(count)]
+    for a, spec in enumerate(archs, start=1):
+        name, width = parse_arch(spec, "rehearsal.reference_archs")
+        out += [(f"reference_{name}{width or ''}_{r}", REFERENCE_SEED + 100 * a + r, spec) for r in range(count)]
+    return out
+
+
+def build_references(f0_path: str | Path, count: int, out_dir: Path, archs: Sequence[str] = ()) -> list[Encoder]:
+    """``count`` encoders pre-trained exactly like f0 (its run's config.yaml) with seeds 7000 + r, and ``count`` of
+    each architecture of ``archs`` (name[:width]; otherwise like f0) with seeds 7000 + 100 a + r."""
     if not count:
         return []
     from dist_awenc.config import PretrainConfig, RunSection, load_config
@@ -94,11 +115,17 @@ def build_references(f0_path: str | Path, count: int, out_dir: Path) -> list[Enc
         raise ArtifactError(f"rehearsal.references needs f0's run config ({run_cfg} not found): references are "
                             "pre-trained exactly like f0")
     owner = load_config(PretrainConfig, run_cfg)
+    specs = reference_specs(count, archs)
     out = []
-    for r in range(count):
-        cfg = replace(owner, run=RunSection(name=f"reference_{r}", out_dir=str(out_dir), seed=REFERENCE_SEED + r),
+    for i, (name, seed, arch) in enumerate(specs):
+        encoder = owner.encoder
+        if arch is not None:  # as the null population does: the architecture and width change, the rest is f0's
+            arch_name, width = parse_arch(arch, "rehearsal.reference_archs")
+            encoder = replace(owner.encoder, arch=arch_name, width=width, stem=None)
+        cfg = replace(owner, run=RunSection(name=name, out_dir=str(out_dir), seed=seed), encoder=encoder,
                       train=replace(owner.train, progress=False))
-        info(f"rehearsal: reference encoder {r + 1}/{count} (pre-trained like f0, seed {REFERENCE_SEED + r})")
+        info(f"rehearsal: reference encoder {i + 1}/{len(specs)} (pre-trained like f0{f', as {arch}' if arch else ''}, "
+             f"seed {seed})")
         out.append(load_encoder(reuse_or_run(cfg, pretrain, "encoder.safetensors"))[0])
     return out
 
@@ -117,9 +144,11 @@ def prepare_rehearsal(f0: Encoder, card: dict, cfg, dataset, pretrain_indices, o
     labels = dataset.labels[torch.as_tensor(pretrain_indices, dtype=torch.long)]
     surrogates = build_surrogates(f0, card, list(rh.surrogates), images, labels, dataset.num_classes,
                                   out_dir / "surrogates", derive_seed(cfg.run.seed, "rehearsal"))
-    references = build_references(cfg.encoder, rh.references, out_dir / "references")
+    archs = list(rh.reference_archs)
+    references = build_references(cfg.encoder, rh.references, out_dir / "references", archs)
     record = {"surrogates": list(rh.surrogates), "references": rh.references,
-              "reference_seeds": [REFERENCE_SEED + r for r in range(rh.references)],
+              "reference_seeds": [seed for _, seed, _ in reference_specs(rh.references, archs)],
+              **({"reference_archs": archs} if archs else {}),  # only when used: older secrets keep their record
               "reference_weight": rh.reference_weight,
               "encoders_sha256": [fingerprint(e) for e in (*surrogates, *references)]}
     return Rehearsal(surrogates, references, rh.reference_weight), record
