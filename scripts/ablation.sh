@@ -7,7 +7,8 @@
 #    student among the surrogates and 4 references; rehearsal30arch: and one of the other architecture;
 #    rehearsal_refs4: rehearsal with 4 references; both_refs4 / both_mixed_refs4: both / both_mixed with 4 references;
 #    rehearsal_refs8: rehearsal with 8 references; rehearsal_ens: rehearsal_refs4 with three students (10, 10 and 30 epochs);
-#    rehearsal_ens8: rehearsal_ens with 8 references)
+#    rehearsal_ens8: rehearsal_ens with 8 references; rehearsal_ens_arch: rehearsal_ens with the other architecture's
+#    30-epoch student too, and 4 references of that architecture beside f0's)
 # on the demo's f0, with the demo's stage-1/stage-2 settings, one attack grid (configs/robustness/ablation.yaml),
 # and for each variant a calibration of its own secret on the same null population (the committed one,
 # runs/calibration/population, plus attacked copies by the adaptive attacks: configs/sweep/null/digits_adaptive.yaml).
@@ -36,14 +37,16 @@ rehearse_refs4=$(rehearsal_of distill:10 4)
 rehearse_refs8=$(rehearsal_of distill:10 8)
 rehearse_ens=$(rehearsal_of distill:10,distill:10,distill:30 4)
 rehearse_ens8=$(rehearsal_of distill:10,distill:10,distill:30 8)
+rehearse_ens_arch="$(rehearsal_of distill:10,distill:10,distill:30,distill_arch:30 4) rehearsal.reference_archs=[tiny_resnet:16]"
 shadow='shadow.weight=1 shadow.refresh=70'
 case "${ABLATION_NULLS:-30}" in
   30) nulls=configs/sweep/null/digits_adaptive.yaml; tag= ;;
   60) nulls=configs/sweep/null/digits_adaptive10.yaml; tag=60 ;;
   *) echo "ablation: ABLATION_NULLS must be 30 or 60 (null families), not '$ABLATION_NULLS'" >&2; exit 2 ;;
 esac
-known=(plain eot rehearsal rehearsal30 rehearsal30arch rehearsal_refs4 rehearsal_refs8 rehearsal_ens rehearsal_ens8 both both_refs4 eot_mixed both_mixed
-       both_mixed30 both_mixed_refs4 shadow rehearsal_refs4_shadow rehearsal_refs8_shadow eot_mixed_shadow both_mixed_shadow both_mixed30_shadow)  # the table's rows, in this order
+known=(plain eot rehearsal rehearsal30 rehearsal30arch rehearsal_refs4 rehearsal_refs8 rehearsal_ens rehearsal_ens8
+       rehearsal_ens_arch both both_refs4 eot_mixed both_mixed both_mixed30 both_mixed_refs4 shadow rehearsal_refs4_shadow
+       rehearsal_refs8_shadow eot_mixed_shadow both_mixed_shadow both_mixed30_shadow)  # the table's rows, in this order
 variants=("${@:-plain eot rehearsal both}")
 # shellcheck disable=SC2206
 variants=(${variants[*]})
@@ -66,6 +69,8 @@ flags_of() {  # the stage-1/stage-2 switches of a variant without its shadow
     rehearsal_ens) flags=($rehearse_ens) ;;
     # shellcheck disable=SC2206
     rehearsal_ens8) flags=($rehearse_ens8) ;;
+    # shellcheck disable=SC2206
+    rehearsal_ens_arch) flags=($rehearse_ens_arch) ;;
     # shellcheck disable=SC2206
     both) flags=("$eot" $rehearse) ;;
     # shellcheck disable=SC2206
