@@ -237,3 +237,14 @@ def test_query_purify_smooths_and_is_recorded(data, digits):
     assert info["query_transform"] == {"kind": "purify", "strength": 0.5, "seed": 0}
     assert isinstance(out, TransformedEncoder) and out.backbone is not enc.backbone and info["rel_weight_change"] == 0.0
     assert attacked_card(card, info, out)["query_transform"] == info["query_transform"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs/robustness").glob("*.yaml")))
+def test_every_robustness_grid_loads_with_registered_attacks_at_their_grid_strengths(name):
+    from dist_awenc.config import load_config
+    from dist_awenc.robustness import RobustnessConfig
+
+    cfg = load_config(RobustnessConfig, ROOT / f"configs/robustness/{name}.yaml")
+    assert cfg.grid.attacks and set(cfg.grid.attacks) <= set(ATTACKS)
+    for attack, strengths in cfg.grid.strengths.items():
+        assert attack in cfg.grid.attacks and set(strengths) <= set(ATTACK_STRENGTHS[attack]), (attack, strengths)
