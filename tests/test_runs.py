@@ -187,6 +187,25 @@ def test_a_folder_from_before_the_robust_section_is_the_same_run_as_robust_off(t
     assert config_difference(tmp_path / "wm", on)[0] == "robust"
 
 
+def test_a_folder_from_before_reference_archs_is_the_same_run_without_them(tmp_path):
+    """rehearsal.reference_archs was added at [] (references of f0's architecture only), in watermark and calibrate
+    configs alike (a calibration's secret_i folders are watermark runs); a listed architecture is another run."""
+    import yaml
+
+    from dist_awenc.config import WatermarkConfig, to_yaml
+    from dist_awenc.runs import config_difference
+
+    base = [f"run.out_dir={tmp_path}", "run.name=wm", "encoder=f0.safetensors", "rehearsal.references=2"]
+    cfg = load_config(WatermarkConfig, None, base)
+    old = yaml.safe_load(to_yaml(cfg))
+    del old["rehearsal"]["reference_archs"]
+    (tmp_path / "wm").mkdir()
+    (tmp_path / "wm" / "config.yaml").write_text(yaml.safe_dump(old))
+    assert config_difference(tmp_path / "wm", cfg) is None
+    more = load_config(WatermarkConfig, None, base + ["rehearsal.reference_archs=[tiny_resnet:16]"])
+    assert config_difference(tmp_path / "wm", more)[0] == "rehearsal.reference_archs"
+
+
 def test_a_pretraining_folder_from_before_views_crop_is_the_same_run_at_device(tmp_path):
     """views.crop was added at ``device``, how every earlier run cut its views; ``decode`` is another run."""
     import yaml
