@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
-VARIANTS = ["plain", "rehearsal30", "both_mixed30", "both_mixed30_shadow", "rehearsal30arch", "rehearsal_refs4"]
+VARIANTS = ["plain", "rehearsal30", "both_mixed30", "both_mixed30_shadow", "rehearsal30arch", "rehearsal_refs4",
+            "rehearsal_refs4_shadow", "rehearsal_refs8", "both_refs4", "rehearsal_ens"]
 ATTACKS = [("distill", "30"), ("distill_arch", "30"), ("adversarial_finetune", "3")]
 MODES = ["whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse"]
 
