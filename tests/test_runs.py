@@ -149,18 +149,31 @@ def test_real_pretraining_is_reused_with_a_progress_bar(tmp_path):
     assert again == out and snapshot(out.parent) == before
 
 
-def test_a_folder_from_before_a_field_existed_is_the_same_run_at_its_default(tmp_path):
-    """data.splits, verify.classes and downstream's classes were added later at the values old runs used."""
+def _folder_from_before(tmp_path, name: str, cfg, *fields: str):
+    """A run folder whose config.yaml is ``cfg``'s without ``fields`` (dotted paths): written before they existed."""
     import yaml
 
-    from dist_awenc.config import DownstreamConfig, to_yaml
+    from dist_awenc.config import to_yaml
+
+    old = yaml.safe_load(to_yaml(cfg))
+    for path in fields:
+        *parents, last = path.split(".")
+        node = old
+        for key in parents:
+            node = node[key]
+        del node[last]
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(old))
+    return tmp_path / name
+
+
+def test_a_folder_from_before_a_field_existed_is_the_same_run_at_its_default(tmp_path):
+    """data.splits, verify.classes and downstream's classes were added later at the values old runs used."""
+    from dist_awenc.config import DownstreamConfig
     from dist_awenc.runs import config_difference
 
     cfg = load_config(DownstreamConfig, None, [f"run.out_dir={tmp_path}", "run.name=d", "encoder=f0.safetensors"])
-    old = yaml.safe_load(to_yaml(cfg))
-    del old["data"]["splits"], old["classes"]
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "config.yaml").write_text(yaml.safe_dump(old))
+    _folder_from_before(tmp_path, "d", cfg, "data.splits", "classes")
     assert config_difference(tmp_path / "d", cfg) is None
     other = load_config(DownstreamConfig, None, [f"run.out_dir={tmp_path}", "run.name=d", "encoder=f0.safetensors",
                                                  "data.splits=[0.8,0.1,0.1]"])
@@ -171,16 +184,11 @@ def test_a_folder_from_before_a_field_existed_is_the_same_run_at_its_default(tmp
 
 def test_a_folder_from_before_the_robust_section_is_the_same_run_as_robust_off(tmp_path):
     """A run written before `robust:` existed is reused by a config holding it at its defaults (off), not with it on."""
-    import yaml
-
-    from dist_awenc.config import WatermarkConfig, to_yaml
+    from dist_awenc.config import WatermarkConfig
     from dist_awenc.runs import config_difference
 
     cfg = load_config(WatermarkConfig, None, [f"run.out_dir={tmp_path}", "run.name=wm", "encoder=f0.safetensors"])
-    old = yaml.safe_load(to_yaml(cfg))
-    del old["robust"]
-    (tmp_path / "wm").mkdir()
-    (tmp_path / "wm" / "config.yaml").write_text(yaml.safe_dump(old))
+    _folder_from_before(tmp_path, "wm", cfg, "robust")
     assert config_difference(tmp_path / "wm", cfg) is None
     on = load_config(WatermarkConfig, None, [f"run.out_dir={tmp_path}", "run.name=wm", "encoder=f0.safetensors",
                                              "robust.transforms=[jpeg]"])
@@ -190,17 +198,12 @@ def test_a_folder_from_before_the_robust_section_is_the_same_run_as_robust_off(t
 def test_a_folder_from_before_reference_archs_is_the_same_run_without_them(tmp_path):
     """rehearsal.reference_archs was added at [] (references of f0's architecture only), in watermark and calibrate
     configs alike (a calibration's secret_i folders are watermark runs); a listed architecture is another run."""
-    import yaml
-
-    from dist_awenc.config import WatermarkConfig, to_yaml
+    from dist_awenc.config import WatermarkConfig
     from dist_awenc.runs import config_difference
 
     base = [f"run.out_dir={tmp_path}", "run.name=wm", "encoder=f0.safetensors", "rehearsal.references=2"]
     cfg = load_config(WatermarkConfig, None, base)
-    old = yaml.safe_load(to_yaml(cfg))
-    del old["rehearsal"]["reference_archs"]
-    (tmp_path / "wm").mkdir()
-    (tmp_path / "wm" / "config.yaml").write_text(yaml.safe_dump(old))
+    _folder_from_before(tmp_path, "wm", cfg, "rehearsal.reference_archs")
     assert config_difference(tmp_path / "wm", cfg) is None
     more = load_config(WatermarkConfig, None, base + ["rehearsal.reference_archs=[tiny_resnet:16]"])
     assert config_difference(tmp_path / "wm", more)[0] == "rehearsal.reference_archs"
@@ -208,16 +211,10 @@ def test_a_folder_from_before_reference_archs_is_the_same_run_without_them(tmp_p
 
 def test_a_pretraining_folder_from_before_views_crop_is_the_same_run_at_device(tmp_path):
     """views.crop was added at ``device``, how every earlier run cut its views; ``decode`` is another run."""
-    import yaml
-
-    from dist_awenc.config import to_yaml
     from dist_awenc.runs import config_difference
 
     base = [f"run.out_dir={tmp_path}", "run.name=p"]
     cfg = load_config(PretrainConfig, None, base)
-    old = yaml.safe_load(to_yaml(cfg))
-    del old["views"]["crop"]
-    (tmp_path / "p").mkdir()
-    (tmp_path / "p" / "config.yaml").write_text(yaml.safe_dump(old))
+    _folder_from_before(tmp_path, "p", cfg, "views.crop")
     assert config_difference(tmp_path / "p", cfg) is None
     assert config_difference(tmp_path / "p", load_config(PretrainConfig, None, base + ["views.crop=decode"]))[0] == "views.crop"

@@ -22,7 +22,7 @@ import itertools
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
