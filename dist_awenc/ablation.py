@@ -159,7 +159,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {v['variant']} | {v['linear_probe']:.4f} ({100 * v['probe_change']:+.1f}) | {v['knn']:.4f} "
                      f"({100 * v['knn_change']:+.1f}) | {tprs} | {fp} | {cost} |")
     lines += ["", "† held-out null families were detected too at this threshold: the TPR is not backed by the "
-              "calibration (its threshold, the maximum over the calibration families, is too low for this secret)."]
+              "calibration (its threshold, the maximum over the calibration families, was too low for this split). "
+              "Even for a correct calibration, at least one of m held-out families crosses the maximum of m' "
+              "calibration families with probability m / (m' + m), 1/2 for 30 and 30: a † is partly a draw of the "
+              "split, so compare variants on their thresholds and tau* too, not on † alone."]
     if "targets" in report:
         lines += _targets_markdown(report)
     lines += ["", "Missed derivatives (utility kept, not detected):", ""]

@@ -42,6 +42,7 @@ def test_summary_counts_families_and_never_reports_an_in_sample_rate():
 
     md = markdown(rep)
     assert "Clopper-Pearson" in md and "zero by construction" in md
+    assert "exceeds the maximum of 10 calibration families with probability 0.50" in md
     assert sum(line.startswith("| e") for line in md.splitlines()) == 1 + 20  # header + every held-out encoder
     held = set(rep["heldout_families"])
     assert len(held) == 10 and set(rep["calibration_families"]) == {f"e{i}" for i in range(20)} - held
@@ -70,6 +71,35 @@ def test_zero_of_m_heldout_families_gives_the_exact_bound():
         h = m["heldout"]
         if h["false_positive_families"] == 0:
             assert h["heldout_fpr_upper_95"] == pytest.approx(1 - 0.05 ** (1 / 15), abs=1e-9)
+
+
+def test_a_correct_calibration_lets_a_heldout_family_through_about_half_the_time():
+    """Simulated size: i.i.d. null families (two members each), threshold set by summarise on half of them.
+
+    The share of splits with at least one held-out positive matches heldout_crossing_probability (1/2 for 30
+    and 30), so "no held-out positive" is a coin flip, not a property of a secret; each held-out family crosses
+    with probability at most the reported order-statistic bound 1 / (m' + 1).
+    """
+    from dist_awenc.verify.calibration import heldout_crossing_probability
+
+    rng = np.random.default_rng(0)
+    trials, any_crossing, crossings, families = 400, 0, 0, 0
+    for t in range(trials):
+        nulls = []
+        for i in range(60):
+            parent, attacked = rng.normal(size=2)
+            nulls += [_null(f"e{i}", f"e{i}", float(parent)), _null(f"e{i}__prune", f"e{i}", float(attacked))]
+        h = summarise(nulls, None, 1e-3, 0.5, seed=t)["modes"]["whitebox"]["heldout"]
+        any_crossing += h["false_positive_families"] > 0
+        crossings += h["false_positive_families"]
+        families += h["families"]
+    expected = heldout_crossing_probability(30, 30)
+    assert expected == pytest.approx(0.5)
+    se = (expected * (1 - expected) / trials) ** 0.5
+    assert abs(any_crossing / trials - expected) < 4 * se
+    assert crossings / families == pytest.approx(1 / 31, abs=0.01)  # per family: the order-statistic bound, attained
+    with pytest.raises(ValueError, match="calibration family"):
+        heldout_crossing_probability(0, 30)
 
 
 def _owner(tmp_path, alternatives=2):

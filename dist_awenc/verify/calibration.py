@@ -17,6 +17,12 @@ bounds, each labelled as what it is:
   exceeds the maximum of m' calibration families with probability at most
   ``1 / (m' + 1)``.
 
+By the same exchangeability, at least one of m held-out families exceeds the
+maximum of m' calibration families with probability ``m / (m' + m)`` even when
+the calibration is right (1/2 for 30 and 30; :func:`heldout_crossing_probability`):
+a held-out positive is expected about half the time, and the Clopper-Pearson
+bound accounts for it; zero held-out positives is not a property of a secret.
+
 A bound over the calibration families is zero by construction and is never
 reported. The owner's f0 is not a null: it is reported as the owner's
 reference. A calibration records its conditions (secret, alpha, n per mode,
@@ -240,6 +246,19 @@ def _short(v: Any) -> str:
     return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else repr(v)
 
 
+def heldout_crossing_probability(calibration_families: int, heldout_families: int) -> float:
+    """P(at least one held-out family exceeds the maximum of the calibration families) for exchangeable families.
+
+    The largest of ``m' + m`` exchangeable statistics (no ties) is equally likely to be any of them, so it is a
+    held-out one with probability ``m / (m' + m)``, and that happens exactly when some held-out family crosses
+    the threshold. Ties (many nulls at ``tau* = 0`` in the label modes) only make a crossing less likely.
+    """
+    if calibration_families < 1 or heldout_families < 0:
+        raise ValueError(f"need at least one calibration family and a non-negative held-out count, not "
+                         f"{calibration_families} and {heldout_families}")
+    return heldout_families / (calibration_families + heldout_families)
+
+
 def markdown(report: dict) -> str:
     """The calibration as a reader checks it: thresholds, both bounds, and every held-out null encoder."""
     c = report["conditions"]
@@ -256,6 +275,13 @@ def markdown(report: dict) -> str:
         owner = f"{o['tau_star']:.4f}" + (" (above the threshold)" if o["detected_at_threshold"] else "") if o else "n/a"
         lines.append(f"| {mode} | {m['threshold']:.4f} | {m['calibration']['families']} | {h['families']} | "
                      f"{h['false_positive_families']} | {bound} | {m['exceed_probability_bound']:.3f} | {owner} |")
+    first = next(iter(report["modes"].values()))
+    m_cal, m_held = first["calibration"]["families"], first["heldout"]["families"]
+    if m_held:
+        lines += ["", f"Even when nothing is wrong, at least one of {m_held} held-out families exceeds the maximum of "
+                  f"{m_cal} calibration families with probability {heldout_crossing_probability(m_cal, m_held):.2f} "
+                  "(exchangeable families; ties make it less): a held-out positive or two in a mode is what a "
+                  "correct calibration produces about that often, and the exact bound above accounts for it."]
     lc = report.get("label_classes") or {}
     if lc.get("regrouped"):
         lines += ["", f"`blackbox_label@k`, `blackbox_collapse@k`: the label-only modes on the pirate's {lc['task']}-class task regrouped into k classes "
