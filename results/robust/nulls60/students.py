@@ -6,9 +6,13 @@ five seeds keep the pirate's accuracy within 5 points, how many of those each mo
 threshold, and the white-box tau* per seed.
 
     .venv/bin/python results/robust/nulls60/students.py
+    .venv/bin/python results/robust/nulls60/students.py --out results/robust/nulls60_xeon --variants plain rehearsal_ens
+
+(--out: the folder whose students.md is written; --variants: the rows, default every variant committed here.)
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 from pathlib import Path
@@ -16,30 +20,45 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 VARIANTS = ["plain", "rehearsal30", "both_mixed30", "both_mixed30_shadow", "rehearsal30arch", "rehearsal_refs4",
             "rehearsal_refs4_shadow", "rehearsal_refs8", "both_refs4", "rehearsal_ens"]
-ATTACKS = [("distill", "30"), ("distill_arch", "30"), ("adversarial_finetune", "3")]
 MODES = ["whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse"]
 
 
 def main() -> None:
-    lines = ["# The escaping derivatives over five seeds (60-family calibration)", "",
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="folder to write students.md into")
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="variants (runs/ablation/<variant>), in order")
+    parser.add_argument("--run", default="students60", help="the five-seed run of each variant: students60 "
+                        "(configs/robustness/students.yaml, writes students.md) or students10 (students10.yaml, "
+                        "writes students10.md)")
+    args = parser.parse_args()
+    lines = [f"# The {'10-epoch students' if args.run == 'students10' else 'escaping derivatives'} over five seeds "
+             "(60-family calibration)", "",
              "Kept: seeds whose pirate accuracy stays within 5 points of the clean encoder's. Each mode column: of those, "
              "how many its calibrated threshold detects. tau*: white-box, per seed 0-4 (threshold in brackets).", "",
              "| variant | derivative | kept | white-box | score | label | collapse | white-box tau* per seed |",
              "|---|---|---|---|---|---|---|---|"]
-    for v in VARIANTS:
-        rows = list(csv.DictReader((ROOT / f"runs/ablation/{v}/students60/robustness.csv").open(newline="")))
+    for v in args.variants:
+        rows = list(csv.DictReader((ROOT / f"runs/ablation/{v}/{args.run}/robustness.csv").open(newline="")))
         cal = v.removesuffix("_shadow")
         threshold = _threshold(ROOT / f"runs/ablation/{cal}/calibration60/calibration.json")
-        for attack, strength in ATTACKS:
+        attacks = {(r["attack"], r["strength"]) for r in rows if r["attack"] != "none"}
+        for attack, strength in sorted(attacks, key=_row_order):
             rs = sorted((r for r in rows if r["attack"] == attack and float(r["strength"]) == float(strength)),
                         key=lambda r: int(r["seed"]))
             kept = [r for r in rs if r["keeps_utility"] == "True"]
             hits = [f"{sum(r[f'calibrated_{m}'] == 'True' for r in kept)}/{len(kept)}" for m in MODES]
             taus = ", ".join(f"{float(r['tau_star_whitebox']):.4f}" for r in rs)
-            lines.append(f"| {v} | {attack}@{strength} | {len(kept)}/{len(rs)} | " + " | ".join(hits)
+            lines.append(f"| {v} | {attack}@{float(strength):g} | {len(kept)}/{len(rs)} | " + " | ".join(hits)
                          + f" | {taus} ({threshold:.4f}) |")
-    (Path(__file__).parent / "students.md").write_text("\n".join(lines) + "\n")
+    name = "students.md" if args.run == "students60" else f"{args.run}.md"
+    (args.out / name).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _row_order(pair: tuple[str, str]) -> tuple[int, str, float]:
+    """The students first (distill, distill_arch), then the other attacks by name."""
+    first = {"distill": 0, "distill_arch": 1}
+    return first.get(pair[0], 2), pair[0], float(pair[1])
 
 
 def _threshold(path: Path) -> float:
