@@ -181,7 +181,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
     names = [v["variant"] for v in report["variants"]]
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.6 + 1.4 * len(names)), 3.8))  # wide enough for the title
+    per = max(1.4, 0.11 * max(len(n) for n in names))  # inches a variant: its name fits under its bars
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.6 + per * len(names)), 3.8))  # and wide enough for the title
     modes = _modes(report)
     width = 0.8 / len(modes)
     for j, m in enumerate(modes):
