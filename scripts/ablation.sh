@@ -46,7 +46,7 @@ case "${ABLATION_NULLS:-30}" in
 esac
 known=(plain eot rehearsal rehearsal30 rehearsal30arch rehearsal_refs4 rehearsal_refs8 rehearsal_ens rehearsal_ens8
        rehearsal_ens_arch both both_refs4 eot_mixed both_mixed both_mixed30 both_mixed_refs4 shadow rehearsal_refs4_shadow
-       rehearsal_refs8_shadow eot_mixed_shadow both_mixed_shadow both_mixed30_shadow)  # the table's rows, in this order
+       rehearsal_refs8_shadow rehearsal_ens_shadow eot_mixed_shadow both_mixed_shadow both_mixed30_shadow)  # the table's rows, in this order
 variants=("${@:-plain eot rehearsal both}")
 # shellcheck disable=SC2206
 variants=(${variants[*]})
