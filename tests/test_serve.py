@@ -490,8 +490,11 @@ def test_serve_process_and_ctrl_c(model_path, images, model):
     code = ("import sys; from dist_awenc.serve import serve; "
             "serve(sys.argv[1], host='127.0.0.1', port=0, labels_only=True)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # as from a terminal: a runner started in the background (`cmd &` without job control) ignores SIGINT, and a
+    # child inherits that, so Python would install no KeyboardInterrupt handler and Ctrl-C would do nothing
     proc = subprocess.Popen([sys.executable, "-c", code, str(model_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline().strip()
         assert line.startswith(f"serving {model_path} on http://127.0.0.1:") and line.endswith("/predict (labels only)")
