@@ -27,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="folder to write students.md into")
     parser.add_argument("--variants", nargs="+", default=VARIANTS, help="variants (runs/ablation/<variant>), in order")
-    parser.add_argument("--run", default="students60", help="the five-seed run of each variant: students60 "
+    parser.add_argument("--run", default="students60", choices=["students60", "students10"], help="the five-seed run of each variant: students60 "
                         "(configs/robustness/students.yaml, writes students.md) or students10 (students10.yaml, "
                         "writes students10.md)")
     args = parser.parse_args()
