@@ -4,8 +4,9 @@ Each variant is one finished ``awenc robustness`` run (its watermarked encoder
 attacked by the same grid, verified at the thresholds of a calibration made
 for that variant's secret on the same null population) plus the run folders of
 the stages that made it (stage 1, stage 2), whose ``status.json`` give its cost.
-The clean f0 is probed here with the same probe settings, so utility is read
-against it. Each variant is checked against ``targets`` (issue #11's by
+The clean f0 is probed here on the same pirate data, seeded splits and probe
+settings as the variants' unattacked rows (taken from their robustness runs,
+which must agree), so utility is read against it. Each variant is checked against ``targets`` (issue #11's by
 default): utility, white-box, best black-box and best label-only TPR, and no
 held-out null family detected; a TPR counts only where its mode's threshold
 held on the held-out families. Writes ``ablation.json``, ``ablation.md`` and
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dist_awenc.config import AblationConfig, TargetsSection, VariantSection, load_config
+from dist_awenc.config import AblationConfig, DataSection, ProbeSection, TargetsSection, VariantSection, load_config
 from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.files import atomic_write_text, read_json, save_figure
@@ -51,6 +53,34 @@ def _calibration(folder: Path) -> dict[str, Any]:
     return {m: {"threshold": d["threshold"], "heldout_positive": d["heldout"]["false_positive_families"],
                 "heldout_families": d["heldout"]["families"], "fpr_upper_95": d["heldout"]["heldout_fpr_upper_95"]}
             for m, d in data["modes"].items()}
+
+
+def _common_measurement(variants: dict[str, VariantSection]) -> tuple[DataSection, ProbeSection, list[int]]:
+    """The pirate data, probe settings and seeds that every variant's unattacked rows were measured with.
+
+    Utility is read as a variant's unattacked accuracy minus the clean f0's, so f0 must be probed on the same seeded
+    train/test splits with the same probe; variants collected differently are refused rather than compared.
+    """
+    from dist_awenc.robustness import RobustnessConfig
+
+    measured = {}
+    for name, v in variants.items():
+        folder = Path(v.robustness)
+        cfg = load_config(RobustnessConfig, folder / "config.yaml")
+        seeds = sorted({int(r["seed"]) for r in _rows(folder) if r["attack"] == "none"})
+        if not seeds:
+            raise ArtifactError(f"variant {name}: {folder}/robustness.csv has no unattacked ('none') row to read "
+                                "utility from")
+        measured[name] = {"seeds": seeds, "data": asdict(cfg.data), "probe": asdict(cfg.probe)}
+    first, ref = next(iter(measured.items()))
+    for name, m in measured.items():
+        for key in ("seeds", "data", "probe"):
+            if m[key] != ref[key]:
+                raise ConfigError(f"variant {name}: its robustness run has {key} {m[key]} but variant {first}'s has "
+                                  f"{ref[key]}; an ablation compares variants measured alike (same grid.seeds, data "
+                                  "and probe)")
+    cfg = load_config(RobustnessConfig, Path(variants[first].robustness) / "config.yaml")
+    return cfg.data, cfg.probe, ref["seeds"]
 
 
 def summarise_variant(name: str, v: VariantSection, clean: dict[str, float], pretrain_s: float) -> dict[str, Any]:
@@ -141,8 +171,10 @@ def _modes(report: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     c, modes = report["clean"], _modes(report)
     short = {"whitebox": "white-box", "blackbox_score": "score", "blackbox_label": "label", "blackbox_collapse": "collapse"}
+    seeds = f", mean over the grid's seeds {', '.join(map(str, c['seeds']))}" if len(c.get("seeds", [])) > 1 else (
+        f", on seed {c['seeds'][0]}'s split" if c.get("seeds") else "")
     lines = [f"# Watermark variants on one grid (clean f0: linear probe {c['linear_probe']:.4f}, kNN {c['knn']:.4f}, "
-             f"{c['n_test']} test images: one image = {100 / c['n_test']:.2f} points)", "",
+             f"{c['n_test']} test images{seeds}: one image = {100 / c['n_test']:.2f} points)", "",
              "TPR = share of the utility-preserving derivatives detected at the variant's calibrated threshold; "
              "held-out FP = null families (independent encoders and attacked copies) detected among those held out "
              "of threshold setting.", "",
@@ -215,9 +247,15 @@ def ablation(cfg: AblationConfig) -> dict[str, Any]:
     for name, v in cfg.variants.items():
         if not (Path(v.robustness) / "robustness.json").exists():
             raise ConfigError(f"variant {name}: {v.robustness} holds no collected robustness run (robustness.json)")
+    data, probe, seeds = _common_measurement(cfg.variants)
     encoder, card = load_encoder(cfg.clean)
-    pirate = PirateData.load(cfg.data, card["input_size"])
-    _, clean = evaluate_encoder(encoder, pirate.images, pirate.labels, pirate.num_classes, seed=0, **probe_options(cfg.probe))
+    pirate = PirateData.load(data, card["input_size"])
+    # the clean f0 on the very splits and probe the variants' unattacked rows were measured on (the split is seeded)
+    per_seed = [evaluate_encoder(encoder, pirate.images, pirate.labels, pirate.num_classes, seed=s,
+                                 **probe_options(probe))[1] for s in seeds]
+    clean = {"linear_probe": sum(m["linear_probe"] for m in per_seed) / len(seeds),
+             "knn": sum(m["knn"] for m in per_seed) / len(seeds), "n_train": per_seed[0]["n_train"],
+             "n_test": per_seed[0]["n_test"], "seeds": seeds}
     pretrain_s = _seconds(str(Path(cfg.clean) if Path(cfg.clean).is_dir() else Path(cfg.clean).parent))
     with open_run(cfg, "ablation", allow_complete=True) as run_dir:
         report = with_targets({"clean": {**clean, "seconds": pretrain_s},

@@ -375,8 +375,7 @@ class TargetsSection:
 class AblationConfig:
     run: RunSection = field(default_factory=lambda: RunSection(name="ablation"))
     clean: str = ""  # the owner's clean f0 run folder (utility reference; its seconds are the pre-training cost)
-    data: DataSection = field(default_factory=DataSection)
-    probe: ProbeSection = field(default_factory=ProbeSection)
+    # (f0 is probed with the pirate data, probe and seeds of the variants' robustness runs, not settings of its own)
     variants: dict[str, VariantSection] = field(default_factory=dict)
     targets: TargetsSection = field(default_factory=TargetsSection)
     # an earlier run's ablation.json: render its table, targets and plot again without measuring anything

@@ -20,8 +20,10 @@ def _status(folder: Path, seconds: float, state: str = "complete") -> None:
     (folder / "status.json").write_text(json.dumps({"state": state, "seconds": seconds}))
 
 
-def _variant(root: Path, name: str, detected: dict[str, int], of: int, probe: float, heldout_fp: int) -> Path:
-    """A collected robustness run and its calibration, measured in the modes ``detected`` names."""
+def _variant(root: Path, name: str, detected: dict[str, int], of: int, probe: float, heldout_fp: int,
+             seeds: tuple[int, ...] = (0,), probe_epochs: int = 2) -> Path:
+    """A collected robustness run and its calibration, measured in the modes ``detected`` names, its unattacked
+    rows at ``seeds`` with a linear head trained ``probe_epochs``."""
     modes = list(detected)
     cal = root / f"cal_{name}" / "calibration.json"
     cal.parent.mkdir(parents=True)
@@ -32,6 +34,7 @@ def _variant(root: Path, name: str, detected: dict[str, int], of: int, probe: fl
     rob.mkdir()
     cfg = RobustnessConfig()
     cfg.verify.calibration = str(cal)
+    cfg.probe.epochs = probe_epochs
     (rob / "config.yaml").write_text(to_yaml(cfg))
     (rob / "robustness.json").write_text(json.dumps({"thresholds": {m: 0.01 for m in modes}, "modes": {
         m: {"tpr": detected[m] / of, "detected": detected[m], "of": of, "missed": ["distill@30"] * (of - detected[m])}
@@ -39,26 +42,32 @@ def _variant(root: Path, name: str, detected: dict[str, int], of: int, probe: fl
     with (rob / "robustness.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["attack", "strength", "seed", "linear_probe", "knn"])
         w.writeheader()
-        w.writerow({"attack": "none", "strength": 0, "seed": 0, "linear_probe": probe, "knn": probe - 0.05})
-        w.writerow({"attack": "distill", "strength": 30, "seed": 0, "linear_probe": 0.5, "knn": 0.5})
+        for seed in seeds:
+            w.writerow({"attack": "none", "strength": 0, "seed": seed, "linear_probe": probe, "knn": probe - 0.05})
+            w.writerow({"attack": "distill", "strength": 30, "seed": seed, "linear_probe": 0.5, "knn": 0.5})
     for stage, s in (("watermark", 30.0), ("embed", 20.0)):
         _status(root / f"{name}_{stage}", s)
     return rob
 
 
-def test_ablation_table_compares_variants_against_the_clean_encoder(tmp_path):
+def _f0(tmp_path: Path) -> Path:
     f0 = tmp_path / "f0"
     enc = build_encoder("tiny", {"width": 4, "norm": "group"}, [0.5] * 3, [0.5] * 3, 16)
     f0.mkdir()
     save_encoder(enc, f0 / "encoder", card_for(enc, arch="tiny", arch_kwargs={"width": 4, "norm": "group"},
                                                method="simclr", stage="pretrain", parent=None))
     _status(f0, 100.0)
+    return f0
+
+
+def test_ablation_table_compares_variants_against_the_clean_encoder(tmp_path):
+    f0 = _f0(tmp_path)
     # plain was measured before collapse mode existed: its column reads n/a, and both's is filled
     plain = _variant(tmp_path, "plain", {"whitebox": 3, "blackbox_score": 2, "blackbox_label": 1}, 4, 0.97, 0)
     both = _variant(tmp_path, "both", {"whitebox": 4, "blackbox_score": 2, "blackbox_label": 3,
                                        "blackbox_collapse": 4}, 4, 0.96, 1)
     assert set(MODES) == {"whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse"}
-    args = ["ablation", f"run.out_dir={tmp_path}", f"clean={f0}", "probe.epochs=2",
+    args = ["ablation", f"run.out_dir={tmp_path}", f"clean={f0}",
             f"variants.plain.robustness={plain}", f"variants.plain.stages=[{tmp_path / 'plain_watermark'},{tmp_path / 'plain_embed'}]",
             f"variants.both.robustness={both}", f"variants.both.stages=[{tmp_path / 'both_watermark'}]"]
     assert main(args) == 0
@@ -80,6 +89,39 @@ def test_ablation_table_compares_variants_against_the_clean_encoder(tmp_path):
     assert targets["both"]["whitebox_tpr"] == {"required": ">= 0.95", "value": 1.0, "met": False, "backed": False}
     assert targets["plain"]["best_label_only_tpr"]["value"] == 0.25  # label mode only: plain has no collapse run
     assert "1.00 (not backed) **missed**" in md and "Targets" in md
+
+
+def test_ablation_probes_the_clean_encoder_on_the_variants_seeds_and_probe(tmp_path, capsys):
+    """The pirate's train/test split is seeded: utility change is variant minus f0 on the same splits and probe."""
+    from dist_awenc.attacks.stage import PirateData
+    from dist_awenc.encoders.io import load_encoder
+    from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
+
+    f0 = _f0(tmp_path)
+    a = _variant(tmp_path, "a", {"whitebox": 1, "blackbox_score": 1}, 1, 0.9, 0, seeds=(1, 2))
+    assert main(["ablation", f"run.out_dir={tmp_path}", f"clean={f0}", f"variants.a.robustness={a}"]) == 0
+    clean = json.loads((tmp_path / "ablation" / "ablation.json").read_text())["clean"]
+    cfg = RobustnessConfig()
+    cfg.probe.epochs = 2
+    encoder, card = load_encoder(f0)
+    pirate = PirateData.load(cfg.data, card["input_size"])
+    expected = [evaluate_encoder(encoder, pirate.images, pirate.labels, pirate.num_classes, seed=s,
+                                 **probe_options(cfg.probe))[1] for s in (1, 2)]
+    assert clean["seeds"] == [1, 2]
+    assert clean["knn"] == pytest.approx(sum(m["knn"] for m in expected) / 2)
+    assert clean["linear_probe"] == pytest.approx(sum(m["linear_probe"] for m in expected) / 2)
+    assert "mean over the grid's seeds 1, 2" in (tmp_path / "ablation" / "ablation.md").read_text()
+    capsys.readouterr()
+
+    # variants measured on other seeds, or with another probe, are refused rather than compared
+    b = _variant(tmp_path, "b", {"whitebox": 1, "blackbox_score": 1}, 1, 0.9, 0, seeds=(0,))
+    c = _variant(tmp_path, "c", {"whitebox": 1, "blackbox_score": 1}, 1, 0.9, 0, seeds=(1, 2), probe_epochs=3)
+    for other, what in ((b, "seeds [0]"), (c, "probe")):
+        assert main(["ablation", f"run.out_dir={tmp_path}", f"run.name=bad", f"clean={f0}",
+                     f"variants.a.robustness={a}", f"variants.o.robustness={other}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"variant o: its robustness run has {what}" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
 
 
 def test_ablation_refuses_an_unfinished_stage_and_an_uncollected_run(tmp_path, capsys):
