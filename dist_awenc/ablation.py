@@ -213,25 +213,30 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
     names = [v["variant"] for v in report["variants"]]
-    per = max(1.4, 0.11 * max(len(n) for n in names))  # inches a variant: its name fits under its bars
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.6 + per * len(names)), 3.8))  # and wide enough for the title
+    slant = max(len(n) for n in names) > 14  # long names are slanted under their bars rather than widening the plot
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.6 + 1.4 * len(names)), 4.4 if slant else 3.8))
     modes = _modes(report)
     width = 0.8 / len(modes)
+    colors = []
     for j, m in enumerate(modes):
         xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(names))]
         bars = ax.bar(xs, [v["tpr"].get(m, 0.0) for v in report["variants"]], width, label=m)
+        colors.append(bars.patches[0].get_facecolor())
         for x, bar, v in zip(xs, bars, report["variants"]):
             fp = v["calibration"][m]["heldout_positive"] if m in v["tpr"] else 0
             if fp:  # the threshold let held-out null families through: this TPR is not backed by the calibration
                 bar.set_hatch("xx")
                 ax.text(x, bar.get_height() + 0.02, f"FP {fp}", ha="center", fontsize=6, color="crimson")
     ax.axhline(0.95, color="k", ls=":", lw=0.8)
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), names, rotation=20 if slant else 0, ha="right" if slant else "center",
+                  rotation_mode="anchor")
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("TPR at calibrated thresholds")
     ax.set_title("utility-preserving derivatives detected\n(dotted: target 0.95; hatched, FP k: k held-out null "
                  "families also detected)", fontsize=8)
-    ax.legend(fontsize=7)
+    from matplotlib.patches import Patch  # plain swatches: a hatched first bar would hatch its mode's legend entry
+
+    ax.legend(handles=[Patch(color=c, label=m) for c, m in zip(colors, modes)], fontsize=7)
     save_figure(fig, path)
 
 
