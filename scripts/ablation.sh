@@ -3,7 +3,10 @@
 #   plain AWEncoder | + transform robustness (eot) | + derivative rehearsal (rehearsal) | both
 #   (and eot_mixed / both_mixed: half of the marked images of both stages left untransformed, p_identity 0.5;
 #    shadow, <variant>_shadow: plain's or that variant's secret and calibration, embedded with stage 2's shadow
-#    student, shadow.weight=1 shadow.refresh=70; rehearsal30 / both_mixed30: rehearsal / both_mixed with a 30-epoch
+#    student, shadow.weight=1 shadow.refresh=70 (a new shadow every 10 of stage 2's 40 epochs); <variant>_shadow_long:
+#    one shadow for all 40 epochs (refresh 0, as long-trained as the pirate's 30-epoch student); <variant>_shadow_arch:
+#    a shadow of the other architecture (tiny_resnet, as distill_arch's student); <variant>_shadow_w3: weight 3;
+#    rehearsal30 / both_mixed30: rehearsal / both_mixed with a 30-epoch
 #    student among the surrogates and 4 references; rehearsal30arch: and one of the other architecture;
 #    rehearsal_refs4: rehearsal with 4 references; both_refs4 / both_mixed_refs4: both / both_mixed with 4 references;
 #    rehearsal_refs8: rehearsal with 8 references; rehearsal_ens: rehearsal_refs4 with three students (10, 10 and 30 epochs);
@@ -38,7 +41,16 @@ rehearse_refs8=$(rehearsal_of distill:10 8)
 rehearse_ens=$(rehearsal_of distill:10,distill:10,distill:30 4)
 rehearse_ens8=$(rehearsal_of distill:10,distill:10,distill:30 8)
 rehearse_ens_arch="$(rehearsal_of distill:10,distill:10,distill:30,distill_arch:30 4) rehearsal.reference_archs=[tiny_resnet:16]"
-shadow='shadow.weight=1 shadow.refresh=70'
+shadow_of() {  # stage 2's shadow switches of a shadow row: <base>_shadow[_long|_arch|_w3]
+  case "$1" in
+    '') echo "shadow.weight=1 shadow.refresh=70" ;;
+    _long) echo "shadow.weight=1 shadow.refresh=0" ;;
+    _arch) echo "shadow.weight=1 shadow.refresh=70 shadow.arch=tiny_resnet" ;;  # f0 is the demo's tiny net
+    _w3) echo "shadow.weight=3 shadow.refresh=70" ;;
+    *) echo "ablation: unknown shadow row '_shadow$1' (one of: _shadow, _shadow_long, _shadow_arch, _shadow_w3)" >&2
+       return 2 ;;
+  esac
+}
 case "${ABLATION_NULLS:-30}" in
   30) nulls=configs/sweep/null/digits_adaptive.yaml; tag= ;;
   60) nulls=configs/sweep/null/digits_adaptive10.yaml; tag=60 ;;
@@ -46,7 +58,8 @@ case "${ABLATION_NULLS:-30}" in
 esac
 known=(plain eot rehearsal rehearsal30 rehearsal30arch rehearsal_refs4 rehearsal_refs8 rehearsal_ens rehearsal_ens8
        rehearsal_ens_arch both both_refs4 eot_mixed both_mixed both_mixed30 both_mixed_refs4 shadow rehearsal_refs4_shadow
-       rehearsal_refs8_shadow rehearsal_ens_shadow eot_mixed_shadow both_mixed_shadow both_mixed30_shadow)  # the table's rows, in this order
+       rehearsal_refs8_shadow rehearsal_ens_shadow rehearsal_ens_shadow_long rehearsal_ens_shadow_arch
+       rehearsal_ens_shadow_w3 eot_mixed_shadow both_mixed_shadow both_mixed30_shadow)  # the table's rows, in this order
 variants=("${@:-plain eot rehearsal both}")
 # shellcheck disable=SC2206
 variants=(${variants[*]})
@@ -82,15 +95,18 @@ flags_of() {  # the stage-1/stage-2 switches of a variant without its shadow
     both_mixed30) flags=("$eot" "$mixed" $rehearse30) ;;
     # shellcheck disable=SC2206
     both_mixed_refs4) flags=("$eot" "$mixed" $rehearse_refs4) ;;
-    *) echo "ablation: unknown variant '$v' (one of: ${known[*]}; or <variant>_shadow)" >&2
+    *) echo "ablation: unknown variant '$v' (one of: ${known[*]}; or <variant>_shadow[_long|_arch|_w3])" >&2
        exit 2 ;;
   esac
 }
 
 for v in "${variants[@]}"; do
   base=$v
-  [ "$v" = shadow ] && base=plain
-  [[ $v == *_shadow ]] && base=${v%_shadow}
+  shadow_kind=
+  if [[ $v == shadow* || $v == *_shadow* ]]; then
+    base=${v%%shadow*}; shadow_kind=${v#"${base}"shadow}; base=${base%_}; base=${base:-plain}
+    shadow=$(shadow_of "$shadow_kind")
+  fi
   flags_of "$base"
   cal=$out/$v/calibration$tag
   if [ "$base" != "$v" ]; then
@@ -132,8 +148,8 @@ for v in "${known[@]}"; do
   [ -f "$out/$v/robustness$tag/robustness.json" ] || continue
   case "$v" in
     plain) stages="[$out/plain/watermark,runs/demo/embed]" ;;
-    shadow) stages="[$out/plain/watermark,$out/$v/embed]" ;;
-    *_shadow) stages="[$out/${v%_shadow}/watermark,$out/$v/embed]" ;;
+    shadow*) stages="[$out/plain/watermark,$out/$v/embed]" ;;
+    *_shadow*) stages="[$out/${v%%_shadow*}/watermark,$out/$v/embed]" ;;
     *) stages="[$out/$v/watermark,$out/$v/embed]" ;;
   esac
   args+=("variants.$v.robustness=$out/$v/robustness$tag" "variants.$v.stages=$stages")

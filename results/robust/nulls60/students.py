@@ -39,7 +39,8 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for v in args.variants:
         rows = list(csv.DictReader((ROOT / f"runs/ablation/{v}/{args.run}/robustness.csv").open(newline="")))
-        cal = v.removesuffix("_shadow")
+        cal = v.split("_shadow")[0]  # a shadow row (<base>_shadow[_kind], or plain's shadow[_kind]) keeps its base's secret
+        cal = "plain" if cal.startswith("shadow") else cal
         threshold = _threshold(ROOT / f"runs/ablation/{cal}/calibration60/calibration.json")
         attacks = {(r["attack"], r["strength"]) for r in rows if r["attack"] != "none"}
         for attack, strength in sorted(attacks, key=_row_order):
