@@ -4,9 +4,12 @@ Each variant is one finished ``awenc robustness`` run (its watermarked encoder
 attacked by the same grid, verified at the thresholds of a calibration made
 for that variant's secret on the same null population) plus the run folders of
 the stages that made it (stage 1, stage 2), whose ``status.json`` give its cost.
-The clean f0 is probed here on the same pirate data, seeded splits and probe
-settings as the variants' unattacked rows (taken from their robustness runs,
-which must agree), so utility is read against it. Each variant is checked against ``targets`` (issue #11's by
+Utility is measured here: the clean f0 and each variant's watermarked encoder
+(the one its robustness run attacked) are probed on the same ``utility_splits``
+seeded train/test splits of the pirate data, with the data and probe settings of
+the variants' robustness runs (which must agree, as must their grid seeds), and
+a variant's change is the paired mean difference with its standard error: one
+split of a small test set moves kNN by several points. Each variant is checked against ``targets`` (issue #11's by
 default): utility, white-box, best black-box and best label-only TPR, and no
 held-out null family detected; a TPR counts only where its mode's threshold
 held on the held-out families. Writes ``ablation.json``, ``ablation.md`` and
@@ -20,6 +23,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from dist_awenc.config import AblationConfig, DataSection, ProbeSection, TargetsSection, VariantSection, load_config
 from dist_awenc.engine.log import info
@@ -56,10 +61,10 @@ def _calibration(folder: Path) -> dict[str, Any]:
 
 
 def _common_measurement(variants: dict[str, VariantSection]) -> tuple[DataSection, ProbeSection, list[int]]:
-    """The pirate data, probe settings and seeds that every variant's unattacked rows were measured with.
+    """The pirate data, probe settings and grid seeds that every variant's robustness run shares.
 
-    Utility is read as a variant's unattacked accuracy minus the clean f0's, so f0 must be probed on the same seeded
-    train/test splits with the same probe; variants collected differently are refused rather than compared.
+    Variants are compared on one grid (their TPRs over the same attacks and seeds) and their utility is probed with
+    one data and probe setting; variants collected differently are refused rather than compared.
     """
     from dist_awenc.robustness import RobustnessConfig
 
@@ -83,19 +88,29 @@ def _common_measurement(variants: dict[str, VariantSection]) -> tuple[DataSectio
     return cfg.data, cfg.probe, ref["seeds"]
 
 
-def summarise_variant(name: str, v: VariantSection, clean: dict[str, float], pretrain_s: float) -> dict[str, Any]:
+def paired_utility(variant: list[dict[str, float]], clean: list[dict[str, float]]) -> dict[str, Any]:
+    """A variant's accuracy and its change from f0, both probed on the same seeded splits: means over the splits,
+    the change a paired mean with its standard error (NaN for one split)."""
+    from scipy.stats import sem
+
+    out: dict[str, Any] = {}
+    for metric, key in (("linear_probe", "probe"), ("knn", "knn")):
+        diffs = [v[metric] - c[metric] for v, c in zip(variant, clean, strict=True)]
+        out[metric] = sum(v[metric] for v in variant) / len(variant)
+        out[f"{key}_change"] = sum(diffs) / len(diffs)
+        out[f"{key}_change_se"] = float(sem(diffs)) if len(diffs) > 1 else float("nan")
+        out[f"{key}_change_per_split"] = diffs
+    return out
+
+
+def summarise_variant(name: str, v: VariantSection, utility: dict[str, Any], pretrain_s: float) -> dict[str, Any]:
     folder = Path(v.robustness)
     summary = read_json(folder / "robustness.json", ArtifactError, what="robustness summary")
     if isinstance(summary.get("thresholds"), str):
         raise ConfigError(f"variant {name}: {folder} was collected without a calibration")
-    rows = _rows(folder)
-    base = [r for r in rows if r["attack"] == "none"]
-    probe = sum(float(r["linear_probe"]) for r in base) / len(base)
-    knn = sum(float(r["knn"]) for r in base) / len(base)
     cost = sum(_seconds(s) for s in v.stages)
     modes = {m: summary["modes"][m] for m in MODES if m in summary["modes"]}  # collapse mode: runs since it exists
-    return {"variant": name, "linear_probe": probe, "knn": knn, "probe_change": probe - clean["linear_probe"],
-            "knn_change": knn - clean["knn"], "tpr": {m: s["tpr"] for m, s in modes.items()},
+    return {"variant": name, **utility, "tpr": {m: s["tpr"] for m, s in modes.items()},
             "detected": {m: f"{s['detected']}/{s['of']}" for m, s in modes.items()},
             "missed": {m: s["missed"] for m, s in modes.items()},
             "best_blackbox_tpr": max(s["tpr"] for m, s in modes.items() if m != "whitebox"),
@@ -168,13 +183,25 @@ def _modes(report: dict[str, Any]) -> list[str]:
     return [m for m in MODES if any(m in v["tpr"] for v in report["variants"])]
 
 
+def _change(v: dict[str, Any], key: str) -> str:
+    """``+0.6 ± 0.4`` points (no ± for one split, or a report from before paired splits)."""
+    se = v.get(f"{key}_change_se", float("nan"))
+    return f"{100 * v[f'{key}_change']:+.1f}" + (f" ± {100 * se:.1f}" if se == se else "")
+
+
 def markdown(report: dict[str, Any]) -> str:
     c, modes = report["clean"], _modes(report)
     short = {"whitebox": "white-box", "blackbox_score": "score", "blackbox_label": "label", "blackbox_collapse": "collapse"}
-    seeds = f", mean over the grid's seeds {', '.join(map(str, c['seeds']))}" if len(c.get("seeds", [])) > 1 else (
-        f", on seed {c['seeds'][0]}'s split" if c.get("seeds") else "")
+    if "splits" in c:
+        splits = (f", means over {len(c['splits'])} seeded train/test splits of the pirate's data" if len(c["splits"]) > 1
+                  else f", on the pirate data's split {c['splits'][0]}")
+        paired = ("Utility: each variant's watermarked encoder probed on the same splits as f0; a change is the mean "
+                  "paired difference in points" + (", ± its standard error over the splits." if len(c["splits"]) > 1
+                                                   else "."))
+    else:  # a report from before the ablation probed utility itself: its variants' unattacked rows on the grid's seed
+        splits, paired = "", "Utility: the variants' unattacked rows of their robustness runs."
     lines = [f"# Watermark variants on one grid (clean f0: linear probe {c['linear_probe']:.4f}, kNN {c['knn']:.4f}, "
-             f"{c['n_test']} test images{seeds}: one image = {100 / c['n_test']:.2f} points)", "",
+             f"{c['n_test']} test images{splits}: one image = {100 / c['n_test']:.2f} points)", "", paired, "",
              "TPR = share of the utility-preserving derivatives detected at the variant's calibrated threshold; "
              "held-out FP = null families (independent encoders and attacked copies) detected among those held out "
              "of threshold setting.", "",
@@ -188,8 +215,8 @@ def markdown(report: dict[str, Any]) -> str:
         cost = f"{v['seconds']:.0f} ({frac:.2f}x)" if frac is not None else f"{v['seconds']:.0f}"
         tprs = " | ".join(f"{v['tpr'][m]:.2f} ({v['detected'][m]})" + (" †" if v["calibration"][m]["heldout_positive"] else "")
                           if m in v["tpr"] else "n/a" for m in modes)
-        lines.append(f"| {v['variant']} | {v['linear_probe']:.4f} ({100 * v['probe_change']:+.1f}) | {v['knn']:.4f} "
-                     f"({100 * v['knn_change']:+.1f}) | {tprs} | {fp} | {cost} |")
+        lines.append(f"| {v['variant']} | {v['linear_probe']:.4f} ({_change(v, 'probe')}) | {v['knn']:.4f} "
+                     f"({_change(v, 'knn')}) | {tprs} | {fp} | {cost} |")
     lines += ["", "† held-out null families were detected too at this threshold: the TPR is not backed by the "
               "calibration (its threshold, the maximum over the calibration families, was too low for this split). "
               "Even for a correct calibration, at least one of m held-out families crosses the maximum of m' "
@@ -255,19 +282,37 @@ def ablation(cfg: AblationConfig) -> dict[str, Any]:
     data, probe, seeds = _common_measurement(cfg.variants)
     encoder, card = load_encoder(cfg.clean)
     pirate = PirateData.load(data, card["input_size"])
-    # the clean f0 on the very splits and probe the variants' unattacked rows were measured on (the split is seeded)
-    per_seed = [evaluate_encoder(encoder, pirate.images, pirate.labels, pirate.num_classes, seed=s,
-                                 **probe_options(probe))[1] for s in seeds]
-    clean = {"linear_probe": sum(m["linear_probe"] for m in per_seed) / len(seeds),
-             "knn": sum(m["knn"] for m in per_seed) / len(seeds), "n_train": per_seed[0]["n_train"],
-             "n_test": per_seed[0]["n_test"], "seeds": seeds}
+    splits = list(range(cfg.utility_splits))
+
+    def probed(enc: Any) -> list[dict[str, float]]:  # the split is seeded: f0 and every variant see the same ones
+        return [evaluate_encoder(enc, pirate.images, pirate.labels, pirate.num_classes, seed=s,
+                                 **probe_options(probe))[1] for s in splits]
+
+    watermarked = {n: _watermarked_encoder(n, v) for n, v in cfg.variants.items()}
     pretrain_s = _seconds(str(Path(cfg.clean) if Path(cfg.clean).is_dir() else Path(cfg.clean).parent))
     with open_run(cfg, "ablation", allow_complete=True) as run_dir:
-        report = with_targets({"clean": {**clean, "seconds": pretrain_s},
-                               "variants": [summarise_variant(n, v, clean, pretrain_s) for n, v in cfg.variants.items()]},
-                              cfg.targets)
+        bar = tqdm([("clean f0", cfg.clean), *watermarked.items()], desc="utility", unit="encoder", dynamic_ncols=True)
+        per_split = {n: probed(encoder if n == "clean f0" else load_encoder(path)[0]) for n, path in bar}
+        base = per_split["clean f0"]
+        clean = {"linear_probe": sum(m["linear_probe"] for m in base) / len(base),
+                 "knn": sum(m["knn"] for m in base) / len(base), "n_train": base[0]["n_train"],
+                 "n_test": base[0]["n_test"], "splits": splits, "grid_seeds": seeds, "seconds": pretrain_s}
+        report = with_targets({"clean": clean, "variants": [
+            summarise_variant(n, v, paired_utility(per_split[n], base), pretrain_s) for n, v in cfg.variants.items()]},
+            cfg.targets)
         _write(report, run_dir)
     return report
+
+
+def _watermarked_encoder(name: str, v: VariantSection) -> str:
+    """The encoder a variant's robustness run attacked (its config's ``encoder``): the one whose utility counts."""
+    from dist_awenc.robustness import RobustnessConfig
+
+    path = load_config(RobustnessConfig, Path(v.robustness) / "config.yaml").encoder
+    if not path or not Path(path).exists():
+        raise ArtifactError(f"variant {name}: the encoder its robustness run attacked ({path or 'none recorded'}) is "
+                            "not there; the ablation probes it for utility")
+    return path
 
 
 def _write(report: dict[str, Any], run_dir: Path) -> None:

@@ -375,8 +375,15 @@ class TargetsSection:
 class AblationConfig:
     run: RunSection = field(default_factory=lambda: RunSection(name="ablation"))
     clean: str = ""  # the owner's clean f0 run folder (utility reference; its seconds are the pre-training cost)
-    # (f0 is probed with the pirate data, probe and seeds of the variants' robustness runs, not settings of its own)
+    # utility: f0 and each variant's watermarked encoder probed on the same seeded train/test splits (0..n-1) of the
+    # pirate data, with the data and probe settings of the variants' robustness runs; a change is the paired mean
+    utility_splits: int = 5
     variants: dict[str, VariantSection] = field(default_factory=dict)
     targets: TargetsSection = field(default_factory=TargetsSection)
     # an earlier run's ablation.json: render its table, targets and plot again without measuring anything
     report: str = ""
+
+    def __post_init__(self) -> None:
+        if self.utility_splits < 1:
+            raise ConfigError(f"utility_splits must be >= 1 (seeded train/test splits to probe utility on), got "
+                              f"{self.utility_splits}")

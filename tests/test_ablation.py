@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_awenc.cli import main
 from dist_awenc.config import to_yaml
@@ -20,11 +21,24 @@ def _status(folder: Path, seconds: float, state: str = "complete") -> None:
     (folder / "status.json").write_text(json.dumps({"state": state, "seconds": seconds}))
 
 
+def _encoder(folder: Path, seed: int) -> Path:
+    """A tiny encoder (random weights from ``seed``) saved as a pre-training run folder."""
+    torch.manual_seed(seed)
+    enc = build_encoder("tiny", {"width": 4, "norm": "group"}, [0.5] * 3, [0.5] * 3, 16)
+    folder.mkdir()
+    save_encoder(enc, folder / "encoder", card_for(enc, arch="tiny", arch_kwargs={"width": 4, "norm": "group"},
+                                                   method="simclr", stage="pretrain", parent=None))
+    _status(folder, 100.0)
+    return folder
+
+
 def _variant(root: Path, name: str, detected: dict[str, int], of: int, probe: float, heldout_fp: int,
-             seeds: tuple[int, ...] = (0,), probe_epochs: int = 2) -> Path:
+             seeds: tuple[int, ...] = (0,), probe_epochs: int = 2, encoder: Path | None = None) -> Path:
     """A collected robustness run and its calibration, measured in the modes ``detected`` names, its unattacked
-    rows at ``seeds`` with a linear head trained ``probe_epochs``."""
+    rows at ``seeds`` with a linear head trained ``probe_epochs``; it attacked ``encoder`` (a new random one when
+    None)."""
     modes = list(detected)
+    encoder = encoder or _encoder(root / f"wm_{name}", seed=len(name))
     cal = root / f"cal_{name}" / "calibration.json"
     cal.parent.mkdir(parents=True)
     cal.write_text(json.dumps({"format": CALIBRATION_FORMAT, "conditions": {}, "modes": {
@@ -35,6 +49,7 @@ def _variant(root: Path, name: str, detected: dict[str, int], of: int, probe: fl
     cfg = RobustnessConfig()
     cfg.verify.calibration = str(cal)
     cfg.probe.epochs = probe_epochs
+    cfg.encoder = str(encoder / "encoder.safetensors")
     (rob / "config.yaml").write_text(to_yaml(cfg))
     (rob / "robustness.json").write_text(json.dumps({"thresholds": {m: 0.01 for m in modes}, "modes": {
         m: {"tpr": detected[m] / of, "detected": detected[m], "of": of, "missed": ["distill@30"] * (of - detected[m])}
@@ -50,24 +65,16 @@ def _variant(root: Path, name: str, detected: dict[str, int], of: int, probe: fl
     return rob
 
 
-def _f0(tmp_path: Path) -> Path:
-    f0 = tmp_path / "f0"
-    enc = build_encoder("tiny", {"width": 4, "norm": "group"}, [0.5] * 3, [0.5] * 3, 16)
-    f0.mkdir()
-    save_encoder(enc, f0 / "encoder", card_for(enc, arch="tiny", arch_kwargs={"width": 4, "norm": "group"},
-                                               method="simclr", stage="pretrain", parent=None))
-    _status(f0, 100.0)
-    return f0
-
-
 def test_ablation_table_compares_variants_against_the_clean_encoder(tmp_path):
-    f0 = _f0(tmp_path)
-    # plain was measured before collapse mode existed: its column reads n/a, and both's is filled
-    plain = _variant(tmp_path, "plain", {"whitebox": 3, "blackbox_score": 2, "blackbox_label": 1}, 4, 0.97, 0)
+    f0 = _encoder(tmp_path / "f0", seed=0)
+    # plain was measured before collapse mode existed: its column reads n/a, and both's is filled; plain's encoder is
+    # f0's weights, so its utility change is zero on every split
+    plain = _variant(tmp_path, "plain", {"whitebox": 3, "blackbox_score": 2, "blackbox_label": 1}, 4, 0.97, 0,
+                     encoder=f0)
     both = _variant(tmp_path, "both", {"whitebox": 4, "blackbox_score": 2, "blackbox_label": 3,
                                        "blackbox_collapse": 4}, 4, 0.96, 1)
     assert set(MODES) == {"whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse"}
-    args = ["ablation", f"run.out_dir={tmp_path}", f"clean={f0}",
+    args = ["ablation", f"run.out_dir={tmp_path}", f"clean={f0}", "utility_splits=2",
             f"variants.plain.robustness={plain}", f"variants.plain.stages=[{tmp_path / 'plain_watermark'},{tmp_path / 'plain_embed'}]",
             f"variants.both.robustness={both}", f"variants.both.stages=[{tmp_path / 'both_watermark'}]"]
     assert main(args) == 0
@@ -78,7 +85,9 @@ def test_ablation_table_compares_variants_against_the_clean_encoder(tmp_path):
     assert rows["both"]["seconds"] == 30.0
     assert rows["both"]["best_blackbox_tpr"] == 1.0
     assert rows["both"]["calibration"]["whitebox"]["heldout_positive"] == 1
-    assert rows["plain"]["probe_change"] == pytest.approx(0.97 - report["clean"]["linear_probe"])
+    assert rows["plain"]["probe_change_per_split"] == [0.0, 0.0] and rows["plain"]["knn_change"] == 0.0
+    assert rows["plain"]["linear_probe"] == pytest.approx(report["clean"]["linear_probe"])
+    assert len(rows["both"]["knn_change_per_split"]) == 2 and rows["both"]["knn_change"] != 0.0
     md = (tmp_path / "ablation" / "ablation.md").read_text()
     assert "| plain |" in md and "plain, whitebox: distill@30" in md and "(0.50x)" in md
     assert "| TPR collapse |" in md and "| 0/15, 0/15, 0/15, n/a |" in md and "| 1.00 (4/4) † |" in md
@@ -91,36 +100,52 @@ def test_ablation_table_compares_variants_against_the_clean_encoder(tmp_path):
     assert "1.00 (not backed) **missed**" in md and "Targets" in md
 
 
-def test_ablation_probes_the_clean_encoder_on_the_variants_seeds_and_probe(tmp_path, capsys):
-    """The pirate's train/test split is seeded: utility change is variant minus f0 on the same splits and probe."""
+def test_ablation_utility_is_paired_over_seeded_splits_and_refuses_variants_measured_differently(tmp_path, capsys):
+    """The pirate's train/test split is seeded: f0 and each watermarked encoder are probed on the same splits, with
+    the variants' probe, and a change is the paired mean difference (with its standard error)."""
+    from scipy.stats import sem
+
     from dist_awenc.attacks.stage import PirateData
     from dist_awenc.encoders.io import load_encoder
     from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
 
-    f0 = _f0(tmp_path)
-    a = _variant(tmp_path, "a", {"whitebox": 1, "blackbox_score": 1}, 1, 0.9, 0, seeds=(1, 2))
-    assert main(["ablation", f"run.out_dir={tmp_path}", f"clean={f0}", f"variants.a.robustness={a}"]) == 0
-    clean = json.loads((tmp_path / "ablation" / "ablation.json").read_text())["clean"]
+    f0 = _encoder(tmp_path / "f0", seed=0)
+    wm = _encoder(tmp_path / "wm", seed=1)
+    a = _variant(tmp_path, "a", {"whitebox": 1, "blackbox_score": 1}, 1, 0.9, 0, seeds=(1, 2), encoder=wm)
+    assert main(["ablation", f"run.out_dir={tmp_path}", f"clean={f0}", f"variants.a.robustness={a}",
+                 "utility_splits=3"]) == 0
+    report = json.loads((tmp_path / "ablation" / "ablation.json").read_text())
+    clean, row = report["clean"], report["variants"][0]
     cfg = RobustnessConfig()
     cfg.probe.epochs = 2
-    encoder, card = load_encoder(f0)
-    pirate = PirateData.load(cfg.data, card["input_size"])
-    expected = [evaluate_encoder(encoder, pirate.images, pirate.labels, pirate.num_classes, seed=s,
-                                 **probe_options(cfg.probe))[1] for s in (1, 2)]
-    assert clean["seeds"] == [1, 2]
-    assert clean["knn"] == pytest.approx(sum(m["knn"] for m in expected) / 2)
-    assert clean["linear_probe"] == pytest.approx(sum(m["linear_probe"] for m in expected) / 2)
-    assert "mean over the grid's seeds 1, 2" in (tmp_path / "ablation" / "ablation.md").read_text()
+    pirate = PirateData.load(cfg.data, 16)
+
+    def probed(path: Path) -> list[dict]:
+        encoder = load_encoder(path)[0]
+        return [evaluate_encoder(encoder, pirate.images, pirate.labels, pirate.num_classes, seed=s,
+                                 **probe_options(cfg.probe))[1] for s in range(3)]
+
+    c, w = probed(f0), probed(wm)
+    assert clean["splits"] == [0, 1, 2] and clean["grid_seeds"] == [1, 2]
+    assert clean["knn"] == pytest.approx(sum(m["knn"] for m in c) / 3)
+    diffs = [x["knn"] - y["knn"] for x, y in zip(w, c)]
+    assert row["knn_change_per_split"] == pytest.approx(diffs)
+    assert row["knn_change"] == pytest.approx(sum(diffs) / 3) and row["knn_change_se"] == pytest.approx(sem(diffs))
+    md = (tmp_path / "ablation" / "ablation.md").read_text()
+    assert "means over 3 seeded train/test splits" in md and f"{100 * sum(diffs) / 3:+.1f} ± " in md
     capsys.readouterr()
 
-    # variants measured on other seeds, or with another probe, are refused rather than compared
+    # variants collected on other grid seeds, or with another probe, are refused rather than compared
     b = _variant(tmp_path, "b", {"whitebox": 1, "blackbox_score": 1}, 1, 0.9, 0, seeds=(0,))
-    c = _variant(tmp_path, "c", {"whitebox": 1, "blackbox_score": 1}, 1, 0.9, 0, seeds=(1, 2), probe_epochs=3)
-    for other, what in ((b, "seeds [0]"), (c, "probe")):
-        assert main(["ablation", f"run.out_dir={tmp_path}", f"run.name=bad", f"clean={f0}",
+    c_ = _variant(tmp_path, "c", {"whitebox": 1, "blackbox_score": 1}, 1, 0.9, 0, seeds=(1, 2), probe_epochs=3)
+    for other, what in ((b, "seeds [0]"), (c_, "probe")):
+        assert main(["ablation", f"run.out_dir={tmp_path}", "run.name=bad", f"clean={f0}",
                      f"variants.a.robustness={a}", f"variants.o.robustness={other}"]) == 2
         err = capsys.readouterr().err.strip()
         assert f"variant o: its robustness run has {what}" in err and len(err.splitlines()) == 1
+    assert main(["ablation", f"run.out_dir={tmp_path}", "run.name=bad", f"clean={f0}", f"variants.a.robustness={a}",
+                 "utility_splits=0"]) == 2
+    assert "utility_splits must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
