@@ -56,6 +56,12 @@ case "${ABLATION_NULLS:-30}" in
   60) nulls=configs/sweep/null/digits_adaptive10.yaml; tag=60 ;;
   *) echo "ablation: ABLATION_NULLS must be 30 or 60 (null families), not '$ABLATION_NULLS'" >&2; exit 2 ;;
 esac
+# ABLATION_SEED=k runs the grid at seed k instead of 0 (robustness<tag>_seed<k>/, table<tag>_seed<k>/); the secrets,
+# watermarked encoders and calibrations are the same
+seed=${ABLATION_SEED:-0}
+[[ $seed =~ ^[0-9]+$ ]] || { echo "ablation: ABLATION_SEED must be a non-negative integer, not '$seed'" >&2; exit 2; }
+rob=robustness$tag; table=table$tag
+[ "$seed" = 0 ] || { rob=${rob}_seed$seed; table=${table}_seed$seed; }
 known=(plain eot rehearsal rehearsal30 rehearsal30arch rehearsal_refs4 rehearsal_refs8 rehearsal_ens rehearsal_ens8
        rehearsal_ens_arch both both_refs4 eot_mixed both_mixed both_mixed30 both_mixed_refs4 shadow rehearsal_refs4_shadow
        rehearsal_refs8_shadow rehearsal_ens_shadow rehearsal_ens_shadow_long rehearsal_ens_shadow_arch
@@ -138,20 +144,20 @@ for v in "${variants[@]}"; do
     run.out_dir=$out/$v run.name=calibration$tag secret=$wm/secret.safetensors population.root=runs/calibration/population
   # exploratory: verify refuses a threshold that let held-out null families through (the rehearsal variants' do);
   # the ablation measures every variant's thresholds as they are, and its table marks those
-  $awenc robustness --config configs/robustness/ablation.yaml run.out_dir=$out/$v run.name=robustness$tag \
+  $awenc robustness --config configs/robustness/ablation.yaml run.out_dir=$out/$v run.name=$rob "grid.seeds=[$seed]" \
     encoder=$emb/encoder.safetensors secret=$wm/secret.safetensors verify.calibration=$cal/calibration.json \
     verify.exploratory=true
 done
 
 args=()
 for v in "${known[@]}"; do
-  [ -f "$out/$v/robustness$tag/robustness.json" ] || continue
+  [ -f "$out/$v/$rob/robustness.json" ] || continue
   case "$v" in
     plain) stages="[$out/plain/watermark,runs/demo/embed]" ;;
     shadow*) stages="[$out/plain/watermark,$out/$v/embed]" ;;
     *_shadow*) stages="[$out/${v%%_shadow*}/watermark,$out/$v/embed]" ;;
     *) stages="[$out/$v/watermark,$out/$v/embed]" ;;
   esac
-  args+=("variants.$v.robustness=$out/$v/robustness$tag" "variants.$v.stages=$stages")
+  args+=("variants.$v.robustness=$out/$v/$rob" "variants.$v.stages=$stages")
 done
-$awenc ablation run.out_dir=$out run.name=table$tag clean=runs/demo/f0 "${args[@]}"
+$awenc ablation run.out_dir=$out run.name=$table clean=runs/demo/f0 "${args[@]}"
