@@ -9,8 +9,8 @@ Utility is measured here: the clean f0 and each variant's watermarked encoder
 seeded train/test splits of the pirate data, with the data and probe settings of
 the variants' robustness runs (which must agree, as must their grid seeds), and
 a variant's change is the paired mean difference with its standard error: one
-split of a small test set moves kNN by several points. Each variant is checked against ``targets`` (issue #11's by
-default): utility, white-box, best black-box and best label-only TPR, and no
+split of a small test set moves kNN by several points. Each variant is checked
+against ``targets`` (issue #11's by default): utility, white-box, best black-box and best label-only TPR, and no
 held-out null family detected; a TPR counts only where its mode's threshold
 held on the held-out families. Writes ``ablation.json``, ``ablation.md`` and
 ``ablation.png``; ``report=<ablation.json>`` renders an earlier run's again
@@ -68,14 +68,14 @@ def _common_measurement(variants: dict[str, VariantSection]) -> tuple[DataSectio
     """
     from dist_awenc.robustness import RobustnessConfig
 
-    measured = {}
+    measured, configs = {}, {}
     for name, v in variants.items():
         folder = Path(v.robustness)
-        cfg = load_config(RobustnessConfig, folder / "config.yaml")
+        configs[name] = cfg = load_config(RobustnessConfig, folder / "config.yaml")
         seeds = sorted({int(r["seed"]) for r in _rows(folder) if r["attack"] == "none"})
         if not seeds:
-            raise ArtifactError(f"variant {name}: {folder}/robustness.csv has no unattacked ('none') row to read "
-                                "utility from")
+            raise ArtifactError(f"variant {name}: {folder}/robustness.csv has no unattacked ('none') row; is it a "
+                                "robustness run?")
         measured[name] = {"seeds": seeds, "data": asdict(cfg.data), "probe": asdict(cfg.probe)}
     first, ref = next(iter(measured.items()))
     for name, m in measured.items():
@@ -84,8 +84,7 @@ def _common_measurement(variants: dict[str, VariantSection]) -> tuple[DataSectio
                 raise ConfigError(f"variant {name}: its robustness run has {key} {m[key]} but variant {first}'s has "
                                   f"{ref[key]}; an ablation compares variants measured alike (same grid.seeds, data "
                                   "and probe)")
-    cfg = load_config(RobustnessConfig, Path(variants[first].robustness) / "config.yaml")
-    return cfg.data, cfg.probe, ref["seeds"]
+    return configs[first].data, configs[first].probe, ref["seeds"]
 
 
 def paired_utility(variant: list[dict[str, float]], clean: list[dict[str, float]]) -> dict[str, Any]:
