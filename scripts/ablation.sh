@@ -11,7 +11,8 @@
 #    rehearsal_refs4: rehearsal with 4 references; both_refs4 / both_mixed_refs4: both / both_mixed with 4 references;
 #    rehearsal_refs8: rehearsal with 8 references; rehearsal_ens: rehearsal_refs4 with three students (10, 10 and 30 epochs);
 #    rehearsal_ens8: rehearsal_ens with 8 references; rehearsal_ens_arch: rehearsal_ens with the other architecture's
-#    30-epoch student too, and 4 references of that architecture beside f0's)
+#    30-epoch student too, and 4 references of that architecture beside f0's; rehearsal_ens_eps24: rehearsal_ens
+#    with a perturbation budget of 24/255 instead of 16/255)
 # on the demo's f0, with the demo's stage-1/stage-2 settings, one attack grid (configs/robustness/ablation.yaml),
 # and for each variant a calibration of its own secret on the same null population (the committed one,
 # runs/calibration/population, plus attacked copies by the adaptive attacks: configs/sweep/null/digits_adaptive.yaml).
@@ -41,6 +42,8 @@ rehearse_refs8=$(rehearsal_of distill:10 8)
 rehearse_ens=$(rehearsal_of distill:10,distill:10,distill:30 4)
 rehearse_ens8=$(rehearsal_of distill:10,distill:10,distill:30 8)
 rehearse_ens_arch="$(rehearsal_of distill:10,distill:10,distill:30,distill_arch:30 4) rehearsal.reference_archs=[tiny_resnet:16]"
+# a larger perturbation budget (24/255 instead of the demo's 16/255): does a stronger mark reach the students?
+eps24='generation.eps=0.09411764705882353'
 shadow_of() {  # stage 2's shadow switches of a shadow row: <base>_shadow[_long|_arch|_w3]
   case "$1" in
     '') echo "shadow.weight=1 shadow.refresh=70" ;;
@@ -63,9 +66,9 @@ seed=${ABLATION_SEED:-0}
 rob=robustness$tag; table=table$tag
 [ "$seed" = 0 ] || { rob=${rob}_seed$seed; table=${table}_seed$seed; }
 known=(plain eot rehearsal rehearsal30 rehearsal30arch rehearsal_refs4 rehearsal_refs8 rehearsal_ens rehearsal_ens8
-       rehearsal_ens_arch both both_refs4 eot_mixed both_mixed both_mixed30 both_mixed_refs4 shadow rehearsal_refs4_shadow
+       rehearsal_ens_arch rehearsal_ens_eps24 both both_refs4 eot_mixed both_mixed both_mixed30 both_mixed_refs4 shadow rehearsal_refs4_shadow
        rehearsal_refs8_shadow rehearsal_ens_shadow rehearsal_ens_shadow_long rehearsal_ens_shadow_arch
-       rehearsal_ens_shadow_w3 eot_mixed_shadow both_mixed_shadow both_mixed30_shadow)  # the table's rows, in this order
+       rehearsal_ens_shadow_w3 rehearsal_ens_eps24_shadow eot_mixed_shadow both_mixed_shadow both_mixed30_shadow)  # the table's rows, in this order
 variants=("${@:-plain eot rehearsal both}")
 # shellcheck disable=SC2206
 variants=(${variants[*]})
@@ -90,6 +93,8 @@ flags_of() {  # the stage-1/stage-2 switches of a variant without its shadow
     rehearsal_ens8) flags=($rehearse_ens8) ;;
     # shellcheck disable=SC2206
     rehearsal_ens_arch) flags=($rehearse_ens_arch) ;;
+    # shellcheck disable=SC2206
+    rehearsal_ens_eps24) flags=($rehearse_ens "$eps24") ;;
     # shellcheck disable=SC2206
     both) flags=("$eot" $rehearse) ;;
     # shellcheck disable=SC2206
