@@ -270,6 +270,7 @@ def ablation(cfg: AblationConfig) -> dict[str, Any]:
     from dist_awenc.attacks.stage import PirateData
     from dist_awenc.encoders.io import load_encoder
     from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
+    from dist_awenc.evaluate.probe import extract_features
 
     if cfg.report:
         return rerender(cfg)
@@ -284,7 +285,8 @@ def ablation(cfg: AblationConfig) -> dict[str, Any]:
     splits = list(range(cfg.utility_splits))
 
     def probed(enc: Any) -> list[dict[str, float]]:  # the split is seeded: f0 and every variant see the same ones
-        return [evaluate_encoder(enc, pirate.images, pirate.labels, pirate.num_classes, seed=s,
+        feats = extract_features(enc, pirate.images)  # once per encoder, whatever the number of splits
+        return [evaluate_encoder(enc, pirate.images, pirate.labels, pirate.num_classes, seed=s, features=feats,
                                  **probe_options(probe))[1] for s in splits]
 
     watermarked = {n: _watermarked_encoder(n, v) for n, v in cfg.variants.items()}

@@ -57,7 +57,8 @@ def group_labels(labels: torch.Tensor, num_classes: int, classes: int) -> tuple[
 
 def evaluate_encoder(encoder: Encoder, images: Images, labels: torch.Tensor, num_classes: int, *, seed: int,
                      epochs: int = 100, lr: float = 1e-2, weight_decay: float = 1e-4, knn_k: int = 20,
-                     test_fraction: float = 0.3) -> tuple[DownstreamModel, dict[str, float]]:
+                     test_fraction: float = 0.3, features: torch.Tensor | None = None
+                     ) -> tuple[DownstreamModel, dict[str, float]]:
     """Train the pirate's linear head on a seeded train part; report linear-probe and kNN accuracy.
 
     Args:
@@ -69,9 +70,11 @@ def evaluate_encoder(encoder: Encoder, images: Images, labels: torch.Tensor, num
         epochs, lr, weight_decay: the linear head's training.
         knn_k: neighbours of the kNN classifier.
         test_fraction: share of the images held out for both accuracies.
+        features: ``extract_features(encoder, images)`` when the caller already has them (one encoder probed on
+            several splits extracts them once).
     """
     tr, te = train_test_split_indices(torch.arange(len(images)), seed, test_fraction)
-    feats = extract_features(encoder, images)
+    feats = extract_features(encoder, images) if features is None else features
     device = next(encoder.parameters()).device  # kNN on the encoder's device (a top-k of a matmul)
     model = DownstreamModel(encoder, encoder.feature_dim, num_classes)
     train_linear_head(model, feats[tr], labels[tr], epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
