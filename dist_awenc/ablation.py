@@ -46,11 +46,10 @@ def _rows(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _calibration(folder: Path) -> dict[str, Any]:
-    from dist_awenc.robustness import RobustnessConfig
+def _calibration(folder: Path, cfg: Any) -> dict[str, Any]:
+    """The thresholds and held-out counts of the calibration robustness run ``folder`` (config ``cfg``) applied."""
     from dist_awenc.verify.calibration import load_calibration
 
-    cfg = load_config(RobustnessConfig, folder / "config.yaml")
     if not cfg.verify.calibration:
         raise ConfigError(f"{folder}: robustness run without verify.calibration; the ablation compares calibrated "
                           "decisions only")
@@ -60,18 +59,17 @@ def _calibration(folder: Path) -> dict[str, Any]:
             for m, d in data["modes"].items()}
 
 
-def _common_measurement(variants: dict[str, VariantSection]) -> tuple[DataSection, ProbeSection, list[int]]:
-    """The pirate data, probe settings and grid seeds that every variant's robustness run shares.
+def _common_measurement(variants: dict[str, VariantSection], configs: dict[str, Any]
+                        ) -> tuple[DataSection, ProbeSection, list[int]]:
+    """The pirate data, probe settings and grid seeds that every variant's robustness run (config ``configs[name]``)
+    shares.
 
     Variants are compared on one grid (their TPRs over the same attacks and seeds) and their utility is probed with
     one data and probe setting; variants collected differently are refused rather than compared.
     """
-    from dist_awenc.robustness import RobustnessConfig
-
-    measured, configs = {}, {}
+    measured = {}
     for name, v in variants.items():
-        folder = Path(v.robustness)
-        configs[name] = cfg = load_config(RobustnessConfig, folder / "config.yaml")
+        folder, cfg = Path(v.robustness), configs[name]
         seeds = sorted({int(r["seed"]) for r in _rows(folder) if r["attack"] == "none"})
         if not seeds:
             raise ArtifactError(f"variant {name}: {folder}/robustness.csv has no unattacked ('none') row; is it a "
@@ -87,6 +85,10 @@ def _common_measurement(variants: dict[str, VariantSection]) -> tuple[DataSectio
     return configs[first].data, configs[first].probe, ref["seeds"]
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def paired_utility(variant: list[dict[str, float]], clean: list[dict[str, float]]) -> dict[str, Any]:
     """A variant's accuracy and its change from f0, both probed on the same seeded splits: means over the splits,
     the change a paired mean with its standard error (NaN for one split)."""
@@ -95,14 +97,15 @@ def paired_utility(variant: list[dict[str, float]], clean: list[dict[str, float]
     out: dict[str, Any] = {}
     for metric, key in (("linear_probe", "probe"), ("knn", "knn")):
         diffs = [v[metric] - c[metric] for v, c in zip(variant, clean, strict=True)]
-        out[metric] = sum(v[metric] for v in variant) / len(variant)
-        out[f"{key}_change"] = sum(diffs) / len(diffs)
+        out[metric] = _mean([v[metric] for v in variant])
+        out[f"{key}_change"] = _mean(diffs)
         out[f"{key}_change_se"] = float(sem(diffs)) if len(diffs) > 1 else float("nan")
         out[f"{key}_change_per_split"] = diffs
     return out
 
 
-def summarise_variant(name: str, v: VariantSection, utility: dict[str, Any], pretrain_s: float) -> dict[str, Any]:
+def summarise_variant(name: str, v: VariantSection, calibration: dict[str, Any], utility: dict[str, Any],
+                      pretrain_s: float) -> dict[str, Any]:
     folder = Path(v.robustness)
     summary = read_json(folder / "robustness.json", ArtifactError, what="robustness summary")
     if isinstance(summary.get("thresholds"), str):
@@ -114,7 +117,7 @@ def summarise_variant(name: str, v: VariantSection, utility: dict[str, Any], pre
             "missed": {m: s["missed"] for m, s in modes.items()},
             "best_blackbox_tpr": max(s["tpr"] for m, s in modes.items() if m != "whitebox"),
             "seconds": cost, "cost_fraction_of_pretraining": cost / pretrain_s if pretrain_s else None,
-            "calibration": _calibration(folder), "robustness": str(folder)}
+            "calibration": calibration, "robustness": str(folder)}
 
 
 def check_targets(v: dict[str, Any], t: TargetsSection) -> dict[str, dict[str, Any]]:
@@ -271,6 +274,7 @@ def ablation(cfg: AblationConfig) -> dict[str, Any]:
     from dist_awenc.encoders.io import load_encoder
     from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
     from dist_awenc.evaluate.probe import extract_features
+    from dist_awenc.robustness import RobustnessConfig
 
     if cfg.report:
         return rerender(cfg)
@@ -279,7 +283,10 @@ def ablation(cfg: AblationConfig) -> dict[str, Any]:
     for name, v in cfg.variants.items():
         if not (Path(v.robustness) / "robustness.json").exists():
             raise ConfigError(f"variant {name}: {v.robustness} holds no collected robustness run (robustness.json)")
-    data, probe, seeds = _common_measurement(cfg.variants)
+    configs = {n: load_config(RobustnessConfig, Path(v.robustness) / "config.yaml") for n, v in cfg.variants.items()}
+    data, probe, seeds = _common_measurement(cfg.variants, configs)
+    calibrations = {n: _calibration(Path(v.robustness), configs[n]) for n, v in cfg.variants.items()}
+    watermarked = {n: _watermarked_encoder(n, configs[n]) for n in cfg.variants}
     encoder, card = load_encoder(cfg.clean)
     pirate = PirateData.load(data, card["input_size"])
     splits = list(range(cfg.utility_splits))
@@ -289,27 +296,24 @@ def ablation(cfg: AblationConfig) -> dict[str, Any]:
         return [evaluate_encoder(enc, pirate.images, pirate.labels, pirate.num_classes, seed=s, features=feats,
                                  **probe_options(probe))[1] for s in splits]
 
-    watermarked = {n: _watermarked_encoder(n, v) for n, v in cfg.variants.items()}
     pretrain_s = _seconds(str(Path(cfg.clean) if Path(cfg.clean).is_dir() else Path(cfg.clean).parent))
     with open_run(cfg, "ablation", allow_complete=True) as run_dir:
-        bar = tqdm([("clean f0", cfg.clean), *watermarked.items()], desc="utility", unit="encoder", dynamic_ncols=True)
-        per_split = {n: probed(encoder if n == "clean f0" else load_encoder(path)[0]) for n, path in bar}
-        base = per_split["clean f0"]
-        clean = {"linear_probe": sum(m["linear_probe"] for m in base) / len(base),
-                 "knn": sum(m["knn"] for m in base) / len(base), "n_train": base[0]["n_train"],
-                 "n_test": base[0]["n_test"], "splits": splits, "grid_seeds": seeds, "seconds": pretrain_s}
+        base = probed(encoder)
+        bar = tqdm(watermarked.items(), desc="utility", unit="encoder", dynamic_ncols=True)
+        per_split = {n: probed(load_encoder(path)[0]) for n, path in bar}
+        clean = {"linear_probe": _mean([m["linear_probe"] for m in base]), "knn": _mean([m["knn"] for m in base]),
+                 "n_train": base[0]["n_train"], "n_test": base[0]["n_test"], "splits": splits, "grid_seeds": seeds,
+                 "seconds": pretrain_s}
         report = with_targets({"clean": clean, "variants": [
-            summarise_variant(n, v, paired_utility(per_split[n], base), pretrain_s) for n, v in cfg.variants.items()]},
-            cfg.targets)
+            summarise_variant(n, v, calibrations[n], paired_utility(per_split[n], base), pretrain_s)
+            for n, v in cfg.variants.items()]}, cfg.targets)
         _write(report, run_dir)
     return report
 
 
-def _watermarked_encoder(name: str, v: VariantSection) -> str:
-    """The encoder a variant's robustness run attacked (its config's ``encoder``): the one whose utility counts."""
-    from dist_awenc.robustness import RobustnessConfig
-
-    path = load_config(RobustnessConfig, Path(v.robustness) / "config.yaml").encoder
+def _watermarked_encoder(name: str, cfg: Any) -> str:
+    """The encoder a variant's robustness run (config ``cfg``) attacked: the one whose utility counts."""
+    path = cfg.encoder
     if not path or not Path(path).exists():
         raise ArtifactError(f"variant {name}: the encoder its robustness run attacked ({path or 'none recorded'}) is "
                             "not there; the ablation probes it for utility")
