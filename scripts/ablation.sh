@@ -111,13 +111,17 @@ flags_of() {  # the stage-1/stage-2 switches of a variant without its shadow
   esac
 }
 
+base_of() {  # the variant whose secret a row uses: itself, or a shadow row's base (plain for shadow[_kind])
+  case "$1" in
+    shadow*) echo plain ;;
+    *_shadow*) echo "${1%%_shadow*}" ;;
+    *) echo "$1" ;;
+  esac
+}
+
 for v in "${variants[@]}"; do
-  base=$v
-  shadow_kind=
-  if [[ $v == shadow* || $v == *_shadow* ]]; then
-    base=${v%%shadow*}; shadow_kind=${v#"${base}"shadow}; base=${base%_}; base=${base:-plain}
-    shadow=$(shadow_of "$shadow_kind")
-  fi
+  base=$(base_of "$v")
+  [ "$base" = "$v" ] || shadow=$(shadow_of "${v#*shadow}")
   flags_of "$base"
   cal=$out/$v/calibration$tag
   if [ "$base" != "$v" ]; then
@@ -157,12 +161,9 @@ done
 args=()
 for v in "${known[@]}"; do
   [ -f "$out/$v/$rob/robustness.json" ] || continue
-  case "$v" in
-    plain) stages="[$out/plain/watermark,runs/demo/embed]" ;;
-    shadow*) stages="[$out/plain/watermark,$out/$v/embed]" ;;
-    *_shadow*) stages="[$out/${v%%_shadow*}/watermark,$out/$v/embed]" ;;
-    *) stages="[$out/$v/watermark,$out/$v/embed]" ;;
-  esac
+  emb=$out/$v/embed
+  [ "$v" = plain ] && emb=runs/demo/embed
+  stages="[$out/$(base_of "$v")/watermark,$emb]"
   args+=("variants.$v.robustness=$out/$v/$rob" "variants.$v.stages=$stages")
 done
 $awenc ablation run.out_dir=$out run.name=$table clean=runs/demo/f0 "${args[@]}"
