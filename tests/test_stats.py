@@ -29,10 +29,17 @@ def _null_scores(kind: str, rng: np.random.Generator, shape: tuple[int, int]) ->
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["exponential_right", "exponential_left", "lognormal_right", "lognormal_left"])
+SKEWED = ["exponential_right", "exponential_left", "lognormal_right", "lognormal_left"]
+
+
+@pytest.mark.parametrize("kind", SKEWED)
 def test_sign_test_size_on_skewed_nulls(kind):
-    """Median exactly tau, n = 256: the sign test rejects at most alpha of the time (Monte Carlo)."""
-    rng = np.random.default_rng(abs(hash(kind)) % 2**32)
+    """Median exactly tau, n = 256: the sign test rejects at most alpha of the time (Monte Carlo).
+
+    Seeded by the kind's position, so every run draws the same samples (``hash(str)`` is salted per process: the
+    test drew new samples each run and failed about 1 run in 400 on the 3-sigma bound below).
+    """
+    rng = np.random.default_rng(1000 + SKEWED.index(kind))
     reps, n = 4000, 256
     s = _null_scores(kind, rng, (reps, n))
     p = np.array([margin_sign_test(row, TAU, secondary=False).p_value for row in s])
