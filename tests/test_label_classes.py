@@ -66,22 +66,27 @@ def _hits(encoder, k: int, world) -> tuple:
     return model, hm, hr
 
 
-def test_label_mode_decides_within_100_queries_on_2_3_5_10_classes_and_never_on_independent_encoders(world):
+def test_label_mode_decides_within_100_queries_on_2_3_5_10_classes_above_every_independent_encoder(world):
+    """Calibrated on all 8 independent encoders (threshold just above the largest tau*, the calibration rule), the
+    watermarked task decides on every class count, and each independent one's verdict at that threshold is what its
+    tau* says (negative). Whether a NEW independent encoder crosses a threshold is a probability (at most 1/(m+1)
+    for m exchangeable calibration encoders: tests/test_calibrate.py simulates it); a held-out check on 4 encoders
+    could only pass while every tau* sits at its floor of 0, which depends on the machine's arithmetic (#30)."""
     images, labels, holdout, secret, wm, independent = world
-    names = sorted(independent)
-    calibration, heldout = names[::2], names[1::2]  # both architectures on each side
     for k in CLASSES:
-        stars = {n: tau_star(label_key(k), _hits(independent[n], k, world)[1:], ALPHA) for n in names}
-        threshold = max(stars[n] for n in calibration) + 1e-6  # the calibration rule
-        assert not any(stars[n] > threshold for n in heldout), (k, stars, threshold)
+        hits = {n: _hits(independent[n], k, world) for n in sorted(independent)}
+        nulls = {n: h[0] for n, h in hits.items()}
+        stars = {n: tau_star(label_key(k), h[1:], ALPHA) for n, h in hits.items()}
+        threshold = max(stars.values()) + 1e-6  # the calibration rule
         model, *_ = _hits(wm, k, world)
         v = verify_blackbox_label(lambda b: model(b).argmax(1), secret, holdout, tau=threshold, alpha=ALPHA, classes=k)
         assert v.details["queries"] <= BUDGET
         assert v.decision, (k, v.p_value, threshold, v.details["hit_rate_marked"], v.details["hit_rate_control"])
         assert v.details["labels_seen"] <= k
-        for n in heldout:  # at the same threshold, an independent encoder's task never decides
-            m, *_ = _hits(independent[n], k, world)
-            assert not verify_blackbox_label(lambda b: m(b).argmax(1), secret, holdout, tau=threshold, alpha=ALPHA).decision
+        for n, m in nulls.items():  # the verdict agrees with tau*: positive exactly when the margin is below it
+            for tau in (threshold, max(stars[n] - 1e-3, 0.0)):
+                got = verify_blackbox_label(lambda b: m(b).argmax(1), secret, holdout, tau=tau, alpha=ALPHA).decision
+                assert got == (tau < stars[n]), (k, n, tau, stars[n])
 
 
 def test_control_hit_rate_grows_as_classes_shrink(world):
