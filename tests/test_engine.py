@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,7 @@ def _cfg(out, name="run", **kw) -> PretrainConfig:
     return load_config(PretrainConfig, None, tiny_overrides(out, name, **kw))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", ["simclr", "moco_v2", "byol"])
 def test_interrupted_run_resumes_bit_for_bit(tmp_path, method):
     full = pretrain(_cfg(tmp_path, "full", **{"ssl.method": method}))
@@ -66,6 +71,7 @@ def _two_process_pretrain(out_dir: str) -> None:
     pretrain(_cfg(Path(out_dir), "two"))
 
 
+@pytest.mark.numerics
 def test_two_processes_match_one_process_without_batch_statistics(tmp_path):
     """GroupNorm net, SimCLR with gathered negatives: 2 gloo ranks == 1 process on the same global batch."""
     one = pretrain(_cfg(tmp_path, "one"))
@@ -88,34 +94,77 @@ def _two_process_shipped(out_dir: str) -> None:
     pretrain(_shipped(Path(out_dir), "two"))
 
 
-def _probe(encoder_file: Path) -> dict[str, float]:
+def _probe(encoder) -> dict:
+    """Linear probe and kNN of ``encoder`` (a file, or a module) on the digits probe split; with the probe's
+    per-image correctness on its test images, so two encoders can be compared image by image."""
     from dist_awenc.data.datasets import build_dataset
-    from dist_awenc.data.splits import make_splits
+    from dist_awenc.data.splits import make_splits, train_test_split_indices
     from dist_awenc.encoders.io import load_encoder
     from dist_awenc.evaluate.downstream import evaluate_encoder
+    from dist_awenc.evaluate.probe import extract_features
 
     ds = build_dataset("digits", image_size=16)
     idx = make_splits(len(ds), seed=0)["downstream"].tolist()
     x, y = torch.stack([ds[i][0] for i in idx]), torch.tensor([ds[i][1] for i in idx])
-    return evaluate_encoder(load_encoder(encoder_file)[0], x, y, ds.num_classes, seed=0)[1]
+    enc = load_encoder(encoder)[0] if isinstance(encoder, (str, Path)) else encoder
+    feats = extract_features(enc, x)
+    model, metrics = evaluate_encoder(enc, x, y, ds.num_classes, seed=0, features=feats)
+    te = train_test_split_indices(torch.arange(len(x)), 0, 0.3)[1]
+    with torch.no_grad():
+        metrics["correct"] = (model.classify_features(feats[te]).argmax(1) == y[te]).numpy()
+    return metrics
 
 
 def test_two_processes_match_one_process_in_quality_over_the_shipped_run(tmp_path):
     """The shipped digits SimCLR config at its full length (700 steps), 1 process vs 2 gloo ranks.
 
-    Step for step the two compute the same update (the 6-step test above), but over hundreds of steps
-    the float reduction order's differences grow as in any chaotic training run (measured: relative L2
-    weight difference about 0.7), so the weights are not what holds. What holds is the encoder's quality:
-    on the 162 test images of the probe (one image = 0.62 points), linear probe within 3 points and kNN
-    within 4 points, both encoders trained (probe above 0.9).
+    Step for step the two compute the same update (the 6-step test above), but over hundreds of steps the float
+    reduction order's differences grow as in any chaotic training run (measured: relative L2 weight difference
+    about 0.7), so the weights are not what holds. What holds is the encoder's quality, judged with what 162 test
+    images can tell and nothing tuned on one machine (#30):
+    * both trained: each kNN accuracy above a randomly initialised encoder's of the same architecture (measured
+      here; about 0.82 against 0.92 trained);
+    * the same linear-probe quality: McNemar's exact test on the images one probe gets right and the other wrong
+      (two-sided, scipy's binomtest) does not reject at 1e-3, so two equal-quality runs fail it 1 time in 1000
+      whatever a CPU's arithmetic does to the individual weights;
+    * the same kNN quality: the accuracies within 3.29 standard errors of their difference (two-sided 1e-3 under
+      the binomial variance of two accuracies on 162 images, about 0.11 at 0.9; conservative, as the pairing
+      only shrinks the variance).
     """
-    one = _probe(pretrain(_shipped(tmp_path, "one")))
-    spawn_launch(_two_process_shipped, (str(tmp_path),), tmp_path)
+    from scipy.stats import binomtest
+
+    from dist_awenc.ssl.pretrain import encoder_from_config
+
+    # the 1-process run goes beside the 2-process one, each process on one thread: three single-threaded processes
+    # share the 2 cores instead of one after the other (about a fifth less wall time than in turn). It starts before
+    # spawn_launch patches this process's environment for its ranks, so it sees a plain one-process environment.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    one_run = subprocess.Popen(
+        [sys.executable, "-m", "dist_awenc", "pretrain", "--config", str(SHIPPED), f"run.out_dir={tmp_path}",
+         "run.name=one", "train.progress=false"], env={**env, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        spawn_launch(_two_process_shipped, (str(tmp_path),), tmp_path)
+    except BaseException:
+        one_run.kill()
+        raise
+    log = one_run.communicate(timeout=3600)[0]  # a hang guard only
+    assert one_run.returncode == 0, log[-3000:]
+    one = _probe(tmp_path / "one" / "encoder.safetensors")
     two = _probe(tmp_path / "two" / "encoder.safetensors")
-    assert one["n_test"] == two["n_test"] == 162
-    assert min(one["linear_probe"], two["linear_probe"]) > 0.9, (one, two)
-    assert abs(one["linear_probe"] - two["linear_probe"]) <= 0.03, (one, two)
-    assert abs(one["knn"] - two["knn"]) <= 0.04, (one, two)
+    cfg = _shipped(tmp_path, "random")
+    torch.manual_seed(cfg.run.seed)
+    rand = _probe(encoder_from_config(cfg.encoder, cfg.data.image_size)[0])
+    n = one["n_test"]
+    print({k: {m: d[m] for m in ("linear_probe", "knn")} for k, d in (("one", one), ("two", two), ("random", rand))})
+    assert n == two["n_test"] == rand["n_test"] == 162
+    assert min(one["knn"], two["knn"]) > rand["knn"], (one["knn"], two["knn"], rand["knn"])
+    only_one = int((one["correct"] & ~two["correct"]).sum())
+    only_two = int((two["correct"] & ~one["correct"]).sum())
+    if only_one + only_two:
+        assert binomtest(only_one, only_one + only_two, 0.5).pvalue > 1e-3, (only_one, only_two)
+    se = math.sqrt(sum(a * (1 - a) for a in (one["knn"], two["knn"])) / n)
+    assert abs(one["knn"] - two["knn"]) <= 3.29 * se, (one["knn"], two["knn"], se)
 
 
 def test_resume_logs_no_step_twice(tmp_path):
@@ -139,14 +188,11 @@ def test_mixed_precision_no_survives_yaml(tmp_path):
     assert make_accelerator(tmp_path / "mp", cfg.train.mixed_precision).mixed_precision == "no"
 
 
+@pytest.mark.numerics
 def test_two_nodes_of_one_process_each_match_one_process(tmp_path):
     """Multi-node on one machine: `accelerate launch --num_machines 2 --machine_rank {0,1}` (gloo, one process per
     "node") ends with the weights of one process on the same global batch. Both nodes have local rank 0, so a run
     that sharded data or chose its writer by the local rank would train on the same half twice, or write twice."""
-    import os
-    import subprocess
-    import sys
-
     from dist_awenc.engine.loop import _free_port
 
     one = pretrain(_cfg(tmp_path, "one"))
