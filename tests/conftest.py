@@ -1,6 +1,11 @@
 """Shared fixtures: tiny configs that run in seconds on 2 CPU cores."""
 from __future__ import annotations
 
+import importlib
+import os
+import random
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -36,6 +41,31 @@ def tiny_f0_and_secret(root, *watermark_overrides: str):
     secret = watermark(load_config(WatermarkConfig, None, [f"run.out_dir={root}", "run.name=wm", f"encoder={f0}",
                                                            "data.image_size=8", *watermark_overrides]))
     return root, f0, secret
+
+
+# CI installs every optional extra (DeepSpeed, FFCV) and sets this: there, a test that would skip because an extra
+# is missing or its import broke fails instead, so a broken install cannot pass CI with its tests silently skipped.
+REQUIRE_EXTRAS = bool(os.environ.get("AWENC_REQUIRE_EXTRAS"))
+
+
+def extra_or_skip(module: str, reason: str):
+    """``pytest.importorskip(module)``; under ``AWENC_REQUIRE_EXTRAS=1`` a failed import fails instead of skipping."""
+    if not REQUIRE_EXTRAS:
+        return pytest.importorskip(module, reason=reason)
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001  (any import failure of a required extra is the failure to report)
+        pytest.fail(f"AWENC_REQUIRE_EXTRAS is set but `import {module}` failed: {e!r} ({reason})", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rngs():
+    """Every test starts from the same global RNG state, whatever ran before it or was deselected: a test that
+    draws from ``torch.rand`` / ``np.random`` / ``random`` without a generator sees the same numbers every run."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    yield
 
 
 def weights(path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The benchmark suites run (``python -m benchmarks all --quick``) and write valid JSON + markdown.
+"""The benchmark suites run (``python -m benchmarks <suite> --quick``, and ``benchmarks/gpu_checks.sh --dry-run``)
+and write valid JSON + markdown.
 
 Speeds are never asserted: CI machines are shared and the quick sizes are
 far too small to mean anything.
@@ -14,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import REQUIRE_EXTRAS
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
@@ -26,17 +28,35 @@ from benchmarks.common import validate  # noqa: E402
 HANG_GUARD_S = 600
 
 
-@pytest.fixture(scope="module")
-def quick_results(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "benchmarks", "all", "--quick", "--out", str(out)]
-    try:  # a hang guard only: --quick takes about 30 s on 2 busy cores; a slow machine must not fail this test
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+DRY_RUN_SUITES = ("step", "e2e", "cost")  # what gpu_checks.sh runs (e2e with all three launchers)
+
+
+def _run(cmd: list[str], what: str, timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    try:  # a hang guard only (about 10x the usual time): a slow machine must not fail these tests
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"`python -m benchmarks all --quick` still running after {HANG_GUARD_S} s (about 20x its usual "
-                    "time): it hangs, or this machine is far slower than any seen so far")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        pytest.fail(f"{what} still running after {timeout} s: it hangs, or this machine is far slower than any seen")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``gpu_checks.sh --dry-run``: the GPU sequence on the CPU at --quick sizes, run once for the module."""
+    out = tmp_path_factory.mktemp("gpu_dry")
+    return out, _run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), "--dry-run", str(out)],
+                     "gpu_checks.sh --dry-run", 2 * HANG_GUARD_S)
+
+
+@pytest.fixture(scope="module")
+def quick_results(dry_run) -> Path:
+    """Every suite at --quick: the dry run's step, e2e and cost (the same command lines), the others run here."""
+    out, _ = dry_run
+    rest = [s for s in SUITES if s not in DRY_RUN_SUITES]
+    for suite in rest:
+        proc = _run([sys.executable, "-m", "benchmarks", suite, "--quick", "--out", str(out)],
+                    f"`python -m benchmarks {suite} --quick`", HANG_GUARD_S)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
@@ -49,6 +69,8 @@ def test_suite_writes_valid_json_and_table(quick_results, suite):
     assert validate(doc, suite) == []
     assert doc["quick"] is True and doc["suite"] == suite
     assert any(r["status"] == "ok" for r in doc["rows"]), [(r["name"], r["status"], r.get("note")) for r in doc["rows"]]
+    if REQUIRE_EXTRAS:  # every extra is installed: no row may pass as "not installed"
+        assert not [r["name"] for r in doc["rows"] if r["status"] == "not installed"], doc["rows"]
     table = (quick_results / f"{suite}.md").read_text()
     assert f"`{suite}` benchmark" in table and "| status |" in table
     assert table.count("\n|") >= len(doc["rows"]) + 1  # header separator + one line per row
@@ -86,16 +108,11 @@ def test_validator_rejects_bad_documents():
 
 
 @pytest.mark.slow
-def test_gpu_checks_dry_run(tmp_path):
+def test_gpu_checks_dry_run(dry_run):
     """`gpu_checks.sh --dry-run`: the GPU sequence (step; e2e launched one-process, DDP and ZeRO-2; cost) on the CPU
     at --quick sizes, every file validated. About 2 minutes on 2 busy cores, plus one JIT build of DeepSpeed's CPU
     communication op where TORCH_EXTENSIONS_DIR has none yet (test_deepspeed.py then finds it built)."""
-    env = {**os.environ, "PYTHON": sys.executable}
-    cmd = ["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), "--dry-run", str(tmp_path)]
-    try:  # a hang guard only (about 10x the usual time)
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=2 * HANG_GUARD_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"gpu_checks.sh --dry-run still running after {2 * HANG_GUARD_S} s: it hangs")
+    tmp_path, proc = dry_run
     log = proc.stderr[-4000:]
     docs = {}
     for suite in ("step", "e2e", "cost"):
@@ -111,6 +128,7 @@ def test_gpu_checks_dry_run(tmp_path):
     assert by["ddp"][0]["settings"]["mixed_precision"] == "bf16" and by["ddp"][0]["settings"]["channels_last"] is True
     zero2 = by["zero2"]
     if not (importlib.util.find_spec("deepspeed") and importlib.util.find_spec("transformers")):
+        assert not REQUIRE_EXTRAS, "AWENC_REQUIRE_EXTRAS is set but DeepSpeed or transformers is not installed"
         assert [r["status"] for r in zero2] == ["not installed"] and "skipped" in zero2[0]["note"]
         assert proc.returncode == 0, log
         return

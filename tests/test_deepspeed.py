@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides, weights
+from conftest import extra_or_skip, tiny_overrides, weights
 from dist_awenc.config import PretrainConfig, load_config
 from dist_awenc.engine.loop import Interrupted
 
-pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
-pytest.importorskip("transformers", reason="Accelerate's DeepSpeed plugin needs transformers")
+extra_or_skip("deepspeed", "DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+extra_or_skip("transformers", "Accelerate's DeepSpeed plugin needs transformers")
 
 ZERO2 = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json")
 
@@ -50,6 +50,7 @@ def _cfg(out, name, **kw):
     return load_config(PretrainConfig, None, tiny_overrides(out, name, **{"train.deepspeed": ZERO2, **kw}))
 
 
+@pytest.mark.numerics
 def test_zero2_matches_plain_training_and_resumes_exactly(tmp_path):
     from dist_awenc.ssl.pretrain import pretrain
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REQUIRE_EXTRAS
 
 from dist_awenc.config import DataSection, load_config
 from dist_awenc.data import GlobalBatchSampler, SamplerSource, build_dataset, make_splits
@@ -21,9 +22,10 @@ from dist_awenc.data import ffcv as ffcv_mod
 from dist_awenc.errors import AwencError, ConfigError
 
 # find_spec, not an import: collecting this file stays cheap (importing FFCV takes seconds);
-# an installed but broken FFCV fails these tests rather than skipping them
+# an installed but broken FFCV fails these tests rather than skipping them, and so does a missing one where
+# AWENC_REQUIRE_EXTRAS is set (CI installs it)
 needs_ffcv = pytest.mark.skipif(
-    importlib.util.find_spec("ffcv") is None,
+    importlib.util.find_spec("ffcv") is None and not REQUIRE_EXTRAS,
     reason="FFCV is not installed (optional extra): run scripts/install_ffcv.sh to test the FFCV loader",
 )
 

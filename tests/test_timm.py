@@ -9,19 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm  # a hard dependency (pyproject.toml): its absence is a failure, not a skip
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-timm = pytest.importorskip("timm")
-
-from dist_awenc.cli import main  # noqa: E402
-from dist_awenc.encoders.io import build_encoder, card_for, load_encoder, save_encoder, sha256_file  # noqa: E402
-from dist_awenc.encoders.registry import ENCODERS, build_backbone, resolve_arch_kwargs  # noqa: E402
-from dist_awenc.encoders.thirdparty import import_weights, load_suspect  # noqa: E402
-from dist_awenc.errors import ConfigError  # noqa: E402
-from dist_awenc.verify.core import verify_whitebox  # noqa: E402
-from dist_awenc.watermark.secret import Secret, load_secret, save_secret  # noqa: E402
+from dist_awenc.cli import main
+from dist_awenc.encoders.io import build_encoder, card_for, load_encoder, save_encoder, sha256_file
+from dist_awenc.encoders.registry import ENCODERS, build_backbone, resolve_arch_kwargs
+from dist_awenc.encoders.thirdparty import import_weights, load_suspect
+from dist_awenc.errors import ConfigError
+from dist_awenc.verify.core import verify_whitebox
+from dist_awenc.watermark.secret import Secret, load_secret, save_secret
 
 SIZE = 16
 MEAN = [0.4914, 0.4822, 0.4465]
