@@ -19,16 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import spawn_launch, tiny_f0_and_secret, tiny_overrides, weights
+from conftest import extra_or_skip, spawn_launch, tiny_f0_and_secret, tiny_overrides, weights
 from dist_awenc.config import EmbedConfig, PretrainConfig, load_config
 from dist_awenc.engine.loop import Interrupted
 
-pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
-pytest.importorskip("transformers", reason="Accelerate's DeepSpeed plugin needs transformers")
+extra_or_skip("deepspeed", "DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+extra_or_skip("transformers", "Accelerate's DeepSpeed plugin needs transformers")
 
 from test_deepspeed import ZERO2, _fresh_state, _isolated_environment  # noqa: E402,F401  (the fixture is autouse)
 
 METHODS = ["simclr", "moco_v2", "byol", "moco_v3"]
+
+pytestmark = pytest.mark.numerics  # CI runs the whole module again on the AVX2 path (#30)
 
 
 @pytest.fixture(autouse=True)
@@ -82,12 +84,30 @@ def _assert_fp32_encoder(path: Path) -> None:
     assert floats and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in floats)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_bf16_zero2_trains_every_method_with_fp32_momentum_encoders(tmp_path, method):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """``one_process(method, mp)``: the run folder of a 1-process ZeRO-2 pre-training, made on first use and shared
+    by the tests below (the same run is what every-method, resume and 2-vs-1 each compare against)."""
     from dist_awenc.ssl.pretrain import pretrain
 
-    out = pretrain(_pre_cfg(tmp_path, "bf16", **{"ssl.method": method}))
-    run = tmp_path / "bf16"
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(method: str, mp: str) -> Path:
+        if (method, mp) not in made:
+            root = tmp_path_factory.mktemp(f"one_{method}_{mp}")
+            _fresh_state()
+            pretrain(_pre_cfg(root, "run", mp, **{"ssl.method": method}))
+            _fresh_state()
+            made[method, mp] = root / "run"
+        return made[method, mp]
+
+    return get
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_zero2_trains_every_method_with_fp32_momentum_encoders(one_process, method):
+    run = one_process(method, "bf16")
+    out = run / "encoder.safetensors"
     assert all(math.isfinite(x) for x in _losses(run))
     _assert_fp32_encoder(out)
     s3, s6 = _module_state(run, 3), _module_state(run, 6)
@@ -104,12 +124,11 @@ def test_bf16_zero2_trains_every_method_with_fp32_momentum_encoders(tmp_path, me
     assert changed / total > 0.9, f"EMA changed only {changed}/{total} momentum weights"
 
 
-def test_bf16_zero2_resumes_exactly(tmp_path):
+def test_bf16_zero2_resumes_exactly(one_process, tmp_path):
     """MoCo v2 (momentum encoder, queue): bf16 weights, fp32 master weights and the fp32 frozen parts resume bit for bit."""
     from dist_awenc.ssl.pretrain import pretrain
 
-    full = pretrain(_pre_cfg(tmp_path, "full", **{"ssl.method": "moco_v2"}))
-    _fresh_state()
+    full = one_process("moco_v2", "bf16") / "encoder.safetensors"
     with pytest.raises(Interrupted):
         pretrain(_pre_cfg(tmp_path, "cut", **{"ssl.method": "moco_v2"}), interrupt_at=3)
     _fresh_state()
@@ -126,36 +145,47 @@ def _two_process_pretrain(out: str, name: str, mp: str, method: str) -> None:
     pretrain(_pre_cfg(Path(out), name, mp, **{"ssl.method": method}))
 
 
-# bf16's own rounding, measured on one process: bf16 vs fp32 after 6 steps differ by about 3e-2 (relative L2 over
-# all encoder weights, SimCLR); 2 bf16 processes vs 1 bf16 process by about 1e-2 (the rounding falls differently on
-# half batches). Required: 2-vs-1 in bf16 within half of bf16-vs-fp32 and under 3e-2, losses within 1e-3 relative.
-BF16_REL, BF16_LOSS_REL = 3e-2, 1e-3
-
+# bf16's tolerance is what bf16 itself moves, measured in the same test on the same machine, never a constant read
+# off one CPU (a fixed 1e-3 on the losses passed with AVX-512 and failed on an AVX2-only AMD EPYC: 1.6e-3, #30).
+# The 2 bf16 processes compute what the 1 bf16 process computes, with the batch's reductions split in two: the
+# rounding differs only where the split changes it, so the two runs stay within ONE bf16 rounding of each other,
+# i.e. no further apart than bf16 is from fp32 on one process (weights: relative L2; losses: the largest per-step
+# gap). Measured (ratio of the two): weights 0.3-0.45, losses 0.2-0.35, on Intel AVX-512 and on the emulated AVX2
+# path (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2). Two roundings drawn independently would sit about
+# sqrt(2) times that distance apart; a bf16 defect on the 2-process path (no fp32 master weights, bf16 gradient
+# reduction, an unsynchronised rank) moves it further.
 
 @pytest.mark.parametrize("method", ["simclr", "moco_v2", "moco_v3", "byol"])
-def test_two_processes_equal_one_under_zero2_fp32_and_bf16(tmp_path, method):
-    from dist_awenc.ssl.pretrain import pretrain
-
+def test_two_processes_equal_one_under_zero2_fp32_and_bf16(one_process, tmp_path, method):
+    runs = {}
     for mp in ("fp32", "bf16"):
-        _fresh_state()
-        pretrain(_pre_cfg(tmp_path, f"one_{mp}", mp, **{"ssl.method": method}))
-        _fresh_state()
+        runs[f"one_{mp}"] = one_process(method, mp)
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(k, None)
         (tmp_path / mp).mkdir()  # one rendezvous file per launch
         spawn_launch(_two_process_pretrain, (str(tmp_path), f"two_{mp}", mp, method), tmp_path / mp)
-    _compare(tmp_path, "encoder.safetensors")
+        runs[f"two_{mp}"] = tmp_path / f"two_{mp}"
+    _compare(runs)
 
 
-def _compare(root: Path, file: str) -> None:
-    w = {n: weights(root / n / file) for n in ("one_fp32", "two_fp32", "one_bf16", "two_bf16")}
+def _max_gap(a: list[float], b: list[float]) -> float:
+    """The largest per-step relative difference of two loss curves of the same length."""
+    assert len(a) == len(b) and a, (len(a), len(b))
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+def _compare(runs: dict[str, Path]) -> None:
+    """``runs``: the run folders one_fp32, two_fp32, one_bf16, two_bf16."""
+    w = {n: weights(runs[n] / "encoder.safetensors") for n in ("one_fp32", "two_fp32", "one_bf16", "two_bf16")}
     for k in w["one_fp32"]:
         torch.testing.assert_close(w["one_fp32"][k], w["two_fp32"][k], rtol=1e-4, atol=1e-5, msg=k)
     between, own = _rel(w["one_bf16"], w["two_bf16"]), _rel(w["one_fp32"], w["one_bf16"])
-    print(f"bf16: 2 vs 1 processes {between:.2e}, bf16 vs fp32 on one {own:.2e}")
-    assert between < min(BF16_REL, 0.5 * own), (between, own)
-    for a, b in zip(_losses(root / "one_bf16"), _losses(root / "two_bf16")):
-        assert a == pytest.approx(b, rel=BF16_LOSS_REL)
+    loss = {n: _losses(runs[n]) for n in w}
+    loss_between, loss_own = _max_gap(loss["two_bf16"], loss["one_bf16"]), _max_gap(loss["one_bf16"], loss["one_fp32"])
+    print(f"bf16 weights: 2 vs 1 processes {between:.2e}, bf16 vs fp32 on one {own:.2e} (ratio {between / own:.2f}); "
+          f"losses: {loss_between:.2e} vs {loss_own:.2e} (ratio {loss_between / loss_own:.2f})")
+    assert 0 < own and between <= own, ("weights", between, own)
+    assert 0 < loss_own and loss_between <= loss_own, ("losses", loss_between, loss_own)
 
 
 # ------------------------------------------------------------------ embedding
@@ -211,7 +241,7 @@ def test_embedding_two_processes_equal_one_under_zero2_fp32_and_bf16(f0_and_secr
             os.environ.pop(k, None)
         (tmp_path / mp).mkdir()
         spawn_launch(_two_process_embed, (str(f0), str(secret), str(tmp_path), f"two_{mp}", mp, True, {}), tmp_path / mp)
-    _compare(tmp_path, "encoder.safetensors")
+    _compare({n: tmp_path / n for n in ("one_fp32", "two_fp32", "one_bf16", "two_bf16")})
 
 
 def test_embedding_without_the_contrastive_term_on_two_ddp_processes(f0_and_secret, tmp_path):
