@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dist_awenc.cli import main
 
 SMALL = [
@@ -13,6 +15,7 @@ SMALL = [
 ]
 
 
+@pytest.mark.numerics
 def test_demo_smallest_setting_writes_report(tmp_path, capsys):
     assert main(["demo", f"run.out_dir={tmp_path}", *SMALL]) == 0
     out = capsys.readouterr().out

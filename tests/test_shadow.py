@@ -122,6 +122,7 @@ def _cfg(f0, secret, out, name, *extra) -> EmbedConfig:
     return load_config(EmbedConfig, None, [f"{k}={v}" for k, v in over.items()] + list(extra))
 
 
+@pytest.mark.numerics
 def test_embedding_with_a_shadow_logs_its_terms_restarts_and_resumes_bit_for_bit(f0_and_secret, tmp_path):
     from dist_awenc.engine.loop import Interrupted
 

@@ -481,6 +481,7 @@ def test_mocov3_infonce_matches_explicit_logits(t):
         mocov3_infonce(q, k[:3])
 
 
+@pytest.mark.numerics
 def test_mocov3_infonce_on_two_ranks_equals_one_process_on_the_whole_batch(monkeypatch):
     """Each rank's queries against the gathered keys, labelled rank * b + i: the mean over ranks of the loss (and the
     DDP-averaged gradient of each rank's queries) equals one process on the concatenated batch."""
@@ -536,6 +537,7 @@ def test_moco_v3_momentum_update_follows_the_cosine_schedule(progress):
     assert not any(p.requires_grad for p in m.momentum_backbone.parameters())
 
 
+@pytest.mark.numerics
 def test_moco_v3_pretrain_resumes_bit_for_bit(tmp_path):
     """`awenc pretrain` with ssl.method=moco_v3: a run killed after 3 steps and resumed ends with the same encoder,
     heads and momentum encoder as one that ran through (everything is in the method's state dict)."""
