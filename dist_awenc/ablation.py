@@ -27,9 +27,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from dist_awenc.config import AblationConfig, DataSection, ProbeSection, TargetsSection, VariantSection, load_config
-from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.files import atomic_write_text, read_json, save_figure
+from dist_awenc.log import info
 from dist_awenc.runs import open_run
 from dist_awenc.verify.core import LABEL_MODES, MODES
 
