@@ -13,7 +13,7 @@ from typing import Callable
 from dist_awenc.errors import AwencError
 
 # dist_awenc.config imports torch (its sections do): it is imported where a stage needs it, so that
-# `awenc --help` and `awenc sweep status|collect` start without torch; stages.py names every stage
+# `awenc --help` and `awenc sweep status|collect` start without torch; dist_awenc.stages names every stage
 
 from dist_awenc.stages import STAGES, SUBMITTABLE, schema, stage_function
 

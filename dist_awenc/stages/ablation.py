@@ -274,7 +274,7 @@ def ablation(cfg: AblationConfig) -> dict[str, Any]:
     from dist_awenc.encoders.io import load_encoder
     from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
     from dist_awenc.evaluate.probe import extract_features
-    from dist_awenc.robustness import RobustnessConfig
+    from dist_awenc.stages.robustness import RobustnessConfig
 
     if cfg.report:
         return rerender(cfg)
