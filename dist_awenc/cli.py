@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         from dist_awenc.config import load_config, to_yaml
 
         if args.stage == "serve":
-            from dist_awenc.serve import serve
+            from dist_awenc.server.app import serve
 
             serve(args.model, host=args.host, port=args.port, labels_only=args.labels_only, log_requests=args.log_requests)
             return 0
