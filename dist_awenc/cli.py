@@ -13,7 +13,7 @@ from typing import Callable
 from dist_awenc.errors import AwencError
 
 # dist_awenc.config imports torch (its sections do): it is imported where a stage needs it, so that
-# `awenc --help` and `awenc sweep status|collect` start without torch; stages.py names every stage
+# `awenc --help` and `awenc sweep status|collect` start without torch; dist_awenc.stages names every stage
 
 from dist_awenc.stages import STAGES, SUBMITTABLE, schema, stage_function
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         from dist_awenc.config import load_config, to_yaml
 
         if args.stage == "serve":
-            from dist_awenc.serve import serve
+            from dist_awenc.server.app import serve
 
             serve(args.model, host=args.host, port=args.port, labels_only=args.labels_only, log_requests=args.log_requests)
             return 0

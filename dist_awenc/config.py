@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from dist_awenc.config_checks import check_robust, check_shadow
 from dist_awenc.config_loading import load_config, to_dict, to_yaml  # noqa: F401  (re-exported)
 from dist_awenc.data.views import ViewConfig, mild_view_config
 from dist_awenc.errors import ConfigError
-from dist_awenc.watermark.shadow import check_shadow
-from dist_awenc.watermark.transforms import check_robust
 
 # ----------------------------------------------------------------- sections
 

@@ -27,8 +27,8 @@ import yaml
 from dist_awenc.config import to_yaml
 from dist_awenc.encoders.io import atomic_write_text
 from dist_awenc.engine import dist
-from dist_awenc.engine.log import info
 from dist_awenc.errors import ConfigError
+from dist_awenc.log import info
 
 
 # Config fields that change how a run is watched or stored, never what it computes. A bare name matches that field

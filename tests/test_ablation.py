@@ -11,7 +11,7 @@ import torch
 from dist_awenc.cli import main
 from dist_awenc.config import to_yaml
 from dist_awenc.encoders.io import build_encoder, card_for, save_encoder
-from dist_awenc.robustness import RobustnessConfig
+from dist_awenc.stages.robustness import RobustnessConfig
 from dist_awenc.verify.calibration import CALIBRATION_FORMAT
 from dist_awenc.verify.core import MODES
 
@@ -161,7 +161,7 @@ def _summary(tpr: dict[str, float], fp: dict[str, int], probe_change: float = 0.
 
 
 def test_targets_hold_only_where_the_calibration_backs_the_tpr():
-    from dist_awenc.ablation import check_targets
+    from dist_awenc.stages.ablation import check_targets
     from dist_awenc.config import TargetsSection
 
     t = TargetsSection()

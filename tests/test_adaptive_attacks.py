@@ -28,8 +28,8 @@ from dist_awenc.encoders.backbones import TinyConvNet, TinyResNet
 from dist_awenc.encoders.io import Encoder, build_encoder, card_for, save_encoder
 from dist_awenc.errors import ConfigError
 from dist_awenc.evaluate.probe import extract_features
-from dist_awenc.robustness import GridSection, expand_grid
-from dist_awenc.verify import calibrate as C
+from dist_awenc.stages.robustness import GridSection, expand_grid
+from dist_awenc.stages import calibrate as C
 from dist_awenc.watermark.generate import choose_key, generate_deltas
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,7 +242,7 @@ def test_query_purify_smooths_and_is_recorded(data, digits):
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs/robustness").glob("*.yaml")))
 def test_every_robustness_grid_loads_with_registered_attacks_at_their_grid_strengths(name):
     from dist_awenc.config import load_config
-    from dist_awenc.robustness import RobustnessConfig
+    from dist_awenc.stages.robustness import RobustnessConfig
 
     cfg = load_config(RobustnessConfig, ROOT / f"configs/robustness/{name}.yaml")
     assert cfg.grid.attacks and set(cfg.grid.attacks) <= set(ATTACKS)

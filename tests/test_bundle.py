@@ -14,7 +14,7 @@ from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.encoders.io import build_encoder, card_for
 from dist_awenc.evaluate.downstream import load_downstream, save_downstream
 from dist_awenc.evaluate.probe import DownstreamModel
-from dist_awenc.serve import make_server
+from dist_awenc.server.app import make_server
 from dist_awenc.verify import transport
 from dist_awenc.verify.evidence import GENESIS, entry_hash
 from dist_awenc.verify.plan import make_plan

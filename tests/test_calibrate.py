@@ -121,7 +121,7 @@ def _verify(tmp_path, suspect, secret, *extra):
 
 
 def test_calibration_binds_to_the_secret_and_verify_enforces_its_conditions(tmp_path):
-    from dist_awenc.verify.calibrate import calibrate
+    from dist_awenc.stages.calibrate import calibrate
 
     f0, secret = _owner(tmp_path)
     cfg = load_config(CalibrateConfig, None, [

@@ -1,13 +1,27 @@
-"""The package's layout stays readable: no import cycle between its modules, no module over 400 lines (#14)."""
+"""The package's layout stays readable: no import cycle between its modules, no module over 400 lines (#14), and
+the "never" rules of the house (#28): verify/ never imports attacks/, nothing below watermark/ imports it, data/
+and encoders/ (and the floor they use) never import engine/, results/ holds no programs.
+
+The rules read the imports written in the package's source, at module level or inside functions (first line of each
+imported module per importing module); an import through another module is that module's import.
+"""
 from __future__ import annotations
 
 import ast
+import functools
 import gc
 from pathlib import Path
 
 PACKAGE = "dist_awenc"
-ROOT = Path(__file__).resolve().parent.parent / PACKAGE
+REPO = Path(__file__).resolve().parent.parent
+ROOT = REPO / PACKAGE
 MAX_LINES = 400
+
+# The floor: what every room may import. Torch-light, no run state: typed config sections and their checks, YAML
+# loading, errors, file writes and hashing, rank-0 printing.
+FLOOR = ("config", "config_checks", "config_loading", "errors", "files", "log")
+# What watermark/ builds on (the floor, run folders, and the rooms under it); none of it may import watermark/.
+BELOW_WATERMARK = FLOOR + ("runs", "data", "encoders", "engine", "ssl")
 
 # Known exceptions (path -> why), to be split (#14); none at present. An entry that is short enough fails the test.
 LONG_FILES_ALLOWED: dict[str, str] = {}
@@ -77,6 +91,30 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> dict[str, int]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _graph() -> dict[str, dict[str, int]]:
+    """Every package module -> the package modules it imports -> the first line of that import."""
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def _within(module: str, parts: tuple[str, ...]) -> bool:
+    """``module`` is one of ``parts`` (modules or packages, relative to the package) or inside one of them."""
+    return any(module == f"{PACKAGE}.{p}" or module.startswith(f"{PACKAGE}.{p}.") for p in parts)
+
+
+def _offending(sources: tuple[str, ...], targets: tuple[str, ...]) -> list[str]:
+    """Imports of a module in ``targets`` by a module in ``sources``: ``path:line: a imports b``, sorted."""
+    out = []
+    for name, deps in sorted(_graph().items()):
+        if not _within(name, sources):
+            continue
+        path = _modules()[name].relative_to(REPO).as_posix()
+        out += [f"{path}:{line}: {name} imports {dep}" for dep, line in sorted(deps.items(), key=lambda d: d[1])
+                if _within(dep, targets) and not _within(dep, sources)]
+    return out
+
+
 def _find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
     """One cycle of the graph as a list of modules (first == last), or None."""
     WHITE, GREY, BLACK = 0, 1, 2
@@ -106,8 +144,7 @@ def _find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
 
 
 def test_no_import_cycle_between_modules():
-    modules = _modules()
-    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    graph = _graph()
     cycle = _find_cycle(graph)
     if cycle:
         steps = [f"{a} (line {graph[a][b]}) -> {b}" for a, b in zip(cycle, cycle[1:])]
@@ -130,3 +167,38 @@ def test_no_module_is_over_400_lines():
     stale = [rel for rel in LONG_FILES_ALLOWED
              if not (ROOT.parent / rel).exists() or len((ROOT.parent / rel).read_text().splitlines()) <= MAX_LINES]
     assert not stale, f"remove these from LONG_FILES_ALLOWED, they are short now: {stale}"
+
+
+def test_verify_never_imports_the_attacks():
+    """verify/ measures (statistics, queries, verdicts, evidence); what attacks encoders lives in attacks/ and the
+    stages that combine both (stages/calibrate.py, stages/robustness.py)."""
+    bad = _offending(("verify",), ("attacks",))
+    assert not bad, "verify/ imports attacks/ (move the code that attacks into stages/):\n  " + "\n  ".join(bad)
+
+
+def test_nothing_below_watermark_imports_it():
+    """The floor (config.py, config_checks.py, config_loading.py, errors.py, files.py, log.py), runs.py, data/,
+    encoders/, engine/ and ssl/ never import dist_awenc.watermark: a section's checks live in the config layer
+    (config_checks.py), and watermark/ imports them from there."""
+    bad = _offending(BELOW_WATERMARK, ("watermark",))
+    assert not bad, "modules below watermark/ import it:\n  " + "\n  ".join(bad)
+
+
+def test_data_encoders_and_the_floor_never_import_the_engine():
+    """data/, encoders/ and the floor they use import nothing from engine/ (printing is dist_awenc/log.py)."""
+    bad = _offending(("data", "encoders") + FLOOR, ("engine",))
+    assert not bad, "data/, encoders/ or the floor import engine/:\n  " + "\n  ".join(bad)
+
+
+def test_the_rules_see_an_offending_import():
+    """_offending finds a function-level import and names its file and line (the check the rules rely on)."""
+    bad = _offending(("cli",), ("config",))
+    assert any(b.startswith("dist_awenc/cli.py:") and b.endswith("dist_awenc.cli imports dist_awenc.config")
+               for b in bad), bad
+    assert not _offending(("verify",), ("verify",))  # a room's imports of itself are not crossings
+
+
+def test_results_hold_no_programs():
+    """results/ is the record (data and READMEs); the programs that make it live in scripts/ or the package."""
+    programs = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "results").rglob("*.py"))
+    assert not programs, f"programs under results/ (move them to scripts/ and update the READMEs): {programs}"

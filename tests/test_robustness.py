@@ -139,7 +139,7 @@ def test_robustness_ranks_each_derivative_by_the_permutation_test(owner, tmp_pat
 def test_collect_applies_the_pirate_tasks_own_label_threshold_of_a_per_class_calibration(tmp_path):
     """A calibration with per-class-count label entries (blackbox_label@k, `population.label_classes`): the grid's
     pirate task has the dataset's own classes, so its label decisions use the mode's own threshold, not an @k one."""
-    from dist_awenc.robustness import collect
+    from dist_awenc.stages.robustness import collect
     from dist_awenc.verify.calibration import CALIBRATION_FORMAT
     from dist_awenc.verify.core import MODES
 

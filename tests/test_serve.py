@@ -1,4 +1,4 @@
-"""The live prediction API: ``dist_awenc.serve`` (server) and ``dist_awenc.verify.endpoint`` (client), on loopback."""
+"""The live prediction API: ``dist_awenc.server.app`` (server) and ``dist_awenc.verify.endpoint`` (client), on loopback."""
 from __future__ import annotations
 
 import base64
@@ -23,7 +23,7 @@ import torch
 from dist_awenc.encoders.io import build_encoder, card_for
 from dist_awenc.evaluate.downstream import load_downstream, save_downstream
 from dist_awenc.evaluate.probe import DownstreamModel
-from dist_awenc.serve import make_server
+from dist_awenc.server.app import make_server
 from dist_awenc.verify.core import verify_blackbox_label, verify_blackbox_score
 from dist_awenc.verify.endpoint import EndpointError, RemoteModel, probe
 from dist_awenc.watermark.secret import Secret
@@ -487,7 +487,7 @@ def test_no_health_endpoint(fake, images):
 
 
 def test_serve_process_and_ctrl_c(model_path, images, model):
-    code = ("import sys; from dist_awenc.serve import serve; "
+    code = ("import sys; from dist_awenc.server.app import serve; "
             "serve(sys.argv[1], host='127.0.0.1', port=0, labels_only=True)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # as from a terminal: a runner started in the background (`cmd &` without job control) ignores SIGINT, and a

@@ -22,8 +22,8 @@ import pytest
 import torch
 from torch import nn
 
-from dist_awenc.serve import make_server
-from dist_awenc.serve_requests import (BadRequest, MIN_BODY_BYTES, check_json_structure, decode_image,
+from dist_awenc.server.app import make_server
+from dist_awenc.server.requests import (BadRequest, MIN_BODY_BYTES, check_json_structure, decode_image,
                                        default_max_body_bytes, default_max_images)
 from dist_awenc.verify.endpoint import EndpointError, RemoteModel, probe
 

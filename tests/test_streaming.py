@@ -235,7 +235,7 @@ def test_attack_stage_decodes_the_probe_passes_and_the_attack_batches(folder, en
 def test_robustness_context_decodes_the_hold_out_prefix_only(folder, encoder_file, decoded, tmp_path):
     from dist_awenc.attacks import AttackOptions
     from dist_awenc.config import DataSection, ProbeSection, VerifySection
-    from dist_awenc.robustness import Context
+    from dist_awenc.stages.robustness import Context
 
     holdout = make_splits(FILES, 0, SPLITS)["holdout"]
     plan = make_plan(dataset="imagefolder", dataset_size=FILES, image_size=S, split_seed=0, holdout_indices=holdout,

@@ -163,7 +163,7 @@ def test_prepare_checks_inputs_and_refuses_another_grid(owner, tmp_path):
     with pytest.raises(ConfigError, match="different grid"):
         sw.prepare(tiny_sweep(owner, tmp_path, *SMALL_GRID, "grid.seeds=[5]"))
     # each target folder holds the config `awenc robustness` would run for it
-    from dist_awenc.robustness import RobustnessConfig
+    from dist_awenc.stages.robustness import RobustnessConfig
 
     rcfg = load_config(RobustnessConfig, root / "targets" / "main" / "config.yaml")
     assert rcfg.grid.seeds == [0, 1] and Path(rcfg.run.out_dir) == root / "targets"
@@ -316,7 +316,7 @@ def test_null_population_lands_where_calibrate_reuses_it(tmp_path, monkeypatch):
     reuses, even when the sweep is resumed from another directory."""
     from dist_awenc.config import to_yaml
     from dist_awenc.runs import run_dir_of, status
-    from dist_awenc.verify.calibrate import null_encoder_configs
+    from dist_awenc.stages.calibrate import null_encoder_configs
 
     monkeypatch.chdir(tmp_path)
     Path("null.yaml").write_text(yaml.safe_dump({

@@ -243,7 +243,7 @@ def test_embed_task_applies_the_draws_to_the_marked_images_only(robust_secret):
 
 
 def test_the_demo_passes_robust_to_its_watermark_and_embed_stages(monkeypatch, tmp_path):
-    import dist_awenc.demo as demo_module
+    import dist_awenc.stages.demo as demo_module
 
     seen = []
 

@@ -19,9 +19,9 @@ from dist_awenc.data import build_dataset, splits_for, train_test_split_indices
 from dist_awenc.data.stream import Images, IndexedImages, take
 from dist_awenc.encoders.io import Encoder, atomic_write_text, card_for, save_encoder
 from dist_awenc.encoders.thirdparty import load_suspect
-from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError
 from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
+from dist_awenc.log import info
 from dist_awenc.runs import open_run
 
 

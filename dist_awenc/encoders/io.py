@@ -157,7 +157,7 @@ def load_encoder(path: str | Path, card: dict[str, Any] | None = None, *, verify
         ) from None
     del result
     if card.get("query_transform"):
-        from dist_awenc.engine.log import warn
+        from dist_awenc.log import warn
 
         warn(f"{p}: the card's query_transform is not applied: a card never changes how an encoder's weights are "
              "measured (it belongs to a downstream model's serving path)")

@@ -32,9 +32,9 @@ from dist_awenc.encoders.io import (Encoder, build_encoder, card_for, load_card,
 from dist_awenc.encoders.keymap import fit, strip_prefixes, unwrap
 from dist_awenc.encoders.registry import factory, resolve_arch_kwargs
 from dist_awenc.encoders.timm_backbones import PREFIX as TIMM, stem_from_weights
-from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.files import read_json, sha256_file
+from dist_awenc.log import info
 
 FIELDS = ("arch", "stem", "input_size", "mean", "std")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # torchvision's and timm's ResNets' normalisation

@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from dist_awenc.data.transfer import HostDraw, StepInputs, move_step
 from dist_awenc.engine import dist, precision
-from dist_awenc.engine.log import JSONLinesTracker, info
+from dist_awenc.engine.tracker import JSONLinesTracker
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.files import atomic_write_text, fsync_dir
+from dist_awenc.log import info
 
 CKPT_PREFIX = "step_"
 

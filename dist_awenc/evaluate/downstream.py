@@ -17,10 +17,10 @@ from dist_awenc.data import build_dataset, splits_for, train_test_split_indices
 from dist_awenc.data.stream import Images, IndexedImages
 from dist_awenc.encoders.io import Encoder, build_encoder, read_state
 from dist_awenc.encoders.thirdparty import load_suspect
-from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.evaluate.probe import DownstreamModel, accuracy, extract_features, knn_accuracy, train_linear_head
 from dist_awenc.files import atomic_write_text, read_json, save_tensors, sha256_file
+from dist_awenc.log import info
 from dist_awenc.runs import open_run
 
 MODEL_FORMAT = "dist_awenc.downstream/1"

@@ -14,12 +14,12 @@ from dist_awenc.data.transfer import HostDraw, StepInputs
 from dist_awenc.data.views import draw_views
 from dist_awenc.encoders.io import Encoder, build_encoder, card_for, save_encoder, save_tensors
 from dist_awenc.encoders.registry import resolve_arch_kwargs
-from dist_awenc.engine.log import info
 from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator, prepare_model
 from dist_awenc.engine.optim import build_optimizer
 from dist_awenc.engine.plan import TrainPlan, loop_settings
 from dist_awenc.errors import ConfigError
 from dist_awenc.data.ffcv import build_source, source_options
+from dist_awenc.log import info
 from dist_awenc.runs import open_run
 from dist_awenc.ssl.methods import METHODS, build_method
 

@@ -1,4 +1,4 @@
-"""Black-box verification against a live prediction API (the client of :mod:`dist_awenc.serve`).
+"""Black-box verification against a live prediction API (the client of :mod:`dist_awenc.server.app`).
 
 :class:`RemoteModel` turns an HTTP endpoint into the ``predict_label`` /
 ``predict_proba`` callables that :func:`~dist_awenc.verify.core.verify_blackbox_label`

@@ -38,9 +38,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from dist_awenc.engine.log import warn
 from dist_awenc.errors import ArtifactError
 from dist_awenc.files import atomic_write_text, read_json, sha256_file
+from dist_awenc.log import warn
 
 BUNDLE_FORMAT = "dist_awenc.bundle/1"
 LOG_NAME = "queries.jsonl"

@@ -28,9 +28,9 @@ import torch
 from dist_awenc.config import VerifyConfig
 from dist_awenc.config_loading import load_config
 from dist_awenc.data import build_dataset, splits_for
-from dist_awenc.engine.log import info, warn
 from dist_awenc.errors import ArtifactError, AwencError, TamperedSecretError
 from dist_awenc.files import read_json, sha256_file
+from dist_awenc.log import info, warn
 from dist_awenc.verify.adapter import load_adapter
 from dist_awenc.verify.core import Verdict, images_for
 from dist_awenc.verify.endpoint import RemoteModel

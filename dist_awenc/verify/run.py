@@ -20,9 +20,9 @@ from dist_awenc.config import VerifyConfig, VerifySection
 from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import atomic_write_text
 from dist_awenc.encoders.thirdparty import declared, load_suspect
-from dist_awenc.engine.log import info, warn
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.evaluate.downstream import load_downstream
+from dist_awenc.log import info, warn
 from dist_awenc.runs import open_run
 from dist_awenc.verify import plan as P
 from dist_awenc.verify.evidence import start_bundle, write_report

@@ -32,12 +32,12 @@ from dist_awenc.data import GlobalBatchSampler, ViewConfig, build_dataset, split
 from dist_awenc.data.transfer import HostDraw, StepInputs
 from dist_awenc.data.views import draw_views
 from dist_awenc.encoders.io import Encoder, card_for, load_encoder, read_state, resolve_encoder_path, save_encoder
-from dist_awenc.engine.log import info
 from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator, prepare_model
 from dist_awenc.engine.optim import build_optimizer
 from dist_awenc.engine.plan import TrainPlan, loop_settings
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.data.ffcv import build_source, source_options
+from dist_awenc.log import info
 from dist_awenc.runs import open_run
 from dist_awenc.ssl.pretrain import method_from_config, save_method
 from dist_awenc.watermark.secret import Secret, load_secret

@@ -19,8 +19,8 @@ from dist_awenc.config import GenerationSection, WatermarkConfig
 from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.data.stream import Images, IndexedImages
 from dist_awenc.encoders.io import Encoder, atomic_write_text, load_encoder, read_state, save_tensors
-from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
+from dist_awenc.log import info
 from dist_awenc.runs import open_run
 from dist_awenc.verify.plan import make_plan
 # the optimiser, re-exported: callers import it from here or from perturbation

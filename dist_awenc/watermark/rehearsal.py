@@ -33,8 +33,8 @@ from dist_awenc.data.stream import IndexedImages
 from dist_awenc.data.splits import derive_seed
 from dist_awenc.encoders.io import Encoder, load_encoder, save_encoder
 from dist_awenc.encoders.registry import parse_arch
-from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
+from dist_awenc.log import info
 from dist_awenc.watermark.perturbation import Rehearsal
 
 REFERENCE_SEED = 7000

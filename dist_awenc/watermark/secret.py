@@ -191,7 +191,7 @@ def bind_calibration(secret_path: str | Path, calibration_sha256: str, calibrati
     Returns True when bound now; an already bound secret keeps its calibration
     (rebinding after the fact would let a verdict shop for thresholds).
     """
-    from dist_awenc.engine.log import info, warn
+    from dist_awenc.log import info, warn
 
     secret = load_secret(secret_path)
     bound = secret.record.get("calibration") or {}

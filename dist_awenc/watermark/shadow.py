@@ -28,19 +28,8 @@ from torch.func import functional_call
 
 from dist_awenc.data.splits import derive_seed
 from dist_awenc.encoders.io import Encoder, build_encoder
-from dist_awenc.encoders.registry import ENCODERS, arch_kwargs
+from dist_awenc.encoders.registry import arch_kwargs
 from dist_awenc.errors import ConfigError
-
-
-def check_shadow(section) -> None:
-    """One-line ConfigError for ``shadow.*`` out of range (before a run folder exists)."""
-    if not section.weight >= 0:
-        raise ConfigError(f"shadow.weight must be >= 0 (0: off); got {section.weight}")
-    if section.refresh < 0:
-        raise ConfigError(f"shadow.refresh must be >= 0 steps (0: never restart the shadow); got {section.refresh}")
-    if section.arch and section.arch not in ENCODERS:
-        raise ConfigError(f"shadow.arch: unknown encoder '{section.arch}'; valid: {', '.join(sorted(ENCODERS))} "
-                          "('' for f0's own)")
 
 
 def build_shadow(f0: Encoder, card: dict, arch: str, seed: int, refresh_index: int = 0) -> Encoder:

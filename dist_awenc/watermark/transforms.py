@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dist_awenc.config_checks import ROBUST_RANGES as _RANGES, TRANSFORMS, check_robust
 from dist_awenc.data.splits import derive_seed
-from dist_awenc.errors import ConfigError
 
-TRANSFORMS = ("jpeg", "resize", "crop", "noise", "blur")
 IDENTITY = -1  # the ``op`` code of an untransformed image; others index TRANSFORMS
 
 # IJG (libjpeg) standard tables, ITU-T T.81 Annex K, row-major 8x8
@@ -40,15 +39,6 @@ _CHROMA_Q = (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24,
 # JFIF full-range RGB <-> YCbCr (what libjpeg uses)
 _RGB_TO_YCC = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
 _YCC_TO_RGB = ((1.0, 0.0, 1.402), (1.0, -0.344136, -0.714136), (1.0, 1.772, 0.0))
-
-# field -> (low bound, high bound, whether the bound is included, what the field is); ranges are [lo, hi], lo <= hi
-_RANGES = {
-    "jpeg_quality": (1, 100, True, "JPEG quality"),
-    "resize_scale": (0.0, 1.0, False, "down-and-up resize factor of the side"),
-    "crop_area": (0.0, 1.0, False, "kept area fraction of the crop"),
-    "noise_std": (0.0, 1.0, True, "Gaussian noise std in [0, 1] pixel units"),
-    "blur_sigma": (0.0, 10.0, True, "Gaussian blur sigma in pixels"),
-}
 
 
 @dataclass(frozen=True)
@@ -85,27 +75,6 @@ class TransformParams:
         """JSON-able settings, as a secret records how it was made."""
         return {"transforms": list(self.transforms), **{k: list(getattr(self, k)) for k in _RANGES},
                 "p_identity": float(self.p_identity)}
-
-
-def check_robust(section: Any) -> None:
-    """One-line ConfigError naming the ``robust.*`` field and what it expects."""
-    for t in section.transforms:
-        if t not in TRANSFORMS:
-            raise ConfigError(f"robust.transforms: unknown transform '{t}'; valid: {', '.join(TRANSFORMS)}")
-    if len(set(section.transforms)) != len(section.transforms):
-        raise ConfigError(f"robust.transforms lists a transform twice: {list(section.transforms)}")
-    for name, (lo, hi, closed, what) in _RANGES.items():
-        value = list(getattr(section, name))
-        low_ok = (lambda v: v >= lo) if closed else (lambda v: v > lo)
-        ok = len(value) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
-        ok = ok and low_ok(value[0]) and value[0] <= value[1] <= hi
-        if ok and name == "jpeg_quality":
-            ok = all(float(v).is_integer() for v in value)
-        if not ok:
-            rng = f"{lo} {'<=' if closed else '<'} low <= high <= {hi}" + (", integers" if name == "jpeg_quality" else "")
-            raise ConfigError(f"robust.{name} must be [low, high] ({what}) with {rng}; got {value}")
-    if not 0.0 <= section.p_identity <= 1.0:
-        raise ConfigError(f"robust.p_identity is a probability and must be in [0, 1]; got {section.p_identity}")
 
 
 # --------------------------------------------------------------------------- draws

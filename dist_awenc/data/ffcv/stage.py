@@ -71,7 +71,7 @@ def write_beton_stage(cfg: BetonConfig) -> Path:
     root, image_size, size and split_seed), so ``data.loader=ffcv`` with this
     file feeds the same items as the torchvision loader.
     """
-    from dist_awenc.engine.log import info
+    from dist_awenc.log import info
 
     from dist_awenc.data.datasets import build_dataset
 

@@ -5,7 +5,7 @@
     awenc sweep collect --config ... | --dir runs/<name>
     awenc sweep resume  --config ... | --dir runs/<name> [--executor ...] [--wait]
 
-A task is one robustness :class:`~dist_awenc.robustness.Task` of one
+A task is one robustness :class:`~dist_awenc.stages.robustness.Task` of one
 watermarked encoder (a *target*): attack x strength x seed, verified in every
 mode (the modes share the attacked encoder and the pirate's head, the costly
 part), or one null-population encoder to pre-train for ``awenc calibrate``.

@@ -89,7 +89,7 @@ def run_tasks(sweep_dir: Path, task_ids: list[str]) -> dict[str, Any]:
     """
     import torch
 
-    from dist_awenc.robustness import Context, run_task
+    from dist_awenc.stages.robustness import Context, run_task
 
     sweep = Sweep(sweep_dir)
     cfg = sweep.config

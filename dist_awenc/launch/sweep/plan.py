@@ -31,7 +31,7 @@ def _define_sweep_config() -> type:
     """The schema of a sweep config; defined on first use, as its sections import torch."""
     from dist_awenc.attacks.base import AttackOptions
     from dist_awenc.config import DataSection, ProbeSection, RunSection, VerifySection
-    from dist_awenc.robustness import GridSection
+    from dist_awenc.stages.robustness import GridSection
 
     # the annotations below are strings (PEP 563): OmegaConf resolves them in this module's namespace
     globals().update(AttackOptions=AttackOptions, DataSection=DataSection, ProbeSection=ProbeSection,
@@ -87,8 +87,8 @@ class SweepTask:
 
     @property
     def robustness(self) -> Any:
-        """The :class:`~dist_awenc.robustness.Task` of a robustness task."""
-        from dist_awenc.robustness import Task
+        """The :class:`~dist_awenc.stages.robustness.Task` of a robustness task."""
+        from dist_awenc.stages.robustness import Task
 
         return Task(self.attack, self.strength, self.seed)
 
@@ -113,7 +113,7 @@ def targets_of(cfg: SweepConfig) -> dict[str, tuple[str, str]]:
 def robustness_config(cfg: SweepConfig, target: str, sweep_dir: Path) -> RobustnessConfig:
     """The ``awenc robustness`` config of one target, whose run folder is ``targets/<target>``."""
     from dist_awenc.config import RunSection
-    from dist_awenc.robustness import RobustnessConfig
+    from dist_awenc.stages.robustness import RobustnessConfig
 
     encoder, secret = targets_of(cfg)[target]
     return RobustnessConfig(run=RunSection(name=target, out_dir=str(sweep_dir / "targets"), seed=cfg.run.seed),
@@ -136,7 +136,7 @@ def null_pretrain_configs(ccfg: Optional[CalibrateConfig]) -> dict[str, Pretrain
     where ``awenc calibrate`` with the same config reuses them."""
     if ccfg is None:
         return {}
-    from dist_awenc.verify.calibrate import null_encoder_configs
+    from dist_awenc.stages.calibrate import null_encoder_configs
 
     root = Path(ccfg.run.out_dir) / ccfg.run.name / "population"
     return {c.run.name: c for c in null_encoder_configs(ccfg, root)}
@@ -144,7 +144,7 @@ def null_pretrain_configs(ccfg: Optional[CalibrateConfig]) -> dict[str, Pretrain
 
 def expand(cfg: SweepConfig, null_names: Iterable[str] = ()) -> list[SweepTask]:
     """Every task: the null population first (the longest jobs), then target x attack x strength x seed."""
-    from dist_awenc.robustness import expand_grid
+    from dist_awenc.stages.robustness import expand_grid
 
     tasks = [SweepTask("null", name=n) for n in null_names]
     grid = expand_grid(cfg.grid)

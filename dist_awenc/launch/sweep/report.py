@@ -152,8 +152,8 @@ def collect(sweep: Sweep, out=None) -> dict[str, Any]:
     summaries = {}
     with_results = [t for t in sweep.targets() if any((sweep.target_dir(t) / "tasks").glob("*.json"))]
     if with_results:  # the per-target tables and plots are `awenc robustness`'s (which imports torch)
-        from dist_awenc.robustness import collect as collect_target
-        from dist_awenc.robustness import write_csv
+        from dist_awenc.stages.robustness import collect as collect_target
+        from dist_awenc.stages.robustness import write_csv
 
         cfg = sweep.config
         for target in with_results:

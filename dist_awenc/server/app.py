@@ -20,7 +20,7 @@ Endpoints (every answer is JSON; every error is ``{"error": "<one line>"}``):
     Answers ``{"labels": [...]}`` when serving labels only, else
     ``{"probabilities": [[...]], "labels": [...]}`` (labels = argmax of the logits).
 
-Limits and status codes: :mod:`dist_awenc.serve_requests`, which decodes
+Limits and status codes: :mod:`dist_awenc.server.requests`, which decodes
 every request before the model sees it.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_awenc.errors import ConfigError
-from dist_awenc.serve_requests import (IMAGE_TYPES, MAX_CONCURRENT, MAX_IMAGE_PIXELS, REQUEST_DEADLINE, WRITE_TIMEOUT,
+from dist_awenc.server.requests import (IMAGE_TYPES, MAX_CONCURRENT, MAX_IMAGE_PIXELS, REQUEST_DEADLINE, WRITE_TIMEOUT,
                                        BadRequest, decode_image, decode_json, default_max_body_bytes,
                                        default_max_images)
 

@@ -5,10 +5,10 @@ Reads runs/ablation/<variant>/students60/robustness.csv (configs/robustness/stud
 five seeds keep the pirate's accuracy within 5 points, how many of those each mode detects at its calibrated
 threshold, and the white-box tau* per seed.
 
-    .venv/bin/python results/robust/nulls60/students.py
-    .venv/bin/python results/robust/nulls60/students.py --out results/robust/nulls60_xeon --variants plain rehearsal_ens
+    .venv/bin/python scripts/robust_students.py
+    .venv/bin/python scripts/robust_students.py --out results/robust/nulls60_xeon --variants plain rehearsal_ens
 
-(--out: the folder whose students.md is written; --variants: the rows, default every variant committed here.)
+(--out: the folder whose students.md is written, default results/robust/nulls60; --variants: the rows, default every variant committed here.)
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import csv
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["plain", "rehearsal30", "both_mixed30", "both_mixed30_shadow", "rehearsal30arch", "rehearsal_refs4",
             "rehearsal_refs4_shadow", "rehearsal_refs8", "both_refs4", "rehearsal_ens"]
 MODES = ["whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse"]
@@ -25,7 +25,7 @@ MODES = ["whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse"]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="folder to write students.md into")
+    parser.add_argument("--out", type=Path, default=ROOT / "results/robust/nulls60", help="folder to write students.md into")
     parser.add_argument("--variants", nargs="+", default=VARIANTS, help="variants (runs/ablation/<variant>), in order")
     parser.add_argument("--run", default="students60", choices=["students60", "students10"], help="the five-seed run of each variant: students60 "
                         "(configs/robustness/students.yaml, writes students.md) or students10 (students10.yaml, "

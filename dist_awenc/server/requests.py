@@ -25,7 +25,7 @@ a missing ``Content-Length`` 411, a slow client 408, an unknown path 404. The
 server keeps serving after each.
 
 Everything here is a pure function of the request's bytes (no socket, no
-model): the server (:mod:`dist_awenc.serve`) calls it before the model runs.
+model): the server (:mod:`dist_awenc.server.app`) calls it before the model runs.
 """
 from __future__ import annotations
 

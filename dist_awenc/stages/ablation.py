@@ -27,9 +27,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from dist_awenc.config import AblationConfig, DataSection, ProbeSection, TargetsSection, VariantSection, load_config
-from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.files import atomic_write_text, read_json, save_figure
+from dist_awenc.log import info
 from dist_awenc.runs import open_run
 from dist_awenc.verify.core import LABEL_MODES, MODES
 
@@ -274,7 +274,7 @@ def ablation(cfg: AblationConfig) -> dict[str, Any]:
     from dist_awenc.encoders.io import load_encoder
     from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
     from dist_awenc.evaluate.probe import extract_features
-    from dist_awenc.robustness import RobustnessConfig
+    from dist_awenc.stages.robustness import RobustnessConfig
 
     if cfg.report:
         return rerender(cfg)

@@ -1,6 +1,11 @@
 """Every stage in one table: what it does, the function that runs it, and its config class.
 
-This is the one place that says where a stage's code is. Config classes live
+The package holds the orchestration stages, those that combine the rooms below (each imports from several of
+data, encoders, ssl, watermark, verify, attacks, evaluate): :mod:`~dist_awenc.stages.calibrate` (pre-trains and
+attacks null encoders), :mod:`~dist_awenc.stages.robustness`, :mod:`~dist_awenc.stages.ablation` and
+:mod:`~dist_awenc.stages.demo`. The other stages sit in their rooms (``ssl.pretrain``, ``watermark.generate``, ...).
+
+This table is the one place that says where a stage's code is. Config classes live
 in :mod:`dist_awenc.config`, except those whose fields come from a registry
 the config module must not import (``attack``'s options, ``robustness``'s
 grid), which sit beside their stage function. The CLI,
@@ -9,8 +14,8 @@ grid), which sit beside their stage function. The CLI,
 (``awenc serve``, ``awenc data``, ``awenc import``) are wired in the CLI.
 
 Entries are ``"module:attribute"`` strings, imported on first use: this module
-imports nothing heavy, so ``awenc --help`` and ``awenc sweep status`` start
-without torch.
+imports nothing heavy (importing it does not import the stage modules beside it), so ``awenc --help`` and
+``awenc sweep status`` start without torch.
 """
 from __future__ import annotations
 
@@ -40,13 +45,13 @@ STAGES: dict[str, Stage] = {
     "attack": Stage("apply one removal attack at one strength; report the pirate's downstream accuracy",
                     "dist_awenc.attacks.stage:attack", "dist_awenc.attacks.stage:AttackConfig"),
     "robustness": Stage("attack x strength x verification mode grid on one machine: robustness.csv and plots",
-                        "dist_awenc.robustness:robustness", "dist_awenc.robustness:RobustnessConfig"),
+                        "dist_awenc.stages.robustness:robustness", "dist_awenc.stages.robustness:RobustnessConfig"),
     "ablation": Stage("compare watermark variants' robustness runs: utility, TPR per mode, held-out FP, cost",
-                      "dist_awenc.ablation:ablation", "dist_awenc.config:AblationConfig"),
+                      "dist_awenc.stages.ablation:ablation", "dist_awenc.config:AblationConfig"),
     "calibrate": Stage("set each mode's margin from a null population; exact bound on the false-positive rate",
-                       "dist_awenc.verify.calibrate:calibrate", "dist_awenc.config:CalibrateConfig"),
+                       "dist_awenc.stages.calibrate:calibrate", "dist_awenc.config:CalibrateConfig"),
     "demo": Stage("the whole method on scikit-learn's digits, on CPU, with a verdict table",
-                  "dist_awenc.demo:demo", "dist_awenc.config:DemoConfig"),
+                  "dist_awenc.stages.demo:demo", "dist_awenc.config:DemoConfig"),
 }
 
 # stages whose work is launched as one training job (`awenc submit <stage>`)

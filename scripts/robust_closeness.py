@@ -13,7 +13,7 @@ others. If a derivative that keeps the pirate's accuracy is no closer to f0 than
 f0's recipe, no test of "derived from f0" built on f0's clean geometry can tell them apart; only what the
 embedding stage adds to f (the watermark) could, and only if distillation carries it.
 
-    .venv/bin/python results/robust/closeness/closeness.py [--out results/robust/closeness]
+    .venv/bin/python scripts/robust_closeness.py [--out results/robust/closeness]
 
 Needs runs/demo (bash scripts/demo.sh) and runs/calibration/population (results/calibration/README.md).
 Derivatives are cached under runs/closeness/.

@@ -23,12 +23,12 @@ from dist_awenc.attacks.stage import PirateData
 from dist_awenc.config import DataSection, ProbeSection, RunSection, VerifySection
 from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import load_encoder
-from dist_awenc.engine.log import info
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
 from dist_awenc.files import atomic_path, atomic_write_text, save_figure
+from dist_awenc.log import info
 from dist_awenc.runs import open_run
-from dist_awenc.verify.calibrate import collect_samples
+from dist_awenc.stages.calibrate import collect_samples
 from dist_awenc.verify.calibration import load_calibration, mode_test, tau_star
 from dist_awenc.verify.core import MODES, images_for, verify_permutation
 from dist_awenc.verify.run import Settings, load_plan_alternatives, query_images, resolve_settings

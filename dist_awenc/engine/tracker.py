@@ -1,4 +1,4 @@
-"""Rank-0-only logging and the JSON-lines metrics tracker (an Accelerate tracker)."""
+"""The JSON-lines metrics tracker (an Accelerate tracker); printing is :mod:`dist_awenc.log`."""
 from __future__ import annotations
 
 import json
@@ -7,23 +7,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from accelerate.tracking import GeneralTracker
-from tqdm.auto import tqdm
-
-from dist_awenc.engine import dist
-
-
-def info(msg: str) -> None:
-    """Print a line on the main process only, without breaking progress bars."""
-    if dist.is_main():
-        tqdm.write(msg)
-
-
-def warn(msg: str) -> None:
-    """A warning line on the main process only (stderr), prefixed ``warning:``."""
-    if dist.is_main():
-        import sys
-
-        tqdm.write(f"warning: {msg}", file=sys.stderr)
 
 
 class JSONLinesTracker(GeneralTracker):

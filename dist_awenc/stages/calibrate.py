@@ -33,9 +33,9 @@ from dist_awenc.config import (CalibrateConfig, EncoderSection, PlanSection, Pre
 from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import atomic_write_text, load_card, load_encoder, resolve_encoder_path, sha256_file
 from dist_awenc.encoders.registry import parse_arch
-from dist_awenc.engine.log import info, warn
 from dist_awenc.errors import ConfigError
 from dist_awenc.evaluate.downstream import evaluate_encoder, group_labels, probe_options, task_classes
+from dist_awenc.log import info, warn
 from dist_awenc.runs import open_run, reuse_or_run
 from dist_awenc.verify import plan as P
 from dist_awenc.verify.calibration import (CALIBRATION_FORMAT, MODES, NullEncoder, conditions, label_key, markdown,

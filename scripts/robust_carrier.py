@@ -16,7 +16,7 @@ does not remove it. Then the attack grid's derivatives of f are made, and every 
 * exact: the owner's mean s ranked among J = 1999 alternative carriers drawn by the same procedure
   (p = (1 + #{T_j >= T}) / (J + 1); exact under H0 for any suspect independent of the owner's secret).
 
-    .venv/bin/python results/robust/carrier/carrier.py MARGIN WEIGHT [--zero-mean] [--smooth]
+    .venv/bin/python scripts/robust_carrier.py MARGIN WEIGHT [--zero-mean] [--smooth]
 
 Needs runs/demo and runs/calibration/population; writes runs/carrier/<setting>/ and prints a markdown table.
 """

@@ -20,8 +20,8 @@ from dist_awenc.config import DemoConfig, EmbedConfig, PretrainConfig, RunSectio
 from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import atomic_write_text, load_encoder
 from dist_awenc.files import save_figure
-from dist_awenc.engine.log import info
 from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options, save_downstream
+from dist_awenc.log import info
 from dist_awenc.runs import reuse_or_run, run_dir_of
 from dist_awenc.ssl.pretrain import encoder_from_config, pretrain
 from dist_awenc.verify.core import MODES, Verdict, overall_verdict, whitebox_scores

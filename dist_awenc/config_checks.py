@@ -1,0 +1,60 @@
+"""Checks of the config sections whose vocabulary a room above config implements: ``robust.*`` (the transforms of
+:mod:`dist_awenc.watermark.transforms`) and ``shadow.*`` (stage 2's shadow student, an encoder name).
+
+They live in the config layer so that a section is checked where it is built (``__post_init__``, before a run
+folder exists) without config importing :mod:`dist_awenc.watermark`; the watermark modules import the names and
+ranges from here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from dist_awenc.errors import ConfigError
+
+TRANSFORMS = ("jpeg", "resize", "crop", "noise", "blur")  # robust.transforms; their codes index this tuple
+
+# robust.<field> -> (low bound, high bound, whether the bound is included, what the field is); ranges are [lo, hi]
+ROBUST_RANGES = {
+    "jpeg_quality": (1, 100, True, "JPEG quality"),
+    "resize_scale": (0.0, 1.0, False, "down-and-up resize factor of the side"),
+    "crop_area": (0.0, 1.0, False, "kept area fraction of the crop"),
+    "noise_std": (0.0, 1.0, True, "Gaussian noise std in [0, 1] pixel units"),
+    "blur_sigma": (0.0, 10.0, True, "Gaussian blur sigma in pixels"),
+}
+
+
+def check_robust(section: Any) -> None:
+    """One-line ConfigError naming the ``robust.*`` field and what it expects."""
+    for t in section.transforms:
+        if t not in TRANSFORMS:
+            raise ConfigError(f"robust.transforms: unknown transform '{t}'; valid: {', '.join(TRANSFORMS)}")
+    if len(set(section.transforms)) != len(section.transforms):
+        raise ConfigError(f"robust.transforms lists a transform twice: {list(section.transforms)}")
+    for name, (lo, hi, closed, what) in ROBUST_RANGES.items():
+        value = list(getattr(section, name))
+        low_ok = (lambda v: v >= lo) if closed else (lambda v: v > lo)
+        ok = len(value) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+        ok = ok and low_ok(value[0]) and value[0] <= value[1] <= hi
+        if ok and name == "jpeg_quality":
+            ok = all(float(v).is_integer() for v in value)
+        if not ok:
+            rng = f"{lo} {'<=' if closed else '<'} low <= high <= {hi}" + (", integers" if name == "jpeg_quality" else "")
+            raise ConfigError(f"robust.{name} must be [low, high] ({what}) with {rng}; got {value}")
+    if not 0.0 <= section.p_identity <= 1.0:
+        raise ConfigError(f"robust.p_identity is a probability and must be in [0, 1]; got {section.p_identity}")
+
+
+def check_shadow(section: Any) -> None:
+    """One-line ConfigError for ``shadow.*`` out of range (before a run folder exists)."""
+    if not section.weight >= 0:
+        raise ConfigError(f"shadow.weight must be >= 0 (0: off); got {section.weight}")
+    if section.refresh < 0:
+        raise ConfigError(f"shadow.refresh must be >= 0 steps (0: never restart the shadow); got {section.refresh}")
+    if section.arch:
+        import dist_awenc.encoders.backbones  # noqa: F401  (registers the backbones; torchvision, so only when named)
+        from dist_awenc.encoders.registry import ENCODERS
+
+        if section.arch not in ENCODERS:
+            raise ConfigError(f"shadow.arch: unknown encoder '{section.arch}'; valid: {', '.join(sorted(ENCODERS))} "
+                              "('' for f0's own)")
