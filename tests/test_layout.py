@@ -46,7 +46,7 @@ def _resolve(name: str, modules: dict[str, Path]) -> str | None:
 
 
 def _parse(path: Path) -> ast.Module:
-    """``ast.parse`` with the garbage collector held off while it builds the tree.
+    """``ast.parse``; call it with the garbage collector paused (``_graph`` does, once for every file).
 
     Python 3.11.7 keeps the AST constructor's recursion depth in state shared by the interpreter. A collection in
     the middle of the construction runs finalizers (FFCV's numba dispatchers, left over from earlier tests, have
@@ -55,15 +55,8 @@ def _parse(path: Path) -> ast.Module:
     that sleep and a second thread that parses: 20 of 20 parses failed unguarded, none guarded). With the collector
     paused no Python code runs inside the construction; the tree is the same.
     """
-    source = path.read_text()
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return ast.parse(source, str(path))
-    finally:
-        if was_enabled:
-            gc.enable()
+    assert not gc.isenabled(), "parse with the garbage collector paused"
+    return ast.parse(path.read_text(), str(path))
 
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> dict[str, int]:
@@ -95,7 +88,14 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> dict[str, int]:
 def _graph() -> dict[str, dict[str, int]]:
     """Every package module -> the package modules it imports -> the first line of that import."""
     modules = _modules()
-    return {name: _imports(name, path, modules) for name, path in modules.items()}
+    gc.collect()  # once, not before every file: late in a long session one collection takes a few hundred ms
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return {name: _imports(name, path, modules) for name, path in modules.items()}
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _within(module: str, parts: tuple[str, ...]) -> bool:
