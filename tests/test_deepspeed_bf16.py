@@ -150,8 +150,10 @@ def _two_process_pretrain(out: str, name: str, mp: str, method: str) -> None:
 # The 2 bf16 processes compute what the 1 bf16 process computes, with the batch's reductions split in two: the
 # rounding differs only where the split changes it, so the two runs stay within ONE bf16 rounding of each other,
 # i.e. no further apart than bf16 is from fp32 on one process (weights: relative L2; losses: the largest per-step
-# gap). Measured (ratio of the two): weights 0.3-0.45, losses 0.2-0.35, on Intel AVX-512 and on the emulated AVX2
-# path (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2). Two roundings drawn independently would sit about
+# gap). Measured (2-vs-1 over bf16-vs-fp32, the 4 methods and embedding): weights 0.07-0.37 and losses 0.02-0.21 on
+# an Intel Xeon with AVX-512; weights 0.19-0.43 and losses 0.04-0.47 on its emulated AVX2 path (ATEN_CPU_CAPABILITY=
+# avx2 ONEDNN_MAX_CPU_ISA=AVX2, where SimCLR's losses differ by 1.65e-3 against 4.9e-3: the old fixed 1e-3 fails
+# there as it did on the AMD machine). Two roundings drawn independently would sit about
 # sqrt(2) times that distance apart; a bf16 defect on the 2-process path (no fp32 master weights, bf16 gradient
 # reduction, an unsynchronised rank) moves it further.
 
