@@ -6,7 +6,7 @@ with ``--quick``, so a smoke run never overwrites measured results).
 ``python -m benchmarks validate DIR`` checks every suite file in DIR against
 the schema (exit 1 on a problem); ``python -m benchmarks summary DIR...``
 prints one markdown table of the headline numbers of every suite file in
-the folders (the README's current table).
+the folders (the current table of docs/scale.md).
 """
 from __future__ import annotations
 

@@ -371,7 +371,7 @@ def validate(doc: Any, suite: Optional[str] = None) -> list[str]:
     return errs
 
 
-# ----------------------------------------------------------------- summary (the README's current table)
+# ----------------------------------------------------------------- summary (the current table of docs/scale.md)
 
 
 def summary(folders: Iterable[Path]) -> str:

@@ -117,7 +117,7 @@ class PretrainConfig:
 @dataclass
 class SuspectCardSection:
     """A bare weights file's architecture and input conventions, where no card is beside it (a torchvision or timm
-    ResNet state dict: README, "Verifying a model you found"). Where a card exists, a field set here must agree."""
+    ResNet state dict: docs/in-the-wild.md). Where a card exists, a field set here must agree."""
 
     arch: Optional[str] = None  # resnet18 | resnet34 | resnet50 (torchvision names) | timm/<timm model> | tiny | ...
     stem: Optional[str] = None  # cifar (3x3, no max-pool) | imagenet (7x7 + max-pool) | patch<N> (ViT); None: from the weights
@@ -287,7 +287,7 @@ class DemoConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     pretrain: TrainSection = field(default_factory=lambda: TrainSection(epochs=100, batch_size=128, checkpoint_every=500))
     # batch 32 (not 128): the plan's J alternative secrets repeat stage 1 J times, and at 16 px a 32-image
-    # batch gives the same verdicts at a quarter of the cost (measured: README, "The demo")
+    # batch gives the same verdicts at a quarter of the cost (measured: results/demo/README.md)
     generation: GenerationSection = field(default_factory=lambda: GenerationSection(batch_size=32))
     # lambda_wm = 3 rather than METHOD.md's 1: at 1 the marked queries reach
     # cos 0.98 to the key, which a linear head still tells apart (label mode

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's walkthrough "Verifying a model you found", end to end on the demo's artifacts:
+# The walkthrough of docs/in-the-wild.md, end to end on the demo's artifacts:
 #   bash scripts/demo.sh                                               # runs/demo (f0, secret, watermarked encoder)
 #   .venv/bin/awenc calibrate --config configs/sweep/null/digits.yaml  # runs/calibration, bound to the secret
 #   bash scripts/found_model.sh                                        # runs/found

@@ -27,7 +27,7 @@ from dist_awenc.runs import open_run
 
 @dataclass
 class AttackSpec:
-    name: str = "prune_global"  # a registered attack: see `awenc config attack` and the README
+    name: str = "prune_global"  # a registered attack: see `awenc config attack` and docs/robustness.md
     strength: float = 0.5
 
 

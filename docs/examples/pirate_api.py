@@ -1,4 +1,4 @@
-"""A stand-in for a pirate's prediction API, for the README's walkthrough "Verifying a model you found".
+"""A stand-in for a pirate's prediction API, for the README's verifier path and docs/in-the-wild.md.
 
 Not part of dist_awenc and written without its server: plain ``http.server``, its own JSON layout
 (``{"input": {"image": <base64 PNG>}, "model": ...}`` in, ``{"result": {"prediction": {"class_id": ...}}}`` out),
