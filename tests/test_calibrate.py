@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,7 +126,7 @@ def test_calibration_binds_to_the_secret_and_verify_enforces_its_conditions(tmp_
 
     f0, secret = _owner(tmp_path)
     cfg = load_config(CalibrateConfig, None, [
-        f"run.out_dir={tmp_path}", f"owner_encoder={f0}", f"secret={secret}", "data.image_size=8",
+        f"run.out_dir={tmp_path}", f"owner_encoder={Path(f0).parent}", f"secret={secret}", "data.image_size=8",  # a run folder
         "population.archs=[tiny:8,tiny_resnet:4]", "population.methods=[simclr]", "population.seeds=2",
         "population.attacks=[prune_global:0.3]", "population.n_secrets=2", "population.holdout_fraction=0.5",
         "population.owner_budget=false", "encoder.proj_hidden_dim=32", "encoder.proj_dim=16",

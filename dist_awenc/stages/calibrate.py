@@ -221,13 +221,14 @@ def _other_secrets(cfg: CalibrateConfig, paths: dict[str, tuple[Path, str]], pop
 
 def _null_encoder(name: str, path: Path, family: str, secrets: dict[str, Secret], ctx: dict) -> NullEncoder:
     """tau* per mode with every secret (cached in ``trials/<name>.json`` by encoder and secret hashes)."""
+    path = resolve_encoder_path(path)  # a run folder names its encoder.safetensors (owner_encoder may be either)
     cache = ctx["cache"] / f"{name}.json"
     key = {"encoder_sha256": sha256_file(path), "secrets": {k: s.sha256 for k, s in secrets.items()},
            "n": ctx["n"], "alpha": ctx["alpha"]}
     label_classes = ctx.get("label_classes", [])
     if label_classes:
         key["label_classes"] = label_classes
-    transform = load_card(resolve_encoder_path(path)).get("query_transform")
+    transform = load_card(path).get("query_transform")
     if transform:  # the same weights under another serving path are another trial
         key["query_transform"] = transform
     if cache.exists():
