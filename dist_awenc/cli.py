@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
 
 from dist_awenc.errors import AwencError
 

@@ -1,5 +1,6 @@
 """Checks of the config sections whose vocabulary a room above config implements: ``robust.*`` (the transforms of
-:mod:`dist_awenc.watermark.transforms`) and ``shadow.*`` (stage 2's shadow student, an encoder name).
+:mod:`dist_awenc.watermark.transforms`) and ``shadow.*`` (stage 2's shadow student, an encoder name); and of an
+attack's strength (an integer count or a fraction), shared by the attacks and the serving path's query transforms.
 
 They live in the config layer so that a section is checked where it is built (``__post_init__``, before a run
 folder exists) without config importing :mod:`dist_awenc.watermark`; the watermark modules import the names and
@@ -58,3 +59,20 @@ def check_shadow(section: Any) -> None:
         if section.arch not in ENCODERS:
             raise ConfigError(f"shadow.arch: unknown encoder '{section.arch}'; valid: {', '.join(sorted(ENCODERS))} "
                               "('' for f0's own)")
+
+
+def as_count(strength: float, name: str, what: str, minimum: int = 0) -> int:
+    """An integer-valued strength (epochs, bits, quality) as an int >= ``minimum``."""
+    if strength != int(strength) or strength < minimum:
+        raise ConfigError(f"attack {name}: strength is {what}, an integer >= {minimum}; got {strength}")
+    return int(strength)
+
+
+def as_fraction(strength: float, name: str, what: str, *, allow_zero: bool = True, allow_one: bool = True) -> float:
+    """A strength in [0, 1] (bounds optionally excluded)."""
+    lo_ok = strength > 0 or (allow_zero and strength == 0)
+    hi_ok = strength < 1 or (allow_one and strength == 1)
+    if not (lo_ok and hi_ok):
+        lo, hi = "[" if allow_zero else "(", "]" if allow_one else ")"
+        raise ConfigError(f"attack {name}: strength is {what}, in {lo}0, 1{hi}; got {strength}")
+    return float(strength)

@@ -12,7 +12,7 @@ from torch import nn
 from dist_awenc.attacks import (ATTACK_STRENGTHS, ATTACKS, AttackData, AttackOptions, QueryTransform,
                                 TransformedEncoder, apply_attack, register_attack, wrap_query_transform)
 from dist_awenc.attacks.base import relative_change
-from dist_awenc.attacks.query import with_recorded_transform
+from dist_awenc.evaluate.serving import with_recorded_transform
 from dist_awenc.data import build_dataset
 from dist_awenc.encoders.io import build_encoder, card_for, load_encoder, save_encoder
 from dist_awenc.errors import ConfigError

@@ -169,11 +169,33 @@ def test_no_module_is_over_400_lines():
     assert not stale, f"remove these from LONG_FILES_ALLOWED, they are short now: {stale}"
 
 
+def _reaches(sources: tuple[str, ...], targets: tuple[str, ...]) -> list[str]:
+    """Modules in ``targets`` that modules in ``sources`` import directly or through others, each with its chain."""
+    graph, parent = _graph(), {}
+    stack = [m for m in graph if _within(m, sources)]
+    while stack:
+        m = stack.pop()
+        for dep in graph.get(m, {}):
+            if dep not in parent and not _within(dep, sources):
+                parent[dep] = m
+                stack.append(dep)
+    out = []
+    for t in sorted(d for d in parent if _within(d, targets)):
+        chain = [t]
+        while chain[-1] in parent:
+            chain.append(parent[chain[-1]])
+        out.append(" <- ".join(chain))
+    return out
+
+
 def test_verify_never_imports_the_attacks():
     """verify/ measures (statistics, queries, verdicts, evidence); what attacks encoders lives in attacks/ and the
-    stages that combine both (stages/calibrate.py, stages/robustness.py)."""
+    stages that combine both (stages/calibrate.py, stages/robustness.py). Not directly, and not through what it
+    imports (the pirate's serving path it rebuilds lives in evaluate/serving.py, not among the attacks)."""
     bad = _offending(("verify",), ("attacks",))
     assert not bad, "verify/ imports attacks/ (move the code that attacks into stages/):\n  " + "\n  ".join(bad)
+    reached = _reaches(("verify",), ("attacks",))
+    assert not reached, "verify/ reaches attacks/ through its imports:\n  " + "\n  ".join(reached)
 
 
 def test_nothing_below_watermark_imports_it():

@@ -22,6 +22,7 @@ from torch import nn
 
 from dist_awenc.data.splits import derive_seed
 from dist_awenc.encoders.io import Encoder
+from dist_awenc.config_checks import as_count, as_fraction  # noqa: F401  (re-exported for the attacks)
 from dist_awenc.errors import ConfigError
 
 # fn(encoder_copy, card, strength, data, options, progress) -> (attacked encoder, info)
@@ -195,23 +196,6 @@ def apply_attack(name: str, encoder: Encoder, card: dict, strength: float, data:
 
 
 # ----------------------------------------------------------------------- helpers shared by the attacks
-
-
-def as_count(strength: float, name: str, what: str, minimum: int = 0) -> int:
-    """An integer-valued strength (epochs, bits, quality) as an int >= ``minimum``."""
-    if strength != int(strength) or strength < minimum:
-        raise ConfigError(f"attack {name}: strength is {what}, an integer >= {minimum}; got {strength}")
-    return int(strength)
-
-
-def as_fraction(strength: float, name: str, what: str, *, allow_zero: bool = True, allow_one: bool = True) -> float:
-    """A strength in [0, 1] (bounds optionally excluded)."""
-    lo_ok = strength > 0 or (allow_zero and strength == 0)
-    hi_ok = strength < 1 or (allow_one and strength == 1)
-    if not (lo_ok and hi_ok):
-        lo, hi = "[" if allow_zero else "(", "]" if allow_one else ")"
-        raise ConfigError(f"attack {name}: strength is {what}, in {lo}0, 1{hi}; got {strength}")
-    return float(strength)
 
 
 def weight_modules(module: nn.Module, kinds: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)) -> list[nn.Module]:

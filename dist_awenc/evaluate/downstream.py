@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dist_awenc.attacks.query import with_recorded_transform
+from dist_awenc.evaluate.serving import with_recorded_transform
 from dist_awenc.config import DownstreamConfig, ProbeSection
 from dist_awenc.data import build_dataset, splits_for, train_test_split_indices
 from dist_awenc.data.stream import Images, IndexedImages

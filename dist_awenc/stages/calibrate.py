@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dist_awenc.attacks.query import with_recorded_transform
+from dist_awenc.evaluate.serving import with_recorded_transform
 from dist_awenc.config import (CalibrateConfig, EncoderSection, PlanSection, PretrainConfig, RunSection,
                                WatermarkConfig, load_config)
 from dist_awenc.data import build_dataset, splits_for

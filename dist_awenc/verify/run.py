@@ -29,7 +29,7 @@ from dist_awenc.verify.evidence import start_bundle, write_report
 from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, MODES, Verdict, images_for, overall_verdict,
                                     verify_blackbox_collapse, verify_blackbox_label, verify_blackbox_score,
                                     verify_permutation, verify_whitebox)
-from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_alternatives, load_secret
+from dist_awenc.watermark.secret import AlternativeSecrets, Secret, alternatives_path, load_alternatives, load_secret
 
 DEFAULT_ALPHA = 1e-3
 
@@ -155,8 +155,6 @@ def load_plan_alternatives(secret_path: str, secret: Secret) -> Optional[Alterna
     """The plan's alternative secrets (hash-checked), or None when the plan has none."""
     if not secret.plan or not secret.plan.get("alternatives"):
         return None
-    from dist_awenc.watermark.generate import alternatives_path
-
     return load_alternatives(alternatives_path(secret_path), expected_sha256=secret.plan.get("alternatives_sha256"))
 
 

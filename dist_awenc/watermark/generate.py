@@ -139,7 +139,3 @@ def watermark(cfg: WatermarkConfig) -> Path:
     return run_dir / "secret.safetensors"
 
 
-def alternatives_path(secret_path: str | Path) -> Path:
-    """Where a secret's alternatives live: ``alternatives.safetensors`` beside it."""
-    p = Path(secret_path)
-    return (p if p.is_dir() else p.parent) / "alternatives.safetensors"

@@ -207,3 +207,9 @@ def bind_calibration(secret_path: str | Path, calibration_sha256: str, calibrati
     atomic_write_text(record_path, json.dumps(record, indent=2))
     info(f"bound calibration {calibration_sha256[:12]}... to the secret ({record_path})")
     return True
+
+
+def alternatives_path(secret_path: str | Path) -> Path:
+    """Where a secret's alternatives live: ``alternatives.safetensors`` beside it."""
+    p = Path(secret_path)
+    return (p if p.is_dir() else p.parent) / "alternatives.safetensors"
