@@ -107,6 +107,9 @@ def run(ctx: Context, args) -> Path:
             except NotInstalled as e:
                 out.add(row(name, s, status="not installed", note=str(e)))
                 return
+            except Unsupported as e:
+                out.add(row(name, s, status="unsupported", note=str(e)))
+                return
             except Exception as e:  # noqa: BLE001
                 out.add(row(name, s, status="failed", note=short_error(e)))
                 return
@@ -199,10 +202,14 @@ def ffcv_passes(ctx: Context, info: dict, v, size: int, batch: int, threads: int
 def nvjpeg_passes(ctx: Context, info: dict, v, size: int, batch: int, reps: int) -> list[float]:
     """``data.decode=device`` on a GPU: the workers read the bytes and boxes, nvjpeg decodes, the device cuts."""
     if not torch.cuda.is_available():
-        raise NotInstalled("no CUDA device: nvjpeg decoding runs on a GPU only")
+        raise Unsupported("no CUDA device: nvjpeg decoding runs on a GPU only")
     source = project_source(info["root"], v, size, batch, 0, device="cuda")
     return passes(ctx, lambda: source.iterate(0, 0), lambda b, i: torch.cuda.synchronize(), reps)
 
 
 class NotInstalled(RuntimeError):
     """What a row needs is missing here (recorded as ``not installed``, not as a failure)."""
+
+
+class Unsupported(RuntimeError):
+    """This device cannot run the row (a GPU-only path on a CPU): recorded as ``unsupported``, not a failure."""
