@@ -106,7 +106,10 @@ def spawn_launch(fn, args: tuple, rdv_dir, nprocs: int = 2) -> None:
     from torch.multiprocessing import start_processes
 
     rdv = Path(rdv_dir) / f"{getattr(fn, '__name__', 'fn')}.rdv"
-    with patch_environment(world_size=nprocs, master_addr="127.0.0.1", master_port="29500",
+    from dist_awenc.engine.loop import _free_port
+
+    # the rendezvous is the file; a free port still, so that two test processes (pytest -n 2) never share one
+    with patch_environment(world_size=nprocs, master_addr="127.0.0.1", master_port=str(_free_port()),
                            accelerate_mixed_precision="no", accelerate_debug_rdv_file=str(rdv),
                            accelerate_use_cpu="yes", gloo_socket_ifname="lo", omp_num_threads="1"):
         start_processes(PrepareForLaunch(fn, debug=True), args=args, nprocs=nprocs, start_method="spawn")

@@ -175,11 +175,13 @@ def _launch(tmp_path: Path, mode: str) -> list[dict]:
     from accelerate.utils import PrepareForLaunch, patch_environment
     from torch.multiprocessing import start_processes
 
+    from dist_awenc.engine.loop import _free_port
+
     rdv_file = tmp_path / f"{mode}.rdv"
     with patch_environment(
         world_size=WORLD,
         master_addr="127.0.0.1",
-        master_port="29500",
+        master_port=str(_free_port()),  # a free one: two test processes (pytest -n 2) never share it
         accelerate_mixed_precision="no",
         accelerate_debug_rdv_file=str(rdv_file),
         accelerate_use_cpu="yes",
