@@ -32,12 +32,24 @@ def _isolated_environment():
     saved = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
         os.environ.pop(k, None)
+    _fresh_deepspeed_groups()
     yield
     if tdist.is_initialized():
         tdist.destroy_process_group()
     AcceleratorState._reset_state(reset_partial_state=True)
     os.environ.clear()
     os.environ.update(saved)
+
+
+def _fresh_deepspeed_groups() -> None:
+    """DeepSpeed caches its process groups in module globals; an earlier DeepSpeed run (any test, in any order: it
+    failed under pytest -n 2, where files run in another order) destroyed the group they name."""
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.utils import groups
+
+    ds_comm.cdb = None
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        setattr(groups, name, None)
 
 
 def _fresh_state() -> None:

@@ -26,23 +26,11 @@ from dist_awenc.engine.loop import Interrupted
 extra_or_skip("deepspeed", "DeepSpeed is not installed (pip install -e '.[deepspeed]')")
 extra_or_skip("transformers", "Accelerate's DeepSpeed plugin needs transformers")
 
-from test_deepspeed import ZERO2, _fresh_state, _isolated_environment  # noqa: E402,F401  (the fixture is autouse)
+from test_deepspeed import ZERO2, _fresh_deepspeed_groups, _fresh_state, _isolated_environment  # noqa: E402,F401  (the fixture is autouse)
 
 METHODS = ["simclr", "moco_v2", "byol", "moco_v3"]
 
 pytestmark = pytest.mark.numerics  # CI runs the whole module again on the AVX2 path (#30)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_deepspeed_groups():
-    """DeepSpeed caches its process groups in module globals; the previous test destroyed the group they name."""
-    import deepspeed.comm.comm as ds_comm
-    from deepspeed.utils import groups
-
-    ds_comm.cdb = None
-    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
-        setattr(groups, name, None)
-    yield
 
 
 def _precision(mp: str) -> dict:
@@ -96,6 +84,7 @@ def one_process(tmp_path_factory):
         if (method, mp) not in made:
             root = tmp_path_factory.mktemp(f"one_{method}_{mp}")
             _fresh_state()
+            _fresh_deepspeed_groups()
             pretrain(_pre_cfg(root, "run", mp, **{"ssl.method": method}))
             _fresh_state()
             made[method, mp] = root / "run"
