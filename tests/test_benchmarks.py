@@ -31,39 +31,46 @@ HANG_GUARD_S = 600
 DRY_RUN_SUITES = ("step", "e2e", "cost")  # what gpu_checks.sh runs (e2e with all three launchers)
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHON": sys.executable,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
 def _run(cmd: list[str], what: str, timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     try:  # a hang guard only (about 10x the usual time): a slow machine must not fail these tests
-        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{what} still running after {timeout} s: it hangs, or this machine is far slower than any seen")
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """``gpu_checks.sh --dry-run``: the GPU sequence on the CPU at --quick sizes, run once for the module."""
-    out = tmp_path_factory.mktemp("gpu_dry")
-    return out, _run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), "--dry-run", str(out)],
-                     "gpu_checks.sh --dry-run", 2 * HANG_GUARD_S)
-
-
-@pytest.fixture(scope="module")
-def quick_results(dry_run) -> Path:
-    """Every suite at --quick: the dry run's step, e2e and cost (the same command lines), the others run here."""
-    out, _ = dry_run
-    rest = [s for s in SUITES if s not in DRY_RUN_SUITES]
-    for suite in rest:
-        proc = _run([sys.executable, "-m", "benchmarks", suite, "--quick", "--out", str(out)],
-                    f"`python -m benchmarks {suite} --quick`", HANG_GUARD_S)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def suites(tmp_path_factory) -> tuple[dict[str, Path], subprocess.CompletedProcess]:
+    """Every suite at --quick, run once for the module: ``gpu_checks.sh --dry-run`` makes step, e2e and cost (the GPU
+    sequence's own command lines, e2e with all three launchers) while the other suites run beside it (at --quick
+    each process takes one thread, so the two share the 2 cores). Returns each suite's folder and the dry run."""
+    dry_dir, rest_dir = tmp_path_factory.mktemp("gpu_dry"), tmp_path_factory.mktemp("bench")
+    cmd = ["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), "--dry-run", str(dry_dir)]
+    dry = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for suite in (s for s in SUITES if s not in DRY_RUN_SUITES):
+            proc = _run([sys.executable, "-m", "benchmarks", suite, "--quick", "--out", str(rest_dir)],
+                        f"`python -m benchmarks {suite} --quick`", HANG_GUARD_S)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        stdout, stderr = dry.communicate(timeout=2 * HANG_GUARD_S)  # a hang guard only
+    except BaseException as e:
+        dry.kill()
+        dry.communicate()
+        if isinstance(e, subprocess.TimeoutExpired):
+            pytest.fail(f"gpu_checks.sh --dry-run still running after {2 * HANG_GUARD_S} s: it hangs")
+        raise
+    dirs = {s: dry_dir if s in DRY_RUN_SUITES else rest_dir for s in SUITES}
+    return dirs, subprocess.CompletedProcess(cmd, dry.returncode, stdout, stderr)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suite", SUITES)
-def test_suite_writes_valid_json_and_table(quick_results, suite):
-    path = quick_results / f"{suite}.json"
+def test_suite_writes_valid_json_and_table(suites, suite):
+    path = suites[0][suite] / f"{suite}.json"
     assert path.exists(), f"{suite}.json was not written"
     doc = json.loads(path.read_text())
     assert validate(doc, suite) == []
@@ -71,14 +78,14 @@ def test_suite_writes_valid_json_and_table(quick_results, suite):
     assert any(r["status"] == "ok" for r in doc["rows"]), [(r["name"], r["status"], r.get("note")) for r in doc["rows"]]
     if REQUIRE_EXTRAS:  # every extra is installed: no row may pass as "not installed"
         assert not [r["name"] for r in doc["rows"] if r["status"] == "not installed"], doc["rows"]
-    table = (quick_results / f"{suite}.md").read_text()
+    table = (suites[0][suite] / f"{suite}.md").read_text()
     assert f"`{suite}` benchmark" in table and "| status |" in table
     assert table.count("\n|") >= len(doc["rows"]) + 1  # header separator + one line per row
 
 
 @pytest.mark.slow
-def test_step_rows_compare_to_the_reference(quick_results):
-    doc = json.loads((quick_results / "step.json").read_text())
+def test_step_rows_compare_to_the_reference(suites):
+    doc = json.loads((suites[0]["step"] / "step.json").read_text())
     steps = [r for r in doc["rows"] if r.get("kind") != "aux"]
     assert {r["settings"]["method"] for r in steps} == {"simclr", "moco_v2", "byol", "embed"}
     for r in steps:
@@ -108,11 +115,11 @@ def test_validator_rejects_bad_documents():
 
 
 @pytest.mark.slow
-def test_gpu_checks_dry_run(dry_run):
+def test_gpu_checks_dry_run(suites):
     """`gpu_checks.sh --dry-run`: the GPU sequence (step; e2e launched one-process, DDP and ZeRO-2; cost) on the CPU
     at --quick sizes, every file validated. About 2 minutes on 2 busy cores, plus one JIT build of DeepSpeed's CPU
     communication op where TORCH_EXTENSIONS_DIR has none yet (test_deepspeed.py then finds it built)."""
-    tmp_path, proc = dry_run
+    tmp_path, proc = suites[0]["step"], suites[1]
     log = proc.stderr[-4000:]
     docs = {}
     for suite in ("step", "e2e", "cost"):
