@@ -127,11 +127,14 @@ def test_bf16_zero2_resumes_exactly(one_process, tmp_path):
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def _two_process_pretrain(out: str, name: str, mp: str, method: str) -> None:
+def _two_process_pretrain(out: str, method: str) -> None:
+    """fp32 then bf16 (``two_fp32``, ``two_bf16``) in one launch: the ranks and their process group serve both."""
     from dist_awenc.ssl.pretrain import pretrain
 
     _as_launched_rank()
-    pretrain(_pre_cfg(Path(out), name, mp, **{"ssl.method": method}))
+    for mp in ("fp32", "bf16"):
+        _fresh_state()
+        pretrain(_pre_cfg(Path(out), f"two_{mp}", mp, **{"ssl.method": method}))
 
 
 # bf16's tolerance is what bf16 itself moves, measured in the same test on the same machine, never a constant read
@@ -148,15 +151,11 @@ def _two_process_pretrain(out: str, name: str, mp: str, method: str) -> None:
 
 @pytest.mark.parametrize("method", ["simclr", "moco_v2", "moco_v3", "byol"])
 def test_two_processes_equal_one_under_zero2_fp32_and_bf16(one_process, tmp_path, method):
-    runs = {}
-    for mp in ("fp32", "bf16"):
-        runs[f"one_{mp}"] = one_process(method, mp)
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            os.environ.pop(k, None)
-        (tmp_path / mp).mkdir()  # one rendezvous file per launch
-        spawn_launch(_two_process_pretrain, (str(tmp_path), f"two_{mp}", mp, method), tmp_path / mp)
-        runs[f"two_{mp}"] = tmp_path / f"two_{mp}"
-    _compare(runs)
+    runs = {f"one_{mp}": one_process(method, mp) for mp in ("fp32", "bf16")}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    spawn_launch(_two_process_pretrain, (str(tmp_path), method), tmp_path)
+    _compare({**runs, **{f"two_{mp}": tmp_path / f"two_{mp}" for mp in ("fp32", "bf16")}})
 
 
 def _max_gap(a: list[float], b: list[float]) -> float:
@@ -213,11 +212,14 @@ def test_bf16_zero2_embedding_keeps_f0_and_the_secret_exact(f0_and_secret, tmp_p
     assert all(state[k].dtype == torch.float32 for k in state if k.startswith("method.momentum_") or k == "method.queue")
 
 
-def _two_process_embed(f0: str, secret: str, out: str, name: str, mp: str, deepspeed: bool, extra: dict) -> None:
+def _two_process_embed(f0: str, secret: str, out: str, runs: list, deepspeed: bool, extra: dict) -> None:
+    """Each (name, precision) of ``runs`` in turn, in one launch: the ranks and their process group serve all."""
     from dist_awenc.watermark.embed import embed
 
     _as_launched_rank()
-    embed(_embed_cfg(f0, secret, out, name, mp, deepspeed, **extra))
+    for name, mp in runs:
+        _fresh_state()
+        embed(_embed_cfg(f0, secret, out, name, mp, deepspeed, **extra))
 
 
 def test_embedding_two_processes_equal_one_under_zero2_fp32_and_bf16(f0_and_secret, tmp_path):
@@ -226,12 +228,13 @@ def test_embedding_two_processes_equal_one_under_zero2_fp32_and_bf16(f0_and_secr
     _, f0, secret = f0_and_secret
     for mp in ("fp32", "bf16"):
         _fresh_state()
+        _fresh_deepspeed_groups()
         embed(_embed_cfg(f0, secret, tmp_path, f"one_{mp}", mp))
-        _fresh_state()
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            os.environ.pop(k, None)
-        (tmp_path / mp).mkdir()
-        spawn_launch(_two_process_embed, (str(f0), str(secret), str(tmp_path), f"two_{mp}", mp, True, {}), tmp_path / mp)
+    _fresh_state()
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    runs = [("two_fp32", "fp32"), ("two_bf16", "bf16")]
+    spawn_launch(_two_process_embed, (str(f0), str(secret), str(tmp_path), runs, True, {}), tmp_path)
     _compare({n: tmp_path / n for n in ("one_fp32", "two_fp32", "one_bf16", "two_bf16")})
 
 
@@ -242,7 +245,7 @@ def test_embedding_without_the_contrastive_term_on_two_ddp_processes(f0_and_secr
     _, f0, secret = f0_and_secret
     extra = {"loss.lambda_cl": 0}
     one = embed(_embed_cfg(f0, secret, tmp_path, "one", "fp32", False, **extra))
-    spawn_launch(_two_process_embed, (str(f0), str(secret), str(tmp_path), "two", "fp32", False, extra), tmp_path)
+    spawn_launch(_two_process_embed, (str(f0), str(secret), str(tmp_path), [("two", "fp32")], False, extra), tmp_path)
     a, b = weights(one), weights(tmp_path / "two" / "encoder.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
