@@ -1,22 +1,24 @@
 """Rank-0-only printing for every layer (the floor: torch-free, imports nothing of the package).
 
-A line is printed on the main process only: rank 0 of the process group, or the one process where there is none.
-The rank is read from ``torch.distributed`` only when some module has imported it (no process group can exist
-before that), so logging neither imports torch nor depends on :mod:`dist_awenc.engine`; the collectives stay in
-:mod:`dist_awenc.engine.dist`.
+A line is printed on the main process only. Which process that is, is the engine's to say:
+:mod:`dist_awenc.engine.dist` (the one module that touches ``torch.distributed``) registers its ``is_main`` here
+when it is imported, which every path that makes a process group does first. Before that there is no process
+group and every process is the main one.
 """
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 from tqdm.auto import tqdm
 
+_is_main: Callable[[], bool] = lambda: True  # noqa: E731  (until the engine registers its own)
 
-def _is_main() -> bool:
-    tdist = sys.modules.get("torch.distributed")
-    if tdist is None or not (tdist.is_available() and tdist.is_initialized()):
-        return True
-    return tdist.get_world_size() <= 1 or tdist.get_rank() == 0
+
+def set_main_process(is_main: Callable[[], bool]) -> None:
+    """Register the function that says whether this process prints (``dist_awenc.engine.dist.is_main``)."""
+    global _is_main
+    _is_main = is_main
 
 
 def info(msg: str) -> None:

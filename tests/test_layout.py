@@ -224,3 +224,19 @@ def test_results_hold_no_programs():
     """results/ is the record (data and READMEs); the programs that make it live in scripts/ or the package."""
     programs = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "results").rglob("*.py"))
     assert not programs, f"programs under results/ (move them to scripts/ and update the READMEs): {programs}"
+
+
+def test_torch_distributed_stays_in_the_engine():
+    """Every collective lives in engine/ (dist.py): no module outside it imports or names ``torch.distributed``
+    (the floor's rank-0 printing asks engine/dist.py through a registered function)."""
+    bad = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith(f"{PACKAGE}/engine/"):
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if any(t in code for t in ("import torch.distributed", "from torch.distributed", "torch.distributed.",
+                                       '"torch.distributed"', "'torch.distributed'")):
+                bad.append(f"{rel}:{i}: {line.strip()}")
+    assert not bad, "torch.distributed outside engine/:\n  " + "\n  ".join(bad)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dist_awenc import log
+
 
 def is_dist() -> bool:
     """True when a process group is initialised with more than one rank."""
@@ -24,6 +26,9 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+log.set_main_process(is_main)  # the floor's printing asks this module which process is the main one
 
 
 class _Gather(torch.autograd.Function):
