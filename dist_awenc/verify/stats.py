@@ -6,15 +6,20 @@ perturbation partly transfers to encoders that never saw the watermark, so
 than tau" is. Each decisive p-value is exact for the null it names: the sign
 test for H0: median(s) <= tau (white-box, score), an exact unconditional
 test for H0: p10 - p01 <= tau (label), and the secret-permutation test
-(:func:`permutation_p`), which needs no margin at all.
+(:func:`permutation_p`), which needs no margin at all. Every test here
+rejects at ``p <= alpha`` (METHOD.md, stage 3), and :func:`holm` too. Bounds
+that are printed are rounded up, never to nearest (:func:`format_bound`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 from scipy import special, stats
+from scipy.optimize import minimize_scalar
 
 
 @dataclass
@@ -69,10 +74,13 @@ def secondary_tests(s: np.ndarray, tau: float) -> dict[str, float]:
 
 
 def sign_test_critical(n: int, alpha: float) -> int:
-    """Smallest exceedance count ``k`` whose sign-test p-value is below ``alpha`` (n + 1 if none is)."""
+    """Smallest exceedance count ``k`` whose sign-test p-value is at most ``alpha`` (n + 1 if none is).
+
+    The test rejects at ``p <= alpha``, so ``k`` is where it starts to reject.
+    """
     # binom.sf(k - 1) = P(K >= k): decreasing in k
     ks = np.arange(n + 1)
-    ok = stats.binom.sf(ks - 1, n, 0.5) < alpha
+    ok = stats.binom.sf(ks - 1, n, 0.5) <= alpha
     return int(ks[ok][0]) if ok.any() else n + 1
 
 
@@ -118,6 +126,38 @@ def _null_table(n: int, tau: float, grid: int = 256) -> tuple[np.ndarray, np.nda
     return bb[order], cc[order], tango_z(bb[order], cc[order], n, tau), np.linspace(0.0, (1 - tau) / 2, grid)
 
 
+def _sup_over_grid(f: Callable[[np.ndarray], np.ndarray], grid: np.ndarray) -> float:
+    """The supremum of ``f`` over ``[grid[0], grid[-1]]``: the grid, then a bounded search at every local maximum.
+
+    ``f`` maps an array of points to an array of values. A local maximum of the
+    grid is a point whose value is at least its neighbours' (an endpoint has
+    one), up to float noise (1e-12 of the grid's maximum: a tail near 1 ripples
+    at 1e-16 and would otherwise count as dozens of maxima); a run of such
+    points (a plateau) is one maximum. Each is refined by scipy's bounded
+    scalar search between the grid points either side of it, so a narrow peak
+    that the grid undersamples is found even when another peak holds the
+    grid's argmax. The result is never below the grid's maximum.
+    """
+    grid = np.asarray(grid, dtype=np.float64)
+    vals = np.asarray(f(grid), dtype=np.float64)
+    best, g = float(vals.max()), len(grid)
+    if g < 2:
+        return best
+    tol = 1e-12 * float(np.abs(vals).max())
+    up = np.r_[True, vals[1:] >= vals[:-1] - tol]  # at least the left neighbour (the left end has none)
+    down = np.r_[vals[:-1] >= vals[1:] - tol, True]  # at least the right neighbour
+    peak = np.r_[up & down, False]
+    starts = np.flatnonzero(peak[:-1] & ~np.r_[False, peak[:-2]])  # first point of each run of local maxima
+    for i in starts:
+        j = i + int(np.argmin(peak[i:]))  # one past the run's last point
+        lo, hi = grid[max(i - 1, 0)], grid[min(j, g - 1)]
+        if hi > lo:
+            res = minimize_scalar(lambda q: -float(f(np.array([q]))[0]), bounds=(lo, hi), method="bounded",
+                                  options={"xatol": 1e-12})
+            best = max(best, -float(res.fun))
+    return best
+
+
 def exact_paired_margin_p(b: int, c: int, n: int, tau: float) -> float:
     """Exact unconditional p-value of Tango's statistic for H0: p10 - p01 <= tau.
 
@@ -125,25 +165,27 @@ def exact_paired_margin_p(b: int, c: int, n: int, tau: float) -> float:
     pairs on the boundary ``p10 = p01 + tau`` (the nuisance ``p01`` ranges over
     ``[0, (1 - tau) / 2]``), that the statistic is at least the observed one:
     a trinomial sum over all ``(b', c')`` with ``b' + c' <= n``, maximised over
-    the nuisance by a grid, then refined by a bounded scalar search (scipy).
-    This holds the size at ``alpha`` where the normal approximation is liberal.
+    the nuisance by a grid, then refined by a bounded scalar search around
+    every local maximum of the grid (:func:`_sup_over_grid`): the tail can have
+    several, and the grid's argmax need not sit on the highest (n = 100,
+    tau = 0.02, (b, c) = (39, 10): refining the argmax alone understated p by
+    7.5e-4 of itself). This holds the size at ``alpha`` where the normal
+    approximation is liberal; reject at ``p <= alpha``.
     """
-    from scipy.optimize import minimize_scalar
-
-    bb, cc, z, qs = _null_table(int(n), float(tau))
+    b, c, n, tau = int(b), int(c), int(n), float(tau)
+    if n < 1 or b < 0 or c < 0 or b + c > n:
+        raise ValueError(f"need b, c >= 0 and b + c <= n with n >= 1, got b={b}, c={c}, n={n}")
+    if not 0 <= tau < 1:
+        raise ValueError(f"tau must be in [0, 1), got {tau}")
+    bb, cc, z, qs = _null_table(n, tau)
     z_obs = float(tango_z(np.array(b), np.array(c), n, tau))
     k = int(np.searchsorted(-z, -(z_obs - 1e-9), side="right"))  # outcomes at least as extreme: the first k
     if k == 0:
-        return 0.0
+        # Unreachable: (b, c) is in the table and at least as extreme as itself, so k >= 1. Were it reached,
+        # the empty tail would read 0, which is never a p-value here; 1 is the conservative answer.
+        return 1.0
     eb, ec = bb[:k], cc[:k]
-    tail = lambda q: float(np.exp(_trinomial_logpmf(eb, ec, n, np.atleast_1d(q), tau)).sum())  # noqa: E731
-    tails = np.exp(_trinomial_logpmf(eb, ec, n, qs, tau)).sum(axis=1)
-    i = int(tails.argmax())
-    lo, hi = qs[max(i - 1, 0)], qs[min(i + 1, len(qs) - 1)]
-    best = float(tails[i])
-    if hi > lo:
-        res = minimize_scalar(lambda q: -tail(q), bounds=(lo, hi), method="bounded", options={"xatol": 1e-12})
-        best = max(best, -float(res.fun))
+    best = _sup_over_grid(lambda q: np.exp(_trinomial_logpmf(eb, ec, n, q, tau)).sum(axis=1), qs)
     return float(min(1.0, best))
 
 
@@ -186,13 +228,32 @@ def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
     return float(stats.binomtest(k, n).proportion_ci(confidence_level=2 * confidence - 1, method="exact").high)
 
 
+def round_up(x: float, digits: int = 3) -> float:
+    """``x`` rounded up (towards +inf) to ``digits`` decimals: a printed upper bound never understates.
+
+    An exact decimal stays itself despite float noise (0.05 * 1000 is 50.000000000000007 in floats): the
+    scaled value is lowered by 1e-9 before the ceiling, so for values of order 1 (rates, p-values) the
+    result is below ``x`` by at most 1e-9 / 10**digits, never by a printed digit.
+    """
+    if not math.isfinite(x):
+        raise ValueError(f"cannot round a non-finite bound: {x}")
+    scale = 10**digits
+    return math.ceil(x * scale - 1e-9) / scale
+
+
+def format_bound(x: float, digits: int = 3) -> str:
+    """An upper bound as text with ``digits`` decimals, rounded up (:func:`round_up`): 0.09503 prints as 0.096."""
+    return f"{round_up(x, digits):.{digits}f}"
+
+
 def permutation_p(t_owner: float, t_alternatives: np.ndarray) -> float:
     """Exact p-value of the secret-permutation test (METHOD.md, stage 3).
 
     Under H0 the suspect is independent of f0 and of every secret generated on
     it, so the owner's statistic is exchangeable with the J alternatives' and
     ``p = (1 + #{j : T_j >= T_owner}) / (J + 1)`` is exact (ties count against
-    the owner). Its resolution is ``1 / (J + 1)``.
+    the owner). It is decided with ``p <= alpha``; its resolution is
+    ``1 / (J + 1)``, so J = 999 alternatives reach alpha = 1e-3 (p = 1/1000).
     """
     t = np.asarray(t_alternatives, dtype=np.float64)
     if t.ndim != 1 or len(t) < 1:
@@ -205,11 +266,13 @@ def permutation_p(t_owner: float, t_alternatives: np.ndarray) -> float:
 def holm(p_values: dict[str, float], alpha: float) -> dict[str, bool]:
     """Holm's step-down rejections at family-wise level ``alpha`` (scipy has no Holm; this is the 5-line rule).
 
+    The i-th smallest p-value (from 0) is rejected while every p-value so far satisfies
+    ``p <= alpha / (m - i)``, the same ``p <= alpha`` rule as a single test (m = 1).
     Returns, per test name, whether it is rejected.
     """
     order = sorted(p_values, key=lambda k: p_values[k])
     m, out, stop = len(order), {}, False
     for i, k in enumerate(order):
-        stop = stop or p_values[k] >= alpha / (m - i)
+        stop = stop or p_values[k] > alpha / (m - i)
         out[k] = not stop
     return out
