@@ -187,8 +187,10 @@ class PlanSection:
     n_score: int = 100  # queries, black-box score mode
     n_label: int = 100  # queries, black-box label mode
     n_collapse: int = 100  # queries, black-box label-agnostic (collapse) mode
-    alternatives: int = 19  # J alternative secrets for the permutation test (resolution 1/(J+1); 999 for 1e-3)
+    alternatives: int = 19  # J alternative secrets for the permutation test (smallest p 1/(J+1); 999 for 1e-3)
     primary_mode: str = "whitebox"
+    primary_probabilities: str = "blackbox_score"  # the primary mode of a verifier with a model's probabilities
+    primary_labels: str = "blackbox_label"  # ... with its top-1 labels only (a non-primary mode alone: exploratory)
 
 
 @dataclass
@@ -297,7 +299,9 @@ class DemoConfig:
     embed_optim: OptimSection = field(default_factory=lambda: OptimSection(lr=2e-3))
     embed: TrainSection = field(default_factory=lambda: TrainSection(epochs=40, batch_size=128, checkpoint_every=500))
     probe: ProbeSection = field(default_factory=ProbeSection)
-    plan: PlanSection = field(default_factory=PlanSection)
+    # alpha 0.05, not 1e-3: the permutation test's smallest p is 1/(J+1), and J = 19 (a minute of stage 1 here)
+    # reaches 0.05; J = 999 for 1e-3 is 50x the demo's stage 1 (docs/verification.md)
+    plan: PlanSection = field(default_factory=lambda: PlanSection(alpha=0.05))
     verify: VerifySection = field(default_factory=VerifySection)
     robust: RobustSection = field(default_factory=RobustSection)  # stage 1 and stage 2 alike
 

@@ -97,7 +97,9 @@ def _rewrite(folder, entries, rechain=False):
                                               ("blackbox_collapse", True)])
 def test_bundle_written_and_replayed_offline(serve, secret_path, tmp_path, capsys, mode, labels_only):
     server, url = serve(labels_only=labels_only)
-    assert _verify(url, secret_path, tmp_path, "v", mode) == 0
+    # collapse is not the plan's primary for label access: alone, it runs only as exploratory, and says so
+    extra = ["verify.exploratory=true"] if mode == "blackbox_collapse" else []
+    assert _verify(url, secret_path, tmp_path, "v", mode, *extra) == 0
     run = tmp_path / "v"
     for name in ("bundle.json", "queries.jsonl", "verdict.json", "report.md", "config.yaml"):
         assert (run / name).is_file(), name
@@ -235,22 +237,42 @@ def test_resume_refuses_a_broken_chain(serve, secret_path, tmp_path, monkeypatch
 
 
 def test_calibration_copy_is_checked(serve, secret_path, tmp_path, capsys):
-    from dist_awenc.verify.calibration import CALIBRATION_FORMAT, conditions
-    from dist_awenc.watermark.secret import load_secret
+    """A sealed calibration: the verdict carries its conformal encoder-level p, the held-out bound and the image-level
+    p apart, report.md shows all three, replay reproduces them, and a changed copy is refused."""
+    import shutil
 
-    secret = load_secret(secret_path)
+    from dist_awenc.files import sha256_file
+    from dist_awenc.verify.calibration import CALIBRATION_FORMAT, conditions
+    from dist_awenc.watermark.secret import load_secret, seal_calibration
+
+    own = tmp_path / "secret"
+    own.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copyfile(secret_path.with_suffix(suffix), (own / "secret").with_suffix(suffix))
+    secret = load_secret(own)
     ds = build_dataset("digits", image_size=S, seed=0)
     cond = conditions(secret_sha256=secret.sha256, alpha=1e-3, n={"blackbox_label": 99}, dataset="digits",
                       dataset_size=len(ds), split_seed=0, holdout_indices=make_splits(len(ds), 0)["holdout"])
+    null = [{"encoder": f"e{i}", "family": f"f{i}", "heldout": i >= 19, "tau_star": 0.01 * i} for i in range(34)]
     cal = tmp_path / "cal" / "calibration.json"
     cal.parent.mkdir()
     cal.write_text(json.dumps({"format": CALIBRATION_FORMAT, "conditions": cond, "modes": {"blackbox_label": {
-        "threshold": 0.05, "heldout": {"false_positive_families": 0, "families": 15, "heldout_fpr_upper_95": 0.181}}}}))
+        "threshold": 0.05, "null": null,
+        "heldout": {"false_positive_families": 0, "families": 15, "heldout_fpr_upper_95": 0.181}}}}))
+    assert seal_calibration(own, sha256_file(cal), cal) == "sealed"
+    assert load_secret(own).plan["calibration"] == {"sha256": sha256_file(cal), "sealed_from": secret.sha256}
     _, url = serve(labels_only=True)
-    assert _verify(url, secret_path, tmp_path, "v", "blackbox_label", f"verify.calibration={cal}") == 0
+    assert _verify(url, own / "secret.safetensors", tmp_path, "v", "blackbox_label") == 0  # the sealed one, unnamed
     run = tmp_path / "v"
     verdict = json.loads((run / "verdict.json").read_text())
     assert verdict["threshold"] == 0.05 and (run / "calibration.json").read_bytes() == cal.read_bytes()
+    assert verdict["p_floor"] == pytest.approx(1 / 20) and verdict["heldout_fpr_upper_95"] == 0.181
+    t = verdict["details"]["tau_star"]
+    assert verdict["p_value"] == pytest.approx((1 + sum(0.01 * i >= t - 1e-12 for i in range(19))) / 20)
+    assert verdict["decision"] is False and verdict["overall"]["left_out"]  # 1/20 cannot reach alpha = 1e-3
+    report = (run / "report.md").read_text()
+    assert "encoder-level p" in report and "cannot reach alpha = 0.001" in report
+    assert "image-level p" in report and "not a false-positive rate" in report and "FPR <= 0.181" in report
     capsys.readouterr()
     assert main(["verify", "--replay", str(run)]) == 0
     copy = json.loads((run / "calibration.json").read_text())

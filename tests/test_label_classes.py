@@ -19,7 +19,7 @@ from dist_awenc.encoders.io import build_encoder, card_for, save_encoder
 from dist_awenc.errors import ConfigError
 from dist_awenc.evaluate.downstream import evaluate_encoder, group_labels, task_classes
 from dist_awenc.verify.calibration import LABEL, Calibration, label_key, tau_star
-from dist_awenc.verify.core import images_for, label_hits, verify_blackbox_label
+from dist_awenc.verify.core import images_for, label_hits, overall_verdict, verify_blackbox_label
 from dist_awenc.watermark.secret import Secret
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,12 +81,14 @@ def test_label_mode_decides_within_100_queries_on_2_3_5_10_classes_above_every_i
         model, *_ = _hits(wm, k, world)
         v = verify_blackbox_label(lambda b: model(b).argmax(1), secret, holdout, tau=threshold, alpha=ALPHA, classes=k)
         assert v.details["queries"] <= BUDGET
-        assert v.decision, (k, v.p_value, threshold, v.details["hit_rate_marked"], v.details["hit_rate_control"])
+        # above every null's tau*: the image-level test at the threshold rejects (its conformal encoder-level p
+        # over these 8 nulls would be the smallest possible, 1/9)
+        assert v.image_p <= ALPHA, (k, v.image_p, threshold, v.details["hit_rate_marked"], v.details["hit_rate_control"])
         assert v.details["labels_seen"] <= k
         for n, m in nulls.items():  # the verdict agrees with tau*: positive exactly when the margin is below it
             for tau in (threshold, max(stars[n] - 1e-3, 0.0)):
-                got = verify_blackbox_label(lambda b: m(b).argmax(1), secret, holdout, tau=tau, alpha=ALPHA).decision
-                assert got == (tau < stars[n]), (k, n, tau, stars[n])
+                got = verify_blackbox_label(lambda b: m(b).argmax(1), secret, holdout, tau=tau, alpha=ALPHA).image_p
+                assert (got <= ALPHA) == (tau < stars[n]), (k, n, tau, stars[n])
 
 
 def test_control_hit_rate_grows_as_classes_shrink(world):
@@ -100,9 +102,13 @@ def test_answers_with_more_labels_than_stated_draw_no_decision(world):
     images, labels, holdout, secret, wm, _ = world
     model, *_ = _hits(wm, 10, world)
     v = verify_blackbox_label(lambda b: model(b).argmax(1), secret, holdout, tau=0.0, alpha=ALPHA, classes=2)
-    assert v.p_value < ALPHA and v.details["labels_seen"] > 2
+    assert v.image_p < ALPHA and v.details["labels_seen"] > 2
     assert v.decision is False and "more than the 2 classes stated" in v.details["classes_contradicted"]
-    assert "no evidence" in v.line() and "more than the 2 classes stated" in v.line()
+    assert "no decision" in v.line() and "more than the 2 classes stated" in v.line()
+    # and the overall verdict leaves it out, whatever its p (the override holds there too)
+    v.p_value, v.p_floor = 1e-4, 1e-4
+    overall = overall_verdict([v], ALPHA)
+    assert overall["decision"] is False and "more than the 2 classes stated" in overall["left_out"][LABEL]
 
 
 def _calibration(thresholds: dict, task: int | None = 10) -> Calibration:
@@ -112,8 +118,9 @@ def _calibration(thresholds: dict, task: int | None = 10) -> Calibration:
 
 def test_the_stated_class_count_picks_its_threshold_and_none_picks_the_largest():
     cal = _calibration({"whitebox": 0.03, LABEL: 0.0, label_key(2): 0.25, label_key(3): 0.1, label_key(5): 0.05})
-    assert cal.key_for(LABEL, 2) == (label_key(2), "label threshold of 2 classes")
-    assert cal.key_for(LABEL, 10) == (LABEL, "label threshold of 10 classes")  # the pirate task's own count
+    assert cal.key_for(LABEL, 2) == (label_key(2), "label threshold: the largest over calibrated class counts >= 2")
+    assert cal.key_for(LABEL, 3)[0] == label_key(3)  # 3, 5 and 10 classes: 3's is the largest
+    assert cal.key_for(LABEL, 10)[0] == LABEL  # the pirate task's own count
     key, why = cal.key_for(LABEL, None)
     assert key == label_key(2) and "the largest over the calibrated 2, 3, 5, 10" in why
     assert cal.key_for("whitebox", None) == ("whitebox", "") and cal.key_for("whitebox", 2) == ("whitebox", "")
@@ -123,8 +130,8 @@ def test_the_stated_class_count_picks_its_threshold_and_none_picks_the_largest()
     # collapse mode has its own per-class entries; label mode's never stand in for them
     both = _calibration({LABEL: 0.0, label_key(2): 0.25, "blackbox_collapse": 0.01,
                          label_key(2, "blackbox_collapse"): 0.4, label_key(5, "blackbox_collapse"): 0.1})
-    assert both.key_for("blackbox_collapse", 2) == ("blackbox_collapse@2", "label threshold of 2 classes")
-    assert both.key_for("blackbox_collapse", 10) == ("blackbox_collapse", "label threshold of 10 classes")
+    assert both.key_for("blackbox_collapse", 2)[0] == "blackbox_collapse@2"
+    assert both.key_for("blackbox_collapse", 10)[0] == "blackbox_collapse"
     assert both.key_for("blackbox_collapse", None)[0] == "blackbox_collapse@2"
     assert both.key_for(LABEL, None)[0] == label_key(2)
     with pytest.raises(ConfigError, match="has blackbox_collapse thresholds for these class counts: 2, 5, 10"):

@@ -41,8 +41,8 @@ from dist_awenc.verify import plan as P
 from dist_awenc.verify.calibration import (CALIBRATION_FORMAT, MODES, NullEncoder, conditions, label_key, markdown,
                                            mode_test, plot_null, summarise, tau_star, test_mode)
 from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, blackbox_score_differences, collapse_hits, images_for,
-                                    label_hits, whitebox_scores)
-from dist_awenc.watermark.secret import Secret, bind_calibration, load_secret
+                                    label_hits, round_up, whitebox_scores)
+from dist_awenc.watermark.secret import Secret, load_secret, seal_calibration
 
 ATTACK_SEP = "__"
 
@@ -174,11 +174,16 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         atomic_write_text(run_dir / "calibration.md", markdown(report))
         for mode, m in report["modes"].items():
             h = m["heldout"]
-            bound = f"{h['heldout_fpr_upper_95']:.3f}" if h["heldout_fpr_upper_95"] is not None else "n/a"
+            bound = f"{round_up(h['heldout_fpr_upper_95']):.3f}" if h["heldout_fpr_upper_95"] is not None else "n/a"
             info(f"{mode:<15} threshold {m['threshold']:.4f}  held-out: {h['false_positive_families']}/{h['families']} "
-                 f"families positive, FPR <= {bound} (95% Clopper-Pearson); P(new null > threshold) <= "
-                 f"{m['exceed_probability_bound']:.3f} (order statistic, {m['calibration']['families']} calibration families)")
-        bind_calibration(cfg.secret, sha256_file(out), out)
+                 f"families positive, FPR <= {bound} (95% Clopper-Pearson); P(new null > threshold), averaged over "
+                 f"calibrations, <= {round_up(m['exceed_probability_bound']):.3f}")
+        floor = next(iter(report["modes"].values()))["exceed_probability_bound"]
+        info(f"encoder-level p of a calibrated margin test: (1 + #calibration families at least as extreme) / "
+             f"(m' + 1), at best {floor:.3g} with m' = {len(report['calibration_families'])}"
+             + ("" if floor <= alpha * (1 + 1e-9) else f": it cannot reach alpha = {alpha:g} (that needs m' >= "
+                f"{int(round(1 / alpha)) - 1}); margin verdicts report it, the permutation test decides"))
+        seal_calibration(cfg.secret, sha256_file(out), out)
     return report
 
 

@@ -86,8 +86,8 @@ def demo(cfg: DemoConfig) -> dict:
             mine += verify_model(suspect, secret, holdout, settings[mode], mode, alternatives)
             if mode == "whitebox":
                 scores[name] = whitebox_scores(suspect, secret, holdout[: settings[mode].n])
+        overall[name] = overall_verdict(mine, settings["whitebox"].alpha)  # sets each test's decision
         verdicts += [{"model": name, **_row(v)} for v in mine]
-        overall[name] = overall_verdict(mine, settings["whitebox"].alpha)
     report = {"utility": {k: {"linear_probe": v["linear_probe"], "knn": v["knn"]} for k, v in utility.items()},
               "verification": verdicts, "overall": overall, "alpha": settings["whitebox"].alpha,
               "plan": secret.plan, "downstream_test_images": utility["clean"].get("n_test"),
@@ -104,34 +104,36 @@ def demo(cfg: DemoConfig) -> dict:
 
 
 def _row(v: Verdict) -> dict:
-    return {"mode": v.mode, "p_value": v.p_value, "effect": v.effect, "n": v.n, "threshold": v.threshold,
-            "threshold_source": v.threshold_source, "calibration_sha256": v.calibration_sha256,
+    return {"mode": v.mode, "p_value": v.p_value, "p_floor": v.p_floor, "p_source": v.p_source, "image_p": v.image_p,
+            "effect": v.effect, "n": v.n, "threshold": v.threshold, "threshold_source": v.threshold_source,
+            "calibration_sha256": v.calibration_sha256, "heldout_fpr_upper_95": v.heldout_fpr_upper_95,
             "alpha": v.alpha, "decision": v.decision, "queries": v.details.get("queries", v.n),
             "alternatives": v.details.get("alternatives"), "resolution": v.details.get("resolution"),
-            "exploratory": v.exploratory, "secondary": {k: v.details[k] for k in ("wilcoxon_p", "t_test_p",
-                                                                                   "tango_asymptotic_p") if k in v.details}}
+            "owner_z": v.details.get("owner_z"), "exploratory": v.exploratory, "no_decision": v.no_decision,
+            "secondary": {k: v.details[k] for k in ("wilcoxon_p", "t_test_p", "tango_asymptotic_p") if k in v.details}}
 
 
-EXPLANATION = """**What "ownership evidence" means.** Each row tests one null hypothesis: *this model was not derived
-from the owner's encoder*. "Ownership evidence" means the data would be very unlikely under that
-hypothesis (p < alpha = {alpha:g}); it is evidence about where the model came from, not proof of who
-deployed it, and it says nothing about models the owner never tested. "No evidence" does not prove
-independence: a removal attack can weaken the mark below what the test can see.
+EXPLANATION = """**What a verdict claims.** Each model is tested against one null hypothesis: *this model was not
+derived from the owner's encoder*. Two kinds of number appear, and only one decides:
 
-- **whitebox_permutation** (exact, no margin): the owner's mean score is ranked among J = {J}
-  alternative secrets generated on the same f0 by the same procedure and never embedded. Under the
-  null the owner's secret is just one of J + 1 exchangeable draws, so p = (1 + #alternatives scoring at
-  least as high) / (J + 1) exactly. Its resolution is 1/(J + 1) = {res:.3g}: "p = {res:.3g}" means the owner's
-  secret beat every alternative, the most this J can show; deciding at alpha = {alpha:g} needs
-  J >= {need}. The clean f0 responds to its own secrets as much as to the owner's, so it is not detected.
-- **margin tests** (whitebox, blackbox_score: exact sign test of median(s) <= tau; blackbox_label: exact
-  unconditional test of hit-rate difference <= tau, a hit being the key image's label; blackbox_collapse:
-  the same test with no key query, a hit being the label that the first fifth of the marked queries
-  collapse onto): a universal adversarial perturbation partly transfers to encoders that never saw it,
-  so the clean f0 and independent encoders show a positive effect too and their scores straddle the margin; the margin tau says how much more than that an owner's derivative
-  must show. The margin below is **{tau_src}**; only a calibrated margin (awenc calibrate, measured on
-  independent null encoders) comes with a measured false-positive rate.
-- **overall**: one decision per model across its tests with Holm's correction at alpha = {alpha:g}.
+- **encoder-level p**: the probability that an encoder NOT derived from the owner's would score at least
+  this. Only it decides, at p <= alpha = {alpha:g}, with Holm's correction across a model's tests. Its
+  smallest possible value is fixed before any suspect is seen: 1/(J + 1) for the permutation test,
+  1/(m' + 1) for a margin calibrated on m' null families. A test whose smallest p exceeds alpha cannot
+  decide and says so.
+- **image-level p**: the margin tests' sign test (or Tango's test) of the effect against the margin tau,
+  over this one model's query images: how strong the effect is on this model. It is not a
+  false-positive rate: a universal adversarial perturbation partly transfers to encoders that never
+  saw it, and whether an innocent encoder crosses tau is the calibration's question, not this test's.
+
+- **whitebox_permutation** (exact, no margin): the owner's mean score ranked among J = {J} alternative
+  secrets made on the same f0 by the same procedure and never embedded; p = (1 + #alternatives at least
+  as high) / (J + 1) is exact under the null. The demo uses alpha = {alpha:g} because J = {J} gives a
+  smallest p of {res:.3g}: deciding at alpha = 1e-3 needs J >= {need_1e3} (and {need} here).
+- **margin tests** (whitebox, blackbox_score, blackbox_label, blackbox_collapse) use the margin
+  **{tau_src}**; uncalibrated, they have no encoder-level p and decide nothing. `awenc calibrate` gives
+  them one, with the held-out families' false-positive bound beside it.
+- "No evidence" does not prove independence: a removal attack can weaken the mark below what a test sees.
 """
 
 
@@ -141,28 +143,36 @@ def verdict_table(report: dict) -> str:
     perm = next((r for r in report["verification"] if r["alternatives"]), None)
     wb = next(r for r in report["verification"] if r["mode"] == "whitebox")
     lines = ["# dist_awenc demo report", "",
-             f"secret `{report['secret_sha256'][:16]}…`, alpha = {alpha:g} (a p-value below alpha counts as evidence), "
-             f"{report['seconds']:.0f} s", "",
+             f"secret `{report['secret_sha256'][:16]}…`, alpha = {alpha:g} (an encoder-level p <= alpha counts as "
+             f"evidence), {report['seconds']:.0f} s", "",
              "## Utility (pirate's downstream task)", "",
              f"Test set: {report.get('downstream_test_images')} images (one image = "
              f"{100 / max(1, report.get('downstream_test_images') or 1):.2f} points).", "",
              "| encoder | linear probe | kNN |", "|---|---|---|"]
     lines += [f"| {k} | {v['linear_probe']:.4f} | {v['knn']:.4f} |" for k, v in u.items()]
-    lines += ["", "## Verification", "", "| model | test | p-value | effect | margin (source) | n | queries | verdict |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Verification", "",
+              "| model | test | encoder-level p (smallest possible) | image-level p | effect | margin (source) | n | "
+              "queries | decides? |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["verification"]:
-        verdict = "**ownership evidence**" if r["decision"] else "no evidence"
+        if r["p_value"] is None:
+            enc, decides = "none (uncalibrated)", "no: no encoder-level p"
+        else:
+            enc = f"{r['p_value']:.3g} ({r['p_floor']:.3g})"
+            decides = ("**ownership evidence**" if r["decision"] else "no evidence") if r["p_floor"] <= alpha * (1 + 1e-9) \
+                else f"no: cannot reach {alpha:g}"
+        image = f"{r['image_p']:.3g}" if r["image_p"] is not None else "-"
         if r["threshold"] is None:
-            margin = f"none (J = {r['alternatives']}, resolution {r['resolution']:.3g})"
+            margin = f"none (J = {r['alternatives']})"
         else:
             margin = f"{r['threshold']:.4g} ({'calibrated' if r['calibration_sha256'] else 'demo default'})"
-        lines.append(f"| {r['model']} | {r['mode']} | {r['p_value']:.3g} | {r['effect']:+.4f} | {margin} | "
-                     f"{r['n']} | {r['queries']} | {verdict} |")
-    lines += ["", "| model | overall (Holm, alpha = %g) |" % alpha, "|---|---|"]
-    lines += [f"| {k} | {'**ownership evidence**' if o['decision'] else 'no evidence'} |" for k, o in report["overall"].items()]
+        lines.append(f"| {r['model']} | {r['mode']} | {enc} | {image} | {r['effect']:+.4f} | {margin} | "
+                     f"{r['n']} | {r['queries']} | {decides} |")
+    lines += ["", "| model | verdict (Holm at alpha = %g over the tests that can reach it) |" % alpha, "|---|---|"]
+    lines += [f"| {k} | {'**ownership evidence**' if o['decision'] else 'no evidence'} "
+              f"({', '.join(o['family']) or 'no test can reach alpha'}) |" for k, o in report["overall"].items()]
     j = perm["alternatives"] if perm else 0
-    lines += ["", EXPLANATION.format(alpha=alpha, J=j, res=1 / (j + 1), need=int(round(1 / alpha)) - 1,
-                                     tau_src=wb["threshold_source"])]
+    lines += ["", EXPLANATION.format(alpha=alpha, J=j, res=1 / (j + 1), need=max(0, round(1 / alpha) - 1),
+                                     need_1e3=999, tau_src=wb["threshold_source"])]
     return "\n".join(lines) + "\n"
 
 

@@ -136,7 +136,7 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
         result = mode_test(mode, samples, s.tau)
         row[f"p_{mode}"] = result.p_value
         row[f"effect_{mode}"] = result.effect
-        row[f"decision_{mode}"] = bool(result.p_value < s.alpha)
+        row[f"decision_{mode}"] = bool(result.p_value <= s.alpha)  # image-level, at the margin: a measurement
         row[f"tau_star_{mode}"] = tau_star(mode, samples, s.alpha)
         row[f"n_{mode}"], row[f"alpha_{mode}"] = s.n, s.alpha
     if ctx.alternatives is not None and len(ctx.alternatives):  # margin-free: ranks the owner among J secrets

@@ -40,7 +40,7 @@ import numpy as np
 
 from dist_awenc.files import read_json, save_figure, sha256_file
 from dist_awenc.errors import ConfigError
-from dist_awenc.verify.core import LABEL_MODES, MODES
+from dist_awenc.verify.core import LABEL_MODES, MODES, round_up
 from dist_awenc.verify.plan import holdout_sha256
 from dist_awenc.verify.stats import TestResult, clopper_pearson_upper, margin_sign_test, paired_proportion_margin
 
@@ -62,24 +62,26 @@ def mode_test(mode: str, samples: Any, tau: float) -> TestResult:
     """The mode's decisive test on raw samples: score arrays (white-box, score) or (hits_marked, hits_control)."""
     if test_mode(mode) in LABEL_MODES:
         return paired_proportion_margin(samples[0], samples[1], tau)
-    return margin_sign_test(samples, tau)
+    return margin_sign_test(samples, tau, secondary=False)  # the decisive p only (tau* searches call this often)
 
 
 def tau_star(mode: str, samples: Any, alpha: float, iters: int = 40) -> float:
-    """The margin at which the trial's p-value reaches ``alpha`` (p is non-decreasing in tau).
+    """The margin at which the trial's image-level p-value reaches ``alpha`` (p is non-decreasing in tau).
 
-    The trial is positive at margin T exactly when ``T < tau*``. Returns the
-    lower end of the search range when the trial is negative at every margin,
-    the upper end when it is positive at every margin.
+    The trial is positive (p <= alpha) at margin T when ``T < tau*``, up to the
+    bisection's resolution (2**-40 of the range). Returns the lower end of the
+    search range when the trial is negative at every margin, the upper end when
+    it is positive at every margin. It is also the score of the conformal
+    encoder-level p (:meth:`Calibration.encoder_p`): larger is more extreme.
     """
     lo, hi = (0.0, 0.999) if test_mode(mode) in LABEL_MODES else (-2.0, 2.0)
-    if mode_test(mode, samples, lo).p_value >= alpha:
+    if mode_test(mode, samples, lo).p_value > alpha:
         return lo
-    if mode_test(mode, samples, hi).p_value < alpha:
+    if mode_test(mode, samples, hi).p_value <= alpha:
         return hi
     for _ in range(iters):
         mid = (lo + hi) / 2
-        if mode_test(mode, samples, mid).p_value < alpha:
+        if mode_test(mode, samples, mid).p_value <= alpha:
             lo = mid
         else:
             hi = mid
@@ -187,14 +189,42 @@ class Calibration:
             have = ", ".join(map(str, sorted(per))) or "none (a calibration from before per-class label thresholds)"
             raise ConfigError(f"verify.classes={classes}: calibration {self.path} has {mode} thresholds for these class "
                               f"counts: {have}; calibrate with population.label_classes including {classes}")
-        return per[classes], f"label threshold of {classes} classes"
+        # stating more classes than the task has must not lower the threshold: the largest over counts >= classes
+        key = max((k for c, k in per.items() if c >= classes), key=lambda k: self.thresholds[k])
+        return key, f"label threshold: the largest over calibrated class counts >= {classes}"
+
+    def family_scores(self, key: str) -> list[float]:
+        """Per calibration family (held-out ones excluded), the largest tau* of its encoders with the owner's secret."""
+        best: dict[str, float] = {}
+        for t in self.data["modes"][key].get("null", []):
+            if not t["heldout"]:
+                best[t["family"]] = max(best.get(t["family"], -math.inf), float(t["tau_star"]))
+        return list(best.values())
+
+    def encoder_p(self, key: str, suspect_tau_star: float) -> tuple[float, float]:
+        """The conformal encoder-level p of a suspect whose tau* is ``suspect_tau_star``, and the smallest possible.
+
+        ``p = (1 + #{calibration families with tau* >= the suspect's}) / (m' + 1)``: exact (valid) when the suspect
+        is exchangeable with the null families, conservative when it is one encoder and a family's score is the
+        largest of several (parent and attacked copies). Ties count against the suspect.
+        """
+        scores = np.asarray(self.family_scores(key))
+        m = len(scores)
+        return float((1 + np.sum(scores >= suspect_tau_star - 1e-12)) / (m + 1)), 1 / (m + 1)
+
+    def eligible_label_keys(self, mode: str, labels_seen: int) -> list[str]:
+        """A label-only mode's entries for class counts >= the distinct labels the suspect answered with."""
+        return [k for c, k in sorted(self.label_classes(mode).items()) if c >= labels_seen]
+
+    def heldout_bound(self, key: str) -> Optional[float]:
+        return self.data["modes"][key]["heldout"]["heldout_fpr_upper_95"]
 
     def summary(self, mode: str) -> str:
         m = self.data["modes"][mode]
         h = m["heldout"]
         bound = h["heldout_fpr_upper_95"]
         return (f"{h['false_positive_families']}/{h['families']} held-out null families positive, "
-                f"FPR <= {bound:.3f} (95% CP)" if bound is not None else "no held-out families")
+                f"FPR <= {round_up(bound):.3f} (95% CP)" if bound is not None else "no held-out families")
 
 
 def load_calibration(path: str | Path) -> Calibration:
@@ -266,14 +296,14 @@ def markdown(report: dict) -> str:
              f"{c['split_seed']}; {report['population']['families']} null families, "
              f"{len(report['population']['encoders'])} null encoders.", "",
              "| mode | threshold | calibration families | held-out families | held-out positive | "
-             "held-out FPR, exact 95% upper bound (Clopper-Pearson) | P(new null family > threshold) <= (order statistic) | "
+             "held-out FPR, exact 95% upper bound (Clopper-Pearson), rounded up | P(new null family > threshold), averaged over calibrations, <= 1/(m'+1) | "
              "owner's clean f0 tau* |", "|---|---|---|---|---|---|---|---|"]
     for mode, m in report["modes"].items():
         h, o = m["heldout"], m.get("owner_f0")
-        bound = f"{h['heldout_fpr_upper_95']:.3f}" if h["heldout_fpr_upper_95"] is not None else "n/a"
+        bound = f"{round_up(h['heldout_fpr_upper_95']):.3f}" if h["heldout_fpr_upper_95"] is not None else "n/a"
         owner = f"{o['tau_star']:.4f}" + (" (above the threshold)" if o["detected_at_threshold"] else "") if o else "n/a"
         lines.append(f"| {mode} | {m['threshold']:.4f} | {m['calibration']['families']} | {h['families']} | "
-                     f"{h['false_positive_families']} | {bound} | {m['exceed_probability_bound']:.3f} | {owner} |")
+                     f"{h['false_positive_families']} | {bound} | {round_up(m['exceed_probability_bound']):.3f} | {owner} |")
     first = next(iter(report["modes"].values()))
     m_cal, m_held = first["calibration"]["families"], first["heldout"]["families"]
     if m_held:

@@ -8,14 +8,15 @@ statistic among J alternative secrets generated on the same f0.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dist_awenc.verify.stats import holm, margin_sign_test, paired_proportion_margin, permutation_p
+from dist_awenc.verify.stats import holm, margin_sign_test, paired_proportion_margin, permutation_p, round_up  # noqa: F401
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret
 
 MODES = ("whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse")
@@ -55,33 +56,71 @@ def images_for(mode: str, n: int) -> int:
 
 @dataclass
 class Verdict:
+    """One test's verdict on one suspect, with its two kinds of number kept apart.
+
+    ``p_value`` is ENCODER-LEVEL: the probability that an encoder not derived from the owner's would score at
+    least this (the secret-permutation p, or a calibrated margin test's conformal p over the calibration's null
+    families); only it decides, at ``p <= alpha``, and only through :func:`overall_verdict`. ``image_p`` is the
+    IMAGE-LEVEL p of a margin test (sign test or Tango's test given the margin): how strong the effect is on
+    this one encoder, never a false-positive rate. An uncalibrated margin has no encoder-level p (None).
+    """
+
     mode: str
-    p_value: float
+    p_value: Optional[float]  # encoder-level p (None: this test has none, e.g. an uncalibrated margin)
     effect: float
     n: int
     threshold: Optional[float]  # the margin tau the effect is tested against (None: the permutation test)
-    alpha: float  # p-value below which ownership is claimed
-    decision: bool  # True: ownership evidence
+    alpha: float  # an encoder-level p <= alpha is ownership evidence (Holm across a suspect's tests)
+    decision: bool  # True: ownership evidence (set by overall_verdict, the one place decisions are made)
     secret_sha256: str
     details: dict = field(default_factory=dict)
     threshold_source: str = "demo default margin (not calibrated)"  # where the margin came from
     calibration_sha256: Optional[str] = None  # the calibration file that set the margin, if any
     exploratory: bool = False  # run outside the secret's verification plan
     plan_deviations: list = field(default_factory=list)
+    image_p: Optional[float] = None  # image-level p of the margin test: strength of the effect on this encoder
+    p_source: str = "none: the margin is not calibrated, so no encoder-level p-value"
+    p_floor: Optional[float] = None  # the smallest encoder-level p this test can give: 1/(J+1) or 1/(m'+1)
+    heldout_fpr_upper_95: Optional[float] = None  # calibrated margins: the held-out families' exact 95% bound
+    no_decision: Optional[str] = None  # why this test decides nothing whatever its p (e.g. classes contradicted)
+    samples: Any = field(default=None, repr=False, compare=False)  # the raw per-query outcomes (not serialised)
+
+    @property
+    def reaches_alpha(self) -> bool:
+        """Whether this test's encoder-level p can be <= alpha at all (fixed by J or m' before any suspect)."""
+        return self.p_value is not None and self.p_floor is not None and self.p_floor <= self.alpha * (1 + 1e-9)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "samples"}
+
+    def encoder_level(self) -> str:
+        """The encoder-level p in words, with what it can and cannot reach."""
+        if self.p_value is None:
+            return f"encoder-level p: none ({self.p_source.removeprefix('none: ')})"
+        text = f"encoder-level p={self.p_value:.3g} ({self.p_source})"
+        if not self.reaches_alpha:
+            text += (f" [cannot reach alpha={self.alpha:g}: its smallest possible p is {self.p_floor:.3g}, so it "
+                     "decides nothing at this alpha]")
+        return text
 
     def line(self) -> str:
-        word = "OWNERSHIP EVIDENCE" if self.decision else "no evidence"
-        if self.threshold is None:
-            what = f"J={self.details.get('alternatives')}, resolution {self.details.get('resolution', 0):.3g}"
+        if self.decision:
+            word = "OWNERSHIP EVIDENCE"
+        elif self.no_decision:
+            word = "no decision"
         else:
-            what = f"margin {self.threshold:.4g}: {self.threshold_source}"
+            word = "no evidence"
+        parts = [f"{self.mode:<20}", self.encoder_level()]
+        if self.image_p is not None:
+            parts.append(f"image-level p={self.image_p:.3g} at margin {self.threshold:.4g} ({self.threshold_source}; "
+                         "strength on this encoder, not a false-positive rate)")
+        if self.heldout_fpr_upper_95 is not None:
+            parts.append(f"held-out FPR <= {round_up(self.heldout_fpr_upper_95):.3f} (95%)")
+        parts.append(f"effect={self.effect:+.4f}  n={self.n}  -> {word}")
         tag = "  [EXPLORATORY: outside the plan]" if self.exploratory else ""
-        if self.details.get("classes_contradicted"):
-            tag += f"  [{self.details['classes_contradicted']}]"
-        return f"{self.mode:<20} p={self.p_value:.3g}  effect={self.effect:+.4f} ({what})  n={self.n}  -> {word}{tag}"
+        if self.no_decision:
+            tag += f"  [{self.no_decision}]"
+        return "  ".join(parts) + tag
 
 
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -133,26 +172,41 @@ def verify_permutation(encoder: torch.nn.Module, secret: Secret, alternatives: "
 
     Exact under H0 (the suspect is independent of f0, and so of every secret
     generated on it) with no margin and no null population; its resolution
-    is ``1 / (J + 1)``, so it can claim ownership at ``alpha`` only when
-    ``J + 1 >= 1 / alpha``.
+    is ``1 / (J + 1)``; decided at ``p <= alpha``, it can claim ownership at
+    ``alpha`` only when ``J + 1 >= 1 / alpha`` (J = 999 for 1e-3).
     """
     t_owner = float(whitebox_statistics(encoder, secret.key[None], secret.delta[None], secret.control()[None], images)[0])
     t_alt = whitebox_statistics(encoder, alternatives.keys, alternatives.deltas, alternatives.controls(), images)
     p = permutation_p(t_owner, t_alt)
     j = len(t_alt)
+    sd = float(t_alt.std(ddof=1)) if j > 1 else 0.0
     details = {"alternatives": j, "resolution": 1 / (j + 1), "at_resolution_limit": p <= 1 / (j + 1) + 1e-12,
-               "can_decide_at_alpha": 1 / (j + 1) < alpha, "alternatives_needed_for_alpha": int(np.ceil(1 / alpha)) - 1,
+               "can_decide_at_alpha": 1 / (j + 1) <= alpha * (1 + 1e-9),
+               "alternatives_needed_for_alpha": max(0, int(np.ceil(1 / alpha - 1e-9)) - 1),
                "alternatives_max": float(t_alt.max()), "alternatives_mean": float(t_alt.mean()),
+               "alternatives_sd": sd, "owner_z": (t_owner - float(t_alt.mean())) / sd if sd > 0 else None,
                "alternatives_sha256": alternatives.sha256, "statistic": "mean white-box score s"}
-    return Verdict(PERMUTATION, p, t_owner, len(images), None, alpha, p < alpha, secret.sha256, details,
-                   threshold_source="none: exact permutation test over the alternative secrets")
+    return Verdict(PERMUTATION, p, t_owner, len(images), None, alpha, p <= alpha, secret.sha256, details,
+                   threshold_source="none: exact permutation test over the alternative secrets",
+                   p_source=f"exact permutation test over J={j} alternative secrets", p_floor=1 / (j + 1))
 
 
 def verify_whitebox(encoder: torch.nn.Module, secret: Secret, images: torch.Tensor, *, tau: float = 0.1,
                     alpha: float = 1e-3) -> Verdict:
-    """White-box verdict: the exact sign test of H0: median(s) <= tau (one-sided)."""
-    r = margin_sign_test(whitebox_scores(encoder, secret, images), tau)
-    return Verdict("whitebox", r.p_value, r.effect, r.n, tau, alpha, r.p_value < alpha, secret.sha256, r.extra)
+    """White-box margin test: the exact sign test of H0: median(s) <= tau (one-sided), an image-level p.
+
+    Its encoder-level p comes from a calibration (:meth:`dist_awenc.verify.run.Settings.stamp`); without one
+    the verdict has none and decides nothing.
+    """
+    s = whitebox_scores(encoder, secret, images)
+    r = margin_sign_test(s, tau)
+    return _margin_verdict("whitebox", r, tau, alpha, secret, r.extra, s)
+
+
+def _margin_verdict(mode: str, r, tau: float, alpha: float, secret: Secret, details: dict, samples: Any) -> Verdict:
+    """A margin test's verdict before calibration: its image-level p, no encoder-level p yet, no decision."""
+    return Verdict(mode, None, r.effect, r.n, tau, alpha, False, secret.sha256, details, image_p=r.p_value,
+                   samples=samples)
 
 
 @torch.no_grad()
@@ -169,9 +223,9 @@ def blackbox_score_differences(predict_proba: Callable[[torch.Tensor], torch.Ten
 def verify_blackbox_score(predict_proba: Callable[[torch.Tensor], torch.Tensor], secret: Secret, images: torch.Tensor,
                           *, tau: float = 0.1, alpha: float = 1e-3) -> Verdict:
     """Black-box verdict from output probabilities: the sign test on the TV-distance differences minus tau."""
-    r = margin_sign_test(blackbox_score_differences(predict_proba, secret, images), tau)
-    return Verdict("blackbox_score", r.p_value, r.effect, r.n, tau, alpha, r.p_value < alpha, secret.sha256,
-                   {**r.extra, "queries": 3 * r.n})
+    d = blackbox_score_differences(predict_proba, secret, images)
+    r = margin_sign_test(d, tau)
+    return _margin_verdict("blackbox_score", r, tau, alpha, secret, {**r.extra, "queries": 3 * r.n}, d)
 
 
 @torch.no_grad()
@@ -224,18 +278,18 @@ class _LabelsSeen:
 
 
 def _label_verdict(mode: str, r, seen: set, details: dict, tau: float, alpha: float, classes: Optional[int],
-                   secret: Secret) -> Verdict:
-    """A label-only verdict; "no evidence" when the answers contradict the stated class count (``classes``)."""
+                   secret: Secret, hits: tuple[np.ndarray, np.ndarray]) -> Verdict:
+    """A label-only verdict; no decision when the answers contradict the stated class count (``classes``)."""
     details = {**r.extra, **details, "labels_seen": len(seen)}
-    decision = r.p_value < alpha
+    v = _margin_verdict(mode, r, tau, alpha, secret, details, hits)
     if classes is not None:
         details["classes_stated"] = classes
         if len(seen) > classes:
             details["classes_contradicted"] = (f"the suspect answered with {len(seen)} distinct labels, more than the "
                                                f"{classes} classes stated (verify.classes): the {classes}-class "
                                                "threshold does not apply, so no decision is drawn")
-            decision = False
-    return Verdict(mode, r.p_value, r.effect, r.n, tau, alpha, decision, secret.sha256, details)
+            v.no_decision = details["classes_contradicted"]
+    return v
 
 
 def verify_blackbox_label(predict_label: Callable[[torch.Tensor], torch.Tensor], secret: Secret, images: torch.Tensor,
@@ -250,7 +304,7 @@ def verify_blackbox_label(predict_label: Callable[[torch.Tensor], torch.Tensor],
     hm, hr, key_label = label_hits(observed, secret, images)
     r = paired_proportion_margin(hm, hr, tau)
     return _label_verdict("blackbox_label", r, observed.seen, {"key_label": key_label, "queries": 2 * r.n + 1},
-                          tau, alpha, classes, secret)
+                          tau, alpha, classes, secret, (hm, hr))
 
 
 def verify_blackbox_collapse(predict_label: Callable[[torch.Tensor], torch.Tensor], secret: Secret,
@@ -267,17 +321,34 @@ def verify_blackbox_collapse(predict_label: Callable[[torch.Tensor], torch.Tenso
     r = paired_proportion_margin(hm, hr, tau)
     details = {"collapse_label": target, "pilot": len(answers), "pilot_share": float(np.mean(answers == target)),
                "queries": len(answers) + 2 * r.n}
-    return _label_verdict("blackbox_collapse", r, observed.seen, details, tau, alpha, classes, secret)
+    return _label_verdict("blackbox_collapse", r, observed.seen, details, tau, alpha, classes, secret, (hm, hr))
 
 
 def overall_verdict(verdicts: Sequence[Verdict], alpha: float) -> dict:
-    """One decision across several tests of the same suspect, family-wise error controlled by Holm.
+    """THE decision on one suspect, made here and only here: Holm at ``alpha`` over encoder-level p-values.
 
-    Returns ``{"decision", "alpha", "tests": {mode: rejected}, "method": "holm"}``; an exploratory
-    verdict in the family makes the overall one exploratory too.
+    The family is every test of this suspect whose encoder-level p exists and can reach ``alpha`` (a test whose
+    smallest possible p exceeds alpha never rejects at any Holm step, so leaving it out changes no decision; which
+    tests those are is fixed by J and m' before any suspect is seen) and that no override (e.g. contradicted class
+    counts) has ruled out. Each verdict's ``decision`` is set to its Holm rejection, so every report shows the
+    same decision. Returns ``{"decision", "alpha", "method", "tests": {mode: rejected}, "family": [...],
+    "left_out": {mode: why}, "exploratory"}``.
     """
     if not verdicts:
         raise ValueError("overall_verdict needs at least one verdict")
-    rejected = holm({v.mode: v.p_value for v in verdicts}, alpha)
-    return {"decision": any(rejected.values()), "alpha": alpha, "method": "holm", "tests": rejected,
+    family, left_out = {}, {}
+    for v in verdicts:
+        if v.p_value is None:
+            left_out[v.mode] = "no encoder-level p-value (uncalibrated margin)"
+        elif v.no_decision:
+            left_out[v.mode] = v.no_decision
+        elif not v.reaches_alpha:
+            left_out[v.mode] = f"its smallest possible p, {v.p_floor:.3g}, exceeds alpha"
+        else:
+            family[v.mode] = v.p_value
+    rejected = holm(family, alpha) if family else {}
+    for v in verdicts:
+        v.decision = bool(rejected.get(v.mode, False))
+    return {"decision": any(rejected.values()), "alpha": alpha, "method": "holm over encoder-level p-values",
+            "tests": {v.mode: v.decision for v in verdicts}, "family": sorted(family), "left_out": left_out,
             "exploratory": any(v.exploratory for v in verdicts)}

@@ -41,6 +41,7 @@ from typing import Any, Optional
 from dist_awenc.errors import ArtifactError
 from dist_awenc.files import atomic_write_text, read_json, sha256_file
 from dist_awenc.log import warn
+from dist_awenc.verify.core import round_up
 
 BUNDLE_FORMAT = "dist_awenc.bundle/1"
 LOG_NAME = "queries.jsonl"
@@ -206,10 +207,24 @@ def write_report(run_dir: Path, verdict: dict) -> None:
     ev = verdict["evidence"]
     word = "ownership evidence" if verdict["decision"] else "no evidence"
     cal = verdict.get("calibration_sha256")
+    p, floor = verdict.get("p_value"), verdict.get("p_floor")
+    if p is None:
+        enc = f"none ({str(verdict.get('p_source', '')).removeprefix('none: ')}): this test decides nothing"
+    else:
+        enc = f"{p:.6g} ({verdict.get('p_source')}; the smallest it could be: {floor:.3g})"
+        if floor is not None and floor > verdict["alpha"] * (1 + 1e-9):
+            enc += f"; it cannot reach alpha = {verdict['alpha']:g}, so it decides nothing at this alpha"
+    bound = verdict.get("heldout_fpr_upper_95")
     lines = [
         f"# Black-box verification of {verdict['suspect']}", "",
-        f"- test: {verdict['mode']}, p = {verdict['p_value']:.6g}, effect = {verdict['effect']:+.4f}, "
-        f"n = {verdict['n']}, margin = {verdict['threshold']}, alpha = {verdict['alpha']:g} -> **{word}**",
+        f"- verdict: **{word}** (alpha = {verdict['alpha']:g}, decided only by encoder-level p-values)"
+        + (" - EXPLORATORY: " + "; ".join(verdict.get("plan_deviations") or []) if verdict.get("exploratory") else ""),
+        f"- test: {verdict['mode']}, effect = {verdict['effect']:+.4f}, n = {verdict['n']}, margin = {verdict['threshold']}",
+        f"- encoder-level p (would an encoder not derived from the owner's score this?): {enc}",
+        f"- image-level p (strength of the effect on this model, given the margin; not a false-positive rate): "
+        f"{verdict.get('image_p'):.6g}" if verdict.get("image_p") is not None else "- image-level p: n/a",
+        f"- held-out false-positive bound of the calibration: FPR <= {round_up(bound):.3f} (exact 95% upper bound)"
+        if bound is not None else "- held-out false-positive bound: none (no calibration)",
         f"- secret SHA-256: `{verdict['secret_sha256']}`",
         f"- calibration SHA-256: `{cal}` (copy: `{CALIBRATION_COPY}`)" if cal else "- calibration: none",
         f"- query log: `{LOG_NAME}`, {ev['entries']} queries in {ev['exchanges']} exchanges, "

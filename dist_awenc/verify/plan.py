@@ -22,6 +22,10 @@ from dist_awenc.errors import ConfigError
 
 PLAN_FORMAT = "dist_awenc.plan/1"
 PLAN_MODES = ("whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse")
+# what a verifier can run with each kind of access, and the plan's default primary mode for it
+ACCESS_MODES = {"weights": ("whitebox",), "probabilities": ("blackbox_score", "blackbox_label", "blackbox_collapse"),
+                "labels": ("blackbox_label", "blackbox_collapse")}
+DEFAULT_PRIMARY = {"weights": "whitebox", "probabilities": "blackbox_score", "labels": "blackbox_label"}
 
 
 def holdout_sha256(dataset: str, size: int, split_seed: int, indices: np.ndarray) -> str:
@@ -33,10 +37,20 @@ def holdout_sha256(dataset: str, size: int, split_seed: int, indices: np.ndarray
 
 def make_plan(*, dataset: str, dataset_size: int, image_size: int, split_seed: int, holdout_indices: np.ndarray,
               n: dict[str, int], alpha: float, alternatives: int, alternatives_sha256: Optional[str],
-              primary_mode: str) -> dict[str, Any]:
-    """The plan dict stored in the secret's header (plain JSON types only)."""
+              primary_mode: str, primary: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """The plan dict stored in the secret's header (plain JSON types only).
+
+    ``primary``: the primary mode per access (weights, probabilities, labels; default :data:`DEFAULT_PRIMARY`):
+    a single-mode verification of another mode is exploratory.
+    """
     if primary_mode not in PLAN_MODES:
         raise ConfigError(f"plan.primary_mode '{primary_mode}' is not a mode; valid: {', '.join(PLAN_MODES)}")
+    primary = {**DEFAULT_PRIMARY, **(primary or {})}
+    for access, mode in primary.items():
+        if access not in ACCESS_MODES or mode not in ACCESS_MODES[access]:
+            valid = ", ".join(ACCESS_MODES.get(access, ())) or f"none: access is one of {', '.join(ACCESS_MODES)}"
+            raise ConfigError(f"plan: primary mode for {access} access '{mode}' is not one that access can run; "
+                              f"valid: {valid}")
     if not 0 < alpha < 1:
         raise ConfigError(f"plan.alpha must be in (0, 1), got {alpha}")
     if alternatives < 0:
@@ -50,16 +64,43 @@ def make_plan(*, dataset: str, dataset_size: int, image_size: int, split_seed: i
             "split_seed": int(split_seed),
             "holdout_sha256": holdout_sha256(dataset, dataset_size, split_seed, holdout_indices),
             "n": {m: int(n[m]) for m in PLAN_MODES}, "alpha": float(alpha), "alternatives": int(alternatives),
-            "alternatives_sha256": alternatives_sha256, "primary_mode": primary_mode}
+            "alternatives_sha256": alternatives_sha256, "primary_mode": primary_mode, "primary": primary}
+
+
+def primaries(plan: dict[str, Any]) -> dict[str, str]:
+    """The plan's primary mode per access (a plan from before per-access primaries: the defaults)."""
+    return {**DEFAULT_PRIMARY, **((plan or {}).get("primary") or {})}
+
+
+def sealed_calibration(plan: dict[str, Any]) -> Optional[dict[str, str]]:
+    """The calibration sealed into the plan (``{"sha256", "sealed_from"}``), or None when none was sealed."""
+    return (plan or {}).get("calibration") or None
+
+
+def secret_identities(secret_sha256: str, plan: dict[str, Any]) -> set[str]:
+    """The hashes a calibration of this secret may name: its own, and the unsealed one a sealed plan records."""
+    sealed = sealed_calibration(plan)
+    return {secret_sha256, *([sealed["sealed_from"]] if sealed else [])}
 
 
 def deviations(plan: dict[str, Any], *, mode: str, n: Optional[int], alpha: Optional[float], dataset: str,
                dataset_size: int, split_seed: int, holdout_indices: np.ndarray,
-               calibration_sha256: Optional[str], bound_calibration_sha256: Optional[str]) -> list[str]:
-    """What a requested verification changes in the plan, one short phrase each (empty: it follows the plan)."""
+               calibration_sha256: Optional[str], bound_calibration_sha256: Optional[str],
+               access: Optional[str] = None, margins_by_hand: tuple[str, ...] = ()) -> list[str]:
+    """What a requested verification changes in the plan, one short phrase each (empty: it follows the plan).
+
+    ``bound_calibration_sha256``: the calibration sealed into the plan, else the one bound to the secret after
+    release; a calibration that is neither is a deviation. ``access`` (weights, probabilities, labels): a
+    single-suspect verification's access; its mode must be the plan's primary for it. ``margins_by_hand``: the
+    margins set on the command line (``verify.tau_*``), which no plan fixes.
+    """
     if not plan:
         return ["the secret carries no verification plan (made before plans existed)"]
     out = []
+    if access is not None and primaries(plan).get(access) != mode:
+        out.append(f"{mode} is not the plan's primary mode for {access} access ({primaries(plan).get(access)}): "
+                   "a non-primary mode run on its own is exploratory")
+    out += [f"{m} set by hand (the plan's margins come from its calibration)" for m in margins_by_hand]
     if dataset != plan["dataset"] or dataset_size != plan["dataset_size"]:
         out.append(f"dataset {dataset} ({dataset_size} images) instead of the plan's {plan['dataset']} "
                    f"({plan['dataset_size']})")
@@ -76,7 +117,10 @@ def deviations(plan: dict[str, Any], *, mode: str, n: Optional[int], alpha: Opti
         out.append(f"verify.alpha={alpha:g} instead of the plan's {plan['alpha']:g}")
     if bound_calibration_sha256 and calibration_sha256 != bound_calibration_sha256:
         got = f"calibration {calibration_sha256[:12]}..." if calibration_sha256 else "no calibration"
-        out.append(f"{got} instead of the plan's bound calibration {bound_calibration_sha256[:12]}...")
+        out.append(f"{got} instead of the plan's calibration {bound_calibration_sha256[:12]}...")
+    elif calibration_sha256 and not bound_calibration_sha256:
+        out.append(f"calibration {calibration_sha256[:12]}... is neither sealed in the plan nor bound to the secret "
+                   "(awenc calibrate secret=... seals or binds the one it makes)")
     return out
 
 

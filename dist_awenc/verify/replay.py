@@ -32,7 +32,7 @@ from dist_awenc.errors import ArtifactError, AwencError, TamperedSecretError
 from dist_awenc.files import read_json, sha256_file
 from dist_awenc.log import info, warn
 from dist_awenc.verify.adapter import load_adapter
-from dist_awenc.verify.core import Verdict, images_for
+from dist_awenc.verify.core import Verdict, images_for, overall_verdict
 from dist_awenc.verify.endpoint import RemoteModel
 from dist_awenc.verify.evidence import BUNDLE_FORMAT, CALIBRATION_COPY, MANIFEST_NAME, QueryLog, plan_sha256
 from dist_awenc.verify.run import Settings, verify_remote
@@ -40,7 +40,8 @@ from dist_awenc.watermark.secret import load_secret
 
 _HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 COMPARED = ("mode", "p_value", "effect", "n", "threshold", "alpha", "decision", "secret_sha256", "threshold_source",
-            "calibration_sha256", "exploratory", "plan_deviations")
+            "calibration_sha256", "exploratory", "plan_deviations", "image_p", "p_source", "p_floor",
+            "heldout_fpr_upper_95", "no_decision")
 
 
 def published_sha256(published: str) -> str:
@@ -98,7 +99,8 @@ def replay(bundle: str | Path, overrides: Optional[list[str]] = None, published:
     rec = manifest["settings"]
     s = Settings(n=rec["n"], alpha=rec["alpha"], tau=rec["tau"], threshold_source=rec["threshold_source"],
                  calibration_sha256=rec["calibration_sha256"], exploratory=rec["exploratory"],
-                 deviations=tuple(rec["deviations"]), classes=rec.get("classes"))
+                 deviations=tuple(rec["deviations"]), classes=rec.get("classes"),
+                 after_release=bool(rec.get("after_release")))
     mode = manifest["mode"]
     if manifest.get("calibration"):
         from dist_awenc.verify.calibration import load_calibration
@@ -112,7 +114,7 @@ def replay(bundle: str | Path, overrides: Optional[list[str]] = None, published:
             raise ArtifactError(f"{copy}: SHA-256 {digest[:16]}... is not the calibration the verdict names "
                                 f"({str(recorded.get('calibration_sha256'))[:16]}...); the copy was changed")
         cal = load_calibration(copy)
-        s.tau = cal.thresholds[cal.key_for(mode, s.classes)[0]]
+        s.tau, s.calibration = cal.thresholds[cal.key_for(mode, s.classes)[0]], cal
     log = QueryLog(d / manifest["query_log"])
     head = (recorded.get("evidence") or {}).get("chain_sha256")
     if log.head != head:
@@ -129,6 +131,7 @@ def replay(bundle: str | Path, overrides: Optional[list[str]] = None, published:
         v = verify_remote(remote, secret, holdout, s, mode)
     except AwencError as e:
         raise type(e)(f"replay: {e}") from None
+    overall_verdict([v], s.alpha)  # the decision, made as verify made it
     got = json.loads(json.dumps(v.to_dict()))  # as verdict.json holds it (tuples as lists)
     for key in COMPARED:
         if got[key] != recorded.get(key):

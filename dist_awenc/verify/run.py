@@ -11,8 +11,8 @@ decision across them (Holm).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
 
 import torch
 
@@ -47,19 +47,55 @@ class Settings:
     deviations: tuple = ()
     calibration_path: Optional[str] = None  # the calibration file read (copied into a black-box evidence bundle)
     classes: Optional[int] = None  # label mode: the class count the owner states for the suspect's task
+    calibration: Any = field(default=None, repr=False)  # the Calibration itself (replay reloads it from the bundle)
+    after_release: bool = False  # the calibration was bound after release, not sealed into the published plan
 
     def record(self) -> dict:
         """What replaying a verification needs to rebuild these settings (the calibration file's path aside)."""
         return {"n": self.n, "alpha": self.alpha, "tau": self.tau, "threshold_source": self.threshold_source,
                 "calibration_sha256": self.calibration_sha256, "exploratory": self.exploratory,
-                "deviations": list(self.deviations), "classes": self.classes}
+                "deviations": list(self.deviations), "classes": self.classes, "after_release": self.after_release}
 
     def stamp(self, v: Verdict) -> Verdict:
-        """Record where the verdict's numbers came from."""
-        if v.threshold is not None:
-            v.threshold_source, v.calibration_sha256 = self.threshold_source, self.calibration_sha256
+        """Record where the verdict's numbers came from; a calibrated margin test gets its encoder-level p here."""
         v.exploratory, v.plan_deviations = self.exploratory, list(self.deviations)
+        if v.threshold is None:  # the permutation test: its p is encoder-level already
+            return v
+        v.threshold_source, v.calibration_sha256 = self.threshold_source, self.calibration_sha256
+        if self.calibration is not None:
+            calibrated_p(v, self.calibration, self.after_release)
         return v
+
+
+def calibrated_p(v: Verdict, cal, after_release: bool = False) -> None:
+    """A margin test's conformal encoder-level p from the calibration, the threshold it is measured against and
+    the held-out bound beside it (label modes: the largest over calibrated class counts >= the labels seen)."""
+    from dist_awenc.verify.calibration import mode_test, tau_star
+
+    keys = [v.mode]
+    if v.mode in LABEL_MODES and cal.label_classes(v.mode):
+        seen = max(2, int(v.details.get("labels_seen", 0)))
+        keys = cal.eligible_label_keys(v.mode, seen)
+        if not keys:
+            v.no_decision = v.no_decision or (f"the suspect answered with {seen} distinct labels, more than any class "
+                                              f"count calibration {cal.sha256[:12]}... has thresholds for")
+            return
+    key = max(keys, key=lambda k: cal.thresholds[k])
+    if cal.thresholds[key] != v.threshold:  # the image-level test at the threshold that applies after all
+        r = mode_test(v.mode, v.samples, cal.thresholds[key])
+        v.threshold, v.image_p = cal.thresholds[key], r.p_value
+        v.threshold_source += f"; after the answers: {key}'s, the largest over class counts >= labels seen"
+    t = tau_star(v.mode, v.samples, v.alpha)
+    ps = [cal.encoder_p(k, t) for k in keys]
+    v.p_value, v.p_floor = max(p for p, _ in ps), max(f for _, f in ps)
+    v.p_source = (f"conformal over the {round(1 / v.p_floor) - 1} calibration families of calibration "
+                  f"{cal.sha256[:12]}...: tau* {t:.4g}")
+    bounds = [b for b in (cal.heldout_bound(k) for k in keys) if b is not None]
+    v.heldout_fpr_upper_95 = max(bounds) if bounds else None
+    v.details["tau_star"] = t
+    if after_release:
+        v.details["calibration_chosen"] = ("after release: bound in secret.json, not sealed into the plan the "
+                                           "published hash covers")
 
 
 def default_settings(v: VerifySection, mode: str, plan: Optional[dict] = None) -> Settings:
@@ -117,12 +153,25 @@ def verify_remote(remote, secret: Secret, holdout: torch.Tensor, s: Settings, mo
     return s.stamp(verdict)
 
 
+def margins_set_by_hand(v: VerifySection) -> tuple[str, ...]:
+    """The ``verify.tau_*`` margins that differ from the demo defaults (a margin no plan or calibration fixed)."""
+    defaults = {f.name: f.default for f in fields(VerifySection) if f.name.startswith("tau_")}
+    return tuple(f"verify.{k}={getattr(v, k):g}" for k, d in defaults.items() if getattr(v, k) != d)
+
+
 def resolve_settings(v: VerifySection, secret: Secret, mode: str, *, dataset: str, dataset_size: int, split_seed: int,
-                     holdout_indices) -> Settings:
-    """Check the request against the plan and the calibration's conditions; refuse a deviation unless exploratory."""
+                     holdout_indices, access: Optional[str] = None) -> Settings:
+    """Check the request against the plan and the calibration's conditions; refuse a deviation unless exploratory.
+
+    ``access`` (weights, probabilities, labels) is a single suspect's: its mode must be the plan's primary for
+    that access. Grids that verify every mode (the demo, robustness) pass None and decide by Holm over all.
+    """
     plan = secret.plan
     s = default_settings(v, mode, plan)
+    sealed = P.sealed_calibration(plan)
     bound = (secret.record.get("calibration") or {}) if secret.record else {}
+    fixed = sealed["sha256"] if sealed else bound.get("sha256")
+    s.after_release = bool(fixed and not sealed)
     calibration = v.calibration or bound.get("path")
     cal = None
     if calibration:
@@ -132,18 +181,24 @@ def resolve_settings(v: VerifySection, secret: Secret, mode: str, *, dataset: st
         if mode not in cal.thresholds:
             raise ConfigError(f"calibration {cal.path} has no threshold for {mode} (it was made before that mode "
                               "existed); run awenc calibrate again")
-        check_conditions(cal, secret_sha256=secret.sha256, alpha=s.alpha, n={mode: s.n}, dataset=dataset,
+        made_for = cal.conditions.get("secret_sha256")
+        check_conditions(cal, secret_sha256=made_for if made_for in P.secret_identities(secret.sha256, plan)
+                         else secret.sha256, alpha=s.alpha, n={mode: s.n}, dataset=dataset,
                          split_seed=split_seed, holdout_indices=holdout_indices, dataset_size=dataset_size)
         key, which = cal.key_for(mode, v.classes)
-        s.tau, s.calibration_sha256, s.calibration_path = cal.thresholds[key], cal.sha256, str(cal.path)
-        s.threshold_source = f"calibration {cal.sha256[:12]}... ({which + '; ' if which else ''}{cal.summary(key)})"
+        s.tau, s.calibration_sha256, s.calibration_path, s.calibration = cal.thresholds[key], cal.sha256, str(cal.path), cal
+        when = ("chosen after release, bound in secret.json; " if s.after_release and cal.sha256 == fixed
+                else "sealed in the plan; " if sealed and cal.sha256 == fixed else "")
+        s.threshold_source = (f"calibration {cal.sha256[:12]}... ({when}{which + '; ' if which else ''}"
+                              f"{cal.summary(key)})")
     devs = P.deviations(plan, mode=mode, n=v.n, alpha=v.alpha, dataset=dataset, dataset_size=dataset_size,
                         split_seed=split_seed, holdout_indices=holdout_indices,
-                        calibration_sha256=cal.sha256 if cal else None, bound_calibration_sha256=bound.get("sha256"))
-    P.refuse_or_mark(devs, v.exploratory)
+                        calibration_sha256=cal.sha256 if cal else None, bound_calibration_sha256=fixed,
+                        access=access, margins_by_hand=margins_set_by_hand(v))
     failed = cal.heldout_failure(key) if cal else None
     if failed and not v.exploratory:  # a threshold shown to pass independent encoders never decides ownership
         raise ConfigError(failed + " (rerun with verify.exploratory=true to run it anyway, marked exploratory)")
+    P.refuse_or_mark(devs, v.exploratory)
     devs += [failed] if failed else []
     s.exploratory, s.deviations = bool(devs), tuple(devs)
     for d in devs:
@@ -172,8 +227,9 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
     secret = load_secret(cfg.secret)
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=secret.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
     splits = splits_for(len(dataset), cfg.data.split_seed, cfg.data.splits, "verify", "holdout")
-    settings = lambda: resolve_settings(v, secret, mode, dataset=cfg.data.name, dataset_size=len(dataset),  # noqa: E731
-                                        split_seed=cfg.data.split_seed, holdout_indices=splits["holdout"])
+    settings = lambda access: resolve_settings(v, secret, mode, dataset=cfg.data.name,  # noqa: E731
+                                               dataset_size=len(dataset), split_seed=cfg.data.split_seed,
+                                               holdout_indices=splits["holdout"], access=access)
     remote = None
     if v.endpoint:
         if mode == "whitebox":
@@ -183,11 +239,14 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
         from dist_awenc.verify.adapter import load_adapter
         from dist_awenc.verify.endpoint import RemoteModel
 
-        s = settings()  # refuse a plan deviation before the suspect's API is contacted
         adapter = load_adapter(v.adapter)
+        # before the API is contacted; whether it answers labels only, its /health says (checked below)
+        s = settings("labels" if adapter.probabilities is None else None)
         remote = RemoteModel(v.endpoint, query_budget=s.n, timeout=v.endpoint_timeout, retries=v.endpoint_retries,
                              batch_size=v.endpoint_batch_size, adapter=adapter)
         card = {"input_size": remote.info.get("input_size", secret.image_size)}  # probes /health
+        if adapter.probabilities is not None:  # now the access is known: the plan's primary for it applies
+            s = settings(access_of(mode, remote))
         if mode == "blackbox_score" and (remote.info.get("labels_only") or adapter.probabilities is None):
             raise ConfigError(f"{remote.url} serves labels only; use --mode blackbox_label")
     elif mode == "whitebox":
@@ -197,7 +256,7 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
         card = full["encoder"]
     if card["input_size"] != secret.image_size:
         raise ArtifactError(f"suspect takes {card['input_size']} px inputs but the secret is {secret.image_size} px")
-    s = s if remote is not None else settings()
+    s = s if remote is not None else settings("weights" if mode == "whitebox" else "probabilities")
     query_images(torch.empty(len(splits["holdout"]), 0), s.n, mode)  # checks n before anything is written
     alternatives = load_plan_alternatives(cfg.secret, secret) if mode == "whitebox" else None
     holdout, _ = dataset.get_batch(splits["holdout"][: images_for(mode, s.n)])
@@ -218,10 +277,11 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
                 x.details["suspect_sha256"] = note
             if not hashed:
                 warn(f"{cfg.suspect}: {note}")
-        overall = overall_verdict(verdicts, s.alpha)
+        overall = overall_verdict(verdicts, s.alpha)  # the one decision: every report below shows it
         suspect = cfg.suspect or remote.url
         primary = verdicts[0].to_dict()
-        doc = {"suspect": suspect, **primary, "primary_mode": (secret.plan or {}).get("primary_mode"),
+        doc = {"suspect": suspect, **primary, "decision": overall["decision"],
+               "primary_mode": P.primaries(secret.plan).get(access_of(mode, remote)),
                "tests": [x.to_dict() for x in verdicts], "overall": overall}
         if remote is not None:
             doc["evidence"] = remote.log.summary()
@@ -229,7 +289,24 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
         atomic_write_text(run_dir / "verdict.json", json.dumps(doc, indent=2))
         for x in verdicts:
             info(x.line())
-        if len(verdicts) > 1:
-            word = "OWNERSHIP EVIDENCE" if overall["decision"] else "no evidence"
-            info(f"overall (Holm over {len(verdicts)} tests, alpha {s.alpha:g}) -> {word}")
+        info(overall_line(overall))
     return verdicts
+
+
+def access_of(mode: str, remote=None) -> str:
+    """The access a verification has: weights (white-box), or a model's probabilities or labels only."""
+    if mode == "whitebox":
+        return "weights"
+    if remote is not None and (remote.adapter.probabilities is None or remote.info.get("labels_only")):
+        return "labels"
+    return "probabilities"
+
+
+def overall_line(overall: dict) -> str:
+    """The verdict line: the one decision, what decided it and what could not."""
+    word = "OWNERSHIP EVIDENCE" if overall["decision"] else "no evidence"
+    fam = ", ".join(overall["family"]) or "none"
+    out = f"verdict (Holm at alpha {overall['alpha']:g} over encoder-level p-values of: {fam}) -> {word}"
+    if not overall["family"]:
+        out += "  [no test here can reach alpha: " + "; ".join(f"{m}: {w}" for m, w in overall["left_out"].items()) + "]"
+    return out + ("  [EXPLORATORY]" if overall["exploratory"] else "")

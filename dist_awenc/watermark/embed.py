@@ -40,7 +40,7 @@ from dist_awenc.data.ffcv import build_source, source_options
 from dist_awenc.log import info
 from dist_awenc.runs import open_run
 from dist_awenc.ssl.pretrain import method_from_config, save_method
-from dist_awenc.watermark.secret import Secret, load_secret
+from dist_awenc.watermark.secret import Secret, load_secret, note_release
 from dist_awenc.watermark.shadow import Shadow, build_shadow, row_cos as _cos
 from dist_awenc.watermark.transforms import TransformParams, apply_drawn, draws_for_rank
 
@@ -256,6 +256,7 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
                                 stage="embed", parent=card.get("sha256"),
                                 extra={"secret_sha256": secret.sha256, "config": to_dict(cfg)})
             save_encoder(task.backbone, run_dir / "encoder", new_card)
+            note_release(cfg.secret, run_dir / "encoder.safetensors", secret.sha256)  # a later calibration binds, not seals
             info(f"watermarked encoder -> {run_dir / 'encoder.safetensors'}")
         accelerator.wait_for_everyone()
     return run_dir / "encoder.safetensors"

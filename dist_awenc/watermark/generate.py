@@ -73,6 +73,10 @@ def generate_alternatives(encoder: Encoder, pool: Images, g: GenerationSection, 
                               control_seeds=[control_seed_of(s) for s in seeds])
 
 
+def _primary(pl) -> dict[str, str]:
+    return {"weights": "whitebox", "probabilities": pl.primary_probabilities, "labels": pl.primary_labels}
+
+
 def control_seed_of(seed: int) -> int:
     """The control permutation's seed for a secret generated with ``seed`` (owner and alternatives alike)."""
     return int(seed) + 7919
@@ -89,7 +93,7 @@ def watermark(cfg: WatermarkConfig) -> Path:
          "blackbox_collapse": pl.n_collapse}
     make_plan(dataset=cfg.data.name, dataset_size=1, image_size=cfg.data.image_size, split_seed=cfg.data.split_seed,
               holdout_indices=np.zeros(0), n=n, alpha=pl.alpha, alternatives=pl.alternatives, alternatives_sha256=None,
-              primary_mode=pl.primary_mode)  # checks the plan's values before anything is written
+              primary_mode=pl.primary_mode, primary=_primary(pl))  # checks the plan's values before anything is written
     check_generation(g.eps, g.steps, g.step_size, g.batch_size, g.optimizer)
     if g.key not in ("image", "noise"):
         raise ConfigError(f"generation.key must be image or noise, not '{g.key}'")
@@ -118,7 +122,8 @@ def watermark(cfg: WatermarkConfig) -> Path:
             alt_sha = save_alternatives(alt, run_dir / "alternatives.safetensors")
         plan = make_plan(dataset=cfg.data.name, dataset_size=len(dataset), image_size=cfg.data.image_size,
                          split_seed=cfg.data.split_seed, holdout_indices=splits["holdout"], n=n, alpha=pl.alpha,
-                         alternatives=pl.alternatives, alternatives_sha256=alt_sha, primary_mode=pl.primary_mode)
+                         alternatives=pl.alternatives, alternatives_sha256=alt_sha, primary_mode=pl.primary_mode,
+                         primary=_primary(pl))
         meta = {"encoder_sha256": card.get("sha256"), "alpha": g.alpha, "key_source": key_source,
                 "dataset": cfg.data.name, "seed": cfg.run.seed}
         if robust.enabled:  # only when on: a secret made without transforms keeps its bytes and hash

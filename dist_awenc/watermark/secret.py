@@ -185,28 +185,59 @@ def load_secret(path: str | Path) -> Secret:
                   plan=header.get("plan") or {}, record=record)
 
 
-def bind_calibration(secret_path: str | Path, calibration_sha256: str, calibration_path: str | Path) -> bool:
-    """Record a calibration in the secret's record (``secret.json``), once; verification then requires it.
+def _record_path(secret_path: str | Path) -> Path:
+    p = Path(secret_path)
+    return (p / "secret.safetensors" if p.is_dir() else p.with_suffix(".safetensors")).with_suffix(".json")
 
-    Returns True when bound now; an already bound secret keeps its calibration
-    (rebinding after the fact would let a verdict shop for thresholds).
+
+def seal_calibration(secret_path: str | Path, calibration_sha256: str, calibration_path: str | Path) -> str:
+    """Fix a calibration for verification: sealed into the plan before release, bound after it; returns which.
+
+    Before release (no embedding recorded in ``secret.json``) the calibration's hash goes into the plan in the
+    secret's header, with the unsealed secret's hash it was made for (``sealed_from``): the file, and so its
+    SHA-256 that the release card carries and the owner publishes, then covers it. After release the published
+    hash must stay valid, so the calibration is bound in ``secret.json`` only (not covered by any published
+    hash) and every verdict says it was chosen after release. Once sealed or bound, a secret keeps its
+    calibration: returns ``"kept"`` (re-choosing after the fact would let a verdict shop for thresholds).
     """
     from dist_awenc.log import info, warn
 
     secret = load_secret(secret_path)
+    sealed = (secret.plan or {}).get("calibration") or {}
     bound = secret.record.get("calibration") or {}
-    if bound.get("sha256") == calibration_sha256:
-        return False
-    if bound:
-        warn(f"the secret is already bound to calibration {bound['sha256'][:12]}... ({bound.get('path')}); "
-             f"not rebinding to {calibration_sha256[:12]}...: verify keeps using the bound one")
-        return False
-    p = Path(secret_path)
-    record_path = (p / "secret.safetensors" if p.is_dir() else p.with_suffix(".safetensors")).with_suffix(".json")
-    record = {**secret.record, "calibration": {"sha256": calibration_sha256, "path": str(Path(calibration_path).resolve())}}
+    current = sealed.get("sha256") or bound.get("sha256")
+    if current:
+        if current != calibration_sha256:
+            warn(f"the secret is already {'sealed with' if sealed else 'bound to'} calibration {current[:12]}...; not "
+                 f"replacing it with {calibration_sha256[:12]}...: verify keeps using the first one")
+        return "kept"
+    where = {"sha256": calibration_sha256, "path": str(Path(calibration_path).resolve())}
+    record_path = _record_path(secret_path)
+    if secret.record.get("released"):
+        record = {**secret.record, "calibration": {**where, "after_release": True}}
+        atomic_write_text(record_path, json.dumps(record, indent=2))
+        warn(f"the secret was released ({secret.record['released'][0].get('encoder')}) before this calibration: "
+             f"calibration {calibration_sha256[:12]}... is bound in {record_path.name}, not sealed into the published "
+             "plan, and every verdict will say it was chosen after release")
+        return "bound"
+    plan = {**secret.plan, "calibration": {"sha256": calibration_sha256, "sealed_from": secret.sha256}}
+    sealed_secret = Secret(key=secret.key, delta=secret.delta, eps=secret.eps, control_seed=secret.control_seed,
+                           meta=secret.meta, plan=plan)
+    digest = save_secret(sealed_secret, record_path.with_suffix(".safetensors"))
+    record = json.loads(record_path.read_text())
+    atomic_write_text(record_path, json.dumps({**record, "calibration": where}, indent=2))
+    info(f"sealed calibration {calibration_sha256[:12]}... into the secret's plan: secret {secret.sha256[:12]}... is "
+         f"now {digest[:12]}... (embed after this, so the release card carries the sealed hash)")
+    return "sealed"
+
+
+def note_release(secret_path: str | Path, encoder_path: str | Path, secret_sha256: str) -> None:
+    """Record in ``secret.json`` that an encoder was released carrying this secret's hash (calibrate reads it)."""
+    record_path = _record_path(secret_path)
+    record = read_json(record_path, ArtifactError, "the record of the secret")
+    released = [r for r in record.get("released", []) if r.get("encoder") != str(encoder_path)]
+    record["released"] = released + [{"encoder": str(encoder_path), "secret_sha256": secret_sha256}]
     atomic_write_text(record_path, json.dumps(record, indent=2))
-    info(f"bound calibration {calibration_sha256[:12]}... to the secret ({record_path})")
-    return True
 
 
 def alternatives_path(secret_path: str | Path) -> Path:
