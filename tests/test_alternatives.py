@@ -1,13 +1,18 @@
-"""The permutation test's reference set: alternative secrets made exactly like the owner's, bound by hash."""
+"""The permutation test's reference set: alternative secrets made exactly like the owner's, bound by hash, and the
+owner's secret drawn among the J + 1 candidates by a digest of all of them."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dist_awenc.encoders.io import build_encoder
-from dist_awenc.errors import TamperedSecretError
-from dist_awenc.watermark.generate import alternative_seeds, generate_delta, generate_deltas
-from dist_awenc.watermark.secret import AlternativeSecrets, control_of, load_alternatives, save_alternatives
+from conftest import tiny_f0_and_secret
+from dist_awenc.data import build_dataset, make_splits
+from dist_awenc.encoders.io import build_encoder, load_encoder
+from dist_awenc.errors import ArtifactError, TamperedSecretError
+from dist_awenc.watermark.generate import (alternative_seeds, candidate_seeds, choose_key, control_seed_of, generate_delta,
+                                           generate_deltas)
+from dist_awenc.watermark.secret import (AlternativeSecrets, Secret, alternatives_path, check_owner_draw, control_of,
+                                         draw_digest, drawn_index, load_alternatives, load_secret, save_alternatives)
 
 
 def _encoder():
@@ -48,3 +53,133 @@ def test_alternatives_file_is_bound_by_hash(tmp_path):
     save_alternatives(other, tmp_path / "alternatives.safetensors")  # replaced after the plan recorded the hash
     with pytest.raises(TamperedSecretError, match="not the plan's"):
         load_alternatives(tmp_path / "alternatives.safetensors", expected_sha256=sha)
+
+
+# ------------------------------------------------------------------ the owner's draw
+
+J, STEPS, BATCH = 3, 4, 16
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    root, f0, secret_path = tiny_f0_and_secret(tmp_path_factory.mktemp("draw"), f"generation.steps={STEPS}",
+                                               f"generation.batch_size={BATCH}", f"plan.alternatives={J}")
+    secret = load_secret(secret_path)
+    alt = load_alternatives(alternatives_path(secret_path), expected_sha256=secret.plan["alternatives_sha256"])
+    enc, _ = load_encoder(f0)
+    ds = build_dataset("digits", image_size=8, seed=0)
+    pool, _ = ds.get_batch(make_splits(len(ds), 0)["pretrain"])
+    return root, f0, secret, alt, enc, pool
+
+
+def _alone(enc, pool, seed):
+    """One secret generated alone with ``seed``: stage 1's procedure (key draw + generate_delta)."""
+    key = choose_key("image", pool, seed)[0]
+    return key, generate_delta(enc, pool, key, seed=seed, steps=STEPS, batch_size=BATCH, progress=False)[0]
+
+
+def test_the_owners_secret_is_the_candidate_the_digest_of_all_candidates_draws(drawn):
+    _, _, secret, alt, enc, pool = drawn
+    draw, seeds = secret.plan["owner_draw"], candidate_seeds(0, J)
+    assert seeds[0] == 0 and seeds[1:] == alternative_seeds(0, J)  # derived from run.seed = 0
+    assert (draw["candidates"], draw["run_seed"], draw["seeds"]) == (J + 1, 0, seeds)
+    i = draw["index"]
+    assert secret.meta["seed"] == seeds[i] and secret.control_seed == control_seed_of(seeds[i])
+    assert alt.seeds == seeds[:i] + seeds[i + 1:] and alt.control_seeds == [control_seed_of(s) for s in alt.seeds]
+    keys, deltas = [*alt.keys[:i], secret.key, *alt.keys[i:]], [*alt.deltas[:i], secret.delta, *alt.deltas[i:]]
+    digest = draw_digest(seeds, keys, deltas)
+    assert digest == draw["digest"] and i == int(digest, 16) % (J + 1) == drawn_index(digest, J + 1)
+    for s, key, delta in zip(seeds, keys, deltas):  # every candidate, the owner's included, is what its seed gives alone
+        k, d = _alone(enc, pool, s)
+        assert torch.equal(key, k)
+        torch.testing.assert_close(delta, d, atol=1e-6, rtol=0)
+
+
+def test_the_draw_digest_changes_with_any_one_candidate():
+    g = torch.Generator().manual_seed(3)
+    seeds, keys, deltas = [5, 6, 7, 8], torch.rand(4, 3, 8, 8, generator=g), torch.rand(4, 3, 8, 8, generator=g) * 0.06
+    base = draw_digest(seeds, keys, deltas)
+    assert base == draw_digest(list(seeds), keys.clone(), list(deltas.clone()))  # only the values count
+    assert drawn_index(base, 4) == int(base, 16) % 4
+    changed = set()
+    for j in range(4):
+        k, d = keys.clone(), deltas.clone()
+        k[j, 1, 2, 3] = torch.nextafter(k[j, 1, 2, 3], torch.tensor(2.0))  # one ulp in one key
+        d[j, 2, 7, 0] = torch.nextafter(d[j, 2, 7, 0], torch.tensor(2.0))  # one ulp in one delta
+        changed |= {draw_digest(seeds, k, deltas), draw_digest(seeds, keys, d),
+                    draw_digest([*seeds[:j], 99, *seeds[j + 1:]], keys, deltas)}
+    order = [1, 0, 2, 3]
+    changed |= {draw_digest([seeds[o] for o in order], keys[order], deltas[order]), draw_digest(seeds[:3], keys[:3], deltas[:3])}
+    assert len(changed) == 14 and base not in changed
+
+
+def test_check_owner_draw_accepts_the_written_files_and_refuses_a_swapped_candidate(drawn, tmp_path):
+    _, _, secret, alt, enc, pool = drawn
+    check_owner_draw(secret, alt)
+    i, path = secret.plan["owner_draw"]["index"], tmp_path / "alternatives.safetensors"
+    outsider = alternative_seeds(0, J + 1)[J]  # a secret of the same procedure that was not a candidate
+    key, delta = _alone(enc, pool, outsider)
+    j = 1
+    for seed in (alt.seeds[j], outsider):  # its tensors under the candidate's seed, or with its own seed
+        keys, deltas, seeds = alt.keys.clone(), alt.deltas.clone(), list(alt.seeds)
+        keys[j], deltas[j], seeds[j] = key, delta, seed
+        save_alternatives(AlternativeSecrets(keys=keys, deltas=deltas, seeds=seeds, control_seeds=alt.control_seeds), path)
+        with pytest.raises(TamperedSecretError, match="owner draw"):
+            check_owner_draw(secret, load_alternatives(path))
+    order = [1, 0, *range(2, J)]  # two alternatives in each other's place
+    with pytest.raises(TamperedSecretError, match="owner draw"):
+        check_owner_draw(secret, AlternativeSecrets(keys=alt.keys[order], deltas=alt.deltas[order],
+                                                    seeds=[alt.seeds[o] for o in order], control_seeds=alt.control_seeds))
+    # the owner claiming another candidate as theirs, or a candidate dropped
+    other = Secret(key=alt.keys[0], delta=alt.deltas[0], eps=secret.eps, control_seed=alt.control_seeds[0],
+                   meta={**secret.meta, "seed": alt.seeds[0]}, plan=secret.plan)
+    owner_as_alt = AlternativeSecrets(keys=torch.cat([secret.key[None], alt.keys[1:]]),
+                                      deltas=torch.cat([secret.delta[None], alt.deltas[1:]]),
+                                      seeds=[secret.meta["seed"], *alt.seeds[1:]], control_seeds=alt.control_seeds)
+    for s, a in ((other, owner_as_alt), (secret, AlternativeSecrets(alt.keys[1:], alt.deltas[1:], alt.seeds[1:],
+                                                                    alt.control_seeds[1:]))):
+        with pytest.raises(TamperedSecretError, match="owner draw"):
+            check_owner_draw(s, a)
+    # a plan with alternatives but no draw (a secret made before draws) is refused; a plan without alternatives passes
+    undrawn = {k: v for k, v in secret.plan.items() if k != "owner_draw"}
+    with pytest.raises(ArtifactError, match="no owner draw"):
+        check_owner_draw(Secret(key=secret.key, delta=secret.delta, eps=secret.eps, control_seed=1, plan=undrawn), alt)
+    check_owner_draw(Secret(key=secret.key, delta=secret.delta, eps=secret.eps, control_seed=1,
+                            plan={**undrawn, "alternatives": 0}), None)
+
+
+def test_without_alternatives_there_is_no_draw_and_the_secret_is_run_seeds(drawn, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from dist_awenc.config import WatermarkConfig, load_config
+    from dist_awenc.watermark.generate import watermark
+
+    _, f0, _, _, enc, pool = drawn
+    AcceleratorState._reset_state(reset_partial_state=True)
+    secret = load_secret(watermark(load_config(WatermarkConfig, None, [
+        f"run.out_dir={tmp_path}", "run.name=wm", f"encoder={f0}", "data.image_size=8", "run.seed=5",
+        f"generation.steps={STEPS}", f"generation.batch_size={BATCH}", "plan.alternatives=0"])))
+    assert "owner_draw" not in secret.plan and secret.meta["seed"] == 5 and secret.control_seed == control_seed_of(5)
+    torch.testing.assert_close(secret.delta, _alone(enc, pool, 5)[1], atol=1e-6, rtol=0)
+    check_owner_draw(secret, None)
+
+
+def test_candidates_resume_from_their_chunks_and_never_from_another_seeds_chunk(tmp_path, monkeypatch):
+    from dist_awenc.config import GenerationSection
+    from dist_awenc.watermark import generate
+
+    enc, g = _encoder(), GenerationSection(steps=2, batch_size=8)
+    pool = torch.rand(30, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    first = generate.generate_candidates(enc, pool, g, [1, 2, 3], tmp_path, chunk=2, transform=None)
+    assert first.key_sources[0].startswith("image:") and len(first.history) == 3 and len(first.history[2]) == 2
+
+    def refuse(*a, **k):
+        raise AssertionError("regenerated a finished chunk")
+
+    with monkeypatch.context() as m:
+        m.setattr(generate, "generate_deltas", refuse)
+        again = generate.generate_candidates(enc, pool, g, [1, 2, 3], tmp_path, chunk=2, transform=None)
+    assert torch.equal(again.keys, first.keys) and torch.equal(again.deltas, first.deltas)
+    assert (again.history, again.key_sources, again.seeds) == (first.history, first.key_sources, first.seeds)
+    other = generate.generate_candidates(enc, pool, g, [1, 2, 4], tmp_path, chunk=2, transform=None)  # chunk 2 redone
+    assert torch.equal(other.deltas[:2], first.deltas[:2]) and not torch.equal(other.deltas[2], first.deltas[2])

@@ -188,8 +188,8 @@ def robust_secret(tmp_path_factory):
 
 
 def test_watermark_with_transforms_records_them_and_makes_the_alternatives_the_same_way(robust_secret):
-    from dist_awenc.watermark.generate import alternative_seeds, generate_delta
-    from dist_awenc.watermark.secret import load_alternatives, load_secret
+    from dist_awenc.watermark.generate import candidate_seeds, generate_delta
+    from dist_awenc.watermark.secret import check_owner_draw, load_alternatives, load_secret
 
     root, _, secret_path = robust_secret
     secret = load_secret(secret_path)
@@ -201,11 +201,12 @@ def test_watermark_with_transforms_records_them_and_makes_the_alternatives_the_s
     ds = build_dataset("digits", image_size=8, seed=0)
     pool, _ = ds.get_batch(make_splits(len(ds), 0)["pretrain"])
     alt = load_alternatives(Path(secret_path).with_name("alternatives.safetensors"))
-    assert alt.seeds == alternative_seeds(0, 2)
+    assert sorted([secret.meta["seed"], *alt.seeds]) == sorted(candidate_seeds(0, 2))  # the owner's drawn among 3
+    check_owner_draw(secret, alt)
     kw = dict(steps=6, batch_size=16, progress=False)
     again, _ = generate_delta(enc, pool, alt.keys[1], seed=alt.seeds[1], transform=make_transform(ALL), **kw)
     torch.testing.assert_close(alt.deltas[1], again, atol=1e-6, rtol=0)
-    owner, _ = generate_delta(enc, pool, secret.key, seed=0, transform=make_transform(ALL), **kw)
+    owner, _ = generate_delta(enc, pool, secret.key, seed=secret.meta["seed"], transform=make_transform(ALL), **kw)
     torch.testing.assert_close(secret.delta, owner, atol=1e-6, rtol=0)
     assert not torch.equal(generate_delta(enc, pool, alt.keys[1], seed=alt.seeds[1], **kw)[0], alt.deltas[1])
 

@@ -37,11 +37,14 @@ def holdout_sha256(dataset: str, size: int, split_seed: int, indices: np.ndarray
 
 def make_plan(*, dataset: str, dataset_size: int, image_size: int, split_seed: int, holdout_indices: np.ndarray,
               n: dict[str, int], alpha: float, alternatives: int, alternatives_sha256: Optional[str],
-              primary_mode: str, primary: Optional[dict[str, str]] = None) -> dict[str, Any]:
+              primary_mode: str, primary: Optional[dict[str, str]] = None,
+              owner_draw: Optional[dict] = None) -> dict[str, Any]:
     """The plan dict stored in the secret's header (plain JSON types only).
 
     ``primary``: the primary mode per access (weights, probabilities, labels; default :data:`DEFAULT_PRIMARY`):
-    a single-mode verification of another mode is exploratory.
+    a single-mode verification of another mode is exploratory. ``owner_draw`` (stage 1 with J > 0): how the
+    owner's secret was drawn among the J + 1 candidates (:func:`dist_awenc.watermark.secret.owner_draw_record`);
+    the key is present only when given.
     """
     if primary_mode not in PLAN_MODES:
         raise ConfigError(f"plan.primary_mode '{primary_mode}' is not a mode; valid: {', '.join(PLAN_MODES)}")
@@ -60,11 +63,14 @@ def make_plan(*, dataset: str, dataset_size: int, image_size: int, split_seed: i
             raise ConfigError(f"plan: no n for {mode}; a plan fixes n for every mode ({', '.join(PLAN_MODES)})")
         if int(n[mode]) < 2:
             raise ConfigError(f"plan: n for {mode} must be >= 2, got {n[mode]}")
-    return {"format": PLAN_FORMAT, "dataset": dataset, "dataset_size": int(dataset_size), "image_size": int(image_size),
+    plan = {"format": PLAN_FORMAT, "dataset": dataset, "dataset_size": int(dataset_size), "image_size": int(image_size),
             "split_seed": int(split_seed),
             "holdout_sha256": holdout_sha256(dataset, dataset_size, split_seed, holdout_indices),
             "n": {m: int(n[m]) for m in PLAN_MODES}, "alpha": float(alpha), "alternatives": int(alternatives),
             "alternatives_sha256": alternatives_sha256, "primary_mode": primary_mode, "primary": primary}
+    if owner_draw is not None:
+        plan["owner_draw"] = dict(owner_draw)
+    return plan
 
 
 def primaries(plan: dict[str, Any]) -> dict[str, str]:

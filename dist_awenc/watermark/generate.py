@@ -2,18 +2,20 @@
 
 The optimiser is :mod:`dist_awenc.watermark.perturbation` (``L_gen``, PGD or
 Adam, ``robust.transforms``); ``rehearsal`` adds surrogate derivatives and
-reference encoders (:mod:`dist_awenc.watermark.rehearsal`). This stage draws
-the key, generates the owner's secret and the J alternative secrets by the
-same procedure, fixes the verification plan and writes the secret files.
+reference encoders (:mod:`dist_awenc.watermark.rehearsal`). This stage makes
+J + 1 candidate secrets by the same procedure (key draw + stage 1), draws the
+owner's among them by a digest of all of them (the others are the J
+alternative secrets), fixes the verification plan and writes the secret files.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from dist_awenc.config import GenerationSection, WatermarkConfig
 from dist_awenc.data import build_dataset, splits_for
@@ -27,50 +29,67 @@ from dist_awenc.verify.plan import make_plan
 from dist_awenc.watermark.perturbation import (Rehearsal, Transform, check_generation, choose_key, generate_delta,  # noqa: F401
                                                generate_deltas, generation_loss, mark_statistics)
 from dist_awenc.watermark.rehearsal import check_rehearsal, prepare_rehearsal
-from dist_awenc.watermark.secret import AlternativeSecrets, Secret, save_alternatives, save_secret
+from dist_awenc.watermark.secret import (AlternativeSecrets, Secret, alternative_seeds, candidate_seeds,  # noqa: F401
+                                         draw_digest, owner_draw_record, save_alternatives, save_secret)
 from dist_awenc.watermark.transforms import TransformParams, make_transform
 
 
 STATISTICS_IMAGES = 2048  # generation.json's hold-out statistics: the first this many hold-out images (a report, not a test)
 
 
-def alternative_seeds(owner_seed: int, count: int) -> list[int]:
-    """J seeds for the alternative secrets, derived from the owner's and never equal to it."""
-    state = np.random.SeedSequence([int(owner_seed), 0xA17E]).generate_state(count + 1, dtype=np.uint32)
-    return [int(s) for s in state if int(s) != int(owner_seed)][:count]
+class Candidates(NamedTuple):
+    """The J + 1 candidate secrets of stage 1, in seed order (keys and deltas (J+1, 3, S, S))."""
+
+    seeds: list[int]
+    keys: torch.Tensor
+    deltas: torch.Tensor
+    history: list[list[float]]  # each candidate's loss per step
+    key_sources: list[str]
 
 
-def generate_alternatives(encoder: Encoder, pool: Images, g: GenerationSection, owner_seed: int, count: int,
-                          work_dir: Path, chunk: int = 16, *, transform: Optional[Transform],
-                          rehearsal: Optional[Rehearsal] = None) -> AlternativeSecrets:
-    """J alternative secrets by exactly the owner's procedure (key draw + stage 1) with other seeds.
+def generate_candidates(encoder: Encoder, pool: Images, g: GenerationSection, seeds: list[int], work_dir: Path,
+                        chunk: int = 16, *, transform: Optional[Transform],
+                        rehearsal: Optional[Rehearsal] = None) -> Candidates:
+    """One secret per seed by exactly the same procedure (key draw + stage 1): the owner's and the alternatives'.
 
-    ``transform`` is required (None: none) and, like ``rehearsal``, must be the owner's:
-    alternatives made another way would not be exchangeable with the owner's secret.
+    ``transform`` is required (None: none) and, like ``rehearsal``, is the same for every
+    candidate: secrets made another way would not be exchangeable with one another.
 
-    Generated ``chunk`` at a time; each finished chunk is saved under
-    ``work_dir``, so an interrupted run resumes where it stopped.
+    Generated ``chunk`` at a time; each finished chunk is saved under ``work_dir``
+    (with its seeds, checked on reading), so an interrupted run resumes where it stopped.
     """
-    seeds = alternative_seeds(owner_seed, count)
     work_dir.mkdir(parents=True, exist_ok=True)
-    keys_all, deltas_all = [], []
-    for start in range(0, count, chunk):
-        part = seeds[start : start + chunk]
+    keys_all, deltas_all, history, sources = [], [], [], []
+    for start in range(0, len(seeds), chunk):
+        part = [int(s) for s in seeds[start : start + chunk]]
         path = work_dir / f"chunk_{start:06d}_{len(part)}.safetensors"
-        if path.exists():
+        header = _chunk_header(path)
+        if header.get("seeds") == part:
             t = read_state(path)
-            keys, deltas = t["keys"], t["deltas"]
+            keys, deltas, hist, src = t["keys"], t["deltas"], t["history"].tolist(), header["key_sources"]
         else:
-            keys = torch.stack([choose_key(g.key, pool, s)[0] for s in part])
-            deltas, _ = generate_deltas(encoder, pool, keys, part, eps=g.eps, alpha=g.alpha, steps=g.steps,
-                                        step_size=g.step_size, batch_size=g.batch_size, optimizer=g.optimizer,
-                                        desc=f"alternatives {start + len(part)}/{count}", transform=transform,
-                                        rehearsal=rehearsal)
-            save_tensors(path, {"keys": keys, "deltas": deltas})
+            picks = [choose_key(g.key, pool, s) for s in part]
+            keys, src = torch.stack([k for k, _ in picks]), [source for _, source in picks]
+            deltas, hist = generate_deltas(encoder, pool, keys, part, eps=g.eps, alpha=g.alpha, steps=g.steps,
+                                           step_size=g.step_size, batch_size=g.batch_size, optimizer=g.optimizer,
+                                           desc=f"secrets {start + len(part)}/{len(seeds)}", transform=transform,
+                                           rehearsal=rehearsal)
+            save_tensors(path, {"keys": keys, "deltas": deltas, "history": torch.tensor(hist, dtype=torch.float64)},
+                         metadata={"dist_awenc": json.dumps({"seeds": part, "key_sources": src})})
         keys_all.append(keys)
         deltas_all.append(deltas)
-    return AlternativeSecrets(keys=torch.cat(keys_all), deltas=torch.cat(deltas_all), seeds=seeds,
-                              control_seeds=[control_seed_of(s) for s in seeds])
+        history += hist
+        sources += src
+    return Candidates([int(s) for s in seeds], torch.cat(keys_all), torch.cat(deltas_all), history, sources)
+
+
+def _chunk_header(path: Path) -> dict:
+    """A saved chunk's seeds and key sources ({} when there is no readable chunk)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("dist_awenc", "{}"))
+    except (OSError, ValueError, SafetensorError):
+        return {}
 
 
 def _primary(pl) -> dict[str, str]:
@@ -86,7 +105,8 @@ def watermark(cfg: WatermarkConfig) -> Path:
     """Generate the owner's secret on f0 with its verification plan (and the J alternative secrets).
 
     Writes ``secret.safetensors`` + ``secret.json`` and, with ``plan.alternatives`` = J > 0,
-    ``alternatives.safetensors``, whose hash the plan records.
+    ``alternatives.safetensors``, whose hash the plan records with the owner's draw
+    (:func:`~dist_awenc.watermark.secret.check_owner_draw` recomputes it).
     """
     g, pl = cfg.generation, cfg.plan
     n = {"whitebox": pl.n_whitebox, "blackbox_score": pl.n_score, "blackbox_label": pl.n_label,
@@ -111,26 +131,37 @@ def watermark(cfg: WatermarkConfig) -> Path:
     holdout = IndexedImages(dataset, splits["holdout"][:STATISTICS_IMAGES], num_workers=cfg.data.num_workers)
     with open_run(cfg, "watermark") as run_dir:
         rehearsal, rehearsal_record = prepare_rehearsal(encoder, card, cfg, dataset, splits["pretrain"], run_dir / "rehearsal")
-        key, key_source = choose_key(g.key, pool, cfg.run.seed)
-        delta, history = generate_delta(encoder, pool, key, eps=g.eps, alpha=g.alpha, steps=g.steps, step_size=g.step_size,
-                                        batch_size=g.batch_size, optimizer=g.optimizer, seed=cfg.run.seed,
-                                        transform=transform, rehearsal=rehearsal)
-        alt_sha = None
+        draw, alt_sha = None, None
         if pl.alternatives:
-            alt = generate_alternatives(encoder, pool, g, cfg.run.seed, pl.alternatives, run_dir / "alternatives.parts",
-                                        transform=transform, rehearsal=rehearsal)
+            # the owner does not choose the secret: J + 1 candidates are made alike and a digest of all of them
+            # draws the owner's; the others, in order, are the alternatives (METHOD.md, stage 3, item 1)
+            c = generate_candidates(encoder, pool, g, candidate_seeds(cfg.run.seed, pl.alternatives),
+                                    run_dir / "candidates.parts", transform=transform, rehearsal=rehearsal)
+            draw = owner_draw_record(cfg.run.seed, c.seeds, draw_digest(c.seeds, c.keys, c.deltas))
+            i = draw["index"]
+            seed, key, delta = c.seeds[i], c.keys[i].clone(), c.deltas[i].clone()
+            history, key_source = c.history[i], c.key_sources[i]
+            rest = [j for j in range(len(c.seeds)) if j != i]
+            alt = AlternativeSecrets(keys=c.keys[rest], deltas=c.deltas[rest], seeds=[c.seeds[j] for j in rest],
+                                     control_seeds=[control_seed_of(c.seeds[j]) for j in rest])
             alt_sha = save_alternatives(alt, run_dir / "alternatives.safetensors")
+        else:  # plan.alternatives = 0: nothing to draw from, the one secret made with run.seed (no owner_draw in the plan)
+            seed = cfg.run.seed
+            key, key_source = choose_key(g.key, pool, seed)
+            delta, history = generate_delta(encoder, pool, key, eps=g.eps, alpha=g.alpha, steps=g.steps, step_size=g.step_size,
+                                            batch_size=g.batch_size, optimizer=g.optimizer, seed=seed,
+                                            transform=transform, rehearsal=rehearsal)
         plan = make_plan(dataset=cfg.data.name, dataset_size=len(dataset), image_size=cfg.data.image_size,
                          split_seed=cfg.data.split_seed, holdout_indices=splits["holdout"], n=n, alpha=pl.alpha,
                          alternatives=pl.alternatives, alternatives_sha256=alt_sha, primary_mode=pl.primary_mode,
-                         primary=_primary(pl))
+                         primary=_primary(pl), owner_draw=draw)
         meta = {"encoder_sha256": card.get("sha256"), "alpha": g.alpha, "key_source": key_source,
-                "dataset": cfg.data.name, "seed": cfg.run.seed}
+                "dataset": cfg.data.name, "seed": seed}
         if robust.enabled:  # only when on: a secret made without transforms keeps its bytes and hash
             meta["robust"] = robust.record()  # the owner's secret and its alternatives alike
         if rehearsal_record:  # likewise only when on
             meta["rehearsal"] = rehearsal_record
-        secret = Secret(key=key, delta=delta, eps=g.eps, control_seed=control_seed_of(cfg.run.seed), meta=meta, plan=plan)
+        secret = Secret(key=key, delta=delta, eps=g.eps, control_seed=control_seed_of(seed), meta=meta, plan=plan)
         save_secret(secret, run_dir / "secret")
         stats = {**mark_statistics(encoder, holdout, secret), "images": len(holdout)}
         atomic_write_text(run_dir / "generation.json", json.dumps(
@@ -140,7 +171,8 @@ def watermark(cfg: WatermarkConfig) -> Path:
              **({"rehearsal": rehearsal_record} if rehearsal_record else {})}, indent=2))
         info(f"secret {secret.sha256[:12]}  holdout cos(marked, key) {stats['cos_marked_key']:.3f} "
              f"vs control {stats['cos_control_key']:.3f}  -> {run_dir / 'secret.safetensors'}"
-             + (f" (+ {pl.alternatives} alternative secrets)" if pl.alternatives else ""))
+             + (f" (drawn as candidate {draw['index']} of {draw['candidates']}; + {pl.alternatives} alternative secrets)"
+                if draw else ""))
     return run_dir / "secret.safetensors"
 
 

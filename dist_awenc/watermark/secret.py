@@ -9,15 +9,20 @@ publishing it at release commits the owner to the plan.
 
 The J alternative secrets of the secret-permutation test (same f0, same
 procedure, other seeds; never embedded) are one more file,
-``alternatives.safetensors``, whose hash the plan records.
+``alternatives.safetensors``, whose hash the plan records. Stage 1 makes
+J + 1 candidate secrets and draws the owner's among them by a digest of all
+of them (:func:`draw_digest`); the plan records the draw and
+:func:`check_owner_draw` recomputes it from the two files.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -26,6 +31,8 @@ from dist_awenc.files import read_json
 from dist_awenc.errors import ArtifactError, TamperedSecretError
 
 SECRET_FORMAT = "dist_awenc.secret/1"
+DRAW_FORMAT = "dist_awenc.owner_draw/1"
+DRAW_SEEDS_LISTED = 64  # the plan lists the candidates' seeds up to this many; beyond, their derivation alone
 
 
 @dataclass
@@ -244,3 +251,79 @@ def alternatives_path(secret_path: str | Path) -> Path:
     """Where a secret's alternatives live: ``alternatives.safetensors`` beside it."""
     p = Path(secret_path)
     return (p if p.is_dir() else p.parent) / "alternatives.safetensors"
+
+
+# ------------------------------------------------------------------ the owner's draw among J + 1 candidates
+
+
+def alternative_seeds(owner_seed: int, count: int) -> list[int]:
+    """``count`` seeds derived from ``owner_seed`` and never equal to it."""
+    state = np.random.SeedSequence([int(owner_seed), 0xA17E]).generate_state(count + 1, dtype=np.uint32)
+    return [int(s) for s in state if int(s) != int(owner_seed)][:count]
+
+
+def candidate_seeds(run_seed: int, alternatives: int) -> list[int]:
+    """The J + 1 candidate secrets' seeds: ``run_seed`` itself, then ``alternative_seeds(run_seed, J)``."""
+    return [int(run_seed), *alternative_seeds(run_seed, alternatives)]
+
+
+def draw_digest(seeds: Sequence[int], keys: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor]) -> str:
+    """SHA-256 over every candidate in order: its seed, then its key's and its delta's shape and float32 bytes."""
+    if not len(seeds) == len(keys) == len(deltas):
+        raise ArtifactError(f"owner draw: {len(seeds)} seeds, {len(keys)} keys and {len(deltas)} deltas do not match")
+    h = hashlib.sha256(f"{DRAW_FORMAT}|{len(seeds)}|".encode())
+    for seed, key, delta in zip(seeds, keys, deltas):
+        h.update(int(seed).to_bytes(8, "little", signed=True))
+        for t in (key, delta):
+            h.update(f"{tuple(t.shape)}|".encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def drawn_index(digest: str, candidates: int) -> int:
+    """The owner's candidate: the digest, read as an integer, modulo the number of candidates."""
+    return int(digest, 16) % int(candidates)
+
+
+def owner_draw_record(run_seed: int, seeds: Sequence[int], digest: str) -> dict[str, Any]:
+    """The plan's ``owner_draw``: how many candidates, the drawn index, the digest and where the seeds came from."""
+    n = len(seeds)
+    record: dict[str, Any] = {"format": DRAW_FORMAT, "candidates": n, "index": drawn_index(digest, n), "digest": digest,
+                              "run_seed": int(run_seed), "seed_rule": "candidate_seeds(run_seed, candidates - 1)"}
+    if n <= DRAW_SEEDS_LISTED:
+        record["seeds"] = [int(s) for s in seeds]
+    return record
+
+
+def check_owner_draw(secret: Secret, alternatives: Optional[AlternativeSecrets]) -> None:
+    """Recompute the plan's owner draw from the owner's secret and the alternatives; one-line error if it differs.
+
+    The owner is re-inserted among the alternatives at the recorded index; the
+    seeds must be ``candidate_seeds(run_seed, J)`` and the digest of all J + 1
+    candidates must be the recorded one and draw that index. A plan without
+    alternatives has no draw (a single secret) and passes.
+
+    Raises:
+        TamperedSecretError: the files do not give the recorded draw.
+        ArtifactError: the plan has alternatives but records no draw (a secret made before draws).
+    """
+    plan = secret.plan or {}
+    draw = plan.get("owner_draw")
+    if draw is None:
+        if not plan.get("alternatives") and not alternatives:
+            return
+        raise ArtifactError("the secret's plan records no owner draw (made before stage 1 drew the owner's secret "
+                            "among J + 1 candidates), so nothing shows the owner did not choose it")
+    n, i = int(draw["candidates"]), int(draw["index"])
+    j = len(alternatives) if alternatives is not None else 0
+    if j + 1 != n or not 0 <= i < n:
+        raise TamperedSecretError(f"owner draw: the plan drew candidate {i} of {n} but there are {j} alternatives + the owner's")
+    alt = alternatives
+    seeds = [*alt.seeds[:i], int(secret.meta.get("seed", -1)), *alt.seeds[i:]]
+    if seeds != candidate_seeds(draw["run_seed"], n - 1) or draw.get("seeds", seeds) != seeds:
+        raise TamperedSecretError(f"owner draw: the secrets' seeds are not the {n} candidate seeds of run seed "
+                                  f"{draw['run_seed']} in order (owner at index {i})")
+    digest = draw_digest(seeds, [*alt.keys[:i], secret.key, *alt.keys[i:]], [*alt.deltas[:i], secret.delta, *alt.deltas[i:]])
+    if digest != draw["digest"] or drawn_index(digest, n) != i:
+        raise TamperedSecretError(f"owner draw: the {n} candidates digest to {digest[:16]}..., not the plan's "
+                                  f"{str(draw['digest'])[:16]}...; the owner's secret or an alternative was replaced")
