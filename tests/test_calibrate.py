@@ -207,3 +207,77 @@ def test_a_threshold_that_passed_heldout_nulls_never_decides_unless_exploratory(
     assert not (tmp_path / "v_leaky").exists()
     v = _verify(tmp_path, f0, secret, "run.name=v_leaky", f"verify.calibration={cal}", "verify.exploratory=true")
     assert v[0].exploratory and any("held-out null families" in d for d in v[0].plan_deviations)
+
+
+def _synthetic_calibration(path: Path, secret_path, threshold: float = 0.05) -> Path:
+    """A calibration file for ``secret_path``'s conditions: 19 calibration families at tau* 0 .. 0.018, no held-out."""
+    from dist_awenc.data import build_dataset, make_splits
+    from dist_awenc.verify.calibration import CALIBRATION_FORMAT, conditions
+    from dist_awenc.watermark.secret import load_secret
+
+    sec = load_secret(secret_path)
+    ds = build_dataset("digits", image_size=8, seed=0)
+    cond = conditions(secret_sha256=sec.sha256, alpha=1e-3, n=sec.plan["n"], dataset="digits", dataset_size=len(ds),
+                      split_seed=0, holdout_indices=make_splits(len(ds), 0)["holdout"])
+    null = [{"encoder": f"e{i}", "family": f"f{i}", "heldout": False, "tau_star": 0.001 * i} for i in range(19)]
+    path.write_text(json.dumps({"format": CALIBRATION_FORMAT, "conditions": cond,
+                                "modes": {m: {"threshold": threshold, "null": null, "heldout": {
+                                    "false_positive_families": 0, "families": 0, "heldout_fpr_upper_95": None}}
+                                    for m in MODES}}))
+    return path
+
+
+def test_the_sealed_plan_refuses_what_a_verdict_could_be_shopped_over(tmp_path):
+    """Sealed before release: the secret's hash covers the calibration; verify refuses another calibration, a mode that
+    is not the plan's primary for the access, and a hand-set margin, each in one line (or marks it EXPLORATORY in
+    every report); a calibration chosen after release is bound, not sealed, and every verdict says so."""
+    from dist_awenc.evaluate.downstream import save_downstream
+    from dist_awenc.evaluate.probe import DownstreamModel
+    from dist_awenc.encoders.io import load_encoder
+    from dist_awenc.files import sha256_file
+    from dist_awenc.watermark.secret import load_secret, note_release, seal_calibration
+
+    f0, secret = _owner(tmp_path, alternatives=0)
+    before = load_secret(secret).sha256
+    cal = _synthetic_calibration(tmp_path / "cal.json", secret)
+    assert seal_calibration(secret, sha256_file(cal), cal) == "sealed"
+    sealed = load_secret(secret)
+    assert sealed.sha256 != before and sealed.plan["calibration"] == {"sha256": sha256_file(cal), "sealed_from": before}
+    assert seal_calibration(secret, sha256_file(cal), cal) == "kept"  # once sealed, it stays
+
+    v = _verify(tmp_path, f0, secret, "run.name=v_sealed")
+    assert not v[0].exploratory and v[0].calibration_sha256 == sha256_file(cal) and "sealed in the plan" in v[0].threshold_source
+    assert v[0].p_value is not None and v[0].p_floor == pytest.approx(1 / 20) and v[0].image_p is not None
+
+    other = _synthetic_calibration(tmp_path / "other.json", secret, threshold=0.0)
+    refusals = {
+        "swapped calibration": ([f"verify.calibration={other}"], r"instead of the plan's calibration"),
+        "hand-set margin": (["verify.tau_whitebox=0"], r"verify\.tau_whitebox=0 set by hand"),
+    }
+    for what, (extra, message) in refusals.items():
+        with pytest.raises(ConfigError, match="deviates from the secret's plan: .*" + message) as err:
+            _verify(tmp_path, f0, secret, "run.name=v_refused", *extra)
+        assert "\n" not in str(err.value), what
+        assert not (tmp_path / "v_refused").exists(), what
+        v = _verify(tmp_path, f0, secret, f"run.name=v_{what[:4]}", *extra, "verify.exploratory=true")
+        doc = json.loads((tmp_path / f"v_{what[:4]}" / "verdict.json").read_text())
+        assert v[0].exploratory and "EXPLORATORY" in v[0].line() and doc["overall"]["exploratory"] is True, what
+
+    # an unplanned mode as primary: label mode on a model whose probabilities the verifier holds (plan: score)
+    enc, card = load_encoder(f0)
+    model = tmp_path / "pirate" / "model"
+    model.parent.mkdir()
+    save_downstream(DownstreamModel(enc, enc.feature_dim, 10), card, 10, model)
+    with pytest.raises(ConfigError, match="blackbox_label is not the plan's primary mode for probabilities access"):
+        _verify(tmp_path, model.with_suffix(".safetensors"), secret, "run.name=v_label", "verify.mode=blackbox_label")
+    assert _verify(tmp_path, model.with_suffix(".safetensors"), secret, "run.name=v_score",
+                   "verify.mode=blackbox_score")[0].exploratory is False
+
+    # released before calibrating: the calibration is bound in secret.json, the published hash stays valid
+    _, late = _owner(tmp_path / "late", alternatives=0)
+    note_release(late, tmp_path / "late" / "release.safetensors", load_secret(late).sha256)
+    late_cal = _synthetic_calibration(tmp_path / "late_cal.json", late)
+    assert seal_calibration(late, sha256_file(late_cal), late_cal) == "bound"
+    assert "calibration" not in load_secret(late).plan
+    v = _verify(tmp_path / "late", f0, late, "run.name=v_late")
+    assert "chosen after release" in v[0].threshold_source and "after release" in v[0].details["calibration_chosen"]

@@ -29,7 +29,8 @@ from dist_awenc.verify.evidence import start_bundle, write_report
 from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, MODES, Verdict, images_for, overall_verdict,
                                     verify_blackbox_collapse, verify_blackbox_label, verify_blackbox_score,
                                     verify_permutation, verify_whitebox)
-from dist_awenc.watermark.secret import AlternativeSecrets, Secret, alternatives_path, load_alternatives, load_secret
+from dist_awenc.watermark.secret import (AlternativeSecrets, Secret, alternatives_path, check_owner_draw,
+                                        load_alternatives, load_secret)
 
 DEFAULT_ALPHA = 1e-3
 
@@ -210,7 +211,13 @@ def load_plan_alternatives(secret_path: str, secret: Secret) -> Optional[Alterna
     """The plan's alternative secrets (hash-checked), or None when the plan has none."""
     if not secret.plan or not secret.plan.get("alternatives"):
         return None
-    return load_alternatives(alternatives_path(secret_path), expected_sha256=secret.plan.get("alternatives_sha256"))
+    alt = load_alternatives(alternatives_path(secret_path), expected_sha256=secret.plan.get("alternatives_sha256"))
+    if "owner_draw" in secret.plan:
+        check_owner_draw(secret, alt)  # the owner's secret is the one the digest of all J + 1 drew, or refused
+    else:
+        warn("the secret records no owner draw (made before stage 1 drew it among J + 1 candidates): the "
+             "permutation p assumes the owner did not choose it among several")
+    return alt
 
 
 def verify(cfg: VerifyConfig) -> list[Verdict]:
