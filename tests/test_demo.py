@@ -19,8 +19,8 @@ SMALL = [
 def test_demo_smallest_setting_writes_report(tmp_path, capsys):
     assert main(["demo", f"run.out_dir={tmp_path}", *SMALL]) == 0
     out = capsys.readouterr().out
-    assert "| model | test | p-value" in out  # the verdict table is printed
-    assert "alpha = 0.001" in out and "whitebox_permutation" in out
+    assert "| model | test | encoder-level p" in out and "image-level p" in out  # the verdict table is printed
+    assert "alpha = 0.05" in out and "whitebox_permutation" in out  # the demo's alpha, reachable with J = 19
     root = tmp_path / "demo"
     report = json.loads((root / "report.json").read_text())
     assert set(report["utility"]) >= {"clean", "watermarked"}
@@ -34,9 +34,13 @@ def test_demo_smallest_setting_writes_report(tmp_path, capsys):
     assert all(r["alternatives"] == report["plan"]["alternatives"] > 0 for r in perm)
     assert all(r["p_value"] >= 1 / (r["alternatives"] + 1) for r in perm)  # never below its resolution
     assert set(report["overall"]) == {"watermarked", "clean", "independent"}
-    for r in rows:
-        assert 0 <= r["p_value"] <= 1 and isinstance(r["decision"], bool) and r["n"] > 0
-        assert r["decision"] == (r["p_value"] < r["alpha"])
+    for r in rows:  # only encoder-level p-values decide: the uncalibrated margins have none and decide nothing
+        assert isinstance(r["decision"], bool) and r["n"] > 0 and r["alpha"] == 0.05
+        if r["mode"] == "whitebox_permutation":
+            assert 0 < r["p_value"] <= 1 and r["p_floor"] == pytest.approx(0.05) and r["image_p"] is None
+            assert r["decision"] == (r["p_value"] <= r["alpha"]) == report["overall"][r["model"]]["decision"]
+        else:
+            assert r["p_value"] is None and r["decision"] is False and 0 <= r["image_p"] <= 1
     label = [r for r in rows if r["mode"] in ("blackbox_label", "blackbox_collapse")]
     assert all(r["queries"] <= 100 for r in label)
     assert len(report["secret_sha256"]) == 64 and report["seconds"] > 0
@@ -46,5 +50,5 @@ def test_demo_smallest_setting_writes_report(tmp_path, capsys):
     # running it again reuses every complete stage and gives the same verdicts
     assert main(["demo", f"run.out_dir={tmp_path}", *SMALL]) == 0
     again = json.loads((root / "report.json").read_text())
-    assert [r["p_value"] for r in again["verification"]] == [r["p_value"] for r in rows]
+    assert [(r["p_value"], r["image_p"]) for r in again["verification"]] == [(r["p_value"], r["image_p"]) for r in rows]
     assert "reusing complete" in capsys.readouterr().out
