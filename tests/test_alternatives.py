@@ -183,3 +183,31 @@ def test_candidates_resume_from_their_chunks_and_never_from_another_seeds_chunk(
     assert (again.history, again.key_sources, again.seeds) == (first.history, first.key_sources, first.seeds)
     other = generate.generate_candidates(enc, pool, g, [1, 2, 4], tmp_path, chunk=2, transform=None)  # chunk 2 redone
     assert torch.equal(other.deltas[:2], first.deltas[:2]) and not torch.equal(other.deltas[2], first.deltas[2])
+
+
+def test_f0_baselines_are_recorded_and_the_permutation_test_ranks_the_excess_over_them(drawn):
+    """Stage 1 records the clean f0's mean white-box score with every candidate on the plan's hold-out images; the
+    permutation test ranks each secret's score minus that baseline, so on f0 itself every statistic is 0 and the owner
+    ties with all J (p = 1), and the file round-trips the baselines under its hash."""
+    from dist_awenc.verify.core import verify_permutation, whitebox_statistics
+
+    _, _, secret, alt, enc, _ = drawn
+    ds = build_dataset("digits", image_size=8, seed=0)
+    n = secret.plan["n"]["whitebox"]
+    assert alt.baseline_images == n and alt.baselines.shape == (J,)
+    x, _ = ds.get_batch(make_splits(len(ds), 0)["holdout"][:n])
+    want = whitebox_statistics(enc, alt.keys, alt.deltas, alt.controls(), x)
+    torch.testing.assert_close(alt.baselines, torch.from_numpy(want), atol=1e-6, rtol=0)
+    own = whitebox_statistics(enc, secret.key[None], secret.delta[None], secret.control()[None], x)[0]
+    assert alt.owner_baseline == pytest.approx(float(own), abs=1e-6)
+    v = verify_permutation(enc, secret, alt, x)
+    assert v.p_value == 1.0 and abs(v.details["owner_statistic"]) < 1e-6 and "minus the clean f0's" in v.details["statistic"]
+    # another suspect: the same ranking as the plain statistic shifted by each secret's baseline
+    torch.manual_seed(5)
+    other = build_encoder("tiny", {"width": 4, "norm": "group"}, [0.5] * 3, [0.5] * 3, 8)
+    v = verify_permutation(other, secret, alt, x)
+    t_owner = whitebox_statistics(other, secret.key[None], secret.delta[None], secret.control()[None], x)[0]
+    t_alt = whitebox_statistics(other, alt.keys, alt.deltas, alt.controls(), x)
+    s_owner, s_alt = t_owner - alt.owner_baseline, t_alt - alt.baselines.numpy()
+    assert v.p_value == pytest.approx((1 + (s_alt >= s_owner).sum()) / (J + 1))
+    assert v.effect == pytest.approx(float(t_owner))  # the effect stays the plain mean score

@@ -310,13 +310,13 @@ def test_label_verdict_matches_in_process(serve_model, model, images, secret):
     local = verify_blackbox_label(lambda b: model(b).argmax(1), secret, images[:40])
     remote = RemoteModel(url, query_budget=81, batch_size=256)
     via = verify_blackbox_label(remote.predict_label, secret, images[:40])
-    assert via.p_value == local.p_value and via.effect == local.effect
+    assert via.image_p == local.image_p and via.effect == local.effect
     assert via.details == local.details and via.decision == local.decision
 
     local_s = verify_blackbox_score(model.predict_proba, secret, images[:20])
     remote_s = RemoteModel(url, query_budget=60, batch_size=256)
     via_s = verify_blackbox_score(remote_s.predict_proba, secret, images[:20])
-    assert via_s.p_value == pytest.approx(local_s.p_value, rel=1e-6)
+    assert via_s.image_p == pytest.approx(local_s.image_p, rel=1e-6)
     assert remote_s.queries == 60
 
 

@@ -317,4 +317,4 @@ def test_a_timm_vit_is_pretrained_watermarked_embedded_and_verified(tmp_path, no
     card = json.loads(wm.with_suffix(".json").read_text())
     assert card["arch"] == VIT and card["arch_kwargs"] == VIT_KWARGS and card["secret_sha256"]
     verdicts = verify(load_config(VerifyConfig, None, out + ["run.name=v", f"suspect={wm}", f"secret={secret}"]))
-    assert verdicts[0].mode == "whitebox" and verdicts[0].n == 256 and 0 <= verdicts[0].p_value <= 1
+    assert verdicts[0].mode == "whitebox" and verdicts[0].n == 256 and 0 <= verdicts[0].image_p <= 1

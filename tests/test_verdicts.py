@@ -106,6 +106,24 @@ def test_permutation_p_holds_its_level_when_the_suspect_transfers_every_secret()
     assert float(np.mean(p <= alpha)) >= alpha - 3 * math.sqrt(alpha * (1 - alpha) / reps)  # exact
 
 
+def test_the_excess_over_f0_keeps_the_permutation_p_exact_and_sharpens_it():
+    """Ranking each secret's score minus f0's score with it (a fixed function of each secret) keeps the owner's
+    secret exchangeable under H0: the size is alpha. Where some secrets transfer better than others to every encoder
+    (a per-secret quality shared by f0, the suspect and the alternatives), the excess cancels it: a marked suspect's
+    owner z-score rises."""
+    rng = np.random.default_rng(4)
+    alpha, J, reps = 0.05, 19, 4000
+    quality = rng.normal(0.0, 0.03, size=(reps, J + 1))  # how well each secret transfers, column 0 the owner's
+    f0 = 0.06 + quality + rng.normal(0, 0.005, size=(reps, J + 1))
+    null = rng.normal(0.03, 0.01, size=(reps, 1)) + 0.8 * quality + rng.normal(0, 0.01, size=(reps, J + 1))
+    p = np.array([permutation_p(s[0], s[1:]) for s in null - f0])
+    assert abs(float(np.mean(p <= alpha)) - alpha) <= 3 * math.sqrt(alpha * (1 - alpha) / reps)
+    marked = null.copy()
+    marked[:, 0] += 0.04  # the embedded mark answers the owner's secret only
+    z = lambda s: (s[:, 0] - s[:, 1:].mean(1)) / s[:, 1:].std(1, ddof=1)  # noqa: E731
+    assert float(np.median(z(marked - f0))) > 1.5 * float(np.median(z(marked)))
+
+
 def _perm(p: float, J: int, alpha: float) -> Verdict:
     return Verdict(PERMUTATION, p, 0.3, 256, None, alpha, False, "s" * 64, {"alternatives": J}, p_floor=1 / (J + 1))
 

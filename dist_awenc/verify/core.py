@@ -177,15 +177,22 @@ def verify_permutation(encoder: torch.nn.Module, secret: Secret, alternatives: "
     """
     t_owner = float(whitebox_statistics(encoder, secret.key[None], secret.delta[None], secret.control()[None], images)[0])
     t_alt = whitebox_statistics(encoder, alternatives.keys, alternatives.deltas, alternatives.controls(), images)
-    p = permutation_p(t_owner, t_alt)
+    statistic = "mean white-box score s"
+    s_owner, s_alt = t_owner, t_alt
+    if alternatives.baselines is not None:  # each secret's excess over f0's own response to it (recorded at stage 1)
+        s_owner, s_alt = t_owner - alternatives.owner_baseline, t_alt - alternatives.baselines.double().numpy()
+        statistic = (f"mean white-box score s minus the clean f0's with the same secret (recorded at stage 1 on "
+                     f"{alternatives.baseline_images} hold-out images)")
+    p = permutation_p(s_owner, s_alt)
     j = len(t_alt)
-    sd = float(t_alt.std(ddof=1)) if j > 1 else 0.0
+    sd = float(s_alt.std(ddof=1)) if j > 1 else 0.0
     details = {"alternatives": j, "resolution": 1 / (j + 1), "at_resolution_limit": p <= 1 / (j + 1) + 1e-12,
                "can_decide_at_alpha": 1 / (j + 1) <= alpha * (1 + 1e-9),
                "alternatives_needed_for_alpha": max(0, int(np.ceil(1 / alpha - 1e-9)) - 1),
-               "alternatives_max": float(t_alt.max()), "alternatives_mean": float(t_alt.mean()),
-               "alternatives_sd": sd, "owner_z": (t_owner - float(t_alt.mean())) / sd if sd > 0 else None,
-               "alternatives_sha256": alternatives.sha256, "statistic": "mean white-box score s"}
+               "owner_statistic": s_owner, "alternatives_max": float(s_alt.max()),
+               "alternatives_mean": float(s_alt.mean()), "alternatives_sd": sd,
+               "owner_z": (s_owner - float(s_alt.mean())) / sd if sd > 0 else None,
+               "alternatives_sha256": alternatives.sha256, "statistic": statistic}
     return Verdict(PERMUTATION, p, t_owner, len(images), None, alpha, p <= alpha, secret.sha256, details,
                    threshold_source="none: exact permutation test over the alternative secrets",
                    p_source=f"exact permutation test over J={j} alternative secrets", p_floor=1 / (j + 1))

@@ -30,7 +30,8 @@ from dist_awenc.watermark.perturbation import (Rehearsal, Transform, check_gener
                                                generate_deltas, generation_loss, mark_statistics)
 from dist_awenc.watermark.rehearsal import check_rehearsal, prepare_rehearsal
 from dist_awenc.watermark.secret import (AlternativeSecrets, Secret, alternative_seeds, candidate_seeds,  # noqa: F401
-                                         draw_digest, owner_draw_record, save_alternatives, save_secret)
+                                         control_of, draw_digest, owner_draw_record, save_alternatives,
+                                         save_secret)
 from dist_awenc.watermark.transforms import TransformParams, make_transform
 
 
@@ -92,6 +93,20 @@ def _chunk_header(path: Path) -> dict:
         return {}
 
 
+def f0_baselines(encoder: Encoder, c: Candidates, dataset, holdout_indices) -> torch.Tensor:
+    """f0's mean white-box score with every candidate on the plan's white-box hold-out images, (J + 1,) float64.
+
+    The permutation test ranks each secret's excess over f0's response to it: a fixed function of each secret
+    alike, so the owner's is still exchangeable with the alternatives under H0, while the part of a suspect's
+    response that merely follows f0's (some secrets transfer better than others) cancels.
+    """
+    from dist_awenc.verify.core import whitebox_statistics
+
+    images, _ = dataset.get_batch(holdout_indices)
+    controls = torch.stack([control_of(d, control_seed_of(s)) for d, s in zip(c.deltas, c.seeds)])
+    return torch.from_numpy(whitebox_statistics(encoder, c.keys, c.deltas, controls, images))
+
+
 def _primary(pl) -> dict[str, str]:
     return {"weights": "whitebox", "probabilities": pl.primary_probabilities, "labels": pl.primary_labels}
 
@@ -142,8 +157,11 @@ def watermark(cfg: WatermarkConfig) -> Path:
             seed, key, delta = c.seeds[i], c.keys[i].clone(), c.deltas[i].clone()
             history, key_source = c.history[i], c.key_sources[i]
             rest = [j for j in range(len(c.seeds)) if j != i]
+            base = f0_baselines(encoder, c, dataset, splits["holdout"][:pl.n_whitebox])
             alt = AlternativeSecrets(keys=c.keys[rest], deltas=c.deltas[rest], seeds=[c.seeds[j] for j in rest],
-                                     control_seeds=[control_seed_of(c.seeds[j]) for j in rest])
+                                     control_seeds=[control_seed_of(c.seeds[j]) for j in rest],
+                                     baselines=base[rest], owner_baseline=float(base[i]),
+                                     baseline_images=min(pl.n_whitebox, len(splits["holdout"])))
             alt_sha = save_alternatives(alt, run_dir / "alternatives.safetensors")
         else:  # plan.alternatives = 0: nothing to draw from, the one secret made with run.seed (no owner_draw in the plan)
             seed = cfg.run.seed

@@ -97,6 +97,10 @@ class AlternativeSecrets:
 
     ``keys`` and ``deltas`` are (J, 3, S, S); ``seeds[j]`` is the seed that drew
     key j and drove its generation, ``control_seeds[j]`` seeds its control.
+    ``baselines`` (J,) and ``owner_baseline``: the clean f0's mean white-box score
+    with each alternative and with the owner's secret, recorded at stage 1 on the
+    plan's first ``baseline_images`` hold-out images (the permutation test ranks
+    each secret's excess over f0's response to it; None in files made before).
     """
 
     keys: torch.Tensor
@@ -104,6 +108,9 @@ class AlternativeSecrets:
     seeds: list[int]
     control_seeds: list[int]
     sha256: str = ""
+    baselines: Optional[torch.Tensor] = None
+    owner_baseline: Optional[float] = None
+    baseline_images: Optional[int] = None
 
     def __post_init__(self) -> None:
         j = len(self.seeds)
@@ -123,9 +130,14 @@ ALTERNATIVES_FORMAT = "dist_awenc.alternatives/1"
 
 def save_alternatives(alt: AlternativeSecrets, path: str | Path) -> str:
     """Write ``alternatives.safetensors`` atomically; returns (and sets) its SHA-256."""
-    header = json.dumps({"format": ALTERNATIVES_FORMAT, "seeds": list(map(int, alt.seeds)),
-                         "control_seeds": list(map(int, alt.control_seeds))}, sort_keys=True)
-    alt.sha256 = save_tensors(Path(path), {"keys": alt.keys, "deltas": alt.deltas}, metadata={"dist_awenc": header})
+    fields = {"format": ALTERNATIVES_FORMAT, "seeds": list(map(int, alt.seeds)),
+              "control_seeds": list(map(int, alt.control_seeds))}
+    tensors = {"keys": alt.keys, "deltas": alt.deltas}
+    if alt.baselines is not None:
+        fields["baseline_images"] = int(alt.baseline_images)
+        tensors["baselines"] = alt.baselines.to(torch.float64)
+        tensors["owner_baseline"] = torch.tensor([float(alt.owner_baseline)], dtype=torch.float64)
+    alt.sha256 = save_tensors(Path(path), tensors, metadata={"dist_awenc": json.dumps(fields, sort_keys=True)})
     return alt.sha256
 
 
@@ -139,11 +151,16 @@ def load_alternatives(path: str | Path, expected_sha256: str | None = None) -> A
         raise TamperedSecretError(f"{p}: SHA-256 {digest[:16]}... is not the plan's {expected_sha256[:16]}...; "
                                   "the alternative secrets were modified or replaced")
     tensors, header = _tensors_and_header(p)
-    if header.get("format") != ALTERNATIVES_FORMAT or set(tensors) != {"keys", "deltas"}:
+    if header.get("format") != ALTERNATIVES_FORMAT or set(tensors) not in ({"keys", "deltas"},
+                                                                          {"keys", "deltas", "baselines", "owner_baseline"}):
         raise ArtifactError(f"{p}: not a dist_awenc alternatives file (expected tensors keys, deltas and format "
                             f"{ALTERNATIVES_FORMAT})")
+    base = {}
+    if "baselines" in tensors:
+        base = {"baselines": tensors["baselines"], "owner_baseline": float(tensors["owner_baseline"][0]),
+                "baseline_images": int(header.get("baseline_images", 0))}
     return AlternativeSecrets(keys=tensors["keys"], deltas=tensors["deltas"], seeds=header["seeds"],
-                              control_seeds=header["control_seeds"], sha256=digest)
+                              control_seeds=header["control_seeds"], sha256=digest, **base)
 
 
 def save_secret(secret: Secret, path: str | Path) -> str:
