@@ -10,7 +10,8 @@
 # (Debian: apt-get install -y --no-install-recommends slurm-wlm). No munge, no cgroups, no accounting
 # database: auth/none, proctrack/linuxproc, task/none (what works in containers and CI sandboxes).
 # Settings (environment):
-#   AWENC_SLURM_CPUS            CPUs the node offers (default: nproc; may exceed the real cores)
+#   AWENC_SLURM_CPUS            CPUs the node offers (default: nproc; may exceed the real cores: the node's
+#                               configured CPUs override what slurmd detects, SlurmdParameters=config_overrides)
 #   AWENC_SLURM_MAX_ARRAY_SIZE  MaxArraySize (default 1001, SLURM's own default)
 #   AWENC_SLURM_CRED_EXPIRE     seconds a requeued job waits before it may start again (default 5; SLURM: 120)
 #   AWENC_SLURM_PORT            slurmctld port; slurmd uses the next one (default: the first free pair from 6817)
@@ -66,6 +67,7 @@ SchedulerParameters=sched_interval=2,bf_interval=2
 MaxArraySize=${AWENC_SLURM_MAX_ARRAY_SIZE:-1001}
 MinJobAge=600
 KillWait=10
+SlurmdParameters=config_overrides
 NodeName=localhost CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
