@@ -281,3 +281,24 @@ def test_the_sealed_plan_refuses_what_a_verdict_could_be_shopped_over(tmp_path):
     assert "calibration" not in load_secret(late).plan
     v = _verify(tmp_path / "late", f0, late, "run.name=v_late")
     assert "chosen after release" in v[0].threshold_source and "after release" in v[0].details["calibration_chosen"]
+
+
+def test_a_null_is_positive_when_its_test_at_the_threshold_gives_p_at_most_alpha():
+    """The positive call is the test's own p at the threshold, computed directly from the kept trial (no reliance on
+    tau*'s bisection); a trial cached before samples were kept falls back to tau* > threshold."""
+    rng = np.random.default_rng(7)
+    nulls = []
+    for i in range(12):
+        s = rng.normal(0.01 * i, 0.05, size=256)
+        nulls.append(NullEncoder(name=f"e{i}", family=f"e{i}", tau_star={"whitebox": tau_star("whitebox", s, 1e-3)},
+                                 samples={"whitebox": s.tolist()}))
+    for e in nulls:
+        for t in (0.0, e.tau_star["whitebox"] - 1e-4, e.tau_star["whitebox"] + 1e-4, 0.05):
+            direct = mode_test("whitebox", np.asarray(e.samples["whitebox"]), t).p_value <= 1e-3
+            assert e.positive_at("whitebox", t, 1e-3) == direct
+    old = NullEncoder(name="old", family="old", tau_star={"whitebox": 0.02})
+    assert old.positive_at("whitebox", 0.01, 1e-3) and not old.positive_at("whitebox", 0.03, 1e-3)
+    hm, hr = rng.random(49) < 0.7, rng.random(49) < 0.2
+    lab = NullEncoder(name="l", family="l", tau_star={"blackbox_label": tau_star("blackbox_label", (hm, hr), 1e-3)},
+                      samples={"blackbox_label": [hm.astype(int).tolist(), hr.astype(int).tolist()]})
+    assert lab.positive_at("blackbox_label", 0.0, 1e-3) == (mode_test("blackbox_label", (hm, hr), 0.0).p_value <= 1e-3)

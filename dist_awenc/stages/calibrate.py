@@ -24,6 +24,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -254,6 +255,7 @@ def _null_encoder(name: str, path: Path, family: str, secrets: dict[str, Secret]
                                                  for k, model in regrouped.items()]
     stars: dict[str, dict[str, float]] = {}
     effects: dict[str, float] = {}
+    kept: dict[str, Any] = {}
     for sname, secret in secrets.items():
         stars[sname] = {}
         for key_, model in trials:
@@ -262,8 +264,11 @@ def _null_encoder(name: str, path: Path, family: str, secrets: dict[str, Secret]
             stars[sname][key_] = tau_star(key_, samples, ctx["alpha"])
             if sname == "owner":
                 effects[key_] = mode_test(key_, samples, 0.0).effect
+                kept[key_] = ([np.asarray(h).astype(int).tolist() for h in samples] if mode in LABEL_MODES
+                              else np.asarray(samples, dtype=float).tolist())
     others = {m: max((stars[s][m] for s in stars if s != "owner"), default=None) for m, _ in trials}
-    result = NullEncoder(name=name, family=family, tau_star=stars["owner"], tau_star_other_secrets=others, effect=effects)
+    result = NullEncoder(name=name, family=family, tau_star=stars["owner"], tau_star_other_secrets=others, effect=effects,
+                         samples=kept)
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cache, json.dumps({"key": key, "result": asdict(result)}, indent=2))
     return result

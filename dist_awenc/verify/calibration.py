@@ -97,6 +97,17 @@ class NullEncoder:
     tau_star: dict[str, float]
     tau_star_other_secrets: dict[str, float] = field(default_factory=dict)
     effect: dict[str, float] = field(default_factory=dict)
+    # per mode, the owner's-secret trial itself (scores, or [hits_marked, hits_control] as 0/1 lists): whether the
+    # encoder is positive at a threshold is then its test's p there, computed directly
+    samples: dict[str, Any] = field(default_factory=dict)
+
+    def positive_at(self, mode: str, threshold: float, alpha: float) -> bool:
+        """Whether this null encoder's test with the owner's secret gives p <= alpha at margin ``threshold``."""
+        s = self.samples.get(mode)
+        if s is None:  # a trial cached before the samples were kept: tau*'s bisection decides instead
+            return self.tau_star[mode] > threshold
+        data = (np.asarray(s[0], bool), np.asarray(s[1], bool)) if test_mode(mode) in LABEL_MODES else np.asarray(s)
+        return mode_test(mode, data, threshold).p_value <= alpha
 
 
 def split_families(families: list[str], holdout_fraction: float, seed: int) -> set[str]:
@@ -118,7 +129,7 @@ def summarise(nulls: list[NullEncoder], owner: Optional[dict[str, dict]], alpha:
                    key=lambda k: (MODES.index(test_mode(k)), int(k.split("@")[1])))
     for mode in (*MODES, *extra):  # every mode, then the label-only modes per number of classes
         threshold = max(e.tau_star[mode] for e in nulls if e.family not in held) + 1e-6
-        positive = {e.name: e.tau_star[mode] > threshold for e in nulls}  # p < alpha at T exactly when T < tau*
+        positive = {e.name: e.positive_at(mode, threshold, alpha) for e in nulls}  # its test's p at the threshold
         held_fams = sorted(held)
         fam_pos = {f: any(positive[e.name] for e in nulls if e.family == f) for f in held_fams}
         k, m = sum(fam_pos.values()), len(held_fams)
@@ -316,7 +327,8 @@ def markdown(report: dict) -> str:
         lines += ["", f"`blackbox_label@k`, `blackbox_collapse@k`: the label-only modes on the pirate's {lc['task']}-class task regrouped into k classes "
                   "(label y becomes y mod k), each with its own downstream model; `awenc verify verify.classes=k` "
                   "applies that threshold, and without verify.classes the largest of them."]
-    lines += ["", "Held-out null encoders (tau* with the owner's secret; positive when tau* > threshold):", "",
+    lines += ["", "Held-out null encoders (tau* with the owner's secret; positive when its test at the threshold gives "
+              "p <= alpha):", "",
               "| encoder | family | " + " | ".join(f"{m} tau*" for m in report["modes"]) + " | positive |",
               "|---|---|" + "---|" * len(report["modes"]) + "---|"]
     rows = {t["encoder"]: t for t in next(iter(report["modes"].values()))["null"] if t["heldout"]}
