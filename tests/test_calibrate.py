@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_overrides
 from dist_awenc.config import CalibrateConfig, PretrainConfig, VerifyConfig, WatermarkConfig, load_config
@@ -302,3 +303,41 @@ def test_a_null_is_positive_when_its_test_at_the_threshold_gives_p_at_most_alpha
     lab = NullEncoder(name="l", family="l", tau_star={"blackbox_label": tau_star("blackbox_label", (hm, hr), 1e-3)},
                       samples={"blackbox_label": [hm.astype(int).tolist(), hr.astype(int).tolist()]})
     assert lab.positive_at("blackbox_label", 0.0, 1e-3) == (mode_test("blackbox_label", (hm, hr), 0.0).p_value <= 1e-3)
+
+
+def test_imported_third_party_encoders_join_the_null_population(tmp_path):
+    """An owner at scale adds public checkpoints to the null population: ResNet-18 state dicts written by plain
+    torchvision code, imported with `awenc import`, calibrate as families of their own beside the pre-trained ones."""
+    import torchvision
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from dist_awenc.cli import main
+    from dist_awenc.stages.calibrate import calibrate
+
+    f0, secret = _owner(tmp_path, alternatives=0)
+    extras = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = torchvision.models.resnet18(num_classes=10)
+        model.conv1, model.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / f"public{seed}.safetensors"))
+        out = tmp_path / f"public{seed}"
+        assert main(["import", str(tmp_path / f"public{seed}.safetensors"), "--arch", "resnet18", "--stem", "cifar",
+                     "--input-size", "8", "--out", str(out)]) == 0
+        extras.append(str(out))
+    cfg = load_config(CalibrateConfig, None, [
+        f"run.out_dir={tmp_path}", f"secret={secret}", "data.image_size=8", "population.archs=[tiny:8]",
+        "population.methods=[simclr]", "population.seeds=1", "population.attacks=[]", "population.n_secrets=1",
+        "population.label_classes=[]", "population.holdout_fraction=0.34", "population.owner_budget=false",
+        f"population.extra_encoders=[{','.join(extras)}]", "encoder.proj_hidden_dim=32", "encoder.proj_dim=16",
+        "pretrain.batch_size=64", "pretrain.max_steps=3", "probe.epochs=3"])
+    report = calibrate(cfg)
+    saved = json.loads((tmp_path / "calibration" / "calibration.json").read_text())
+    assert saved["population"]["encoders"] == ["simclr_tiny8_group_s0", "extra_public0", "extra_public1"]
+    assert saved["population"]["families"] == 3  # each imported checkpoint is a family of its own
+    fams = {t["encoder"]: t["family"] for t in report["modes"]["whitebox"]["null"]}
+    assert fams["extra_public0"] == "extra_public0" and fams["extra_public1"] == "extra_public1"
+    assert len(report["calibration_families"]) == 2 and len(report["heldout_families"]) == 1
+    cal = load_calibration(tmp_path / "calibration" / "calibration.json")
+    assert len(cal.family_scores("whitebox")) == 2  # the conformal p's m' counts them

@@ -265,3 +265,14 @@ def test_bounds_round_up():
     assert format_bound(0.0001) == "0.001"
     with pytest.raises(ValueError):
         round_up(float("nan"))
+
+
+def test_permutation_ties_within_the_tolerance_count_against_the_owner():
+    """The clean f0 under the excess statistic: every statistic is 0 up to float32 rounding; rounding that puts the
+    owner's a few 1e-9 above must not rank it first (measured: 3.1e-9 above 999 exact zeros gave p = 0.001)."""
+    alts = np.zeros(999)
+    assert permutation_p(3.1e-9, alts) == pytest.approx(0.001)  # without a tolerance: "first"
+    assert permutation_p(3.1e-9, alts, tie=1e-6) == 1.0
+    assert permutation_p(0.0879, np.r_[alts, 0.0837][:999], tie=1e-6) == pytest.approx(0.001)  # a real gap stays
+    with pytest.raises(ValueError, match="tie"):
+        permutation_p(0.1, alts, tie=-1.0)

@@ -22,6 +22,8 @@ from dist_awenc.watermark.secret import AlternativeSecrets, Secret
 MODES = ("whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse")
 LABEL_MODES = ("blackbox_label", "blackbox_collapse")  # top-1 labels only: the paired hit-rate test
 PERMUTATION = "whitebox_permutation"  # the margin-free white-box test (needs the alternative secrets)
+# permutation statistics closer than this to the owner's are ties (float32 rounding of means of cosines is ~1e-8)
+PERMUTATION_TIE = 1e-6
 DEFAULT_N = {"whitebox": 256, "blackbox_score": 100, "blackbox_label": 100, "blackbox_collapse": 100}
 
 
@@ -183,7 +185,7 @@ def verify_permutation(encoder: torch.nn.Module, secret: Secret, alternatives: "
         s_owner, s_alt = t_owner - alternatives.owner_baseline, t_alt - alternatives.baselines.double().numpy()
         statistic = (f"mean white-box score s minus the clean f0's with the same secret (recorded at stage 1 on "
                      f"{alternatives.baseline_images} hold-out images)")
-    p = permutation_p(s_owner, s_alt)
+    p = permutation_p(s_owner, s_alt, tie=PERMUTATION_TIE)
     j = len(t_alt)
     sd = float(s_alt.std(ddof=1)) if j > 1 else 0.0
     details = {"alternatives": j, "resolution": 1 / (j + 1), "at_resolution_limit": p <= 1 / (j + 1) + 1e-12,

@@ -246,7 +246,7 @@ def format_bound(x: float, digits: int = 3) -> str:
     return f"{round_up(x, digits):.{digits}f}"
 
 
-def permutation_p(t_owner: float, t_alternatives: np.ndarray) -> float:
+def permutation_p(t_owner: float, t_alternatives: np.ndarray, tie: float = 0.0) -> float:
     """Exact p-value of the secret-permutation test (METHOD.md, stage 3).
 
     Under H0 the suspect is independent of f0 and of every secret generated on
@@ -254,13 +254,20 @@ def permutation_p(t_owner: float, t_alternatives: np.ndarray) -> float:
     ``p = (1 + #{j : T_j >= T_owner}) / (J + 1)`` is exact (ties count against
     the owner). It is decided with ``p <= alpha``; its resolution is
     ``1 / (J + 1)``, so J = 999 alternatives reach alpha = 1e-3 (p = 1/1000).
+
+    ``tie``: statistics within this of the owner's count as ties (against the owner: p only grows, so the test
+    stays valid). Two computations of one statistic by differently batched float32 kernels differ in the last
+    bits; where every statistic is that close (the clean f0 under the excess-over-f0 statistic: all 0 up to
+    rounding) the rounding must not rank the owner first.
     """
     t = np.asarray(t_alternatives, dtype=np.float64)
     if t.ndim != 1 or len(t) < 1:
         raise ValueError(f"need a 1-d array of at least one alternative statistic, got shape {t.shape}")
     if not np.isfinite(t_owner) or not np.all(np.isfinite(t)):
         raise ValueError("permutation statistics must be finite")
-    return float((1 + np.sum(t >= t_owner)) / (len(t) + 1))
+    if not tie >= 0:
+        raise ValueError(f"tie must be >= 0, got {tie}")
+    return float((1 + np.sum(t >= t_owner - tie)) / (len(t) + 1))
 
 
 def holm(p_values: dict[str, float], alpha: float) -> dict[str, bool]:
