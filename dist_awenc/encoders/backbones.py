@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 from dist_awenc.encoders.registry import register_encoder
@@ -93,6 +92,8 @@ def _resnet(depth: int, stem: str, norm: str) -> nn.Module:
     make_norm = {"batch": nn.BatchNorm2d, "group": lambda c: nn.GroupNorm(32, c)}.get(norm)
     if make_norm is None:
         raise ConfigError(f"resnet norm must be batch or group, not '{norm}'")
+    import torchvision  # here, not at import: it costs a second of start-up (torch._dynamo) to every command
+
     net = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=make_norm)
     if stem == "cifar":  # 3x3 stride-1 stem without max-pool, for 32 px inputs
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from dist_awenc.config_checks import as_count, as_fraction
 from dist_awenc.data.splits import derive_seed
@@ -36,6 +35,8 @@ def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
 
     Shape: (b, 3, S, S) in [0, 1] -> (b, 3, S, S) in [0, 1], same device and dtype.
     """
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg  # not at import: a second of start-up
+
     u8 = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     with warnings.catch_warnings():  # torchvision >= 0.29 flags its image codecs as deprecated in favour of torchcodec
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
