@@ -160,7 +160,7 @@ def collect(out_dir: Path, utility_drop: float, null_path: Optional[str] = None)
         r["accuracy_change"] = r["linear_probe"] - ref
         r["keeps_utility"] = bool(r["accuracy_change"] >= -utility_drop)
     thresholds = _calibrated_thresholds(null_path, rows) if null_path else {}
-    for r in rows:  # p < alpha at margin T exactly when tau* > T: decisions at the calibrated margins
+    for r in rows:  # the calibration's rule: detected when tau* (the largest margin still at p <= alpha) clears T
         for mode, t in thresholds.items():
             r[f"calibrated_{mode}"] = bool(r[f"tau_star_{mode}"] > t)
     rows.sort(key=lambda r: (r["attack"] != "none", r["attack"], r["strength"], r["seed"]))
