@@ -249,7 +249,7 @@ class EmbedConfig:
 class VerifySection:
     mode: str = "whitebox"  # whitebox | blackbox_score | blackbox_label | blackbox_collapse
     n: Optional[int] = None  # None: the secret's plan (256 white-box images, 100 black-box queries by default)
-    alpha: Optional[float] = None  # p-value below which ownership is claimed; None: the plan's (1e-3 by default)
+    alpha: Optional[float] = None  # encoder-level p at or below which ownership is claimed; None: the plan's (1e-3)
     tau_whitebox: float = 0.1
     tau_score: float = 0.1
     tau_label: float = 0.3
@@ -264,6 +264,10 @@ class VerifySection:
     endpoint_retries: int = 3
     endpoint_batch_size: int = 64
     adapter: str = ""  # the API's wire format: a YAML file of configs/adapters/ ("": awenc serve's, = serve.yaml)
+    # score and label modes with the plan's J alternatives: the most queries their exact permutation test may send
+    # beyond the margin test's (each alternative needs its own marked queries; at n = 100: score 1254 at J = 19 and
+    # 65,934 at J = 999, label 1881 and 98,901); over it, the test is not run and says so; 0: never
+    permutation_queries: int = 5000
 
 
 @dataclass

@@ -189,7 +189,7 @@ def test_f0_baselines_are_recorded_and_the_permutation_test_ranks_the_excess_ove
     """Stage 1 records the clean f0's mean white-box score with every candidate on the plan's hold-out images; the
     permutation test ranks each secret's score minus that baseline, so on f0 itself every statistic is 0 and the owner
     ties with all J (p = 1), and the file round-trips the baselines under its hash."""
-    from dist_awenc.verify.core import verify_permutation, whitebox_statistics
+    from dist_awenc.verify.permutation import verify_permutation, whitebox_statistics
 
     _, _, secret, alt, enc, _ = drawn
     ds = build_dataset("digits", image_size=8, seed=0)

@@ -29,19 +29,21 @@ def test_demo_smallest_setting_writes_report(tmp_path, capsys):
     rows = report["verification"]
     assert {(r["model"], r["mode"]) for r in rows} == {
         (m, mode) for m in ("watermarked", "clean", "independent")
-        for mode in ("whitebox", "whitebox_permutation", "blackbox_score", "blackbox_label", "blackbox_collapse")}
-    perm = [r for r in rows if r["mode"] == "whitebox_permutation"]
+        for mode in ("whitebox", "whitebox_permutation", "blackbox_score", "blackbox_score_permutation",
+                     "blackbox_label", "blackbox_label_permutation", "blackbox_collapse")}
+    perm = [r for r in rows if r["mode"].endswith("_permutation")]
     assert all(r["alternatives"] == report["plan"]["alternatives"] > 0 for r in perm)
     assert all(r["p_value"] >= 1 / (r["alternatives"] + 1) for r in perm)  # never below its resolution
     assert set(report["overall"]) == {"watermarked", "clean", "independent"}
+    assert all(set(o) == {"weights", "probabilities", "labels"} for o in report["overall"].values())
     for r in rows:  # only encoder-level p-values decide: the uncalibrated margins have none and decide nothing
         assert isinstance(r["decision"], bool) and r["n"] > 0 and r["alpha"] == 0.05
-        if r["mode"] == "whitebox_permutation":
+        if r["mode"].endswith("_permutation"):  # alone in its access's family: Holm is its own p <= alpha
             assert 0 < r["p_value"] <= 1 and r["p_floor"] == pytest.approx(0.05) and r["image_p"] is None
-            assert r["decision"] == (r["p_value"] <= r["alpha"]) == report["overall"][r["model"]]["decision"]
+            assert r["decision"] == (r["p_value"] <= r["alpha"]) == report["overall"][r["model"]][r["access"]]["decision"]
         else:
             assert r["p_value"] is None and r["decision"] is False and 0 <= r["image_p"] <= 1
-    label = [r for r in rows if r["mode"] in ("blackbox_label", "blackbox_collapse")]
+    label = [r for r in rows if r["mode"] in ("blackbox_label", "blackbox_collapse")]  # the margin tests' budget
     assert all(r["queries"] <= 100 for r in label)
     assert len(report["secret_sha256"]) == 64 and report["seconds"] > 0
     assert (root / "report.md").read_text().startswith("# dist_awenc demo report")

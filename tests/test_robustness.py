@@ -107,7 +107,7 @@ def test_robustness_ranks_each_derivative_by_the_permutation_test(owner, tmp_pat
     utility-keeping derivatives at the test's resolution limit 1/(J+1)."""
     from accelerate.state import AcceleratorState
 
-    from dist_awenc.verify.core import verify_permutation
+    from dist_awenc.verify.permutation import verify_permutation
     from dist_awenc.verify.run import load_plan_alternatives
     from dist_awenc.watermark.generate import watermark
     from dist_awenc.watermark.secret import load_secret

@@ -15,7 +15,8 @@ import pytest
 from scipy import stats
 
 from dist_awenc.verify.calibration import Calibration, label_key, mode_test, tau_star
-from dist_awenc.verify.core import PERMUTATION, Verdict, overall_verdict, round_up
+from dist_awenc.verify.core import Verdict, overall_verdict, round_up
+from dist_awenc.verify.permutation import PERMUTATION
 from dist_awenc.verify.run import calibrated_p
 from dist_awenc.verify.stats import permutation_p, sign_test_critical
 

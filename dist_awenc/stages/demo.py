@@ -80,14 +80,16 @@ def demo(cfg: DemoConfig) -> dict:
     overall: dict[str, dict] = {}
     scores: dict[str, Any] = {}
     for name in ("watermarked", "clean", "independent"):
-        mine: list[Verdict] = []
+        by_access: dict[str, list[Verdict]] = {}
         for mode in MODES:
             suspect = encoders[name][0] if mode == "whitebox" else models[name]
-            mine += verify_model(suspect, secret, holdout, settings[mode], mode, alternatives)
+            by_access.setdefault(ACCESS[mode], []).extend(
+                verify_model(suspect, secret, holdout, settings[mode], mode, alternatives))
             if mode == "whitebox":
                 scores[name] = whitebox_scores(suspect, secret, holdout[: settings[mode].n])
-        overall[name] = overall_verdict(mine, settings["whitebox"].alpha)  # sets each test's decision
-        verdicts += [{"model": name, **_row(v)} for v in mine]
+        # one decision per access a verifier could have (each its own verification): Holm over that access's tests
+        overall[name] = {a: overall_verdict(vs, settings["whitebox"].alpha) for a, vs in by_access.items()}
+        verdicts += [{"model": name, "access": a, **_row(v)} for a, vs in by_access.items() for v in vs]
     report = {"utility": {k: {"linear_probe": v["linear_probe"], "knn": v["knn"]} for k, v in utility.items()},
               "verification": verdicts, "overall": overall, "alpha": settings["whitebox"].alpha,
               "plan": secret.plan, "downstream_test_images": utility["clean"].get("n_test"),
@@ -101,6 +103,12 @@ def demo(cfg: DemoConfig) -> dict:
     print("\n" + table)
     info(f"report -> {root / 'report.json'}, {root / 'report.md'}, {root / 'report.png'}  ({report['seconds']:.0f} s)")
     return report
+
+
+# the access a verifier has decides which tests are one verification: weights (the encoder), the downstream model's
+# probabilities, or its top-1 labels only
+ACCESS = {"whitebox": "weights", "blackbox_score": "probabilities", "blackbox_label": "labels",
+          "blackbox_collapse": "labels"}
 
 
 def _row(v: Verdict) -> dict:
@@ -126,9 +134,10 @@ derived from the owner's encoder*. Two kinds of number appear, and only one deci
   false-positive rate: a universal adversarial perturbation partly transfers to encoders that never
   saw it, and whether an innocent encoder crosses tau is the calibration's question, not this test's.
 
-- **whitebox_permutation** (exact, no margin): the owner's mean score ranked among J = {J} alternative
-  secrets made on the same f0 by the same procedure and never embedded; p = (1 + #alternatives at least
-  as high) / (J + 1) is exact under the null. The demo uses alpha = {alpha:g} because J = {J} gives a
+- **whitebox_permutation**, **blackbox_score_permutation**, **blackbox_label_permutation** (exact, no
+  margin): the owner's statistic ranked among J = {J} alternative secrets made on the same f0 by the same
+  procedure and never embedded; p = (1 + #alternatives at least as high) / (J + 1) is exact under the null.
+  The black-box ones cost queries: each alternative needs its own marked queries. The demo uses alpha = {alpha:g} because J = {J} gives a
   smallest p of {res:.3g}: deciding at alpha = 1e-3 needs J >= {need_1e3} (and {need} here).
 - **margin tests** (whitebox, blackbox_score, blackbox_label, blackbox_collapse) use the margin
   **{tau_src}**; uncalibrated, they have no encoder-level p and decide nothing. `awenc calibrate` gives
@@ -167,9 +176,12 @@ def verdict_table(report: dict) -> str:
             margin = f"{r['threshold']:.4g} ({'calibrated' if r['calibration_sha256'] else 'demo default'})"
         lines.append(f"| {r['model']} | {r['mode']} | {enc} | {image} | {r['effect']:+.4f} | {margin} | "
                      f"{r['n']} | {r['queries']} | {decides} |")
-    lines += ["", "| model | verdict (Holm at alpha = %g over the tests that can reach it) |" % alpha, "|---|---|"]
-    lines += [f"| {k} | {'**ownership evidence**' if o['decision'] else 'no evidence'} "
-              f"({', '.join(o['family']) or 'no test can reach alpha'}) |" for k, o in report["overall"].items()]
+    accesses = list(next(iter(report["overall"].values())))
+    lines += ["", f"Verdicts, one per access a verifier could have (Holm at alpha = {alpha:g} over that access's tests "
+              "that can reach it):", "", "| model | " + " | ".join(accesses) + " |", "|---|" + "---|" * len(accesses)]
+    lines += [f"| {k} | " + " | ".join(f"{'**ownership evidence**' if o[a]['decision'] else 'no evidence'} "
+                                       f"({', '.join(o[a]['family']) or 'no test can reach alpha'})" for a in accesses)
+              + " |" for k, o in report["overall"].items()]
     j = perm["alternatives"] if perm else 0
     lines += ["", EXPLANATION.format(alpha=alpha, J=j, res=1 / (j + 1), need=max(0, round(1 / alpha) - 1),
                                      need_1e3=999, tau_src=wb["threshold_source"])]

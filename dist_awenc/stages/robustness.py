@@ -30,7 +30,8 @@ from dist_awenc.log import info
 from dist_awenc.runs import open_run
 from dist_awenc.stages.calibrate import collect_samples
 from dist_awenc.verify.calibration import load_calibration, mode_test, tau_star
-from dist_awenc.verify.core import MODES, images_for, verify_permutation
+from dist_awenc.verify.core import MODES, images_for
+from dist_awenc.verify.permutation import verify_permutation
 from dist_awenc.verify.run import Settings, load_plan_alternatives, query_images, resolve_settings
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_secret
 

@@ -3,8 +3,8 @@
 Each verdict compares marked queries ``x + delta`` with control queries
 ``x + r`` (``r`` a permutation of delta) and tests, with a margin, that the
 watermark's effect exceeds what any encoder shows (METHOD.md, stage 3). The
-white-box secret-permutation test needs no margin: it ranks the owner's
-statistic among J alternative secrets generated on the same f0.
+secret-permutation tests (:mod:`dist_awenc.verify.permutation`) need no
+margin: they rank the owner's statistic among J alternative secrets.
 """
 from __future__ import annotations
 
@@ -16,14 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dist_awenc.verify.stats import holm, margin_sign_test, paired_proportion_margin, permutation_p, round_up  # noqa: F401
-from dist_awenc.watermark.secret import AlternativeSecrets, Secret
+from dist_awenc.verify.stats import holm, margin_sign_test, paired_proportion_margin, round_up  # noqa: F401
+from dist_awenc.watermark.secret import Secret
 
 MODES = ("whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse")
 LABEL_MODES = ("blackbox_label", "blackbox_collapse")  # top-1 labels only: the paired hit-rate test
-PERMUTATION = "whitebox_permutation"  # the margin-free white-box test (needs the alternative secrets)
-# permutation statistics closer than this to the owner's are ties (float32 rounding of means of cosines is ~1e-8)
-PERMUTATION_TIE = 1e-6
 DEFAULT_N = {"whitebox": 256, "blackbox_score": 100, "blackbox_label": 100, "blackbox_collapse": 100}
 
 
@@ -112,7 +109,7 @@ class Verdict:
             word = "no decision"
         else:
             word = "no evidence"
-        parts = [f"{self.mode:<20}", self.encoder_level()]
+        parts = [f"{self.mode:<26}", self.encoder_level()]
         if self.image_p is not None:
             parts.append(f"image-level p={self.image_p:.3g} at margin {self.threshold:.4g} ({self.threshold_source}; "
                          "strength on this encoder, not a false-positive rate)")
@@ -140,64 +137,6 @@ def whitebox_scores(encoder: torch.nn.Module, secret: Secret, images: torch.Tens
     f_r = _batched(lambda b: encoder(secret.mark_control(b)).float(), x)
     s = F.cosine_similarity(f_m, f_key.expand_as(f_m), dim=1) - F.cosine_similarity(f_r, f_key.expand_as(f_r), dim=1)
     return s.cpu().double().numpy()
-
-
-@torch.no_grad()
-def whitebox_statistics(encoder: torch.nn.Module, keys: torch.Tensor, deltas: torch.Tensor, controls: torch.Tensor,
-                        images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """Mean white-box score ``T_j = mean_i s_ij`` for many secrets at once.
-
-    Args:
-        keys, deltas, controls: (J, 3, S, S) key images, watermarks and control perturbations.
-        images: (n, 3, S, S) hold-out images in [0, 1].
-
-    Returns:
-        (J,) float64: ``mean_i [cos(f(x_i+delta_j), f(k_j)) - cos(f(x_i+r_j), f(k_j))]``.
-    """
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    x = images.to(device)
-    f_keys = F.normalize(_batched(lambda b: encoder(b.to(device)).float(), keys, batch_size), dim=1)  # (J, d)
-    out = []
-    for j in range(len(keys)):
-        marked = lambda b: encoder((b + deltas[j].to(device)).clamp(0, 1)).float()  # noqa: E731
-        control = lambda b: encoder((b + controls[j].to(device)).clamp(0, 1)).float()  # noqa: E731
-        f_m = F.normalize(_batched(marked, x, batch_size), dim=1)
-        f_r = F.normalize(_batched(control, x, batch_size), dim=1)
-        out.append(float(((f_m - f_r) @ f_keys[j]).double().mean()))
-    return np.asarray(out, dtype=np.float64)
-
-
-def verify_permutation(encoder: torch.nn.Module, secret: Secret, alternatives: "AlternativeSecrets",
-                       images: torch.Tensor, *, alpha: float = 1e-3) -> Verdict:
-    """The secret-permutation test: the owner's mean score ranked among J alternative secrets.
-
-    Exact under H0 (the suspect is independent of f0, and so of every secret
-    generated on it) with no margin and no null population; its resolution
-    is ``1 / (J + 1)``; decided at ``p <= alpha``, it can claim ownership at
-    ``alpha`` only when ``J + 1 >= 1 / alpha`` (J = 999 for 1e-3).
-    """
-    t_owner = float(whitebox_statistics(encoder, secret.key[None], secret.delta[None], secret.control()[None], images)[0])
-    t_alt = whitebox_statistics(encoder, alternatives.keys, alternatives.deltas, alternatives.controls(), images)
-    statistic = "mean white-box score s"
-    s_owner, s_alt = t_owner, t_alt
-    if alternatives.baselines is not None:  # each secret's excess over f0's own response to it (recorded at stage 1)
-        s_owner, s_alt = t_owner - alternatives.owner_baseline, t_alt - alternatives.baselines.double().numpy()
-        statistic = (f"mean white-box score s minus the clean f0's with the same secret (recorded at stage 1 on "
-                     f"{alternatives.baseline_images} hold-out images)")
-    p = permutation_p(s_owner, s_alt, tie=PERMUTATION_TIE)
-    j = len(t_alt)
-    sd = float(s_alt.std(ddof=1)) if j > 1 else 0.0
-    details = {"alternatives": j, "resolution": 1 / (j + 1), "at_resolution_limit": p <= 1 / (j + 1) + 1e-12,
-               "can_decide_at_alpha": 1 / (j + 1) <= alpha * (1 + 1e-9),
-               "alternatives_needed_for_alpha": max(0, int(np.ceil(1 / alpha - 1e-9)) - 1),
-               "owner_statistic": s_owner, "alternatives_max": float(s_alt.max()),
-               "alternatives_mean": float(s_alt.mean()), "alternatives_sd": sd,
-               "owner_z": (s_owner - float(s_alt.mean())) / sd if sd > 0 else None,
-               "alternatives_sha256": alternatives.sha256, "statistic": statistic}
-    return Verdict(PERMUTATION, p, t_owner, len(images), None, alpha, p <= alpha, secret.sha256, details,
-                   threshold_source="none: exact permutation test over the alternative secrets",
-                   p_source=f"exact permutation test over J={j} alternative secrets", p_floor=1 / (j + 1))
 
 
 def verify_whitebox(encoder: torch.nn.Module, secret: Secret, images: torch.Tensor, *, tau: float = 0.1,

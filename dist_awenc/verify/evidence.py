@@ -225,6 +225,11 @@ def write_report(run_dir: Path, verdict: dict) -> None:
         f"{verdict.get('image_p'):.6g}" if verdict.get("image_p") is not None else "- image-level p: n/a",
         f"- held-out false-positive bound of the calibration: FPR <= {round_up(bound):.3f} (exact 95% upper bound)"
         if bound is not None else "- held-out false-positive bound: none (no calibration)",
+        *(f"- also: {t['mode']}, encoder-level p = {t['p_value']:.6g} ({t.get('p_source')}; the smallest it could be: "
+          f"{t['p_floor']:.3g}), effect = {t['effect']:+.4f}, {t['details'].get('queries', '?')} queries"
+          for t in (verdict.get("tests") or [])[1:] if t.get("p_value") is not None),
+        f"- decision: Holm at alpha = {verdict['alpha']:g} over "
+        + (", ".join(verdict["overall"]["family"]) or "no test (none can reach alpha)") if verdict.get("overall") else "",
         f"- secret SHA-256: `{verdict['secret_sha256']}`",
         f"- calibration SHA-256: `{cal}` (copy: `{CALIBRATION_COPY}`)" if cal else "- calibration: none",
         f"- query log: `{LOG_NAME}`, {ev['entries']} queries in {ev['exchanges']} exchanges, "

@@ -35,7 +35,8 @@ from dist_awenc.verify.adapter import load_adapter
 from dist_awenc.verify.core import Verdict, images_for, overall_verdict
 from dist_awenc.verify.endpoint import RemoteModel
 from dist_awenc.verify.evidence import BUNDLE_FORMAT, CALIBRATION_COPY, MANIFEST_NAME, QueryLog, plan_sha256
-from dist_awenc.verify.run import Settings, verify_remote
+from dist_awenc.verify.permutation import BLACKBOX_PERMUTATION
+from dist_awenc.verify.run import Settings, load_plan_alternatives, verify_remote
 from dist_awenc.watermark.secret import load_secret
 
 _HEX = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -74,6 +75,19 @@ def _holdout(cfg: VerifyConfig, manifest: dict, image_size: int, k: int) -> Opti
                             f"is not the bundle's ({data.get('size')} images, split seed {data.get('split_seed')})")
     idx = splits_for(len(dataset), cfg.data.split_seed, cfg.data.splits, "replay", "holdout")["holdout"]
     return dataset.get_batch(idx[:k])[0]
+
+
+def _same(v: Verdict, recorded: dict) -> None:
+    """Refuse a recomputed test that differs from its record in verdict.json in anything it reports."""
+    got = json.loads(json.dumps(v.to_dict()))  # as verdict.json holds it (tuples as lists)
+    for key in COMPARED:
+        if got[key] != recorded.get(key):
+            raise ArtifactError(f"replay: {v.mode}'s {key} is {got[key]!r}, verdict.json says {recorded.get(key)!r}; "
+                                "the bundle does not reproduce its verdict")
+    strip = lambda det: {a: b for a, b in det.items() if a != "endpoint"}  # noqa: E731  (query counters differ)
+    if strip(got["details"]) != strip(recorded.get("details") or {}):
+        raise ArtifactError(f"replay: {v.mode}'s details differ from verdict.json's; the bundle does not reproduce "
+                            "its verdict")
 
 
 def replay(bundle: str | Path, overrides: Optional[list[str]] = None, published: Optional[str] = None) -> Verdict:
@@ -127,22 +141,26 @@ def replay(bundle: str | Path, overrides: Optional[list[str]] = None, published:
         holdout = torch.zeros(k, 3, secret.image_size, secret.image_size)
     remote = RemoteModel.replaying(manifest["endpoint"], manifest["endpoint_info"], log, check_images=checked,
                                    adapter=load_adapter(manifest.get("adapter")))
+    recorded_tests = recorded.get("tests") or [recorded]
+    # the permutation test ran beside the margin test: its queries are in the log, after the margin test's
+    alternatives = (load_plan_alternatives(cfg.secret, secret)
+                    if any(t.get("mode") in BLACKBOX_PERMUTATION.values() for t in recorded_tests) else None)
     try:
-        v = verify_remote(remote, secret, holdout, s, mode)
+        verdicts = verify_remote(remote, secret, holdout, s, mode, alternatives)
     except AwencError as e:
         raise type(e)(f"replay: {e}") from None
-    overall_verdict([v], s.alpha)  # the decision, made as verify made it
-    got = json.loads(json.dumps(v.to_dict()))  # as verdict.json holds it (tuples as lists)
-    for key in COMPARED:
-        if got[key] != recorded.get(key):
-            raise ArtifactError(f"replay: {key} is {got[key]!r}, verdict.json says {recorded.get(key)!r}; the "
-                                "bundle does not reproduce its verdict")
-    strip = lambda det: {a: b for a, b in det.items() if a != "endpoint"}  # noqa: E731  (query counters differ)
-    if strip(got["details"]) != strip(recorded.get("details") or {}):
-        raise ArtifactError("replay: the test's details differ from verdict.json's; the bundle does not reproduce "
-                            "its verdict")
-    info(v.line())
+    overall = overall_verdict(verdicts, s.alpha)  # the decision, made as verify made it
+    if overall["decision"] != recorded.get("decision"):
+        raise ArtifactError(f"replay: the decision is {overall['decision']!r}, verdict.json says "
+                            f"{recorded.get('decision')!r}; the bundle does not reproduce its verdict")
+    if len(verdicts) != len(recorded_tests):
+        raise ArtifactError(f"replay: {len(verdicts)} tests, verdict.json records {len(recorded_tests)}; the bundle "
+                            "does not reproduce its verdict")
+    for v, rec in zip(verdicts, recorded_tests):
+        _same(v, rec)
+    for x in verdicts:
+        info(x.line())
     info(f"replay: {len(log)} logged queries reproduce verdict.json exactly (chain {log.head[:16]}..., secret "
          f"{secret.sha256[:16]}..., " + ("queries checked against the hold-out images)" if checked else
                                           "hold-out images unavailable: query hashes not checked)"))
-    return v
+    return verdicts[0]

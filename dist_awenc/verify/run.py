@@ -28,7 +28,9 @@ from dist_awenc.verify import plan as P
 from dist_awenc.verify.evidence import start_bundle, write_report
 from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, MODES, Verdict, images_for, overall_verdict,
                                     verify_blackbox_collapse, verify_blackbox_label, verify_blackbox_score,
-                                    verify_permutation, verify_whitebox)
+                                    verify_whitebox)
+from dist_awenc.verify.permutation import (BLACKBOX_PERMUTATION, permutation_queries, verify_blackbox_permutation,
+                                           verify_permutation)
 from dist_awenc.watermark.secret import (AlternativeSecrets, Secret, alternatives_path, check_owner_draw,
                                         load_alternatives, load_secret)
 
@@ -123,7 +125,8 @@ def query_images(holdout: torch.Tensor, n: int, mode: str) -> torch.Tensor:
 
 def verify_model(model: torch.nn.Module, secret: Secret, holdout: torch.Tensor, s: Settings, mode: str,
                  alternatives: Optional[AlternativeSecrets] = None) -> list[Verdict]:
-    """Verdicts on an in-process suspect: an encoder (white-box: margin + permutation) or a downstream model."""
+    """Verdicts on an in-process suspect: an encoder (white-box: margin + permutation) or a downstream model
+    (black-box: the mode's margin test, and its permutation test when ``alternatives`` are given)."""
     x = query_images(holdout, s.n, mode)
     if mode == "whitebox":
         out = [verify_whitebox(model, secret, x, tau=s.tau, alpha=s.alpha)]
@@ -131,27 +134,52 @@ def verify_model(model: torch.nn.Module, secret: Secret, holdout: torch.Tensor, 
             out.append(verify_permutation(model, secret, alternatives, x, alpha=s.alpha))
         return [s.stamp(v) for v in out]
     model.eval()
-    if mode == "blackbox_score":
-        return [s.stamp(verify_blackbox_score(model.predict_proba, secret, x, tau=s.tau, alpha=s.alpha))]
-    if mode == "blackbox_collapse":
-        return [s.stamp(verify_blackbox_collapse(lambda b: model(b).argmax(1), secret, x, tau=s.tau, alpha=s.alpha,
-                                                 classes=s.classes))]
-    return [s.stamp(verify_blackbox_label(lambda b: model(b).argmax(1), secret, x, tau=s.tau, alpha=s.alpha,
-                                          classes=s.classes))]
+    labels = lambda b: model(b).argmax(1)  # noqa: E731
+    predict = model.predict_proba if mode == "blackbox_score" else labels
+    return _blackbox_verdicts(predict, secret, x, s, mode, alternatives)
 
 
-def verify_remote(remote, secret: Secret, holdout: torch.Tensor, s: Settings, mode: str) -> Verdict:
-    """One black-box verdict on a live prediction API (a :class:`~dist_awenc.verify.endpoint.RemoteModel`)."""
-    x = query_images(holdout, s.n, mode)
+def _blackbox_verdicts(predict, secret: Secret, x: torch.Tensor, s: Settings, mode: str,
+                       alternatives: Optional[AlternativeSecrets]) -> list[Verdict]:
+    """A black-box mode's margin verdict, then its permutation verdict where the alternatives were granted."""
     if mode == "blackbox_score":
-        verdict = verify_blackbox_score(remote.predict_proba, secret, x, tau=s.tau, alpha=s.alpha)
+        out = [verify_blackbox_score(predict, secret, x, tau=s.tau, alpha=s.alpha)]
     elif mode == "blackbox_collapse":
-        verdict = verify_blackbox_collapse(remote.predict_label, secret, x, tau=s.tau, alpha=s.alpha,
-                                           classes=s.classes)
+        out = [verify_blackbox_collapse(predict, secret, x, tau=s.tau, alpha=s.alpha, classes=s.classes)]
     else:
-        verdict = verify_blackbox_label(remote.predict_label, secret, x, tau=s.tau, alpha=s.alpha, classes=s.classes)
-    verdict.details["endpoint"] = remote.summary()
-    return s.stamp(verdict)
+        out = [verify_blackbox_label(predict, secret, x, tau=s.tau, alpha=s.alpha, classes=s.classes)]
+    if alternatives is not None and len(alternatives) and mode in BLACKBOX_PERMUTATION:
+        out.append(verify_blackbox_permutation(mode, predict, secret, alternatives, x, alpha=s.alpha))
+    return [s.stamp(v) for v in out]
+
+
+def verify_remote(remote, secret: Secret, holdout: torch.Tensor, s: Settings, mode: str,
+                  alternatives: Optional[AlternativeSecrets] = None) -> list[Verdict]:
+    """Black-box verdicts on a live prediction API (a :class:`~dist_awenc.verify.endpoint.RemoteModel`)."""
+    x = query_images(holdout, s.n, mode)
+    predict = remote.predict_proba if mode == "blackbox_score" else remote.predict_label
+    verdicts = _blackbox_verdicts(predict, secret, x, s, mode, alternatives)
+    for v in verdicts:
+        v.details["endpoint"] = remote.summary()
+    return verdicts
+
+
+def blackbox_alternatives(alternatives: Optional[AlternativeSecrets], mode: str, n: int,
+                          budget: int) -> tuple[Optional[AlternativeSecrets], int]:
+    """The alternatives a black-box permutation test may use under ``verify.permutation_queries``, and its queries.
+
+    Each alternative needs its own marked queries (the owner's are the margin test's); a test that would send more
+    than the budget is not run (said in one line), and the mode's margin test runs alone.
+    """
+    if alternatives is None or not len(alternatives) or mode not in BLACKBOX_PERMUTATION:
+        return None, 0
+    need = permutation_queries(mode, images_for(mode, n), len(alternatives), beside_margin_test=True)
+    if need > budget:
+        warn(f"{BLACKBOX_PERMUTATION[mode]} not run: it needs {need} queries beyond the margin test's for "
+             f"J = {len(alternatives)} alternatives, over verify.permutation_queries={budget}; raise it to run the "
+             "exact test")
+        return None, 0
+    return alternatives, need
 
 
 def margins_set_by_hand(v: VerifySection) -> tuple[str, ...]:
@@ -249,7 +277,9 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
         adapter = load_adapter(v.adapter)
         # before the API is contacted; whether it answers labels only, its /health says (checked below)
         s = settings("labels" if adapter.probabilities is None else None)
-        remote = RemoteModel(v.endpoint, query_budget=s.n, timeout=v.endpoint_timeout, retries=v.endpoint_retries,
+        alternatives, extra = blackbox_alternatives(load_plan_alternatives(cfg.secret, secret), mode, s.n,
+                                                    v.permutation_queries)
+        remote = RemoteModel(v.endpoint, query_budget=s.n + extra, timeout=v.endpoint_timeout, retries=v.endpoint_retries,
                              batch_size=v.endpoint_batch_size, adapter=adapter)
         card = {"input_size": remote.info.get("input_size", secret.image_size)}  # probes /health
         if adapter.probabilities is not None:  # now the access is known: the plan's primary for it applies
@@ -265,7 +295,10 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
         raise ArtifactError(f"suspect takes {card['input_size']} px inputs but the secret is {secret.image_size} px")
     s = s if remote is not None else settings("weights" if mode == "whitebox" else "probabilities")
     query_images(torch.empty(len(splits["holdout"]), 0), s.n, mode)  # checks n before anything is written
-    alternatives = load_plan_alternatives(cfg.secret, secret) if mode == "whitebox" else None
+    if remote is None:
+        alternatives = load_plan_alternatives(cfg.secret, secret)
+        if mode != "whitebox":
+            alternatives, _ = blackbox_alternatives(alternatives, mode, s.n, v.permutation_queries)
     holdout, _ = dataset.get_batch(splits["holdout"][: images_for(mode, s.n)])
     with open_run(cfg, "verify") as run_dir:
         if remote is not None:
@@ -274,7 +307,7 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
                                       data={"dataset": cfg.data.name, "size": len(dataset),
                                             "split_seed": cfg.data.split_seed},
                                       calibration_path=s.calibration_path, adapter=remote.adapter.record())
-            verdicts = [verify_remote(remote, secret, holdout, s, mode)]
+            verdicts = verify_remote(remote, secret, holdout, s, mode, alternatives)
         else:
             verdicts = verify_model(model, secret, holdout, s, mode, alternatives)
         if remote is None:

@@ -100,7 +100,7 @@ def f0_baselines(encoder: Encoder, c: Candidates, dataset, holdout_indices) -> t
     alike, so the owner's is still exchangeable with the alternatives under H0, while the part of a suspect's
     response that merely follows f0's (some secrets transfer better than others) cancels.
     """
-    from dist_awenc.verify.core import whitebox_statistics
+    from dist_awenc.verify.permutation import whitebox_statistics
 
     images, _ = dataset.get_batch(holdout_indices)
     controls = torch.stack([control_of(d, control_seed_of(s)) for d, s in zip(c.deltas, c.seeds)])

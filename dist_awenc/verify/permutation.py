@@ -1,0 +1,156 @@
+"""The secret-permutation tests: the owner's statistic ranked among J alternative secrets.
+
+Stage 1 generated J + 1 secrets by one procedure on f0 and a draw picked the owner's (METHOD.md, stage 1), so under
+H0 (the suspect is independent of f0, and so of every secret generated on it) the J + 1 statistics measured on the
+same images are exchangeable and the rank of the owner's is uniform: ``p = (1 + #{alternatives >= owner}) / (J + 1)``
+is exact, needs no margin and no null population, and can reach ``alpha`` only when ``J + 1 >= 1 / alpha``.
+
+White-box (an encoder): the mean white-box score, minus the clean f0's response to the same secret where stage 1
+recorded it. Black-box (a model's outputs): the same score or label statistic as the margin tests, per secret; each
+alternative needs its own marked queries, which :func:`permutation_queries` counts before anything is sent.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dist_awenc.verify.core import Verdict, _batched
+from dist_awenc.verify.stats import permutation_p
+from dist_awenc.watermark.secret import AlternativeSecrets, Secret
+
+PERMUTATION = "whitebox_permutation"  # the margin-free white-box test (needs the alternative secrets)
+SCORE_PERMUTATION = "blackbox_score_permutation"  # the same over output probabilities (queries per alternative)
+LABEL_PERMUTATION = "blackbox_label_permutation"  # the same over top-1 labels
+BLACKBOX_PERMUTATION = {"blackbox_score": SCORE_PERMUTATION, "blackbox_label": LABEL_PERMUTATION}
+# permutation statistics closer than this to the owner's are ties (float32 rounding of means of cosines is ~1e-8)
+PERMUTATION_TIE = 1e-6
+
+
+def permutation_queries(mode: str, images: int, alternatives: int, *, beside_margin_test: bool = False) -> int:
+    """Queries a black-box permutation test asks for ``images`` hold-out images and J ``alternatives``.
+
+    Score: g(x) once per image, then g(x + delta_j) and g(x + r_j) for each of the J + 1 secrets. Label: each
+    secret's key once, then x + delta_j and x + r_j. ``beside_margin_test``: only those the mode's margin test has
+    not asked already (its clean, marked and control queries and the owner's key are the owner's secret's here
+    too, and a verification's query log answers a repeated image without sending it again).
+    """
+    secrets = alternatives if beside_margin_test else alternatives + 1
+    if mode == "blackbox_score":
+        return (0 if beside_margin_test else images) + 2 * images * secrets
+    if mode == "blackbox_label":
+        return secrets * (1 + 2 * images)
+    raise ValueError(f"no black-box permutation test for mode '{mode}'; valid: {', '.join(BLACKBOX_PERMUTATION)}")
+
+
+@torch.no_grad()
+def whitebox_statistics(encoder: torch.nn.Module, keys: torch.Tensor, deltas: torch.Tensor, controls: torch.Tensor,
+                        images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Mean white-box score ``T_j = mean_i s_ij`` for many secrets at once.
+
+    Args:
+        keys, deltas, controls: (J, 3, S, S) key images, watermarks and control perturbations.
+        images: (n, 3, S, S) hold-out images in [0, 1].
+
+    Returns:
+        (J,) float64: ``mean_i [cos(f(x_i+delta_j), f(k_j)) - cos(f(x_i+r_j), f(k_j))]``.
+    """
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    x = images.to(device)
+    f_keys = F.normalize(_batched(lambda b: encoder(b.to(device)).float(), keys, batch_size), dim=1)  # (J, d)
+    out = []
+    for j in range(len(keys)):
+        marked = lambda b: encoder((b + deltas[j].to(device)).clamp(0, 1)).float()  # noqa: E731
+        control = lambda b: encoder((b + controls[j].to(device)).clamp(0, 1)).float()  # noqa: E731
+        f_m = F.normalize(_batched(marked, x, batch_size), dim=1)
+        f_r = F.normalize(_batched(control, x, batch_size), dim=1)
+        out.append(float(((f_m - f_r) @ f_keys[j]).double().mean()))
+    return np.asarray(out, dtype=np.float64)
+
+
+def _all_secrets(secret: Secret, alternatives: AlternativeSecrets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys, deltas and controls of the owner's secret (index 0) and the J alternatives."""
+    keys = torch.cat([secret.key[None], alternatives.keys])
+    deltas = torch.cat([secret.delta[None], alternatives.deltas])
+    controls = torch.cat([secret.control()[None], alternatives.controls()])
+    return keys, deltas, controls
+
+
+def _permutation_verdict(mode: str, s_owner: float, s_alt: np.ndarray, effect: float, n: int, secret: Secret,
+                         alternatives: AlternativeSecrets, alpha: float, statistic: str, **extra) -> Verdict:
+    p = permutation_p(s_owner, s_alt, tie=PERMUTATION_TIE)
+    j = len(s_alt)
+    sd = float(s_alt.std(ddof=1)) if j > 1 else 0.0
+    details = {"alternatives": j, "resolution": 1 / (j + 1), "at_resolution_limit": p <= 1 / (j + 1) + 1e-12,
+               "can_decide_at_alpha": 1 / (j + 1) <= alpha * (1 + 1e-9),
+               "alternatives_needed_for_alpha": max(0, int(np.ceil(1 / alpha - 1e-9)) - 1),
+               "owner_statistic": s_owner, "alternatives_max": float(s_alt.max()),
+               "alternatives_mean": float(s_alt.mean()), "alternatives_sd": sd,
+               "owner_z": (s_owner - float(s_alt.mean())) / sd if sd > 0 else None,
+               "alternatives_sha256": alternatives.sha256, "statistic": statistic, **extra}
+    return Verdict(mode, p, effect, n, None, alpha, p <= alpha, secret.sha256, details,
+                   threshold_source="none: exact permutation test over the alternative secrets",
+                   p_source=f"exact permutation test over J={j} alternative secrets", p_floor=1 / (j + 1))
+
+
+def verify_permutation(encoder: torch.nn.Module, secret: Secret, alternatives: AlternativeSecrets,
+                       images: torch.Tensor, *, alpha: float = 1e-3) -> Verdict:
+    """The white-box secret-permutation test: the owner's mean score ranked among J alternative secrets."""
+    t_owner = float(whitebox_statistics(encoder, secret.key[None], secret.delta[None], secret.control()[None], images)[0])
+    t_alt = whitebox_statistics(encoder, alternatives.keys, alternatives.deltas, alternatives.controls(), images)
+    statistic = "mean white-box score s"
+    s_owner, s_alt = t_owner, t_alt
+    if alternatives.baselines is not None:  # each secret's excess over f0's own response to it (recorded at stage 1)
+        s_owner, s_alt = t_owner - alternatives.owner_baseline, t_alt - alternatives.baselines.double().numpy()
+        statistic = (f"mean white-box score s minus the clean f0's with the same secret (recorded at stage 1 on "
+                     f"{alternatives.baseline_images} hold-out images)")
+    return _permutation_verdict(PERMUTATION, s_owner, s_alt, t_owner, len(images), secret, alternatives, alpha,
+                                statistic)
+
+
+@torch.no_grad()
+def blackbox_score_statistics(predict_proba: Callable[[torch.Tensor], torch.Tensor], deltas: torch.Tensor,
+                              controls: torch.Tensor, images: torch.Tensor) -> np.ndarray:
+    """Per secret j: ``mean_i [TV(g(x_i), g(x_i+delta_j)) - TV(g(x_i), g(x_i+r_j))]``; g(x) asked once."""
+    clean = _batched(predict_proba, images).double()
+    tv = lambda a: 0.5 * (clean - a).abs().sum(dim=1)  # noqa: E731
+    out = []
+    for d, r in zip(deltas, controls):
+        p_m = _batched(lambda b: predict_proba((b + d.to(b.device, b.dtype)).clamp(0, 1)), images).double()
+        p_r = _batched(lambda b: predict_proba((b + r.to(b.device, b.dtype)).clamp(0, 1)), images).double()
+        out.append(float((tv(p_m) - tv(p_r)).mean()))
+    return np.asarray(out, dtype=np.float64)
+
+
+@torch.no_grad()
+def blackbox_label_statistics(predict_label: Callable[[torch.Tensor], torch.Tensor], keys: torch.Tensor,
+                              deltas: torch.Tensor, controls: torch.Tensor, images: torch.Tensor) -> np.ndarray:
+    """Per secret j: the share of marked queries answered with key j's label minus the share of control queries."""
+    out = []
+    for k, d, r in zip(keys, deltas, controls):
+        key_label = int(predict_label(k[None])[0])
+        hm = _batched(lambda b: predict_label((b + d.to(b.device, b.dtype)).clamp(0, 1)), images) == key_label
+        hr = _batched(lambda b: predict_label((b + r.to(b.device, b.dtype)).clamp(0, 1)), images) == key_label
+        out.append(float(hm.double().mean() - hr.double().mean()))
+    return np.asarray(out, dtype=np.float64)
+
+
+def verify_blackbox_permutation(mode: str, predict: Callable[[torch.Tensor], torch.Tensor], secret: Secret,
+                                alternatives: AlternativeSecrets, images: torch.Tensor, *,
+                                alpha: float = 1e-3) -> Verdict:
+    """A black-box secret-permutation test: ``predict`` answers probabilities (score) or top-1 labels (label)."""
+    keys, deltas, controls = _all_secrets(secret, alternatives)
+    if mode == "blackbox_score":
+        t = blackbox_score_statistics(predict, deltas, controls, images)
+        statistic = "mean TV(g(x), g(x+delta)) - TV(g(x), g(x+r)) over the queries"
+    elif mode == "blackbox_label":
+        t = blackbox_label_statistics(predict, keys, deltas, controls, images)
+        statistic = "share of marked queries with the key's label minus the share of control queries"
+    else:
+        raise ValueError(f"no black-box permutation test for mode '{mode}'; valid: {', '.join(BLACKBOX_PERMUTATION)}")
+    queries = permutation_queries(mode, len(images), len(alternatives))
+    return _permutation_verdict(BLACKBOX_PERMUTATION[mode], float(t[0]), t[1:], float(t[0]), len(images), secret,
+                                alternatives, alpha, statistic, queries=queries)
