@@ -94,7 +94,8 @@ def write_beton_stage(cfg: BetonConfig) -> Path:
     t0 = time.perf_counter()
     write_beton(dataset, out, indices=indices, mode=cfg.beton.mode, max_resolution=cfg.beton.max_resolution,
                 jpeg_quality=cfg.beton.jpeg_quality, original=cfg.beton.original, num_workers=workers,
-                page_size=cfg.beton.page_size, overwrite=cfg.beton.overwrite, progress=cfg.beton.progress)
+                page_size=cfg.beton.page_size, overwrite=cfg.beton.overwrite, progress=cfg.beton.progress,
+                bad_files=d.bad_files)
     size_mb = out.stat().st_size / 2**20
     info(f"wrote {out} ({n} images, {size_mb:.1f} MiB, {time.perf_counter() - t0:.1f} s)")
     return out
