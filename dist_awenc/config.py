@@ -41,6 +41,10 @@ class DataSection:
     # where JPEG files are decoded with views.crop=decode and the torch loader: cpu (the workers, PIL) or device
     # (the workers read the bytes and the boxes, the training device decodes: nvjpeg on a GPU)
     decode: str = "cpu"
+    # an image file PIL cannot decode (truncated, corrupt): skip (its sample is replaced by the split's next readable
+    # image, the file logged and counted in the run's metrics) | refuse (every file of the split decoded at start,
+    # the first bad one named); PNG, CMYK and grayscale files in a JPEG folder are decoded either way
+    bad_files: str = "skip"
 
 
 @dataclass

@@ -50,9 +50,9 @@ COSMETIC = frozenset({
 ADDED_AT_DEFAULTS = frozenset({"robust", "rehearsal", "shadow", "suspect_card"})
 # Fields added the same way, in whatever section holds them (data.splits: the split every run used before;
 # classes: the dataset's own, or none stated; views.crop: device, how every view was cut before; data.decode: cpu;
-# rehearsal.reference_archs: no references beyond f0's architecture; label_classes is not here: it adds per-class
-# thresholds).
-FIELDS_ADDED_AT_DEFAULTS = frozenset({"splits", "classes", "crop", "decode", "reference_archs"})
+# data.bad_files: skip, which reads every readable file as before; rehearsal.reference_archs: no references beyond
+# f0's architecture; label_classes is not here: it adds per-class thresholds).
+FIELDS_ADDED_AT_DEFAULTS = frozenset({"splits", "classes", "crop", "decode", "bad_files", "reference_archs"})
 # files of a run folder that are no outputs: its config, its status, `awenc submit`'s job folder
 _BOOKKEEPING = ("config.yaml", "status.json", "slurm")
 _ABSENT = "<absent>"

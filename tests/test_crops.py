@@ -218,16 +218,17 @@ def test_decoding_on_the_device_cuts_the_same_views(tmp_path):
     assert (a - b).abs().mean() < 3.0, (a - b).abs().mean()  # levels of 255: PIL's vs torch's bilinear filter
 
 
-def test_decoding_on_the_device_refuses_what_it_cannot_decode(tmp_path):
+def test_decoding_on_the_device_hands_other_files_to_pil_and_refuses_bad_settings(tmp_path):
+    """PNG files are no JPEGs: the workers cut their views with PIL, as data.decode=cpu does (tests/test_bad_files.py
+    covers CMYK, grayscale and broken files)."""
     from PIL import Image
 
     from dist_awenc.config import DataSection
     from dist_awenc.data import TensorImageDataset
-    from dist_awenc.data.decode_views import DeviceDecodeSource
+    from dist_awenc.data.decode_views import DecodeSource, DeviceDecodeSource
     from dist_awenc.data.ffcv import build_source, source_options
     from dist_awenc.data.sampler import GlobalBatchSampler
     from dist_awenc.errors import ConfigError
-    from dist_awenc.data.images import ImageDecodeError
 
     spec = CropSpec(size=8, n_views=2, seed=0)
     (tmp_path / "a").mkdir()
@@ -236,8 +237,9 @@ def test_decoding_on_the_device_refuses_what_it_cannot_decode(tmp_path):
     from dist_awenc.data import build_dataset
 
     ds = build_dataset("imagefolder", root=tmp_path, image_size=8)
-    with pytest.raises(ImageDecodeError, match="decodes JPEG files only; .*[0-9].png' is PNG"):
-        list(DeviceDecodeSource(ds, GlobalBatchSampler(4, 4, seed=0), spec, "cpu").iterate(0, 0))
+    (dev,) = list(DeviceDecodeSource(ds, GlobalBatchSampler(4, 4, seed=0), spec, "cpu").iterate(0, 0))
+    (cpu,) = list(DecodeSource(ds, GlobalBatchSampler(4, 4, seed=0), spec).iterate(0, 0))
+    assert torch.equal(dev.images, cpu.images) and torch.equal(dev.index, cpu.index)
     with pytest.raises(TypeError, match="reads image files; TensorImageDataset holds none"):
         DeviceDecodeSource(TensorImageDataset(torch.rand(4, 3, 8, 8), torch.zeros(4), 1), GlobalBatchSampler(4, 4, seed=0),
                            spec, "cpu")

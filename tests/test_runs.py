@@ -218,3 +218,15 @@ def test_a_pretraining_folder_from_before_views_crop_is_the_same_run_at_device(t
     _folder_from_before(tmp_path, "p", cfg, "views.crop")
     assert config_difference(tmp_path / "p", cfg) is None
     assert config_difference(tmp_path / "p", load_config(PretrainConfig, None, base + ["views.crop=decode"]))[0] == "views.crop"
+
+
+def test_a_folder_from_before_data_bad_files_is_the_same_run_at_skip(tmp_path):
+    """data.bad_files was added at ``skip``, which reads every readable file as before; ``refuse`` is another run."""
+    from dist_awenc.runs import config_difference
+
+    base = [f"run.out_dir={tmp_path}", "run.name=p"]
+    cfg = load_config(PretrainConfig, None, base)
+    _folder_from_before(tmp_path, "p", cfg, "data.bad_files")
+    assert config_difference(tmp_path / "p", cfg) is None
+    refuse = load_config(PretrainConfig, None, base + ["data.bad_files=refuse"])
+    assert config_difference(tmp_path / "p", refuse)[0] == "data.bad_files"

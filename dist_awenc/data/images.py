@@ -27,7 +27,11 @@ class EmptyDatasetError(ValueError):
 
 
 class ImageDecodeError(OSError):
-    """An image file of an on-disk dataset could not be decoded."""
+    """An image file of an on-disk dataset could not be decoded; ``path`` is the file ("" where unknown)."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = str(path)
 
 
 class UnknownDatasetError(KeyError, ValueError):
@@ -158,26 +162,43 @@ class ImageFolderDataset(ImageDataset):
         """:meth:`get_batch` as the decoder's uint8 (b, 3, S, S): a training batch travels to the device in a quarter
         of the bytes and becomes float there (the same values as :meth:`get_batch`)."""
         idx = torch.as_tensor(index, dtype=torch.long)
-        images = torch.stack([_load_uint8(self.samples[int(i)][0], self.image_size) for i in idx.tolist()])
-        return images, self.labels[idx]
+        return torch.stack([self.load_uint8(int(i)) for i in idx.tolist()]), self.labels[idx]
+
+    def load_uint8(self, index: int) -> Tensor:
+        """Item ``index`` decoded and resized to uint8 (3, S, S); :class:`ImageDecodeError` names an unreadable file."""
+        return _load_uint8(self.samples[index][0], self.image_size)
 
     def crop_views(self, index: Sequence[int], boxes_of, size: int) -> Tensor:
         """Decode each file once, cut its boxes from the full-resolution image with PIL (bilinear with PIL's
         reducing filter, as torchvision's ``resized_crop`` on a PIL image): uint8 (b, V, 3, size, size)."""
-        from PIL import Image
-
-        out = []
-        for k, i in enumerate(index):
-            path = self.samples[int(i)][0]
-            try:
-                with Image.open(path) as img:
-                    img = img.convert("RGB")
-                    views = [np.asarray(img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR))
-                             for top, left, h, w in boxes_of(img.height, img.width, k).tolist()]
-            except (OSError, ValueError, SyntaxError) as err:  # PIL's decode failures
-                raise ImageDecodeError(f"cannot decode image file '{path}': {err}") from err
-            out.append(np.stack(views))
+        out = [self.crop_one(int(i), lambda h, w, k=k: boxes_of(h, w, k), size) for k, i in enumerate(index)]
         return torch.from_numpy(np.stack(out)).permute(0, 1, 4, 2, 3)  # channels-last in memory: no copy here
+
+    def crop_one(self, index: int, boxes_of, size: int) -> np.ndarray:
+        """The views of item ``index``: the boxes ``boxes_of(height, width)`` -> (V, 4) of its file, decoded by PIL
+        (any format PIL reads: PNG, CMYK or grayscale JPEG alike) and resized: uint8 (V, size, size, 3)."""
+        return crop_pil(open_rgb(self.samples[index][0]), boxes_of, size)
+
+
+def open_rgb(path: str):
+    """The image file at ``path`` fully decoded to a PIL RGB image; :class:`ImageDecodeError` names an unreadable
+    file (a truncated one included: the whole file is decoded here)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as err:  # PIL's decode failures: OSError, SyntaxError, EOFError, struct.error, ...
+        raise ImageDecodeError(f"cannot decode image file '{path}': {err}", path) from err
+
+
+def crop_pil(img, boxes_of, size: int) -> np.ndarray:
+    """The boxes ``boxes_of(height, width)`` -> (V, 4) ``(top, left, h, w)`` of the PIL image ``img``, each resized
+    to (size, size) bilinear (with PIL's reducing filter): uint8 (V, size, size, 3)."""
+    from PIL import Image
+
+    return np.stack([np.asarray(img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR))
+                     for top, left, h, w in boxes_of(img.height, img.width).tolist()])
 
 
 def _load_uint8(path: str, size: int) -> Tensor:
@@ -185,12 +206,7 @@ def _load_uint8(path: str, size: int) -> Tensor:
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-    except (OSError, ValueError, SyntaxError) as err:  # PIL's decode failures
-        raise ImageDecodeError(f"cannot decode image file '{path}': {err}") from err
-    return pil_to_tensor(img)
+    return pil_to_tensor(open_rgb(path).resize((size, size), Image.BILINEAR))
 
 
 def _load_image(path: str, size: int) -> Tensor:

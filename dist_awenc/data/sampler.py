@@ -11,12 +11,13 @@ would re-shard the already sharded batches.
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .bad_files import BadFileLog, Loaded, Replacement, check_bad_files, first_readable
 from .splits import derive_seed
 
 __all__ = ["GlobalBatchSampler", "IndexedBatch", "IndexedDataset", "collate_indexed", "loader"]
@@ -152,13 +153,16 @@ class IndexedDataset(Dataset):
     Items are ``(image, label, index)``; ``__getitems__`` fetches a whole batch
     at once through the dataset's ``get_batch`` when it has one (bulk tensor
     indexing for in-memory datasets); with ``uint8`` through its ``get_batch_uint8``
-    when it has one (files: the decoder's bytes, made float on the device).
+    when it has one (files: the decoder's bytes, made float on the device). With a ``replacement`` (files, uint8:
+    ``data.bad_files=skip``) an unreadable file's sample is the split's next readable image, and a batch comes as
+    :class:`~dist_awenc.data.bad_files.Loaded` naming the files replaced.
     """
 
-    def __init__(self, dataset: Dataset, uint8: bool = False) -> None:
+    def __init__(self, dataset: Dataset, uint8: bool = False, replacement: Optional[Replacement] = None) -> None:
         self.dataset = dataset
         self.get_batch = getattr(dataset, "get_batch_uint8" if uint8 and hasattr(dataset, "get_batch_uint8")
                                  else "get_batch", None)
+        self.replacement = replacement if uint8 and hasattr(dataset, "load_uint8") else None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -167,17 +171,29 @@ class IndexedDataset(Dataset):
         image, label = self.dataset[index]
         return image, label, index
 
-    def __getitems__(self, indices: list[int]) -> IndexedBatch:
+    def __getitems__(self, indices: list[int]) -> IndexedBatch | Loaded:
+        if self.replacement is not None:
+            return self._replacing(indices)
         index = torch.as_tensor(indices, dtype=torch.long)
         if self.get_batch is not None:
             images, labels = self.get_batch(index)
             return IndexedBatch(images, torch.as_tensor(labels, dtype=torch.long), index)
         return collate_indexed([self[i] for i in indices])
 
+    def _replacing(self, indices: list[int]) -> Loaded:
+        used, images, skipped = [], [], []
+        for i in indices:
+            j, image, bad = first_readable(i, self.dataset.load_uint8, self.replacement)
+            used.append(j)
+            images.append(image)
+            skipped += bad
+        index = torch.as_tensor(used, dtype=torch.long)
+        return Loaded(IndexedBatch(torch.stack(images), self.dataset.labels[index], index), tuple(skipped))
 
-def collate_indexed(items: IndexedBatch | list[tuple[Tensor, int, int]]) -> IndexedBatch:
+
+def collate_indexed(items: IndexedBatch | Loaded | list[tuple[Tensor, int, int]]) -> IndexedBatch | Loaded:
     """Stack ``(image, label, index)`` items into an :class:`IndexedBatch` (pass-through if batched)."""
-    if isinstance(items, IndexedBatch):
+    if isinstance(items, (IndexedBatch, Loaded)):
         return items
     images = torch.stack([it[0] for it in items])
     labels = torch.tensor([int(it[1]) for it in items], dtype=torch.long)
@@ -187,7 +203,7 @@ def collate_indexed(items: IndexedBatch | list[tuple[Tensor, int, int]]) -> Inde
 
 def loader(
     dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int = 0, *, pin_memory: bool = False,
-    uint8: bool = False,
+    uint8: bool = False, replacement: Optional[Replacement] = None,
 ) -> DataLoader:
     """DataLoader over ``dataset`` driven by ``sampler`` (a batch sampler).
 
@@ -198,13 +214,15 @@ def loader(
         num_workers: worker processes for decoding (0: in the main process).
         pin_memory: pin batches for faster host-to-GPU copies.
         uint8: deliver uint8 images where the dataset decodes files (``get_batch_uint8``).
+        replacement: with ``uint8``, replace an unreadable file's sample by the split's next readable image; its
+            batches then come as :class:`~dist_awenc.data.bad_files.Loaded` (a source takes them apart).
 
     Returns:
         A DataLoader yielding :class:`IndexedBatch` ``(images (b,3,S,S),
         labels (b,), index (b,))``.
     """
     return DataLoader(
-        IndexedDataset(dataset, uint8),
+        IndexedDataset(dataset, uint8, replacement),
         batch_sampler=sampler,
         collate_fn=collate_indexed,
         num_workers=num_workers,
@@ -225,21 +243,35 @@ class SamplerSource:
     epochs instead of starting anew; ``pin_memory`` (set for CUDA devices by
     :func:`~dist_awenc.data.ffcv.build_source`) lets the loop's batch copy run non-blocking, and ``uint8``
     (also set there) sends decoded files as uint8, made float32 on the device by the loop.
+
+    ``bad_files`` (``data.bad_files``): ``skip`` replaces the sample of an unreadable image file by the split's next
+    readable image and records it in ``bad_file_log`` (:mod:`dist_awenc.data.bad_files`); ``refuse`` lets the error
+    stop the run (the stage has scanned the files before).
     """
 
     def __init__(self, dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int = 0, *,
-                 pin_memory: bool = False, uint8: bool = False) -> None:
+                 pin_memory: bool = False, uint8: bool = False, bad_files: str = "skip") -> None:
         self.dataset, self.sampler, self.num_workers, self.pin_memory = dataset, sampler, num_workers, pin_memory
         self.uint8 = uint8
+        files = hasattr(dataset, "samples")  # only image files can be unreadable
+        self.replacement = Replacement(sampler.indices) if check_bad_files(bad_files) == "skip" and files else None
+        self.bad_file_log = BadFileLog(sampler.rank) if files else None
         self._loader: DataLoader | None = None
 
     def _make_loader(self) -> DataLoader:
         return loader(self.dataset, self.sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                      uint8=self.uint8)
+                      uint8=self.uint8, replacement=self.replacement)
 
     def iterate(self, epoch: int, start: int) -> Iterator[IndexedBatch]:
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(start)
         if self._loader is None:
             self._loader = self._make_loader()
-        return iter(self._loader)  # persistent workers: resets them onto the sampler's new epoch and start
+        batches = iter(self._loader)  # persistent workers: resets them onto the sampler's new epoch and start
+        if self.bad_file_log is None:  # images held in memory
+            return map(self._finish, batches)
+        return self.bad_file_log.unwrap(batches, epoch, len(self.sampler), self._finish)
+
+    def _finish(self, batch):
+        """What the main process does to a batch the loader delivers (nothing here)."""
+        return batch

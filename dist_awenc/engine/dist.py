@@ -85,6 +85,25 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return y / world_size()
 
 
+def sum_scalar(x: float) -> float:
+    """A number summed over ranks (one small collective); ``x`` on one process."""
+    if not is_dist():
+        return float(x)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    y = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return float(y.item())
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` on one process)."""
+    if not is_dist():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

@@ -22,6 +22,7 @@ from accelerate.utils import DataLoaderConfiguration
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from dist_awenc.data.bad_files import replaced_samples
 from dist_awenc.data.transfer import HostDraw, StepInputs, move_step
 from dist_awenc.engine import dist, precision
 from dist_awenc.engine.tracker import JSONLinesTracker
@@ -314,6 +315,7 @@ def fit(
             metrics = dict(zip(sums, means.tolist()))
             metrics["lr"] = optimizer.param_groups[0]["lr"]
             metrics["epoch"] = (step * s.grad_accum) / batches_per_epoch
+            metrics.update(replaced_samples(source, dist.sum_scalar))  # data.bad_files=skip: samples replaced so far
             accelerator.log(metrics, step=step)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             sums.clear()

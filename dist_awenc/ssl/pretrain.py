@@ -14,6 +14,7 @@ from dist_awenc.data.transfer import HostDraw, StepInputs
 from dist_awenc.data.views import draw_views
 from dist_awenc.encoders.io import Encoder, build_encoder, card_for, save_encoder, save_tensors
 from dist_awenc.encoders.registry import resolve_arch_kwargs
+from dist_awenc.engine.dist import gather_objects
 from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator, prepare_model
 from dist_awenc.engine.optim import build_optimizer
 from dist_awenc.engine.plan import TrainPlan, loop_settings
@@ -101,7 +102,7 @@ def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path
         info(f"pretrain {cfg.ssl.method} {arch} on {cfg.data.name} ({len(indices)} images, {world} process(es), "
              f"{plan.total_steps} steps) -> {run_dir}")
         method = fit(
-            accelerator, method, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, **source_options(cfg.data),
+            accelerator, method, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, gather=gather_objects, **source_options(cfg.data),
                                                 crops=crop_spec(cfg.views, cfg.data.image_size, cfg.run.seed)),
             make_inputs=pretrain_inputs(cfg.views, cfg.run.seed, rank, world),
             lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),

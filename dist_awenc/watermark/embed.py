@@ -32,6 +32,7 @@ from dist_awenc.data import GlobalBatchSampler, ViewConfig, build_dataset, split
 from dist_awenc.data.transfer import HostDraw, StepInputs
 from dist_awenc.data.views import draw_views
 from dist_awenc.encoders.io import Encoder, card_for, load_encoder, read_state, resolve_encoder_path, save_encoder
+from dist_awenc.engine.dist import gather_objects
 from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator, prepare_model
 from dist_awenc.engine.optim import build_optimizer
 from dist_awenc.engine.plan import TrainPlan, loop_settings
@@ -246,7 +247,7 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
              f"{world} process(es), {plan.total_steps} steps"
              + (f", transforms {'/'.join(robust.transforms)}" if robust.enabled else "")
              + (f", shadow student x{cfg.shadow.weight:g}" if shadow is not None else "") + f") -> {run_dir}")
-        task = fit(accelerator, task, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, **source_options(cfg.data)), make_inputs=make_inputs,
+        task = fit(accelerator, task, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, gather=gather_objects, **source_options(cfg.data)), make_inputs=make_inputs,
                    lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
                    settings=loop_settings(cfg.train, run_dir, plan, "embed"), config_yaml=to_yaml(cfg),
                    after_step=lambda m, step: m.after_step(step, plan.total_steps, cfg.shadow.refresh), interrupt_at=interrupt_at)

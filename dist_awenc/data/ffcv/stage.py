@@ -4,13 +4,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from dist_awenc.config import DataSection
 from dist_awenc.errors import ConfigError
+from dist_awenc.data.bad_files import check_bad_files, scan_files
 from dist_awenc.data.crops import CropSpec
 from dist_awenc.data.decode_views import DecodeSource, DeviceDecodeSource
 from dist_awenc.data.sampler import GlobalBatchSampler, SamplerSource
@@ -93,7 +94,8 @@ def write_beton_stage(cfg: BetonConfig) -> Path:
     t0 = time.perf_counter()
     write_beton(dataset, out, indices=indices, mode=cfg.beton.mode, max_resolution=cfg.beton.max_resolution,
                 jpeg_quality=cfg.beton.jpeg_quality, original=cfg.beton.original, num_workers=workers,
-                page_size=cfg.beton.page_size, overwrite=cfg.beton.overwrite, progress=cfg.beton.progress)
+                page_size=cfg.beton.page_size, overwrite=cfg.beton.overwrite, progress=cfg.beton.progress,
+                bad_files=d.bad_files)
     size_mb = out.stat().st_size / 2**20
     info(f"wrote {out} ({n} images, {size_mb:.1f} MiB, {time.perf_counter() - t0:.1f} s)")
     return out
@@ -105,7 +107,8 @@ def write_beton_stage(cfg: BetonConfig) -> Path:
 def source_options(data: DataSection) -> dict:
     """The keyword arguments of :func:`build_source` that a stage's ``data`` section sets."""
     return {"loader": getattr(data, "loader", "torch"), "beton": getattr(data, "beton", None),
-            "image_size": data.image_size, "num_workers": data.num_workers, "decode": getattr(data, "decode", "cpu")}
+            "image_size": data.image_size, "num_workers": data.num_workers, "decode": getattr(data, "decode", "cpu"),
+            "bad_files": getattr(data, "bad_files", "skip")}
 
 
 def build_source(
@@ -120,6 +123,8 @@ def build_source(
     device: str | torch.device = "cpu",
     crops: Optional[CropSpec] = None,
     decode: str = "cpu",
+    bad_files: str = "skip",
+    gather: Optional[Callable[[object], list]] = None,
 ):
     """The batch source a training stage should use.
 
@@ -130,6 +135,10 @@ def build_source(
     ``awenc data write-beton`` with the same ``data`` section and that split does.
     A stage passes its ``data`` section's fields (``data.loader``, ``data.beton``...). With ``crops`` (pre-training
     with ``views.crop=decode``) either loader cuts the views from the original images (batches (b, V, 3, S, S)).
+    ``bad_files`` (:mod:`dist_awenc.data.bad_files`): the torch loaders replace an unreadable file's sample
+    (``skip``), or every file of ``indices`` is decoded here first and a bad one refused (``refuse``; with
+    ``gather``, the engine's all-gather of Python objects, each rank scans its share); a ``.beton`` was checked
+    when written.
 
     Raises:
         ConfigError: unknown loader, no ``beton``, or a file of another split.
@@ -140,6 +149,10 @@ def build_source(
         raise ConfigError(f"data.loader must be one of torch, ffcv, auto; got '{loader}'")
     if decode not in ("cpu", "device"):
         raise ConfigError(f"data.decode must be cpu or device; got '{decode}'")
+    try:
+        check_bad_files(bad_files)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if loader == "auto":
         loader = "ffcv" if beton and ffcv_available() else "torch"
     if decode == "device" and (crops is None or loader != "torch"):
@@ -147,11 +160,14 @@ def build_source(
                           "views.crop=decode and data.loader=torch (FFCV decodes on its own threads)")
     if loader == "torch":
         pin = torch.device(device).type == "cuda"
+        if bad_files == "refuse":
+            scan_files(dataset, indices, num_workers=num_workers, rank=sampler.rank, world=sampler.world_size,
+                       gather=gather)
         if decode == "device":
-            return DeviceDecodeSource(dataset, sampler, crops, device, num_workers, pin_memory=pin)
+            return DeviceDecodeSource(dataset, sampler, crops, device, num_workers, pin_memory=pin, bad_files=bad_files)
         if crops is not None:
-            return DecodeSource(dataset, sampler, crops, num_workers, pin_memory=pin)
-        return SamplerSource(dataset, sampler, num_workers, pin_memory=pin, uint8=True)
+            return DecodeSource(dataset, sampler, crops, num_workers, pin_memory=pin, bad_files=bad_files)
+        return SamplerSource(dataset, sampler, num_workers, pin_memory=pin, uint8=True, bad_files=bad_files)
     if not beton:
         raise ConfigError("data.loader=ffcv needs data.beton=<file.beton> (write it with `awenc data write-beton`)")
     try:

@@ -49,34 +49,38 @@ class _BetonItems:
 
     With ``original=True`` (datasets with ``samples``: ``imagefolder``) the
     image file is read at its own resolution instead of the dataset's resized
-    (S, S) image. A failure is reported to ``errors`` (when set) with the item's
+    (S, S) image; any file PIL reads (a PNG named ``.JPEG``, CMYK and grayscale
+    JPEGs) is stored as RGB, so FFCV's decoder only ever meets its own encoding.
+    With a ``replacement`` (``data.bad_files=skip``) an unreadable file's item
+    holds the split's next readable image and its label (``index`` stays the
+    item's own, so the file still matches its split), and ``(path, reason)`` goes
+    to ``skipped``. A failure is reported to ``errors`` (when set) with the item's
     index before it propagates, so the parent stops the other workers at once.
     """
 
-    def __init__(self, dataset, *, original: bool, errors=None) -> None:
+    def __init__(self, dataset, *, original: bool, errors=None, replacement=None, skipped=None) -> None:
         self.dataset, self.original, self.errors = dataset, original, errors
+        self.replacement, self.skipped = replacement, skipped
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def _image_label(self, index: int) -> tuple[np.ndarray, int]:
         if self.original:
-            from PIL import Image
-
-            from dist_awenc.data.datasets import ImageDecodeError
+            from dist_awenc.data.images import open_rgb
 
             path, label = self.dataset.samples[index]
-            try:
-                with Image.open(path) as img:
-                    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy(), int(label)
-            except (OSError, ValueError, SyntaxError) as err:
-                raise ImageDecodeError(f"cannot decode image file '{path}': {err}") from err
+            return np.asarray(open_rgb(path), dtype=np.uint8).copy(), int(label)
         image, label = self.dataset[index]
         return _to_uint8_hwc(image), int(label)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
+        from dist_awenc.data.bad_files import first_readable
+
         try:
-            image, label = self._image_label(int(index))
+            _, (image, label), bad = first_readable(int(index), self._image_label, self.replacement)
+            for found in bad:
+                self.skipped.put(found)
         except BaseException as err:
             _report(self.errors, err, f"item {int(index)}")
             raise
@@ -237,6 +241,7 @@ def write_beton(
     chunksize: int = 100,
     overwrite: bool = True,
     progress: bool = True,
+    bad_files: str = "refuse",
 ) -> Path:
     """Write ``dataset`` (or the items ``indices`` of it) to an FFCV ``.beton``.
 
@@ -264,6 +269,8 @@ def write_beton(
         chunksize: items per work unit of a writer process.
         overwrite: replace an existing file (it stays untouched if writing fails).
         progress: show a progress bar.
+        bad_files: an image file PIL cannot decode: ``"refuse"`` stops the write naming it; ``"skip"`` stores the
+            split's next readable image (and its label) in its place, logs the file and the count at the end.
 
     Returns:
         The path written.
@@ -281,6 +288,9 @@ def write_beton(
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import MAX_PAGE_SIZE, MIN_PAGE_SIZE
 
+    from dist_awenc.data.bad_files import Replacement, check_bad_files
+
+    check_bad_files(bad_files)
     if mode not in WRITE_MODES:
         raise ValueError(f"mode must be one of {', '.join(WRITE_MODES)}; got {mode!r}")
     if not (isinstance(jpeg_quality, int) and 1 <= jpeg_quality <= 100):
@@ -320,7 +330,7 @@ def write_beton(
         raise FileExistsError(f"'{path}' exists; pass overwrite=True (beton.overwrite=true) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path, ".partial")
-    errors = mp.Queue()
+    errors, skipped = mp.Queue(), mp.Queue()
     writer_cls = _writer_class()
     fields = {
         "image": RGBImageField(write_mode=mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality),
@@ -329,18 +339,40 @@ def write_beton(
     }
     writer = writer_cls(str(tmp), fields, page_size=page_size, num_workers=min(num_workers, len(idx)))
     writer.progress, writer.desc, writer.errors = progress, f"write {path.name}", errors
-    items = _BetonItems(dataset, original=original, errors=errors)
+    items = _BetonItems(dataset, original=original, errors=errors, skipped=skipped,
+                        replacement=Replacement(idx) if bad_files == "skip" else None)
     try:
         writer.from_indexed_dataset(items, indices=idx, chunksize=max(1, int(chunksize)))
         durable_replace(tmp, path)
+        _log_skipped(skipped, path)
     except (MemoryError, ValueError) as err:  # FFCV's allocator: an encoded image larger than a page
         if isinstance(err, ValueError) and "page size" not in str(err):
             raise
         raise BetonWriteError(f"an image does not fit in one {page_size}-byte page; lower max_resolution or "
                               f"raise page_size ({str(err).splitlines()[0]})") from None
     finally:
-        errors.cancel_join_thread()
-        errors.close()
+        for q in (errors, skipped):
+            q.cancel_join_thread()
+            q.close()
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _log_skipped(skipped, path: Path) -> None:
+    """Log each file the writer workers replaced (once) and their count (``bad_files=skip``)."""
+    import queue
+
+    from dist_awenc.data.bad_files import BadFileLog
+
+    log = BadFileLog(who=path.name)
+    while True:
+        try:
+            log.note([skipped.get(timeout=0.1)])
+        except queue.Empty:
+            break
+    if log.replaced:
+        from dist_awenc.log import warn
+
+        warn(f"{path.name}: {log.replaced} item(s) hold the split's next readable image in place of "
+             f"{len(log.seen)} unreadable file(s) named above (data.bad_files=skip)")
