@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from dist_awenc.data.transfer import HostDraw, StepInputs, move_step
 from dist_awenc.engine import dist, precision
+from dist_awenc.engine.describe import record_engine
 from dist_awenc.engine.tracker import JSONLinesTracker
 from dist_awenc.engine.zero import deepspeed_on_cpu, launcher_deepspeed, refuse_lars_under_zero, refuse_zero3
 from dist_awenc.engine.zero import zero_stage  # noqa: F401  (re-exported: callers and tests import it from here)
@@ -249,6 +250,7 @@ def fit(
         precision.norm_statistics_like_weights(model)
     del kept
     start = _resume(accelerator, s.run_dir)
+    record_engine(s.run_dir, accelerator, model, start)  # the engine this run got, read from inside it
     accelerator.init_trackers(s.desc)
     bar = tqdm(total=s.total_steps, initial=start, desc=s.desc, disable=not (s.progress and accelerator.is_main_process),
                dynamic_ncols=True, leave=True)
