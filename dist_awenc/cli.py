@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dist_awenc.engine.preempt import REQUEUE_EXIT, Preempted
 from dist_awenc.errors import AwencError
 
 # dist_awenc.config imports torch (its sections do): it is imported where a stage needs it, so that
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except AwencError as e:
         print(f"awenc {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # a checkpoint was saved on the scheduler's signal: the requeued job resumes there
+        print(f"awenc {args.stage}: {e}", file=sys.stderr)
+        return REQUEUE_EXIT
     except KeyboardInterrupt:
         if args.stage in ("sweep", "submit"):
             print(f"awenc {args.stage}: stopped waiting; submitted jobs go on (awenc sweep status shows them)", file=sys.stderr)

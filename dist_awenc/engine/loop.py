@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from dist_awenc.data.transfer import HostDraw, StepInputs, move_step
 from dist_awenc.engine import dist, precision
 from dist_awenc.engine.describe import record_engine
+from dist_awenc.engine.preempt import Stopper
 from dist_awenc.engine.tracker import JSONLinesTracker
 from dist_awenc.engine.zero import deepspeed_on_cpu, launcher_deepspeed, refuse_lars_under_zero, refuse_zero3
 from dist_awenc.engine.zero import zero_stage  # noqa: F401  (re-exported: callers and tests import it from here)
@@ -216,6 +217,9 @@ def fit(
         interrupt_at: raise :class:`Interrupted` right after the checkpoint of
             this step, as a kill would (tests of resume).
 
+    On a preemption signal (:mod:`~dist_awenc.engine.preempt`) every rank saves a checkpoint at the same step and
+    :class:`~dist_awenc.engine.preempt.Preempted` is raised.
+
     Returns:
         The unwrapped model.
     """
@@ -260,6 +264,7 @@ def fit(
     sums: dict[str, torch.Tensor] = {}  # on device: no host sync per step
     count = 0
     model.train()
+    stopper = Stopper()
     while step < s.total_steps:
         micro0 = step * s.grad_accum
         if it is None or micro0 % batches_per_epoch == 0:
@@ -296,10 +301,17 @@ def fit(
         bar.update(1)
         if step % s.checkpoint_every == 0 or step == s.total_steps:
             _save_checkpoint(accelerator, s, step, config_yaml)
+        if step < s.total_steps and stopper.agreed():  # a preemption signal reached some rank: all stop here
+            if step % s.checkpoint_every:
+                _save_checkpoint(accelerator, s, step, config_yaml)
+            _finish_trackers(accelerator)
+            raise stopper.stopped(step, accelerator.is_main_process, accelerator.wait_for_everyone)
         if interrupt_at is not None and step >= interrupt_at:
+            stopper.close()
             bar.close()
             _finish_trackers(accelerator)
             raise Interrupted(f"interrupted after step {step}")
+    stopper.close()
     bar.close()
     _finish_trackers(accelerator)
     unwrapped = accelerator.unwrap_model(model)
