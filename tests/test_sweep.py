@@ -141,13 +141,19 @@ def test_shipped_sweep_configs_load():
     assert len(sw.expand(cfg)) >= 40  # the demo-scale grid CI sweeps through SLURM
 
 
-def test_stage_job_command_lines():
+def test_stage_job_command_lines(monkeypatch):
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")
     gpu = StageJob("pretrain", "/c.yaml", ["train.epochs=2"], processes_per_node=8, gpus=True, mixed_precision="bf16")
     cmd, env = gpu.command(num_nodes=2, node_rank=1, main_host="node07")
     joined = " ".join(cmd)
     assert env == {}
-    assert "--multi_gpu --num_processes 16 --num_machines 2 --machine_rank 1 --main_process_ip node07" in joined
-    assert joined.endswith("-m dist_awenc pretrain --config /c.yaml train.epochs=2")
+    assert "--multi_gpu --mixed_precision bf16" in joined  # no accelerate config: DDP
+    assert "--num_processes 16 --num_machines 2 --machine_rank 1 --main_process_ip node07" in joined
+    assert joined.endswith("-m dist_awenc pretrain --config /c.yaml train.epochs=2 data.num_workers=3")  # 32 CPUs / 8 - 1
+    ddp = StageJob("pretrain", None, [], processes_per_node=8, gpus=True,
+                     accelerate_config=str(REPO / "configs" / "accelerate" / "8gpu.yaml"))
+    cmd, _ = ddp.command(num_nodes=2, node_rank=0, main_host="node07")
+    assert "--config_file" in cmd and "--multi_gpu" not in cmd and "--mixed_precision" not in cmd  # the config's
     cpu2, env = StageJob("embed", None, [], processes_per_node=2, gpus=False).command(1, 0, "localhost")
     assert env == {"ACCELERATE_USE_CPU": "1"} and "--multi_gpu" in cpu2 and "--cpu" not in cpu2  # 2 real processes
     cpu1, _ = StageJob("embed", None, [], processes_per_node=1, gpus=False).command(1, 0, "localhost")
