@@ -24,10 +24,13 @@ file or an override sets it. On a CPU node the CPUs are the training's threads
 (``--num_cpu_threads_per_process``) and the workers stay as configured.
 
 Preemption: the command runs as a child whose launcher ignores SIGUSR1/SIGUSR2;
-this process forwards SIGUSR1, SIGUSR2 and SIGTERM to every process below it (and
-again every few seconds, for a rank still starting), the training saves at its next
-step boundary (:mod:`dist_awenc.engine.preempt`) and its main process writes
-``$AWENC_REQUEUE_MARK``; this process then exits with 75, the requeue status.
+this process forwards SIGUSR1 or SIGUSR2 as SIGUSR1 to every process below it
+(again every few seconds, for a rank still starting), the training saves at its
+next step boundary on every rank (:mod:`dist_awenc.engine.preempt`) and its main
+process writes ``$AWENC_REQUEUE_MARK``; this process then exits with 75, the
+requeue status. SIGTERM does not end this process before its child: inside SLURM
+every process receives it (the training saves on it too), elsewhere it is passed
+to the launcher.
 
 No torch here: this runs on every node before the training starts.
 """
@@ -188,21 +191,20 @@ def run(cmd: list[str], env: dict[str, str], mark: Optional[str] = None, done: O
     mark = mark or os.environ.get(MARK_ENV) or str(Path.cwd() / f".awenc-requeue-{os.getpid()}")
     if Path(mark).exists():
         Path(mark).unlink()  # a mark from an earlier attempt
-    proc = subprocess.Popen(cmd, env={**os.environ, **env, MARK_ENV: mark}, preexec_fn=launcher_signals)
-    asked: list[int] = []
-
-    def forward(signum: int, frame: Any) -> None:
-        asked.append(signum)
-        signal_tree(proc.pid, signal.SIGUSR1 if signum == signal.SIGUSR2 else signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    asked: list[int] = []  # the handler only records; the loop below forwards (no /proc walk inside a handler)
+    previous = {sig: signal.signal(sig, lambda signum, frame: asked.append(signum)) for sig in FORWARDED}
     try:
-        last = time.monotonic()
+        proc = subprocess.Popen(cmd, env={**os.environ, **env, MARK_ENV: mark}, preexec_fn=launcher_signals)
+        sent, last = 0, 0.0
         while proc.poll() is None:
-            time.sleep(0.2)
-            if asked and time.monotonic() - last > RESEND_S:
-                signal_tree(proc.pid, signal.SIGUSR1)
+            stop = [s for s in asked if s != signal.SIGTERM]
+            if signal.SIGTERM in asked[sent:] and not os.environ.get("SLURM_JOB_ID"):
+                proc.terminate()  # (SLURM sends SIGTERM to every process itself: the training saves on it there)
+            if stop and (len(asked) > sent or time.monotonic() - last > RESEND_S):
+                signal_tree(proc.pid, signal.SIGUSR1)  # SIGUSR2 (submitit's) as SIGUSR1; again for a rank still starting
                 last = time.monotonic()
+            sent = len(asked)
+            time.sleep(0.2)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
