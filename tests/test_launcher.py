@@ -87,7 +87,7 @@ def test_without_a_config_several_processes_run_ddp_and_one_cpu_process_runs_alo
     assert "--cpu" in cpu1 and "--multi_gpu" not in cpu1
 
 
-def test_loader_workers_come_from_the_cpus_unless_the_stage_sets_them(tmp_path):
+def test_loader_workers_come_from_the_cpus_unless_the_stage_sets_them(tmp_path, capsys):
     assert [loader_workers(c, 8) for c in (8, 16, 32, 96)] == [0, 1, 3, 11]
     assert loader_workers(4, 1) == 3
     cfg = tmp_path / "c.yaml"
@@ -96,6 +96,7 @@ def test_loader_workers_come_from_the_cpus_unless_the_stage_sets_them(tmp_path):
                        ["pretrain", "data.num_workers=2"]):
         cmd, _ = launch_command(stage_args, processes_per_node=8, gpus=8, cpus=32)
         assert cmd[-len(stage_args):] == stage_args, cmd  # nothing appended
+    assert "data.num_workers=5 x 8 process(es) needs 48 CPUs; this node has 32" in capsys.readouterr().err
     cmd, _ = launch_command(["pretrain", "train.epochs=2"], processes_per_node=8, gpus=8, cpus=32)
     assert cmd[-1] == "data.num_workers=3"
 

@@ -91,20 +91,22 @@ def loader_workers(cpus: int, processes_per_node: int) -> int:
     return max(0, cpus // max(1, processes_per_node) - 1)
 
 
-def sets_num_workers(stage_args: list[str]) -> bool:
-    """Whether the stage's arguments set ``data.num_workers``: an override, or the ``--config`` file's data section."""
-    if any(a.startswith("data.num_workers=") for a in stage_args):
-        return True
+def configured_workers(stage_args: list[str]) -> Optional[str]:
+    """``data.num_workers`` as the stage's arguments set it (the last override, else the ``--config`` file's data
+    section), or None where they leave it."""
+    overrides = [a.split("=", 1)[1] for a in stage_args if a.startswith("data.num_workers=")]
+    if overrides:
+        return overrides[-1]
     config = next((stage_args[i + 1] for i, a in enumerate(stage_args[:-1]) if a == "--config"), None)
     config = config or next((a.split("=", 1)[1] for a in stage_args if a.startswith("--config=")), None)
     if not config:
-        return False
+        return None
     try:
         doc = yaml.safe_load(Path(config).read_text())
     except (OSError, yaml.YAMLError):
-        return False  # the stage itself reports an unreadable config, naming it
+        return None  # the stage itself reports an unreadable config, naming it
     data = doc.get("data") if isinstance(doc, dict) else None
-    return isinstance(data, dict) and "num_workers" in data
+    return str(data["num_workers"]) if isinstance(data, dict) and "num_workers" in data else None
 
 
 def launch_command(stage_args: list[str], *, num_machines: int = 1, machine_rank: int = 0, processes_per_node: int = 1,
@@ -144,9 +146,13 @@ def launch_command(stage_args: list[str], *, num_machines: int = 1, machine_rank
     cpus = cpus or os.cpu_count() or 1
     if not gpus:  # Accelerate's default (2 threads, or every core) oversubscribes small CPU allocations badly
         cmd += ["--num_cpu_threads_per_process", str(max(1, cpus // processes_per_node))]
-    args = list(stage_args)
-    if gpus and not sets_num_workers(args):
+    args, workers = list(stage_args), configured_workers(stage_args)
+    if gpus and workers is None:
         args.append(f"data.num_workers={loader_workers(cpus, processes_per_node)}")
+    elif gpus and workers.isdigit() and (int(workers) + 1) * processes_per_node > cpus:
+        print(f"awenc launch: warning: data.num_workers={workers} x {processes_per_node} process(es) needs "
+              f"{(int(workers) + 1) * processes_per_node} CPUs; this node has {cpus} (loader workers would share them)",
+              file=sys.stderr, flush=True)
     return cmd + ["-m", "dist_awenc", *args], env
 
 
