@@ -205,6 +205,7 @@ def test_each_shipped_accelerate_config_runs_the_engine_it_names(name, tmp_path)
     (got,) = _engine(tmp_path / "run")
     assert (got["distributed_type"], got["zero_stage"], got["num_processes"], got["num_machines"]) == ENGINES[name]
     assert got["device"] == "cpu" and got["backend"] == (None if procs == 1 else "gloo")
+    assert got["launcher_deepspeed_config"] == (f"configs/deepspeed/zero{zero}.json" if zero else None)
     assert "".join(logs).count(f"engine: {kind}") == 1  # the global rank 0 logs it (c10d ranks machines as they join)
     assert (tmp_path / "run" / "encoder.safetensors").exists()
 

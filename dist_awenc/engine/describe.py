@@ -24,7 +24,7 @@ ENGINE_FILE = "engine.json"
 def describe_engine(accelerator: Any, model: torch.nn.Module) -> dict[str, Any]:
     """The engine of a prepared ``model``: ``distributed_type`` (NO, MULTI_CPU, MULTI_GPU, DEEPSPEED...),
     ``zero_stage`` (None without DeepSpeed), ``num_processes``, ``num_machines``, ``device``, ``backend``,
-    ``mixed_precision``, and where the DeepSpeed config came from."""
+    ``mixed_precision``, the DeepSpeed JSON a launcher config named, and the launcher (torchrun or none)."""
     import torch.distributed as tdist
 
     plugin = accelerator.state.deepspeed_plugin
@@ -41,7 +41,8 @@ def describe_engine(accelerator: Any, model: torch.nn.Module) -> dict[str, Any]:
     return {
         "distributed_type": str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)),
         "zero_stage": zero,
-        "deepspeed_config": os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if plugin is not None else None,
+        # the DeepSpeed JSON the launcher's config named (None under train.deepspeed, which the run's config records)
+        "launcher_deepspeed_config": os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if plugin is not None else None,
         "num_processes": world,
         "num_machines": max(1, world // max(1, local)),
         "device": accelerator.device.type,
