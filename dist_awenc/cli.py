@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dist_awenc.engine.preempt import REQUEUE_EXIT, Preempted
 from dist_awenc.errors import AwencError
 
 # dist_awenc.config imports torch (its sections do): it is imported where a stage needs it, so that
@@ -69,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--partition", default="")
         t.add_argument("--cpus-per-task", type=int, default=8, help="CPUs per node")
         t.add_argument("--mem-gb", type=float, default=32.0, help="memory per node")
-        t.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
-        t.add_argument("--accelerate-config", help="an accelerate config file (configs/accelerate/)")
+        t.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
+                       help="default: the accelerate config's; without one, bf16 with GPUs, else no")
+        t.add_argument("--accelerate-config", help="an accelerate config file (configs/accelerate/): it decides the "
+                       "engine (DDP, ZeRO-1, ZeRO-2); default: DDP over the processes")
         t.add_argument("--wait", action="store_true", help="wait until the run folder is complete or the job failed")
         t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides of the stage config")
     data = sub.add_parser("data", help="dataset tools: write-beton (FFCV .beton files)", description="dataset tools")
@@ -196,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except AwencError as e:
         print(f"awenc {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # a checkpoint was saved on the scheduler's signal: the requeued job resumes there
+        print(f"awenc {args.stage}: {e}", file=sys.stderr)
+        return REQUEUE_EXIT
     except KeyboardInterrupt:
         if args.stage in ("sweep", "submit"):
             print(f"awenc {args.stage}: stopped waiting; submitted jobs go on (awenc sweep status shows them)", file=sys.stderr)

@@ -53,8 +53,8 @@ ADDED_AT_DEFAULTS = frozenset({"robust", "rehearsal", "shadow", "suspect_card"})
 # data.bad_files: skip, which reads every readable file as before; rehearsal.reference_archs: no references beyond
 # f0's architecture; label_classes is not here: it adds per-class thresholds).
 FIELDS_ADDED_AT_DEFAULTS = frozenset({"splits", "classes", "crop", "decode", "bad_files", "reference_archs"})
-# files of a run folder that are no outputs: its config, its status, `awenc submit`'s job folder
-_BOOKKEEPING = ("config.yaml", "status.json", "slurm")
+# files of a run folder that are no outputs: its config, its status, `awenc submit`'s job folder, the engine record
+_BOOKKEEPING = ("config.yaml", "status.json", "slurm", "engine.json")
 _ABSENT = "<absent>"
 
 

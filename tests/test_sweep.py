@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, weights
 from dist_awenc.config import CalibrateConfig, PretrainConfig, WatermarkConfig, load_config
 from dist_awenc.errors import ConfigError
 from dist_awenc.launch import sweep as sw
@@ -141,13 +141,19 @@ def test_shipped_sweep_configs_load():
     assert len(sw.expand(cfg)) >= 40  # the demo-scale grid CI sweeps through SLURM
 
 
-def test_stage_job_command_lines():
+def test_stage_job_command_lines(monkeypatch):
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")
     gpu = StageJob("pretrain", "/c.yaml", ["train.epochs=2"], processes_per_node=8, gpus=True, mixed_precision="bf16")
     cmd, env = gpu.command(num_nodes=2, node_rank=1, main_host="node07")
     joined = " ".join(cmd)
     assert env == {}
-    assert "--multi_gpu --num_processes 16 --num_machines 2 --machine_rank 1 --main_process_ip node07" in joined
-    assert joined.endswith("-m dist_awenc pretrain --config /c.yaml train.epochs=2")
+    assert "--multi_gpu --mixed_precision bf16" in joined  # no accelerate config: DDP
+    assert "--num_processes 16 --num_machines 2 --machine_rank 1 --main_process_ip node07" in joined
+    assert joined.endswith("-m dist_awenc pretrain --config /c.yaml train.epochs=2 data.num_workers=3")  # 32 CPUs / 8 - 1
+    ddp = StageJob("pretrain", None, [], processes_per_node=8, gpus=True,
+                     accelerate_config=str(REPO / "configs" / "accelerate" / "8gpu.yaml"))
+    cmd, _ = ddp.command(num_nodes=2, node_rank=0, main_host="node07")
+    assert "--config_file" in cmd and "--multi_gpu" not in cmd and "--mixed_precision" not in cmd  # the config's
     cpu2, env = StageJob("embed", None, [], processes_per_node=2, gpus=False).command(1, 0, "localhost")
     assert env == {"ACCELERATE_USE_CPU": "1"} and "--multi_gpu" in cpu2 and "--cpu" not in cpu2  # 2 real processes
     cpu1, _ = StageJob("embed", None, [], processes_per_node=1, gpus=False).command(1, 0, "localhost")
@@ -601,6 +607,66 @@ def test_sbatch_template_on_two_tasks_standing_in_for_two_nodes_equals_one_proce
     a, b = load_file(str(one)), load_file(str(tmp_path / "two" / "encoder.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slurm
+@pytest.mark.numerics
+def test_a_preemption_signal_saves_requeues_and_resumes_bit_for_bit(slurm_cluster, tmp_path):
+    """USR1 to slurm/accelerate_multinode.sbatch's batch shell (`scancel --signal=USR1 --batch`, what
+    --signal=B:USR1@300 does before the limit) and USR2 to an `awenc submit` job's step (submitit's signal): each
+    training saves at its next step (no periodic checkpoint falls there), the job requeues itself, resumes from that
+    step and ends with the weights of an uninterrupted run (#31)."""
+    from dist_awenc.engine.loop import checkpoints
+    from dist_awenc.launch.cluster import SlurmSection
+    from dist_awenc.launch.submit import submit_stage
+    from dist_awenc.ssl.pretrain import pretrain
+
+    long = {"train.max_steps": 300, "train.epochs": 100, "train.checkpoint_every": 1000, "train.log_every": 1}
+    out = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=1G",
+                          "--time=10", f"--output={tmp_path}/template.out", str(REPO / "slurm" / "accelerate_multinode.sbatch"),
+                          "pretrain", *tiny_overrides(tmp_path, "via_sbatch", **long)],
+                         env={**os.environ, "AWENC_PYTHON": sys.executable}, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    jobs = {"via_sbatch": out.stdout.strip().split(";")[0]}
+    rec = submit_stage("pretrain", None, tiny_overrides(tmp_path, "via_submitit", **long), executor="slurm",
+                       slurm=SlurmSection(time_min=10, mem_gb=1))
+    jobs["via_submitit"] = rec["job"]
+
+    def steps_logged(name: str) -> int:
+        p = tmp_path / name / "metrics.jsonl"
+        return len(p.read_text().splitlines()) if p.exists() else 0
+
+    def log(name: str) -> str:
+        files = [tmp_path / "template.out"] if name == "via_sbatch" else \
+            sorted((tmp_path / name / "slurm" / jobs[name]).glob("*_log.*"))
+        return "".join(p.read_text() for p in files if p.exists())
+
+    deadline = time.time() + 2 * HANG_GUARD_S  # a hang guard only
+    for name, how in (("via_sbatch", ["--signal=USR1", "--batch"]), ("via_submitit", ["--signal=USR2"])):
+        while steps_logged(name) < 2:  # training, its handlers installed
+            assert time.time() < deadline, log(name)[-3000:]
+            time.sleep(0.2)
+        subprocess.run(["scancel", *how, jobs[name]], check=True, capture_output=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the jobs (one CPU each)
+    try:
+        reference = pretrain(load_config(PretrainConfig, None, tiny_overrides(tmp_path, "uninterrupted", **long)))
+    finally:
+        torch.set_num_threads(threads)
+    for name in jobs:
+        status = tmp_path / name / "status.json"
+        while json.loads(status.read_text() if status.exists() else "{}").get("state") != "complete":
+            assert time.time() < deadline, log(name)[-3000:]
+            time.sleep(1)
+        starts = json.loads((tmp_path / name / "engine.json").read_text())["starts"]
+        assert [s["slurm_restart"] for s in starts] == [0, 1], (name, log(name)[-3000:])
+        step = starts[1]["start_step"]
+        assert 2 <= step < 300 and f"(step {step})" in log(name)  # resumed from the step the signal saved
+        assert [p.name for p in checkpoints(tmp_path / name)] == [f"step_{step:08d}", "step_00000300"]
+        logged = [json.loads(x)["step"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert logged == list(range(1, 301))
+        a, b = weights(reference), weights(tmp_path / name / "encoder.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_cli_sweep(owner, tmp_path, capsys):

@@ -107,3 +107,35 @@ def gather_objects(obj) -> list:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+class AnyRank:
+    """Whether any rank raised a flag, agreed by every rank at the same call, one call late.
+
+    ``poll(flag)`` returns the OR over ranks of the flags given to the previous ``poll``: an all-reduce on a gloo
+    group of its own runs asynchronously in between, so a GPU step never waits on it and no NCCL stream is touched.
+    One process: ``flag`` itself, at once. Every rank must call ``poll`` equally often (once per optimiser step),
+    and ``close`` at the end.
+    """
+
+    def __init__(self) -> None:
+        self._group = dist.new_group(backend="gloo") if is_dist() else None
+        self._buf: torch.Tensor | None = None
+        self._work = None
+
+    def poll(self, flag: bool) -> bool:
+        if self._group is None:
+            return flag
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            if self._buf.item():  # every rank saw the same sum: none issues another reduce
+                return True
+        self._buf = torch.tensor([int(flag)], dtype=torch.int32)
+        self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return False
+
+    def close(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None

@@ -25,7 +25,11 @@ from tqdm.auto import tqdm
 from dist_awenc.data.bad_files import replaced_samples
 from dist_awenc.data.transfer import HostDraw, StepInputs, move_step
 from dist_awenc.engine import dist, precision
+from dist_awenc.engine.describe import record_engine
+from dist_awenc.engine.preempt import Stopper
 from dist_awenc.engine.tracker import JSONLinesTracker
+from dist_awenc.engine.zero import deepspeed_on_cpu, launcher_deepspeed, refuse_lars_under_zero, refuse_zero3
+from dist_awenc.engine.zero import zero_stage  # noqa: F401  (re-exported: callers and tests import it from here)
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.files import atomic_write_text, fsync_dir
 from dist_awenc.log import info
@@ -56,33 +60,6 @@ class LoopSettings:
     channels_last: bool = False
 
 
-def zero_stage(path: str | Path) -> int:
-    """The ZeRO stage of a DeepSpeed JSON (0 when it sets none)."""
-    try:
-        doc = json.loads(Path(path).read_text())
-        return int((doc.get("zero_optimization") or {}).get("stage", 0))
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise ConfigError(f"train.deepspeed: {path} is not a DeepSpeed JSON config ({type(e).__name__}: {e})") from None
-
-
-def refuse_lars_under_zero(optimizer: str, stage: int, where: str) -> None:
-    """LARS scales each layer's step by ||w|| / ||g||; ZeRO 1-3 hand the optimizer flat partitions that cut
-    across layers, so the trust ratios would be computed over slices of several layers: silently wrong."""
-    if optimizer == "lars" and stage >= 1:
-        raise ConfigError(f"optim.name=lars cannot run under ZeRO stage {stage} ({where}): ZeRO gives the optimizer flat "
-                          "partitions across layers, so LARS's per-layer trust ratios would be wrong; use LARS with "
-                          "DDP (no train.deepspeed) or optim.name=sgd/adamw under ZeRO")
-
-
-def refuse_zero3(stage: int, where: str) -> None:
-    """ZeRO-3 partitions every parameter, frozen ones included: the momentum EMA (outside the forward), f0, the
-    fp32 frozen parts (:mod:`dist_awenc.engine.precision`) and the encoder saved at the end would see empty shards."""
-    if stage >= 3:
-        raise ConfigError(f"ZeRO stage {stage} ({where}) is not supported: it partitions every parameter, so momentum "
-                          "encoders, f0 and the saved encoder would see shards; use ZeRO-1 or ZeRO-2 "
-                          "(configs/deepspeed/zero1.json, zero2.json)")
-
-
 def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, trackers: list[str] | None = None,
                      grad_accum: int = 1, compile: bool = False, deepspeed: Optional[str] = None,
                      optimizer: str = "") -> Accelerator:
@@ -91,13 +68,12 @@ def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, track
     Process count, device and DeepSpeed come from the launcher (``accelerate
     launch --config_file configs/accelerate/...``); ``compile`` asks for
     torch.compile (inductor) on top of what the launcher sets; ``deepspeed``
-    (a DeepSpeed JSON) selects ZeRO from the run's config instead, which also
-    works on CPU processes (gloo), where the launcher's DeepSpeed route does not. ``optimizer`` (the
+    (a DeepSpeed JSON) selects ZeRO from the run's config instead, and wins
+    over the launcher's; both routes also run on CPU processes (gloo). ``optimizer`` (the
     ``optim.name``) is checked against it before anything is written: LARS under ZeRO is refused.
     """
     plugin = None
     if deepspeed:
-        from accelerate import PartialState
         from accelerate.utils import DeepSpeedPlugin
 
         if not Path(deepspeed).is_file():
@@ -108,11 +84,10 @@ def make_accelerator(run_dir: Path, mixed_precision: Optional[str] = None, track
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
         if not torch.cuda.is_available():
-            # ACCELERATE_USE_CPU=1 (the README's CPU launch) makes Accelerate skip its DeepSpeed setup, and the
-            # Accelerator then fails ("no attribute 'mixed_precision'"); DeepSpeed picks its CPU accelerator itself
-            os.environ.pop("ACCELERATE_USE_CPU", None)
-            PartialState(backend="gloo")  # DeepSpeed's CPU accelerator; Accelerate would assume one process otherwise
+            deepspeed_on_cpu()
         plugin = DeepSpeedPlugin(hf_ds_config=str(deepspeed))
+    elif launcher_deepspeed() and not torch.cuda.is_available():  # the launcher's DeepSpeed config, CPU processes
+        deepspeed_on_cpu()
     if mixed_precision in ("False", "false"):  # YAML 1.1 reads `no` as false (`train.mixed_precision=no`)
         mixed_precision = "no"
     if mixed_precision not in (None, "no", "bf16", "fp16"):
@@ -243,6 +218,9 @@ def fit(
         interrupt_at: raise :class:`Interrupted` right after the checkpoint of
             this step, as a kill would (tests of resume).
 
+    On a preemption signal (:mod:`~dist_awenc.engine.preempt`) every rank saves a checkpoint at the same step and
+    :class:`~dist_awenc.engine.preempt.Preempted` is raised.
+
     Returns:
         The unwrapped model.
     """
@@ -277,6 +255,7 @@ def fit(
         precision.norm_statistics_like_weights(model)
     del kept
     start = _resume(accelerator, s.run_dir)
+    record_engine(s.run_dir, accelerator, model, start)  # the engine this run got, read from inside it
     accelerator.init_trackers(s.desc)
     bar = tqdm(total=s.total_steps, initial=start, desc=s.desc, disable=not (s.progress and accelerator.is_main_process),
                dynamic_ncols=True, leave=True)
@@ -286,6 +265,7 @@ def fit(
     sums: dict[str, torch.Tensor] = {}  # on device: no host sync per step
     count = 0
     model.train()
+    stopper = Stopper()
     while step < s.total_steps:
         micro0 = step * s.grad_accum
         if it is None or micro0 % batches_per_epoch == 0:
@@ -323,10 +303,17 @@ def fit(
         bar.update(1)
         if step % s.checkpoint_every == 0 or step == s.total_steps:
             _save_checkpoint(accelerator, s, step, config_yaml)
+        if step < s.total_steps and stopper.agreed():  # a preemption signal reached some rank: all stop here
+            if step % s.checkpoint_every:
+                _save_checkpoint(accelerator, s, step, config_yaml)
+            _finish_trackers(accelerator)
+            raise stopper.stopped(step, accelerator.is_main_process, accelerator.wait_for_everyone)
         if interrupt_at is not None and step >= interrupt_at:
+            stopper.close()
             bar.close()
             _finish_trackers(accelerator)
             raise Interrupted(f"interrupted after step {step}")
+    stopper.close()
     bar.close()
     _finish_trackers(accelerator)
     unwrapped = accelerator.unwrap_model(model)

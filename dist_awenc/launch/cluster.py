@@ -319,8 +319,9 @@ def _make_executor(kind: str, where: str, slurm: SlurmSection, *, name: str, tim
     for key in ("partition", "account", "qos"):
         if getattr(slurm, key):
             params[key] = getattr(slurm, key)
-    if slurm.setup:
-        params["setup"] = list(slurm.setup)
+    # from Slurm 22.05 srun no longer inherits --cpus-per-task: without this the job's step (and its data loader)
+    # would run on one CPU per task
+    params["setup"] = ["export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}", *slurm.setup]
     ex.update_parameters(**params)
     return ex
 

@@ -2,9 +2,11 @@
 
 Every node runs one ``accelerate launch -m dist_awenc <stage> ...`` with its
 node rank, the first node's host as the rendezvous and ``processes_per_node``
-processes (one per GPU). At the time limit or a preemption submitit's USR2
-handler requeues the job (:meth:`dist_awenc.launch.jobs.StageJob.checkpoint`)
-and the stage resumes from its run folder's last checkpoint. The same call
+processes (one per GPU); the accelerate config, where given, decides the
+engine (:mod:`dist_awenc.launch.node`). At the time limit or a preemption
+submitit's USR2 handler stops the training at its next step with a checkpoint
+and requeues the job (:meth:`dist_awenc.launch.jobs.StageJob.checkpoint`); the
+stage resumes from that checkpoint. The same call
 runs the stage through submitit's local executor (one node) where there is no
 SLURM. The plain-sbatch equivalent is ``slurm/accelerate_multinode.sbatch``.
 
@@ -31,9 +33,14 @@ MULTINODE_STAGES = ("pretrain", "embed", "watermark", "downstream")
 
 def submit_stage(stage: str, config: Optional[str] = None, overrides: Optional[list[str]] = None, *,
                  executor: str = "auto", nodes: int = 1, gpus_per_node: int = 0, processes_per_node: Optional[int] = None,
-                 slurm: Optional[SlurmSection] = None, mixed_precision: str = "no", accelerate_config: Optional[str] = None,
+                 slurm: Optional[SlurmSection] = None, mixed_precision: Optional[str] = None,
+                 accelerate_config: Optional[str] = None,
                  port: int = 0, out=None) -> dict[str, Any]:
-    """Submit ``awenc <stage>`` as one job of ``nodes`` nodes; returns the record written to ``<run>/slurm/jobs.json``."""
+    """Submit ``awenc <stage>`` as one job of ``nodes`` nodes; returns the record written to ``<run>/slurm/jobs.json``.
+
+    ``accelerate_config`` (configs/accelerate/) decides the engine (DDP, ZeRO-1, ZeRO-2) and its precision
+    (``mixed_precision`` overrides it); without one, several processes run DDP.
+    """
     from dist_awenc.launch.jobs import StageJob
 
     out = out or sys.stdout
@@ -53,14 +60,15 @@ def submit_stage(stage: str, config: Optional[str] = None, overrides: Optional[l
     job_fn = StageJob(stage, str(Path(config).resolve()) if config else None, overrides, procs, gpus=gpus_per_node > 0,
                       mixed_precision=mixed_precision, port=port,
                       accelerate_config=str(Path(accelerate_config).resolve()) if accelerate_config else None,
-                      run_dir=str(run_dir))
+                      run_dir=str(run_dir), stop_timeout_s=max(10, slurm.signal_delay_s - 20))
+    command = job_fn.command(nodes, 0, "<first node>")[0]  # a bad accelerate config fails here, before sbatch
     logs = run_dir / "slurm"
     ex = make_executor(kind, logs, slurm, name=f"awenc-{stage}-{cfg.run.name}", nodes=nodes, tasks_per_node=1,
                        gpus_per_node=gpus_per_node)
     with submission_errors("sbatch" if kind == "slurm" else f"the {kind} executor"):
         job = ex.submit(job_fn)
     rec = {"time": time.time(), "executor": kind, "job": str(job.job_id), "stage": stage, "run_dir": str(run_dir), "nodes": nodes,
-           "processes_per_node": procs, "command": job_fn.command(nodes, 0, "<first node>")[0]}
+           "processes_per_node": procs, "command": command}
     subs = json.loads((logs / "jobs.json").read_text())["submissions"] if (logs / "jobs.json").exists() else []
     atomic_write_text(logs / "jobs.json", json.dumps({"submissions": subs + [rec]}, indent=1))
     print(f"awenc submit: {stage} as {kind} job {job.job_id} ({nodes} node(s) x {procs} process(es)) -> {run_dir}",
