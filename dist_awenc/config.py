@@ -54,6 +54,7 @@ class EncoderSection:
     proj_hidden_dim: int = 256
     proj_dim: int = 64
     head_norm: str = "none"  # none | batch
+    proj_out_norm: str = "none"  # none | batch: BatchNorm (scale, no shift) on the projector's output (SimCLR v1)
 
 
 @dataclass
@@ -63,6 +64,8 @@ class SSLSection:
     queue_size: int = 4096
     momentum: float = 0.99
     pred_hidden_dim: int = 256
+    symmetric: bool = True  # moco_v2 only: false is the paper's one-direction loss (q of view 1, k of view 2)
+    loss_reduction: str = "mean"  # mean | sum of a symmetrised loss's two directions (sum: BYOL's, SimCLR's code)
 
 
 @dataclass

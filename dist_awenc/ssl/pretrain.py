@@ -40,17 +40,43 @@ def encoder_from_config(enc, image_size: int) -> tuple[Encoder, str, dict]:
 
 
 def method_from_config(ssl, enc, encoder: Encoder) -> torch.nn.Module:
-    """Wrap ``encoder`` in the SSL method an ``ssl:`` section names (heads built fresh)."""
+    """Wrap ``encoder`` in the SSL method an ``ssl:`` section names (heads built fresh).
+
+    A setting the method has no use for is an error where it is not at its default (``ssl.symmetric=false`` is
+    MoCo v2's); a value the method refuses is a one-line ConfigError.
+    """
     if ssl.method not in METHODS:
         raise ConfigError(f"unknown ssl.method '{ssl.method}'; valid: {', '.join(sorted(METHODS))}")
     kwargs: dict[str, Any] = dict(
         proj_hidden_dim=enc.proj_hidden_dim, proj_dim=enc.proj_dim, head_norm=enc.head_norm,
+        proj_out_norm=getattr(enc, "proj_out_norm", "none"), loss_reduction=ssl.loss_reduction,
         queue_size=ssl.queue_size, momentum=ssl.momentum, pred_hidden_dim=ssl.pred_hidden_dim,
     )
     if ssl.temperature is not None:
         kwargs["temperature"] = ssl.temperature
     accepted = inspect.signature(METHODS[ssl.method]).parameters
-    return build_method(ssl.method, encoder, encoder.feature_dim, **{k: v for k, v in kwargs.items() if k in accepted})
+    if not ssl.symmetric:
+        if "symmetric" not in accepted:
+            raise ConfigError(f"ssl.symmetric=false is MoCo v2's one-direction loss; {ssl.method}'s loss is symmetric "
+                              "by definition (leave ssl.symmetric at true)")
+        kwargs["symmetric"] = False
+    try:
+        return build_method(ssl.method, encoder, encoder.feature_dim, **{k: v for k, v in kwargs.items() if k in accepted})
+    except ValueError as e:
+        raise ConfigError(f"ssl/encoder settings: {str(e).splitlines()[0]}") from None
+
+
+def micro_batch_terms(method: torch.nn.Module, contrastive: bool = True) -> list[str]:
+    """What ``method`` (a trained module: SSL method or stage 2's task) takes from its whole batch, as clauses for
+    :func:`~dist_awenc.engine.plan.refuse_silent_grad_accum`: the method's own terms (where its loss is computed:
+    ``contrastive``), and BatchNorm statistics where a BatchNorm trains (stage 2's frozen ones do not)."""
+    was = method.training
+    method.train()
+    terms = list(getattr(getattr(method, "method", method), "micro_batch_terms", ())) if contrastive else []
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in method.modules()):
+        terms.append("BatchNorm statistics (SyncBN's too) come from each micro-batch")
+    method.train(was)
+    return terms
 
 
 class PretrainInputs(StepInputs):
