@@ -96,6 +96,32 @@ def test_digits_configs_keep_their_absolute_values(path):
     assert resolve(cal.optim, cal.pretrain, 898, 1).lr == cal.optim.lr
 
 
+@pytest.mark.parametrize("method, lr, warmup, ckpt", [("simclr", 4.8, 3060, 306), ("byol", 3.2, 3060, 306),
+                                                      ("moco_v2", 0.03, 0, round(0.2 * 4904))])
+def test_imagenet_recipes_resolve_to_the_papers_values_at_their_batch(method, lr, warmup, ckpt):
+    cfg = load_config(PretrainConfig, CONFIGS / "pretrain" / f"imagenet_resnet50_{method}.yaml")
+    r = resolve(cfg.optim, cfg.train, IMAGENET_SPLIT, 8)
+    assert r.lr == pytest.approx(lr, rel=1e-12) and (r.warmup_steps, r.checkpoint_every) == (warmup, ckpt)
+
+
+def test_imagenet_simclr_on_8_32_64_gpus_keeps_the_rule_and_the_epochs():
+    cfg = load_config(PretrainConfig, CONFIGS / "pretrain" / "imagenet_resnet50_simclr.yaml")
+    rows = scale_table(cfg.optim, cfg.train, IMAGENET_SPLIT, 256, (8, 32, 64))
+    assert [r.global_batch for r in rows] == [2048, 8192, 16384]
+    assert [r.lr for r in rows] == pytest.approx([2.4, 9.6, 19.2], rel=1e-12)
+    assert [(r.steps_per_epoch, r.warmup_steps, r.checkpoint_every) for r in rows] == [(613, 6130, 613), (153, 1530, 153),
+                                                                                       (76, 760, 76)]
+
+
+def test_plan_scale_prints_a_table_for_8_32_64_gpus(capsys):
+    path = CONFIGS / "pretrain" / "imagenet_resnet50_byol.yaml"
+    assert main(["plan-scale", "--config", str(path), "--images", str(IMAGENET_SPLIT), "--per-gpu-batch", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "| 8 | 128 | 1 | 1024 | 1226 | 367800 | 0.8 | 12260 | 1226 |" in out
+    assert "| 32 | 128 | 1 | 4096 | 306 | 91800 | 3.2 | 3060 | 306 |" in out
+    assert "| 64 | 128 | 1 | 8192 | 153 | 45900 | 6.4 | 1530 | 153 |" in out
+
+
 def test_plan_scale_counts_the_split_and_names_what_does_not_fit(capsys):
     assert main(["plan-scale", "--config", str(CONFIGS / "pretrain" / "digits_simclr.yaml"), "--per-gpu-batch", "16",
                  "--gpus", "1", "64"]) == 0

@@ -2,6 +2,8 @@
 runs on the device path after the blur. A config without either draws and applies exactly what it did before."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from dist_awenc.data.color import solarize
 from dist_awenc.data.views import PER_VIEW_FIELDS, ViewConfig, apply_params, draw_views, make_views, sample_params
 from dist_awenc.errors import ConfigError
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IDENTITY = dict(crop_scale_min=1.0, crop_scale_max=1.0, crop_ratio_min=1.0, crop_ratio_max=1.0, flip_p=0.0,
                 jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 
@@ -78,6 +81,13 @@ def test_view2_keys_and_values_are_checked_in_one_line():
     with pytest.raises(ConfigError, match="solarize_p is a probability"):
         load_config(PretrainConfig, None, ["views.solarize_p=-0.1"])
     assert "solarize_p" in PER_VIEW_FIELDS and "crop_scale_min" not in PER_VIEW_FIELDS
+
+
+def test_imagenet_byol_config_has_the_papers_asymmetric_views():
+    views = load_config(PretrainConfig, CONFIGS / "pretrain" / "imagenet_resnet50_byol.yaml").views
+    first, second = views.for_view(0), views.for_view(1)
+    assert (first.blur_p, first.solarize_p) == (1.0, 0.0) and (second.blur_p, second.solarize_p) == (0.1, 0.2)
+    assert all(getattr(first, f) == getattr(second, f) for f in PER_VIEW_FIELDS if f not in ("blur_p", "solarize_p"))
 
 
 def test_a_larger_second_view_sigma_widens_the_shared_kernel():
