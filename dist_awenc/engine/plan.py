@@ -112,7 +112,7 @@ class Resolved:
 
 
 def resolve(optim, train, n_samples: int, processes: Optional[int] = None) -> Resolved:
-    """The absolute values of ``optim:`` and ``train:`` for ``n_samples`` images a epoch on ``processes``
+    """The absolute values of ``optim:`` and ``train:`` for ``n_samples`` images an epoch on ``processes``
     (None: this run's)."""
     world = dist.world_size() if processes is None else processes
     plan = TrainPlan.of(train, n_samples, world)
@@ -167,7 +167,7 @@ def plan_scale(stage: str, config: Optional[str], overrides: list[str], per_gpu_
                gpus: tuple[int, ...] = (8, 32, 64), images: Optional[int] = None) -> str:
     """``awenc plan-scale``: the lr, warm-up and checkpoint interval a training stage's config resolves to at
     ``per_gpu_batch`` images per GPU on each of ``gpus`` (default per-GPU batch: ``train.batch_size`` / 8, the
-    shipped recipes' one node), for ``images`` a epoch (default: the config's pre-training split, counted)."""
+    shipped recipes' one node), for ``images`` an epoch (default: the config's pre-training split, counted)."""
     from dist_awenc.config import load_config
     from dist_awenc.stages import schema
 
