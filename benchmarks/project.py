@@ -54,6 +54,7 @@ def project_features() -> dict[str, bool]:
         "compile": hasattr(t, "compile") and "compile" in inspect.signature(loop.make_accelerator).parameters,
         "sync_bn": hasattr(t, "sync_bn"),
         "prepare_model": hasattr(loop, "prepare_model"),
+        "checkpoint_epochs": hasattr(t, "checkpoint_every_epochs"),  # train.checkpoint_every_epochs (#31)
     }
 
 
