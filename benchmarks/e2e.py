@@ -186,6 +186,8 @@ def measure(ctx: Context, name: str, base: dict, c: dict, tmp: Path, args, jpegs
     overrides = [f"run.out_dir={tmp}", f"run.name={run_dir.name}", *data_over, f"train.batch_size={c['batch'] * n}",
                  f"train.max_steps={c['max_steps']}", "train.epochs=100000", f"train.log_every={c['log_every']}",
                  f"train.checkpoint_every={c['max_steps']}", "train.progress=false", f"ssl.method={method}", *extra]
+    if feats["checkpoint_epochs"]:  # the recipes set their interval in epochs: one form at a time (#31)
+        overrides.append("train.checkpoint_every_epochs=null")
     keep_sync_bn = feats["sync_bn"] and ctx.on_gpu and launcher != "single"  # the config's own (SyncBN needs CUDA)
     overrides += P.speed_overrides(mode, keep_sync_bn=keep_sync_bn)
     cmd, launch_env = command(ctx, launcher, n, mp, "inductor" if comp and not feats["compile"] else "no")

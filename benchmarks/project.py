@@ -54,6 +54,7 @@ def project_features() -> dict[str, bool]:
         "compile": hasattr(t, "compile") and "compile" in inspect.signature(loop.make_accelerator).parameters,
         "sync_bn": hasattr(t, "sync_bn"),
         "prepare_model": hasattr(loop, "prepare_model"),
+        "checkpoint_epochs": hasattr(t, "checkpoint_every_epochs"),  # train.checkpoint_every_epochs (#31)
     }
 
 
@@ -167,7 +168,8 @@ def project_case(cfg, method: str, total_steps: int, accelerator, device: Option
     encoder, _, _ = encoder_from_config(cfg.encoder, cfg.data.image_size)
     if method != "embed":
         ssl_model = prepared(method_from_config(cfg.ssl, cfg.encoder, encoder))
-        optimizer = build_optimizer(ssl_model, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum)
+        optimizer = build_optimizer(ssl_model, cfg.optim.name, optimizer_lr(cfg.optim, cfg.train), cfg.optim.weight_decay,
+                                    cfg.optim.momentum)
         return ProjectCase(ssl_model, optimizer, pretrain_inputs(cfg.views, cfg.run.seed, 0, 1),
                            lambda m, step: m.momentum_update(step / total_steps), cfg)
 
@@ -182,7 +184,8 @@ def project_case(cfg, method: str, total_steps: int, accelerator, device: Option
     method_module = method_from_config(ecfg.ssl, cfg.encoder, f)
     loss_kw = {k: getattr(ecfg.loss, k) for k in ("lambda_cl", "lambda_wm", "lambda_dev", "lambda_key", "lambda_keep", "freeze_bn")}
     task = prepared(EmbedTask(method_module, encoder, secret, **loss_kw))
-    optimizer = build_optimizer(task, ecfg.optim.name, ecfg.optim.lr, ecfg.optim.weight_decay, ecfg.optim.momentum)
+    optimizer = build_optimizer(task, ecfg.optim.name, optimizer_lr(ecfg.optim, ecfg.train), ecfg.optim.weight_decay,
+                                ecfg.optim.momentum)
     make_inputs = embed_inputs(ecfg.views, ecfg.mild_views, secret.key.to(device), ecfg.run.seed, 0, 1,
                                TransformParams.of(ecfg.robust))
     weights = {"cl": ecfg.loss.lambda_cl, "wm": ecfg.loss.lambda_wm, "dev": ecfg.loss.lambda_dev,
@@ -190,6 +193,16 @@ def project_case(cfg, method: str, total_steps: int, accelerator, device: Option
     return ProjectCase(task, optimizer, make_inputs, lambda m, step: m.momentum_update(step / total_steps), ecfg,
                        embed={"delta": secret.delta, "key": secret.key, "weights": weights, "freeze_bn": ecfg.loss.freeze_bn,
                               "optim": ecfg.optim})
+
+
+def optimizer_lr(optim, train) -> float:
+    """The learning rate ``pretrain()`` gives the optimiser: ``optim.lr`` under ``optim.lr_scaling`` at the batch
+    (checkouts without scaling rules: ``optim.lr``)."""
+    try:
+        from dist_awenc.engine.plan import scaled_lr
+    except ImportError:
+        return optim.lr
+    return scaled_lr(optim.lr, getattr(optim, "lr_scaling", "none"), train.batch_size * train.grad_accum)
 
 
 def fixed_images(case: ProjectCase, batch: int, device) -> torch.Tensor:

@@ -47,10 +47,22 @@ def resnet(arch: str, stem: str) -> tuple[nn.Module, int]:
     return net, dim
 
 
-def mlp(in_dim: int, hidden: int, out: int, norm: str) -> nn.Sequential:
-    """Linear -> [BatchNorm1d] -> ReLU -> Linear."""
+class ScaleBN(nn.Module):
+    """BatchNorm with a learned scale and no shift (SimCLR's projector output)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.bn, self.weight = nn.BatchNorm1d(dim, affine=False), nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.bn(x) * self.weight
+
+
+def mlp(in_dim: int, hidden: int, out: int, norm: str, out_norm: str = "none") -> nn.Sequential:
+    """Linear -> [BatchNorm1d] -> ReLU -> Linear [-> BatchNorm, scale only]."""
     bn = [nn.BatchNorm1d(hidden)] if norm == "batch" else []
-    return nn.Sequential(nn.Linear(in_dim, hidden, bias=norm == "none"), *bn, nn.ReLU(inplace=True), nn.Linear(hidden, out))
+    tail = [nn.Linear(hidden, out, bias=False), ScaleBN(out)] if out_norm == "batch" else [nn.Linear(hidden, out)]
+    return nn.Sequential(nn.Linear(in_dim, hidden, bias=norm == "none"), *bn, nn.ReLU(inplace=True), *tail)
 
 
 def frozen(m: nn.Module) -> nn.Module:
@@ -73,11 +85,11 @@ class _Pixels(nn.Module):
 
 
 class RefSimCLR(_Pixels):
-    def __init__(self, arch, stem, mean, std, hidden, out, head_norm, temperature) -> None:
+    def __init__(self, arch, stem, mean, std, hidden, out, head_norm, temperature, out_norm="none", scale=1.0) -> None:
         super().__init__(mean, std)
         self.backbone, dim = resnet(arch, stem)
-        self.projector = mlp(dim, hidden, out, head_norm)
-        self.t = temperature
+        self.projector = mlp(dim, hidden, out, head_norm, out_norm)
+        self.t, self.scale = temperature, scale  # scale 2: the two directions summed (ssl.loss_reduction=sum)
 
     def z(self, x):
         return self.projector(self.backbone(self.norm(x)))
@@ -87,32 +99,40 @@ class RefSimCLR(_Pixels):
         n = v1.shape[0]
         logits = (z @ z.T / self.t).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
         target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-        return F.cross_entropy(logits, target), None
+        loss = F.cross_entropy(logits, target)
+        return (loss if self.scale == 1.0 else self.scale * loss), None
 
 
 class RefMoCo(_Pixels):
-    def __init__(self, arch, stem, mean, std, hidden, out, head_norm, temperature, queue_size, momentum) -> None:
+    def __init__(self, arch, stem, mean, std, hidden, out, head_norm, temperature, queue_size, momentum,
+                 out_norm="none", scale=1.0, symmetric=True) -> None:
         super().__init__(mean, std)
         self.backbone, dim = resnet(arch, stem)
-        self.projector = mlp(dim, hidden, out, head_norm)
+        self.projector = mlp(dim, hidden, out, head_norm, out_norm)
+        self.scale, self.symmetric = scale, symmetric
         self.momentum_backbone, self.momentum_projector = frozen(self.backbone), frozen(self.projector)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, out), dim=1))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))  # only so the state dicts match
         self.t, self.m, self.ptr = temperature, momentum, 0
 
     def forward(self, v1, v2):
-        q1 = F.normalize(self.projector(self.backbone(self.norm(v1))).float(), dim=1)
-        q2 = F.normalize(self.projector(self.backbone(self.norm(v2))).float(), dim=1)
-        with torch.no_grad():
-            k1 = F.normalize(self.momentum_projector(self.momentum_backbone(self.norm(v1))).float(), dim=1)
-            k2 = F.normalize(self.momentum_projector(self.momentum_backbone(self.norm(v2))).float(), dim=1)
-        target = torch.zeros(v1.shape[0], dtype=torch.long, device=q1.device)
+        target = torch.zeros(v1.shape[0], dtype=torch.long, device=v1.device)
 
         def nce(q, k):
             logits = torch.cat([(q * k).sum(1, keepdim=True), q @ self.queue.T], dim=1) / self.t
             return F.cross_entropy(logits, target)
 
-        return 0.5 * (nce(q1, k2) + nce(q2, k1)), torch.cat([k1, k2])
+        q1 = F.normalize(self.projector(self.backbone(self.norm(v1))).float(), dim=1)
+        if not self.symmetric:  # MoCo v2's paper: query of view 1, key of view 2
+            with torch.no_grad():
+                k2 = F.normalize(self.momentum_projector(self.momentum_backbone(self.norm(v2))).float(), dim=1)
+            return nce(q1, k2), k2
+        q2 = F.normalize(self.projector(self.backbone(self.norm(v2))).float(), dim=1)
+        with torch.no_grad():
+            k1 = F.normalize(self.momentum_projector(self.momentum_backbone(self.norm(v1))).float(), dim=1)
+            k2 = F.normalize(self.momentum_projector(self.momentum_backbone(self.norm(v2))).float(), dim=1)
+        two = nce(q1, k2) + nce(q2, k1)
+        return (0.5 * two if self.scale == 1.0 else two), torch.cat([k1, k2])
 
     @torch.no_grad()
     def after_step(self, aux, progress: float) -> None:
@@ -129,10 +149,12 @@ class RefMoCo(_Pixels):
 
 
 class RefBYOL(_Pixels):
-    def __init__(self, arch, stem, mean, std, hidden, out, head_norm, pred_hidden, momentum) -> None:
+    def __init__(self, arch, stem, mean, std, hidden, out, head_norm, pred_hidden, momentum, out_norm="none",
+                 scale=1.0) -> None:
         super().__init__(mean, std)
         self.backbone, dim = resnet(arch, stem)
-        self.projector = mlp(dim, hidden, out, head_norm)
+        self.projector = mlp(dim, hidden, out, head_norm, out_norm)
+        self.scale = scale
         self.predictor = mlp(out, pred_hidden, out, head_norm)
         self.momentum_backbone, self.momentum_projector = frozen(self.backbone), frozen(self.projector)
         self.m0 = momentum
@@ -147,7 +169,8 @@ class RefBYOL(_Pixels):
         def reg(p, t):
             return (2 - 2 * F.cosine_similarity(p.float(), t.float(), dim=1)).mean()
 
-        return 0.5 * (reg(p1, t2) + reg(p2, t1)), None
+        two = reg(p1, t2) + reg(p2, t1)
+        return (0.5 * two if self.scale == 1.0 else two), None
 
     @torch.no_grad()
     def after_step(self, aux, progress: float) -> None:
@@ -202,13 +225,16 @@ def build_reference(kind: str, enc, ssl, *, embed: Optional[dict] = None) -> nn.
     """
     if enc.arch not in ("resnet18", "resnet34", "resnet50") or enc.norm != "batch":
         raise ValueError(f"the reference has torchvision ResNets with BatchNorm only, not {enc.arch}/{enc.norm}")
+    # the recipe options of checkouts that have them (issue #31): projector output BN, summed directions, MoCo v2's
+    # one-direction loss
     common = dict(arch=enc.arch, stem=enc.stem or "cifar", mean=enc.mean, std=enc.std, hidden=enc.proj_hidden_dim,
-                  out=enc.proj_dim, head_norm=enc.head_norm)
+                  out=enc.proj_dim, head_norm=enc.head_norm, out_norm=getattr(enc, "proj_out_norm", "none"),
+                  scale=2.0 if getattr(ssl, "loss_reduction", "mean") == "sum" else 1.0)
     if kind == "simclr":
         return RefSimCLR(**common, temperature=ssl.temperature if ssl.temperature is not None else 0.5)
     if kind == "moco_v2":
         return RefMoCo(**common, temperature=ssl.temperature if ssl.temperature is not None else 0.2,
-                       queue_size=ssl.queue_size, momentum=ssl.momentum)
+                       queue_size=ssl.queue_size, momentum=ssl.momentum, symmetric=getattr(ssl, "symmetric", True))
     if kind == "byol":
         return RefBYOL(**common, pred_hidden=ssl.pred_hidden_dim, momentum=ssl.momentum)
     if kind == "embed":

@@ -171,7 +171,7 @@ def build_pair(ctx: Context, model: str, method: str, mode: str, p: dict, tmp: P
     if not project:
         case.model = None  # only the reference is timed (e2e)
     o = case.cfg.optim
-    ref_opt = build_optimizer(ref, o.name, o.lr, o.weight_decay, o.momentum)
+    ref_opt = build_optimizer(ref, o.name, P.optimizer_lr(o, case.cfg.train), o.weight_decay, o.momentum)
     pool = premade_pool(case.make_inputs, batch, POOL, channels_last=cl)
     ref_loop = ReferenceLoop(ref, ref_opt, pool, device=ctx.device, mixed_precision=mp, channels_last=cl, compile=comp,
                              total_steps=total)

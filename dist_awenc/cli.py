@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="default: ImageNet's")
     imp.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="default: ImageNet's")
     imp.add_argument("--out", help="folder for encoder.safetensors + encoder.json (default: runs/imported/<weights name>)")
+    plan_help = ("print the lr, warm-up and checkpoint interval a training config resolves to at 8, 32 and 64 GPUs "
+                 "(optim.lr_scaling, warmup_epochs, checkpoint_every_epochs); runs nothing")
+    pln = sub.add_parser("plan-scale", help=plan_help, description=plan_help)
+    pln.add_argument("--stage", dest="stage_name", choices=["pretrain", "embed"], default="pretrain")
+    pln.add_argument("--config", help="the stage's YAML file (configs/pretrain/, configs/embed/)")
+    pln.add_argument("--per-gpu-batch", type=int, help="images per GPU a micro-step (default: train.batch_size / 8)")
+    pln.add_argument("--gpus", type=int, nargs="+", default=[8, 32, 64], help="GPU counts to plan (default: 8 32 64)")
+    pln.add_argument("--images", type=int, help="images an epoch (default: the config's pre-training split, counted)")
+    pln.add_argument("overrides", nargs="*", metavar="key.sub=value")
     show = sub.add_parser("config", help="print a stage's resolved config (the config reference)")
     show.add_argument("target", choices=sorted(STAGES))
     show.add_argument("--config")
@@ -171,6 +180,15 @@ def main(argv: list[str] | None = None) -> int:
                 if state["state"] != "done":
                     raise AwencError(f"job {state['job']} {state['state']}: {state['error']}")
             return 0
+        if args.stage == "plan-scale":
+            from dist_awenc.engine.plan import plan_scale
+
+            try:
+                print(plan_scale(args.stage_name, args.config, args.overrides, args.per_gpu_batch, tuple(args.gpus),
+                                 args.images))
+            except _load_data_errors() as e:
+                raise AwencError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+            return 0
         if args.stage == "config":
             print(to_yaml(load_config(schema(args.target), args.config, args.overrides)), end="")
             return 0
@@ -206,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage in ("sweep", "submit"):
             print(f"awenc {args.stage}: stopped waiting; submitted jobs go on (awenc sweep status shows them)", file=sys.stderr)
             return 130
-        if args.stage in ("serve", "config", "data", "import"):
+        if args.stage in ("serve", "config", "plan-scale", "data", "import"):
             return 130
         print(f"awenc {args.stage}: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from dist_awenc.config_checks import check_robust, check_shadow
+from dist_awenc.config_checks import check_ablation, check_optim, check_robust, check_shadow, check_targets, check_train
 from dist_awenc.config_loading import load_config, to_dict, to_yaml  # noqa: F401  (re-exported)
 from dist_awenc.data.views import ViewConfig, mild_view_config
-from dist_awenc.errors import ConfigError
 
 # ----------------------------------------------------------------- sections
 
@@ -58,6 +57,7 @@ class EncoderSection:
     proj_hidden_dim: int = 256
     proj_dim: int = 64
     head_norm: str = "none"  # none | batch
+    proj_out_norm: str = "none"  # none | batch: BatchNorm (scale, no shift) on the projector's output (SimCLR v1)
 
 
 @dataclass
@@ -67,17 +67,24 @@ class SSLSection:
     queue_size: int = 4096
     momentum: float = 0.99
     pred_hidden_dim: int = 256
+    symmetric: bool = True  # moco_v2 only: false is the paper's one-direction loss (q of view 1, k of view 2)
+    loss_reduction: str = "mean"  # mean | sum of a symmetrised loss's two directions (sum: BYOL's, SimCLR's code)
 
 
 @dataclass
 class OptimSection:
     name: str = "adamw"  # adamw | sgd | lars
-    lr: float = 2e-3
+    lr: float = 2e-3  # lr_scaling none: the lr; linear / sqrt: the lr at 256 images a step (engine/plan.py)
+    lr_scaling: str = "none"  # none | linear (x B/256) | sqrt (x sqrt(B/256)); B = train.batch_size x grad_accum
     weight_decay: float = 1e-4
     momentum: float = 0.9
     schedule: str = "cosine"  # cosine | constant
     warmup_steps: int = 0
+    warmup_epochs: Optional[float] = None  # epochs of this stage's split, rounded to steps
     min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_optim(self)
 
 
 @dataclass
@@ -86,8 +93,12 @@ class TrainSection:
     max_steps: Optional[int] = None  # caps the schedule length
     batch_size: int = 256  # global batch, split over processes
     grad_accum: int = 1
+    # grad_accum > 1 is refused where a method's batch is the micro-batch (SimCLR's and MoCo v3's negatives, MoCo
+    # v2's queue, BatchNorm statistics, SyncBN's too) unless this says the micro-batch semantics are meant
+    grad_accum_ok: bool = False
     mixed_precision: Optional[str] = None  # None: from the launcher; no | bf16 | fp16
-    checkpoint_every: int = 200
+    checkpoint_every: Optional[int] = None  # steps; None with checkpoint_every_epochs None: 200 steps
+    checkpoint_every_epochs: Optional[float] = None  # or in epochs, rounded to steps (set one of the two)
     keep_checkpoints: int = 2
     log_every: int = 10
     trackers: list[str] = field(default_factory=list)  # tensorboard, wandb
@@ -96,6 +107,9 @@ class TrainSection:
     compile: bool = False  # torch.compile (inductor)
     sync_bn: bool = False  # SyncBatchNorm across processes (GPUs only)
     deepspeed: Optional[str] = None  # a DeepSpeed JSON (configs/deepspeed/): ZeRO through Accelerate's plugin
+
+    def __post_init__(self) -> None:
+        check_train(self)
 
 
 @dataclass
@@ -373,13 +387,7 @@ class TargetsSection:
     label_tpr: float = 0.8  # the best label-only mode's
 
     def __post_init__(self) -> None:
-        for name in ("probe_points", "knn_points"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"targets.{name} must be >= 0 (points of accuracy the watermark may cost), "
-                                  f"got {getattr(self, name)}")
-        for name in ("whitebox_tpr", "blackbox_tpr", "label_tpr"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"targets.{name} must be a rate in [0, 1], got {getattr(self, name)}")
+        check_targets(self)
 
 
 @dataclass
@@ -395,6 +403,4 @@ class AblationConfig:
     report: str = ""
 
     def __post_init__(self) -> None:
-        if self.utility_splits < 1:
-            raise ConfigError(f"utility_splits must be >= 1 (seeded train/test splits to probe utility on), got "
-                              f"{self.utility_splits}")
+        check_ablation(self)

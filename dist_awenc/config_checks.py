@@ -14,6 +14,8 @@ from typing import Any
 from dist_awenc.errors import ConfigError
 
 TRANSFORMS = ("jpeg", "resize", "crop", "noise", "blur")  # robust.transforms; their codes index this tuple
+LR_SCALINGS = ("none", "linear", "sqrt")  # optim.lr_scaling (engine/plan.py resolves it)
+LR_SCALINGS = ("none", "linear", "sqrt")  # optim.lr_scaling: optim.lr per 256 images of the optimiser's batch, or absolute
 
 # robust.<field> -> (low bound, high bound, whether the bound is included, what the field is); ranges are [lo, hi]
 ROBUST_RANGES = {
@@ -46,6 +48,33 @@ def check_robust(section: Any) -> None:
         raise ConfigError(f"robust.p_identity is a probability and must be in [0, 1]; got {section.p_identity}")
 
 
+def check_optim(section: Any) -> None:
+    """One-line ConfigError for an optimiser section (``optim:``, the demo's ``embed_optim:``): the lr's scaling rule,
+    and the warm-up set in steps or in epochs, not both."""
+    if section.lr_scaling not in LR_SCALINGS:
+        raise ConfigError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)} (none: lr is the learning rate; "
+                          f"linear/sqrt: lr is the rate at 256 images a step); got {section.lr_scaling!r}")
+    if not section.lr > 0:
+        raise ConfigError(f"lr must be > 0; got {section.lr}")
+    if section.warmup_steps < 0 or (section.warmup_epochs is not None and section.warmup_epochs < 0):
+        raise ConfigError(f"warmup_steps and warmup_epochs must be >= 0; got {section.warmup_steps}, "
+                          f"{section.warmup_epochs}")
+    if section.warmup_epochs is not None and section.warmup_steps:
+        raise ConfigError(f"warmup_steps={section.warmup_steps} and warmup_epochs={section.warmup_epochs} are both "
+                          "set; set one (warmup_steps=0 or warmup_epochs=null)")
+
+
+def check_train(section: Any) -> None:
+    """One-line ConfigError for the checkpoint interval of a training section (``train:``, the demo's ``pretrain:``
+    and ``embed:``), set in steps or in epochs, not both."""
+    steps, epochs = section.checkpoint_every, section.checkpoint_every_epochs
+    if (steps is not None and steps < 1) or (epochs is not None and not epochs > 0):
+        raise ConfigError(f"checkpoint_every must be >= 1 step and checkpoint_every_epochs > 0; got {steps}, {epochs}")
+    if steps is not None and epochs is not None:
+        raise ConfigError(f"checkpoint_every={steps} and checkpoint_every_epochs={epochs} are both set; set one "
+                          "(the other to null)")
+
+
 def check_shadow(section: Any) -> None:
     """One-line ConfigError for ``shadow.*`` out of range (before a run folder exists)."""
     if not section.weight >= 0:
@@ -59,6 +88,23 @@ def check_shadow(section: Any) -> None:
         if section.arch not in ENCODERS:
             raise ConfigError(f"shadow.arch: unknown encoder '{section.arch}'; valid: {', '.join(sorted(ENCODERS))} "
                               "('' for f0's own)")
+
+
+def check_targets(section: Any) -> None:
+    """One-line ConfigError for ``targets.*`` (awenc ablation) out of range."""
+    for name in ("probe_points", "knn_points"):
+        if getattr(section, name) < 0:
+            raise ConfigError(f"targets.{name} must be >= 0 (points of accuracy the watermark may cost), "
+                              f"got {getattr(section, name)}")
+    for name in ("whitebox_tpr", "blackbox_tpr", "label_tpr"):
+        if not 0 <= getattr(section, name) <= 1:
+            raise ConfigError(f"targets.{name} must be a rate in [0, 1], got {getattr(section, name)}")
+
+
+def check_ablation(section: Any) -> None:
+    if section.utility_splits < 1:
+        raise ConfigError(f"utility_splits must be >= 1 (seeded train/test splits to probe utility on), got "
+                          f"{section.utility_splits}")
 
 
 def as_count(strength: float, name: str, what: str, minimum: int = 0) -> int:

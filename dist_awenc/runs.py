@@ -38,6 +38,7 @@ COSMETIC = frozenset({
     "progress",  # the progress bar
     "log_every",  # metrics.jsonl interval
     "checkpoint_every",  # resuming from any checkpoint gives the same run
+    "checkpoint_every_epochs",
     "keep_checkpoints",
     "trackers",  # tensorboard / wandb
     "num_workers",  # data loader processes (the batches do not depend on them)
@@ -51,10 +52,17 @@ ADDED_AT_DEFAULTS = frozenset({"robust", "rehearsal", "shadow", "suspect_card"})
 # Fields added the same way, in whatever section holds them (data.splits: the split every run used before;
 # classes: the dataset's own, or none stated; views.crop: device, how every view was cut before; data.decode: cpu;
 # data.bad_files: skip, which reads every readable file as before; rehearsal.reference_archs: no references beyond
-# f0's architecture; label_classes is not here: it adds per-class thresholds).
-FIELDS_ADDED_AT_DEFAULTS = frozenset({"splits", "classes", "crop", "decode", "bad_files", "reference_archs"})
-# files of a run folder that are no outputs: its config, its status, `awenc submit`'s job folder, the engine record
-_BOOKKEEPING = ("config.yaml", "status.json", "slurm", "engine.json")
+# f0's architecture; label_classes is not here: it adds per-class thresholds). Issue #31's: optim.lr_scaling none
+# and warmup_epochs unset (lr and warm-up as written), train.grad_accum_ok (a permission, computes nothing),
+# encoder.proj_out_norm none, ssl.symmetric true and loss_reduction mean (the loss every run computed),
+# views.solarize_p 0 and view2 empty (the views every run drew).
+FIELDS_ADDED_AT_DEFAULTS = frozenset({"splits", "classes", "crop", "decode", "bad_files", "reference_archs",
+                                      "lr_scaling", "warmup_epochs", "grad_accum_ok", "proj_out_norm", "symmetric",
+                                      "loss_reduction", "solarize_p", "view2"})
+RESOLVED_FILE = "resolved.json"  # a training stage's optim/train sections resolved at its batch and process count
+# files of a run folder that are no outputs: its config, its status, what it resolved to, `awenc submit`'s job
+# folder, the engine record
+_BOOKKEEPING = ("config.yaml", "status.json", RESOLVED_FILE, "slurm", "engine.json")
 _ABSENT = "<absent>"
 
 

@@ -68,14 +68,17 @@ def test_every_stage_row_names_a_function_and_a_config_class_that_loads_its_defa
 
 @pytest.mark.parametrize("method", ["simclr", "byol"])
 def test_imagenet_warmup_is_ten_epochs_of_the_split_it_pretrains_on(method):
-    """The recipes' warm-up is written in steps: 10 epochs of the pre-training split, not of the whole dataset."""
+    """The recipes' warm-up resolves to 10 epochs of the pre-training split, not of the whole dataset (written as
+    optim.warmup_epochs since #31; 3060 steps at the shipped batch, as the step count it replaced)."""
     from dist_awenc.config import PretrainConfig
     from dist_awenc.data import make_splits
+    from dist_awenc.engine.plan import resolve
 
     cfg = load_config(PretrainConfig, CONFIGS / "pretrain" / f"imagenet_resnet50_{method}.yaml")
     n_train = 1_281_167  # ImageNet-1k train
-    per_epoch = len(make_splits(n_train, cfg.data.split_seed, cfg.data.splits)["pretrain"]) // cfg.train.batch_size
-    assert cfg.optim.warmup_steps == 10 * per_epoch
+    n_split = len(make_splits(n_train, cfg.data.split_seed, cfg.data.splits)["pretrain"])
+    per_epoch = n_split // cfg.train.batch_size
+    assert resolve(cfg.optim, cfg.train, n_split, 8).warmup_steps == 10 * per_epoch == 3060
 
 
 def test_imagenet_moco_v2_has_global_batch_norm():

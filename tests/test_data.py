@@ -390,7 +390,10 @@ def test_view_config_validation_and_mild():
         ViewConfig(blur_sigma_min=3.0, blur_sigma_max=2.0)
     mild = mild_view_config()
     assert (mild.crop_scale_min, mild.grayscale_p, mild.blur_p, mild.jitter_p) == (0.8, 0.0, 0.0, 0.5)
-    assert all(f.type in ("int", "float", "bool", "str", int, float, bool, str) for f in dataclasses.fields(ViewConfig))
+    # plain fields, and one mapping of them (views.view2: the second view's overrides, keys checked when built)
+    assert all(f.type in ("int", "float", "bool", "str", int, float, bool, str) for f in dataclasses.fields(ViewConfig)
+               if f.name != "view2")
+    assert {f.name: f.type for f in dataclasses.fields(ViewConfig)}["view2"] in ("dict[str, float]", dict[str, float])
     with pytest.raises(ValueError, match="views.crop must be one of device, decode"):
         ViewConfig(crop="center")
 

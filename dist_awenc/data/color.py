@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["blend", "gaussian_blur", "hue_matrices", "luma"]
+__all__ = ["blend", "gaussian_blur", "hue_matrices", "luma", "solarize"]
 
 # ITU-R 601 luma weights (as torchvision's rgb_to_grayscale).
 _LUMA = (0.299, 0.587, 0.114)
@@ -42,6 +42,12 @@ def hue_matrices(hue: Tensor) -> Tensor:
     rot[:, 1, 1], rot[:, 1, 2] = cos, -sin
     rot[:, 2, 1], rot[:, 2, 2] = sin, cos
     return torch.linalg.inv(to_yiq) @ rot @ to_yiq
+
+
+def solarize(x: Tensor, threshold: float = 0.5) -> Tensor:
+    """BYOL's solarisation (Grill et al. 2020, Appendix B): ``x`` below ``threshold``, ``1 - x`` from it on (as
+    torchvision's ``RandomSolarize`` with its threshold at the middle of the range). Shape: any, values in [0, 1]."""
+    return torch.where(x < threshold, x, 1.0 - x)
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:

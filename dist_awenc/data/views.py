@@ -3,7 +3,8 @@
 Random parameters are drawn on the CPU from an explicit ``torch.Generator``
 (:func:`sample_params`) and then applied to a batch on whatever device it
 lives on (:func:`apply_params`): random-resized crop + horizontal flip as one
-affine resampling, colour jitter, random grayscale, gaussian blur.
+affine resampling, colour jitter, random grayscale, gaussian blur, solarisation (in that order, BYOL's). Each view
+is drawn from its own settings (``views.view2`` overrides the second view's: :meth:`ViewConfig.for_view`).
 
 :func:`make_views` draws the parameters of the *global* batch from
 ``(seed, step)`` and applies this rank's slice, so the views of a run do not
@@ -28,105 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .color import blend, gaussian_blur, hue_matrices, luma
+from .color import blend, gaussian_blur, hue_matrices, luma, solarize
 from .splits import derive_seed
 from .transfer import to_device_once
+from .view_config import CROP_MODES, PER_VIEW_FIELDS, ViewConfig, mild_view_config  # noqa: F401  (re-exported)
 
 __all__ = ["ViewConfig", "ViewDraw", "apply_params", "draw_views", "gaussian_blur", "make_views", "mild_view_config",
            "sample_params"]
-
-CROP_MODES = ("device", "decode")
-
-
-@dataclass
-class ViewConfig:
-    """Settings of the contrastive views (plain fields: usable as an OmegaConf structured config).
-
-    Attributes:
-        n_views: views made per image.
-        crop: where the random-resized crop is cut: ``device`` (the default) resamples the loaded S x S image on
-            the device (box area and aspect drawn, then clamped to the image); ``decode`` has the loader cut
-            torchvision's RandomResizedCrop boxes from the original image and resize them to S
-            (:mod:`dist_awenc.data.crops`), and the device only flips and colours (pre-training only).
-        crop_scale_min, crop_scale_max: area fraction of the random crop, in (0, 1].
-        crop_ratio_min, crop_ratio_max: aspect ratio (width / height) of the crop.
-        flip_p: probability of a horizontal flip.
-        jitter_p: probability of colour jitter.
-        brightness, contrast, saturation: jitter strength s; factors ~ U(max(0, 1-s), 1+s).
-        hue: hue shift ~ U(-hue, hue) in turns, hue in [0, 0.5].
-        grayscale_p: probability of converting to grayscale.
-        blur_p: probability of gaussian blur (0 skips blurring).
-        blur_sigma_min, blur_sigma_max: blur standard deviation range in pixels.
-    """
-
-    n_views: int = 2
-    crop: str = "device"
-    crop_scale_min: float = 0.3
-    crop_scale_max: float = 1.0
-    crop_ratio_min: float = 3 / 4
-    crop_ratio_max: float = 4 / 3
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: float = 0.0
-    blur_sigma_min: float = 0.1
-    blur_sigma_max: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.n_views < 1:
-            raise ValueError(f"views.n_views must be >= 1; got {self.n_views}")
-        if self.crop not in CROP_MODES:
-            raise ValueError(f"views.crop must be one of {', '.join(CROP_MODES)}; got {self.crop!r}")
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"views.{name} is a probability and must be in [0, 1]; got {value}")
-        if not 0.0 < self.crop_scale_min <= self.crop_scale_max <= 1.0:
-            raise ValueError(
-                "views.crop_scale_min/max must satisfy 0 < min <= max <= 1; "
-                f"got {self.crop_scale_min}, {self.crop_scale_max}"
-            )
-        if not 0.0 < self.crop_ratio_min <= self.crop_ratio_max:
-            raise ValueError(
-                "views.crop_ratio_min/max must satisfy 0 < min <= max; "
-                f"got {self.crop_ratio_min}, {self.crop_ratio_max}"
-            )
-        for name in ("brightness", "contrast", "saturation"):
-            value = getattr(self, name)
-            if value < 0.0:
-                raise ValueError(f"views.{name} must be >= 0; got {value}")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"views.hue must be in [0, 0.5]; got {self.hue}")
-        if not 0.0 < self.blur_sigma_min <= self.blur_sigma_max:
-            raise ValueError(
-                "views.blur_sigma_min/max must satisfy 0 < min <= max; "
-                f"got {self.blur_sigma_min}, {self.blur_sigma_max}"
-            )
-
-
-def mild_view_config() -> ViewConfig:
-    """Mild augmentation used when embedding the watermark.
-
-    Returns:
-        ViewConfig with crop scale 0.8..1, flip 0.5, jitter 0.5 (brightness,
-        contrast, saturation 0.2, hue 0.02), no grayscale, no blur.
-    """
-    return ViewConfig(
-        crop_scale_min=0.8,
-        crop_scale_max=1.0,
-        flip_p=0.5,
-        jitter_p=0.5,
-        brightness=0.2,
-        contrast=0.2,
-        saturation=0.2,
-        hue=0.02,
-        grayscale_p=0.0,
-        blur_p=0.0,
-    )
 
 
 # --------------------------------------------------------------------------- parameters
@@ -159,7 +68,8 @@ def sample_params(cfg: ViewConfig, n: int, generator: torch.Generator) -> dict[s
         ``flip`` (bool), ``jitter`` (bool), ``brightness``, ``contrast``,
         ``saturation`` (multiplicative factors), ``hue`` (shift in turns),
         ``gray`` (bool), ``blur`` (bool), ``blur_sigma`` (pixels),
-        ``blur_radius`` (long, kernel half-width, same for all samples).
+        ``blur_radius`` (long, kernel half-width, same for all samples), ``solarize`` (bool; drawn last, and only
+        where ``solarize_p > 0``: all False otherwise, and the generator is not consumed for it).
     """
     log_r = _uniform(n, math.log(cfg.crop_ratio_min), math.log(cfg.crop_ratio_max), generator)
     scale = _uniform(n, cfg.crop_scale_min, cfg.crop_scale_max, generator)
@@ -180,11 +90,12 @@ def sample_params(cfg: ViewConfig, n: int, generator: torch.Generator) -> dict[s
     blur = _flag(n, cfg.blur_p, generator)
     blur_sigma = _uniform(n, cfg.blur_sigma_min, cfg.blur_sigma_max, generator)
     blur_radius = torch.full((n,), max(1, math.ceil(3.0 * cfg.blur_sigma_max)), dtype=torch.long)
+    solarize = _flag(n, cfg.solarize_p, generator) if cfg.solarize_p > 0 else torch.zeros(n, dtype=torch.bool)
     return {
         "crop_w": crop_w, "crop_h": crop_h, "crop_cx": crop_cx, "crop_cy": crop_cy, "flip": flip,
         "jitter": jitter, "brightness": brightness, "contrast": contrast,
         "saturation": saturation, "hue": hue,
-        "gray": gray, "blur": blur, "blur_sigma": blur_sigma, "blur_radius": blur_radius,
+        "gray": gray, "blur": blur, "blur_sigma": blur_sigma, "blur_radius": blur_radius, "solarize": solarize,
     }
 
 
@@ -195,13 +106,14 @@ _THETA = slice(0, 6)  # the 2x3 affine matrix of crop + flip, row-major
 _BRIGHT, _CONTRAST, _SAT = 6, 7, 8  # colour-jitter factors
 _HUE = slice(9, 18)  # the 3x3 RGB hue rotation, row-major
 _SIGMA = 18  # blur sigma in pixels
-_ROWS = (19, 20, 21)  # jitter, gray, blur: the indices of the flagged images, first (exact in float32 below 2**24)
-_K = 22
-_FLAGS = ("jitter", "gray", "blur")
+# jitter, gray, blur, solarize: the indices of the flagged images, first (exact in float32 below 2**24)
+_ROWS = (19, 20, 21, 22)
+_K = 23
+_FLAGS = ("jitter", "gray", "blur", "solarize")
 
 
 def _pack(p: dict[str, Tensor], crop: bool = True) -> tuple[Tensor, Tensor, int]:
-    """:func:`sample_params` output for n images -> (packed (n, _K) float32, flags (n, 3) bool, blur radius), on the CPU.
+    """:func:`sample_params` output for n images -> (packed (n, _K) float32, flags (n, 4) bool, blur radius), on the CPU.
 
     ``crop=False`` (the loader cut the crop): the affine matrix is the flip alone.
     """
@@ -215,7 +127,7 @@ def _pack(p: dict[str, Tensor], crop: bool = True) -> tuple[Tensor, Tensor, int]
     packed[:, _BRIGHT], packed[:, _CONTRAST], packed[:, _SAT] = p["brightness"], p["contrast"], p["saturation"]
     packed[:, _HUE] = hue_matrices(p["hue"]).reshape(n, 9).to(torch.float32)
     packed[:, _SIGMA] = p["blur_sigma"]
-    flags = torch.stack([p[k].bool() for k in _FLAGS], dim=1)
+    flags = torch.stack([p[k].bool() if k in p else torch.zeros(n, dtype=torch.bool) for k in _FLAGS], dim=1)
     for col, flag in zip(_ROWS, flags.unbind(1)):
         rows = flag.nonzero().flatten()
         packed[: rows.numel(), col] = rows.to(torch.float32)
@@ -229,8 +141,8 @@ class ViewDraw:
     Attributes:
         packed: (V, b, _K) float32 CPU tensor, what the device needs; move it with
             :func:`~dist_awenc.data.transfer.to_device_once` (one copy for all the draws of a step).
-        flags: (V, b, 3) bool CPU tensor (jitter, grayscale, blur per image); never leaves the host.
-        radius: blur kernel half-width.
+        flags: (V, b, 4) bool CPU tensor (jitter, grayscale, blur, solarise per image); never leaves the host.
+        radius: blur kernel half-width (the largest of the views', where ``views.view2`` sets another sigma).
         crop: whether the views are cut here (``views.crop=device``) or were cut by the loader (``decode``).
     """
 
@@ -286,7 +198,7 @@ def _on_subset(x: Tensor, rows: Tensor, flag: Tensor, col: int, fn) -> Tensor:
 
 def _apply_packed(x: Tensor, rows: Tensor, flags: Tensor, radius: int, crop: bool = True) -> Tensor:
     """One view: crop + flip as one affine ``grid_sample`` (``crop=False``: the flip alone, as a masked select), then
-    jitter, grayscale and blur on the flagged images."""
+    jitter, grayscale, blur and solarisation on the flagged images."""
     if crop:
         theta = rows[:, _THETA].reshape(-1, 2, 3).to(x.dtype)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -296,7 +208,8 @@ def _apply_packed(x: Tensor, rows: Tensor, flags: Tensor, radius: int, crop: boo
     out = _on_subset(out, rows, flags[:, 0], _ROWS[0], _color_jitter)
     out = _on_subset(out, rows, flags[:, 1], _ROWS[1], lambda sub, r: luma(sub).expand_as(sub).contiguous())
     out = _on_subset(out, rows, flags[:, 2], _ROWS[2], lambda sub, r: gaussian_blur(sub, r[:, _SIGMA], radius))
-    return out.clamp(0.0, 1.0)
+    out = out.clamp(0.0, 1.0)  # solarising inverts around 0.5: on the clamped values, as on an image
+    return _on_subset(out, rows, flags[:, 3], _ROWS[3], lambda sub, r: solarize(sub))
 
 
 def _check_images(x: Tensor, n: int) -> None:
@@ -312,7 +225,7 @@ def apply_params(x: Tensor, params: dict[str, Tensor]) -> Tensor:
     """Apply per-sample augmentation parameters to a batch.
 
     Crop + flip (one affine ``grid_sample``, bilinear, ``align_corners=False``),
-    then colour jitter, grayscale and blur on the flagged samples only; the
+    then colour jitter, grayscale, blur and solarisation on the flagged samples only; the
     result is clamped to [0, 1]. The parameters reach ``x``'s device in one copy.
 
     Args:
@@ -343,10 +256,10 @@ def draw_views(cfg: ViewConfig, b: int, seed: int, step: int, rank: int = 0, wor
     gen = torch.Generator().manual_seed(derive_seed(seed, "views", stream, step))
     parts = []
     crop = cfg.crop == "device"
-    for _ in range(cfg.n_views):
-        params = sample_params(cfg, b * world_size, gen)
-        parts.append(_pack({k: v[rank * b : (rank + 1) * b] for k, v in params.items()}, crop))
-    return ViewDraw(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), parts[0][2], crop)
+    for v in range(cfg.n_views):
+        params = sample_params(cfg.for_view(v), b * world_size, gen)
+        parts.append(_pack({k: x[rank * b : (rank + 1) * b] for k, x in params.items()}, crop))
+    return ViewDraw(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), max(p[2] for p in parts), crop)
 
 
 def make_views(x: Tensor, cfg: ViewConfig, seed: int, step: int, rank: int = 0, world_size: int = 1, *,

@@ -14,11 +14,28 @@ from torch import nn
 HEAD_NORMS = ("none", "batch")
 
 
+class ScaleBatchNorm1d(nn.Module):
+    """BatchNorm over the batch with a learned per-feature scale and no shift (TensorFlow's ``center=False``), the
+    norm on SimCLR v1's projector output (google-research/simclr ``linear_layer(use_bias=False, use_bn=True)``).
+
+    Shape: ``(b, d)`` -> ``(b, d)``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False)
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x) * self.weight
+
+
 class MLPHead(nn.Module):
-    """``Linear -> [BatchNorm1d] -> ReLU -> ... -> Linear``.
+    """``Linear -> [BatchNorm1d] -> ReLU -> ... -> Linear [-> BatchNorm1d]``.
 
     Every layer but the last is followed by the optional normalisation and a
-    ReLU; the last layer is a plain ``Linear`` (no norm, no activation).
+    ReLU; the last layer is a plain ``Linear`` (no activation), followed by a BatchNorm (scale, no shift:
+    :class:`ScaleBatchNorm1d`) where ``out_norm="batch"``, which then has no bias.
 
     Args:
         in_dim: input feature size.
@@ -27,6 +44,7 @@ class MLPHead(nn.Module):
         num_layers: number of ``Linear`` layers (>= 1).
         norm: ``"none"`` or ``"batch"`` (``BatchNorm1d`` after each hidden
             ``Linear``, which then has no bias).
+        out_norm: ``"none"`` or ``"batch"`` (SimCLR v1's BatchNorm on the output layer).
 
     Shape:
         input ``(b, in_dim)`` -> output ``(b, out_dim)``.
@@ -39,6 +57,7 @@ class MLPHead(nn.Module):
         out_dim: int,
         num_layers: int = 2,
         norm: str = "none",
+        out_norm: str = "none",
     ) -> None:
         super().__init__()
         for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
@@ -48,6 +67,8 @@ class MLPHead(nn.Module):
             raise ValueError(f"MLPHead: num_layers must be an int >= 1, got {num_layers!r}")
         if norm not in HEAD_NORMS:
             raise ValueError(f"MLPHead: norm must be one of {', '.join(HEAD_NORMS)}; got {norm!r}")
+        if out_norm not in HEAD_NORMS:
+            raise ValueError(f"MLPHead: out_norm must be one of {', '.join(HEAD_NORMS)}; got {out_norm!r}")
         self.in_dim = in_dim
         self.hidden_dim = hidden_dim
         self.out_dim = out_dim
@@ -62,7 +83,10 @@ class MLPHead(nn.Module):
                 layers.append(nn.BatchNorm1d(hidden_dim))
             layers.append(nn.ReLU(inplace=True))
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim))
+        layers.append(nn.Linear(dim, out_dim, bias=out_norm == "none"))
+        if out_norm == "batch":
+            layers.append(ScaleBatchNorm1d(out_dim))
+        self.out_norm = out_norm
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,5 +96,5 @@ class MLPHead(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_dim={self.in_dim}, hidden_dim={self.hidden_dim}, out_dim={self.out_dim}, "
-            f"num_layers={self.num_layers}, norm={self.norm!r}"
+            f"num_layers={self.num_layers}, norm={self.norm!r}" + (f", out_norm={self.out_norm!r}" if self.out_norm != "none" else "")
         )

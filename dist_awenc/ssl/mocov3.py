@@ -20,7 +20,9 @@ class MoCoV3(BYOL):
 
     Query = ``predictor(projector(backbone(view)))``; key = ``momentum_projector(momentum_backbone(view))``
     (frozen copies, averaged by :meth:`momentum_update`). Symmetrised loss
-    ``(L(q1, k2) + L(q2, k1)) / 2`` with :func:`~dist_awenc.ssl.losses.mocov3_infonce`: the keys of every rank
+    ``(L(q1, k2) + L(q2, k1)) / 2`` (``loss_reduction="sum"``: the paper's ``L(q1, k2) + L(q2, k1)``; its ``2T``
+    factor is left out: under AdamW, the paper's optimiser, a constant loss scale changes nothing but Adam's eps)
+    with :func:`~dist_awenc.ssl.losses.mocov3_infonce`: the keys of every rank
     are gathered (no gradient), so the negatives are the rest of the global batch; there is no queue. The momentum
     follows the cosine schedule of the paper, BYOL's (:func:`~dist_awenc.ssl.methods.byol_momentum`: from
     ``momentum`` to 1; the last value used is kept in ``current_momentum``): the networks, the predictor and the
@@ -29,7 +31,8 @@ class MoCoV3(BYOL):
     holds (heads, momentum encoders) is in its ``state_dict``, so a checkpoint resumes it exactly.
 
     Args:
-        backbone, feature_dim, proj_hidden_dim, proj_dim, head_norm: see :class:`SSLMethod`.
+        backbone, feature_dim, proj_hidden_dim, proj_dim, head_norm, proj_out_norm, loss_reduction: see
+            :class:`~dist_awenc.ssl.base.SSLMethod`.
         temperature: InfoNCE temperature (default 0.2, the paper's ViT setting).
         momentum: base momentum ``m0`` in ``[0, 1]`` (default 0.99).
         pred_hidden_dim: hidden width of the predictor (default 512).
@@ -37,6 +40,8 @@ class MoCoV3(BYOL):
     Shape:
         ``views: [(b, 3, H, W)] * 2`` -> ``{"loss": ()}``.
     """
+
+    micro_batch_terms = ("MoCo v3's negatives come from each micro-batch",)
 
     def __init__(
         self,
@@ -46,12 +51,15 @@ class MoCoV3(BYOL):
         proj_hidden_dim: int = 512,
         proj_dim: int = 128,
         head_norm: str = "none",
+        proj_out_norm: str = "none",
+        loss_reduction: str = "mean",
         temperature: float = 0.2,
         momentum: float = 0.99,
         pred_hidden_dim: int = 512,
     ) -> None:
         super().__init__(backbone, feature_dim, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, head_norm=head_norm,
-                         momentum=momentum, pred_hidden_dim=pred_hidden_dim)
+                         proj_out_norm=proj_out_norm, loss_reduction=loss_reduction, momentum=momentum,
+                         pred_hidden_dim=pred_hidden_dim)
         _check_temperature(temperature, "MoCoV3")
         self.temperature = float(temperature)
 
@@ -62,5 +70,5 @@ class MoCoV3(BYOL):
         with torch.no_grad():
             k1 = self.momentum_projector(self.momentum_backbone(v1))
             k2 = self.momentum_projector(self.momentum_backbone(v2))
-        loss = 0.5 * (mocov3_infonce(q1, k2, self.temperature) + mocov3_infonce(q2, k1, self.temperature))
+        loss = self._two_way(mocov3_infonce(q1, k2, self.temperature), mocov3_infonce(q2, k1, self.temperature))
         return {"loss": loss}

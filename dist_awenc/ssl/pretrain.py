@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,11 +18,12 @@ from dist_awenc.encoders.registry import resolve_arch_kwargs
 from dist_awenc.engine.dist import gather_objects
 from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator, prepare_model
 from dist_awenc.engine.optim import build_optimizer
-from dist_awenc.engine.plan import TrainPlan, loop_settings
+from dist_awenc.engine.plan import Resolved, TrainPlan, loop_settings, refuse_silent_grad_accum, resolve  # noqa: F401
 from dist_awenc.errors import ConfigError
 from dist_awenc.data.ffcv import build_source, source_options
 from dist_awenc.log import info
-from dist_awenc.runs import open_run
+from dist_awenc.files import atomic_write_text
+from dist_awenc.runs import RESOLVED_FILE, open_run
 from dist_awenc.ssl.methods import METHODS, build_method
 
 
@@ -41,17 +43,43 @@ def encoder_from_config(enc, image_size: int) -> tuple[Encoder, str, dict]:
 
 
 def method_from_config(ssl, enc, encoder: Encoder) -> torch.nn.Module:
-    """Wrap ``encoder`` in the SSL method an ``ssl:`` section names (heads built fresh)."""
+    """Wrap ``encoder`` in the SSL method an ``ssl:`` section names (heads built fresh).
+
+    A setting the method has no use for is an error where it is not at its default (``ssl.symmetric=false`` is
+    MoCo v2's); a value the method refuses is a one-line ConfigError.
+    """
     if ssl.method not in METHODS:
         raise ConfigError(f"unknown ssl.method '{ssl.method}'; valid: {', '.join(sorted(METHODS))}")
     kwargs: dict[str, Any] = dict(
         proj_hidden_dim=enc.proj_hidden_dim, proj_dim=enc.proj_dim, head_norm=enc.head_norm,
+        proj_out_norm=getattr(enc, "proj_out_norm", "none"), loss_reduction=ssl.loss_reduction,
         queue_size=ssl.queue_size, momentum=ssl.momentum, pred_hidden_dim=ssl.pred_hidden_dim,
     )
     if ssl.temperature is not None:
         kwargs["temperature"] = ssl.temperature
     accepted = inspect.signature(METHODS[ssl.method]).parameters
-    return build_method(ssl.method, encoder, encoder.feature_dim, **{k: v for k, v in kwargs.items() if k in accepted})
+    if not ssl.symmetric:
+        if "symmetric" not in accepted:
+            raise ConfigError(f"ssl.symmetric=false is MoCo v2's one-direction loss; {ssl.method}'s loss is symmetric "
+                              "by definition (leave ssl.symmetric at true)")
+        kwargs["symmetric"] = False
+    try:
+        return build_method(ssl.method, encoder, encoder.feature_dim, **{k: v for k, v in kwargs.items() if k in accepted})
+    except ValueError as e:
+        raise ConfigError(f"ssl/encoder settings: {str(e).splitlines()[0]}") from None
+
+
+def micro_batch_terms(method: torch.nn.Module, contrastive: bool = True) -> list[str]:
+    """What ``method`` (a trained module: SSL method or stage 2's task) takes from its whole batch, as clauses for
+    :func:`~dist_awenc.engine.plan.refuse_silent_grad_accum`: the method's own terms (where its loss is computed:
+    ``contrastive``), and BatchNorm statistics where a BatchNorm trains (stage 2's frozen ones do not)."""
+    was = method.training
+    method.train()
+    terms = list(getattr(getattr(method, "method", method), "micro_batch_terms", ())) if contrastive else []
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in method.modules()):
+        terms.append("BatchNorm statistics (SyncBN's too) come from each micro-batch")
+    method.train(was)
+    return terms
 
 
 class PretrainInputs(StepInputs):
@@ -87,11 +115,13 @@ def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path
                                    cfg.train.grad_accum, cfg.train.compile, cfg.train.deepspeed, cfg.optim.name)
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
     indices = splits_for(len(dataset), cfg.data.split_seed, cfg.data.splits, "pre-training", "pretrain")["pretrain"]
-    plan = TrainPlan.of(cfg.train, len(indices))
+    scale = resolve(cfg.optim, cfg.train, len(indices))
+    plan = scale.plan
     torch.manual_seed(cfg.run.seed)
     encoder, arch, akw = encoder_from_config(cfg.encoder, cfg.data.image_size)
     method = prepare_model(method_from_config(cfg.ssl, cfg.encoder, encoder), accelerator, cfg.train.sync_bn)
-    optimizer = build_optimizer(method, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum)
+    refuse_silent_grad_accum(cfg.train.grad_accum, cfg.train.grad_accum_ok, micro_batch_terms(method))
+    optimizer = build_optimizer(method, cfg.optim.name, scale.lr, cfg.optim.weight_decay, cfg.optim.momentum)
     rank, world = accelerator.process_index, accelerator.num_processes
     sampler = GlobalBatchSampler(indices, cfg.train.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)
 
@@ -101,22 +131,30 @@ def pretrain(cfg: PretrainConfig, *, interrupt_at: Optional[int] = None) -> Path
     with open_run(cfg, "pretrain") as run_dir:
         info(f"pretrain {cfg.ssl.method} {arch} on {cfg.data.name} ({len(indices)} images, {world} process(es), "
              f"{plan.total_steps} steps) -> {run_dir}")
+        note_resolved(scale, run_dir, accelerator.is_main_process)
         method = fit(
             accelerator, method, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, gather=gather_objects, **source_options(cfg.data),
                                                 crops=crop_spec(cfg.views, cfg.data.image_size, cfg.run.seed)),
             make_inputs=pretrain_inputs(cfg.views, cfg.run.seed, rank, world),
-            lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
+            lr_at=cosine_schedule(plan.total_steps, scale.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
             settings=loop_settings(cfg.train, run_dir, plan, f"pretrain {cfg.ssl.method}"),
             config_yaml=to_yaml(cfg), after_step=after_step, interrupt_at=interrupt_at,
         )
         if accelerator.is_main_process:
             save_method(method, run_dir)
             card = card_for(method.backbone, arch=arch, arch_kwargs=akw, method=cfg.ssl.method, stage="pretrain",
-                            parent=None, extra={"config": to_dict(cfg)})
+                            parent=None, extra={"config": to_dict(cfg), "resolved": scale.record()})
             save_encoder(method.backbone, run_dir / "encoder", card)
             info(f"encoder -> {run_dir / 'encoder.safetensors'}")
         accelerator.wait_for_everyone()
     return run_dir / "encoder.safetensors"
+
+
+def note_resolved(scale: Resolved, run_dir: Path, main: bool) -> None:
+    """Print what the run's optim/train sections resolved to; rank 0 writes it to ``run_dir/resolved.json``."""
+    info(f"resolved: {scale.summary()}")
+    if main:
+        atomic_write_text(run_dir / RESOLVED_FILE, json.dumps(scale.record(), indent=2) + "\n")
 
 
 def save_method(method: torch.nn.Module, run_dir: Path) -> None:

@@ -35,12 +35,12 @@ from dist_awenc.encoders.io import Encoder, card_for, load_encoder, read_state, 
 from dist_awenc.engine.dist import gather_objects
 from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator, prepare_model
 from dist_awenc.engine.optim import build_optimizer
-from dist_awenc.engine.plan import TrainPlan, loop_settings
+from dist_awenc.engine.plan import loop_settings, refuse_silent_grad_accum, resolve
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.data.ffcv import build_source, source_options
 from dist_awenc.log import info
 from dist_awenc.runs import open_run
-from dist_awenc.ssl.pretrain import method_from_config, save_method
+from dist_awenc.ssl.pretrain import method_from_config, micro_batch_terms, note_resolved, save_method
 from dist_awenc.watermark.secret import Secret, load_secret, note_release
 from dist_awenc.watermark.shadow import Shadow, build_shadow, row_cos as _cos
 from dist_awenc.watermark.transforms import TransformParams, apply_drawn, draws_for_rank
@@ -220,7 +220,8 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
         raise ArtifactError(f"sizes disagree: encoder {card['input_size']} px, secret {secret.image_size} px, data.image_size={cfg.data.image_size}")
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
     indices = splits_for(len(dataset), cfg.data.split_seed, cfg.data.splits, "embedding", "pretrain")["pretrain"]
-    plan = TrainPlan.of(cfg.train, len(indices))
+    scale = resolve(cfg.optim, cfg.train, len(indices))
+    plan = scale.plan
     torch.manual_seed(cfg.run.seed)
     f = copy.deepcopy(f0)
     enc_section = _encoder_section_from_card(card, cfg)
@@ -233,7 +234,9 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
                      **{k: getattr(cfg.loss, k) for k in
                         ("lambda_cl", "lambda_wm", "lambda_dev", "lambda_key", "lambda_keep", "freeze_bn")})
     task = prepare_model(task, accelerator, cfg.train.sync_bn)
-    optimizer = build_optimizer(task, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum)
+    refuse_silent_grad_accum(cfg.train.grad_accum, cfg.train.grad_accum_ok,
+                             micro_batch_terms(task, contrastive=cfg.loss.lambda_cl > 0))
+    optimizer = build_optimizer(task, cfg.optim.name, scale.lr, cfg.optim.weight_decay, cfg.optim.momentum)
     rank, world = accelerator.process_index, accelerator.num_processes
     sampler = GlobalBatchSampler(indices, cfg.train.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)
     robust = TransformParams.of(cfg.robust)
@@ -247,15 +250,16 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
              f"{world} process(es), {plan.total_steps} steps"
              + (f", transforms {'/'.join(robust.transforms)}" if robust.enabled else "")
              + (f", shadow student x{cfg.shadow.weight:g}" if shadow is not None else "") + f") -> {run_dir}")
+        note_resolved(scale, run_dir, accelerator.is_main_process)
         task = fit(accelerator, task, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, gather=gather_objects, **source_options(cfg.data)), make_inputs=make_inputs,
-                   lr_at=cosine_schedule(plan.total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
+                   lr_at=cosine_schedule(plan.total_steps, scale.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
                    settings=loop_settings(cfg.train, run_dir, plan, "embed"), config_yaml=to_yaml(cfg),
                    after_step=lambda m, step: m.after_step(step, plan.total_steps, cfg.shadow.refresh), interrupt_at=interrupt_at)
         if accelerator.is_main_process:
             save_method(task.method, run_dir)
             new_card = card_for(task.backbone, arch=card["arch"], arch_kwargs=card["arch_kwargs"], method=card.get("method", ""),
                                 stage="embed", parent=card.get("sha256"),
-                                extra={"secret_sha256": secret.sha256, "config": to_dict(cfg)})
+                                extra={"secret_sha256": secret.sha256, "config": to_dict(cfg), "resolved": scale.record()})
             save_encoder(task.backbone, run_dir / "encoder", new_card)
             note_release(cfg.secret, run_dir / "encoder.safetensors", secret.sha256)  # a later calibration binds, not seals
             info(f"watermarked encoder -> {run_dir / 'encoder.safetensors'}")
@@ -269,7 +273,7 @@ def _encoder_section_from_card(card: dict, cfg: EmbedConfig):
 
     recorded = (card.get("config") or {}).get("encoder") or {}
     sec = EncoderSection()
-    for k in ("proj_hidden_dim", "proj_dim", "head_norm"):
+    for k in ("proj_hidden_dim", "proj_dim", "head_norm", "proj_out_norm"):
         if k in recorded:
             setattr(sec, k, recorded[k])
     if card.get("method") and card["method"] != cfg.ssl.method:
