@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from dist_awenc.config_checks import check_ablation, check_optim, check_robust, check_shadow, check_targets, check_train
+from dist_awenc.config_checks import check_optim, check_robust, check_shadow, check_train
 from dist_awenc.config_loading import load_config, to_dict, to_yaml  # noqa: F401  (re-exported)
 from dist_awenc.data.views import ViewConfig, mild_view_config
 
@@ -365,42 +365,3 @@ class CalibrateConfig:
     generation: GenerationSection = field(default_factory=GenerationSection)
     probe: ProbeSection = field(default_factory=ProbeSection)
     verify: VerifySection = field(default_factory=VerifySection)
-
-
-@dataclass
-class VariantSection:
-    """One watermark variant of `awenc ablation`."""
-
-    robustness: str = ""  # a finished `awenc robustness` run folder
-    stages: list[str] = field(default_factory=list)  # run folders whose seconds are the variant's cost
-
-
-@dataclass
-class TargetsSection:
-    """What a robust watermark must reach (issue #11's targets by default); `awenc ablation` says, per variant, which
-    hold. A TPR counts only where no held-out null family was detected in that mode."""
-
-    probe_points: float = 0.5  # the linear probe may lose at most this many points against the clean f0
-    knn_points: float = 1.0  # likewise kNN
-    whitebox_tpr: float = 0.95
-    blackbox_tpr: float = 0.95  # the best black-box mode's
-    label_tpr: float = 0.8  # the best label-only mode's
-
-    def __post_init__(self) -> None:
-        check_targets(self)
-
-
-@dataclass
-class AblationConfig:
-    run: RunSection = field(default_factory=lambda: RunSection(name="ablation"))
-    clean: str = ""  # the owner's clean f0 run folder (utility reference; its seconds are the pre-training cost)
-    # utility: f0 and each variant's watermarked encoder probed on the same seeded train/test splits (0..n-1) of the
-    # pirate data, with the data and probe settings of the variants' robustness runs; a change is the paired mean
-    utility_splits: int = 5
-    variants: dict[str, VariantSection] = field(default_factory=dict)
-    targets: TargetsSection = field(default_factory=TargetsSection)
-    # an earlier run's ablation.json: render its table, targets and plot again without measuring anything
-    report: str = ""
-
-    def __post_init__(self) -> None:
-        check_ablation(self)

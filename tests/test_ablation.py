@@ -162,7 +162,7 @@ def _summary(tpr: dict[str, float], fp: dict[str, int], probe_change: float = 0.
 
 def test_targets_hold_only_where_the_calibration_backs_the_tpr():
     from dist_awenc.stages.ablation import check_targets
-    from dist_awenc.config import TargetsSection
+    from dist_awenc.config_ablation import TargetsSection
 
     t = TargetsSection()
     ok = check_targets(_summary({"whitebox": 0.95, "blackbox_score": 0.95, "blackbox_label": 0.8},

@@ -47,7 +47,7 @@ STAGES: dict[str, Stage] = {
     "robustness": Stage("attack x strength x verification mode grid on one machine: robustness.csv and plots",
                         "dist_awenc.stages.robustness:robustness", "dist_awenc.stages.robustness:RobustnessConfig"),
     "ablation": Stage("compare watermark variants' robustness runs: utility, TPR per mode, held-out FP, cost",
-                      "dist_awenc.stages.ablation:ablation", "dist_awenc.config:AblationConfig"),
+                      "dist_awenc.stages.ablation:ablation", "dist_awenc.config_ablation:AblationConfig"),
     "calibrate": Stage("set each mode's margin from a null population; exact bound on the false-positive rate",
                        "dist_awenc.stages.calibrate:calibrate", "dist_awenc.config:CalibrateConfig"),
     "demo": Stage("the whole method on scikit-learn's digits, on CPU, with a verdict table",

@@ -26,7 +26,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from dist_awenc.config import AblationConfig, DataSection, ProbeSection, TargetsSection, VariantSection, load_config
+from dist_awenc.config import DataSection, ProbeSection, load_config
+from dist_awenc.config_ablation import AblationConfig, TargetsSection, VariantSection
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.files import atomic_write_text, read_json, save_figure
 from dist_awenc.log import info
