@@ -146,7 +146,19 @@ def recount(path: Path, base: dict) -> dict:
         if out[0]["perm"] is not None:
             summary[rule]["permutation"] = sum(bool(o["perm"]) for o in kept)
     _check_committed(path, summary)
+    summary["unbacked"] = _unbacked(path)
     return summary
+
+
+def _unbacked(path: Path) -> set[str]:
+    """The modes whose calibrated threshold held-out null families crossed, for the table's variant (its folder's
+    ablation.json); empty where the folder has no ablation.json entry for it."""
+    ab = path.parent.parent / "ablation.json"
+    if not ab.exists():
+        return set()
+    variants = {v["variant"]: v for v in json.loads(ab.read_text())["variants"]}
+    cal = variants.get(path.parent.name, {}).get("calibration", {})
+    return {m for m, c in cal.items() if c.get("heldout_positive", 0) > 0}
 
 
 def _check_committed(path: Path, summary: dict) -> None:
@@ -192,7 +204,9 @@ def render(group: str, tables: dict[str, dict], command: str, base: dict) -> str
              "architecture on the pirate's task, on the linear probe and on kNN, and probes within 5 points of the "
              "unattacked watermarked encoder. `kept` is the rule the tables were made with (the 5 points alone). "
              "Each mode: detected / counted, at the table's calibrated thresholds (`calibrated_*`), or at the plan's "
-             "margins where the table has none (`decision_*`, permutation/).", "",
+             "margins where the table has none (`decision_*`, permutation/). † : held-out null families crossed that "
+             "mode's threshold (the variant's calibration in this folder's ablation.json), so the TPR is not backed.",
+             "",
              f"f0's advantage over random init (f0's architecture), in test images of {n_test}, probe / kNN: {gaps}. "
              f"Half of the probe's advantage is {min(probe_gaps) / 2:g}"
              + (f" to {max(probe_gaps) / 2:g}" if max(probe_gaps) > min(probe_gaps) else "") + " images: the probe "
@@ -201,7 +215,8 @@ def render(group: str, tables: dict[str, dict], command: str, base: dict) -> str
              + (" permutation at its limit |" if perm else ""), "|---|---|---|---|---|---|" + ("---|" if perm else "")]
     for rel, t in tables.items():
         o, n = t["old"], t["theft"]
-        cells = [f"{_frac(o[m], o['n'])} -> {_frac(n[m], n['n'])}" if m in o else "(not measured)" for m in MODES]
+        cells = [f"{_frac(o[m], o['n'])} -> {_frac(n[m], n['n'])}" + (" †" if m in t["unbacked"] else "")
+                 if m in o else "(not measured)" for m in MODES]
         if perm:
             cells.append(f"{_frac(o['permutation'], o['n'])} -> {_frac(n['permutation'], n['n'])}"
                          if "permutation" in o else "-")
