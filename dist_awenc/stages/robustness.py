@@ -149,8 +149,8 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
                            "rel_weight_change": details.get("rel_weight_change", float("nan"))}
     arch, kwargs = details.get("arch", ctx.card["arch"]), details.get("arch_kwargs", ctx.card["arch_kwargs"])
     row["arch"], row["arch_kwargs"] = arch, json.dumps(kwargs, sort_keys=True)
-    row.update(theft_baselines(ctx.clean or ctx.encoder, ctx.card, ctx.pirate, ctx.probe, out_dir / "baselines",
-                               arch, kwargs, task.seed))
+    f0 = ctx.clean if ctx.clean is not None else ctx.encoder
+    row.update(theft_baselines(f0, ctx.card, ctx.pirate, ctx.probe, out_dir / "baselines", arch, kwargs, task.seed))
     # a query-side attack changes what the deployed model sees, not the weights the owner inspects
     weights_only = ctx.encoder if details.get("query_transform") else attacked
     row["secret_sha256"] = ctx.secret.sha256
