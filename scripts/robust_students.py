@@ -33,7 +33,9 @@ def main() -> None:
     args = parser.parse_args()
     lines = [f"# The {'10-epoch students' if args.run == 'students10' else 'escaping derivatives'} over five seeds "
              "(60-family calibration)", "",
-             "Kept: seeds whose pirate accuracy stays within 5 points of the clean encoder's. Each mode column: of those, "
+             "Kept: seeds that are thefts (#27: at least half of f0's advantage over a random init on probe and kNN, "
+             "and within 5 points of the unattacked encoder; for runs made before #27, within the 5 points only). "
+             "Each mode column: of those, "
              "how many its calibrated threshold detects. tau*: white-box, per seed 0-4 (threshold in brackets).", "",
              "| variant | derivative | kept | white-box | score | label | collapse | white-box tau* per seed |",
              "|---|---|---|---|---|---|---|---|"]
@@ -46,7 +48,9 @@ def main() -> None:
         for attack, strength in sorted(attacks, key=_row_order):
             rs = sorted((r for r in rows if r["attack"] == attack and float(r["strength"]) == float(strength)),
                         key=lambda r: int(r["seed"]))
-            kept = [r for r in rs if r["keeps_utility"] == "True"]
+            # runs since #27 carry `theft` (half of f0's advantage over random init, and the 5 points); older ones
+            # only the 5-point rule, `keeps_utility` (scripts/recount_thefts.py recounts the committed tables)
+            kept = [r for r in rs if r.get("theft", r["keeps_utility"]) == "True"]
             hits = [f"{sum(r[f'calibrated_{m}'] == 'True' for r in kept)}/{len(kept)}" for m in MODES]
             taus = ", ".join(f"{float(r['tau_star_whitebox']):.4f}" for r in rs)
             lines.append(f"| {v} | {attack}@{float(strength):g} | {len(kept)}/{len(rs)} | " + " | ".join(hits)

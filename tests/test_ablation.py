@@ -33,10 +33,11 @@ def _encoder(folder: Path, seed: int) -> Path:
 
 
 def _variant(root: Path, name: str, detected: dict[str, int], of: int, probe: float, heldout_fp: int,
-             seeds: tuple[int, ...] = (0,), probe_epochs: int = 2, encoder: Path | None = None) -> Path:
+             seeds: tuple[int, ...] = (0,), probe_epochs: int = 2, encoder: Path | None = None,
+             thefts: bool = False) -> Path:
     """A collected robustness run and its calibration, measured in the modes ``detected`` names, its unattacked
     rows at ``seeds`` with a linear head trained ``probe_epochs``; it attacked ``encoder`` (a new random one when
-    None)."""
+    None). ``thefts``: collected with #27's theft rule (its summary counts ``thefts``), else before it."""
     modes = list(detected)
     encoder = encoder or _encoder(root / f"wm_{name}", seed=len(name))
     cal = root / f"cal_{name}" / "calibration.json"
@@ -53,7 +54,7 @@ def _variant(root: Path, name: str, detected: dict[str, int], of: int, probe: fl
     (rob / "config.yaml").write_text(to_yaml(cfg))
     (rob / "robustness.json").write_text(json.dumps({"thresholds": {m: 0.01 for m in modes}, "modes": {
         m: {"tpr": detected[m] / of, "detected": detected[m], "of": of, "missed": ["distill@30"] * (of - detected[m])}
-        for m in modes}}))
+        for m in modes}, **({"thefts": of} if thefts else {})}))
     with (rob / "robustness.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["attack", "strength", "seed", "linear_probe", "knn"])
         w.writeheader()
@@ -72,7 +73,7 @@ def test_ablation_table_compares_variants_against_the_clean_encoder(tmp_path):
     plain = _variant(tmp_path, "plain", {"whitebox": 3, "blackbox_score": 2, "blackbox_label": 1}, 4, 0.97, 0,
                      encoder=f0)
     both = _variant(tmp_path, "both", {"whitebox": 4, "blackbox_score": 2, "blackbox_label": 3,
-                                       "blackbox_collapse": 4}, 4, 0.96, 1)
+                                       "blackbox_collapse": 4}, 4, 0.96, 1, thefts=True)
     assert set(MODES) == {"whitebox", "blackbox_score", "blackbox_label", "blackbox_collapse"}
     args = ["ablation", f"run.out_dir={tmp_path}", f"clean={f0}", "utility_splits=2",
             f"variants.plain.robustness={plain}", f"variants.plain.stages=[{tmp_path / 'plain_watermark'},{tmp_path / 'plain_embed'}]",
@@ -91,6 +92,9 @@ def test_ablation_table_compares_variants_against_the_clean_encoder(tmp_path):
     md = (tmp_path / "ablation" / "ablation.md").read_text()
     assert "| plain |" in md and "plain, whitebox: distill@30" in md and "(0.50x)" in md
     assert "| TPR collapse |" in md and "| 0/15, 0/15, 0/15, n/a |" in md and "| 1.00 (4/4) † |" in md
+    # both was collected with the theft rule (#27), plain before it: the table says what its TPRs count
+    assert rows["both"]["counted"] == "thefts" and rows["plain"]["counted"] == "utility-preserving derivatives"
+    assert "TPR = share of the utility-preserving derivatives (thefts for some variants) detected" in md
     assert rows["plain"]["best_blackbox_tpr"] == 0.5 and "blackbox_collapse" not in rows["plain"]["tpr"]
     assert (tmp_path / "ablation" / "ablation.png").stat().st_size > 0
     # both's white-box 1.00 let a held-out family through: the target is missed, and the table says why

@@ -4,7 +4,14 @@ The unit of work is one (attack, strength, seed) task that writes its own
 result file (``tasks/<id>.json``, atomically); the SLURM sweep distributes the
 same tasks. Tasks whose file exists are skipped, so an interrupted grid
 resumes. Collection writes ``robustness.csv``, ``robustness.json`` (TPR per
-mode among derivatives that keep the pirate's utility) and the plots.
+mode among the derivatives that are thefts) and the plots.
+
+A theft (:mod:`dist_awenc.evaluate.theft`) keeps at least half of f0's advantage
+over a randomly initialised encoder of its own architecture, on the linear probe
+and on kNN, and probes within 5 points of the unattacked watermarked encoder. So
+each task also measures, once per seed (``baselines/``), f0 (the clean parent)
+and a seeded random init of the derivative's architecture on the same split, and
+its row carries those numbers; rows that are not thefts are listed as such.
 """
 from __future__ import annotations
 
@@ -25,10 +32,12 @@ from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import load_encoder
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
+from dist_awenc.evaluate.theft import theft_decision
 from dist_awenc.files import atomic_path, atomic_write_text, save_figure
 from dist_awenc.log import info
 from dist_awenc.runs import open_run
 from dist_awenc.stages.calibrate import collect_samples
+from dist_awenc.stages.theft import load_clean, theft_baselines
 from dist_awenc.verify.calibration import load_calibration, mode_test, tau_star
 from dist_awenc.verify.core import MODES, images_for
 from dist_awenc.verify.permutation import verify_permutation
@@ -41,7 +50,13 @@ class GridSection:
     attacks: list[str] = field(default_factory=list)  # empty: every registered attack
     strengths: dict[str, list[float]] = field(default_factory=dict)  # per attack; default: its registered grid
     seeds: list[int] = field(default_factory=lambda: [0])
-    utility_drop: float = 0.05  # derivatives losing more accuracy are no threat (METHOD.md)
+    utility_drop: float = 0.05  # a theft probes within this of the unattacked encoder (METHOD.md)
+    advantage_kept: float = 0.5  # ... and keeps this share of f0's advantage over random init, probe and kNN
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.advantage_kept <= 1:
+            raise ConfigError(f"grid.advantage_kept must be in [0, 1] (the share of f0's advantage over a random "
+                              f"encoder a theft keeps), got {self.advantage_kept}")
 
 
 @dataclass
@@ -49,6 +64,9 @@ class RobustnessConfig:
     run: RunSection = field(default_factory=lambda: RunSection(name="robustness"))
     encoder: str = ""  # the watermarked encoder
     secret: str = ""
+    # f0, the clean parent the theft rule measures against (file or run folder); "": the encoder's card's (its
+    # embedding config's encoder, checked against the card's parent hash), or the encoder itself if it has none
+    clean: str = ""
     data: DataSection = field(default_factory=DataSection)
     grid: GridSection = field(default_factory=GridSection)
     options: AttackOptions = field(default_factory=AttackOptions)
@@ -94,11 +112,13 @@ class Context:
     verify: VerifySection
     settings: dict[str, Settings] = field(default_factory=dict)  # per mode: n, alpha, margin (plan + calibration)
     alternatives: Optional[AlternativeSecrets] = None  # the plan's J alternatives: the permutation test per task
+    clean: Optional[torch.nn.Module] = None  # f0, the theft rule's reference (None: the encoder itself)
 
     @classmethod
     def load(cls, encoder: str, secret: str, data: DataSection, options: AttackOptions, probe: ProbeSection,
-             verify: VerifySection) -> "Context":
+             verify: VerifySection, clean: str = "") -> "Context":
         enc, card = load_encoder(encoder)
+        f0 = load_clean(card, clean)
         sec = load_secret(secret)
         if card["input_size"] != sec.image_size:
             raise ArtifactError(f"encoder takes {card['input_size']} px but the secret is {sec.image_size} px")
@@ -109,7 +129,7 @@ class Context:
         # only the hold-out images some mode's budget pays for are decoded (every mode takes a prefix)
         holdout, _ = dataset.get_batch(splits["holdout"][: max(images_for(m, s.n) for m, s in settings.items())])
         return cls(enc, card, sec, holdout, PirateData.load(data, sec.image_size), options, probe, verify, settings,
-                   load_plan_alternatives(secret, sec))
+                   load_plan_alternatives(secret, sec), f0)
 
 
 def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) -> dict[str, Any]:
@@ -127,6 +147,10 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
     row: dict[str, Any] = {**asdict(task), "linear_probe": metrics["linear_probe"], "knn": metrics["knn"],
                            "attack_seconds": details["seconds"],
                            "rel_weight_change": details.get("rel_weight_change", float("nan"))}
+    arch, kwargs = details.get("arch", ctx.card["arch"]), details.get("arch_kwargs", ctx.card["arch_kwargs"])
+    row["arch"], row["arch_kwargs"] = arch, json.dumps(kwargs, sort_keys=True)
+    f0 = ctx.clean if ctx.clean is not None else ctx.encoder
+    row.update(theft_baselines(f0, ctx.card, ctx.pirate, ctx.probe, out_dir / "baselines", arch, kwargs, task.seed))
     # a query-side attack changes what the deployed model sees, not the weights the owner inspects
     weights_only = ctx.encoder if details.get("query_transform") else attacked
     row["secret_sha256"] = ctx.secret.sha256
@@ -150,32 +174,50 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
     return row
 
 
-def collect(out_dir: Path, utility_drop: float, null_path: Optional[str] = None) -> dict[str, Any]:
-    """Gather every task file into ``robustness.csv``; TPR per mode; plots."""
+def collect(out_dir: Path, utility_drop: float, null_path: Optional[str] = None,
+            advantage_kept: float = 0.5) -> dict[str, Any]:
+    """Gather every task file into ``robustness.csv``; which rows are thefts; TPR per mode over the thefts; plots.
+
+    ``keeps_utility`` (probe within ``utility_drop`` of the unattacked encoder, the rule before #27) stays in the
+    table for comparison; ``theft`` is the rule every count uses.
+    """
     rows = [json.loads(p.read_text()) for p in sorted((out_dir / "tasks").glob("*.json"))]
     if not rows:
         raise ConfigError(f"no task results under {out_dir / 'tasks'}")
+    old = [r for r in rows if "random_linear_probe" not in r]
+    if old:
+        first = Task(old[0]["attack"], old[0]["strength"], old[0]["seed"]).id
+        raise ConfigError(f"{out_dir / 'tasks'}: {len(old)} task file(s) (first {first}.json) were written before the "
+                          "theft rule and lack f0's and a random init's accuracies; delete them and run the grid "
+                          "again to remeasure those tasks")
     base = {r["seed"]: r["linear_probe"] for r in rows if r["attack"] == "none"}
     for r in rows:
         ref = base.get(r["seed"], float("nan"))
         r["accuracy_change"] = r["linear_probe"] - ref
         r["keeps_utility"] = bool(r["accuracy_change"] >= -utility_drop)
+        r.update(theft_decision(linear_probe=r["linear_probe"], knn=r["knn"], unattacked_linear_probe=ref,
+                                f0_linear_probe=r["f0_linear_probe"], f0_knn=r["f0_knn"],
+                                random_linear_probe=r["random_linear_probe"], random_knn=r["random_knn"],
+                                share=advantage_kept, utility_drop=utility_drop))
     thresholds = _calibrated_thresholds(null_path, rows) if null_path else {}
     for r in rows:  # the calibration's rule: detected when tau* (the largest margin still at p <= alpha) clears T
         for mode, t in thresholds.items():
             r[f"calibrated_{mode}"] = bool(r[f"tau_star_{mode}"] > t)
     rows.sort(key=lambda r: (r["attack"] != "none", r["attack"], r["strength"], r["seed"]))
     write_csv(out_dir / "robustness.csv", rows)
-    threats = [r for r in rows if r["keeps_utility"]]
-    summary: dict[str, Any] = {"tasks": len(rows), "utility_preserving": len(threats), "utility_drop": utility_drop,
+    thefts = [r for r in rows if r["theft"]]
+    summary: dict[str, Any] = {"tasks": len(rows), "thefts": len(thefts), "advantage_kept": advantage_kept,
+                               "utility_drop": utility_drop,
+                               "utility_preserving": sum(r["keeps_utility"] for r in rows),  # the rule before #27
+                               "not_thefts": [_not_theft(r) for r in rows if not r["theft"]],
                                "thresholds": thresholds or "margins of the verify section", "modes": {}}
     for mode in MODES:
         key = f"calibrated_{mode}" if thresholds else f"decision_{mode}"
-        hits = sum(r[key] for r in threats)
-        missed = [f"{r['attack']}@{r['strength']:g}" for r in threats if not r[key]]
-        summary["modes"][mode] = {"tpr": hits / len(threats) if threats else float("nan"), "detected": hits,
-                                  "of": len(threats), "missed": missed}
-    perm = [r for r in threats if "p_permutation" in r]
+        hits = sum(r[key] for r in thefts)
+        missed = [f"{r['attack']}@{r['strength']:g}" for r in thefts if not r[key]]
+        summary["modes"][mode] = {"tpr": hits / len(thefts) if thefts else float("nan"), "detected": hits,
+                                  "of": len(thefts), "missed": missed}
+    perm = [r for r in thefts if "p_permutation" in r]
     if perm:  # detected "at its resolution limit": the owner's secret ranked first among the J + 1
         J = int(perm[0]["permutation_alternatives"])
         summary["permutation"] = {"alternatives": J, "resolution": 1 / (J + 1),
@@ -185,27 +227,39 @@ def collect(out_dir: Path, utility_drop: float, null_path: Optional[str] = None)
     null = _null_tau_stars(null_path)
     plot_grid(rows, out_dir / "robustness.png")
     if null:
-        summary["roc_auc"] = plot_roc(threats, null, out_dir / "roc.png")
+        summary["roc_auc"] = plot_roc(thefts, null, out_dir / "roc.png")
     atomic_write_text(out_dir / "robustness.json", json.dumps(summary, indent=2))
     return summary
 
 
+def _not_theft(r: dict) -> dict[str, Any]:
+    """A row that is not a theft, with the numbers it was decided on."""
+    keys = ("seed", "linear_probe", "knn", "accuracy_change", "probe_advantage_kept", "knn_advantage_kept",
+            "f0_linear_probe", "f0_knn", "random_linear_probe", "random_knn")
+    return {"derivative": f"{r['attack']}@{r['strength']:g}", **{k: r[k] for k in keys},
+            "because": r["not_theft_because"]}
+
+
 def robustness(cfg: RobustnessConfig) -> dict[str, Any]:
     tasks = expand_grid(cfg.grid)
-    ctx = Context.load(cfg.encoder, cfg.secret, cfg.data, cfg.options, cfg.probe, cfg.verify)
+    ctx = Context.load(cfg.encoder, cfg.secret, cfg.data, cfg.options, cfg.probe, cfg.verify, cfg.clean)
     with open_run(cfg, "robustness", allow_complete=True) as run_dir:
         info(f"robustness grid: {len(tasks)} tasks -> {run_dir / 'tasks'}")
         for task in tqdm(tasks, desc="robustness", dynamic_ncols=True):
             run_task(ctx, task, run_dir)
-        summary = collect(run_dir, cfg.grid.utility_drop, cfg.verify.calibration)
+        summary = collect(run_dir, cfg.grid.utility_drop, cfg.verify.calibration, cfg.grid.advantage_kept)
         for mode, m in summary["modes"].items():
-            info(f"{mode:<15} TPR {m['tpr']:.3f} ({m['detected']}/{m['of']} utility-preserving derivatives)"
+            info(f"{mode:<15} TPR {m['tpr']:.3f} ({m['detected']}/{m['of']} thefts)"
                  + (f"; missed: {', '.join(m['missed'])}" if m["missed"] else ""))
         if "permutation" in summary:
             m = summary["permutation"]
             info(f"{'permutation':<15} at its resolution limit (p = {m['resolution']:.3g}, J = {m['alternatives']}) "
-                 f"for {m['at_limit']}/{m['of']} utility-preserving derivatives"
-                 + (f"; not: {', '.join(m['missed'])}" if m["missed"] else ""))
+                 f"for {m['at_limit']}/{m['of']} thefts" + (f"; not: {', '.join(m['missed'])}" if m["missed"] else ""))
+        for r in summary["not_thefts"]:
+            info(f"not a theft: {r['derivative']} seed {r['seed']}: probe {r['linear_probe']:.4f} (f0 "
+                 f"{r['f0_linear_probe']:.4f}, random init {r['random_linear_probe']:.4f}), kNN {r['knn']:.4f} "
+                 f"(f0 {r['f0_knn']:.4f}, random init {r['random_knn']:.4f}), probe change "
+                 f"{100 * r['accuracy_change']:+.1f} points: {r['because']}")
     return summary
 
 
@@ -277,8 +331,8 @@ def plot_grid(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_roc(threats: list[dict], null: dict[str, list[float]], path: Path) -> dict[str, float]:
-    """ROC of watermarked derivatives against the null population, scored by tau*; returns AUCs."""
+def plot_roc(thefts: list[dict], null: dict[str, list[float]], path: Path) -> dict[str, float]:
+    """ROC of the thefts among the watermarked derivatives against the null population, scored by tau*; AUCs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,7 +342,7 @@ def plot_roc(threats: list[dict], null: dict[str, list[float]], path: Path) -> d
     fig, ax = plt.subplots(figsize=(4.5, 4))
     aucs = {}
     for mode in MODES:
-        pos = [r[f"tau_star_{mode}"] for r in threats]
+        pos = [r[f"tau_star_{mode}"] for r in thefts]
         neg = null.get(mode, [])
         if not pos or not neg:
             continue

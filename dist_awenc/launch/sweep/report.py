@@ -158,7 +158,8 @@ def collect(sweep: Sweep, out=None) -> dict[str, Any]:
         cfg = sweep.config
         for target in with_results:
             tdir = sweep.target_dir(target)
-            summaries[target] = collect_target(tdir, cfg.grid.utility_drop, cfg.verify.calibration)
+            summaries[target] = collect_target(tdir, cfg.grid.utility_drop, cfg.verify.calibration,
+                                               cfg.grid.advantage_kept)
             with (tdir / "robustness.csv").open(newline="") as f:
                 rows += [{"target": target, **r} for r in csv.DictReader(f)]
         if rows:
@@ -179,7 +180,11 @@ def collect(sweep: Sweep, out=None) -> dict[str, Any]:
         print(f"  {len(null_done)} null encoder(s) pre-trained -> {Path(next(iter(null_done.values()))).parent.parent}", file=out)
     for target, s in summaries.items():
         for mode, m in s["modes"].items():
-            print(f"  {target} {mode:<15} TPR {m['tpr']:.3f} ({m['detected']}/{m['of']})", file=out)
+            print(f"  {target} {mode:<15} TPR {m['tpr']:.3f} ({m['detected']}/{m['of']} thefts)", file=out)
+        if s["not_thefts"]:
+            print(f"  {target} not a theft (kept under {s['advantage_kept']:g} of f0's advantage over random init, "
+                  f"or lost over {100 * s['utility_drop']:g} points): "
+                  + ", ".join(f"{r['derivative']} s{r['seed']}" for r in s["not_thefts"]), file=out)
     for f in failed:
         print(f"  failed {f['id']}: {f['error']}", file=out)
     left = c["running"] + c["pending"] + c["missing"] + c["unknown"]
