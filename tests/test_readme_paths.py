@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from dist_awenc.verify.permutation import permutation_queries
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"<!-- readme-test: (\w+) -->\s*\n```bash\n(.*?)\n```", re.S)
 PATHS = ("owner", "pirate", "verifier")
@@ -94,7 +96,11 @@ def test_readme_owner_and_verifier_paths(tmp_path):
     # ... the pirate's API verified in label mode within the budget, leaving the evidence bundle ...
     api = runs / "found_api_verdict"
     assert (api / "bundle.json").exists() and (api / "verdict.json").exists()
-    assert 0 < len((api / "queries.jsonl").read_text().splitlines()) <= 100
+    # the margin test's 99 queries, and the label permutation test's for the plan's J = 4 alternatives beyond them
+    api_verdict = json.loads((api / "verdict.json").read_text())
+    perm = [t for t in api_verdict["tests"] if t["mode"] == "blackbox_label_permutation"]
+    extra = permutation_queries("blackbox_label", 49, 4, beside_margin_test=True) if perm else 0
+    assert 0 < len((api / "queries.jsonl").read_text().splitlines()) <= 100 + extra and extra == 4 * 99
     # ... and the bundle replayed offline against the published release
     assert "reproduce verdict.json exactly" in out
 
