@@ -35,6 +35,7 @@ from dist_awenc.watermark.secret import (AlternativeSecrets, Secret, alternative
                                         load_alternatives, load_secret)
 
 DEFAULT_ALPHA = 1e-3
+LABEL_NAMES_SHOWN = 8  # string labels listed in a verdict's details
 
 
 @dataclass
@@ -161,6 +162,9 @@ def verify_remote(remote, secret: Secret, holdout: torch.Tensor, s: Settings, mo
     verdicts = _blackbox_verdicts(predict, secret, x, s, mode, alternatives)
     for v in verdicts:
         v.details["endpoint"] = remote.summary()
+        if remote.label_names:  # string labels: a few of the names answered, for the report
+            v.details["label_names"] = [n[:40] for n in sorted(remote.label_names.values())[:LABEL_NAMES_SHOWN]]
+            v.details["label_names_seen"] = len(remote.label_names)
     return verdicts
 
 
