@@ -17,6 +17,8 @@ import yaml
 from dist_awenc.cli import main
 from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.errors import ConfigError
+from dist_awenc.server.app import make_server
+from dist_awenc.server.requests import jpeg_roundtrip, serving_path
 from dist_awenc.verify.adapter import Adapter, label_id
 from dist_awenc.verify.core import verify_blackbox_label
 from dist_awenc.verify.endpoint import EndpointError, RemoteModel
@@ -171,3 +173,53 @@ def test_jpeg_queries_are_real_jpeg_and_replay_reproduces_their_bytes(serve, mod
     capsys.readouterr()
     assert main(["verify", "--replay", str(tmp_path / "jpeg")]) == 0  # re-encoded, byte for byte the logged hashes
     assert "queries checked against the hold-out images" in capsys.readouterr().out
+
+
+def test_serve_reencodes_as_jpeg_and_resizes(model):  # noqa: F811
+    from PIL import Image
+
+    net = model[0]
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(3, 3, S, S, generator=g)
+    big = torch.rand(2, 3, 2 * S, 2 * S, generator=g)
+    server = make_server(net, port=0, jpeg_quality=75, resize=True)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    plain = make_server(net, port=0)
+    threading.Thread(target=plain.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        remote = RemoteModel(server.url, query_budget=20)
+        assert remote.info["serving_path"] == {"jpeg_quality": 75, "resize": True}
+        assert "serving_path" not in RemoteModel(plain.url, query_budget=0).info
+        # arrays: each image rounded to 8 bits, re-encoded as a real PIL JPEG at q75, decoded: what the model gets
+        want = []
+        for img in x:
+            arr = (img.permute(1, 2, 0).double() * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+            back = np.asarray(jpeg_roundtrip(Image.fromarray(arr, "RGB"), 75))
+            want.append(torch.from_numpy(back.copy()).permute(2, 0, 1).float() / 255)
+        with torch.no_grad():
+            expect = net(torch.stack(want)).softmax(1)
+            assert torch.allclose(remote.predict_proba(x), expect, atol=1e-5)
+            assert not torch.allclose(expect, net(x).softmax(1), atol=1e-3)  # the JPEG step changed the answers
+            # another size: resized to the model's (after the JPEG step)
+            remote._info = {**remote.info, "input_size": 2 * S}
+            assert torch.allclose(remote.predict_proba(big), net(serving_path(big, S, 75)).softmax(1), atol=1e-5)
+        # image files: the JPEG step before the (always made) resize
+        png = Adapter(name="p", format="raw", batch=False, labels="labels.0", probabilities="probabilities.0")
+        files = RemoteModel(server.url, query_budget=1, adapter=png)
+        img = Image.open(io.BytesIO(png.wire(x[:1])[0])).convert("RGB")
+        ref = torch.from_numpy(np.asarray(jpeg_roundtrip(img, 75).resize((S, S), Image.BILINEAR)).copy())
+        with torch.no_grad():
+            assert torch.allclose(files.predict_proba(x[:1]), net(ref.permute(2, 0, 1)[None].float() / 255).softmax(1),
+                                  atol=1e-5)
+        # without --resize another size is refused, as before
+        other = RemoteModel(plain.url, query_budget=2)
+        other._info = {**other.info, "input_size": 2 * S}
+        with pytest.raises(EndpointError, match="HTTP 400.*must have shape"):
+            other.predict_proba(big)
+    finally:
+        for s in (server, plain):
+            s.shutdown()
+            s.server_close()
+    with pytest.raises(ConfigError, match="1..95"):
+        make_server(net, port=0, jpeg_quality=100)
+    assert main(["serve", "missing.safetensors", "--jpeg-quality", "75", "--resize"]) == 2  # the options parse
