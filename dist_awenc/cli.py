@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--labels-only", action="store_true", help="answer labels only, no probabilities")
     srv.add_argument("--log-requests", action="store_true")
+    srv.add_argument("--jpeg-quality", type=int, metavar="Q", help="re-encode every incoming image as JPEG at quality "
+                     "Q (1..95) before the model, as a pirate's serving path may")
+    srv.add_argument("--resize", action="store_true", help="accept arrays of any size and resize them to the "
+                     "model's input size (image files are resized always)")
     sweep_help = "robustness grid (+ null population) as SLURM job arrays: run, status, collect, resume"
     swp = sub.add_parser("sweep", help=sweep_help, description=sweep_help)
     actions = swp.add_subparsers(dest="action", required=True, metavar="<action>")
@@ -146,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "serve":
             from dist_awenc.server.app import serve
 
-            serve(args.model, host=args.host, port=args.port, labels_only=args.labels_only, log_requests=args.log_requests)
+            serve(args.model, host=args.host, port=args.port, labels_only=args.labels_only, log_requests=args.log_requests,
+                  jpeg_quality=args.jpeg_quality, resize=args.resize)
             return 0
         if args.stage == "data":  # only write-beton so far
             from dist_awenc.data.ffcv import BetonConfig, write_beton_stage

@@ -199,7 +199,6 @@ class RehearsalSection:
 @dataclass
 class PlanSection:
     """The verification plan fixed with the secret and carried in its header (METHOD.md, stage 3)."""
-
     alpha: float = 1e-3
     n_whitebox: int = 256  # hold-out images, white-box
     n_score: int = 100  # queries, black-box score mode
@@ -209,6 +208,7 @@ class PlanSection:
     primary_mode: str = "whitebox"
     primary_probabilities: str = "blackbox_score"  # the primary mode of a verifier with a model's probabilities
     primary_labels: str = "blackbox_label"  # ... with its top-1 labels only (a non-primary mode alone: exploratory)
+    resize: str = "bilinear-antialias"  # how queries are resized for a suspect at another input size (verify/resize.py)
 
 
 @dataclass

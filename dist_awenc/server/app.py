@@ -17,6 +17,12 @@ Endpoints (every answer is JSON; every error is ``{"error": "<one line>"}``):
     * ``Content-Type: image/png`` or ``image/jpeg``: the raw bytes of one image,
       decoded with PIL to RGB, resized to S x S (bilinear) and scaled by 1/255.
 
+    A pirate's serving path, on request: ``jpeg_quality`` re-encodes every
+    image as a real PIL JPEG at that quality, at the size it came in, before
+    the model; ``resize`` accepts arrays of any H x W and resizes them to S
+    (bilinear, anti-aliased), as image files always are. ``/health`` then
+    says so under ``serving_path``.
+
     Answers ``{"labels": [...]}`` when serving labels only, else
     ``{"probabilities": [[...]], "labels": [...]}`` (labels = argmax of the logits).
 
@@ -41,35 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_awenc.errors import ConfigError
+from dist_awenc.server.deadline import DeadlineReader, RequestTimeout
 from dist_awenc.server.requests import (IMAGE_TYPES, MAX_CONCURRENT, MAX_IMAGE_PIXELS, REQUEST_DEADLINE, WRITE_TIMEOUT,
                                        BadRequest, decode_image, decode_json, default_max_body_bytes,
-                                       default_max_images)
-
-
-class _RequestTimeout(Exception):
-    """The client did not send its whole request before the server's per-request deadline."""
-
-
-class _DeadlineReader(io.RawIOBase):
-    """Socket reads that all end by one deadline (a ``time.monotonic()`` value), whatever the client's pace."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        super().__init__()
-        self.sock = sock
-        self.deadline = deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise _RequestTimeout
-        self.sock.settimeout(left)
-        try:
-            return self.sock.recv_into(buf)
-        except TimeoutError:
-            raise _RequestTimeout from None
+                                       default_max_images, serving_path)
 
 
 class PredictionServer(ThreadingHTTPServer):
@@ -93,8 +74,10 @@ class PredictionServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], model: nn.Module, *, labels_only: bool, image_size: int,
                  num_classes: int, max_images: int, max_body_bytes: int, log_requests: bool,
                  max_concurrent: int = MAX_CONCURRENT, request_deadline: float = REQUEST_DEADLINE,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, jpeg_quality: Optional[int] = None,
+                 resize: bool = False) -> None:
         self.model = model
+        self.jpeg_quality, self.resize = jpeg_quality, bool(resize)  # the serving path before the model
         self.labels_only = bool(labels_only)
         self.image_size = int(image_size)
         self.num_classes = int(num_classes)
@@ -161,8 +144,11 @@ class PredictionServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "input_size": self.image_size, "num_classes": self.num_classes,
-                "labels_only": self.labels_only, "max_images": self.max_images, "max_body_bytes": self.max_body_bytes}
+        out = {"status": "ok", "input_size": self.image_size, "num_classes": self.num_classes,
+               "labels_only": self.labels_only, "max_images": self.max_images, "max_body_bytes": self.max_body_bytes}
+        if self.jpeg_quality is not None or self.resize:
+            out["serving_path"] = {"jpeg_quality": self.jpeg_quality, "resize": self.resize}
+        return out
 
     def count(self, *, status: int, images: int = 0) -> None:
         with self._count_lock:
@@ -201,12 +187,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.deadline = time.monotonic() + self.server.request_deadline
         super().setup()
         self.rfile.close()  # the stdlib's reader, replaced by one that keeps to the deadline
-        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self.deadline))
+        self.rfile = io.BufferedReader(DeadlineReader(self.connection, self.deadline))
 
     def handle(self) -> None:
         try:
             super().handle()
-        except _RequestTimeout:
+        except RequestTimeout:
             self.close_connection = True
             for attr in ("requestline", "request_version", "command"):  # unset when the request line never came
                 if not hasattr(self, attr):
@@ -300,10 +286,11 @@ class _Handler(BaseHTTPRequestHandler):
         if ctype not in ("application/json", *IMAGE_TYPES):
             raise BadRequest(f"unsupported Content-Type '{ctype or '(none)'}'; send application/json, image/png "
                              "or image/jpeg", HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
-        body = self._read_body()
+        body, srv = self._read_body(), self.server
         if ctype in IMAGE_TYPES:
-            return decode_image(body, self.server.image_size, self.server.max_image_pixels)
-        return decode_json(body, self.server.image_size, self.server.max_images)
+            return decode_image(body, srv.image_size, srv.max_image_pixels, srv.jpeg_quality)
+        x = decode_json(body, srv.image_size, srv.max_images, any_size=srv.resize)
+        return x if srv.jpeg_quality is None and not srv.resize else serving_path(x, srv.image_size, srv.jpeg_quality)
 
 
 # ---------------------------------------------------------------------- construction
@@ -330,7 +317,7 @@ def make_server(model: nn.Module, *, host: str = "127.0.0.1", port: int = 0, lab
                 image_size: Optional[int] = None, max_images: Optional[int] = None,
                 max_body_bytes: Optional[int] = None, max_concurrent: int = MAX_CONCURRENT,
                 request_deadline: float = REQUEST_DEADLINE, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                log_requests: bool = False) -> PredictionServer:
+                log_requests: bool = False, jpeg_quality: Optional[int] = None, resize: bool = False) -> PredictionServer:
     """Bind (not yet serve) an HTTP prediction server for ``model``.
 
     Args:
@@ -344,6 +331,8 @@ def make_server(model: nn.Module, *, host: str = "127.0.0.1", port: int = 0, lab
         request_deadline: seconds a client has from connecting to sending its whole request.
         max_image_pixels: most pixels (width x height) of a PNG / JPEG body.
         log_requests: print an access-log line per request on stderr.
+        jpeg_quality: re-encode every image as JPEG at this quality (1..95) before the model (None: never).
+        resize: accept arrays of any size and resize them to S (image files are resized always).
 
     Returns:
         The bound server; run ``server.serve_forever()`` (e.g. in a thread), stop with
@@ -365,22 +354,28 @@ def make_server(model: nn.Module, *, host: str = "127.0.0.1", port: int = 0, lab
     for name, value in limits.items():
         if not value > 0:
             raise ConfigError(f"{name} must be positive, got {value}")
+    if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or jpeg_quality not in range(1, 96)):
+        raise ConfigError(f"jpeg quality must be an integer in 1..95, got {jpeg_quality!r}")
     try:
         return PredictionServer((host, int(port)), model, labels_only=labels_only, image_size=size,
-                                num_classes=num_classes, log_requests=log_requests, **limits)
+                                num_classes=num_classes, log_requests=log_requests, jpeg_quality=jpeg_quality,
+                                resize=resize, **limits)
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, labels_only: bool = False,
-          log_requests: bool = False) -> None:
-    """Load a saved downstream model and serve it until Ctrl-C."""
+          log_requests: bool = False, jpeg_quality: Optional[int] = None, resize: bool = False) -> None:
+    """Load a saved downstream model and serve it until Ctrl-C (``jpeg_quality``, ``resize``: :func:`make_server`)."""
     from dist_awenc.evaluate.downstream import load_downstream
 
     model, _card = load_downstream(model_path)
-    server = make_server(model, host=host, port=port, labels_only=labels_only, log_requests=log_requests)
+    server = make_server(model, host=host, port=port, labels_only=labels_only, log_requests=log_requests,
+                         jpeg_quality=jpeg_quality, resize=resize)
     kind = "labels only" if labels_only else "probabilities"
-    print(f"serving {model_path} on {server.url}/predict ({kind})", flush=True)
+    path = "".join([f", inputs re-encoded as JPEG q{jpeg_quality}" if jpeg_quality else "",
+                    f", inputs resized to {server.image_size} px" if resize else ""])
+    print(f"serving {model_path} on {server.url}/predict ({kind}{path})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

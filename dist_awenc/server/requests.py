@@ -36,10 +36,11 @@ import json
 import math
 import re
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 MAX_IMAGES = 1024  # most images per request, whatever the input size
 MAX_REQUEST_VALUES = 1 << 22  # most pixel values per request (16 MiB as float32); lowers max_images for large inputs
@@ -75,14 +76,18 @@ def default_max_body_bytes(image_size: int, max_images: int) -> int:
     return max(MIN_BODY_BYTES, max_images * 3 * image_size * image_size * JSON_BYTES_PER_VALUE + BODY_HEADROOM)
 
 
-def _check_shape(shape: tuple[int, ...], size: int, max_images: int) -> None:
-    want = f"(b, 3, {size}, {size})"
-    if len(shape) != 4 or tuple(shape[1:]) != (3, size, size):
+def _check_shape(shape: tuple[int, ...], size: int, max_images: int, any_size: bool = False) -> None:
+    """``any_size``: images of any H x W (the server resizes them), as many values as ``max_images`` at S x S."""
+    want = f"(b, 3, {size}, {size})" if not any_size else "(b, 3, H, W)"
+    if len(shape) != 4 or shape[1] != 3 or (not any_size and tuple(shape[2:]) != (size, size)) or min(shape[2:]) < 1:
         raise BadRequest(f"images must have shape {want}, got {tuple(shape)}")
     if shape[0] < 1:
         raise BadRequest("no images in the request")
     if shape[0] > max_images:
         raise BadRequest(f"{shape[0]} images in one request; at most {max_images}")
+    if any_size and math.prod(shape[2:]) * shape[0] > max_images * size * size:
+        raise BadRequest(f"{shape[0]} images of {shape[2]}x{shape[3]} in one request; at most {max_images} "
+                         f"images' worth of {size}x{size} pixels")
 
 
 def _check_range(x: torch.Tensor) -> torch.Tensor:
@@ -126,8 +131,8 @@ def check_json_structure(body: bytes, size: int, max_images: int = MAX_IMAGES) -
             depth -= 1
 
 
-def decode_json(body: bytes, size: int, max_images: int = MAX_IMAGES) -> torch.Tensor:
-    """A JSON body -> float32 (b, 3, S, S) in [0, 1]; raises :class:`BadRequest`."""
+def decode_json(body: bytes, size: int, max_images: int = MAX_IMAGES, any_size: bool = False) -> torch.Tensor:
+    """A JSON body -> float32 (b, 3, S, S) in [0, 1] (``any_size``: (b, 3, H, W)); raises :class:`BadRequest`."""
     check_json_structure(body, size, max_images)
     try:
         obj = json.loads(body)
@@ -139,7 +144,7 @@ def decode_json(body: bytes, size: int, max_images: int = MAX_IMAGES) -> torch.T
         shape = obj.get("shape")
         if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
             raise BadRequest('"images_b64" needs "shape": a list of 4 integers [b, 3, S, S]')
-        _check_shape(tuple(shape), size, max_images)
+        _check_shape(tuple(shape), size, max_images, any_size)
         data = obj["images_b64"]
         if not isinstance(data, str):
             raise BadRequest('"images_b64" must be a base64 string')
@@ -157,7 +162,7 @@ def decode_json(body: bytes, size: int, max_images: int = MAX_IMAGES) -> torch.T
         except (TypeError, ValueError, RuntimeError) as e:
             raise BadRequest(f'"images" must be a nested list of numbers of shape (b, 3, {size}, {size}): '
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        _check_shape(tuple(x.shape), size, max_images)
+        _check_shape(tuple(x.shape), size, max_images, any_size)
     else:
         raise BadRequest('body must have "images" (nested list) or "images_b64" and "shape"')
     return _check_range(x)
@@ -184,11 +189,14 @@ def _open_image(body: bytes) -> Any:
         raise BadRequest(f"cannot decode the image: {type(e).__name__}: {e}") from None
 
 
-def decode_image(body: bytes, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+def decode_image(body: bytes, size: int, max_pixels: int = MAX_IMAGE_PIXELS,
+                 jpeg_quality: Optional[int] = None) -> torch.Tensor:
     """PNG / JPEG bytes of one image -> float32 (1, 3, S, S) in [0, 1] (RGB, bilinear resize, / 255).
 
     The dimensions are read from the header and checked against ``max_pixels``
     (width x height) before any pixel is decoded; raises :class:`BadRequest`.
+    ``jpeg_quality``: the decoded image is re-encoded as JPEG at that quality
+    (:func:`jpeg_roundtrip`) at the size it came in, before it is resized.
     """
     from PIL import Image
 
@@ -200,8 +208,42 @@ def decode_image(body: bytes, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> 
             raise BadRequest(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels; "
                              f"send it resized (the model takes {size}x{size})", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         try:
-            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            img = img.convert("RGB")
+            if jpeg_quality is not None:
+                img = jpeg_roundtrip(img, jpeg_quality)
+            img = img.resize((size, size), Image.BILINEAR)
         except Exception as e:  # noqa: BLE001
             raise BadRequest(f"cannot decode the image: {type(e).__name__}: {e}") from None
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)[None]
+
+
+def jpeg_roundtrip(img: Any, quality: int) -> Any:
+    """A PIL RGB image re-encoded as a real JPEG at ``quality`` (PIL's defaults otherwise) and decoded again."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    with Image.open(buf) as out:
+        return out.convert("RGB")
+
+
+def serving_path(x: torch.Tensor, size: int, jpeg_quality: Optional[int] = None) -> torch.Tensor:
+    """What a pirate's serving path does to decoded arrays before its model: each image re-encoded as JPEG at
+    ``jpeg_quality`` (rounded to 8 bits first), then resized to ``size`` (bilinear, anti-aliased) where it is not.
+
+    Shape: (b, 3, H, W) float32 in [0, 1] -> (b, 3, size, size).
+    """
+    from PIL import Image
+
+    if jpeg_quality is not None:
+        out = []
+        for img in x:
+            arr = (img.permute(1, 2, 0).double() * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+            back = np.asarray(jpeg_roundtrip(Image.fromarray(arr, "RGB"), jpeg_quality), dtype=np.uint8)
+            out.append(torch.from_numpy(back.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0))
+        x = torch.stack(out)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+    return x

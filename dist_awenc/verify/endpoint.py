@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import torch
 
-from dist_awenc.verify.adapter import SERVE, Adapter
+from dist_awenc.verify.adapter import LABELS_ERROR, SERVE, Adapter, label_id
 from dist_awenc.verify.evidence import QueryLog, image_sha256
 from dist_awenc.verify.transport import (ANSWER_ALLOWANCE, BYTES_PER_NUMBER, DEFAULT_DEADLINE, MAX_CLASSES,
                                          EndpointError, _Deadline, _probe, _Transport, base_url, probe)
@@ -88,6 +88,7 @@ class RemoteModel:
         self.position = 0  # index of the next query in this verification
         self.from_log = 0
         self._parsed: dict[tuple[int, bool], torch.Tensor] = {}
+        self.label_names: dict[int, str] = {}  # string labels answered, by their id (label_id)
 
     def __repr__(self) -> str:
         return f"RemoteModel({self.url!r}, queries={self.queries}/{self.query_budget})"
@@ -303,14 +304,19 @@ class RemoteModel:
                                 f"(keys: {', '.join(map(str, obj)) or 'none'})")
         if len(labels) != n:
             raise EndpointError(f"{url}: got {len(labels)} labels for {n} images")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
-            raise EndpointError(f"{url}: labels must be integers")
+        labels = [self.adapter.label_of(v) for v in labels]
+        if any(v is None for v in labels):
+            hint = f" (label_item '{self.adapter.label_item}')" if self.adapter.label_item else \
+                " (for a list of objects, set the adapter's label_item)"
+            raise EndpointError(f"{url}: {LABELS_ERROR}{hint}")
         hi = num_classes if isinstance(num_classes, int) else None
-        bad = [v for v in labels if v < 0 or (hi is not None and v >= hi)]
-        if bad:
+        bad = [v for v in labels if isinstance(v, int) and (v < 0 or (hi is not None and v >= hi))]
+        if bad:  # integer labels are class indices; a string label is a name, with no range to check
             rng = f"[0, {hi})" if hi is not None else "non-negative"
             raise EndpointError(f"{url}: label {bad[0]} is out of range ({rng})")
+        names = {label_id(v): v for v in labels if isinstance(v, str)}
+        self.label_names.update(names)
         try:
-            return torch.tensor(labels, dtype=torch.long)
+            return torch.tensor([label_id(v) if isinstance(v, str) else v for v in labels], dtype=torch.long)
         except (OverflowError, RuntimeError):
             raise EndpointError(f"{url}: labels do not fit in int64") from None

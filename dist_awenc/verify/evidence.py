@@ -230,6 +230,7 @@ def write_report(run_dir: Path, verdict: dict) -> None:
           for t in (verdict.get("tests") or [])[1:] if t.get("p_value") is not None),
         f"- decision: Holm at alpha = {verdict['alpha']:g} over "
         + (", ".join(verdict["overall"]["family"]) or "no test (none can reach alpha)") if verdict.get("overall") else "",
+        *_serving_lines(verdict),
         f"- secret SHA-256: `{verdict['secret_sha256']}`",
         f"- calibration SHA-256: `{cal}` (copy: `{CALIBRATION_COPY}`)" if cal else "- calibration: none",
         f"- query log: `{LOG_NAME}`, {ev['entries']} queries in {ev['exchanges']} exchanges, "
@@ -240,3 +241,18 @@ def write_report(run_dir: Path, verdict: dict) -> None:
         f"    awenc verify --replay {run_dir} [secret=PATH] [--published-sha256 HASH_OR_CARD]", "",
     ]
     atomic_write_text(run_dir / "report.md", "\n".join(lines))
+
+
+def _serving_lines(verdict: dict) -> list[str]:
+    """Report lines on what the serving path changed: no decision drawn, another resolution, labels as names."""
+    details, out = verdict.get("details") or {}, []
+    if verdict.get("no_decision"):
+        out.append(f"- {verdict['mode']} draws no decision: {verdict['no_decision']}")
+    size, resize = details.get("input_size"), details.get("resize")
+    if size and resize:
+        out.append(f"- the suspect takes {size['suspect']} px inputs, the secret is {size['secret']} px: every query "
+                   f"was marked at {size['secret']} px, then resized ({resize['method']}) before it was sent")
+    if details.get("label_names"):
+        out.append(f"- labels answered as names ({details['label_names_seen']} distinct): "
+                   + ", ".join(repr(n) for n in details["label_names"]))
+    return out

@@ -20,7 +20,7 @@ from dist_awenc.config import VerifyConfig, VerifySection
 from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import atomic_write_text
 from dist_awenc.encoders.thirdparty import declared, load_suspect
-from dist_awenc.errors import ArtifactError, ConfigError
+from dist_awenc.errors import ConfigError
 from dist_awenc.evaluate.downstream import load_downstream
 from dist_awenc.log import info, warn
 from dist_awenc.runs import open_run
@@ -31,10 +31,12 @@ from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, MODES, Verdict, imag
                                     verify_whitebox)
 from dist_awenc.verify.permutation import (BLACKBOX_PERMUTATION, permutation_queries, verify_blackbox_permutation,
                                            verify_permutation)
+from dist_awenc.verify.resize import Resized, mark_resolution, plan_resize, resizing
 from dist_awenc.watermark.secret import (AlternativeSecrets, Secret, alternatives_path, check_owner_draw,
                                         load_alternatives, load_secret)
 
 DEFAULT_ALPHA = 1e-3
+LABEL_NAMES_SHOWN = 8  # string labels listed in a verdict's details
 
 
 @dataclass
@@ -124,19 +126,30 @@ def query_images(holdout: torch.Tensor, n: int, mode: str) -> torch.Tensor:
 
 
 def verify_model(model: torch.nn.Module, secret: Secret, holdout: torch.Tensor, s: Settings, mode: str,
-                 alternatives: Optional[AlternativeSecrets] = None) -> list[Verdict]:
+                 alternatives: Optional[AlternativeSecrets] = None, input_size: Optional[int] = None) -> list[Verdict]:
     """Verdicts on an in-process suspect: an encoder (white-box: margin + permutation) or a downstream model
-    (black-box: the mode's margin test, and its permutation test when ``alternatives`` are given)."""
+    (black-box: the mode's margin test, and its permutation test when ``alternatives`` are given).
+
+    ``input_size``: the suspect's, when it is not the secret's: queries are made at the secret's resolution and
+    resized to it as the plan says (:mod:`dist_awenc.verify.resize`); the margin tests then draw no decision.
+    """
     x = query_images(holdout, s.n, mode)
+    method, note = plan_resize(secret.plan)
+    size = input_size or secret.image_size
+    if size != secret.image_size:
+        model = Resized(model, size, method)
     if mode == "whitebox":
         out = [verify_whitebox(model, secret, x, tau=s.tau, alpha=s.alpha)]
         if alternatives is not None and len(alternatives):
             out.append(verify_permutation(model, secret, alternatives, x, alpha=s.alpha))
-        return [s.stamp(v) for v in out]
-    model.eval()
-    labels = lambda b: model(b).argmax(1)  # noqa: E731
-    predict = model.predict_proba if mode == "blackbox_score" else labels
-    return _blackbox_verdicts(predict, secret, x, s, mode, alternatives)
+        out = [s.stamp(v) for v in out]
+    else:
+        model.eval()
+        labels = lambda b: model(b).argmax(1)  # noqa: E731
+        predict = model.predict_proba if mode == "blackbox_score" else labels
+        out = _blackbox_verdicts(predict, secret, x, s, mode, alternatives)
+    mark_resolution(out, secret.image_size, size, method, note)
+    return out
 
 
 def _blackbox_verdicts(predict, secret: Secret, x: torch.Tensor, s: Settings, mode: str,
@@ -158,9 +171,17 @@ def verify_remote(remote, secret: Secret, holdout: torch.Tensor, s: Settings, mo
     """Black-box verdicts on a live prediction API (a :class:`~dist_awenc.verify.endpoint.RemoteModel`)."""
     x = query_images(holdout, s.n, mode)
     predict = remote.predict_proba if mode == "blackbox_score" else remote.predict_label
+    size, (method, note) = remote.info.get("input_size"), plan_resize(secret.plan)
+    size = size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+    if size is not None and size != secret.image_size:  # the API states its input size: resized before sending
+        predict = resizing(predict, size, method)
     verdicts = _blackbox_verdicts(predict, secret, x, s, mode, alternatives)
+    mark_resolution(verdicts, secret.image_size, size, method, note)
     for v in verdicts:
         v.details["endpoint"] = remote.summary()
+        if remote.label_names:  # string labels: a few of the names answered, for the report
+            v.details["label_names"] = [n[:40] for n in sorted(remote.label_names.values())[:LABEL_NAMES_SHOWN]]
+            v.details["label_names_seen"] = len(remote.label_names)
     return verdicts
 
 
@@ -291,8 +312,6 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
     else:
         model, full = load_downstream(cfg.suspect)
         card = full["encoder"]
-    if card["input_size"] != secret.image_size:
-        raise ArtifactError(f"suspect takes {card['input_size']} px inputs but the secret is {secret.image_size} px")
     s = s if remote is not None else settings("weights" if mode == "whitebox" else "probabilities")
     query_images(torch.empty(len(splits["holdout"]), 0), s.n, mode)  # checks n before anything is written
     if remote is None:
@@ -309,7 +328,7 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
                                       calibration_path=s.calibration_path, adapter=remote.adapter.record())
             verdicts = verify_remote(remote, secret, holdout, s, mode, alternatives)
         else:
-            verdicts = verify_model(model, secret, holdout, s, mode, alternatives)
+            verdicts = verify_model(model, secret, holdout, s, mode, alternatives, input_size=card["input_size"])
         if remote is None:
             hashed = card.get("sha256")
             note = hashed or "none: the suspect's card records no SHA-256, so its weights were not checked against one"
