@@ -58,6 +58,8 @@ class EncoderSection:
     proj_dim: int = 64
     head_norm: str = "none"  # none | batch
     proj_out_norm: str = "none"  # none | batch: BatchNorm (scale, no shift) on the projector's output (SimCLR v1)
+    proj_layers: int = 2  # 2 | 3: Linear layers of the projector (3: MoCo v3's)
+    freeze_patch_embed: bool = False  # ViTs: the patch embedding stays at its random init, untrained (MoCo v3)
 
 
 @dataclass

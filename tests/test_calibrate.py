@@ -341,3 +341,24 @@ def test_imported_third_party_encoders_join_the_null_population(tmp_path):
     assert len(report["calibration_families"]) == 2 and len(report["heldout_families"]) == 1
     cal = load_calibration(tmp_path / "calibration" / "calibration.json")
     assert len(cal.family_scores("whitebox")) == 2  # the conformal p's m' counts them
+
+
+def test_an_attacked_copy_among_the_given_encoders_joins_its_parents_family(tmp_path):
+    """population.extra_encoders: imported checkpoints are a family each; a copy `awenc attack` made of one of them
+    (its card names the parent's hash), and a copy of that copy, count in the parent's family, not as new evidence."""
+    from dist_awenc.encoders.io import build_encoder, card_for, save_encoder
+    from dist_awenc.stages.calibrate import extra_families
+
+    cards = {}
+    for name, parent in (("a", None), ("b", None), ("a_pruned", "a"), ("a_pruned_q", "a_pruned")):
+        torch.manual_seed(len(cards))
+        enc = build_encoder("tiny", {"width": 4}, [0.5] * 3, [0.5] * 3, 8)
+        card = card_for(enc, arch="tiny", arch_kwargs={"width": 4}, method="simclr", stage="attack" if parent else "import",
+                        parent=cards[parent]["sha256"] if parent else None)
+        (tmp_path / name).mkdir()
+        cards[name] = save_encoder(enc, tmp_path / name / "encoder", card)
+    got = extra_families([str(tmp_path / n) for n in ("a_pruned_q", "b", "a", "a_pruned")])
+    assert {k: v[1] for k, v in got.items()} == {"extra_a_pruned_q": "extra_a", "extra_b": "extra_b",
+                                                 "extra_a": "extra_a", "extra_a_pruned": "extra_a"}
+    alone = extra_families([str(tmp_path / "a_pruned")])  # its parent is not listed: a family of its own
+    assert alone == {"extra_a_pruned": (tmp_path / "a_pruned", "extra_a_pruned")}

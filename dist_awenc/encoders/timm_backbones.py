@@ -139,6 +139,24 @@ def resolve(name: str) -> Callable[..., nn.Module]:
 register_family(PREFIX, resolve)
 
 
+def freeze_patch_embed(backbone: nn.Module, arch: str) -> int:
+    """MoCo v3's random patch projection (Chen, Xie, He 2021, Sec. 4.1): the patch embedding keeps its random
+    initialisation and is never trained (``requires_grad=False``: no gradient, and the optimiser, which takes
+    trainable parameters only, never holds it). Returns how many parameters it froze.
+
+    Raises:
+        ConfigError: ``arch`` has no patch embedding with parameters (only a ViT's ``patch_embed`` is one).
+    """
+    embed = getattr(backbone, "patch_embed", None)
+    params = list(embed.parameters()) if isinstance(embed, nn.Module) else []
+    if not params:
+        raise ConfigError(f"encoder.freeze_patch_embed=true: {arch} has no patch embedding to freeze (a ViT's "
+                          "patch_embed, e.g. timm/vit_base_patch16_224); leave it false for this architecture")
+    for p in params:
+        p.requires_grad_(False)
+    return len(params)
+
+
 def _kernel(state: dict[str, torch.Tensor], key: str) -> Optional[int]:
     w = state.get(key)
     return int(w.shape[-1]) if w is not None and w.ndim == 4 else None

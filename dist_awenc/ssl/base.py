@@ -4,8 +4,8 @@ All methods share one interface so that the trainer and the watermark
 embedding (which uses :meth:`SSLMethod.cl_loss` as its utility term ``L_CL``)
 never branch on the method:
 
-* ``Method(backbone, feature_dim, *, proj_hidden_dim=512, proj_dim=128,
-  head_norm="none", proj_out_norm="none", loss_reduction="mean", <method hyper-parameters>)``; ``backbone`` maps
+* ``Method(backbone, feature_dim, *, proj_hidden_dim=512, proj_dim=128, head_norm="none",
+  proj_out_norm="none", proj_layers=2, loss_reduction="mean", <method hyper-parameters>)``; ``backbone`` maps
   images ``(b, 3, H, W)`` to features ``(b, feature_dim)``.
 * ``forward(views) -> {"loss": scalar}``: the whole step (online and
   momentum branches, loss, MoCo's enqueue) happens in this single call, so the
@@ -35,6 +35,7 @@ from torch import nn
 from dist_awenc.encoders.heads import HEAD_NORMS, MLPHead
 
 LOSS_REDUCTIONS = ("mean", "sum")
+PROJ_LAYERS = (2, 3)  # Linear layers of the projector: 2 (SimCLR, MoCo v2, BYOL), 3 (MoCo v3; SimCLR v2)
 
 METHODS: dict[str, type["SSLMethod"]] = {}
 
@@ -115,10 +116,12 @@ class SSLMethod(nn.Module):
     Args:
         backbone: image encoder, ``(b, 3, H, W) -> (b, feature_dim)``.
         feature_dim: backbone output size.
-        proj_hidden_dim: hidden width of the 2-layer projector.
+        proj_hidden_dim: hidden width of the projector.
         proj_dim: output size of the projector.
         head_norm: ``"none"`` or ``"batch"`` normalisation in the MLP heads.
         proj_out_norm: ``"none"`` or ``"batch"``: BatchNorm on the projector's output (SimCLR v1's ImageNet head).
+        proj_layers: ``2`` or ``3`` Linear layers in the projector (3: MoCo v3's, each hidden one followed by the
+            ``head_norm`` and a ReLU).
         loss_reduction: ``"mean"`` or ``"sum"`` of the two directions of a symmetrised loss.
     """
 
@@ -136,6 +139,7 @@ class SSLMethod(nn.Module):
         proj_dim: int = 128,
         head_norm: str = "none",
         proj_out_norm: str = "none",
+        proj_layers: int = 2,
         loss_reduction: str = "mean",
     ) -> None:
         super().__init__()
@@ -149,13 +153,15 @@ class SSLMethod(nn.Module):
             raise ValueError(f"{where}: head_norm must be one of {', '.join(HEAD_NORMS)}; got {head_norm!r}")
         if proj_out_norm not in HEAD_NORMS:
             raise ValueError(f"{where}: proj_out_norm must be one of {', '.join(HEAD_NORMS)}; got {proj_out_norm!r}")
+        if proj_layers not in PROJ_LAYERS or isinstance(proj_layers, bool):
+            raise ValueError(f"{where}: proj_layers must be one of {', '.join(map(str, PROJ_LAYERS))}; got {proj_layers!r}")
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"{where}: loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)}; got {loss_reduction!r}")
         self.loss_reduction = loss_reduction
         self.feature_dim = feature_dim
         self.proj_dim = proj_dim
         self.backbone = backbone
-        self.projector = MLPHead(feature_dim, proj_hidden_dim, proj_dim, num_layers=2, norm=head_norm,
+        self.projector = MLPHead(feature_dim, proj_hidden_dim, proj_dim, num_layers=proj_layers, norm=head_norm,
                                  out_norm=proj_out_norm)
 
     def _two_way(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ class SimCLR(SSLMethod):
     (``proj_out_norm="batch"``).
 
     Args:
-        backbone, feature_dim, proj_hidden_dim, proj_dim, head_norm, proj_out_norm, loss_reduction: see
+        backbone, feature_dim, proj_hidden_dim, proj_dim, head_norm, proj_out_norm, proj_layers, loss_reduction: see
             :class:`~dist_awenc.ssl.base.SSLMethod`.
         temperature: NT-Xent temperature (default 0.5).
 
@@ -64,11 +64,12 @@ class SimCLR(SSLMethod):
         proj_dim: int = 128,
         head_norm: str = "none",
         proj_out_norm: str = "none",
+        proj_layers: int = 2,
         loss_reduction: str = "mean",
         temperature: float = 0.5,
     ) -> None:
         super().__init__(backbone, feature_dim, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, head_norm=head_norm,
-                         proj_out_norm=proj_out_norm, loss_reduction=loss_reduction)
+                         proj_out_norm=proj_out_norm, proj_layers=proj_layers, loss_reduction=loss_reduction)
         _check_temperature(temperature, "SimCLR")
         self.temperature = float(temperature)
 
@@ -111,7 +112,7 @@ class MoCoV2(SSLMethod):
     statistics matters.
 
     Args:
-        backbone, feature_dim, proj_hidden_dim, proj_dim, head_norm, proj_out_norm, loss_reduction: see
+        backbone, feature_dim, proj_hidden_dim, proj_dim, head_norm, proj_out_norm, proj_layers, loss_reduction: see
             :class:`~dist_awenc.ssl.base.SSLMethod`.
         temperature: InfoNCE temperature (default 0.2).
         queue_size: number ``K`` of negatives in the queue (default 4096).
@@ -138,6 +139,7 @@ class MoCoV2(SSLMethod):
         proj_dim: int = 128,
         head_norm: str = "none",
         proj_out_norm: str = "none",
+        proj_layers: int = 2,
         loss_reduction: str = "mean",
         temperature: float = 0.2,
         queue_size: int = 4096,
@@ -146,7 +148,7 @@ class MoCoV2(SSLMethod):
         symmetric: bool = True,
     ) -> None:
         super().__init__(backbone, feature_dim, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, head_norm=head_norm,
-                         proj_out_norm=proj_out_norm, loss_reduction=loss_reduction)
+                         proj_out_norm=proj_out_norm, proj_layers=proj_layers, loss_reduction=loss_reduction)
         _check_temperature(temperature, "MoCoV2")
         _check_positive_int(queue_size, "queue_size", "MoCoV2")
         _check_unit_interval(momentum, "momentum", "MoCoV2")
@@ -236,7 +238,7 @@ class BYOL(SSLMethod):
     in ``current_momentum``. The paper uses ``head_norm="batch"``.
 
     Args:
-        backbone, feature_dim, proj_hidden_dim, proj_dim, head_norm, proj_out_norm, loss_reduction: see
+        backbone, feature_dim, proj_hidden_dim, proj_dim, head_norm, proj_out_norm, proj_layers, loss_reduction: see
             :class:`~dist_awenc.ssl.base.SSLMethod`.
         momentum: base momentum ``m0`` in ``[0, 1]`` (default 0.99).
         pred_hidden_dim: hidden width of the predictor (default 512).
@@ -254,12 +256,13 @@ class BYOL(SSLMethod):
         proj_dim: int = 128,
         head_norm: str = "none",
         proj_out_norm: str = "none",
+        proj_layers: int = 2,
         loss_reduction: str = "mean",
         momentum: float = 0.99,
         pred_hidden_dim: int = 512,
     ) -> None:
         super().__init__(backbone, feature_dim, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, head_norm=head_norm,
-                         proj_out_norm=proj_out_norm, loss_reduction=loss_reduction)
+                         proj_out_norm=proj_out_norm, proj_layers=proj_layers, loss_reduction=loss_reduction)
         _check_unit_interval(momentum, "momentum", type(self).__name__)
         _check_positive_int(pred_hidden_dim, "pred_hidden_dim", type(self).__name__)
         self.base_momentum = float(momentum)

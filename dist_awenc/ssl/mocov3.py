@@ -26,12 +26,12 @@ class MoCoV3(BYOL):
     are gathered (no gradient), so the negatives are the rest of the global batch; there is no queue. The momentum
     follows the cosine schedule of the paper, BYOL's (:func:`~dist_awenc.ssl.methods.byol_momentum`: from
     ``momentum`` to 1; the last value used is kept in ``current_momentum``): the networks, the predictor and the
-    momentum update are BYOL's, only the loss differs. The paper's heads use
-    BatchNorm (``head_norm="batch"``); its 3-layer projector is this project's 2-layer one. Everything the method
-    holds (heads, momentum encoders) is in its ``state_dict``, so a checkpoint resumes it exactly.
+    momentum update are BYOL's, only the loss differs. The paper's heads use BatchNorm (``head_norm="batch"``) and
+    a 3-layer projector (``proj_layers=3``; the default, 2, is the other methods'). Everything the method holds
+    (heads, momentum encoders) is in its ``state_dict``, so a checkpoint resumes it exactly.
 
     Args:
-        backbone, feature_dim, proj_hidden_dim, proj_dim, head_norm, proj_out_norm, loss_reduction: see
+        backbone, feature_dim, proj_hidden_dim, proj_dim, head_norm, proj_out_norm, proj_layers, loss_reduction: see
             :class:`~dist_awenc.ssl.base.SSLMethod`.
         temperature: InfoNCE temperature (default 0.2, the paper's ViT setting).
         momentum: base momentum ``m0`` in ``[0, 1]`` (default 0.99).
@@ -52,14 +52,15 @@ class MoCoV3(BYOL):
         proj_dim: int = 128,
         head_norm: str = "none",
         proj_out_norm: str = "none",
+        proj_layers: int = 2,
         loss_reduction: str = "mean",
         temperature: float = 0.2,
         momentum: float = 0.99,
         pred_hidden_dim: int = 512,
     ) -> None:
         super().__init__(backbone, feature_dim, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, head_norm=head_norm,
-                         proj_out_norm=proj_out_norm, loss_reduction=loss_reduction, momentum=momentum,
-                         pred_hidden_dim=pred_hidden_dim)
+                         proj_out_norm=proj_out_norm, proj_layers=proj_layers, loss_reduction=loss_reduction,
+                         momentum=momentum, pred_hidden_dim=pred_hidden_dim)
         _check_temperature(temperature, "MoCoV3")
         self.temperature = float(temperature)
 

@@ -15,6 +15,7 @@ from dist_awenc.data.transfer import HostDraw, StepInputs
 from dist_awenc.data.views import draw_views
 from dist_awenc.encoders.io import Encoder, build_encoder, card_for, save_encoder, save_tensors
 from dist_awenc.encoders.registry import resolve_arch_kwargs
+from dist_awenc.encoders.timm_backbones import freeze_patch_embed
 from dist_awenc.engine.dist import gather_objects
 from dist_awenc.engine.loop import cosine_schedule, fit, make_accelerator, prepare_model
 from dist_awenc.engine.optim import build_optimizer
@@ -32,6 +33,7 @@ def encoder_from_config(enc, image_size: int) -> tuple[Encoder, str, dict]:
 
     A backbone without a ``norm`` argument (a timm model) is built when ``encoder.norm`` is left at its default
     (any other value is an error naming what it takes); one with an ``img_size`` (a timm ViT) gets ``image_size``.
+    ``encoder.freeze_patch_embed`` leaves a ViT's patch embedding untrained (an error for a net without one).
     """
     takes = resolve_arch_kwargs(enc.arch)
     explicit = {**({"norm": enc.norm} if "norm" in takes or enc.norm != EncoderSection.norm else {}),
@@ -39,7 +41,10 @@ def encoder_from_config(enc, image_size: int) -> tuple[Encoder, str, dict]:
                 **({"stem": enc.stem} if enc.stem is not None else {}),
                 **({"img_size": image_size} if "img_size" in takes else {})}
     kwargs = resolve_arch_kwargs(enc.arch, **explicit)
-    return build_encoder(enc.arch, kwargs, enc.mean, enc.std, image_size), enc.arch, kwargs
+    encoder = build_encoder(enc.arch, kwargs, enc.mean, enc.std, image_size)
+    if getattr(enc, "freeze_patch_embed", False):
+        freeze_patch_embed(encoder.backbone, enc.arch)
+    return encoder, enc.arch, kwargs
 
 
 def method_from_config(ssl, enc, encoder: Encoder) -> torch.nn.Module:
@@ -52,7 +57,8 @@ def method_from_config(ssl, enc, encoder: Encoder) -> torch.nn.Module:
         raise ConfigError(f"unknown ssl.method '{ssl.method}'; valid: {', '.join(sorted(METHODS))}")
     kwargs: dict[str, Any] = dict(
         proj_hidden_dim=enc.proj_hidden_dim, proj_dim=enc.proj_dim, head_norm=enc.head_norm,
-        proj_out_norm=getattr(enc, "proj_out_norm", "none"), loss_reduction=ssl.loss_reduction,
+        proj_out_norm=getattr(enc, "proj_out_norm", "none"), proj_layers=getattr(enc, "proj_layers", 2),
+        loss_reduction=ssl.loss_reduction,
         queue_size=ssl.queue_size, momentum=ssl.momentum, pred_hidden_dim=ssl.pred_hidden_dim,
     )
     if ssl.temperature is not None:

@@ -4,9 +4,10 @@ Null encoders are encoders trained independently of the owner's: every
 (architecture, SSL method, norm, seed) of ``population``, on the owner's data
 with the owner's training budget by default (read from the owner's f0 run),
 plus one attacked copy of each (the attacks a pirate would apply, round
-robin over ``population.attacks``) and any ``extra_encoders``. The owner's f0
-is not a null (a suspect behaving like f0 can only come from the owner): it
-is measured and reported as the owner's reference.
+robin over ``population.attacks``) and any ``extra_encoders`` (an attacked
+copy among them joins its listed parent's family). The owner's f0 is not a
+null (a suspect behaving like f0 can only come from the owner): it is
+measured and reported as the owner's reference.
 
 Each encoder is tested with the owner's secret (the trial that counts) and
 with secrets generated on other null encoders (reported to widen the
@@ -104,6 +105,23 @@ def null_encoder_configs(cfg: CalibrateConfig, root: Path) -> list[PretrainConfi
     return out
 
 
+def extra_families(extra_encoders: list[str]) -> dict[str, tuple[Path, str]]:
+    """``population.extra_encoders`` as ``{name: (path, family)}``: each its own family, except an attacked copy
+    whose card names another listed encoder as its parent (``awenc attack`` writes the parent's hash), which joins
+    that encoder's family: a copy is not independent evidence."""
+    named = {f"extra_{Path(e).stem if Path(e).is_file() else Path(e).name}": Path(e) for e in extra_encoders}
+    cards = {name: load_card(resolve_encoder_path(path)) for name, path in named.items()}
+    by_hash = {card.get("sha256"): name for name, card in cards.items() if card.get("sha256")}
+    out = {}
+    for name, path in named.items():
+        family, seen = name, {name}
+        while by_hash.get(cards[family].get("parent")) not in (None, *seen):  # up the chain of listed parents
+            family = by_hash[cards[family]["parent"]]
+            seen.add(family)
+        out[name] = (path, family)
+    return out
+
+
 def calibrate(cfg: CalibrateConfig) -> dict:
     from dist_awenc.attacks.stage import PirateData
 
@@ -144,9 +162,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
             name, strength = attacks[i % len(attacks)]
             child = f"{c.run.name}{ATTACK_SEP}{name}{strength:g}"
             paths[child] = (_attacked(paths[c.run.name][0], name, strength, pirate, cfg, pop / child, i), c.run.name)
-        for e in p.extra_encoders:
-            stem = Path(e).stem if Path(e).is_file() else Path(e).name
-            paths[f"extra_{stem}"] = (Path(e), f"extra_{stem}")
+        paths.update(extra_families(p.extra_encoders))
         if not paths:
             raise ConfigError("the null population is empty: give population.seeds >= 1 or population.extra_encoders")
         secrets = {"owner": owner_secret, **_other_secrets(cfg, paths, pop)}

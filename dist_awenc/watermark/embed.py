@@ -273,7 +273,7 @@ def _encoder_section_from_card(card: dict, cfg: EmbedConfig):
 
     recorded = (card.get("config") or {}).get("encoder") or {}
     sec = EncoderSection()
-    for k in ("proj_hidden_dim", "proj_dim", "head_norm", "proj_out_norm"):
+    for k in ("proj_hidden_dim", "proj_dim", "head_norm", "proj_out_norm", "proj_layers"):
         if k in recorded:
             setattr(sec, k, recorded[k])
     if card.get("method") and card["method"] != cfg.ssl.method:
