@@ -13,6 +13,8 @@ A suite file ``<out>/<suite>.json`` is::
 
 Rows with ``"kind": "aux"`` (e.g. the views alone in ``step``) carry only
 ``images_per_s``; the others carry their suite's fields (:data:`SUITE_REQUIRED`).
+``health`` rows are checks: every row names its ``check`` (:data:`HEALTH_CHECKS`),
+an ``ok`` row has a ``summary`` and may have no ``images_per_s``.
 ``status`` is ``ok`` or says why a row has no numbers (``skipped``,
 ``unsupported``, ``not installed``, ``failed``); a row that is not ``ok``
 has ``null`` statistics and a ``note``. :func:`validate` checks a document.
@@ -312,7 +314,10 @@ SUITE_REQUIRED: dict[str, tuple[str, ...]] = {
     "loader": ("images_per_s_per_core",),
     "verify": ("seconds",),
     "cost": ("device_seconds", "fraction"),
+    "health": ("check", "summary"),
 }
+HEALTH_CHECKS = ("memory", "sync_bn", "loss")
+RATE_OPTIONAL = ("health",)  # suites whose ok rows may have no images_per_s (a check, not a speed)
 
 
 def validate(doc: Any, suite: Optional[str] = None) -> list[str]:
@@ -352,14 +357,20 @@ def validate(doc: Any, suite: Optional[str] = None) -> list[str]:
             errs.append(f"{where}: 'settings' missing or not an object")
         if "images_per_s" not in r:
             errs.append(f"{where}: 'images_per_s' missing")
+        if doc["suite"] == "health" and r.get("check") not in HEALTH_CHECKS:
+            errs.append(f"{where}: 'check' is {r.get('check')!r}, not one of {HEALTH_CHECKS}")
         if r.get("status") == "ok":
-            if not _is_stats(r.get("images_per_s")):
+            rate = r.get("images_per_s")
+            if not _is_stats(rate) and not (rate is None and doc["suite"] in RATE_OPTIONAL):
                 errs.append(f"{where}: 'images_per_s' is not {{median, min, max}} with min <= median <= max")
             for k in extra if r.get("kind") != "aux" else ():
                 v = r.get(k)
                 if k in ("ratio", "fraction"):
                     if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                         errs.append(f"{where}: '{k}' missing or not a positive number")
+                elif k in ("check", "summary"):
+                    if not isinstance(v, str) or not v:
+                        errs.append(f"{where}: '{k}' missing or not a string")
                 elif k == "device_seconds":
                     if not isinstance(v, dict) or not all(isinstance(x, (int, float)) for x in v.values()):
                         errs.append(f"{where}: 'device_seconds' missing or not numbers")

@@ -41,6 +41,8 @@ def summary(folders: Iterable[Path]) -> str:
                     measured = f"{fmt_stats(r['images_per_s_per_core'])} img/s per core"
                 elif suite == "verify":
                     measured = f"{fmt_stats(r['seconds'], 2)} s"
+                elif suite == "health":
+                    measured = r["summary"]
                 elif suite == "cost":
                     measured = f"watermark + embed = {100 * r['fraction']:.1f}% of pre-training"
                     reference = f"device-hours pretrain / watermark / embed: {r.get('device_hours', '-')}"
