@@ -10,10 +10,13 @@ Suites (see ``benchmarks/README.md``):
   reference step alone;
 * ``verify``: seconds of white-box and black-box label verification on CPU;
 * ``cost``: device-seconds of watermark generation + embedding as a fraction
-  of the pre-training run they protect.
+  of the pre-training run they protect;
+* ``health``: what throughput cannot show about the ImageNet SimCLR recipe:
+  peak GPU memory at its per-GPU batch, SyncBN statistics across ranks, and
+  that its loss falls over a few hundred steps.
 
 Each suite writes ``<out>/<suite>.json`` (schema: :mod:`benchmarks.common`)
 and ``<out>/<suite>.md``.
 """
 
-SUITES = ("step", "loader", "e2e", "verify", "cost")
+SUITES = ("step", "loader", "e2e", "verify", "cost", "health")

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite == "validate":
         return max([validate_dir(d) for d in args.dirs or [Path(".")]])
     if args.suite == "summary":
-        from benchmarks.common import summary
+        from benchmarks.summary import summary
 
         print(summary(args.dirs or [Path(".")]), end="")
         return 0

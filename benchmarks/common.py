@@ -13,6 +13,8 @@ A suite file ``<out>/<suite>.json`` is::
 
 Rows with ``"kind": "aux"`` (e.g. the views alone in ``step``) carry only
 ``images_per_s``; the others carry their suite's fields (:data:`SUITE_REQUIRED`).
+``health`` rows are checks: every row names its ``check`` (:data:`HEALTH_CHECKS`),
+an ``ok`` row has a ``summary`` and may have no ``images_per_s``.
 ``status`` is ``ok`` or says why a row has no numbers (``skipped``,
 ``unsupported``, ``not installed``, ``failed``); a row that is not ``ok``
 has ``null`` statistics and a ``note``. :func:`validate` checks a document.
@@ -312,7 +314,10 @@ SUITE_REQUIRED: dict[str, tuple[str, ...]] = {
     "loader": ("images_per_s_per_core",),
     "verify": ("seconds",),
     "cost": ("device_seconds", "fraction"),
+    "health": ("check", "summary"),
 }
+HEALTH_CHECKS = ("memory", "sync_bn", "loss")
+RATE_OPTIONAL = ("health",)  # suites whose ok rows may have no images_per_s (a check, not a speed)
 
 
 def validate(doc: Any, suite: Optional[str] = None) -> list[str]:
@@ -352,14 +357,20 @@ def validate(doc: Any, suite: Optional[str] = None) -> list[str]:
             errs.append(f"{where}: 'settings' missing or not an object")
         if "images_per_s" not in r:
             errs.append(f"{where}: 'images_per_s' missing")
+        if doc["suite"] == "health" and r.get("check") not in HEALTH_CHECKS:
+            errs.append(f"{where}: 'check' is {r.get('check')!r}, not one of {HEALTH_CHECKS}")
         if r.get("status") == "ok":
-            if not _is_stats(r.get("images_per_s")):
+            rate = r.get("images_per_s")
+            if not _is_stats(rate) and not (rate is None and doc["suite"] in RATE_OPTIONAL):
                 errs.append(f"{where}: 'images_per_s' is not {{median, min, max}} with min <= median <= max")
             for k in extra if r.get("kind") != "aux" else ():
                 v = r.get(k)
                 if k in ("ratio", "fraction"):
                     if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                         errs.append(f"{where}: '{k}' missing or not a positive number")
+                elif k in ("check", "summary"):
+                    if not isinstance(v, str) or not v:
+                        errs.append(f"{where}: '{k}' missing or not a string")
                 elif k == "device_seconds":
                     if not isinstance(v, dict) or not all(isinstance(x, (int, float)) for x in v.values()):
                         errs.append(f"{where}: 'device_seconds' missing or not numbers")
@@ -369,45 +380,3 @@ def validate(doc: Any, suite: Optional[str] = None) -> list[str]:
             if not r.get("note"):
                 errs.append(f"{where}: status {r.get('status')!r} without a 'note' saying why")
     return errs
-
-
-# ----------------------------------------------------------------- summary (the current table of docs/scale.md)
-
-
-def summary(folders: Iterable[Path]) -> str:
-    """One markdown table of the headline numbers of every suite file in ``folders``."""
-    from benchmarks import SUITES
-
-    out = ["| device | suite | case | measured | reference | ratio |", "|---|---|---|---|---|---|"]
-    notes = []
-    for folder in folders:
-        for suite in SUITES:
-            path = Path(folder) / f"{suite}.json"
-            if not path.exists():
-                continue
-            doc = json.loads(path.read_text())
-            env = doc.get("environment", {})
-            notes.append(f"{doc['device']}: torch {doc['torch']}, CUDA {doc['cuda'] or 'none'}, torch threads "
-                         f"{env.get('torch_threads')}, measured {doc['created'][:10]}{' (--quick)' if doc['quick'] else ''} "
-                         f"from `{Path(folder).as_posix()}`")
-            for r in doc["rows"]:
-                if r.get("kind") == "aux":
-                    continue
-                measured = reference = rat = "-"
-                if r["status"] != "ok":
-                    measured = f"{r['status']}: {r.get('note', '')}"
-                elif suite in ("step", "e2e"):
-                    measured = f"{fmt_stats(r['images_per_s'])} img/s"
-                    reference = f"{fmt_stats(r['reference_images_per_s'])} img/s"
-                    rat = f"{r['ratio']:.2f}"
-                    if r.get("views_share") is not None:
-                        rat += f" (views {100 * r['views_share']:.0f}% of a step)"
-                elif suite == "loader":
-                    measured = f"{fmt_stats(r['images_per_s_per_core'])} img/s per core"
-                elif suite == "verify":
-                    measured = f"{fmt_stats(r['seconds'], 2)} s"
-                elif suite == "cost":
-                    measured = f"watermark + embed = {100 * r['fraction']:.1f}% of pre-training"
-                    reference = f"device-hours pretrain / watermark / embed: {r.get('device_hours', '-')}"
-                out.append(f"| {doc['device']} | {suite} | {r['name']} | {measured} | {reference} | {rat} |".replace("\n", " "))
-    return "\n".join(out) + "\n\n" + "\n".join(f"- {n}" for n in dict.fromkeys(notes)) + "\n"

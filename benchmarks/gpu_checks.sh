@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# GPU throughput checks, in one call of under 8 minutes: every GPU suite at full size on the visible GPUs.
+# GPU checks, in one call of under 8 minutes: every GPU suite at full size on the visible GPUs.
 #
+#   0. health what throughput cannot show about the ImageNet SimCLR recipe: peak GPU memory at its per-GPU batch
+#             (512 images x 2 views, 224 px, bf16 + channels_last; the largest batch that fits if that does not),
+#             SyncBN under DDP against one BatchNorm over the global batch (needs 2 GPUs), and that its loss falls
+#             over 300 steps of its step (ResNet-50, 224 px, the project's fit, a pool of generated images)
 #   1. step   the project's training step (fit, views made in the step) against a plain step on premade views
 #   2. e2e    `awenc pretrain` launched as a user does (real loader) against the same plain step, through
 #             accelerate launch three ways: one process (configs/accelerate/1gpu.yaml), DDP
@@ -9,7 +13,7 @@
 #   3. cost   device-seconds of watermarking as a fraction of the pre-training it protects
 # (`loader` and `verify` are CPU suites: the loader's CPU cost per core and verification's CPU seconds; not here.)
 #
-#   bash benchmarks/gpu_checks.sh [OUT_DIR]            # -> benchmarks/results/<card name>/{step,e2e,cost}.{json,md}
+#   bash benchmarks/gpu_checks.sh [OUT_DIR]            # -> benchmarks/results/<card name>/{health,step,e2e,cost}.{json,md}
 #   bash benchmarks/gpu_checks.sh --dry-run [OUT_DIR]  # the same sequence on the CPU at tiny sizes (--quick: tiny
 #                                                      # models, a few steps), default OUT_DIR a new temporary folder
 #   bash benchmarks/gpu_checks.sh --prepare            # on a machine that reaches PyPI: fetch the wheels a bare GPU
@@ -21,12 +25,13 @@
 # what is missing of omegaconf / DeepSpeed is installed from benchmarks/.wheels/ into a temporary folder. Without
 # DeepSpeed the ZeRO-2 run is skipped (its row says `not installed`). The package is used from this checkout
 # (PYTHONPATH); nothing is installed system-wide. After the suites the files are validated against the schema, and
-# every part must have written its rows: exit 1 if a suite file is missing or invalid, or a row `failed`.
+# every part must have written its rows: exit 1 if a suite file is missing or invalid, a row `failed` (a health
+# check that does not hold), or a health check was not run for want of time.
 #
 # Environment:
 #   PYTHON          interpreter (default: python3)
-#   BENCH_STEP_S, BENCH_E2E_S, BENCH_COST_S
-#                   per-suite budgets in seconds (default 150, 180, 50): rows not started by then are recorded
+#   BENCH_HEALTH_S, BENCH_STEP_S, BENCH_E2E_S, BENCH_COST_S
+#                   per-suite budgets in seconds (default 100, 120, 160, 40; 420 in all): rows not started by then are recorded
 #                   as skipped; a suite is killed 45 s after its budget (its JSON, rewritten after every row,
 #                   keeps the rows measured so far)
 #   BENCH_DEADLINE_S  the whole sequence's limit (default 450): a suite never runs past it
@@ -128,16 +133,17 @@ run_part() {  # run_part SUITE BUDGET [suite options...]
   say "$suite: exit $code after $((SECONDS - start))s"
   [ "$code" -eq 0 ] || rc=1
 }
-run_part step "${BENCH_STEP_S:-150}"
-run_part e2e "${BENCH_E2E_S:-180}" --launchers single ddp zero2
-run_part cost "${BENCH_COST_S:-50}"
+run_part health "${BENCH_HEALTH_S:-100}"
+run_part step "${BENCH_STEP_S:-120}"
+run_part e2e "${BENCH_E2E_S:-160}" --launchers single ddp zero2
+run_part cost "${BENCH_COST_S:-40}"
 
 # ------------------------------------------------------------ checks
 "$PY" -m benchmarks validate "$out" || rc=1
 "$PY" - "$out" <<'EOF' || rc=1
 import json, pathlib, sys
 out, bad = pathlib.Path(sys.argv[1]), []
-for suite in ("step", "e2e", "cost"):
+for suite in ("health", "step", "e2e", "cost"):
     f = out / f"{suite}.json"
     if not f.exists():
         bad.append(f"{f}: missing (the suite did not start or was killed before its first row)")
@@ -146,6 +152,11 @@ for suite in ("step", "e2e", "cost"):
     bad += [f"{suite}: {r['name']}: failed: {r.get('note', '')}" for r in rows if r["status"] == "failed"]
     if not any(r["status"] == "ok" and r.get("kind") != "aux" for r in rows):
         bad.append(f"{suite}: no row measured")
+    if suite == "health":  # every check ran, or says why it cannot run here (CPU, one GPU): never for want of time
+        by = {r.get("check"): r for r in rows}
+        bad += [f"health: no {c} row" for c in ("memory", "sync_bn", "loss") if c not in by]
+        bad += [f"health: {c}: not run: {r['note']}" for c, r in by.items()
+                if r["status"] == "skipped" and "budget" in r.get("note", "")]
     if suite == "e2e":
         launched = {r["settings"].get("launcher") for r in rows}
         bad += [f"e2e: no {k} row" for k in ("single", "ddp", "zero2") if k not in launched]

@@ -153,6 +153,7 @@ def build_pair(ctx: Context, model: str, method: str, mode: str, p: dict, tmp: P
     mp, cl, comp = P.MODES[mode]
     total = p["warmup"] + p["reps"] * p["steps"]
     run_dir = tmp / f"{model}_{method}_{mode}"
+    run_dir.mkdir(parents=True, exist_ok=True)  # as open_run makes it: fit writes engine.json there from its start
     cfg, path = P.pretrain_config(model, method, batch=p["batch"], mode=mode, out_dir=tmp, extra=list(extra))
     P.reset_accelerate()
     accelerator = P.make_project_accelerator(cfg, run_dir, comp) if project else None

@@ -28,7 +28,13 @@ from benchmarks.common import validate  # noqa: E402
 HANG_GUARD_S = 600
 
 
-DRY_RUN_SUITES = ("step", "e2e", "cost")  # what gpu_checks.sh runs (e2e with all three launchers)
+def torch_cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+DRY_RUN_SUITES = ("health", "step", "e2e", "cost")  # what gpu_checks.sh runs (e2e with all three launchers)
 
 
 def _env() -> dict[str, str]:
@@ -45,9 +51,10 @@ def _run(cmd: list[str], what: str, timeout: int) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def suites(tmp_path_factory) -> tuple[dict[str, Path], subprocess.CompletedProcess]:
-    """Every suite at --quick, run once for the module: ``gpu_checks.sh --dry-run`` makes step, e2e and cost (the GPU
-    sequence's own command lines, e2e with all three launchers) while the other suites run beside it (at --quick
-    each process takes one thread, so the two share the 2 cores). Returns each suite's folder and the dry run."""
+    """Every suite at --quick, run once for the module: ``gpu_checks.sh --dry-run`` makes health, step, e2e and cost
+    (the GPU sequence's own command lines, e2e with all three launchers) while the other suites run beside it (at
+    --quick each process takes one thread, so the two share the 2 cores). Returns each suite's folder and the dry
+    run."""
     dry_dir, rest_dir = tmp_path_factory.mktemp("gpu_dry"), tmp_path_factory.mktemp("bench")
     cmd = ["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), "--dry-run", str(dry_dir)]
     dry = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -110,19 +117,30 @@ def test_validator_rejects_bad_documents():
     bad = json.loads(json.dumps(good))
     del bad["cuda"]
     assert validate(bad)
+    # health rows are checks: an ok row needs its check and a summary, not a speed
+    check = {**good, "suite": "health", "rows": [{"name": "a", "status": "ok", "settings": {}, "images_per_s": None,
+                                                 "check": "loss", "summary": "fell"}]}
+    assert validate(check, "health") == []
+    bad = json.loads(json.dumps(check))
+    bad["rows"][0]["check"] = "speed"
+    assert any("'check'" in e for e in validate(bad, "health"))
+    bad = json.loads(json.dumps(check))
+    del bad["rows"][0]["summary"]
+    assert any("'summary'" in e for e in validate(bad, "health"))
+    assert validate({**check, "suite": "verify"}, "verify")  # other suites still need their images_per_s
 
 
 
 
 @pytest.mark.slow
 def test_gpu_checks_dry_run(suites):
-    """`gpu_checks.sh --dry-run`: the GPU sequence (step; e2e launched one-process, DDP and ZeRO-2; cost) on the CPU
-    at --quick sizes, every file validated. About 2 minutes on 2 busy cores, plus one JIT build of DeepSpeed's CPU
+    """`gpu_checks.sh --dry-run`: the GPU sequence (health; step; e2e launched one-process, DDP and ZeRO-2; cost) on
+    the CPU at --quick sizes, every file validated. About 2 minutes on 2 busy cores, plus one JIT build of DeepSpeed's CPU
     communication op where TORCH_EXTENSIONS_DIR has none yet (test_deepspeed.py then finds it built)."""
     tmp_path, proc = suites[0]["step"], suites[1]
     log = proc.stderr[-4000:]
     docs = {}
-    for suite in ("step", "e2e", "cost"):
+    for suite in ("health", "step", "e2e", "cost"):
         assert (tmp_path / f"{suite}.json").exists(), log
         docs[suite] = json.loads((tmp_path / f"{suite}.json").read_text())
         assert validate(docs[suite], suite) == [], suite
@@ -147,6 +165,69 @@ def test_gpu_checks_dry_run(suites):
     failed = [r for r in e2e + docs["step"]["rows"] + docs["cost"]["rows"] if r["status"] == "failed"]
     assert not failed, [(r["name"], r.get("note")) for r in failed]
     assert proc.returncode == 0, log
+
+
+@pytest.mark.slow
+def test_health_checks_in_the_dry_run(suites):
+    """The dry run's health suite: peak GPU memory and SyncBN say why they are not measured on a CPU (this torch's
+    SyncBatchNorm refuses CPU tensors), and the recipe's step, at tiny size, lowers its loss by the margin."""
+    from benchmarks.health import LOSS_MARGIN, RECIPE
+
+    doc = json.loads((suites[0]["health"] / "health.json").read_text())
+    by = {r["check"]: r for r in doc["rows"]}
+    assert sorted(by) == ["loss", "memory", "sync_bn"]
+    assert by["memory"]["status"] == "skipped" and "not measured on CPU" in by["memory"]["note"]
+    assert by["memory"]["settings"]["batch"] == 512  # 4096 over the 8 processes of configs/accelerate/8gpu.yaml
+    sync_bn = by["sync_bn"]
+    if sync_bn["status"] == "skipped":  # a torch whose SyncBatchNorm runs on CPU would run the 2-process check
+        assert "SyncBatchNorm" in sync_bn["note"] and "CPU" in sync_bn["note"], sync_bn["note"]
+    else:
+        assert sync_bn["status"] == "ok" and sync_bn["settings"]["ranks"] == 2, sync_bn
+    loss = by["loss"]
+    assert loss["status"] == "ok", loss.get("note")
+    assert len(loss["loss_by_tenth"]) == 10 and loss["last_tenth"] <= (1 - LOSS_MARGIN) * loss["first_tenth"]
+    assert loss["settings"]["config"] == RECIPE and loss["settings"]["optimizer"] == "lars"
+
+
+def test_memory_search_finds_the_largest_batch_that_fits():
+    """The recipe's batch when it fits; else halvings, then bisection to 32 images, in at most 6 tries."""
+    from benchmarks.health import largest_fitting
+
+    for limit, expected in ((600, 512), (512, 512), (300, 288), (200, 192), (40, 32), (10, None)):
+        tried: list[int] = []
+        best = largest_fitting(lambda b: tried.append(b) or b <= limit, 512)
+        assert best == expected and len(tried) <= 6, (limit, best, tried)
+
+
+@pytest.mark.slow
+def test_sync_bn_check_finds_batchnorm_that_is_not_synchronised():
+    """The SyncBN check's harness on 2 gloo processes (this torch's SyncBatchNorm refuses CPU tensors, so the check
+    itself runs on GPUs only): with plain BatchNorm on each shard it must find outputs, gradients and running
+    statistics off, and ranks that disagree. About 15 s on 2 busy cores (two processes importing torch)."""
+    from benchmarks.health_syncbn import TOL, run_check, verdict
+
+    result = run_check(2, "cpu", sync=False)
+    assert "errors" in result, result
+    err = result["errors"]
+    ok, text = verdict(err)
+    assert not ok, text
+    for key in ("output", "input_grad", "running_stats", "running_stats_across_ranks", "local_bn_output"):
+        assert err[key] > 100 * TOL, (key, err)
+    assert err["reference_fp32_vs_fp64"] < TOL / 10, err  # the tolerance is far above fp32's own error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch_cuda_devices() >= 2, reason="needs 2 CUDA devices")
+def test_sync_bn_agrees_across_gpus():
+    """The check itself, on every visible GPU (NCCL): what gpu_checks.sh's sync_bn row runs."""
+    import torch
+
+    from benchmarks.health_syncbn import run_check, verdict
+
+    result = run_check(torch.cuda.device_count(), "cuda")
+    assert "errors" in result, result
+    ok, text = verdict(result["errors"])
+    assert ok, text
 
 
 def test_gpu_launch_commands_use_the_projects_launch_configs():
