@@ -167,3 +167,46 @@ def test_the_loader_delivers_the_same_images_and_boxes_either_way(tmp_path):
         assert torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels) and torch.equal(a.images, c.images)
         d = (a.images.float() - b.images.float()).abs()
         assert d.mean(dim=(2, 3, 4)).max() <= SCALED_MEAN and d.max() <= SCALED_MAX
+
+
+# --------------------------------------------------------------------------- the FFCV decoder
+
+
+@needs_ffcv
+def test_ffcv_dct_scaling_keeps_the_views(tmp_path):
+    """The FFCV decoder with and without DCT scaling, on JPEGs stored at their own size: the same boxes; views of
+    images decoded at scale 1 identical, the others within the bound."""
+    from dist_awenc.data import ffcv as ffcv_mod
+
+    sizes = [(320, 240), (256, 256), (180, 300), (400, 300), (96, 80), (500, 375)]
+    for k, (w, h) in enumerate(sizes):
+        Image.fromarray(_photo(w, h, k)).save(tmp_path / f"{k}.png")  # the beton stores them as JPEG
+    root = tmp_path / "img"
+    for k in range(len(sizes)):
+        (root / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"{k}.png").rename(root / f"c{k % 2}" / f"{k}.png")
+    ds = build_dataset("imagefolder", root=root, image_size=16)
+    beton = ffcv_mod.write_beton(ds, tmp_path / "b.beton", mode="jpg", original=True, jpeg_quality=90,
+                                 progress=False, max_resolution=500)
+    spec = CropSpec(size=32, n_views=2, seed=2)
+
+    def views(s):
+        src = ffcv_mod.FFCVSource(beton, image_size=32, global_batch_size=3, seed=2, crops=s, num_workers=1)
+        batches = list(src.iterate(0, 0))
+        return torch.cat([b.images for b in batches]), torch.cat([b.index for b in batches])
+
+    (fast, index), (full, index2) = views(spec), views(dataclasses.replace(spec, full_decode=True))
+    assert torch.equal(index, index2) and fast.shape == full.shape == (6, 2, 3, 32, 32)
+    hw = {i: Image.open(ds.samples[i][0]).size[::-1] for i in range(len(ds))}
+    u = crop_uniforms(spec.key(0), index.numpy(), 2)  # the beton holds the dataset in order: position = index
+    scales = []
+    for r, i in enumerate(index.tolist()):
+        boxes = crop_boxes(u[r : r + 1], np.array([hw[i][0]]), np.array([hw[i][1]]), spec.scale, spec.ratio)[0]
+        k = dct_scale(boxes, 32)
+        scales.append(k)
+        d = (fast[r].float() - full[r].float()).abs()
+        if k == 1:
+            assert torch.equal(fast[r], full[r])
+        else:
+            assert d.mean(dim=(1, 2, 3)).max() <= FFCV_MEAN and d.max() <= FFCV_MAX, (k, d.mean(), d.max())
+    assert 1 in scales and max(scales) > 1, scales
