@@ -150,7 +150,9 @@ def views_from_file(path: str, boxes_of, size: int) -> Optional[np.ndarray]:
 
 def resize_box_uint8(patch: torch.Tensor, size: int) -> np.ndarray:
     """A uint8 (1, 3, h, w) patch resized to (size, size, 3): bilinear, antialiased when shrinking (torch's uint8
-    kernel, PIL's BILINEAR algorithm with its own intermediate rounding)."""
+    kernel, PIL's BILINEAR algorithm with its own intermediate rounding). The patch is copied channels-last first:
+    a box sliced from a channels-last image is neither layout, and torch would take its slow path (twice the time)."""
+    patch = patch.contiguous(memory_format=torch.channels_last)
     out = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return out[0].permute(1, 2, 0).numpy()
 
