@@ -83,6 +83,13 @@ def test_header_and_scale_rule():
     png = io.BytesIO()
     Image.fromarray(img).save(png, "PNG")
     assert jpeg_header(png.getvalue()) is None and jpeg_header(b"") is None and jpeg_header(_jpeg(img)[:40]) is None
+    data = _jpeg(img)
+    assert views_from_jpeg(data, lambda h, w: np.array([[0, 0, h, w]]), 8) is not None
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, 97 * 61 - 1
+    try:  # larger than PIL allows: PIL decides (it refuses decompression bombs)
+        assert views_from_jpeg(data, lambda h, w: np.array([[0, 0, h, w]]), 8) is None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     box = lambda h, w: np.array([[0, 0, h, w], [0, 0, 300, 300]])  # noqa: E731
     assert [dct_scale(box(h, w), 32) for h, w in [(31, 400), (64, 63), (64, 64), (128, 999), (256, 256), (900, 900)]] \
         == [1, 1, 2, 4, 8, 8]

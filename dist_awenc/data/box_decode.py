@@ -34,6 +34,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 __all__ = ["DCT_SCALES", "JpegHeader", "dct_scale", "jpeg_header", "views_from_jpeg", "views_from_file"]
 
@@ -108,9 +109,13 @@ def _simplejpeg():
 def views_from_jpeg(data: bytes, boxes_of, size: int) -> Optional[np.ndarray]:
     """The views of the JPEG ``data``: ``boxes_of(height, width)`` -> int (V, 4) boxes, each cut and resized to
     (size, size) from a decode at :func:`dct_scale`: uint8 (V, size, size, 3); None where the file is no plain JPEG,
-    libjpeg-turbo reports it damaged, or simplejpeg is missing (the caller decodes it with PIL)."""
+    is larger than PIL's ``MAX_IMAGE_PIXELS``, libjpeg-turbo reports it damaged, or simplejpeg is missing (the caller
+    decodes it with PIL)."""
     head = jpeg_header(data)
     if head is None or not head.plain:
+        return None
+    limit = Image.MAX_IMAGE_PIXELS  # a decompression bomb to PIL is PIL's to refuse (data.bad_files), not ours
+    if limit is not None and head.height * head.width > limit:
         return None
     sj = _simplejpeg()
     if sj is None:
@@ -160,8 +165,6 @@ def resize_box_uint8(patch: torch.Tensor, size: int) -> np.ndarray:
 def resize_scaled_box(img: np.ndarray, box, k: int, size: int) -> np.ndarray:
     """The box ``(top, left, h, w)`` of the full-resolution image, on ``img`` decoded at 1/k: the whole scaled pixels
     it touches are cut, then PIL resizes the fractional box among them to (size, size, 3) (bilinear, reducing)."""
-    from PIL import Image
-
     top, left, h, w = (c / k for c in box)
     y0, x0 = math.floor(top), math.floor(left)
     y1, x1 = min(math.ceil(top + h), img.shape[0]), min(math.ceil(left + w), img.shape[1])
