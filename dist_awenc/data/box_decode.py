@@ -9,8 +9,8 @@ box):
 
 * k = 1 (no scaling): the decoded pixels are PIL's, bit for bit (the same libjpeg-turbo, the same accurate integer
   IDCT and fancy upsampling), and the box is resized by torch's uint8 antialiased bilinear kernel (a port of
-  Pillow-SIMD's resampler, about 2x faster than PIL's own); its intermediate rounding differs from PIL's by at most
-  a few levels on a few pixels of a strongly magnified box (``tests/test_box_decode.py`` states and checks the bound);
+  Pillow-SIMD's resampler, 2-3x faster than PIL's own); its intermediate rounding differs from PIL's by at most
+  1 level (``tests/test_box_decode.py`` states and checks the bounds);
 * k > 1: the box is (top / k, left / k, height / k, width / k) of the scaled image, a fractional box, which PIL's
   bilinear resize takes as such (``Image.resize(box=...)``, after cutting the whole scaled pixels that the box
   touches, so no pixel outside it is read). The views differ from the full decode's by the difference between
