@@ -7,15 +7,29 @@ All rows read the same generated JPEGs (:mod:`benchmarks.data`, 500 x 375 by def
   reference of the project's loaders, whose colour work runs batched on the device;
 * ``torchvision/PIL full SimCLR views``: the same plus colour jitter, grayscale and blur in the loader
   (the usual recipe when the GPU does none of it);
-* ``project torchvision path (views.crop=decode)``: the project's ``imagefolder`` dataset through its
-  ``DecodeSource``: each image decoded once, its two seeded boxes cut from the original and resized (uint8);
+* ``project torchvision path, views.crop=decode, full PIL decode``: the project's ``imagefolder`` dataset through
+  its ``DecodeSource`` with ``CropSpec.full_decode``: each image decoded whole once by PIL, its two seeded boxes
+  cut from the original and resized (uint8), as before #29;
+* ``project torchvision path, views.crop=decode, decode only the boxes``: the default since #29
+  (:mod:`dist_awenc.data.box_decode`): boxes from the header's size first, the JPEG decoded by simplejpeg at the
+  smallest DCT scale keeping every box >= the output side, then the same crop + resize;
 * ``project FFCV decode-time crop``: ``FFCVSource(crops=...)`` on a ``.beton`` of the files stored as JPEG at
-  their own size (``beton.original=true``): every view's seeded crop from one decode, FFCV's compiled threads;
+  their own size (``beton.original=true``): every view's seeded crop from one decode, FFCV's compiled threads
+  (at the DCT scale the boxes allow; and with ``full decode``, always at full size);
 * ``nvjpeg`` (GPU only): ``data.decode=device``, the project's ``DeviceDecodeSource``: the bytes and boxes from
-  the loader, ``torchvision.io.decode_jpeg(device="cuda")`` of the batch, the same boxes resized on the device.
+  the loader, ``torchvision.io.decode_jpeg(device="cuda")`` of the batch, the same boxes resized on the device;
+* ``decode only, <library> <scale>`` (:mod:`benchmarks.decoders`): the JPEG libraries alone, which chose the
+  library of the box-decoding path;
+* ``cores to feed one H100/H200``: the ResNet-50 SimCLR step at 224 px, bf16 + channels_last, measured on an H200
+  (docs/scale.md) consumes :data:`APPETITE` two-view images/s (4,470 views/s); each loader row's
+  ``cores_per_gpu`` is that over its images/s per core, and this row lists them.
 
-Per core = images/s divided by the cores doing the work: one for a DataLoader without workers (torch
-threads set to 1 while it runs: PIL decodes on one core), the workers otherwise, FFCV's decoding threads.
+Like for like: the torchvision rows flip in their per-image transform; the project's loaders leave the flip (and
+the colour work) to the batched views on the device, so their rows flip half of each batch's views in the
+consumer, on the same core. ``ratio_vs_pil`` = a row's images/s per core over the PIL RandomResizedCrop + flip
+row's (the same number of workers). Per core = images/s divided by the cores doing the work: one for a DataLoader
+without workers (torch threads set to 1 while it runs: PIL decodes on one core), the workers otherwise, FFCV's
+decoding threads.
 """
 from __future__ import annotations
 
@@ -30,11 +44,15 @@ from typing import Callable, Iterable
 
 import torch
 
-from benchmarks.common import Context, SuiteWriter, rates, row, scaled, short_error
+from benchmarks.common import Context, SuiteWriter, rates, ratio, row, scaled, short_error
 from benchmarks.data import write_jpegs
+from benchmarks.decoders import decoder_rows
 
 COLUMNS = [("name", "loader"), ("settings", "settings"), ("images_per_s", "images/s"),
-           ("images_per_s_per_core", "images/s per core")]
+           ("images_per_s_per_core", "images/s per core"), ("ratio_vs_pil", "x PIL RandomResizedCrop"),
+           ("cores_per_gpu", "cores for one H100/H200")]
+APPETITE = 2235.0  # two-view images/s of one H200 in the ResNet-50 SimCLR step at 224 px (4,470 views/s)
+PIL_RRC = "torchvision/PIL RandomResizedCrop + flip"
 TABLE_SETTINGS = ["image_size", "jpeg", "batch", "num_workers", "cores", "views_per_image"]
 VIEWS_CONFIG = "configs/pretrain/imagenet_resnet50_simclr.yaml"
 _KEEP: list = []  # FFCV sources live until exit: a numba dispatcher collected mid-run prints a harmless KeyError
@@ -96,6 +114,8 @@ def run(ctx: Context, args) -> Path:
                 "batch": batch, "views_per_image": 2, "passes": reps}
         images = n // batch * batch
 
+        pil: dict[int, dict] = {}  # workers -> the PIL RandomResizedCrop row's images/s per core
+
         def add(name: str, settings: dict, fn: Callable[[], list[float]], cores: int) -> None:
             s = {**base, **settings, "cores": cores}
             if cpu.out_of_time():
@@ -113,23 +133,59 @@ def run(ctx: Context, args) -> Path:
             except Exception as e:  # noqa: BLE001
                 out.add(row(name, s, status="failed", note=short_error(e)))
                 return
-            out.add(row(name, s, images_per_s=ips, images_per_s_per_core=scaled(ips, 1 / cores)))
+            per_core = scaled(ips, 1 / cores)
+            if name.startswith(PIL_RRC):
+                pil[s["num_workers"]] = per_core
+            out.add(row(name, s, images_per_s=ips, images_per_s_per_core=per_core, cores_per_gpu=cores_for(per_core),
+                        ratio_vs_pil=ratio(per_core, pil.get(s["num_workers"], pil.get(0)))))
 
         for w in workers:
             for name, loader in torchvision_loaders(info["root"], v, size, batch, w).items():
                 add(f"{name} (workers={w})", {"num_workers": w}, lambda: passes(cpu, lambda: loader, _sink, reps), max(w, 1))
-            source = project_source(info["root"], v, size, batch, w)
-            add(f"project torchvision path, views.crop=decode (workers={w})", {"num_workers": w},
-                lambda: passes(cpu, lambda: source.iterate(0, 0), _sink, reps), max(w, 1))
+            for full, what in ((True, "full PIL decode"), (False, "decode only the boxes")):
+                source = project_source(info["root"], v, size, batch, w, full=full)
+                add(f"project torchvision path, views.crop=decode, {what} (workers={w})",
+                    {"num_workers": w, "decode": "full" if full else "boxes"},
+                    lambda: passes(cpu, lambda: source.iterate(0, 0), _flip_half, reps), max(w, 1))
         for t in [1] + [w for w in workers if w]:
-            add(f"project FFCV decode-time crop (threads={t})", {"num_workers": t, "beton": "jpg, original size"},
-                lambda: ffcv_passes(cpu, info, v, size, batch, t, reps), t)
+            for full in (True, False):
+                add(f"project FFCV decode-time crop{', full decode' if full else ''} (threads={t})",
+                    {"num_workers": t, "beton": "jpg, original size", "decode": "full" if full else "boxes"},
+                    lambda: ffcv_passes(cpu, info, v, size, batch, t, reps, full), t)
         add("nvjpeg decode + crops on the GPU", {"num_workers": 0, "device": "cuda"},
             lambda: nvjpeg_passes(cpu, info, v, size, batch, reps), 1)
+        for r in decoder_rows(info["root"], reps, {**base, "views_per_image": 0, "image_size": None, "batch": None},
+                              cpu.out_of_time):
+            out.add(r)
+        out.add(cores_row(out.rows, base))
     return out.json_path
 
 
+def cores_for(per_core: dict | None) -> dict | None:
+    """Cores one H100/H200 needs at :data:`APPETITE` with a loader of ``per_core`` images/s per core (stats)."""
+    if not per_core or not per_core["min"]:
+        return None
+    return {"median": APPETITE / per_core["median"], "min": APPETITE / per_core["max"],
+            "max": APPETITE / per_core["min"], "n": per_core["n"]}
+
+
+def cores_row(rows: list[dict], base: dict) -> dict:
+    """The summary: each measured loader's cores for one GPU at the ResNet-50 appetite, in one line."""
+    cores = [f"{r['name']}: {r['cores_per_gpu']['median']:.1f}" for r in rows
+             if r["status"] == "ok" and r.get("cores_per_gpu") and r.get("kind") != "aux"]
+    appetite = {"median": APPETITE, "min": APPETITE, "max": APPETITE, "n": 1}
+    return row(f"cores to feed one H100/H200 at {APPETITE:,.0f} images/s ({2 * APPETITE:,.0f} views/s: "
+               "ResNet-50 SimCLR, 224 px, bf16 + channels_last)", {**base, "cores": None}, kind="aux",
+               images_per_s=appetite, note="; ".join(cores) or "no loader row measured")
+
+
 _sink = lambda b, i: None  # noqa: E731
+
+
+def _flip_half(batch, i: int) -> None:
+    """The flip the device's batched views do, on this core: every other image's views mirrored (a new tensor)."""
+    images = batch.images
+    images[::2].flip(-1)
 
 
 @contextlib.contextmanager
@@ -166,20 +222,28 @@ def _decode_spec(v, size: int):
     return crop_spec(dataclasses.replace(v, crop="decode"), size, seed=0)
 
 
-def project_source(root: str, v, size: int, batch: int, workers: int, *, device: str | None = None):
-    """The project's decode-time loader over ``root``: DecodeSource, or DeviceDecodeSource on ``device``."""
+def project_source(root: str, v, size: int, batch: int, workers: int, *, device: str | None = None,
+                   full: bool = False):
+    """The project's decode-time loader over ``root``: DecodeSource (``full``: whole-image PIL decodes), or
+    DeviceDecodeSource on ``device``."""
+    import dataclasses
+
     from dist_awenc.data import GlobalBatchSampler, build_dataset
     from dist_awenc.data.decode_views import DecodeSource, DeviceDecodeSource
 
     ds = build_dataset("imagefolder", root=root, image_size=size)
-    sampler, spec = GlobalBatchSampler(len(ds), batch, seed=0), _decode_spec(v, size)
+    sampler = GlobalBatchSampler(len(ds), batch, seed=0)
+    spec = dataclasses.replace(_decode_spec(v, size), full_decode=full)
     if device is None:
         return DecodeSource(ds, sampler, spec, workers)
     return DeviceDecodeSource(ds, sampler, spec, device, workers)
 
 
-def ffcv_passes(ctx: Context, info: dict, v, size: int, batch: int, threads: int, reps: int) -> list[float]:
+def ffcv_passes(ctx: Context, info: dict, v, size: int, batch: int, threads: int, reps: int,
+                full: bool = False) -> list[float]:
     """FFCV with the project's seeded decode-time crop, on the files stored as JPEG at their own size."""
+    import dataclasses
+
     if importlib.util.find_spec("ffcv") is None:
         raise NotInstalled("ffcv is not installed (scripts/install_ffcv.sh)")
     from dist_awenc.data import build_dataset
@@ -190,11 +254,11 @@ def ffcv_passes(ctx: Context, info: dict, v, size: int, batch: int, threads: int
         ds = build_dataset("imagefolder", root=info["root"], image_size=size)
         write_beton(ds, beton, mode="jpg", original=True, jpeg_quality=90, num_workers=1, progress=False,
                     max_resolution=max(info["width"], info["height"]))
-    spec = _decode_spec(v, size)
+    spec = dataclasses.replace(_decode_spec(v, size), full_decode=full)
     source = FFCVSource(beton, image_size=size, global_batch_size=batch, seed=0, num_workers=threads, crops=spec)
     _KEEP.append(source)
     try:
-        return passes(ctx, lambda: source.iterate(0, 0), _sink, reps)
+        return passes(ctx, lambda: source.iterate(0, 0), _flip_half, reps)
     finally:
         source.close()
 

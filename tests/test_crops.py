@@ -119,11 +119,12 @@ def _batches(dataset, spec, world: int = 1, rank: int = 0, batch: int = 4, epoch
 
 def test_the_folder_loader_cuts_each_box_from_the_original_file(tmp_path):
     """Each view is PIL's crop of the file at full resolution, resized to S: the box a test computes from
-    (seed, epoch, position, view) and the file's own size; uint8, (b, V, 3, S, S), labels and indices kept."""
+    (seed, epoch, position, view) and the file's own size; uint8, (b, V, 3, S, S), labels and indices kept. (The
+    reference decode, ``full_decode``; tests/test_box_decode.py bounds how far the default's views are from it.)"""
     from PIL import Image
 
     ds = _folder(tmp_path)
-    spec = CropSpec(size=16, n_views=2, seed=5, scale=(0.2, 1.0))
+    spec = CropSpec(size=16, n_views=2, seed=5, scale=(0.2, 1.0), full_decode=True)
     indices = torch.tensor([3, 7, 1, 0, 11, 5, 2, 9])
     batches = _batches(ds, spec, indices=indices, epoch=2)
     assert [tuple(b.images.shape) for b in batches] == [(4, 2, 3, 16, 16)] * 2

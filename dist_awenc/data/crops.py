@@ -41,6 +41,9 @@ class CropSpec:
         seed: the run seed (boxes of epoch e use ``crop_key(seed, e)``).
         scale: area fraction range of the box, in (0, 1].
         ratio: aspect ratio (width / height) range of the box.
+        full_decode: decode every image whole at full resolution before cutting its boxes (the reference path);
+            by default a JPEG is decoded only as finely as its boxes need (:mod:`dist_awenc.data.box_decode`,
+            and the DCT scaling of :mod:`dist_awenc.data.ffcv.crops`). The boxes are the same either way.
     """
 
     size: int
@@ -48,6 +51,7 @@ class CropSpec:
     seed: int
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    full_decode: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_views <= MAX_VIEWS:

@@ -90,12 +90,15 @@ class DecodeViews(Dataset):
     def views_of(self, index: int, boxes_of) -> tuple[int, np.ndarray, list]:
         """Item ``index`` cut by PIL at ``boxes_of(height, width)``, or the split's next readable image where its file
         is unreadable: ``(index used, uint8 (V, S, S, 3), [(path, reason) of the files skipped]``."""
-        return first_readable(index, lambda j: self.dataset.crop_one(j, boxes_of, self.spec.size), self.replacement)
+        spec = self.spec
+        return first_readable(index, lambda j: self.dataset.crop_one(j, boxes_of, spec.size, spec.full_decode),
+                              self.replacement)
 
     def __getitems__(self, request: CropRequest) -> IndexedBatch | Loaded:
         if self.replacement is None:
             index = torch.as_tensor(request.indices, dtype=torch.long)
-            images = self.dataset.crop_views(request.indices, self.boxes(request), self.spec.size)
+            spec = self.spec
+            images = self.dataset.crop_views(request.indices, self.boxes(request), spec.size, spec.full_decode)
             return IndexedBatch(images, self.dataset.labels[index], index)
         boxes_of, used, views, skipped = self.boxes(request), [], [], []
         for k, i in enumerate(request.indices):
@@ -182,7 +185,7 @@ class _EncodedViews(DecodeViews):
         except (OSError, ImageDecodeError) as err:
             raise ImageDecodeError(f"cannot read image file '{path}': {err}", path) from err
         if hw is None:  # PNG, CMYK, grayscale, no end marker: PIL here, as data.decode=cpu
-            return None, self.dataset.crop_one(index, boxes_of, self.spec.size)
+            return None, self.dataset.crop_one(index, boxes_of, self.spec.size, self.spec.full_decode)
         return np.frombuffer(data, dtype=np.uint8), boxes_of(*hw)
 
     def __getitems__(self, request: CropRequest) -> Loaded:

@@ -81,9 +81,10 @@ class ImageDataset(Dataset):
         """The stored image, before any resizing: (3, H, W), float in [0, 1] or uint8 (default: ``self[index]``)."""
         return self[index][0]
 
-    def crop_views(self, index: Sequence[int], boxes_of, size: int) -> Tensor:
+    def crop_views(self, index: Sequence[int], boxes_of, size: int, full: bool = False) -> Tensor:
         """Decode-time views: the boxes ``boxes_of(height, width, k)`` -> (V, 4) of item ``index[k]``, cut from its
-        original image and resized to (size, size) (bilinear, antialiased when shrinking).
+        original image and resized to (size, size) (bilinear, antialiased when shrinking). ``full`` (a file
+        dataset's choice of decoder) changes nothing for images held in memory.
 
         Returns:
             (b, V, 3, size, size) in the dtype of :meth:`original` (uint8 or float32 in [0, 1]).
@@ -168,16 +169,25 @@ class ImageFolderDataset(ImageDataset):
         """Item ``index`` decoded and resized to uint8 (3, S, S); :class:`ImageDecodeError` names an unreadable file."""
         return _load_uint8(self.samples[index][0], self.image_size)
 
-    def crop_views(self, index: Sequence[int], boxes_of, size: int) -> Tensor:
-        """Decode each file once, cut its boxes from the full-resolution image with PIL (bilinear with PIL's
-        reducing filter, as torchvision's ``resized_crop`` on a PIL image): uint8 (b, V, 3, size, size)."""
-        out = [self.crop_one(int(i), lambda h, w, k=k: boxes_of(h, w, k), size) for k, i in enumerate(index)]
+    def crop_views(self, index: Sequence[int], boxes_of, size: int, full: bool = False) -> Tensor:
+        """Decode each file once and cut its boxes (:meth:`crop_one`): uint8 (b, V, 3, size, size)."""
+        out = [self.crop_one(int(i), lambda h, w, k=k: boxes_of(h, w, k), size, full) for k, i in enumerate(index)]
         return torch.from_numpy(np.stack(out)).permute(0, 1, 4, 2, 3)  # channels-last in memory: no copy here
 
-    def crop_one(self, index: int, boxes_of, size: int) -> np.ndarray:
-        """The views of item ``index``: the boxes ``boxes_of(height, width)`` -> (V, 4) of its file, decoded by PIL
-        (any format PIL reads: PNG, CMYK or grayscale JPEG alike) and resized: uint8 (V, size, size, 3)."""
-        return crop_pil(open_rgb(self.samples[index][0]), boxes_of, size)
+    def crop_one(self, index: int, boxes_of, size: int, full: bool = False) -> np.ndarray:
+        """The views of item ``index``: the boxes ``boxes_of(height, width)`` -> (V, 4) of its file, resized to
+        (size, size): uint8 (V, size, size, 3). A plain JPEG is decoded only as finely as its boxes need
+        (:mod:`dist_awenc.data.box_decode`); any other file (PNG, CMYK, grayscale, progressive, damaged), or every
+        file with ``full``, is decoded whole by PIL and its boxes cut from the full resolution (bilinear with PIL's
+        reducing filter, as torchvision's ``resized_crop`` on a PIL image)."""
+        path = self.samples[index][0]
+        if not full:
+            from .box_decode import views_from_file
+
+            views = views_from_file(path, boxes_of, size)
+            if views is not None:
+                return views
+        return crop_pil(open_rgb(path), boxes_of, size)
 
 
 def open_rgb(path: str):

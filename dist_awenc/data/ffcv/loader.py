@@ -182,7 +182,7 @@ class FFCVSource:
         S = self.image_size
         if self.crops is not None:
             c = self.crops
-            return seeded_decoder_class()(c.size, c.key(epoch), c.n_views, c.scale, c.ratio)
+            return seeded_decoder_class()(c.size, c.key(epoch), c.n_views, c.scale, c.ratio, c.full_decode)
         if self.exact_size:
             return SimpleRGBImageDecoder()
         if self.resize == "center":
