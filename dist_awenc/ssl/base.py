@@ -100,6 +100,22 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     return twin
 
 
+def method_parameters(cls: type) -> set[str]:
+    """The keyword arguments an SSL method class accepts: its ``__init__``'s, and through a ``**head`` the ones of the
+    classes it passes them on to (down to :class:`SSLMethod`'s projector and loss options)."""
+    import inspect
+
+    names: set[str] = set()
+    for c in cls.__mro__:
+        if "__init__" not in vars(c):
+            continue
+        params = inspect.signature(c.__init__).parameters
+        names |= {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return names
+
+
 @torch.no_grad()
 def _ema_(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """``theta_t <- m * theta_t + (1 - m) * theta_o``: one ``_foreach_lerp_``, in the target's dtype (fp32 under DeepSpeed bf16)."""
@@ -159,7 +175,7 @@ class SSLMethod(nn.Module):
             raise ValueError(f"{where}: loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)}; got {loss_reduction!r}")
         self.loss_reduction = loss_reduction
         self.feature_dim = feature_dim
-        self.proj_dim = proj_dim
+        self.proj_dim, self.head_norm = proj_dim, head_norm
         self.backbone = backbone
         self.projector = MLPHead(feature_dim, proj_hidden_dim, proj_dim, num_layers=proj_layers, norm=head_norm,
                                  out_norm=proj_out_norm)

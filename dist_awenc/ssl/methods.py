@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ class SimCLR(SSLMethod):
     (``proj_out_norm="batch"``).
 
     Args:
-        backbone, feature_dim, proj_hidden_dim, proj_dim, head_norm, proj_out_norm, proj_layers, loss_reduction: see
+        backbone, feature_dim, **head (proj_hidden_dim, proj_dim, head_norm, proj_out_norm, proj_layers, loss_reduction): see
             :class:`~dist_awenc.ssl.base.SSLMethod`.
         temperature: NT-Xent temperature (default 0.5).
 
@@ -60,16 +61,10 @@ class SimCLR(SSLMethod):
         backbone: nn.Module,
         feature_dim: int,
         *,
-        proj_hidden_dim: int = 512,
-        proj_dim: int = 128,
-        head_norm: str = "none",
-        proj_out_norm: str = "none",
-        proj_layers: int = 2,
-        loss_reduction: str = "mean",
         temperature: float = 0.5,
+        **head: Any,
     ) -> None:
-        super().__init__(backbone, feature_dim, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, head_norm=head_norm,
-                         proj_out_norm=proj_out_norm, proj_layers=proj_layers, loss_reduction=loss_reduction)
+        super().__init__(backbone, feature_dim, **head)
         _check_temperature(temperature, "SimCLR")
         self.temperature = float(temperature)
 
@@ -112,7 +107,7 @@ class MoCoV2(SSLMethod):
     statistics matters.
 
     Args:
-        backbone, feature_dim, proj_hidden_dim, proj_dim, head_norm, proj_out_norm, proj_layers, loss_reduction: see
+        backbone, feature_dim, **head (proj_hidden_dim, proj_dim, head_norm, proj_out_norm, proj_layers, loss_reduction): see
             :class:`~dist_awenc.ssl.base.SSLMethod`.
         temperature: InfoNCE temperature (default 0.2).
         queue_size: number ``K`` of negatives in the queue (default 4096).
@@ -135,20 +130,14 @@ class MoCoV2(SSLMethod):
         backbone: nn.Module,
         feature_dim: int,
         *,
-        proj_hidden_dim: int = 512,
-        proj_dim: int = 128,
-        head_norm: str = "none",
-        proj_out_norm: str = "none",
-        proj_layers: int = 2,
-        loss_reduction: str = "mean",
         temperature: float = 0.2,
         queue_size: int = 4096,
         momentum: float = 0.99,
         queue_seed: int = 0,
         symmetric: bool = True,
+        **head: Any,
     ) -> None:
-        super().__init__(backbone, feature_dim, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, head_norm=head_norm,
-                         proj_out_norm=proj_out_norm, proj_layers=proj_layers, loss_reduction=loss_reduction)
+        super().__init__(backbone, feature_dim, **head)
         _check_temperature(temperature, "MoCoV2")
         _check_positive_int(queue_size, "queue_size", "MoCoV2")
         _check_unit_interval(momentum, "momentum", "MoCoV2")
@@ -156,7 +145,7 @@ class MoCoV2(SSLMethod):
             raise ValueError(f"MoCoV2: queue_seed must be an int, got {queue_seed!r}")
         if not isinstance(symmetric, bool):
             raise ValueError(f"MoCoV2: symmetric must be a bool, got {symmetric!r}")
-        if not symmetric and loss_reduction != "mean":
+        if not symmetric and self.loss_reduction != "mean":
             raise ValueError("MoCoV2: loss_reduction sums two directions; symmetric=False has one (leave it at mean)")
         self.symmetric = symmetric
         self.temperature = float(temperature)
@@ -166,7 +155,7 @@ class MoCoV2(SSLMethod):
         self.momentum_backbone = _frozen_copy(self.backbone)
         self.momentum_projector = _frozen_copy(self.projector)
         gen = torch.Generator().manual_seed(queue_seed)
-        queue = F.normalize(torch.randn(queue_size, proj_dim, generator=gen), dim=1)
+        queue = F.normalize(torch.randn(queue_size, self.proj_dim, generator=gen), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
@@ -238,7 +227,7 @@ class BYOL(SSLMethod):
     in ``current_momentum``. The paper uses ``head_norm="batch"``.
 
     Args:
-        backbone, feature_dim, proj_hidden_dim, proj_dim, head_norm, proj_out_norm, proj_layers, loss_reduction: see
+        backbone, feature_dim, **head (proj_hidden_dim, proj_dim, head_norm, proj_out_norm, proj_layers, loss_reduction): see
             :class:`~dist_awenc.ssl.base.SSLMethod`.
         momentum: base momentum ``m0`` in ``[0, 1]`` (default 0.99).
         pred_hidden_dim: hidden width of the predictor (default 512).
@@ -252,22 +241,16 @@ class BYOL(SSLMethod):
         backbone: nn.Module,
         feature_dim: int,
         *,
-        proj_hidden_dim: int = 512,
-        proj_dim: int = 128,
-        head_norm: str = "none",
-        proj_out_norm: str = "none",
-        proj_layers: int = 2,
-        loss_reduction: str = "mean",
         momentum: float = 0.99,
         pred_hidden_dim: int = 512,
+        **head: Any,
     ) -> None:
-        super().__init__(backbone, feature_dim, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, head_norm=head_norm,
-                         proj_out_norm=proj_out_norm, proj_layers=proj_layers, loss_reduction=loss_reduction)
+        super().__init__(backbone, feature_dim, **head)
         _check_unit_interval(momentum, "momentum", type(self).__name__)
         _check_positive_int(pred_hidden_dim, "pred_hidden_dim", type(self).__name__)
         self.base_momentum = float(momentum)
         self.current_momentum = float(momentum)
-        self.predictor = MLPHead(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, norm=head_norm)
+        self.predictor = MLPHead(self.proj_dim, pred_hidden_dim, self.proj_dim, num_layers=2, norm=self.head_norm)
         self.momentum_backbone = _frozen_copy(self.backbone)
         self.momentum_projector = _frozen_copy(self.projector)
 

@@ -6,6 +6,7 @@ method is in :data:`~dist_awenc.ssl.methods.METHODS` wherever methods are built.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ class MoCoV3(BYOL):
     (heads, momentum encoders) is in its ``state_dict``, so a checkpoint resumes it exactly.
 
     Args:
-        backbone, feature_dim, proj_hidden_dim, proj_dim, head_norm, proj_out_norm, proj_layers, loss_reduction: see
+        backbone, feature_dim, **head (proj_hidden_dim, proj_dim, head_norm, proj_out_norm, proj_layers, loss_reduction): see
             :class:`~dist_awenc.ssl.base.SSLMethod`.
         temperature: InfoNCE temperature (default 0.2, the paper's ViT setting).
         momentum: base momentum ``m0`` in ``[0, 1]`` (default 0.99).
@@ -48,19 +49,12 @@ class MoCoV3(BYOL):
         backbone: nn.Module,
         feature_dim: int,
         *,
-        proj_hidden_dim: int = 512,
-        proj_dim: int = 128,
-        head_norm: str = "none",
-        proj_out_norm: str = "none",
-        proj_layers: int = 2,
-        loss_reduction: str = "mean",
         temperature: float = 0.2,
         momentum: float = 0.99,
         pred_hidden_dim: int = 512,
+        **head: Any,
     ) -> None:
-        super().__init__(backbone, feature_dim, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, head_norm=head_norm,
-                         proj_out_norm=proj_out_norm, proj_layers=proj_layers, loss_reduction=loss_reduction,
-                         momentum=momentum, pred_hidden_dim=pred_hidden_dim)
+        super().__init__(backbone, feature_dim, momentum=momentum, pred_hidden_dim=pred_hidden_dim, **head)
         _check_temperature(temperature, "MoCoV3")
         self.temperature = float(temperature)
 

@@ -1,7 +1,6 @@
 """Stage: contrastive pre-training of a clean encoder (``awenc pretrain``)."""
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +24,7 @@ from dist_awenc.data.ffcv import build_source, source_options
 from dist_awenc.log import info
 from dist_awenc.files import atomic_write_text
 from dist_awenc.runs import RESOLVED_FILE, open_run
+from dist_awenc.ssl.base import method_parameters
 from dist_awenc.ssl.methods import METHODS, build_method
 
 
@@ -63,7 +63,7 @@ def method_from_config(ssl, enc, encoder: Encoder) -> torch.nn.Module:
     )
     if ssl.temperature is not None:
         kwargs["temperature"] = ssl.temperature
-    accepted = inspect.signature(METHODS[ssl.method]).parameters
+    accepted = method_parameters(METHODS[ssl.method])
     if not ssl.symmetric:
         if "symmetric" not in accepted:
             raise ConfigError(f"ssl.symmetric=false is MoCo v2's one-direction loss; {ssl.method}'s loss is symmetric "
