@@ -1,8 +1,8 @@
 """Rank-0-only printing for every layer (the floor: torch-free, imports nothing of the package).
 
 A line is printed on the main process only. Which process that is, is the engine's to say:
-:mod:`dist_awenc.engine.dist` (the one module that touches ``torch.distributed``) registers its ``is_main`` here
-when it is imported, which every path that makes a process group does first. Before that there is no process
+the engine's process-group module (the one that makes collectives) registers its ``is_main`` here when it is
+imported, which every path that makes a process group does first. Before that there is no process
 group and every process is the main one.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ _is_main: Callable[[], bool] = lambda: True  # noqa: E731  (until the engine reg
 
 
 def set_main_process(is_main: Callable[[], bool]) -> None:
-    """Register the function that says whether this process prints (``dist_awenc.engine.dist.is_main``)."""
+    """Register the function that says whether this process prints (the process-group module's ``is_main``)."""
     global _is_main
     _is_main = is_main
 

@@ -19,7 +19,7 @@ MAX_LINES = 400
 
 # The floor: what every room may import. Torch-light, no run state: typed config sections and their checks, YAML
 # loading, errors, file writes and hashing, rank-0 printing.
-FLOOR = ("config", "config_checks", "config_loading", "errors", "files", "log")
+FLOOR = ("config", "config_ablation", "config_checks", "config_loading", "errors", "files", "log")
 # What watermark/ builds on (the floor, run folders, and the rooms under it); none of it may import watermark/.
 BELOW_WATERMARK = FLOOR + ("runs", "data", "encoders", "engine", "ssl")
 

@@ -10,7 +10,7 @@ path (:class:`~dist_awenc.data.sampler.SamplerSource`) stays the default.
   ``.beton`` with the fields ``image`` (RGB, raw or JPEG), ``label`` and
   ``index`` (the item's index in the source dataset), atomically: it writes a
   temporary file next to the target and renames it only once complete.
-* :class:`FFCVSource` is a batch source for :func:`dist_awenc.engine.loop.fit`:
+* :class:`FFCVSource` is a batch source for the training loop's ``fit``:
   ``iterate(epoch, start)`` yields ``(images (b,3,S,S) float [0,1], labels (b,),
   index (b,))`` in exactly the order of :class:`GlobalBatchSampler` with the
   same seed, world size and rank, decoding on CPU threads (FFCV's JIT
