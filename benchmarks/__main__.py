@@ -37,10 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", choices=["fp32", "bf16_cl", "bf16_cl_compile"], help="step/e2e: precision modes")
     p.add_argument("--launchers", nargs="+", choices=["single", "ddp", "zero2"],
                    help="e2e: accelerate launch routes (default: all three on a GPU, single elsewhere)")
-    p.add_argument("--batch", type=int, help="step: batch size (source images per step) for every model")
-    p.add_argument("--steps", type=int, help="step: timed steps per repetition")
-    p.add_argument("--reps", type=int, help="step/e2e/verify: repetitions")
-    p.add_argument("--warmup", type=int, help="step: warm-up steps")
+    p.add_argument("--scenarios", nargs="+", choices=["digits", "cifar10", "imagenet", "recipe"],
+                   help="cost: scenarios to run (default: all; recipe: the embedding recipe's step costs at ResNet-50 "
+                        "224 px and its ImageNet fraction, #27)")
+    p.add_argument("--batch", type=int, help="step (cost: recipe): batch size (source images per step) for every model")
+    p.add_argument("--steps", type=int, help="step (cost: recipe): timed steps per repetition")
+    p.add_argument("--reps", type=int, help="step/e2e/verify: repetitions (cost: rounds)")
+    p.add_argument("--warmup", type=int, help="step (cost: recipe): warm-up steps")
     return p
 
 

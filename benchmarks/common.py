@@ -270,7 +270,7 @@ def cell(r: dict, key: str, settings_keys: Optional[list[str]] = None) -> str:
         return fmt_settings(r["settings"], settings_keys)
     v = r.get(key)
     if isinstance(v, dict) and "median" in v:
-        return fmt_stats(v, 2 if key in ("tflops", "reference_tflops", "seconds") else 1)
+        return fmt_stats(v, 2 if key in ("tflops", "reference_tflops", "seconds", "cost_vs_simclr") else 1)
     if isinstance(v, float):
         return f"{v:.3f}" if key in ("ratio", "fraction") or "ratio" in key else fmt_num(v)
     if v is None:

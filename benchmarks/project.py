@@ -147,11 +147,14 @@ def random_secret(image_size: int, seed: int = 0):
     return Secret(key=key, delta=delta, eps=eps, control_seed=seed + 7919)
 
 
-def project_case(cfg, method: str, total_steps: int, accelerator, device: Optional[torch.device] = None) -> ProjectCase:
+def project_case(cfg, method: str, total_steps: int, accelerator, device: Optional[torch.device] = None,
+                 embed_cfg: Any = None) -> ProjectCase:
     """Mirror of the set-up in ``ssl/pretrain.py:pretrain`` (or ``watermark/embed.py:embed``) for one process.
 
     ``make_inputs`` is the stage's own (``pretrain_inputs`` / ``embed_inputs``, rank 0 of 1); ``device`` (default: the
-    accelerator's) is where the embedding step's key lives, as ``embed()`` puts it.
+    accelerator's) is where the embedding step's key lives, as ``embed()`` puts it. ``embed_cfg``: the EmbedConfig
+    of the embedding step (its views, loss, optimiser, train, ``robust`` and ``shadow`` sections; f0 is still built
+    from ``cfg.encoder``); None: stage 2's defaults on ``cfg``'s views, ssl, data, train and run sections.
     """
     from dist_awenc.engine import loop
     from dist_awenc.engine.optim import build_optimizer
@@ -165,7 +168,7 @@ def project_case(cfg, method: str, total_steps: int, accelerator, device: Option
         return m
 
     torch.manual_seed(cfg.run.seed)
-    encoder, _, _ = encoder_from_config(cfg.encoder, cfg.data.image_size)
+    encoder, arch, arch_kwargs = encoder_from_config(cfg.encoder, cfg.data.image_size)
     if method != "embed":
         ssl_model = prepared(method_from_config(cfg.ssl, cfg.encoder, encoder))
         optimizer = build_optimizer(ssl_model, cfg.optim.name, optimizer_lr(cfg.optim, cfg.train), cfg.optim.weight_decay,
@@ -175,22 +178,31 @@ def project_case(cfg, method: str, total_steps: int, accelerator, device: Option
 
     from dist_awenc.config import EmbedConfig
     from dist_awenc.watermark.embed import EmbedTask, embed_inputs
+    from dist_awenc.watermark.shadow import Shadow, build_shadow
     from dist_awenc.watermark.transforms import TransformParams
 
-    ecfg = EmbedConfig()  # stage-2 defaults (loss weights, mild views, optimiser) on the pre-training sections
-    ecfg.views, ecfg.ssl, ecfg.data, ecfg.train, ecfg.run = cfg.views, cfg.ssl, cfg.data, cfg.train, cfg.run
+    if embed_cfg is None:
+        ecfg = EmbedConfig()  # stage-2 defaults (loss weights, mild views, optimiser) on the pre-training sections
+        ecfg.views, ecfg.ssl, ecfg.data, ecfg.train, ecfg.run = cfg.views, cfg.ssl, cfg.data, cfg.train, cfg.run
+    else:
+        ecfg = embed_cfg
     secret = random_secret(cfg.data.image_size)
     f = copy.deepcopy(encoder)
     method_module = method_from_config(ecfg.ssl, cfg.encoder, f)
     loss_kw = {k: getattr(ecfg.loss, k) for k in ("lambda_cl", "lambda_wm", "lambda_dev", "lambda_key", "lambda_keep", "freeze_bn")}
-    task = prepared(EmbedTask(method_module, encoder, secret, **loss_kw))
+    shadow = None
+    if ecfg.shadow.weight > 0:  # as embed() builds it: a fresh student of f0's architecture (or shadow.arch)
+        card = {"arch": arch, "arch_kwargs": arch_kwargs}
+        shadow = Shadow(build_shadow(encoder, card, ecfg.shadow.arch, ecfg.run.seed), ecfg.run.seed, ecfg.shadow.arch, card)
+    task = prepared(EmbedTask(method_module, encoder, secret, shadow=shadow, lambda_shadow=ecfg.shadow.weight, **loss_kw))
     optimizer = build_optimizer(task, ecfg.optim.name, optimizer_lr(ecfg.optim, ecfg.train), ecfg.optim.weight_decay,
                                 ecfg.optim.momentum)
     make_inputs = embed_inputs(ecfg.views, ecfg.mild_views, secret.key.to(device), ecfg.run.seed, 0, 1,
                                TransformParams.of(ecfg.robust))
     weights = {"cl": ecfg.loss.lambda_cl, "wm": ecfg.loss.lambda_wm, "dev": ecfg.loss.lambda_dev,
                "key": ecfg.loss.lambda_key, "keep": ecfg.loss.lambda_keep}
-    return ProjectCase(task, optimizer, make_inputs, lambda m, step: m.momentum_update(step / total_steps), ecfg,
+    refresh = ecfg.shadow.refresh  # embed()'s hook: momentum encoders, then the shadow's restart every `refresh` steps
+    return ProjectCase(task, optimizer, make_inputs, lambda m, step: m.after_step(step, total_steps, refresh), ecfg,
                        embed={"delta": secret.delta, "key": secret.key, "weights": weights, "freeze_bn": ecfg.loss.freeze_bn,
                               "optim": ecfg.optim})
 

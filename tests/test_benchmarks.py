@@ -261,3 +261,85 @@ def test_gpu_launch_commands_use_the_projects_launch_configs():
     log = "[rank0]: Traceback\n[rank0]: RuntimeError: boom\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
     assert failure(log) == "RuntimeError: boom"
 
+
+
+def test_recipe_cost_rows(tmp_path):
+    """The cost suite's recipe rows (#27 item 4), run as the suite runs them but at tiny size (a tiny ResNet at 32 px,
+    one round; `--quick` skips the ResNet-50 rows): every case measured, the four imagenet fraction rows derived
+    from their ratios and the ImageNet configs, the file valid. 10-30 s on 2 busy cores; no speed is asserted."""
+    import torch
+
+    from benchmarks import cost
+    from benchmarks.common import Context, SuiteWriter
+
+    ctx = Context(device=torch.device("cpu"), quick=True, out_dir=tmp_path, threads=1)
+    out = SuiteWriter("cost", ctx, cost.COLUMNS, cost.TABLE_SETTINGS)
+    cost.recipe_rows(ctx, out, cost.TINY_RECIPE, 1, tmp_path)
+    doc = json.loads((tmp_path / "cost.json").read_text())
+    assert validate(doc, "cost") == []
+    cases, fractions = doc["rows"][:len(cost.CASES)], doc["rows"][len(cost.CASES):]
+    assert [r["settings"]["case"] for r in cases] == list(cost.CASES)
+    assert all(r["status"] == "ok" and r["kind"] == "aux" for r in cases), [(r["name"], r.get("note")) for r in cases]
+    assert cases[0]["cost_vs_simclr"]["median"] == 1.0
+    assert all(r["cost_vs_simclr"]["median"] > 0 for r in cases)
+    assert [("restart_seconds" in r) for r in cases] == [c in cost.WITHOUT_SHADOW for c in cost.CASES]
+    assert [r["settings"]["variant"] for r in fractions] == list(cost.VARIANTS)
+    for r in fractions:
+        assert r["status"] == "ok", r.get("note")
+        assert r["meets_target"] == (r["fraction"] <= cost.TARGET) and r["fraction_range"][0] <= r["fraction_range"][1]
+        s = r["settings"]
+        assert (s["pretrain_split"], s["secrets"], s["generation_steps"], s["generation_batch"]) == (1_255_544, 1000, 500, 32)
+        assert (s["pretrain_epochs"], s["embed_epochs"], s["processes"]) == (100, 5, 8)
+        assert s["shadow_restarts"] == (87 if "shadow" in s["recipe"] else 0)  # 6,130 steps, a restart every 70
+        assert ("to_meet_target" in r) == (s["stage2_case"] in cost.WITHOUT_SHADOW)
+    table = (tmp_path / "cost.md").read_text()
+    assert table.count("\n|") == len(doc["rows"]) + 2 and "imagenet fraction" in table
+
+
+def test_recipe_cases_run_the_recipe(tmp_path):
+    """A recipe case is the stage-2 step `awenc embed` builds with those options: the transforms drawn for the
+    marked images, the shadow student in the task, restarted by the loop's hook every `shadow.refresh` steps."""
+    import torch
+
+    from benchmarks import cost
+
+    plain, _ = cost.build_case("embed", cost.TINY_RECIPE, 200, tmp_path / "a", tmp_path)
+    assert plain.model.shadow is None and not plain.make_inputs.robust.enabled
+    case, _ = cost.build_case("embed_recipe", cost.TINY_RECIPE, 200, tmp_path / "b", tmp_path)
+    assert case.make_inputs.robust.transforms == ("jpeg", "resize", "crop", "noise", "blur")
+    assert case.make_inputs.robust.p_identity == 0.5
+    shadow = case.model.shadow
+    assert shadow is not None and case.model.weights["shadow"] == 1.0
+    before = [p.clone() for p in shadow.student.parameters()]
+    case.after_step(case.model, 69)
+    assert all(torch.equal(a, b) for a, b in zip(before, shadow.student.parameters()))
+    case.after_step(case.model, 70)  # refresh = 70: a fresh student
+    assert not all(torch.equal(a, b) for a, b in zip(before, shadow.student.parameters()))
+
+
+def test_imagenet_estimate_reproduces_the_configs_arithmetic():
+    """At the configs' own per-image guesses (stage 1: 3 forward-equivalents, stage 2: 16, SimCLR: 6) the estimate
+    gives their header comments' numbers: 15.6 H200-hours of pre-training, stage 1 about 1.0, stage 2 about 2.1,
+    about 20% in all; the shadow's restarts add restarts x processes x seconds; each knob of to_meet_target
+    brings the fraction to the target."""
+    from benchmarks import cost
+
+    inp = cost.imagenet_inputs()
+    est = cost.imagenet_estimate(3 / 6, 16 / 6, inp)
+    hours = {k: v / 3600 for k, v in est["device_seconds"].items()}
+    assert round(hours["pretrain"], 1) == 15.6 and round(hours["watermark"], 1) == 1.0 and round(hours["embed"], 1) == 2.1
+    assert round(est["fraction"], 2) == 0.20
+    shadow = cost.imagenet_inputs(cost.RECIPE_SHADOW)
+    assert (shadow["embed_steps"], shadow["shadow_restarts"], shadow["processes"]) == (6130, 87, 8)
+    with_restarts = cost.imagenet_estimate(3 / 6, 16 / 6, shadow, restart_seconds=2.0)
+    assert with_restarts["restart_device_seconds"] == 87 * 8 * 2.0
+    c1, c2, c2_plain, rs = 0.5, 6.0, 2.5, 2.0
+    need = cost.to_meet_target(shadow, c1, c2, c2_plain, rs)
+    q = need["shadow_share_of_batch"]
+    at_q = cost.imagenet_estimate(c1, c2_plain + q * (c2 - c2_plain), shadow, restart_seconds=rs)["fraction"]
+    assert 0 < q < 1 and abs(at_q - cost.TARGET) < 1e-9
+    fewer = {**shadow, "embed_epochs": need["embed_epochs"]}
+    at_e = cost.imagenet_estimate(c1, c2, fewer, restart_seconds=rs * need["embed_epochs"] / shadow["embed_epochs"])
+    assert abs(at_e["fraction"] - cost.TARGET) < 1e-9
+    at_s = cost.imagenet_estimate(c1, c2, {**shadow, "generation_steps": need["generation_steps"]}, restart_seconds=rs)
+    assert abs(at_s["fraction"] - cost.TARGET) < 1e-9
