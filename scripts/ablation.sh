@@ -70,6 +70,8 @@ known=(plain eot rehearsal rehearsal30 rehearsal30arch rehearsal_refs4 rehearsal
        rehearsal_refs8_shadow rehearsal_ens_shadow rehearsal_ens_shadow_long rehearsal_ens_shadow_arch
        rehearsal_ens_shadow_w3 rehearsal_ens_eps24_shadow eot_mixed_shadow both_mixed_shadow both_mixed30_shadow)  # the table's rows, in this order
 variants=("${@:-plain eot rehearsal both}")
+# runs/demo is the plain row and the stage configs of every other row: `awenc demo` embeds its recipe by default (#27)
+.venv/bin/python scripts/plain_demo.py runs/demo || exit 2
 # shellcheck disable=SC2206
 variants=(${variants[*]})
 

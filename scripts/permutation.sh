@@ -17,6 +17,8 @@ variants=("${@:-plain eot eot_mixed}")
 # shellcheck disable=SC2206
 variants=(${variants[*]})
 [ -f runs/demo/embed/encoder.safetensors ] || { echo "permutation: run 'bash scripts/demo.sh' first" >&2; exit 2; }
+# runs/demo is the plain row and the stage configs of the others: `awenc demo` embeds its recipe by default (#27)
+.venv/bin/python scripts/plain_demo.py runs/demo || exit 2
 
 for v in "${variants[@]}"; do
   case "$v" in

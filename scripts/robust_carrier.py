@@ -76,6 +76,9 @@ def main() -> None:
     ap.add_argument("--smooth", action="store_true", help="regress d(x) on margin * clamp(z-scored <w, x> - t, -1, 1) "
                     "instead of the hinge on sign(<w, x> - t) * d(x)")
     args = ap.parse_args()
+    from plain_demo import require_plain_demo  # scripts/ (this file's folder); runs/demo is its plain AWEncoder (#27)
+
+    require_plain_demo("runs/demo")
     tag = ("_zm" if args.zero_mean else "") + ("_smooth" if args.smooth else "")
     root = Path(f"runs/carrier/m{args.margin:g}_w{args.weight:g}{tag}")
     cfg = load_config(CalibrateConfig, "configs/sweep/null/digits.yaml")

@@ -147,7 +147,8 @@ def test_robust_config_errors_name_the_field_and_what_it_expects():
             with pytest.raises(ConfigError, match=pattern) as e:
                 load_config(schema, None, [override])
             assert "\n" not in str(e.value)
-    assert load_config(DemoConfig, None, []).robust.transforms == []  # off by default
+    for schema in (WatermarkConfig, EmbedConfig):  # off by default in the stages (the demo embeds its recipe: #27)
+        assert load_config(schema, None, []).robust.transforms == []
     with pytest.raises(ConfigError, match="robust.transforms"):
         TransformParams(transforms=("jpg",))
 

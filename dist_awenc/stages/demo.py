@@ -1,7 +1,9 @@
 """``awenc demo``: the whole method on scikit-learn's digits, on CPU, in minutes.
 
 Pre-trains the owner's clean encoder f0 and an independent encoder (another
-seed), generates the secret on f0, embeds it, trains the pirate's downstream
+seed), generates the secret on f0, embeds it (by default with the best measured
+recipe: ``robust`` transforms in both stages and stage 2's ``shadow`` student;
+``robust.transforms=[] shadow.weight=0`` for plain AWEncoder), trains the pirate's downstream
 heads, verifies all three encoders in every mode, and writes ``report.json``,
 ``report.md`` and ``report.png``. Each step is a stage run in its own folder
 under ``runs/<name>/``; a complete stage with the same config is reused when
@@ -16,7 +18,8 @@ from typing import Any
 
 import torch
 
-from dist_awenc.config import DemoConfig, EmbedConfig, PretrainConfig, RunSection, WatermarkConfig
+from dist_awenc.config import (DemoConfig, EmbedConfig, PretrainConfig, RobustSection, RunSection, ShadowSection,
+                               WatermarkConfig)
 from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import atomic_write_text, load_encoder
 from dist_awenc.files import save_figure
@@ -37,6 +40,7 @@ def demo(cfg: DemoConfig) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     sub = lambda name, seed=cfg.run.seed: RunSection(name=name, out_dir=str(root), seed=seed)  # noqa: E731
     common = dict(data=cfg.data, views=cfg.views, encoder=cfg.encoder, ssl=cfg.ssl, optim=cfg.optim, train=cfg.pretrain)
+    robust, shadow = recipe_sections(cfg)
 
     info("[1/6] pre-train the owner's clean encoder f0")
     f0_path = reuse_or_run(PretrainConfig(run=sub("f0"), **common), pretrain, "encoder.safetensors")
@@ -44,12 +48,13 @@ def demo(cfg: DemoConfig) -> dict:
     ind_path = reuse_or_run(PretrainConfig(run=sub("independent", cfg.run.seed + 1), **common), pretrain, "encoder.safetensors")
     info("[3/6] stage 1: generate the watermark on f0")
     secret_path = reuse_or_run(WatermarkConfig(run=sub("watermark"), encoder=str(f0_path), data=cfg.data,
-                                                generation=cfg.generation, plan=cfg.plan, robust=cfg.robust), watermark,
+                                                generation=cfg.generation, plan=cfg.plan, robust=robust), watermark,
                                  "secret.safetensors")
     info("[4/6] stage 2: embed it")
     wm_path = reuse_or_run(EmbedConfig(run=sub("embed"), encoder=str(f0_path), secret=str(secret_path), data=cfg.data,
                                         views=cfg.views, mild_views=cfg.mild_views, ssl=cfg.ssl, loss=cfg.loss,
-                                        optim=cfg.embed_optim, train=cfg.embed, robust=cfg.robust), embed, "encoder.safetensors")
+                                        optim=cfg.embed_optim, train=cfg.embed, robust=robust, shadow=shadow),
+                           embed, "encoder.safetensors")
 
     info("[5/6] downstream: the pirate's linear head on each encoder")
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size, seed=cfg.data.split_seed, size=cfg.data.size)
@@ -103,6 +108,15 @@ def demo(cfg: DemoConfig) -> dict:
     print("\n" + table)
     info(f"report -> {root / 'report.json'}, {root / 'report.md'}, {root / 'report.png'}  ({report['seconds']:.0f} s)")
     return report
+
+
+def recipe_sections(cfg: DemoConfig) -> tuple[RobustSection, ShadowSection]:
+    """The ``robust`` and ``shadow`` sections the demo's stages get: the demo's own, except that one switched off
+    (no transforms; shadow weight 0) is the stages' default section, so ``robust.transforms=[] shadow.weight=0``
+    configures stage 1 and stage 2 exactly as plain AWEncoder's stages (the other fields of an off section compute
+    nothing), and a plain run folder of the same settings is reused rather than refused for an unused field."""
+    return (cfg.robust if cfg.robust.transforms else RobustSection(),
+            cfg.shadow if cfg.shadow.weight > 0 else ShadowSection())
 
 
 # the access a verifier has decides which tests are one verification: weights (the encoder), the downstream model's
