@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from dist_awenc.config_checks import check_optim, check_robust, check_shadow, check_train
+from dist_awenc.config_checks import check_optim, check_robust, check_shadow, check_specific, check_train
 from dist_awenc.config_loading import load_config, to_dict, to_yaml  # noqa: F401  (re-exported)
 from dist_awenc.data.views import ViewConfig, mild_view_config
 
@@ -250,6 +250,19 @@ class ShadowSection:
 
 
 @dataclass
+class SpecificSection:
+    """Stage 2 holds f's response to ``secrets`` of the plan's alternatives a step (on ``images`` clean images) at
+    f0's, ``weight`` x (dist_awenc/watermark/specific.py): the permutation test's power. ``weight`` 0: off."""
+
+    weight: float = 0.0
+    secrets: int = 4
+    images: int = 32
+
+    def __post_init__(self) -> None:
+        check_specific(self)
+
+
+@dataclass
 class EmbedConfig:
     run: RunSection = field(default_factory=lambda: RunSection(name="embed"))
     encoder: str = ""  # f0: file or pre-training run folder (its heads are reused)
@@ -263,6 +276,7 @@ class EmbedConfig:
     train: TrainSection = field(default_factory=lambda: TrainSection(epochs=20))
     robust: RobustSection = field(default_factory=RobustSection)
     shadow: ShadowSection = field(default_factory=ShadowSection)
+    specific: SpecificSection = field(default_factory=SpecificSection)
 
 
 @dataclass

@@ -75,6 +75,13 @@ def check_train(section: Any) -> None:
                           "(the other to null)")
 
 
+def check_specific(section: Any) -> None:
+    """One-line ConfigError for ``specific.*`` out of range."""
+    if not section.weight >= 0 or section.secrets < 1 or section.images < 1:
+        raise ConfigError(f"specific: need weight >= 0 (0: off), secrets >= 1 and images >= 1; got {section.weight}, "
+                          f"{section.secrets}, {section.images}")
+
+
 def check_shadow(section: Any) -> None:
     """One-line ConfigError for ``shadow.*`` out of range (before a run folder exists)."""
     if not section.weight >= 0:

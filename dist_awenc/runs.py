@@ -48,7 +48,7 @@ COSMETIC = frozenset({
 # Sections added after run folders were written, whose defaults compute what those runs computed (robust,
 # rehearsal and shadow: off; suspect_card: unset, the suspect's card decides): a folder whose config predates the
 # section is the same run as a config holding it at defaults.
-ADDED_AT_DEFAULTS = frozenset({"robust", "rehearsal", "shadow", "suspect_card"})
+ADDED_AT_DEFAULTS = frozenset({"robust", "rehearsal", "shadow", "suspect_card", "specific"})
 # Fields added the same way, in whatever section holds them (data.splits: the split every run used before;
 # classes: the dataset's own, or none stated; views.crop: device, how every view was cut before; data.decode: cpu;
 # data.bad_files: skip, which reads every readable file as before; rehearsal.reference_archs: no references beyond

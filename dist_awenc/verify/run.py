@@ -32,8 +32,7 @@ from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, MODES, Verdict, imag
 from dist_awenc.verify.permutation import (BLACKBOX_PERMUTATION, permutation_queries, verify_blackbox_permutation,
                                            verify_permutation)
 from dist_awenc.verify.resize import Resized, mark_resolution, plan_resize, resizing
-from dist_awenc.watermark.secret import (AlternativeSecrets, Secret, alternatives_path, check_owner_draw,
-                                        load_alternatives, load_secret)
+from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_plan_alternatives, load_secret
 
 DEFAULT_ALPHA = 1e-3
 LABEL_NAMES_SHOWN = 8  # string labels listed in a verdict's details
@@ -254,19 +253,6 @@ def resolve_settings(v: VerifySection, secret: Secret, mode: str, *, dataset: st
     for d in devs:
         warn(f"exploratory verification: {d}")
     return s
-
-
-def load_plan_alternatives(secret_path: str, secret: Secret) -> Optional[AlternativeSecrets]:
-    """The plan's alternative secrets (hash-checked), or None when the plan has none."""
-    if not secret.plan or not secret.plan.get("alternatives"):
-        return None
-    alt = load_alternatives(alternatives_path(secret_path), expected_sha256=secret.plan.get("alternatives_sha256"))
-    if "owner_draw" in secret.plan:
-        check_owner_draw(secret, alt)  # the owner's secret is the one the digest of all J + 1 drew, or refused
-    else:
-        warn("the secret records no owner draw (made before stage 1 drew it among J + 1 candidates): the "
-             "permutation p assumes the owner did not choose it among several")
-    return alt
 
 
 def verify(cfg: VerifyConfig) -> list[Verdict]:

@@ -41,8 +41,9 @@ from dist_awenc.data.ffcv import build_source, source_options
 from dist_awenc.log import info
 from dist_awenc.runs import open_run
 from dist_awenc.ssl.pretrain import method_from_config, micro_batch_terms, note_resolved, save_method
-from dist_awenc.watermark.secret import Secret, load_secret, note_release
+from dist_awenc.watermark.secret import Secret, load_secret, note_release, load_plan_alternatives
 from dist_awenc.watermark.shadow import Shadow, build_shadow, row_cos as _cos
+from dist_awenc.watermark.specific import Specificity, draw_alternatives
 from dist_awenc.watermark.transforms import TransformParams, apply_drawn, draws_for_rank
 
 
@@ -78,11 +79,14 @@ class EmbedTask(nn.Module):
 
     def __init__(self, method: nn.Module, f0: Encoder, secret: Secret, *, lambda_cl: float = 1.0, lambda_wm: float = 1.0,
                  lambda_dev: float = 0.5, lambda_key: float = 1.0, lambda_keep: float = 1.0, freeze_bn: bool = True,
-                 shadow: Optional[Shadow] = None, lambda_shadow: float = 0.0) -> None:
+                 shadow: Optional[Shadow] = None, lambda_shadow: float = 0.0,
+                 specific: Optional[Specificity] = None, lambda_specific: float = 0.0) -> None:
         super().__init__()
         weights = dict(cl=lambda_cl, wm=lambda_wm, dev=lambda_dev, key=lambda_key, keep=lambda_keep)
         if shadow is not None:
             weights.update(steal=1.0, shadow=lambda_shadow)
+        if specific is not None:
+            weights.update(specific=lambda_specific)
         if any(w < 0 for w in weights.values()):
             raise ConfigError(f"embedding loss weights must be >= 0, got {weights}")
         self.weights = weights
@@ -97,6 +101,7 @@ class EmbedTask(nn.Module):
         self.freeze_bn = freeze_bn
         self.method_name = getattr(method, "method_name", "")
         self.shadow = shadow
+        self.specific = specific
 
     @property
     def backbone(self) -> Encoder:
@@ -143,6 +148,10 @@ class EmbedTask(nn.Module):
         if self.shadow is not None:
             extra = self.shadow.terms(aug, f_a, marked, self.key[None])
             terms.update(steal=extra.pop("steal"), shadow=extra.pop("shadow"))
+        if self.specific is not None:
+            held = self.specific.term(f, self.f0, clean, inputs["specific"])
+            terms["specific"] = held.pop("specific")
+            extra.update(held)
         out = {f"loss_{k}": v for k, v in terms.items()} | extra
         out["loss"] = sum(self.weights[k] * v for k, v in terms.items())
         return out
@@ -160,7 +169,8 @@ class EmbedInputs(StepInputs):
     """
 
     def __init__(self, views: ViewConfig, mild_views: ViewConfig, key: torch.Tensor, seed: int, rank: int, world: int,
-                 robust: TransformParams) -> None:
+                 robust: TransformParams, specific: Optional[tuple[int, int]] = None) -> None:
+        self.specific = specific  # (alternatives, drawn per step) when stage 2 holds them at f0's response
         self.mild_one = copy.copy(mild_views)
         self.mild_one.n_views = 1
         if views.crop != "device":  # stage 2 needs the whole images (clean and marked terms): its views are cut here
@@ -173,20 +183,23 @@ class EmbedInputs(StepInputs):
         draws = [draw_views(self.views, n, s, micro_step, r, w), draw_views(self.mild_one, n, s, micro_step, r, w, stream=1),
                  draw_views(self.mild_one, 1, s, micro_step, stream=2)]
         robust = draws_for_rank(self.robust, n, s, micro_step, r, w) if self.robust.enabled else None
-        return HostDraw([d.packed for d in draws], (draws, robust))
+        picked = draw_alternatives(s, micro_step, *self.specific) if self.specific else None
+        return HostDraw([d.packed for d in draws], (draws, robust, picked))
 
     def apply(self, batch, moved, draw: HostDraw) -> dict:
         x = batch[0]
-        (views, aug, key), robust = draw.host
+        (views, aug, key), robust, picked = draw.host
         extra = {"robust": robust} if robust is not None else {}
+        if picked is not None:
+            extra["specific"] = picked
         return {**extra, "views": views.apply(x, moved[0]), "aug": aug.apply(x, moved[1])[0], "clean": x,
                 "key_aug": key.apply(self.key[None], moved[2])[0]}
 
 
 def embed_inputs(views: ViewConfig, mild_views: ViewConfig, key: torch.Tensor, seed: int, rank: int, world: int,
-                 robust: TransformParams) -> EmbedInputs:
+                 robust: TransformParams, specific: Optional[tuple[int, int]] = None) -> EmbedInputs:
     """The loop's ``make_inputs`` of stage 2 (:class:`EmbedInputs`); ``make_inputs(batch, step)`` works too."""
-    return EmbedInputs(views, mild_views, key, seed, rank, world, robust)
+    return EmbedInputs(views, mild_views, key, seed, rank, world, robust, specific)
 
 
 def load_method_state(method: nn.Module, encoder_path: Path) -> bool:
@@ -230,7 +243,11 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     shadow = None
     if cfg.shadow.weight > 0:
         shadow = Shadow(build_shadow(f0, card, cfg.shadow.arch, cfg.run.seed), cfg.run.seed, cfg.shadow.arch, card)
+    specific = None
+    if cfg.specific.weight > 0:
+        specific = Specificity(load_plan_alternatives(cfg.secret, secret) or _no_alternatives(), cfg.specific.secrets, cfg.specific.images, cfg.run.seed)
     task = EmbedTask(method, f0, secret, shadow=shadow, lambda_shadow=cfg.shadow.weight,
+                     specific=specific, lambda_specific=cfg.specific.weight,
                      **{k: getattr(cfg.loss, k) for k in
                         ("lambda_cl", "lambda_wm", "lambda_dev", "lambda_key", "lambda_keep", "freeze_bn")})
     task = prepare_model(task, accelerator, cfg.train.sync_bn)
@@ -243,13 +260,16 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     if secret.meta.get("robust") != (robust.record() if robust.enabled else None):
         info(f"note: the secret was generated with robust={secret.meta.get('robust')}; embedding uses "
              f"{robust.record() if robust.enabled else 'no transforms'}")
-    make_inputs = embed_inputs(cfg.views, cfg.mild_views, secret.key.to(accelerator.device), cfg.run.seed, rank, world, robust)
+    make_inputs = embed_inputs(cfg.views, cfg.mild_views, secret.key.to(accelerator.device), cfg.run.seed, rank, world, robust,
+                               (len(specific.keys), specific.secrets) if specific is not None else None)
 
     with open_run(cfg, "embed") as run_dir:
         info(f"embed secret {secret.sha256[:12]} into {card['arch']} ({'heads from pre-training' if heads_loaded else 'fresh heads'}, "
              f"{world} process(es), {plan.total_steps} steps"
              + (f", transforms {'/'.join(robust.transforms)}" if robust.enabled else "")
-             + (f", shadow student x{cfg.shadow.weight:g}" if shadow is not None else "") + f") -> {run_dir}")
+             + (f", shadow student x{cfg.shadow.weight:g}" if shadow is not None else "")
+             + (f", {specific.secrets} of {len(specific.keys)} alternatives held at f0's x{cfg.specific.weight:g}"
+                if specific is not None else "") + f") -> {run_dir}")
         note_resolved(scale, run_dir, accelerator.is_main_process)
         task = fit(accelerator, task, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, gather=gather_objects, **source_options(cfg.data)), make_inputs=make_inputs,
                    lr_at=cosine_schedule(plan.total_steps, scale.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule),
@@ -265,6 +285,11 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
             info(f"watermarked encoder -> {run_dir / 'encoder.safetensors'}")
         accelerator.wait_for_everyone()
     return run_dir / "encoder.safetensors"
+
+
+def _no_alternatives():
+    raise ConfigError("specific.weight > 0 holds the plan's alternative secrets at f0's response, but this secret's "
+                      "plan has none (make it with plan.alternatives=J > 0)")
 
 
 def _encoder_section_from_card(card: dict, cfg: EmbedConfig):

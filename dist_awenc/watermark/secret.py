@@ -29,6 +29,7 @@ from safetensors import safe_open
 from dist_awenc.encoders.io import atomic_write_text, read_state, save_tensors, sha256_file
 from dist_awenc.files import read_json
 from dist_awenc.errors import ArtifactError, TamperedSecretError
+from dist_awenc.log import warn
 
 SECRET_FORMAT = "dist_awenc.secret/1"
 DRAW_FORMAT = "dist_awenc.owner_draw/1"
@@ -344,3 +345,17 @@ def check_owner_draw(secret: Secret, alternatives: Optional[AlternativeSecrets])
     if digest != draw["digest"] or drawn_index(digest, n) != i:
         raise TamperedSecretError(f"owner draw: the {n} candidates digest to {digest[:16]}..., not the plan's "
                                   f"{str(draw['digest'])[:16]}...; the owner's secret or an alternative was replaced")
+
+
+def load_plan_alternatives(secret_path: str | Path, secret: Secret) -> Optional[AlternativeSecrets]:
+    """The plan's alternative secrets (hash-checked, the owner's draw among them checked), or None when the plan
+    has none."""
+    if not secret.plan or not secret.plan.get("alternatives"):
+        return None
+    alt = load_alternatives(alternatives_path(secret_path), expected_sha256=secret.plan.get("alternatives_sha256"))
+    if "owner_draw" in secret.plan:
+        check_owner_draw(secret, alt)  # the owner's secret is the one the digest of all J + 1 drew, or refused
+    else:
+        warn("the secret records no owner draw (made before stage 1 drew it among J + 1 candidates): the "
+             "permutation p assumes the owner did not choose it among several")
+    return alt
