@@ -12,8 +12,10 @@ from dist_awenc.config import DemoConfig, EmbedConfig, RobustSection, ShadowSect
 from dist_awenc.stages import demo as demo_stage
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPE = ["jpeg", "resize", "crop", "noise", "blur"]  # the demo's default: all five transforms, half the marks bare
-PLAIN = ["robust.transforms=[]", "shadow.weight=0"]  # the one-line way back to plain AWEncoder (docs/robustness.md)
+RECIPE = ["jpeg", "resize", "crop", "noise", "blur"]  # the recipe's transforms: all five, half the marks bare
+# the recipe of docs/robustness.md as one override (the demo's default is plain AWEncoder: #27)
+RECIPE_OVERRIDE = ["robust.transforms=[jpeg,resize,crop,noise,blur]", "robust.p_identity=0.5", "shadow.weight=1",
+                   "shadow.refresh=70"]
 
 SMALL = [
     "data.image_size=8", "encoder.width=8", "encoder.proj_hidden_dim=32", "encoder.proj_dim=16",
@@ -57,21 +59,21 @@ def test_demo_smallest_setting_writes_report(tmp_path, capsys):
     assert (root / "report.md").read_text().startswith("# dist_awenc demo report")
     assert (root / "report.png").stat().st_size > 0
 
-    # the stages ran the demo's recipe: transforms in stage 1 and stage 2, the shadow student in stage 2
+    # the stages ran plain AWEncoder: no transforms in stage 1 or stage 2, no shadow student
     wm_cfg = yaml.safe_load((root / "watermark" / "config.yaml").read_text())
     emb_cfg = yaml.safe_load((root / "embed" / "config.yaml").read_text())
     for c in (wm_cfg, emb_cfg):
-        assert c["robust"]["transforms"] == RECIPE and c["robust"]["p_identity"] == 0.5
-    assert emb_cfg["shadow"] == {"weight": 1.0, "arch": "", "refresh": 70}
-    assert json.loads((root / "watermark" / "secret.json").read_text())["robust"]["transforms"] == RECIPE
+        assert c["robust"]["transforms"] == []
+    assert emb_cfg["shadow"]["weight"] == 0
+    assert "robust" not in json.loads((root / "watermark" / "secret.json").read_text())
 
     # running it again reuses every complete stage and gives the same verdicts
     assert main(["demo", f"run.out_dir={tmp_path}", *SMALL]) == 0
     again = json.loads((root / "report.json").read_text())
     assert [(r["p_value"], r["image_p"]) for r in again["verification"]] == [(r["p_value"], r["image_p"]) for r in rows]
     assert "reusing complete" in capsys.readouterr().out
-    # ... but never for another recipe: plain AWEncoder is refused at stage 1, naming the field, nothing deleted
-    assert main(["demo", f"run.out_dir={tmp_path}", *SMALL, *PLAIN]) == 2
+    # ... but never for another recipe: the transforms recipe is refused at stage 1, naming the field, nothing deleted
+    assert main(["demo", f"run.out_dir={tmp_path}", *SMALL, *RECIPE_OVERRIDE]) == 2
     err = capsys.readouterr().err
     assert "holds a complete run made with other settings (robust.transforms was" in err and "nothing was deleted" in err
     assert yaml.safe_load((root / "embed" / "config.yaml").read_text()) == emb_cfg
@@ -97,33 +99,31 @@ def stage_configs(monkeypatch, overrides: list[str]) -> dict[str, object]:
     return seen
 
 
-def test_the_demo_embeds_with_the_recipe_and_one_line_gives_plain_awencoder(monkeypatch, tmp_path, capsys):
+def test_the_demo_embeds_plain_awencoder_and_one_override_gives_the_recipe(monkeypatch, tmp_path, capsys):
     assert main(["config", "demo"]) == 0  # what `awenc config demo` prints
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["robust"]["transforms"] == RECIPE and printed["robust"]["p_identity"] == 0.5
-    assert printed["shadow"] == {"weight": 1.0, "arch": "", "refresh": 70}
-    recipe = stage_configs(monkeypatch, [f"run.out_dir={tmp_path}"])
+    assert printed["robust"]["transforms"] == [] and printed["shadow"]["weight"] == 0
+    recipe = stage_configs(monkeypatch, [f"run.out_dir={tmp_path}", *RECIPE_OVERRIDE])
     wm, emb = recipe["watermark"], recipe["embed"]
     assert isinstance(wm, WatermarkConfig) and isinstance(emb, EmbedConfig)
     for c in (wm, emb):
         assert c.robust.transforms == RECIPE and c.robust.p_identity == 0.5
         assert c.robust.jpeg_quality == RobustSection().jpeg_quality  # the other fields stay the stages' defaults
     assert (emb.shadow.weight, emb.shadow.refresh, emb.shadow.arch) == (1.0, 70, "")
-    # the configs shipped for digits say the same
+    # the configs shipped for digits are plain AWEncoder, as the demo's defaults
     shipped_demo = load_config(DemoConfig, CONFIGS / "demo/digits.yaml")
     assert (shipped_demo.robust, shipped_demo.shadow) == (DemoConfig().robust, DemoConfig().shadow)
-    assert load_config(WatermarkConfig, CONFIGS / "watermark/digits.yaml").robust == wm.robust
+    assert load_config(WatermarkConfig, CONFIGS / "watermark/digits.yaml").robust == RobustSection()
     shipped = load_config(EmbedConfig, CONFIGS / "embed/digits.yaml")
-    assert (shipped.robust, shipped.shadow) == (emb.robust, emb.shadow)
+    assert (shipped.robust, shipped.shadow) == (RobustSection(), ShadowSection())
 
-    # plain AWEncoder: stage 1 and stage 2 get the stages' own (off) sections, exactly as before the recipe, so an
-    # older plain demo folder is reused and the secret's hash is unchanged
-    plain = stage_configs(monkeypatch, [f"run.out_dir={tmp_path}", *PLAIN])
+    # by default stage 1 and stage 2 get the stages' own (off) sections, so the secret's hash is the plain one
+    plain = stage_configs(monkeypatch, [f"run.out_dir={tmp_path}"])
     assert plain["watermark"].robust == RobustSection() and plain["watermark"].robust.transforms == []
     assert plain["embed"].robust == RobustSection() and plain["embed"].shadow == ShadowSection()
-    assert plain["embed"].shadow.weight == 0
     # either switch alone
-    only_t = stage_configs(monkeypatch, [f"run.out_dir={tmp_path}", "shadow.weight=0"])["embed"]
+    recipe_t = RECIPE_OVERRIDE[:2]
+    only_t = stage_configs(monkeypatch, [f"run.out_dir={tmp_path}", *recipe_t])["embed"]
     assert only_t.robust.transforms == RECIPE and only_t.shadow == ShadowSection()
-    only_s = stage_configs(monkeypatch, [f"run.out_dir={tmp_path}", "robust.transforms=[]"])["embed"]
-    assert only_s.robust == RobustSection() and only_s.shadow.weight == 1.0
+    only_s = stage_configs(monkeypatch, [f"run.out_dir={tmp_path}", *RECIPE_OVERRIDE[2:]])["embed"]
+    assert only_s.robust == RobustSection() and only_s.shadow.weight == 1.0 and only_s.shadow.refresh == 70

@@ -1,9 +1,8 @@
 """``awenc demo``: the whole method on scikit-learn's digits, on CPU, in minutes.
 
 Pre-trains the owner's clean encoder f0 and an independent encoder (another
-seed), generates the secret on f0, embeds it (by default with the best measured
-recipe: ``robust`` transforms in both stages and stage 2's ``shadow`` student;
-``robust.transforms=[] shadow.weight=0`` for plain AWEncoder), trains the pirate's downstream
+seed), generates the secret on f0, embeds it (plain AWEncoder by default; ``robust`` transforms in both stages
+and stage 2's ``shadow`` student when set: docs/robustness.md), trains the pirate's downstream
 heads, verifies all three encoders in every mode, and writes ``report.json``,
 ``report.md`` and ``report.png``. Each step is a stage run in its own folder
 under ``runs/<name>/``; a complete stage with the same config is reused when
