@@ -5,7 +5,9 @@
 # summary table of results/permutation_j999/README.md (CPU-minutes from `time`).
 #
 #   bash scripts/permutation_j999.sh [DEMO_DIR] [OUT_DIR]   # defaults: runs/demo (made by `awenc demo` if absent), runs/j999
-#   (PYTHON: the interpreter, default .venv/bin/python)
+#   (PYTHON: the interpreter, default .venv/bin/python; EMBED_FLAGS: extra stage-2 overrides, e.g.
+#    "specific.weight=10 specific.secrets=8" with EMBED_NAME=embed_specific; GRID=1: then attack that encoder with
+#    the robustness grid, configs/robustness/ablation.yaml, about 11 minutes, and print its permutation p per derivative)
 #
 # About 35 minutes of stage 1 on a quiet 2-core machine (1000 secrets, 16 at a time), under a minute of embedding,
 # and 2-3 minutes of verification per suspect (two forward passes of 256 images per secret).
@@ -19,19 +21,21 @@ awenc() { "$PY" -m dist_awenc "$@"; }
 mkdir -p "$out"
 [ -f "$out/watermark/secret.safetensors" ] || { time awenc watermark --config "$demo/watermark/config.yaml" \
     plan.alternatives=999 plan.alpha=0.001 run.out_dir="$out" run.name=watermark; } 2> >(tee "$out/watermark.time" >&2)
-[ -f "$out/embed/encoder.safetensors" ] || awenc embed --config "$demo/embed/config.yaml" \
-    encoder="$demo/f0" secret="$out/watermark" run.out_dir="$out" run.name=embed
-for suspect in embed:"$out/embed" f0:"$demo/f0" independent:"$demo/independent"; do
+emb="${EMBED_NAME:-embed}"
+# shellcheck disable=SC2086
+[ -f "$out/$emb/encoder.safetensors" ] || awenc embed --config "$demo/embed/config.yaml" \
+    encoder="$demo/f0" secret="$out/watermark" run.out_dir="$out" run.name="$emb" ${EMBED_FLAGS:-}
+for suspect in "$emb":"$out/$emb" f0:"$demo/f0" independent:"$demo/independent"; do
   name="${suspect%%:*}"
   [ -f "$out/verify_$name/verdict.json" ] || { time awenc verify --mode whitebox suspect="${suspect#*:}" \
       secret="$out/watermark" run.out_dir="$out" run.name="verify_$name"; } 2> >(tee "$out/verify_$name.time" >&2)
 done
-"$PY" - "$out" <<'EOF'
+"$PY" - "$out" "$emb" <<'EOF'
 import json, sys
-out = sys.argv[1]
+out, emb = sys.argv[1:3]
 print("| suspect | permutation p (smallest 0.001) | owner's statistic | alternatives mean / sd / max | owner z | decision at 1e-3 |")
 print("|---|---|---|---|---|---|")
-for name in ("embed", "f0", "independent"):
+for name in (emb, "f0", "independent"):
     v = json.load(open(f"{out}/verify_{name}/verdict.json"))
     t = next(x for x in v["tests"] if x["mode"] == "whitebox_permutation")
     d = t["details"]
@@ -39,4 +43,18 @@ for name in ("embed", "f0", "independent"):
     print(f"| {name} | {t['p_value']:.4g} | {d['owner_statistic']:+.4f} | {d['alternatives_mean']:+.4f} / "
           f"{d['alternatives_sd']:.4f} / {d['alternatives_max']:+.4f} | {z} | "
           f"{'ownership evidence' if v['overall']['decision'] else 'no evidence'} |")
+EOF
+[ "${GRID:-0}" = 1 ] || exit 0
+grid="robustness${emb#embed}"
+[ -f "$out/$grid/robustness.csv" ] || { time awenc robustness --config configs/robustness/ablation.yaml \
+    run.out_dir="$out" run.name="$grid" encoder="$out/$emb/encoder.safetensors" secret="$out/watermark/secret.safetensors"; } \
+    2> >(tee "$out/$grid.time" >&2)
+"$PY" - "$out/$grid/robustness.csv" <<'EOF'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+print("| derivative | theft | permutation p (J = 999) | decides at 1e-3 |")
+print("|---|---|---|---|")
+for r in rows:
+    p = float(r["p_permutation"])
+    print(f"| {r['attack']}@{float(r['strength']):g} | {'yes' if r['theft'] == 'True' else 'no'} | {p:.3g} | {'yes' if p <= 1e-3 else 'no'} |")
 EOF
