@@ -281,3 +281,27 @@ def test_a_signal_in_process_saves_at_that_step_and_the_resumed_run_is_bit_for_b
     a, b = weights(full), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [s["start_step"] for s in _engine(tmp_path / "cut")] == [0, 1]
+
+
+def test_a_training_loop_that_ends_in_an_error_gives_the_stop_signals_back(tmp_path, monkeypatch):
+    """An exception out of fit (a step's hook, as the benchmarks stop their timed runs) restores the default
+    SIGUSR1/SIGUSR2 handlers: a stale handler would swallow the next run's preemption signal."""
+    import dist_awenc.ssl.pretrain as pre
+
+    class Stop(Exception):
+        pass
+
+    real_fit = pre.fit
+
+    def failing_fit(*args, after_step=None, **kw):
+        def hook(model, step):
+            after_step(model, step)
+            assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)  # listening during the loop
+            raise Stop
+
+        return real_fit(*args, after_step=hook, **kw)
+
+    monkeypatch.setattr(pre, "fit", failing_fit)
+    with pytest.raises(Stop):
+        pre.pretrain(load_config(PretrainConfig, None, tiny_overrides(tmp_path, "failed")))
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL and signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL

@@ -266,54 +266,55 @@ def fit(
     count = 0
     model.train()
     stopper = Stopper()
-    while step < s.total_steps:
-        micro0 = step * s.grad_accum
-        if it is None or micro0 % batches_per_epoch == 0:
-            it = source.iterate(micro0 // batches_per_epoch, micro0 % batches_per_epoch)
-        for g in optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * lr_at(step)
-        for micro in range(s.grad_accum):
-            inputs = _inputs(make_inputs, next(it), micro0 + micro, accelerator.device)
-            if s.channels_last:
-                inputs = _channels_last(inputs)
-            # Accelerate syncs gradients (DDP, DeepSpeed) and steps only on the last micro-batch
-            with accelerator.accumulate(model):
-                with precision.autocast(accelerator.device.type, low):
-                    out = model(inputs)
-                accelerator.backward(out["loss"])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for k, v in out.items():
-                v = v.detach().float() / s.grad_accum
-                sums[k] = sums[k] + v if k in sums else v
-        step += 1
-        count += 1
-        if after_step is not None:
-            after_step(accelerator.unwrap_model(model), step)
-        if step % s.log_every == 0 or step == s.total_steps:
-            means = dist.all_reduce_mean(torch.stack(list(sums.values())) / count)  # one collective, one host read
-            metrics = dict(zip(sums, means.tolist()))
-            metrics["lr"] = optimizer.param_groups[0]["lr"]
-            metrics["epoch"] = (step * s.grad_accum) / batches_per_epoch
-            metrics.update(replaced_samples(source, dist.sum_scalar))  # data.bad_files=skip: samples replaced so far
-            accelerator.log(metrics, step=step)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            sums.clear()
-            count = 0
-        bar.update(1)
-        if step % s.checkpoint_every == 0 or step == s.total_steps:
-            _save_checkpoint(accelerator, s, step, config_yaml)
-        if step < s.total_steps and stopper.agreed():  # a preemption signal reached some rank: all stop here
-            if step % s.checkpoint_every:
+    try:  # the stop-signal handlers are restored however the loop ends (a stale one would swallow the next run's)
+        while step < s.total_steps:
+            micro0 = step * s.grad_accum
+            if it is None or micro0 % batches_per_epoch == 0:
+                it = source.iterate(micro0 // batches_per_epoch, micro0 % batches_per_epoch)
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * lr_at(step)
+            for micro in range(s.grad_accum):
+                inputs = _inputs(make_inputs, next(it), micro0 + micro, accelerator.device)
+                if s.channels_last:
+                    inputs = _channels_last(inputs)
+                # Accelerate syncs gradients (DDP, DeepSpeed) and steps only on the last micro-batch
+                with accelerator.accumulate(model):
+                    with precision.autocast(accelerator.device.type, low):
+                        out = model(inputs)
+                    accelerator.backward(out["loss"])
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in out.items():
+                    v = v.detach().float() / s.grad_accum
+                    sums[k] = sums[k] + v if k in sums else v
+            step += 1
+            count += 1
+            if after_step is not None:
+                after_step(accelerator.unwrap_model(model), step)
+            if step % s.log_every == 0 or step == s.total_steps:
+                means = dist.all_reduce_mean(torch.stack(list(sums.values())) / count)  # one collective, one host read
+                metrics = dict(zip(sums, means.tolist()))
+                metrics["lr"] = optimizer.param_groups[0]["lr"]
+                metrics["epoch"] = (step * s.grad_accum) / batches_per_epoch
+                metrics.update(replaced_samples(source, dist.sum_scalar))  # data.bad_files=skip: samples replaced so far
+                accelerator.log(metrics, step=step)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                sums.clear()
+                count = 0
+            bar.update(1)
+            if step % s.checkpoint_every == 0 or step == s.total_steps:
                 _save_checkpoint(accelerator, s, step, config_yaml)
-            _finish_trackers(accelerator)
-            raise stopper.stopped(step, accelerator.is_main_process, accelerator.wait_for_everyone)
-        if interrupt_at is not None and step >= interrupt_at:
-            stopper.close()
-            bar.close()
-            _finish_trackers(accelerator)
-            raise Interrupted(f"interrupted after step {step}")
-    stopper.close()
+            if step < s.total_steps and stopper.agreed():  # a preemption signal reached some rank: all stop here
+                if step % s.checkpoint_every:
+                    _save_checkpoint(accelerator, s, step, config_yaml)
+                _finish_trackers(accelerator)
+                raise stopper.stopped(step, accelerator.is_main_process, accelerator.wait_for_everyone)
+            if interrupt_at is not None and step >= interrupt_at:
+                bar.close()
+                _finish_trackers(accelerator)
+                raise Interrupted(f"interrupted after step {step}")
+    finally:
+        stopper.close()
     bar.close()
     _finish_trackers(accelerator)
     unwrapped = accelerator.unwrap_model(model)
