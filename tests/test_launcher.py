@@ -190,6 +190,20 @@ def _engine(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "engine.json").read_text())["starts"]
 
 
+def _outputs(nodes: list[subprocess.Popen]) -> list[str]:
+    """Every node's output; past the hang guard the waiting nodes are killed, so a node that exited early (and left
+    another waiting in the rendezvous) still shows its log in the assertion."""
+    deadline = time.time() + HANG_GUARD_S
+    logs = []
+    for p in nodes:
+        try:
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0])
+        except subprocess.TimeoutExpired:
+            p.kill()
+            logs.append(p.communicate()[0] + f"\n[killed after the {HANG_GUARD_S} s hang guard]")
+    return logs
+
+
 @pytest.mark.parametrize("name", sorted(ENGINES))
 def test_each_shipped_accelerate_config_runs_the_engine_it_names(name, tmp_path):
     kind, zero, procs, machines = ENGINES[name]
@@ -200,8 +214,9 @@ def test_each_shipped_accelerate_config_runs_the_engine_it_names(name, tmp_path)
     port = _free_port()
     nodes = [_node(str(CONFIGS / name), over, procs=procs // machines, machines=machines, rank=r, port=port)
              for r in range(machines)]
-    logs = [p.communicate(timeout=HANG_GUARD_S)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0] * machines, logs[0][-3000:]
+    logs = _outputs(nodes)
+    assert [p.returncode for p in nodes] == [0] * machines, "\n".join(f"machine rank {r}: {log[-3000:]}"
+                                                                   for r, log in enumerate(logs))
     (got,) = _engine(tmp_path / "run")
     assert (got["distributed_type"], got["zero_stage"], got["num_processes"], got["num_machines"]) == ENGINES[name]
     assert got["device"] == "cpu" and got["backend"] == (None if procs == 1 else "gloo")
