@@ -40,7 +40,7 @@ def test_the_draw_depends_on_seed_and_step_only_and_picks_distinct_alternatives(
 def test_the_term_is_the_permutation_statistic_of_f_over_f0s_and_trains_f_only():
     alt, f0, f = _alternatives(), _encoder(0), _encoder(1)
     x = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    spec = Specificity(alt, secrets=3, images=32, seed=0)
+    spec = Specificity(alt, secrets=3, images=32)
     picked = torch.tensor([0, 2, 5])
     out = spec.term(f, f0, x, picked)
     stat = lambda e: whitebox_statistics(e, alt.keys[picked], alt.deltas[picked], alt.controls()[picked], x)  # noqa: E731

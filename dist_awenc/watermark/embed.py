@@ -245,7 +245,7 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
         shadow = Shadow(build_shadow(f0, card, cfg.shadow.arch, cfg.run.seed), cfg.run.seed, cfg.shadow.arch, card)
     specific = None
     if cfg.specific.weight > 0:
-        specific = Specificity(load_plan_alternatives(cfg.secret, secret) or _no_alternatives(), cfg.specific.secrets, cfg.specific.images, cfg.run.seed)
+        specific = Specificity(load_plan_alternatives(cfg.secret, secret) or _no_alternatives(), cfg.specific.secrets, cfg.specific.images)
     task = EmbedTask(method, f0, secret, shadow=shadow, lambda_shadow=cfg.shadow.weight,
                      specific=specific, lambda_specific=cfg.specific.weight,
                      **{k: getattr(cfg.loss, k) for k in

@@ -33,9 +33,10 @@ def draw_alternatives(seed: int, micro_step: int, total: int, count: int) -> tor
 
 
 class Specificity(nn.Module):
-    """The plan's alternatives (keys, deltas, controls as buffers) and the term of the module docstring."""
+    """The plan's alternatives (keys, deltas, controls) and the term of the module docstring; which ones a step
+    holds is :func:`draw_alternatives`' (the stage's inputs draw them on the host)."""
 
-    def __init__(self, alternatives: AlternativeSecrets, secrets: int, images: int, seed: int) -> None:
+    def __init__(self, alternatives: AlternativeSecrets, secrets: int, images: int) -> None:
         super().__init__()
         if not len(alternatives):
             raise ConfigError("specific.weight > 0 needs the plan's alternative secrets (plan.alternatives > 0)")
@@ -44,11 +45,7 @@ class Specificity(nn.Module):
         # plain tensors on the host, not buffers: DDP would broadcast J images x 3 every step (1.8 GB at J = 999,
         # 224 px); each step moves the few it draws
         self.keys, self.deltas, self.controls = alternatives.keys, alternatives.deltas, alternatives.controls()
-        self.secrets, self.images, self.seed = min(secrets, len(alternatives)), images, seed
-
-    def draw(self, micro_step: int) -> torch.Tensor:
-        """The alternatives this micro-step holds (the same on every rank): (secrets,) indices."""
-        return draw_alternatives(self.seed, micro_step, len(self.keys), self.secrets)
+        self.secrets, self.images = min(secrets, len(alternatives)), images
 
     def term(self, f: nn.Module, f0: nn.Module, clean: torch.Tensor, picked: torch.Tensor) -> dict[str, torch.Tensor]:
         """``specific`` (the loss, with f's graph) and ``specific_excess`` (mean T_f - T_f0 now, for the log).
