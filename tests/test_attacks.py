@@ -27,7 +27,7 @@ TINY_STRENGTH = {"finetune_probe": 0, "finetune_full": 1e-3, "finetune_ssl": 1, 
                  "query_resize": 0.5, "query_crop": 0.75, "overwrite": 1,
                  # adaptive attacks (tests/test_adaptive_attacks.py checks what each one claims)
                  "distill_strong_aug": 1, "distill_arch": 1, "prune_finetune": 0.5, "query_purify": 1.0,
-                 "adversarial_finetune": 1}
+                 "adversarial_finetune": 1, "finetune_resolution": 2}
 TINY_OPTIONS = dict(epochs=1, batch_size=32, proj_hidden_dim=32, proj_dim=16, overwrite_steps=5, adv_steps=5)
 
 
@@ -75,7 +75,7 @@ def test_registry_lists_every_attack_with_a_grid():
     assert set(ATTACKS) == {"finetune_probe", "finetune_full", "finetune_ssl", "prune_global", "prune_channel",
                             "distill", "quantize_int8", "query_jpeg", "query_noise", "query_resize", "query_crop",
                             "overwrite", "distill_strong_aug", "distill_arch", "prune_finetune", "query_purify",
-                            "adversarial_finetune"}
+                            "adversarial_finetune", "finetune_resolution"}
     assert set(ATTACK_STRENGTHS) == set(ATTACKS)
     assert all(ATTACK_STRENGTHS[name] for name in ATTACKS)
     assert ATTACK_STRENGTHS["quantize_int8"] == [8]
@@ -103,7 +103,8 @@ def test_options_are_a_structured_config():
 
 @pytest.mark.parametrize("name,strength", [("prune_global", 1.5), ("prune_channel", -0.1), ("finetune_ssl", 1.5),
                                            ("query_jpeg", 0), ("query_jpeg", 101), ("quantize_int8", 1),
-                                           ("finetune_full", 0), ("query_crop", 0)])
+                                           ("finetune_full", 0), ("query_crop", 0), ("finetune_resolution", 1),
+                                           ("finetune_resolution", 0.1), ("finetune_resolution", -2)])
 def test_bad_strength_is_a_config_error(name, strength, data):
     enc, card = tiny_encoder()
     with pytest.raises(ConfigError, match="strength"):
@@ -165,6 +166,18 @@ def test_finetune_full_changes_weights_more_at_a_higher_lr(data):
     high, info_high = apply_attack("finetune_full", enc, card, 1e-2, data, opts, progress=False)
     assert 0 < info_low["rel_weight_change"] < info_high["rel_weight_change"]
     assert relative_change(enc.backbone, low.backbone) == pytest.approx(info_low["rel_weight_change"])
+
+
+def test_finetune_resolution_trains_at_the_new_size_and_says_so(data):
+    """The pirate's fine-tune sees only 16 px batches (the 8 px data resized); the derivative takes 16 px."""
+    enc, card = tiny_encoder()
+    seen = []
+    handle = enc.backbone.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    out, info = apply_attack("finetune_resolution", enc, card, 2, data, AttackOptions(**TINY_OPTIONS), progress=False)
+    handle.remove()
+    assert seen and set(seen) == {(16, 16)}  # the copy shares the hook: every training forward was at 16 px
+    assert out.input_size == 16 and info["input_size"] == 16 and enc.input_size == 8
+    assert info["lr"] == AttackOptions().resolution_lr and info["rel_weight_change"] > 0
 
 
 def test_finetune_ssl_changes_weights(data):

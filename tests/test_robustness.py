@@ -121,10 +121,17 @@ def test_robustness_ranks_each_derivative_by_the_permutation_test(owner, tmp_pat
                                                            "generation.batch_size=32", "plan.n_whitebox=64",
                                                            "plan.alternatives=3"]))
     assert main(["robustness", f"encoder={f0}", f"secret={secret}", f"run.out_dir={tmp_path}",
-                 "grid.attacks=[prune_global]", "grid.strengths={prune_global: [0.2]}", *FAST]) == 0
+                 "grid.attacks=[prune_global,finetune_resolution]",
+                 "grid.strengths={prune_global: [0.2], finetune_resolution: [2]}", *FAST]) == 0
     rows = list(csv.DictReader((tmp_path / "robustness" / "robustness.csv").open()))
     assert {r["permutation_alternatives"] for r in rows} == {"3"}
-    assert all(float(r["p_permutation"]) in (0.25, 0.5, 0.75, 1.0) for r in rows)
+    for key in ("p_permutation", "p_permutation_blackbox_score", "p_permutation_blackbox_label"):
+        assert all(float(r[key]) in (0.25, 0.5, 0.75, 1.0) for r in rows), key
+    # the derivative at twice the resolution: fed resized queries; its margin tests draw no decision, as in verify
+    big = next(r for r in rows if r["attack"] == "finetune_resolution")
+    assert big["input_size"] == "16" and big["margin_no_decision"].startswith("calibrated at 8 px; the suspect takes 16")
+    assert all(big[f"decision_{m}"] == "False" for m in MODES)
+    assert all(r["input_size"] == "8" and r["margin_no_decision"] == "" for r in rows if r is not big)
     from dist_awenc.data import build_dataset, splits_for
 
     sec = load_secret(secret)
@@ -136,6 +143,33 @@ def test_robustness_ranks_each_derivative_by_the_permutation_test(owner, tmp_pat
     summary = json.loads((tmp_path / "robustness" / "robustness.json").read_text())["permutation"]
     assert summary["alternatives"] == 3 and summary["resolution"] == 0.25 and summary["of"] >= 1
     assert summary["at_limit"] == summary["of"] - len(summary["missed"])
+    for mode in ("blackbox_score", "blackbox_label"):
+        assert summary[mode]["of"] == summary["of"]
+        assert summary[mode]["at_limit"] == summary["of"] - len(summary[mode]["missed"])
+
+
+def test_finetune_resolution_gives_a_derivative_at_twice_the_size_that_verify_takes(owner, tmp_path, capsys):
+    """`awenc attack` fine-tunes at 2x the input size: the card says 16 px, the pirate's accuracy is measured on its
+    images resized to 16 px, and `awenc verify` queries it resized (the margin test draws no decision)."""
+    f0, secret = owner
+    assert main(["attack", f"encoder={f0}", f"run.out_dir={tmp_path}", "run.name=big",
+                 "attack.name=finetune_resolution", "attack.strength=2", *FAST]) == 0
+    enc, card = load_encoder(tmp_path / "big")
+    assert card["input_size"] == 16 and card["attack"]["input_size"] == 16 and card["attack"]["steps"] >= 1
+    result = json.loads((tmp_path / "big" / "attack.json").read_text())
+    assert 0 <= result["downstream"]["attacked"]["linear_probe"] <= 1
+    assert main(["verify", "--mode", "whitebox", f"suspect={tmp_path / 'big'}", f"secret={secret}",
+                 f"run.out_dir={tmp_path}", "run.name=v_big", "data.image_size=8"]) == 0
+    verdict = json.loads((tmp_path / "v_big" / "verdict.json").read_text())
+    test = verdict["tests"][0]
+    assert test["details"]["input_size"] == {"secret": 8, "suspect": 16}
+    assert "calibrated at 8 px; the suspect takes 16 px" in test["no_decision"]
+    capsys.readouterr()
+    assert main(["attack", f"encoder={f0}", f"run.out_dir={tmp_path}", "run.name=same",
+                 "attack.name=finetune_resolution", "attack.strength=1", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "strength is the factor on the input size" in err and "8 px -> 8 px" in err and "\n" not in err
+    assert not (tmp_path / "same" / "encoder.safetensors").exists()
 
 
 def test_collect_applies_the_pirate_tasks_own_label_threshold_of_a_per_class_calibration(tmp_path):

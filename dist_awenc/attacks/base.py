@@ -91,6 +91,8 @@ class AttackOptions:
             ``adversarial_finetune`` computes on the stolen encoder every epoch.
         adv_steps: PGD steps of each of those perturbations.
         adv_eps: their L-inf budget.
+        resolution_lr: Adam learning rate of ``finetune_resolution`` (the pirate's gentle fine-tune at its new
+            input size; ``epochs`` epochs).
     """
 
     epochs: int = 5
@@ -108,6 +110,7 @@ class AttackOptions:
     adv_keys: int = 4
     adv_steps: int = 10
     adv_eps: float = 16 / 255
+    resolution_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         self.check()
@@ -117,9 +120,9 @@ class AttackOptions:
         for name in ("epochs", "batch_size", "proj_hidden_dim", "proj_dim", "overwrite_steps", "adv_keys", "adv_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"attack.{name} must be >= 1; got {getattr(self, name)}")
-        if not self.lr > 0 or self.weight_decay < 0 or not self.temperature > 0:
-            raise ConfigError(f"attack.lr and attack.temperature must be > 0 and weight_decay >= 0; "
-                              f"got {self.lr}, {self.temperature}, {self.weight_decay}")
+        if not self.lr > 0 or self.weight_decay < 0 or not self.temperature > 0 or not self.resolution_lr > 0:
+            raise ConfigError(f"attack.lr, attack.resolution_lr and attack.temperature must be > 0 and weight_decay "
+                              f">= 0; got {self.lr}, {self.resolution_lr}, {self.temperature}, {self.weight_decay}")
         if self.student_width < 0:
             raise ConfigError(f"attack.student_width must be >= 0 (0 = the suspect's); got {self.student_width}")
         for name in ("overwrite_eps", "adv_eps"):

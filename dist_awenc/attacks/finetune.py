@@ -1,4 +1,5 @@
-"""Fine-tuning attacks: linear probe only, full supervised fine-tuning, continued SimCLR."""
+"""Fine-tuning attacks: linear probe only, full supervised fine-tuning, fine-tuning at another input resolution,
+continued SimCLR."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +12,7 @@ from dist_awenc.data.views import ViewConfig, make_views
 from dist_awenc.encoders.io import Encoder
 from dist_awenc.errors import ConfigError
 from dist_awenc.ssl.methods import build_method
+from dist_awenc.verify.resize import resize_images
 
 
 @register_attack("finetune_probe", strengths=[0])
@@ -21,12 +23,12 @@ def finetune_probe(encoder: Encoder, card: dict, strength: float, data: AttackDa
 
 
 def supervised_finetune(encoder: Encoder, data: AttackData, *, lr: float, epochs: int, batch_size: int,
-                        weight_decay: float, progress: bool, name: str) -> dict:
+                        weight_decay: float, progress: bool, name: str, size: int | None = None) -> dict:
     """Train ``encoder`` (in place) + a fresh linear head with cross-entropy on ``data.train_images``.
 
     ``epochs`` epochs of Adam at ``lr`` with mild views (random-resized crop
     0.8..1, flip, light colour jitter); normalisation layers train as usual
-    (BatchNorm statistics update). Returns the training info.
+    (BatchNorm statistics update); ``size``: each batch resized to it first. Returns the training info.
     """
     if len(data.train_images) == 0:
         raise ConfigError(f"attack {name} needs labelled train_images")
@@ -38,7 +40,9 @@ def supervised_finetune(encoder: Encoder, data: AttackData, *, lr: float, epochs
     correct = [0, 0]
 
     def loss_at(idx: torch.Tensor, step: int) -> torch.Tensor:
-        x = make_views(images[idx].to(device), views, seed=data.seed, step=step, stream=11)[0]
+        batch = images[idx].to(device)
+        batch = batch if size is None else resize_images(batch, size)
+        x = make_views(batch, views, seed=data.seed, step=step, stream=11)[0]
         y = labels[idx].to(device)
         logits = model(x)  # (b, num_classes)
         correct[0] += int((logits.argmax(1) == y).sum())
@@ -63,6 +67,28 @@ def finetune_full(encoder: Encoder, card: dict, strength: float, data: AttackDat
     return encoder, supervised_finetune(encoder, data, lr=strength, epochs=options.epochs,
                                         batch_size=options.batch_size, weight_decay=options.weight_decay,
                                         progress=progress, name="finetune_full")
+
+
+@register_attack("finetune_resolution", strengths=[2])
+def finetune_resolution(encoder: Encoder, card: dict, strength: float, data: AttackData,
+                        options: AttackOptions, progress: bool) -> tuple[Encoder, dict]:
+    """The pirate moves the encoder to ``strength`` x its input resolution (224 -> 384 px is routine).
+
+    Its labelled images are upsampled to ``round(S * strength)`` px (bilinear, antialiased) and encoder + a fresh
+    linear head fine-tuned there (:func:`supervised_finetune`, ``options.epochs`` epochs at
+    ``options.resolution_lr``). The derivative takes the new size: its card's ``input_size`` says so, and a
+    verifier's queries made at the secret's resolution are resized to it (:mod:`dist_awenc.verify.resize`).
+    Architectures whose input size is fixed (a ViT's position embedding) fail in their forward.
+    """
+    size = round(data.image_size * strength)
+    if not strength > 0 or size < 2 or size == data.image_size:
+        raise ConfigError(f"attack finetune_resolution: strength is the factor on the input size, giving another "
+                          f"size of at least 2 px; got {strength} ({data.image_size} px -> {size} px)")
+    info = supervised_finetune(encoder, data, lr=options.resolution_lr, epochs=options.epochs,
+                               batch_size=options.batch_size, weight_decay=options.weight_decay, progress=progress,
+                               name="finetune_resolution", size=size)
+    encoder.input_size = size
+    return encoder, {"input_size": size, **info}
 
 
 @register_attack("finetune_ssl", strengths=[1, 5, 10])

@@ -23,6 +23,7 @@ from dist_awenc.errors import ArtifactError
 from dist_awenc.evaluate.downstream import evaluate_encoder, probe_options
 from dist_awenc.log import info
 from dist_awenc.runs import open_run
+from dist_awenc.verify.resize import fed_at
 
 
 @dataclass
@@ -88,7 +89,9 @@ def attack(cfg: AttackConfig) -> dict:
         save_encoder(attacked, run_dir / "encoder", attacked_card(card, details, attacked, {"config": to_dict(cfg)}))
         probe = probe_options(cfg.probe)
         _, before = evaluate_encoder(suspect, pirate.images, pirate.labels, pirate.num_classes, seed=cfg.run.seed, **probe)
-        _, after = evaluate_encoder(attacked, pirate.images, pirate.labels, pirate.num_classes, seed=cfg.run.seed, **probe)
+        # a derivative at another input size serves the pirate's images resized to it, as its own pipeline would
+        served = fed_at(attacked, attacked.input_size, card["input_size"])
+        _, after = evaluate_encoder(served, pirate.images, pirate.labels, pirate.num_classes, seed=cfg.run.seed, **probe)
         result = {"attack": details, "downstream": {"unattacked": before, "attacked": after,
                                                     "linear_probe_change": after["linear_probe"] - before["linear_probe"]}}
         atomic_write_text(run_dir / "attack.json", json.dumps(result, indent=2))

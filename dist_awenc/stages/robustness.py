@@ -40,7 +40,8 @@ from dist_awenc.stages.calibrate import collect_samples
 from dist_awenc.stages.theft import load_clean, theft_baselines
 from dist_awenc.verify.calibration import load_calibration, mode_test, tau_star
 from dist_awenc.verify.core import MODES, images_for
-from dist_awenc.verify.permutation import verify_permutation
+from dist_awenc.verify.permutation import BLACKBOX_PERMUTATION, verify_blackbox_permutation, verify_permutation
+from dist_awenc.verify.resize import fed_at, plan_resize, resolution_reason
 from dist_awenc.verify.run import Settings, load_plan_alternatives, query_images, resolve_settings
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_secret
 
@@ -142,6 +143,10 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
     else:
         attacked, details = apply_attack(task.attack, ctx.encoder, ctx.card, task.strength,
                                          ctx.pirate.attack_data(ctx.probe.test_fraction, task.seed), ctx.options, progress=progress)
+    # a derivative at another input resolution (finetune_resolution) is fed the S px images resized to its own
+    # size, as the pirate's pipeline and the verifier (plan.resize) do; its margin tests then draw no decision
+    size, secret_size = getattr(attacked, "input_size", ctx.secret.image_size), ctx.secret.image_size
+    attacked = fed_at(attacked, size, secret_size, plan_resize(ctx.secret.plan)[0])
     model, metrics = evaluate_encoder(attacked, ctx.pirate.images, ctx.pirate.labels, ctx.pirate.num_classes,
                                       seed=task.seed, **probe_options(ctx.probe))
     row: dict[str, Any] = {**asdict(task), "linear_probe": metrics["linear_probe"], "knn": metrics["knn"],
@@ -154,6 +159,8 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
     # a query-side attack changes what the deployed model sees, not the weights the owner inspects
     weights_only = ctx.encoder if details.get("query_transform") else attacked
     row["secret_sha256"] = ctx.secret.sha256
+    row["input_size"] = size
+    row["margin_no_decision"] = resolution_reason(secret_size, size) if size != secret_size else ""
     for mode in MODES:
         s = ctx.settings[mode]
         samples = collect_samples(mode, weights_only if mode == "whitebox" else attacked, model, ctx.secret,
@@ -161,7 +168,8 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
         result = mode_test(mode, samples, s.tau)
         row[f"p_{mode}"] = result.p_value
         row[f"effect_{mode}"] = result.effect
-        row[f"decision_{mode}"] = bool(result.p_value <= s.alpha)  # image-level, at the margin: a measurement
+        # image-level, at the margin: a measurement (none at another resolution, as in `awenc verify`)
+        row[f"decision_{mode}"] = bool(result.p_value <= s.alpha) and not row["margin_no_decision"]
         row[f"tau_star_{mode}"] = tau_star(mode, samples, s.alpha)
         row[f"n_{mode}"], row[f"alpha_{mode}"] = s.n, s.alpha
     if ctx.alternatives is not None and len(ctx.alternatives):  # margin-free: ranks the owner among J secrets
@@ -169,6 +177,12 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
         v = verify_permutation(weights_only, ctx.secret, ctx.alternatives, query_images(ctx.holdout, s.n, "whitebox"))
         row["p_permutation"], row["permutation_at_limit"] = v.p_value, v.details["at_resolution_limit"]
         row["permutation_alternatives"] = v.details["alternatives"]
+        for mode in BLACKBOX_PERMUTATION:  # the pirate's product, asked for probabilities or labels
+            predict = model.predict_proba if mode == "blackbox_score" else (lambda b: model(b).argmax(1))
+            v = verify_blackbox_permutation(mode, predict, ctx.secret, ctx.alternatives,
+                                            query_images(ctx.holdout, ctx.settings[mode].n, mode))
+            row[f"p_permutation_{mode}"] = v.p_value
+            row[f"permutation_at_limit_{mode}"] = v.details["at_resolution_limit"]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(row, indent=2))
     return row
@@ -202,7 +216,7 @@ def collect(out_dir: Path, utility_drop: float, null_path: Optional[str] = None,
     thresholds = _calibrated_thresholds(null_path, rows) if null_path else {}
     for r in rows:  # the calibration's rule: detected when tau* (the largest margin still at p <= alpha) clears T
         for mode, t in thresholds.items():
-            r[f"calibrated_{mode}"] = bool(r[f"tau_star_{mode}"] > t)
+            r[f"calibrated_{mode}"] = bool(r[f"tau_star_{mode}"] > t) and not r.get("margin_no_decision")
     rows.sort(key=lambda r: (r["attack"] != "none", r["attack"], r["strength"], r["seed"]))
     write_csv(out_dir / "robustness.csv", rows)
     thefts = [r for r in rows if r["theft"]]
@@ -224,6 +238,12 @@ def collect(out_dir: Path, utility_drop: float, null_path: Optional[str] = None,
                                   "at_limit": sum(bool(r["permutation_at_limit"]) for r in perm), "of": len(perm),
                                   "missed": [f"{r['attack']}@{r['strength']:g}" for r in perm
                                              if not r["permutation_at_limit"]]}
+        for mode in BLACKBOX_PERMUTATION:
+            rs = [r for r in perm if f"permutation_at_limit_{mode}" in r]
+            if rs:
+                summary["permutation"][mode] = {
+                    "at_limit": sum(bool(r[f"permutation_at_limit_{mode}"]) for r in rs), "of": len(rs),
+                    "missed": [f"{r['attack']}@{r['strength']:g}" for r in rs if not r[f"permutation_at_limit_{mode}"]]}
     null = _null_tau_stars(null_path)
     plot_grid(rows, out_dir / "robustness.png")
     if null:
@@ -255,6 +275,11 @@ def robustness(cfg: RobustnessConfig) -> dict[str, Any]:
             m = summary["permutation"]
             info(f"{'permutation':<15} at its resolution limit (p = {m['resolution']:.3g}, J = {m['alternatives']}) "
                  f"for {m['at_limit']}/{m['of']} thefts" + (f"; not: {', '.join(m['missed'])}" if m["missed"] else ""))
+            for mode in BLACKBOX_PERMUTATION:
+                if mode in m:
+                    b = m[mode]
+                    info(f"  {mode:<13} at the limit for {b['at_limit']}/{b['of']} thefts"
+                         + (f"; not: {', '.join(b['missed'])}" if b["missed"] else ""))
         for r in summary["not_thefts"]:
             info(f"not a theft: {r['derivative']} seed {r['seed']}: probe {r['linear_probe']:.4f} (f0 "
                  f"{r['f0_linear_probe']:.4f}, random init {r['random_linear_probe']:.4f}), kNN {r['knn']:.4f} "

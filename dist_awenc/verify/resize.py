@@ -68,18 +68,27 @@ class Resized(nn.Module):
     """An encoder or a downstream model that takes ``size`` px inputs, fed images of any resolution.
 
     Every call resizes its input to ``size`` (:func:`resize_images`) and runs the wrapped module; ``predict_proba``
-    too when the module has one. Its parameters are the module's, so ``next(model.parameters())`` finds its device.
+    too when the module has one. Its parameters are the module's, so ``next(model.parameters())`` finds its device;
+    an encoder's ``feature_dim`` is passed through (a downstream head can be trained on the wrapped encoder).
     """
 
     def __init__(self, module: nn.Module, size: int, method: str = DEFAULT_RESIZE) -> None:
         super().__init__()
         self.module, self.size, self.method = module, int(size), check_resize(method)
+        if hasattr(module, "feature_dim"):
+            self.feature_dim = module.feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(resize_images(x, self.size, self.method))
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         return self.module.predict_proba(resize_images(x, self.size, self.method))
+
+
+def fed_at(module: nn.Module, module_size: int, image_size: int, method: str = DEFAULT_RESIZE) -> nn.Module:
+    """``module`` (taking ``module_size`` px inputs) as fed ``image_size`` px images: itself when the sizes agree,
+    else :class:`Resized` (how the pirate's own pipeline feeds a derivative at another resolution)."""
+    return module if module_size == image_size else Resized(module, module_size, method)
 
 
 def resizing(predict: Callable[[torch.Tensor], Any], size: int, method: str) -> Callable[[torch.Tensor], Any]:

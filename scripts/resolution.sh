@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# A pirate at twice the input resolution (#27, results/resolution/): the demo's release and, as a null, the demo's
+# independent encoder, each fine-tuned at 32 px (configs/robustness/resolution.yaml: finetune_resolution@2, 5
+# seeds) and verified against the demo secret's J = 19 alternatives in three accesses (weights, probabilities,
+# labels). Prints the per-seed table of results/resolution/README.md.
+#
+#   bash scripts/resolution.sh [DEMO_DIR] [OUT_DIR]   # defaults: runs/demo (made by `awenc demo` if absent), runs/resolution
+# (PYTHON: the interpreter, default .venv/bin/python.) About 1 minute a derivative on a 2-core CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+demo="${1:-runs/demo}"
+out="${2:-runs/resolution}"
+PY="${PYTHON:-.venv/bin/python}"
+awenc() { "$PY" -m dist_awenc "$@"; }
+[ -f "$demo/report.json" ] || awenc demo run.out_dir="$(dirname "$demo")" run.name="$(basename "$demo")"
+for suspect in release:"$demo/embed" independent:"$demo/independent"; do
+  name="${suspect%%:*}"
+  awenc robustness --config configs/robustness/resolution.yaml run.out_dir="$out" run.name="$name" \
+      encoder="${suspect#*:}/encoder.safetensors" secret="$demo/watermark/secret.safetensors"
+done
+"$PY" - "$out" <<'PYEOF'
+import csv, sys
+out = sys.argv[1]
+print("| encoder | derivative | seed | input px | probe (f0 / random) | kNN (f0 / random) | theft | p weights | p probabilities | p labels |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for name in ("release", "independent"):
+    for r in csv.DictReader(open(f"{out}/{name}/robustness.csv")):
+        d = "none" if r["attack"] == "none" else f"{r['attack']}@{float(r['strength']):g}"
+        print(f"| {name} | {d} | {r['seed']} | {r['input_size']} | {float(r['linear_probe']):.4f} "
+              f"({float(r['f0_linear_probe']):.4f} / {float(r['random_linear_probe']):.4f}) | {float(r['knn']):.4f} "
+              f"({float(r['f0_knn']):.4f} / {float(r['random_knn']):.4f}) | {'yes' if r['theft'] == 'True' else 'no'} | "
+              f"{float(r['p_permutation']):.3g} | {float(r['p_permutation_blackbox_score']):.3g} | "
+              f"{float(r['p_permutation_blackbox_label']):.3g} |")
+PYEOF
