@@ -345,6 +345,9 @@ class DemoConfig:
     # recipes") wins at calibrated margins but loses the demo's black-box permutation verdicts (#27, measured)
     robust: RobustSection = field(default_factory=RobustSection)  # stage 1 and stage 2 alike
     shadow: ShadowSection = field(default_factory=ShadowSection)  # stage 2
+    # stage 2 holds f at f0's response to 8 alternatives a step: on a CPU where plain AWEncoder's release ranked 2nd
+    # of the 20 secrets in every access, this ranked it 1st (results/demo/README.md); weight 0 for plain AWEncoder
+    specific: SpecificSection = field(default_factory=lambda: SpecificSection(weight=10.0, secrets=8))
 
 
 @dataclass

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from dist_awenc.cli import main
-from dist_awenc.config import DemoConfig, EmbedConfig, RobustSection, ShadowSection, WatermarkConfig, load_config
+from dist_awenc.config import (DemoConfig, EmbedConfig, RobustSection, ShadowSection, SpecificSection, WatermarkConfig,
+                               load_config)
 from dist_awenc.stages import demo as demo_stage
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -65,6 +66,7 @@ def test_demo_smallest_setting_writes_report(tmp_path, capsys):
     for c in (wm_cfg, emb_cfg):
         assert c["robust"]["transforms"] == []
     assert emb_cfg["shadow"]["weight"] == 0
+    assert emb_cfg["specific"] == {"weight": 10.0, "secrets": 8, "images": 32}  # + the specificity term
     assert "robust" not in json.loads((root / "watermark" / "secret.json").read_text())
 
     # running it again reuses every complete stage and gives the same verdicts
@@ -127,3 +129,27 @@ def test_the_demo_embeds_plain_awencoder_and_one_override_gives_the_recipe(monke
     assert only_t.robust.transforms == RECIPE and only_t.shadow == ShadowSection()
     only_s = stage_configs(monkeypatch, [f"run.out_dir={tmp_path}", *RECIPE_OVERRIDE[2:]])["embed"]
     assert only_s.robust == RobustSection() and only_s.shadow.weight == 1.0 and only_s.shadow.refresh == 70
+
+
+def test_the_demo_embeds_with_the_specificity_term_and_weight_0_is_plain(monkeypatch, tmp_path):
+    assert stage_configs(monkeypatch, [f"run.out_dir={tmp_path}"])["embed"].specific == SpecificSection(10.0, 8, 32)
+    assert load_config(DemoConfig, CONFIGS / "demo/digits.yaml").specific == DemoConfig().specific  # shipped = default
+    plain = stage_configs(monkeypatch, [f"run.out_dir={tmp_path}", "specific.weight=0"])["embed"]
+    assert plain.specific.weight == 0 and plain.robust == RobustSection() and plain.shadow == ShadowSection()
+
+
+def test_the_ablation_scripts_refuse_a_demo_embedded_with_the_specificity_term(tmp_path):
+    """scripts/plain_demo.py (ablation.sh, permutation.sh read runs/demo as plain AWEncoder): the demo's default
+    stage 2 is not plain; `specific.weight=0` is."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plain_demo", Path(__file__).resolve().parents[1] / "scripts/plain_demo.py")
+    plain_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain_demo)
+    (tmp_path / "embed").mkdir()
+    cfg = tmp_path / "embed" / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"robust": {"transforms": []}, "shadow": {"weight": 0}, "specific": {"weight": 10.0}}))
+    why = plain_demo.why_not_plain(tmp_path)
+    assert why and "specific.weight=10.0" in why and "scripts/demo.sh specific.weight=0" in why
+    cfg.write_text(yaml.safe_dump({"robust": {"transforms": []}, "shadow": {"weight": 0}, "specific": {"weight": 0}}))
+    assert plain_demo.why_not_plain(tmp_path) is None

@@ -52,7 +52,8 @@ def demo(cfg: DemoConfig) -> dict:
     info("[4/6] stage 2: embed it")
     wm_path = reuse_or_run(EmbedConfig(run=sub("embed"), encoder=str(f0_path), secret=str(secret_path), data=cfg.data,
                                         views=cfg.views, mild_views=cfg.mild_views, ssl=cfg.ssl, loss=cfg.loss,
-                                        optim=cfg.embed_optim, train=cfg.embed, robust=robust, shadow=shadow),
+                                        optim=cfg.embed_optim, train=cfg.embed, robust=robust, shadow=shadow,
+                                        specific=cfg.specific),
                            embed, "encoder.safetensors")
 
     info("[5/6] downstream: the pirate's linear head on each encoder")
