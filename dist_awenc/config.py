@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from dist_awenc.config_checks import check_optim, check_robust, check_shadow, check_specific, check_train
+from dist_awenc.config_checks import (check_optim, check_robust, check_scales, check_shadow, check_specific,
+                                      check_train)
 from dist_awenc.config_loading import load_config, to_dict, to_yaml  # noqa: F401  (re-exported)
 from dist_awenc.data.views import ViewConfig, mild_view_config
 
@@ -234,6 +235,11 @@ class EmbedLossSection:
     lambda_key: float = 1.0
     lambda_keep: float = 1.0
     freeze_bn: bool = True
+    # input-size factors at which the wm, dev and keep terms are also taken (a pirate serving at another resolution)
+    scales: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_scales(self.scales)
 
 
 @dataclass

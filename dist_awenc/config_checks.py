@@ -75,6 +75,13 @@ def check_train(section: Any) -> None:
                           "(the other to null)")
 
 
+def check_scales(scales: Any) -> None:
+    """One-line ConfigError for ``loss.scales`` (stage 2's extra input-size factors) that are not factors > 0, not 1."""
+    bad = [s for s in scales if not (isinstance(s, (int, float)) and s > 0 and s != 1)]
+    if bad or len(set(scales)) != len(scales):
+        raise ConfigError(f"loss.scales: need distinct input-size factors > 0 other than 1 (e.g. [2]); got {list(scales)}")
+
+
 def check_specific(section: Any) -> None:
     """One-line ConfigError for ``specific.*`` out of range."""
     if not section.weight >= 0 or section.secrets < 1 or section.images < 1:

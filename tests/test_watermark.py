@@ -129,6 +129,48 @@ def test_embed_task_loss_is_the_weighted_sum_of_its_terms(f0_and_secret):
     assert out["loss"].item() == pytest.approx(expect.item(), rel=1e-6)
 
 
+def test_loss_scales_average_the_wm_dev_and_keep_terms_over_the_resized_inputs(f0_and_secret):
+    """With loss.scales=[2] the wm, dev and keep terms are the mean of the terms at 8 px and on every image (marked,
+    augmented, clean, key) resized to 16 px; cl and key are the input size's alone."""
+    from dist_awenc.ssl.methods import build_method
+    from dist_awenc.verify.resize import resize_images
+
+    _, f0_path, secret_path = f0_and_secret
+    f0, _ = load_encoder(f0_path)
+    secret = load_secret(secret_path)
+    torch.manual_seed(0)
+    method = build_method("simclr", _encoder(), 32, proj_hidden_dim=16, proj_dim=8)
+    plain = EmbedTask(method, f0, secret)
+    scaled = EmbedTask(method, f0, secret, scales=[2])
+    x = torch.rand(6, 3, 8, 8)
+    inputs = {"views": [x, x.flip(-1)], "aug": x, "clean": x, "key_aug": x[:1]}
+    sizes = []
+    hook = method.backbone.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[-1]))
+    a, b = plain(inputs), scaled(inputs)
+    hook.remove()
+    assert 16 in sizes
+    f = method.backbone
+    up = lambda t: resize_images(t, 16)  # noqa: E731
+    marked = (x + secret.delta).clamp(0, 1)
+    with torch.no_grad():
+        f_m, f_a, f_c, f_k = f(up(marked)), f(up(x)), f(up(x)), f(up(secret.key[None]))
+        at16 = {"wm": surround_key_loss(f_m, f_k), "dev": deviate_loss(f_m, f_a), "keep": preserve_loss(f_c, f0(up(x)))}
+    for k in ("wm", "dev", "keep"):
+        assert b[f"loss_{k}"].item() == pytest.approx((a[f"loss_{k}"].item() + at16[k].item()) / 2, rel=1e-5), k
+    for k in ("cl", "key"):
+        assert b[f"loss_{k}"].item() == pytest.approx(a[f"loss_{k}"].item(), rel=1e-6), k
+    b["loss"].backward()
+    assert all(p.grad is not None for p in f.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("scales", ["[1]", "[0]", "[-2]", "[2,2]"])
+def test_bad_loss_scales_are_one_line_errors(scales):
+    from dist_awenc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"loss.scales: need distinct input-size factors > 0 other than 1"):
+        load_config(EmbedConfig, None, [f"loss.scales={scales}"])
+
+
 def test_batchnorm_statistics_stay_frozen_while_embedding(f0_and_secret):
     from dist_awenc.ssl.methods import build_method
 

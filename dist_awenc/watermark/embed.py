@@ -13,6 +13,9 @@ for the global batch, as the views are; the key and keep terms are unchanged.
 With ``shadow.weight`` > 0 a shadow student is distilled alongside and
 ``lambda_shadow * L_shadow`` (:mod:`dist_awenc.watermark.shadow`) shapes f's
 clean answers so that distilling them teaches a student the watermark.
+With ``loss.scales`` (e.g. ``[2]``) the wm, dev and keep terms are the mean of
+the terms at the input size and with every image (marked, augmented, clean, key)
+resized by each factor: a pirate may serve f at another resolution (#27).
 
 It runs on the same Accelerate loop as pre-training, so it runs under
 ``accelerate launch`` on 1..N processes.
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -44,6 +47,7 @@ from dist_awenc.ssl.pretrain import method_from_config, micro_batch_terms, note_
 from dist_awenc.watermark.secret import Secret, load_secret, note_release, load_plan_alternatives
 from dist_awenc.watermark.shadow import Shadow, build_shadow, row_cos as _cos
 from dist_awenc.watermark.specific import Specificity, draw_alternatives
+from dist_awenc.verify.resize import resize_images
 from dist_awenc.watermark.transforms import TransformParams, apply_drawn, draws_for_rank
 
 
@@ -80,7 +84,8 @@ class EmbedTask(nn.Module):
     def __init__(self, method: nn.Module, f0: Encoder, secret: Secret, *, lambda_cl: float = 1.0, lambda_wm: float = 1.0,
                  lambda_dev: float = 0.5, lambda_key: float = 1.0, lambda_keep: float = 1.0, freeze_bn: bool = True,
                  shadow: Optional[Shadow] = None, lambda_shadow: float = 0.0,
-                 specific: Optional[Specificity] = None, lambda_specific: float = 0.0) -> None:
+                 specific: Optional[Specificity] = None, lambda_specific: float = 0.0,
+                 scales: Sequence[float] = ()) -> None:
         super().__init__()
         weights = dict(cl=lambda_cl, wm=lambda_wm, dev=lambda_dev, key=lambda_key, keep=lambda_keep)
         if shadow is not None:
@@ -102,6 +107,7 @@ class EmbedTask(nn.Module):
         self.method_name = getattr(method, "method_name", "")
         self.shadow = shadow
         self.specific = specific
+        self.scales = [float(x) for x in scales]
 
     @property
     def backbone(self) -> Encoder:
@@ -144,6 +150,10 @@ class EmbedTask(nn.Module):
             "key": anchor_key_loss(f_ka, f0_out[-1:]),
             "keep": preserve_loss(f_c, f0_out[:-1]),
         }
+        if self.scales:  # the same terms with every image resized by each factor: mean over the sizes
+            at = [self._at_scale(f, x, marked, aug, clean) for x in self.scales]
+            for k in ("wm", "dev", "keep"):
+                terms[k] = (terms[k] + sum(t[k] for t in at)) / (1 + len(at))
         extra = {}
         if self.shadow is not None:
             extra = self.shadow.terms(aug, f_a, marked, self.key[None])
@@ -155,6 +165,18 @@ class EmbedTask(nn.Module):
         out = {f"loss_{k}": v for k, v in terms.items()} | extra
         out["loss"] = sum(self.weights[k] * v for k, v in terms.items())
         return out
+
+
+    def _at_scale(self, f: nn.Module, factor: float, marked: torch.Tensor, aug: torch.Tensor,
+                  clean: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The wm, dev and keep terms with every image resized to ``factor`` x the input size (bilinear,
+        antialiased: a pirate serving f at another resolution, ``plan.resize``'s default)."""
+        b, size = aug.shape[0], round(aug.shape[-1] * factor)
+        feats = f(resize_images(torch.cat([marked, aug, clean, self.key[None]]), size))
+        f_m, f_a, f_c, f_k = feats[:b], feats[b : 2 * b], feats[2 * b : 3 * b], feats[3 * b :]
+        with torch.no_grad():
+            f0_c = self.f0(resize_images(clean, size))
+        return {"wm": surround_key_loss(f_m, f_k), "dev": deviate_loss(f_m, f_a), "keep": preserve_loss(f_c, f0_c)}
 
 
 class EmbedInputs(StepInputs):
@@ -249,7 +271,7 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     task = EmbedTask(method, f0, secret, shadow=shadow, lambda_shadow=cfg.shadow.weight,
                      specific=specific, lambda_specific=cfg.specific.weight,
                      **{k: getattr(cfg.loss, k) for k in
-                        ("lambda_cl", "lambda_wm", "lambda_dev", "lambda_key", "lambda_keep", "freeze_bn")})
+                        ("lambda_cl", "lambda_wm", "lambda_dev", "lambda_key", "lambda_keep", "freeze_bn", "scales")})
     task = prepare_model(task, accelerator, cfg.train.sync_bn)
     refuse_silent_grad_accum(cfg.train.grad_accum, cfg.train.grad_accum_ok,
                              micro_batch_terms(task, contrastive=cfg.loss.lambda_cl > 0))
