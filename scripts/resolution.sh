@@ -5,7 +5,8 @@
 # labels). Prints the per-seed table of results/resolution/README.md.
 #
 #   bash scripts/resolution.sh [DEMO_DIR] [OUT_DIR]   # defaults: runs/demo (made by `awenc demo` if absent), runs/resolution
-# (PYTHON: the interpreter, default .venv/bin/python.) About 1 minute a derivative on a 2-core CPU.
+# (PYTHON: the interpreter, default .venv/bin/python; SUSPECTS: name:folder pairs to attack, default
+#  "release:$DEMO_DIR/embed independent:$DEMO_DIR/independent".) About 40 s a derivative on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 demo="${1:-runs/demo}"
@@ -13,17 +14,19 @@ out="${2:-runs/resolution}"
 PY="${PYTHON:-.venv/bin/python}"
 awenc() { "$PY" -m dist_awenc "$@"; }
 [ -f "$demo/report.json" ] || awenc demo run.out_dir="$(dirname "$demo")" run.name="$(basename "$demo")"
-for suspect in release:"$demo/embed" independent:"$demo/independent"; do
+suspects="${SUSPECTS:-release:$demo/embed independent:$demo/independent}"
+for suspect in $suspects; do
   name="${suspect%%:*}"
   awenc robustness --config configs/robustness/resolution.yaml run.out_dir="$out" run.name="$name" \
       encoder="${suspect#*:}/encoder.safetensors" secret="$demo/watermark/secret.safetensors"
 done
-"$PY" - "$out" <<'PYEOF'
+# shellcheck disable=SC2086
+"$PY" - "$out" ${suspects} <<'PYEOF'
 import csv, sys
-out = sys.argv[1]
+out, names = sys.argv[1], [s.split(":")[0] for s in sys.argv[2:]]
 print("| encoder | derivative | seed | input px | probe (f0 / random) | kNN (f0 / random) | theft | p weights | p probabilities | p labels |")
 print("|---|---|---|---|---|---|---|---|---|---|")
-for name in ("release", "independent"):
+for name in names:
     for r in csv.DictReader(open(f"{out}/{name}/robustness.csv")):
         d = "none" if r["attack"] == "none" else f"{r['attack']}@{float(r['strength']):g}"
         print(f"| {name} | {d} | {r['seed']} | {r['input_size']} | {float(r['linear_probe']):.4f} "
