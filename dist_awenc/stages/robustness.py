@@ -324,8 +324,15 @@ def _null_tau_stars(path: Optional[str]) -> dict[str, list[float]]:
     return {mode: [t["tau_star"] for t in m["null"]] for mode, m in data["modes"].items() if mode in MODES}
 
 
+# the permutation tests' columns (encoder-level p: what decides) and the access each is read from
+PERMUTATION_COLUMNS = {"p_permutation": "weights", "p_permutation_blackbox_score": "probabilities",
+                       "p_permutation_blackbox_label": "labels"}
+
+
 def plot_grid(rows: list[dict], path: Path) -> None:
-    """Per attack: -log10 p per mode and the pirate's accuracy, against strength."""
+    """Per attack: -log10 p and the pirate's accuracy, against strength. With the plan's alternatives the p plotted is
+    the permutation tests' encoder-level p per access (what decides; the margin tests' image-level p stay in the CSV),
+    else the margin tests' image-level p per mode; the dotted line is alpha."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -343,9 +350,14 @@ def plot_grid(rows: list[dict], path: Path) -> None:
         bottom.set_visible(True)
         rs = sorted((r for r in rows if r["attack"] == name), key=lambda r: r["strength"])
         x = [r["strength"] for r in rs]
-        for mode in MODES:
-            top.plot(x, [-math.log10(max(r[f"p_{mode}"], 1e-300)) for r in rs], "o-", ms=3, label=mode)
-        top.axhline(3, color="k", ls=":", lw=0.8)
+        perm = [c for c in PERMUTATION_COLUMNS if all(c in r for r in rs)]
+        series = ({f"{PERMUTATION_COLUMNS[c]} (permutation)": c for c in perm} if perm
+                  else {f"{mode} (image-level)": f"p_{mode}" for mode in MODES})
+        for (label, c), (marker, ms) in zip(series.items(), [("o", 7), ("s", 5), ("^", 3), ("v", 3)]):
+            top.plot(x, [-math.log10(max(r[c], 1e-300)) for r in rs], marker=marker, ms=ms, label=label)
+        top.axhline(-math.log10(rs[0]["alpha_whitebox"]), color="k", ls=":", lw=0.8)
+        if perm:  # from p = 1 to the floor 1/(J+1), so that equal p-values overlap visibly (the markers nest)
+            top.set_ylim(-0.05, 1.1 * math.log10(rs[0]["permutation_alternatives"] + 1))
         top.set_title(name, fontsize=9)
         bottom.plot(x, [r["linear_probe"] for r in rs], "o-", ms=3, color="tab:green")
         bottom.set_xlabel("strength", fontsize=8)
