@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -186,6 +187,15 @@ def _node(config: str | None, overrides: list[str], *, procs: int = 2, machines:
                             stderr=subprocess.STDOUT, text=True)
 
 
+def _listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port`` (the check accelerate's launcher itself makes)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 def _engine(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "engine.json").read_text())["starts"]
 
@@ -212,8 +222,17 @@ def test_each_shipped_accelerate_config_runs_the_engine_it_names(name, tmp_path)
         extra_or_skip("transformers", "Accelerate's DeepSpeed plugin needs transformers")
     over = tiny_overrides(tmp_path, "run", **{"train.max_steps": 2, "train.checkpoint_every": 2})
     port = _free_port()
-    nodes = [_node(str(CONFIGS / name), over, procs=procs // machines, machines=machines, rank=r, port=port)
-             for r in range(machines)]
+    node = lambda r: _node(str(CONFIGS / name), over, procs=procs // machines, machines=machines, rank=r, port=port)  # noqa: E731
+    nodes = [node(0)]
+    if machines > 1:
+        # On one host every node's torchrun may host the c10d store (127.0.0.1 is each one's own address): a rank >= 1
+        # that binds the port first makes rank 0's launcher refuse it ("another process is utilizing it") and leaves
+        # the others waiting out the rendezvous (CI at 2781554 and b6ffee1). On a cluster only the main host's
+        # address matches; here machine rank 0 starts first and the others once its store listens.
+        deadline = time.time() + HANG_GUARD_S
+        while nodes[0].poll() is None and time.time() < deadline and not _listening(port):
+            time.sleep(0.2)
+        nodes += [node(r) for r in range(1, machines)]
     logs = _outputs(nodes)
     assert [p.returncode for p in nodes] == [0] * machines, "\n".join(f"machine rank {r}: {log[-3000:]}"
                                                                    for r, log in enumerate(logs))
