@@ -52,7 +52,7 @@ def plan(ctx: Context, args) -> list[tuple[str, str, str, str, dict]]:
     """Cases (model, method, mode, launcher, sizes), most important first."""
     launchers = args.launchers or (LAUNCHERS if ctx.on_gpu and not ctx.quick else ("single",))
     if ctx.quick:  # a schema check: tiny sizes, a few steps
-        c = dict(batch=4, data="fake", size=32, max_steps=4, log_every=1, skip=1, workers=0,
+        c = dict(batch=2, data="fake", size=32, max_steps=4, log_every=1, skip=1, workers=0,
                  ref=dict(warmup=1, steps=1, reps=1), ref_after=False)
         cases = [("resnet18_cifar32", "simclr", "fp32", "single", c)]
         cases += [("resnet18_cifar32", "simclr", "bf16_cl", launcher, c) for launcher in ("ddp", "zero2")]

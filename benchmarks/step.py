@@ -43,7 +43,7 @@ def plan(ctx: Context, args) -> tuple[list[tuple[str, str, str]], dict]:
         # every method once; the embedding step also covers bf16 + channels_last
         cases = [("resnet18_cifar32", m, "fp32") for m in METHODS[:3]]
         cases += [("resnet18_cifar32", "embed", "bf16_cl"), ("resnet18_cifar32", "simclr", "bf16_cl_compile")]
-        proto = {"resnet18_cifar32": dict(batch=4, warmup=1, steps=1, reps=1)}  # a schema check: seconds, not minutes
+        proto = {"resnet18_cifar32": dict(batch=2, warmup=1, steps=1, reps=1)}  # a schema check: seconds, not minutes
     elif ctx.on_gpu:
         r18 = [("resnet18_cifar32", m, "bf16_cl") for m in METHODS]
         r50 = [("resnet50_in224", m, "bf16_cl") for m in METHODS]
