@@ -258,11 +258,14 @@ class ShadowSection:
 @dataclass
 class SpecificSection:
     """Stage 2 holds f's response to ``secrets`` of the plan's alternatives a step (on ``images`` clean images) at
-    f0's, ``weight`` x (dist_awenc/watermark/specific.py): the permutation test's power. ``weight`` 0: off."""
+    f0's, ``weight`` x (dist_awenc/watermark/specific.py): the permutation test's power. ``weight`` 0: off.
+    ``suppress`` in [0, 1] lowers that target to (1 - suppress) x f0's response: 1 holds f's response to the
+    alternatives at their controls' (no effect at all)."""
 
     weight: float = 0.0
     secrets: int = 4
     images: int = 32
+    suppress: float = 0.0
 
     def __post_init__(self) -> None:
         check_specific(self)

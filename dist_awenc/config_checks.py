@@ -87,6 +87,9 @@ def check_specific(section: Any) -> None:
     if not section.weight >= 0 or section.secrets < 1 or section.images < 1:
         raise ConfigError(f"specific: need weight >= 0 (0: off), secrets >= 1 and images >= 1; got {section.weight}, "
                           f"{section.secrets}, {section.images}")
+    if not 0 <= section.suppress <= 1:
+        raise ConfigError(f"specific.suppress: need a share in [0, 1] of f0's response to take off the target "
+                          f"(0: hold at f0's, 1: at the controls'); got {section.suppress}")
 
 
 def check_shadow(section: Any) -> None:

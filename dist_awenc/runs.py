@@ -56,11 +56,12 @@ ADDED_AT_DEFAULTS = frozenset({"robust", "rehearsal", "shadow", "suspect_card", 
 # and warmup_epochs unset (lr and warm-up as written), train.grad_accum_ok (a permission, computes nothing),
 # encoder.proj_out_norm none, ssl.symmetric true and loss_reduction mean (the loss every run computed),
 # views.solarize_p 0 and view2 empty (the views every run drew), encoder.proj_layers 2 and freeze_patch_embed false
-# (the heads and trained parameters every run had); #27's loss.scales empty (stage 2 at the input size only).
+# (the heads and trained parameters every run had); #27's loss.scales empty (stage 2 at the input size only) and
+# specific.suppress 0 (the alternatives held at f0's response, as before).
 FIELDS_ADDED_AT_DEFAULTS = frozenset({"splits", "classes", "crop", "decode", "bad_files", "reference_archs",
                                       "lr_scaling", "warmup_epochs", "grad_accum_ok", "proj_out_norm", "symmetric",
                                       "loss_reduction", "solarize_p", "view2", "proj_layers", "freeze_patch_embed",
-                                      "scales"})
+                                      "scales", "suppress"})
 RESOLVED_FILE = "resolved.json"  # a training stage's optim/train sections resolved at its batch and process count
 # files of a run folder that are no outputs: its config, its status, what it resolved to, `awenc submit`'s job
 # folder, the engine record

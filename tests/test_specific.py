@@ -1,6 +1,6 @@
 """Stage 2's specificity term (dist_awenc/watermark/specific.py): the draw, that the term is the permutation test's
-statistic held at f0's and trains f only, and an embedding that uses it, resumes bit for bit and refuses a plan
-without alternatives."""
+statistic held at f0's (or, with ``suppress``, below it) and trains f only, and an embedding that uses it, resumes
+bit for bit and refuses a plan without alternatives."""
 from __future__ import annotations
 
 import json
@@ -55,8 +55,28 @@ def test_the_term_is_the_permutation_statistic_of_f_over_f0s_and_trains_f_only()
     assert same["specific"].item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_suppress_lowers_the_target_to_a_share_of_f0s_response():
+    """suppress s: the target is (1 - s) T_f0; s = 1 holds f's response at its controls' (T = 0), so f0 itself, with
+    a positive response to an alternative, now pays for it."""
+    alt, f0, f = _alternatives(), _encoder(0), _encoder(1)
+    x = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    picked = torch.tensor([0, 2, 5])
+    stat = lambda e: torch.as_tensor(  # noqa: E731
+        whitebox_statistics(e, alt.keys[picked], alt.deltas[picked], alt.controls()[picked], x))
+    for s in (0.0, 0.5, 1.0):
+        out = Specificity(alt, secrets=3, images=32, suppress=s).term(f, f0, x, picked)
+        excess = stat(f) - (1 - s) * stat(f0)
+        assert out["specific_excess"].item() == pytest.approx(excess.mean().item(), abs=1e-5)
+        assert out["specific"].item() == pytest.approx(torch.relu(excess).mean().item(), abs=1e-5)
+    held_at_controls = Specificity(alt, secrets=3, images=32, suppress=1.0).term(f0, f0, x, picked)
+    assert held_at_controls["specific"].item() == pytest.approx(torch.relu(stat(f0)).mean().item(), abs=1e-5)
+    assert held_at_controls["specific"].item() > 0  # f0 responds to some alternative: s = 1 asks f for less
+
+
 @pytest.mark.parametrize("override, message", [("specific.weight=-1", "specific: need weight >= 0"),
-                                               ("specific.secrets=0", "secrets >= 1")])
+                                               ("specific.secrets=0", "secrets >= 1"),
+                                               ("specific.suppress=1.5", r"specific.suppress: need a share in \[0, 1\]"),
+                                               ("specific.suppress=-0.1", r"specific.suppress: need a share in \[0, 1\]")])
 def test_bad_specific_settings_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_config(EmbedConfig, None, [override])

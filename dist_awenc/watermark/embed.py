@@ -267,7 +267,8 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
         shadow = Shadow(build_shadow(f0, card, cfg.shadow.arch, cfg.run.seed), cfg.run.seed, cfg.shadow.arch, card)
     specific = None
     if cfg.specific.weight > 0:
-        specific = Specificity(load_plan_alternatives(cfg.secret, secret) or _no_alternatives(), cfg.specific.secrets, cfg.specific.images)
+        specific = Specificity(load_plan_alternatives(cfg.secret, secret) or _no_alternatives(), cfg.specific.secrets,
+                               cfg.specific.images, cfg.specific.suppress)
     task = EmbedTask(method, f0, secret, shadow=shadow, lambda_shadow=cfg.shadow.weight,
                      specific=specific, lambda_specific=cfg.specific.weight,
                      **{k: getattr(cfg.loss, k) for k in
@@ -290,7 +291,8 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
              f"{world} process(es), {plan.total_steps} steps"
              + (f", transforms {'/'.join(robust.transforms)}" if robust.enabled else "")
              + (f", shadow student x{cfg.shadow.weight:g}" if shadow is not None else "")
-             + (f", {specific.secrets} of {len(specific.keys)} alternatives held at f0's x{cfg.specific.weight:g}"
+             + (f", {specific.secrets} of {len(specific.keys)} alternatives held at "
+                f"{'f0' if specific.keep == 1 else f'{specific.keep:g} x f0'}'s x{cfg.specific.weight:g}"
                 if specific is not None else "") + f") -> {run_dir}")
         note_resolved(scale, run_dir, accelerator.is_main_process)
         task = fit(accelerator, task, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, gather=gather_objects, **source_options(cfg.data)), make_inputs=make_inputs,

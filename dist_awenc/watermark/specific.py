@@ -6,11 +6,12 @@ perturbation also makes f respond to many others of f0 (measured: results/permut
 few alternatives can outrank the owner's. With ``specific.weight`` > 0, every step draws ``specific.secrets`` of the
 plan's alternatives and adds
 
-    L_specific = mean_j relu( T_f(delta_j) - T_f0(delta_j) ),
+    L_specific = mean_j relu( T_f(delta_j) - (1 - s) T_f0(delta_j) ),
     T_e(delta_j) = mean_i [cos(e(x_i + delta_j), e(k_j)) - cos(e(x_i + r_j), e(k_j))]
 
-over the first ``specific.images`` clean images of the batch (r_j: alternative j's control): f is held to f0's
-response for every alternative, the test's own statistic. It is valid for the test: under H0 the suspect is
+over the first ``specific.images`` clean images of the batch (r_j: alternative j's control; s: ``specific.suppress``):
+with s = 0 f is held to f0's response for every alternative, the test's own statistic; with s = 1 to its
+controls' (the alternatives then act on f no more than random noise of their strength). It is valid for the test: under H0 the suspect is
 independent of everything the owner did, this embedding included, so the owner's secret is still uniformly
 placed among the J + 1 candidates; it only gives the test power where the suspect does descend from f.
 The draw of alternatives depends on (run seed, micro-step) only, so ranks agree and a resumed run draws the same.
@@ -36,7 +37,7 @@ class Specificity(nn.Module):
     """The plan's alternatives (keys, deltas, controls) and the term of the module docstring; which ones a step
     holds is :func:`draw_alternatives`' (the stage's inputs draw them on the host)."""
 
-    def __init__(self, alternatives: AlternativeSecrets, secrets: int, images: int) -> None:
+    def __init__(self, alternatives: AlternativeSecrets, secrets: int, images: int, suppress: float = 0.0) -> None:
         super().__init__()
         if not len(alternatives):
             raise ConfigError("specific.weight > 0 needs the plan's alternative secrets (plan.alternatives > 0)")
@@ -46,9 +47,10 @@ class Specificity(nn.Module):
         # 224 px); each step moves the few it draws
         self.keys, self.deltas, self.controls = alternatives.keys, alternatives.deltas, alternatives.controls()
         self.secrets, self.images = min(secrets, len(alternatives)), images
+        self.keep = 1.0 - suppress  # the share of f0's response the target keeps
 
     def term(self, f: nn.Module, f0: nn.Module, clean: torch.Tensor, picked: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``specific`` (the loss, with f's graph) and ``specific_excess`` (mean T_f - T_f0 now, for the log).
+        """``specific`` (the loss, with f's graph) and ``specific_excess`` (mean T_f - target now, for the log).
 
         Shapes: clean (b, 3, S, S) in [0, 1]; picked (m,) indices into the alternatives.
         """
@@ -65,6 +67,6 @@ class Specificity(nn.Module):
             return (row_cos(f_m, f_k) - row_cos(f_r, f_k)).view(m, n).mean(dim=1)
 
         with torch.no_grad():
-            t0 = statistic(f0)
-        excess = statistic(f) - t0
+            target = self.keep * statistic(f0)
+        excess = statistic(f) - target
         return {"specific": torch.relu(excess).mean(), "specific_excess": excess.detach().mean()}
