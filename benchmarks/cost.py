@@ -30,6 +30,15 @@ scale them to the ImageNet configs exactly as their header comments do
 shadow's restarts (every ``refresh`` steps, a fresh student built on the
 host) are timed apart and added as device-seconds: each of the recipe's 8
 processes waits for its own.
+
+Stage 2's specificity term (``awenc demo``'s: ``specific.weight=10
+specific.secrets=8 specific.suppress=1``, 32 images) is priced apart: its
+images per step do not grow with the batch (secrets x 2 x min(images, the
+process's batch) + secrets keys, each through f with its gradient and through
+f0), so a small measured batch would overstate it. Case (h) runs the term on
+the whole measured batch; its extra cost over plain stage 2, per image the term
+embeds, is scaled to the ImageNet step's term images per source image
+(:func:`specific_images`).
 """
 from __future__ import annotations
 
@@ -202,6 +211,7 @@ IMAGENET = {"pretrain": "configs/pretrain/imagenet_resnet50_simclr.yaml", "water
             "embed": "configs/embed/imagenet.yaml", "accelerate": "configs/accelerate/8gpu.yaml", "dataset_size": 1_281_167}
 RECIPE_TRANSFORMS = ("robust.transforms=[jpeg,resize,crop,noise,blur]", "robust.p_identity=0.5")
 RECIPE_SHADOW = ("shadow.weight=1", "shadow.refresh=70")
+RECIPE_SPECIFIC = ("specific.weight=10", "specific.secrets=8", "specific.suppress=1")  # awenc demo's; images: below
 CASES = {  # id: (label, stage, overrides of the stage's ImageNet config), measured in this order every round
     "simclr": ("(a) SimCLR step (the reference)", "pretrain", ()),
     "embed": ("(b) stage 2 step, plain", "embed", ()),
@@ -210,6 +220,7 @@ CASES = {  # id: (label, stage, overrides of the stage's ImageNet config), measu
     "embed_recipe": ("(e) stage 2 step + transforms + shadow", "embed", RECIPE_TRANSFORMS + RECIPE_SHADOW),
     "stage1": ("(f) stage 1 step, plain", "watermark", ()),
     "stage1_transforms": ("(g) stage 1 step + transforms", "watermark", RECIPE_TRANSFORMS),
+    "embed_specific": ("(h) stage 2 step + specificity (its term on every image of the batch)", "embed", RECIPE_SPECIFIC),
 }
 WITHOUT_SHADOW = {"embed_shadow": "embed", "embed_recipe": "embed_transforms"}
 VARIANTS = {  # the imagenet fraction rows: (stage-1 case, stage-2 case)
@@ -217,6 +228,7 @@ VARIANTS = {  # the imagenet fraction rows: (stage-1 case, stage-2 case)
     "+ transforms": ("stage1_transforms", "embed_transforms"),
     "+ shadow": ("stage1", "embed_shadow"),
     "recipe (transforms + shadow)": ("stage1_transforms", "embed_recipe"),
+    "+ specificity (awenc demo's stage 2)": ("stage1", "embed_specific"),
 }
 
 
@@ -257,8 +269,8 @@ def recipe_text(overrides) -> str:
 
 
 def recipe_rows(ctx: Context, out: SuiteWriter, size: RecipeSize, rounds: int, tmp: Path) -> None:
-    """Rows (a)-(g) (``kind: aux``: each case's images/s and its cost of an image as a multiple of a SimCLR image's)
-    and the four ``imagenet fraction`` rows; rounds of one block of every case, so a change of load hits all.
+    """Rows (a)-(h) (``kind: aux``: each case's images/s and its cost of an image as a multiple of a SimCLR image's)
+    and the five ``imagenet fraction`` rows; rounds of one block of every case, so a change of load hits all.
 
     The rows are rewritten after every round (a run cut off keeps the rounds it finished); a round is not started
     once the suite's budget (--max-seconds) is used up.
@@ -324,9 +336,10 @@ def build_case(case: str, size: RecipeSize, total_steps: int, run_dir: Path, tmp
     pcfg = _config(IMAGENET["pretrain"], size.batch, size.mode, tmp, size.pretrain_overrides)
     ecfg = None
     if stage == "embed":
+        whole_batch = [f"specific.images={size.batch}"] if case == "embed_specific" else []
         ecfg, _ = _load(EmbedConfig, IMAGENET["embed"], [f"train.batch_size={size.batch}", "train.progress=false",
                                                          f"run.out_dir={tmp}", *P.speed_overrides(size.mode),
-                                                         *size.stage_overrides, *over])
+                                                         *size.stage_overrides, *over, *whole_batch])
     accelerator = P.make_project_accelerator(ecfg or pcfg, run_dir, False)
     built = P.project_case(pcfg, "embed" if ecfg else pcfg.ssl.method, total_steps, accelerator, embed_cfg=ecfg)
     return built, accelerator
@@ -412,6 +425,13 @@ def fraction_row(ctx: Context, size: RecipeSize, variant: str, c1: str, c2: str,
     if inp["shadow_restarts"] and not restart:
         return row(name, settings, status="skipped", note="needs the shadow's restart seconds, not measured")
     r1, r2 = ratios[c1], ratios[c2]
+    if c2 == "embed_specific":
+        if not ratios.get("embed"):
+            return row(name, settings, status="skipped", note=f"needs {CASES['embed'][0]}, not measured")
+        r2 = scaled_specific(ratios["embed"], r2, size.batch, inp)
+        measured = specific_images(inp["specific_secrets"], size.batch, size.batch) / size.batch
+        settings.update(specific_images_per_source_image={"measured": measured,
+                                                          "imagenet": inp["specific_images_per_source_image"]})
     rs = restart["median"] if inp["shadow_restarts"] else 0.0
     est = imagenet_estimate(r1["median"], r2["median"], inp, restart_seconds=rs)
     low = imagenet_estimate(r1["min"], r2["min"], inp, restart_seconds=restart["min"] if inp["shadow_restarts"] else 0.0)
@@ -450,6 +470,20 @@ def fraction_row(ctx: Context, size: RecipeSize, variant: str, c1: str, c2: str,
                restart_device_seconds=est["restart_device_seconds"], images=est["images"], meets_target=meets, **fields)
 
 
+def specific_images(secrets: int, images: int, batch: int) -> int:
+    """Images the specificity term embeds in one step of one process: each of the ``secrets`` drawn alternatives'
+    marked and control copies of the first min(``images``, batch) clean images, and its key."""
+    return secrets * (2 * min(images, batch) + 1)
+
+
+def scaled_specific(plain: dict, measured: dict, batch: int, inp: dict) -> dict:
+    """Case (h)'s cost of a source image (stats over rounds) rescaled from the measured batch's term images per source
+    image to the ImageNet step's: plain + (measured - plain) x (ImageNet's share / the measured share)."""
+    scale = inp["specific_images_per_source_image"] / (specific_images(inp["specific_secrets"], batch, batch) / batch)
+    return {k: (plain[k] + (measured[k] - plain[k]) * scale if k in ("median", "min", "max") else measured[k])
+            for k in measured}
+
+
 def imagenet_inputs(embed_overrides: tuple[str, ...] = ()) -> dict:
     """What the ImageNet configs say of the three stages' sizes (``embed_overrides``: the variant's stage-2 options)."""
     from omegaconf import OmegaConf
@@ -467,11 +501,15 @@ def imagenet_inputs(embed_overrides: tuple[str, ...] = ()) -> dict:
     world = int(OmegaConf.load(REPO / IMAGENET["accelerate"]).num_processes)
     steps = TrainPlan.of(ecfg.train, embed_split, processes=world).total_steps
     refresh = ecfg.shadow.refresh if ecfg.shadow.weight > 0 else 0
+    per_process = ecfg.train.batch_size // world  # the ImageNet step's source images on one process
     return {"dataset_size": n, "pretrain_split": split, "embed_split": embed_split,
             "pretrain_epochs": pcfg.train.epochs, "embed_epochs": ecfg.train.epochs, "embed_batch": ecfg.train.batch_size,
             "embed_steps": steps, "processes": world, "secrets": wcfg.plan.alternatives + 1,
             "generation_steps": wcfg.generation.steps, "generation_batch": wcfg.generation.batch_size,
-            "shadow_refresh": refresh, "shadow_restarts": (steps - 1) // refresh if refresh else 0}
+            "shadow_refresh": refresh, "shadow_restarts": (steps - 1) // refresh if refresh else 0,
+            "specific_secrets": ecfg.specific.secrets, "specific_images": ecfg.specific.images,
+            "specific_images_per_source_image": (specific_images(ecfg.specific.secrets, ecfg.specific.images, per_process)
+                                                 / per_process if ecfg.specific.weight > 0 else 0.0)}
 
 
 def imagenet_estimate(stage1_cost: float, stage2_cost: float, inp: dict, *, restart_seconds: float = 0.0,

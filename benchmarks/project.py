@@ -147,6 +147,17 @@ def random_secret(image_size: int, seed: int = 0):
     return Secret(key=key, delta=delta, eps=eps, control_seed=seed + 7919)
 
 
+def random_alternatives(image_size: int, count: int):
+    """``count`` random alternative secrets (keys, deltas within 16/255) for a stage-2 case's specificity term."""
+    from dist_awenc.watermark.secret import AlternativeSecrets
+
+    g = torch.Generator().manual_seed(1)
+    keys = torch.rand(count, 3, image_size, image_size, generator=g)
+    deltas = (torch.rand(count, 3, image_size, image_size, generator=g) * 2 - 1) * (16 / 255)
+    return AlternativeSecrets(keys=keys, deltas=deltas, seeds=list(range(count)),
+                              control_seeds=list(range(10_000, 10_000 + count)))
+
+
 def project_case(cfg, method: str, total_steps: int, accelerator, device: Optional[torch.device] = None,
                  embed_cfg: Any = None) -> ProjectCase:
     """Mirror of the set-up in ``ssl/pretrain.py:pretrain`` (or ``watermark/embed.py:embed``) for one process.
@@ -179,6 +190,7 @@ def project_case(cfg, method: str, total_steps: int, accelerator, device: Option
     from dist_awenc.config import EmbedConfig
     from dist_awenc.watermark.embed import EmbedTask, embed_inputs
     from dist_awenc.watermark.shadow import Shadow, build_shadow
+    from dist_awenc.watermark.specific import Specificity
     from dist_awenc.watermark.transforms import TransformParams
 
     if embed_cfg is None:
@@ -194,11 +206,17 @@ def project_case(cfg, method: str, total_steps: int, accelerator, device: Option
     if ecfg.shadow.weight > 0:  # as embed() builds it: a fresh student of f0's architecture (or shadow.arch)
         card = {"arch": arch, "arch_kwargs": arch_kwargs}
         shadow = Shadow(build_shadow(encoder, card, ecfg.shadow.arch, ecfg.run.seed), ecfg.run.seed, ecfg.shadow.arch, card)
-    task = prepared(EmbedTask(method_module, encoder, secret, shadow=shadow, lambda_shadow=ecfg.shadow.weight, **loss_kw))
+    specific = None
+    if ecfg.specific.weight > 0:  # as embed() builds it, on random alternatives (their values cost nothing here)
+        specific = Specificity(random_alternatives(cfg.data.image_size, max(ecfg.specific.secrets, 19)),
+                               ecfg.specific.secrets, ecfg.specific.images, ecfg.specific.suppress)
+    task = prepared(EmbedTask(method_module, encoder, secret, shadow=shadow, lambda_shadow=ecfg.shadow.weight,
+                              specific=specific, lambda_specific=ecfg.specific.weight, **loss_kw))
     optimizer = build_optimizer(task, ecfg.optim.name, optimizer_lr(ecfg.optim, ecfg.train), ecfg.optim.weight_decay,
                                 ecfg.optim.momentum)
     make_inputs = embed_inputs(ecfg.views, ecfg.mild_views, secret.key.to(device), ecfg.run.seed, 0, 1,
-                               TransformParams.of(ecfg.robust))
+                               TransformParams.of(ecfg.robust),
+                               (len(specific.keys), specific.secrets) if specific is not None else None)
     weights = {"cl": ecfg.loss.lambda_cl, "wm": ecfg.loss.lambda_wm, "dev": ecfg.loss.lambda_dev,
                "key": ecfg.loss.lambda_key, "keep": ecfg.loss.lambda_keep}
     refresh = ecfg.shadow.refresh  # embed()'s hook: momentum encoders, then the shadow's restart every `refresh` steps

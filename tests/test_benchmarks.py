@@ -265,7 +265,7 @@ def test_gpu_launch_commands_use_the_projects_launch_configs():
 
 def test_recipe_cost_rows(tmp_path):
     """The cost suite's recipe rows (#27 item 4), run as the suite runs them but at tiny size (a tiny ResNet at 32 px,
-    one round; `--quick` skips the ResNet-50 rows): every case measured, the four imagenet fraction rows derived
+    one round; `--quick` skips the ResNet-50 rows): every case measured, the five imagenet fraction rows derived
     from their ratios and the ImageNet configs, the file valid. 10-30 s on 2 busy cores; no speed is asserted."""
     import torch
 
@@ -292,6 +292,8 @@ def test_recipe_cost_rows(tmp_path):
         assert (s["pretrain_epochs"], s["embed_epochs"], s["processes"]) == (100, 5, 8)
         assert s["shadow_restarts"] == (87 if "shadow" in s["recipe"] else 0)  # 6,130 steps, a restart every 70
         assert ("to_meet_target" in r) == (s["stage2_case"] in cost.WITHOUT_SHADOW)
+        if s["stage2_case"] == "embed_specific":  # 8 x (2 x 32 + 1) term images a step of 1024 / 8 source images
+            assert s["specific_images_per_source_image"] == {"imagenet": 520 / 128, "measured": 8 * (2 * 2 + 1) / 2}
     table = (tmp_path / "cost.md").read_text()
     assert table.count("\n|") == len(doc["rows"]) + 2 and "imagenet fraction" in table
 
@@ -315,6 +317,23 @@ def test_recipe_cases_run_the_recipe(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, shadow.student.parameters()))
     case.after_step(case.model, 70)  # refresh = 70: a fresh student
     assert not all(torch.equal(a, b) for a, b in zip(before, shadow.student.parameters()))
+
+
+def test_recipe_specific_case_runs_the_term_on_the_whole_batch_and_its_cost_is_rescaled(tmp_path):
+    """Case (h) is stage 2 with the demo's specificity term on every image of the measured batch; its extra cost over
+    plain stage 2 is rescaled by the ImageNet step's term images per source image over the measured one."""
+    from benchmarks import cost
+
+    case, _ = cost.build_case("embed_specific", cost.TINY_RECIPE, 200, tmp_path / "h", tmp_path)
+    spec = case.model.specific
+    assert spec is not None and case.model.weights["specific"] == 10.0
+    assert (spec.secrets, spec.images, spec.keep) == (8, cost.TINY_RECIPE.batch, 0.0)
+    inp = cost.imagenet_inputs(cost.RECIPE_SPECIFIC)
+    assert inp["specific_images_per_source_image"] == 520 / 128 and cost.imagenet_inputs()["specific_images_per_source_image"] == 0
+    plain, measured = {"median": 2.0, "min": 1.5, "max": 2.5, "n": 3}, {"median": 12.0, "min": 11.0, "max": 13.0, "n": 3}
+    scaled = cost.scaled_specific(plain, measured, 2, inp)  # measured: 8 x 5 term images for 2 source images = 20
+    assert scaled["median"] == 2.0 + 10.0 * (520 / 128) / 20 and scaled["min"] == 1.5 + 9.5 * (520 / 128) / 20
+    assert scaled["n"] == 3
 
 
 def test_imagenet_estimate_reproduces_the_configs_arithmetic():
