@@ -425,9 +425,12 @@ def fraction_row(ctx: Context, size: RecipeSize, variant: str, c1: str, c2: str,
     if inp["shadow_restarts"] and not restart:
         return row(name, settings, status="skipped", note="needs the shadow's restart seconds, not measured")
     r1, r2 = ratios[c1], ratios[c2]
+    fields = {}
     if c2 == "embed_specific":
         if not ratios.get("embed"):
             return row(name, settings, status="skipped", note=f"needs {CASES['embed'][0]}, not measured")
+        fields["term_images_to_meet_target"] = specific_budget(inp, r1["median"], ratios["embed"]["median"],
+                                                               ratios[c2]["median"], size.batch)
         r2 = scaled_specific(ratios["embed"], r2, size.batch, inp)
         measured = specific_images(inp["specific_secrets"], size.batch, size.batch) / size.batch
         settings.update(specific_images_per_source_image={"measured": measured,
@@ -445,7 +448,11 @@ def fraction_row(ctx: Context, size: RecipeSize, variant: str, c1: str, c2: str,
     note = (f"{100 * f:.1f}% of a {inp['pretrain_epochs']}-epoch pre-training ({100 * low['fraction']:.1f}-"
             f"{100 * high['fraction']:.1f}% over the rounds' ratios): {'within' if meets else 'over'} the "
             f"{100 * TARGET:.0f}% target")
-    fields = {}
+    if c2 == "embed_specific" and not meets:
+        most = fields["term_images_to_meet_target"] * (inp["embed_batch"] // inp["processes"])
+        note += (f"; under it with at most {most:.0f} term images a step of one process (secrets x (2 x images + 1): "
+                 f"{inp['specific_secrets'] * (2 * inp['specific_images'] + 1)} now, e.g. "
+                 + ", ".join(f"secrets={k} images={(most / k - 1) // 2:.0f}" for k in (4, 8) if most / k >= 3) + ")")
     if c2 in WITHOUT_SHADOW:
         without = ratios.get(WITHOUT_SHADOW[c2])
         need = to_meet_target(inp, r1["median"], r2["median"], without["median"] if without else None, rs)
@@ -482,6 +489,16 @@ def scaled_specific(plain: dict, measured: dict, batch: int, inp: dict) -> dict:
     scale = inp["specific_images_per_source_image"] / (specific_images(inp["specific_secrets"], batch, batch) / batch)
     return {k: (plain[k] + (measured[k] - plain[k]) * scale if k in ("median", "min", "max") else measured[k])
             for k in measured}
+
+
+def specific_budget(inp: dict, stage1_cost: float, plain: float, measured: float, batch: int,
+                    target: float = TARGET, rate: float = GPU_SIMCLR_RATE) -> float:
+    """The most specificity-term images per source image of stage 2 that keep the fraction at ``target``, from the
+    term's measured cost per term image ((measured - plain) / the measured term images per source image)."""
+    per_term_image = (measured - plain) / (specific_images(inp["specific_secrets"], batch, batch) / batch)
+    est = imagenet_estimate(stage1_cost, plain, inp, rate=rate)
+    spare = target * est["device_seconds"]["pretrain"] - est["device_seconds"]["watermark"] - est["device_seconds"]["embed"]
+    return spare * rate / est["images"]["embed"] / per_term_image
 
 
 def imagenet_inputs(embed_overrides: tuple[str, ...] = ()) -> dict:

@@ -334,6 +334,9 @@ def test_recipe_specific_case_runs_the_term_on_the_whole_batch_and_its_cost_is_r
     scaled = cost.scaled_specific(plain, measured, 2, inp)  # measured: 8 x 5 term images for 2 source images = 20
     assert scaled["median"] == 2.0 + 10.0 * (520 / 128) / 20 and scaled["min"] == 1.5 + 9.5 * (520 / 128) / 20
     assert scaled["n"] == 3
+    most = cost.specific_budget(inp, 0.4, 2.0, 12.0, 2)  # term images per source image that reach the target exactly
+    at_most = cost.scaled_specific(plain, measured, 2, {**inp, "specific_images_per_source_image": most})
+    assert cost.imagenet_estimate(0.4, at_most["median"], inp)["fraction"] == pytest.approx(cost.TARGET)
 
 
 def test_imagenet_estimate_reproduces_the_configs_arithmetic():
