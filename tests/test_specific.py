@@ -127,3 +127,9 @@ def test_a_plan_without_alternatives_is_refused_in_one_line(f0_and_secrets, tmp_
     with pytest.raises(ConfigError, match="plan has none") as e:
         embed(_cfg(f0, bare, tmp_path, "refused"))
     assert "\n" not in str(e.value)
+
+
+def test_the_stage_says_what_the_alternatives_are_held_at():
+    from dist_awenc.watermark.embed import _target
+
+    assert [_target(k) for k in (1.0, 0.0, 0.5)] == ["f0's response", "their controls' response", "0.5 x f0's response"]

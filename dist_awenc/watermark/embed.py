@@ -291,8 +291,8 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
              f"{world} process(es), {plan.total_steps} steps"
              + (f", transforms {'/'.join(robust.transforms)}" if robust.enabled else "")
              + (f", shadow student x{cfg.shadow.weight:g}" if shadow is not None else "")
-             + (f", {specific.secrets} of {len(specific.keys)} alternatives held at "
-                f"{'f0' if specific.keep == 1 else f'{specific.keep:g} x f0'}'s x{cfg.specific.weight:g}"
+             + (f", {specific.secrets} of {len(specific.keys)} alternatives held at {_target(specific.keep)} "
+                f"x{cfg.specific.weight:g}"
                 if specific is not None else "") + f") -> {run_dir}")
         note_resolved(scale, run_dir, accelerator.is_main_process)
         task = fit(accelerator, task, optimizer, source=build_source(dataset, indices, sampler, device=accelerator.device, gather=gather_objects, **source_options(cfg.data)), make_inputs=make_inputs,
@@ -309,6 +309,11 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
             info(f"watermarked encoder -> {run_dir / 'encoder.safetensors'}")
         accelerator.wait_for_everyone()
     return run_dir / "encoder.safetensors"
+
+
+def _target(keep: float) -> str:
+    """What the specificity term holds the alternatives at, in words (``keep``: 1 - specific.suppress)."""
+    return "f0's response" if keep == 1 else "their controls' response" if keep == 0 else f"{keep:g} x f0's response"
 
 
 def _no_alternatives():
