@@ -4,7 +4,8 @@
 # demo's independent encoder are verified white-box against the 999 alternatives. Writes runs/j999/ and prints the
 # summary table of results/permutation_j999/README.md (CPU-minutes from `time`).
 #
-#   bash scripts/permutation_j999.sh [DEMO_DIR] [OUT_DIR]   # defaults: runs/demo (made by `awenc demo` if absent), runs/j999
+#   bash scripts/permutation_j999.sh [DEMO_DIR] [OUT_DIR]   # defaults: runs/demo (plain AWEncoder: made by
+#   `awenc demo specific.weight=0` if absent, refused if made with the specificity term), runs/j999
 #   (PYTHON: the interpreter, default .venv/bin/python; EMBED_FLAGS: extra stage-2 overrides, e.g.
 #    "specific.weight=10 specific.secrets=8" with EMBED_NAME=embed_specific; GRID=1: then attack that encoder with
 #    the robustness grid, configs/robustness/ablation.yaml, about 11 minutes, and print its permutation p per derivative)
@@ -17,7 +18,8 @@ demo="${1:-runs/demo}"
 out="${2:-runs/j999}"
 PY="${PYTHON:-.venv/bin/python}"
 awenc() { "$PY" -m dist_awenc "$@"; }
-[ -f "$demo/report.json" ] || awenc demo run.out_dir="$(dirname "$demo")" run.name="$(basename "$demo")"
+"$PY" scripts/plain_demo.py "$demo" || exit 2
+[ -f "$demo/report.json" ] || awenc demo specific.weight=0 run.out_dir="$(dirname "$demo")" run.name="$(basename "$demo")"
 mkdir -p "$out"
 [ -f "$out/watermark/secret.safetensors" ] || { time awenc watermark --config "$demo/watermark/config.yaml" \
     plan.alternatives=999 plan.alpha=0.001 run.out_dir="$out" run.name=watermark; } 2> >(tee "$out/watermark.time" >&2)

@@ -4,7 +4,8 @@
 # seeds) and verified against the demo secret's J = 19 alternatives in three accesses (weights, probabilities,
 # labels). Prints the per-seed table of results/resolution/README.md.
 #
-#   bash scripts/resolution.sh [DEMO_DIR] [OUT_DIR]   # defaults: runs/demo (made by `awenc demo` if absent), runs/resolution
+#   bash scripts/resolution.sh [DEMO_DIR] [OUT_DIR]   # defaults: runs/demo, runs/resolution
+# (DEMO_DIR, if absent, is made by `awenc demo specific.weight=0`: plain AWEncoder, the release/ rows)
 # (PYTHON: the interpreter, default .venv/bin/python; SUSPECTS: name:folder pairs to attack, default
 #  "release:$DEMO_DIR/embed independent:$DEMO_DIR/independent".) About 40 s a derivative on a 2-core CPU.
 set -euo pipefail
@@ -13,7 +14,7 @@ demo="${1:-runs/demo}"
 out="${2:-runs/resolution}"
 PY="${PYTHON:-.venv/bin/python}"
 awenc() { "$PY" -m dist_awenc "$@"; }
-[ -f "$demo/report.json" ] || awenc demo run.out_dir="$(dirname "$demo")" run.name="$(basename "$demo")"
+[ -f "$demo/report.json" ] || awenc demo specific.weight=0 run.out_dir="$(dirname "$demo")" run.name="$(basename "$demo")"
 suspects="${SUSPECTS:-release:$demo/embed independent:$demo/independent}"
 for suspect in $suspects; do
   name="${suspect%%:*}"
