@@ -187,13 +187,23 @@ def _node(config: str | None, overrides: list[str], *, procs: int = 2, machines:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _listening(port: int) -> bool:
-    """Whether something accepts connections on 127.0.0.1:``port`` (the check accelerate's launcher itself makes)."""
+def test_other_machine_ranks_wait_for_rank_0s_port():
+    """dist_awenc.launch.node's wait: True once the port accepts connections (a listener opened 0.5 s later), False
+    after the timeout on a port nothing listens on."""
+    import threading
+
+    from dist_awenc.launch.node import wait_for_main
+
+    port = _free_port()
+    assert not wait_for_main("127.0.0.1", port, timeout=0.3, poll=0.1)
+    server = socket.socket()
+    threading.Timer(0.5, lambda: (server.bind(("127.0.0.1", port)), server.listen())).start()
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
+        start = time.monotonic()
+        assert wait_for_main("127.0.0.1", port, timeout=30, poll=0.1)
+        assert time.monotonic() - start >= 0.4
+    finally:
+        server.close()
 
 
 def _engine(run_dir: Path) -> list[dict]:
@@ -223,16 +233,10 @@ def test_each_shipped_accelerate_config_runs_the_engine_it_names(name, tmp_path)
     over = tiny_overrides(tmp_path, "run", **{"train.max_steps": 2, "train.checkpoint_every": 2})
     port = _free_port()
     node = lambda r: _node(str(CONFIGS / name), over, procs=procs // machines, machines=machines, rank=r, port=port)  # noqa: E731
-    nodes = [node(0)]
-    if machines > 1:
-        # On one host every node's torchrun may host the c10d store (127.0.0.1 is each one's own address): a rank >= 1
-        # that binds the port first makes rank 0's launcher refuse it ("another process is utilizing it") and leaves
-        # the others waiting out the rendezvous (CI at 2781554 and b6ffee1). On a cluster only the main host's
-        # address matches; here machine rank 0 starts first and the others once its store listens.
-        deadline = time.time() + HANG_GUARD_S
-        while nodes[0].poll() is None and time.time() < deadline and not _listening(port):
-            time.sleep(0.2)
-        nodes += [node(r) for r in range(1, machines)]
+    # the other machine ranks first: on one host every node's torchrun may host the c10d store (127.0.0.1 is each
+    # one's own address), and a rank >= 1 that bound the port first made rank 0's launcher refuse it and waited out
+    # the rendezvous (CI at 2781554 and b6ffee1); dist_awenc.launch.node now holds ranks >= 1 until rank 0 listens
+    nodes = [node(r) for r in reversed(range(machines))][::-1]
     logs = _outputs(nodes)
     assert [p.returncode for p in nodes] == [0] * machines, "\n".join(f"machine rank {r}: {log[-3000:]}"
                                                                    for r, log in enumerate(logs))

@@ -23,6 +23,14 @@ per process less one (the training process's own), unless the stage's config
 file or an override sets it. On a CPU node the CPUs are the training's threads
 (``--num_cpu_threads_per_process``) and the workers stay as configured.
 
+Several machines: every machine rank >= 1 waits until machine rank 0's
+rendezvous port accepts connections (up to ``--main-wait-s``, then starts
+anyway: torchrun waits for the rendezvous itself). Where the nodes share a host
+(two SLURM tasks on one machine), the main host's address is every node's own,
+so any node's torchrun may host the c10d store; the one that binds the port
+first and is not rank 0 then waits out the rendezvous while rank 0's launcher
+refuses the taken port.
+
 Preemption: the command runs as a child whose launcher ignores SIGUSR1/SIGUSR2;
 this process forwards SIGUSR1 or SIGUSR2 as SIGUSR1 to every process below it
 (again every few seconds, for a rank still starting), the training saves at its
@@ -39,6 +47,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +65,7 @@ RESEND_S = 5.0  # a rank still importing ignores the signal: send it again until
 # the flags that choose an engine: none goes on a command line that has a launcher config
 ENGINE_FLAGS = ("--multi_gpu", "--use_deepspeed", "--use_fsdp", "--cpu", "--tpu", "--use_megatron_lm")
 _DISTRIBUTED = ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP")
+MAIN_WAIT_S = 600.0  # machine ranks >= 1: the longest wait for rank 0's rendezvous port
 
 
 def read_accelerate_config(path: str | Path) -> dict[str, Any]:
@@ -156,6 +166,19 @@ def launch_command(stage_args: list[str], *, num_machines: int = 1, machine_rank
     return cmd + ["-m", "dist_awenc", *args], env
 
 
+def wait_for_main(host: str, port: int, timeout: float = MAIN_WAIT_S, poll: float = 0.5) -> bool:
+    """Whether ``host:port`` accepted a connection within ``timeout`` seconds (polled every ``poll``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=min(1.0, max(poll, 0.1))).close()
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (read from /proc), children before their children."""
     children: dict[int, list[int]] = {}
@@ -244,6 +267,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
                    help="override the launcher config's (default without one: bf16 with GPUs, else no)")
     p.add_argument("--done-file", help="created when the stage finished (machine rank 0)")
+    p.add_argument("--main-wait-s", type=float, default=MAIN_WAIT_S,
+                   help="machine ranks >= 1: wait this long for rank 0's rendezvous port before starting (0: do not)")
     a = p.parse_args(argv[:cut])
     stage_args = argv[cut + 1:]
     if not stage_args:
@@ -257,6 +282,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"awenc launch: error: {e}", file=sys.stderr)
         return 2
+    if a.machine_rank > 0 and a.main_wait_s > 0:
+        print(f"awenc launch: machine rank {a.machine_rank} waits for rank 0 at {a.main_host}:{a.main_port}",
+              file=sys.stderr, flush=True)
+        if not wait_for_main(a.main_host, a.main_port, a.main_wait_s):
+            print(f"awenc launch: warning: {a.main_host}:{a.main_port} not listening after {a.main_wait_s:g} s; "
+                  "starting anyway (torchrun waits for the rendezvous)", file=sys.stderr, flush=True)
     print("+ " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd), file=sys.stderr, flush=True)
     return run(cmd, env, done=a.done_file if a.machine_rank == 0 else None)
 
