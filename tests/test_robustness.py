@@ -141,11 +141,13 @@ def test_robustness_ranks_each_derivative_by_the_permutation_test(owner, tmp_pat
     want = verify_permutation(enc, sec, load_plan_alternatives(secret, sec), x)
     assert float(rows[0]["p_permutation"]) == want.p_value and rows[0]["attack"] == "none"
     summary = json.loads((tmp_path / "robustness" / "robustness.json").read_text())["permutation"]
-    assert summary["alternatives"] == 3 and summary["resolution"] == 0.25 and summary["of"] >= 1
-    assert summary["at_limit"] == summary["of"] - len(summary["missed"])
-    for mode in ("blackbox_score", "blackbox_label"):
-        assert summary[mode]["of"] == summary["of"]
-        assert summary[mode]["at_limit"] == summary["of"] - len(summary[mode]["missed"])
+    assert summary["alternatives"] == 3 and summary["resolution"] == 0.25 and summary["weights"]["of"] >= 1
+    thefts = [r for r in rows if r["theft"] == "True"]
+    for access, column in (("weights", "permutation_at_limit"), ("probabilities", "permutation_at_limit_blackbox_score"),
+                           ("labels", "permutation_at_limit_blackbox_label")):
+        assert summary[access]["of"] == len(thefts)
+        assert summary[access]["at_limit"] == sum(r[column] == "True" for r in thefts)
+        assert summary[access]["at_limit"] == summary[access]["of"] - len(summary[access]["missed"])
 
 
 def test_finetune_resolution_gives_a_derivative_at_twice_the_size_that_verify_takes(owner, tmp_path, capsys):

@@ -232,18 +232,15 @@ def collect(out_dir: Path, utility_drop: float, null_path: Optional[str] = None,
         summary["modes"][mode] = {"tpr": hits / len(thefts) if thefts else float("nan"), "detected": hits,
                                   "of": len(thefts), "missed": missed}
     perm = [r for r in thefts if "p_permutation" in r]
-    if perm:  # detected "at its resolution limit": the owner's secret ranked first among the J + 1
+    if perm:  # per access, the thefts "at the resolution limit": the owner's secret ranked first among the J + 1
         J = int(perm[0]["permutation_alternatives"])
-        summary["permutation"] = {"alternatives": J, "resolution": 1 / (J + 1),
-                                  "at_limit": sum(bool(r["permutation_at_limit"]) for r in perm), "of": len(perm),
-                                  "missed": [f"{r['attack']}@{r['strength']:g}" for r in perm
-                                             if not r["permutation_at_limit"]]}
-        for mode in BLACKBOX_PERMUTATION:
-            rs = [r for r in perm if f"permutation_at_limit_{mode}" in r]
+        summary["permutation"] = {"alternatives": J, "resolution": 1 / (J + 1)}
+        for access, column in PERMUTATION_ACCESS.items():
+            rs = [r for r in perm if column in r]
             if rs:
-                summary["permutation"][mode] = {
-                    "at_limit": sum(bool(r[f"permutation_at_limit_{mode}"]) for r in rs), "of": len(rs),
-                    "missed": [f"{r['attack']}@{r['strength']:g}" for r in rs if not r[f"permutation_at_limit_{mode}"]]}
+                summary["permutation"][access] = {
+                    "at_limit": sum(bool(r[column]) for r in rs), "of": len(rs),
+                    "missed": [f"{r['attack']}@{r['strength']:g}" for r in rs if not r[column]]}
     null = _null_tau_stars(null_path)
     plot_grid(rows, out_dir / "robustness.png")
     if null:
@@ -273,12 +270,11 @@ def robustness(cfg: RobustnessConfig) -> dict[str, Any]:
                  + (f"; missed: {', '.join(m['missed'])}" if m["missed"] else ""))
         if "permutation" in summary:
             m = summary["permutation"]
-            info(f"{'permutation':<15} at its resolution limit (p = {m['resolution']:.3g}, J = {m['alternatives']}) "
-                 f"for {m['at_limit']}/{m['of']} thefts" + (f"; not: {', '.join(m['missed'])}" if m["missed"] else ""))
-            for mode in BLACKBOX_PERMUTATION:
-                if mode in m:
-                    b = m[mode]
-                    info(f"  {mode:<13} at the limit for {b['at_limit']}/{b['of']} thefts"
+            info(f"permutation tests at their resolution limit (p = {m['resolution']:.3g}, J = {m['alternatives']}):")
+            for access in PERMUTATION_ACCESS:
+                if access in m:
+                    b = m[access]
+                    info(f"  {access:<13} {b['at_limit']}/{b['of']} thefts"
                          + (f"; not: {', '.join(b['missed'])}" if b["missed"] else ""))
         for r in summary["not_thefts"]:
             info(f"not a theft: {r['derivative']} seed {r['seed']}: probe {r['linear_probe']:.4f} (f0 "
@@ -324,6 +320,9 @@ def _null_tau_stars(path: Optional[str]) -> dict[str, list[float]]:
     return {mode: [t["tau_star"] for t in m["null"]] for mode, m in data["modes"].items() if mode in MODES}
 
 
+# per access a verifier can have, the column saying the permutation test reached its resolution limit on a row
+PERMUTATION_ACCESS = {"weights": "permutation_at_limit", "probabilities": "permutation_at_limit_blackbox_score",
+                      "labels": "permutation_at_limit_blackbox_label"}
 # the permutation tests' columns (encoder-level p: what decides) and the access each is read from
 PERMUTATION_COLUMNS = {"p_permutation": "weights", "p_permutation_blackbox_score": "probabilities",
                        "p_permutation_blackbox_label": "labels"}
