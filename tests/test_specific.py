@@ -133,3 +133,18 @@ def test_the_stage_says_what_the_alternatives_are_held_at():
     from dist_awenc.watermark.embed import _target
 
     assert [_target(k) for k in (1.0, 0.0, 0.5)] == ["f0's response", "their controls' response", "0.5 x f0's response"]
+
+
+def test_suppress_1_does_not_run_f0():
+    """With the alternatives held at their controls' response, f0's forward pass is skipped (a quarter of the term's
+    cost), and the term is the same as computing f0's response and multiplying it by 0."""
+    alt, f0, f = _alternatives(), _encoder(0), _encoder(1)
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    picked = torch.tensor([1, 3])
+    calls = []
+    handle = f0.register_forward_hook(lambda *_: calls.append(1))
+    out = Specificity(alt, secrets=2, images=16, suppress=1.0).term(f, f0, x, picked)
+    handle.remove()
+    assert calls == []
+    stat = torch.as_tensor(whitebox_statistics(f, alt.keys[picked], alt.deltas[picked], alt.controls()[picked], x))
+    assert out["specific"].item() == pytest.approx(torch.relu(stat).mean().item(), abs=1e-5)

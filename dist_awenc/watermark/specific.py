@@ -11,9 +11,10 @@ plan's alternatives and adds
 
 over the first ``specific.images`` clean images of the batch (r_j: alternative j's control; s: ``specific.suppress``):
 with s = 0 f is held to f0's response for every alternative, the test's own statistic; with s = 1 to its
-controls' (the alternatives then act on f no more than random noise of their strength). It is valid for the test: under H0 the suspect is
-independent of everything the owner did, this embedding included, so the owner's secret is still uniformly
-placed among the J + 1 candidates; it only gives the test power where the suspect does descend from f.
+controls' (the alternatives then act on f no more than random noise of their strength, and f0 is not asked). It is
+valid for the test: under H0 the suspect is independent of everything the owner did, this embedding included, so
+the owner's secret is still uniformly placed among the J + 1 candidates; it only gives the test power where the
+suspect does descend from f.
 The draw of alternatives depends on (run seed, micro-step) only, so ranks agree and a resumed run draws the same.
 """
 from __future__ import annotations
@@ -66,7 +67,9 @@ class Specificity(nn.Module):
             f_k = f_k.repeat_interleave(n, dim=0)
             return (row_cos(f_m, f_k) - row_cos(f_r, f_k)).view(m, n).mean(dim=1)
 
-        with torch.no_grad():
-            target = self.keep * statistic(f0)
+        target = 0.0
+        if self.keep:  # suppress = 1 holds f at its controls' response: no f0 pass
+            with torch.no_grad():
+                target = self.keep * statistic(f0)
         excess = statistic(f) - target
         return {"specific": torch.relu(excess).mean(), "specific_excess": excess.detach().mean()}
