@@ -432,8 +432,7 @@ def fraction_row(ctx: Context, size: RecipeSize, variant: str, c1: str, c2: str,
         fields["term_images_to_meet_target"] = specific_budget(inp, r1["median"], ratios["embed"]["median"],
                                                                ratios[c2]["median"], size.batch)
         r2 = scaled_specific(ratios["embed"], r2, size.batch, inp)
-        measured = specific_images(inp["specific_secrets"], size.batch, size.batch) / size.batch
-        settings.update(specific_images_per_source_image={"measured": measured,
+        settings.update(specific_images_per_source_image={"measured": measured_share(inp, size.batch),
                                                           "imagenet": inp["specific_images_per_source_image"]})
     rs = restart["median"] if inp["shadow_restarts"] else 0.0
     est = imagenet_estimate(r1["median"], r2["median"], inp, restart_seconds=rs)
@@ -483,10 +482,15 @@ def specific_images(secrets: int, images: int, batch: int) -> int:
     return secrets * (2 * min(images, batch) + 1)
 
 
+def measured_share(inp: dict, batch: int) -> float:
+    """Case (h)'s term images per source image: the term on every one of the measured ``batch`` images."""
+    return specific_images(inp["specific_secrets"], batch, batch) / batch
+
+
 def scaled_specific(plain: dict, measured: dict, batch: int, inp: dict) -> dict:
     """Case (h)'s cost of a source image (stats over rounds) rescaled from the measured batch's term images per source
     image to the ImageNet step's: plain + (measured - plain) x (ImageNet's share / the measured share)."""
-    scale = inp["specific_images_per_source_image"] / (specific_images(inp["specific_secrets"], batch, batch) / batch)
+    scale = inp["specific_images_per_source_image"] / measured_share(inp, batch)
     return {k: (plain[k] + (measured[k] - plain[k]) * scale if k in ("median", "min", "max") else measured[k])
             for k in measured}
 
@@ -495,7 +499,7 @@ def specific_budget(inp: dict, stage1_cost: float, plain: float, measured: float
                     target: float = TARGET, rate: float = GPU_SIMCLR_RATE) -> float:
     """The most specificity-term images per source image of stage 2 that keep the fraction at ``target``, from the
     term's measured cost per term image ((measured - plain) / the measured term images per source image)."""
-    per_term_image = (measured - plain) / (specific_images(inp["specific_secrets"], batch, batch) / batch)
+    per_term_image = (measured - plain) / measured_share(inp, batch)
     est = imagenet_estimate(stage1_cost, plain, inp, rate=rate)
     spare = target * est["device_seconds"]["pretrain"] - est["device_seconds"]["watermark"] - est["device_seconds"]["embed"]
     return spare * rate / est["images"]["embed"] / per_term_image

@@ -235,7 +235,8 @@ def collect(out_dir: Path, utility_drop: float, null_path: Optional[str] = None,
     if perm:  # per access, the thefts "at the resolution limit": the owner's secret ranked first among the J + 1
         J = int(perm[0]["permutation_alternatives"])
         summary["permutation"] = {"alternatives": J, "resolution": 1 / (J + 1)}
-        for access, column in PERMUTATION_ACCESS.items():
+        for access, suffix in PERMUTATION_ACCESS.items():
+            column = f"permutation_at_limit{suffix}"
             rs = [r for r in perm if column in r]
             if rs:
                 summary["permutation"][access] = {
@@ -320,12 +321,9 @@ def _null_tau_stars(path: Optional[str]) -> dict[str, list[float]]:
     return {mode: [t["tau_star"] for t in m["null"]] for mode, m in data["modes"].items() if mode in MODES}
 
 
-# per access a verifier can have, the column saying the permutation test reached its resolution limit on a row
-PERMUTATION_ACCESS = {"weights": "permutation_at_limit", "probabilities": "permutation_at_limit_blackbox_score",
-                      "labels": "permutation_at_limit_blackbox_label"}
-# the permutation tests' columns (encoder-level p: what decides) and the access each is read from
-PERMUTATION_COLUMNS = {"p_permutation": "weights", "p_permutation_blackbox_score": "probabilities",
-                       "p_permutation_blackbox_label": "labels"}
+# per access a verifier can have, the suffix of its permutation test's columns in a row: `p_permutation<suffix>`
+# (the encoder-level p: what decides) and `permutation_at_limit<suffix>` (the owner's secret ranked first)
+PERMUTATION_ACCESS = {"weights": "", "probabilities": "_blackbox_score", "labels": "_blackbox_label"}
 
 
 def plot_grid(rows: list[dict], path: Path) -> None:
@@ -349,8 +347,8 @@ def plot_grid(rows: list[dict], path: Path) -> None:
         bottom.set_visible(True)
         rs = sorted((r for r in rows if r["attack"] == name), key=lambda r: r["strength"])
         x = [r["strength"] for r in rs]
-        perm = [c for c in PERMUTATION_COLUMNS if all(c in r for r in rs)]
-        series = ({f"{PERMUTATION_COLUMNS[c]} (permutation)": c for c in perm} if perm
+        perm = {a: f"p_permutation{x}" for a, x in PERMUTATION_ACCESS.items() if all(f"p_permutation{x}" in r for r in rs)}
+        series = ({f"{a} (permutation)": c for a, c in perm.items()} if perm
                   else {f"{mode} (image-level)": f"p_{mode}" for mode in MODES})
         for (label, c), (marker, ms) in zip(series.items(), [("o", 7), ("s", 5), ("^", 3), ("v", 3)]):
             top.plot(x, [-math.log10(max(r[c], 1e-300)) for r in rs], marker=marker, ms=ms, label=label)
