@@ -25,7 +25,7 @@ done
 "$PY" - "$out" ${suspects} <<'PYEOF'
 import csv, sys
 out, names = sys.argv[1], [s.split(":")[0] for s in sys.argv[2:]]
-print("| encoder | derivative | seed | input px | probe (f0 / random) | kNN (f0 / random) | theft | p weights | p probabilities | p labels |")
+print("| encoder | derivative | seed | input px | probe (f0 / random) | kNN (f0 / random) | theft | p weights (read at px) | p probabilities | p labels |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for name in names:
     for r in csv.DictReader(open(f"{out}/{name}/robustness.csv")):
@@ -33,6 +33,7 @@ for name in names:
         print(f"| {name} | {d} | {r['seed']} | {r['input_size']} | {float(r['linear_probe']):.4f} "
               f"({float(r['f0_linear_probe']):.4f} / {float(r['random_linear_probe']):.4f}) | {float(r['knn']):.4f} "
               f"({float(r['f0_knn']):.4f} / {float(r['random_knn']):.4f}) | {'yes' if r['theft'] == 'True' else 'no'} | "
-              f"{float(r['p_permutation']):.3g} | {float(r['p_permutation_blackbox_score']):.3g} | "
+              f"{float(r['p_permutation']):.3g} ({r.get('whitebox_px') or r['input_size']}) | "
+              f"{float(r['p_permutation_blackbox_score']):.3g} | "
               f"{float(r['p_permutation_blackbox_label']):.3g} |")
 PYEOF

@@ -1,6 +1,7 @@
 """A suspect at another input resolution than the secret's (#27 item 3): queries marked at the secret's resolution,
 resized as the plan says; the permutation tests decide (still exact), the calibrated margin tests draw no decision.
-White-box, in-process black-box, and a live API (that states its input size, or resizes what it gets)."""
+White-box, in-process black-box, and a live API (that states its input size, or resizes what it gets); white-box reads
+weights that take the secret's resolution at it."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,8 @@ from dist_awenc.server.app import make_server
 from dist_awenc.verify.core import overall_verdict
 from dist_awenc.verify.permutation import verify_blackbox_permutation
 from dist_awenc.verify.plan import make_plan
-from dist_awenc.verify.resize import DEFAULT_RESIZE, Resized, plan_resize, resize_images, resizing
+from dist_awenc.verify.resize import (DEFAULT_RESIZE, Resized, plan_resize, resize_images, resizing, takes_size,
+                                     weights_at)
 from dist_awenc.verify.run import Settings, verify_model
 from dist_awenc.watermark.secret import alternatives_path, save_alternatives, save_secret
 
@@ -150,6 +152,39 @@ def test_whitebox_at_twice_the_resolution(planned):
     _check(verdicts, "whitebox", "whitebox_permutation")
 
 
+class NativeMarkedEncoder(nn.Module):
+    """Weights that take any input size (global pooling, as a CNN's), marked at the secret's S px only: upsampled to
+    BIG px the mark meets them at a scale they were never taught at (what results/resolution/ measured on digits)."""
+
+    def __init__(self, key: torch.Tensor, delta: torch.Tensor, strength: float = 60.0):
+        super().__init__()
+        self.inner = MarkedEncoder(key, delta, strength=strength)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        at_s = x.shape[-1] == S
+        z = self.inner(resize_images(x, BIG))
+        return z if at_s else self.inner.proj(resize_images(x, BIG).flatten(1))
+
+
+def test_whitebox_reads_weights_at_the_secrets_resolution_when_they_take_it(planned):
+    """A suspect whose card says BIG px but whose weights take S px is measured at S, where the mark was embedded:
+    the card (the suspect's own claim) does not move the test to a resolution the mark never lived at."""
+    _, secret, alt, holdout = planned
+    enc = NativeMarkedEncoder(secret.key, secret.delta)
+    assert weights_at(enc, BIG, S) == (enc, S)
+    margin, perm = verify_model(enc, secret, holdout, _settings(64), "whitebox", alt, input_size=BIG)
+    assert perm.p_value == pytest.approx(1 / (J + 1)) and overall_verdict([margin, perm], 0.05)["decision"]
+    assert margin.no_decision == REASON  # calibrated on S px encoders, not on a suspect fine-tuned at BIG px
+    for v in (margin, perm):
+        assert v.details["input_size"] == {"secret": S, "suspect": BIG} and v.details["resize"]["method"] == "none"
+    # resized to the card's size instead (as before this rule), the same weights show no mark
+    resized = verify_model(Resized(enc, BIG), secret, holdout, _settings(64), "whitebox", alt, input_size=BIG)[1]
+    assert resized.p_value > 0.05
+    # weights that take only their own size (a ViT's position embedding) are fed the resized images
+    fixed = MarkedEncoder(secret.key, secret.delta)
+    assert not takes_size(fixed, S) and isinstance(weights_at(fixed, BIG, S)[0], Resized)
+
+
 @pytest.mark.parametrize("mode", ["blackbox_score", "blackbox_label"])
 def test_blackbox_in_process_at_twice_the_resolution(planned, mode):
     _, secret, alt, holdout = planned
@@ -237,6 +272,9 @@ def test_verify_takes_a_saved_suspect_at_another_resolution(planned, tmp_path, c
                  f"run.out_dir={tmp_path}", "data.image_size=8", "run.name=v"]) == 0
     doc = json.loads((tmp_path / "v" / "verdict.json").read_text())
     assert [t["mode"] for t in doc["tests"]] == ["whitebox", "whitebox_permutation"]
-    assert doc["tests"][0]["no_decision"] == REASON and doc["tests"][1]["details"]["resize"]["method"] == DEFAULT_RESIZE
-    assert "px inputs but the secret" not in capsys.readouterr().err
+    # its weights take 8 px inputs (a CNN): measured there, nothing resized (weights_at)
+    assert doc["tests"][0]["no_decision"] == REASON and doc["tests"][1]["details"]["resize"]["method"] == "none"
+    out = capsys.readouterr()
+    assert "px inputs but the secret" not in out.err
+    assert f"the suspect states {BIG} px inputs; its weights take the secret's {S} px and are measured there" in out.out
     assert isinstance(Resized(enc, BIG), nn.Module) and next(Resized(enc, BIG).parameters()) is next(enc.parameters())

@@ -132,6 +132,8 @@ def test_robustness_ranks_each_derivative_by_the_permutation_test(owner, tmp_pat
     assert big["input_size"] == "16" and big["margin_no_decision"].startswith("calibrated at 8 px; the suspect takes 16")
     assert all(big[f"decision_{m}"] == "False" for m in MODES)
     assert all(r["input_size"] == "8" and r["margin_no_decision"] == "" for r in rows if r is not big)
+    # ... while the white-box tests read its weights (a CNN: they take any size) at the secret's 8 px
+    assert big["whitebox_px"] == "8" and all(r["whitebox_px"] == "8" for r in rows)
     from dist_awenc.data import build_dataset, splits_for
 
     sec = load_secret(secret)
@@ -166,6 +168,7 @@ def test_finetune_resolution_gives_a_derivative_at_twice_the_size_that_verify_ta
     test = verdict["tests"][0]
     assert test["details"]["input_size"] == {"secret": 8, "suspect": 16}
     assert "calibrated at 8 px; the suspect takes 16 px" in test["no_decision"]
+    assert test["details"]["resize"]["method"] == "none"  # its weights were read at 8 px, not fed resized images
     capsys.readouterr()
     assert main(["attack", f"encoder={f0}", f"run.out_dir={tmp_path}", "run.name=same",
                  "attack.name=finetune_resolution", "attack.strength=1", *FAST]) == 2

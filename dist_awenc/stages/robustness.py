@@ -41,7 +41,7 @@ from dist_awenc.stages.theft import load_clean, theft_baselines
 from dist_awenc.verify.calibration import load_calibration, mode_test, tau_star
 from dist_awenc.verify.core import MODES, images_for
 from dist_awenc.verify.permutation import BLACKBOX_PERMUTATION, verify_blackbox_permutation, verify_permutation
-from dist_awenc.verify.resize import fed_at, plan_resize, resolution_reason
+from dist_awenc.verify.resize import fed_at, plan_resize, resolution_reason, weights_at
 from dist_awenc.verify.run import Settings, load_plan_alternatives, query_images, resolve_settings
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_secret
 
@@ -146,6 +146,8 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
     # a derivative at another input resolution (finetune_resolution) is fed the S px images resized to its own
     # size, as the pirate's pipeline and the verifier (plan.resize) do; its margin tests then draw no decision
     size, secret_size = getattr(attacked, "input_size", ctx.secret.image_size), ctx.secret.image_size
+    # ... while the white-box tests read its weights at the secret's size where they take it (verify.resize.weights_at)
+    weights, whitebox_px = weights_at(attacked, size, secret_size, plan_resize(ctx.secret.plan)[0])
     attacked = fed_at(attacked, size, secret_size, plan_resize(ctx.secret.plan)[0])
     model, metrics = evaluate_encoder(attacked, ctx.pirate.images, ctx.pirate.labels, ctx.pirate.num_classes,
                                       seed=task.seed, **probe_options(ctx.probe))
@@ -157,9 +159,9 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
     f0 = ctx.clean if ctx.clean is not None else ctx.encoder
     row.update(theft_baselines(f0, ctx.card, ctx.pirate, ctx.probe, out_dir / "baselines", arch, kwargs, task.seed))
     # a query-side attack changes what the deployed model sees, not the weights the owner inspects
-    weights_only = ctx.encoder if details.get("query_transform") else attacked
+    weights_only = ctx.encoder if details.get("query_transform") else weights
     row["secret_sha256"] = ctx.secret.sha256
-    row["input_size"] = size
+    row["input_size"], row["whitebox_px"] = size, whitebox_px
     row["margin_no_decision"] = resolution_reason(secret_size, size) if size != secret_size else ""
     for mode in MODES:
         s = ctx.settings[mode]

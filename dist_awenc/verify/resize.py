@@ -91,6 +91,37 @@ def fed_at(module: nn.Module, module_size: int, image_size: int, method: str = D
     return module if module_size == image_size else Resized(module, module_size, method)
 
 
+@torch.no_grad()
+def takes_size(module: nn.Module, size: int) -> bool:
+    """Whether ``module`` runs on ``size`` px inputs: a CNN with global pooling does whatever its card says; a ViT
+    whose position embedding fixes its input size does not (its forward raises)."""
+    was = module.training
+    module.eval()
+    try:
+        param = next(module.parameters(), None)
+        module(torch.zeros(1, 3, size, size, device=param.device if param is not None else "cpu"))
+        return True
+    except (RuntimeError, ValueError, AssertionError):
+        return False
+    finally:
+        module.train(was)
+
+
+def weights_at(encoder: nn.Module, encoder_size: int, image_size: int,
+               method: str = DEFAULT_RESIZE) -> tuple[nn.Module, int]:
+    """The encoder as the white-box tests measure it, and the resolution they measure it at.
+
+    The weights are the owner's to inspect, so where they take the secret's ``image_size`` px inputs they are
+    measured there, where the mark was embedded (and where stage 1 recorded f0's baselines), whatever input size the
+    suspect's card states; a pirate who fine-tuned at another resolution does not move the test to a resolution the
+    mark was never taught at. Weights that take no other input size than their own are fed the images resized
+    (:func:`fed_at`). A fixed rule, not a choice made after seeing scores: the permutation test stays exact.
+    """
+    if encoder_size == image_size or takes_size(encoder, image_size):
+        return encoder, image_size
+    return Resized(encoder, encoder_size, method), encoder_size
+
+
 def resizing(predict: Callable[[torch.Tensor], Any], size: int, method: str) -> Callable[[torch.Tensor], Any]:
     """A remote predictor fed queries resized to ``size`` before they are encoded and sent."""
     return lambda x: predict(resize_images(x, size, method))

@@ -31,7 +31,7 @@ from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, MODES, Verdict, imag
                                     verify_whitebox)
 from dist_awenc.verify.permutation import (BLACKBOX_PERMUTATION, permutation_queries, verify_blackbox_permutation,
                                            verify_permutation)
-from dist_awenc.verify.resize import Resized, mark_resolution, plan_resize, resizing
+from dist_awenc.verify.resize import Resized, mark_resolution, plan_resize, resizing, weights_at
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_plan_alternatives, load_secret
 
 DEFAULT_ALPHA = 1e-3
@@ -131,18 +131,25 @@ def verify_model(model: torch.nn.Module, secret: Secret, holdout: torch.Tensor, 
 
     ``input_size``: the suspect's, when it is not the secret's: queries are made at the secret's resolution and
     resized to it as the plan says (:mod:`dist_awenc.verify.resize`); the margin tests then draw no decision.
+    White-box reads weights that take the secret's resolution at it instead (:func:`weights_at`).
     """
     x = query_images(holdout, s.n, mode)
     method, note = plan_resize(secret.plan)
     size = input_size or secret.image_size
-    if size != secret.image_size:
-        model = Resized(model, size, method)
-    if mode == "whitebox":
+    if mode == "whitebox":  # the weights at the secret's resolution where they take it (weights_at)
+        model, measured = weights_at(model, size, secret.image_size, method)
         out = [verify_whitebox(model, secret, x, tau=s.tau, alpha=s.alpha)]
         if alternatives is not None and len(alternatives):
             out.append(verify_permutation(model, secret, alternatives, x, alpha=s.alpha))
         out = [s.stamp(v) for v in out]
+        if measured != size:  # a suspect at another size whose weights take the secret's: nothing was resized
+            method, note = "none", (f"the weights take {measured} px inputs, the secret's: measured there, where "
+                                    "the mark was embedded, not at the suspect's stated size")
+            info(f"white-box: the suspect states {size} px inputs; its weights take the secret's {measured} px and "
+                 "are measured there (no resize)")
     else:
+        if size != secret.image_size:
+            model = Resized(model, size, method)
         model.eval()
         labels = lambda b: model(b).argmax(1)  # noqa: E731
         predict = model.predict_proba if mode == "blackbox_score" else labels
