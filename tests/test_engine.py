@@ -86,8 +86,13 @@ def test_two_processes_match_one_process_without_batch_statistics(tmp_path):
 SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "digits_simclr.yaml"
 
 
+# half the shipped run's 100 epochs (350 of its 700 steps): long past where the float reduction order's differences
+# take over (tens of steps), at half the test's wall time
+HALF = ["train.epochs=50"]
+
+
 def _shipped(out: Path, name: str) -> PretrainConfig:
-    return load_config(PretrainConfig, SHIPPED, [f"run.out_dir={out}", f"run.name={name}", "train.progress=false"])
+    return load_config(PretrainConfig, SHIPPED, [f"run.out_dir={out}", f"run.name={name}", "train.progress=false", *HALF])
 
 
 def _two_process_shipped(out_dir: str) -> None:
@@ -116,11 +121,11 @@ def _probe(encoder) -> dict:
 
 
 def test_two_processes_match_one_process_in_quality_over_the_shipped_run(tmp_path):
-    """The shipped digits SimCLR config at its full length (700 steps), 1 process vs 2 gloo ranks.
+    """The shipped digits SimCLR config over half its length (350 of its 700 steps), 1 process vs 2 gloo ranks.
 
     Step for step the two compute the same update (the 6-step test above), but over hundreds of steps the float
-    reduction order's differences grow as in any chaotic training run (measured: relative L2 weight difference
-    about 0.7), so the weights are not what holds. What holds is the encoder's quality, judged with what 162 test
+    reduction order's differences grow as in any chaotic training run (measured over the full 700: relative L2
+    weight difference about 0.7), so the weights are not what holds. What holds is the encoder's quality, judged with what 162 test
     images can tell and nothing tuned on one machine (#30):
     * both trained: each kNN accuracy above a randomly initialised encoder's of the same architecture (measured
       here; about 0.82 against 0.92 trained);
@@ -141,7 +146,7 @@ def test_two_processes_match_one_process_in_quality_over_the_shipped_run(tmp_pat
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     one_run = subprocess.Popen(
         [sys.executable, "-m", "dist_awenc", "pretrain", "--config", str(SHIPPED), f"run.out_dir={tmp_path}",
-         "run.name=one", "train.progress=false"], env={**env, "OMP_NUM_THREADS": "1"},
+         "run.name=one", "train.progress=false", *HALF], env={**env, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         spawn_launch(_two_process_shipped, (str(tmp_path),), tmp_path)
