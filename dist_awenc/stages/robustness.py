@@ -146,9 +146,10 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
     # a derivative at another input resolution (finetune_resolution) is fed the S px images resized to its own
     # size, as the pirate's pipeline and the verifier (plan.resize) do; its margin tests then draw no decision
     size, secret_size = getattr(attacked, "input_size", ctx.secret.image_size), ctx.secret.image_size
+    method = plan_resize(ctx.secret.plan)[0]
     # ... while the white-box tests read its weights at the secret's size where they take it (verify.resize.weights_at)
-    weights, whitebox_px = weights_at(attacked, size, secret_size, plan_resize(ctx.secret.plan)[0])
-    attacked = fed_at(attacked, size, secret_size, plan_resize(ctx.secret.plan)[0])
+    weights, whitebox_px = weights_at(attacked, size, secret_size, method)
+    attacked = fed_at(attacked, size, secret_size, method)
     model, metrics = evaluate_encoder(attacked, ctx.pirate.images, ctx.pirate.labels, ctx.pirate.num_classes,
                                       seed=task.seed, **probe_options(ctx.probe))
     row: dict[str, Any] = {**asdict(task), "linear_probe": metrics["linear_probe"], "knn": metrics["knn"],
