@@ -212,6 +212,7 @@ class PlanSection:
     primary_probabilities: str = "blackbox_score"  # the primary mode of a verifier with a model's probabilities
     primary_labels: str = "blackbox_label"  # ... with its top-1 labels only (a non-primary mode alone: exploratory)
     resize: str = "bilinear-antialias"  # how queries are resized for a suspect at another input size (verify/resize.py)
+    score_statistic: str = "key_tv"  # what the probabilities' permutation test ranks (verify/permutation.py)
 
 
 @dataclass
@@ -308,8 +309,7 @@ class VerifySection:
     endpoint_batch_size: int = 64
     adapter: str = ""  # the API's wire format: a YAML file of configs/adapters/ ("": awenc serve's, = serve.yaml)
     # score and label modes with the plan's J alternatives: the most queries their exact permutation test may send
-    # beyond the margin test's (each alternative needs its own marked queries; at n = 100: score 1254 at J = 19 and
-    # 65,934 at J = 999, label 1881 and 98,901); over it, the test is not run and says so; 0: never
+    # beyond the margin test's (n = 100, J = 19: score 1274, label 1881; J = 999: 66,934, 98,901); over it: not run
     permutation_queries: int = 5000
 
 

@@ -81,6 +81,7 @@ def _alone(enc, pool, seed):
 def test_the_owners_secret_is_the_candidate_the_digest_of_all_candidates_draws(drawn):
     _, _, secret, alt, enc, pool = drawn
     draw, seeds = secret.plan["owner_draw"], candidate_seeds(0, J)
+    assert secret.plan["score_statistic"] == "key_tv"  # awenc watermark seals the probabilities' statistic too
     assert seeds[0] == 0 and seeds[1:] == alternative_seeds(0, J)  # derived from run.seed = 0
     assert (draw["candidates"], draw["run_seed"], draw["seeds"]) == (J + 1, 0, seeds)
     i = draw["index"]

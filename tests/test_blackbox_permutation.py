@@ -1,5 +1,6 @@
 """The black-box secret-permutation tests (#26 item 5): exact under H0, the queries they cost counted before anything
-is sent, run within verify.permutation_queries on a live API and reproduced by the evidence bundle's replay."""
+is sent, run within verify.permutation_queries on a live API and reproduced by the evidence bundle's replay; the
+probabilities' statistic is the one the plan seals (key_tv since 2026-12-07, clean_tv for older plans)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,10 @@ import torch
 
 from dist_awenc.cli import main
 from dist_awenc.data import build_dataset, make_splits
+from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.verify.plan import make_plan
-from dist_awenc.verify.permutation import (LABEL_PERMUTATION, SCORE_PERMUTATION, permutation_queries,
+from dist_awenc.verify.permutation import (CLEAN_TV, KEY_TV, LABEL_PERMUTATION, SCORE_PERMUTATION,
+                                           blackbox_score_statistics, permutation_queries, score_statistic,
                                            verify_blackbox_permutation)
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret, alternatives_path, save_alternatives, save_secret
 from test_bundle import _verify, model, serve  # noqa: F401  (the bundle tests' served model and its fixtures)
@@ -19,31 +22,40 @@ from test_bundle import _verify, model, serve  # noqa: F401  (the bundle tests' 
 S, C = 8, 5
 
 
-def _secrets(g: torch.Generator, j: int) -> tuple[Secret, AlternativeSecrets]:
-    """J + 1 secrets drawn i.i.d.; the owner's is one of them at random (as stage 1's draw makes it)."""
+# (mode, the plan's score statistic): label mode has one statistic; score mode ranks the one its plan seals
+ACCESSES = [("blackbox_score", KEY_TV), ("blackbox_score", CLEAN_TV), ("blackbox_label", None)]
+
+
+def _secrets(g: torch.Generator, j: int, statistic: str | None = None) -> tuple[Secret, AlternativeSecrets]:
+    """J + 1 secrets drawn i.i.d.; the owner's is one of them at random (as stage 1's draw makes it).
+    ``statistic``: the score statistic the owner's plan seals (None: a secret without a plan)."""
     keys = torch.rand(j + 1, 3, S, S, generator=g)
     deltas = (16 / 255) * torch.sign(torch.randn(j + 1, 3, S, S, generator=g))
     seeds = torch.randint(0, 2**31, (j + 1,), generator=g).tolist()
     i = int(torch.randint(0, j + 1, (1,), generator=g))
     rest = [x for x in range(j + 1) if x != i]
-    secret = Secret(key=keys[i], delta=deltas[i], eps=16 / 255, control_seed=seeds[i])
+    secret = Secret(key=keys[i], delta=deltas[i], eps=16 / 255, control_seed=seeds[i],
+                    plan={"score_statistic": statistic} if statistic else None)
     return secret, AlternativeSecrets(keys=keys[rest], deltas=deltas[rest], seeds=[seeds[x] for x in rest],
                                       control_seeds=[seeds[x] for x in rest])
 
 
 class Linear:
-    """A fixed random linear classifier on 8 px images, independent of every secret; counts the images it answers."""
+    """A fixed random linear classifier on 8 px images, independent of every secret; counts the images it answers.
+    ``towards`` (a secret): "watermarked", it answers the secret's key's class wherever the secret's delta is present."""
 
-    def __init__(self, seed: int, towards: torch.Tensor | None = None):
+    def __init__(self, seed: int, towards: Secret | None = None):
         g = torch.Generator().manual_seed(seed)
         self.w = torch.randn(C, 3 * S * S, generator=g)
         self.towards, self.asked = towards, 0
+        if towards is not None:  # the key's own class; the mark only ever raises it, so the key keeps it
+            self.key_class = int((towards.key.flatten() @ self.w.T).argmax())
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         self.asked += len(x)
         z = x.flatten(1) @ self.w.T
-        if self.towards is not None:  # a "watermarked" model: class 0 wherever the owner's delta pattern is present
-            z[:, 0] += 40 * (x.flatten(1) - 0.5) @ torch.sign(self.towards.flatten())
+        if self.towards is not None:  # x's correlation with the delta's signs: sd 4 on clean images, +12 when marked
+            z[:, self.key_class] += 40 * ((x.flatten(1) - 0.5) @ torch.sign(self.towards.delta.flatten()) - 6).relu()
         return z
 
     def proba(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,27 +65,29 @@ class Linear:
         return self.logits(x).argmax(1)
 
 
-@pytest.mark.parametrize("mode", ["blackbox_score", "blackbox_label"])
-def test_the_queries_sent_are_the_ones_counted_before(mode):
+@pytest.mark.parametrize("mode,statistic", ACCESSES)
+def test_the_queries_sent_are_the_ones_counted_before(mode, statistic):
     g = torch.Generator().manual_seed(0)
-    secret, alt = _secrets(g, 3)
+    secret, alt = _secrets(g, 3, statistic)
     m = Linear(1)
     x = torch.rand(7, 3, S, S, generator=g)
     v = verify_blackbox_permutation(mode, m.proba if mode == "blackbox_score" else m.label, secret, alt, x, alpha=0.25)
-    assert m.asked == permutation_queries(mode, 7, 3) == v.details["queries"]
+    assert m.asked == permutation_queries(mode, 7, 3, statistic=statistic or KEY_TV) == v.details["queries"]
+    if mode == "blackbox_score":
+        assert v.details["statistic"].startswith(f"{statistic}: ")
     assert v.mode == {"blackbox_score": SCORE_PERMUTATION, "blackbox_label": LABEL_PERMUTATION}[mode]
     assert v.p_floor == 0.25 and v.threshold is None
 
 
-@pytest.mark.parametrize("mode", ["blackbox_score", "blackbox_label"])
-def test_size_under_h0_is_at_most_its_level(mode):
+@pytest.mark.parametrize("mode,statistic", ACCESSES)
+def test_size_under_h0_is_at_most_its_level(mode, statistic):
     """Suspects independent of the secrets: P(p <= k/(J+1)) <= k/(J+1) for each k (exact; labels tie, so <=).
     400 trials: the Monte Carlo standard error of a rate near 0.25 is about 0.022."""
     J, trials = 3, 400
     g = torch.Generator().manual_seed(1)
     ps = []
     for t in range(trials):
-        secret, alt = _secrets(g, J)
+        secret, alt = _secrets(g, J, statistic)
         m = Linear(1000 + t)
         x = torch.rand(6, 3, S, S, generator=g)
         ps.append(verify_blackbox_permutation(mode, m.proba if mode == "blackbox_score" else m.label, secret, alt, x,
@@ -87,15 +101,64 @@ def test_size_under_h0_is_at_most_its_level(mode):
         assert abs((ps <= 0.25 + 1e-12).mean() - 0.25) <= 3 * np.sqrt(0.25 * 0.75 / trials)
 
 
-@pytest.mark.parametrize("mode", ["blackbox_score", "blackbox_label"])
-def test_a_model_that_carries_the_owners_mark_ranks_it_first(mode):
+@pytest.mark.parametrize("mode,statistic", ACCESSES)
+def test_a_model_that_carries_the_owners_mark_ranks_it_first(mode, statistic):
     g = torch.Generator().manual_seed(2)
-    secret, alt = _secrets(g, 9)
-    m = Linear(3, towards=secret.delta)
+    secret, alt = _secrets(g, 9, statistic)
+    m = Linear(3, towards=secret)
     x = torch.rand(20, 3, S, S, generator=g)
     v = verify_blackbox_permutation(mode, m.proba if mode == "blackbox_score" else m.label, secret, alt, x, alpha=0.1)
     assert v.p_value == pytest.approx(0.1) and v.details["at_resolution_limit"]
     assert v.details["owner_statistic"] > v.details["alternatives_max"]
+
+
+class Disrupted(Linear):
+    """Carries the owner's mark, and answers class ``away`` (not its key's) wherever alternative 0's delta is present:
+    a secret whose watermark moves answers a lot without moving them towards its own key (a strong universal
+    adversarial perturbation of f0 does that to f0's derivatives)."""
+
+    def __init__(self, seed: int, owner: Secret, alt: AlternativeSecrets):
+        super().__init__(seed, towards=owner)
+        self.alt_delta = alt.deltas[0]
+        alt_key_class = int((alt.keys[0].flatten() @ self.w.T).argmax())
+        self.away = next(c for c in range(C) if c not in (alt_key_class, self.key_class))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        z = super().logits(x)
+        z[:, self.away] += 200 * ((x.flatten(1) - 0.5) @ torch.sign(self.alt_delta.flatten()) - 6).relu()
+        return z
+
+
+def test_key_tv_ranks_the_owners_mark_above_a_secret_that_only_disrupts():
+    """The reason plans seal key_tv: the shift from the clean answer ranks the disrupting alternative first."""
+    g = torch.Generator().manual_seed(5)
+    secret, alt = _secrets(g, 9)
+    m = Disrupted(3, secret, alt)
+    x = torch.rand(20, 3, S, S, generator=g)
+    keys, deltas = torch.cat([secret.key[None], alt.keys]), torch.cat([secret.delta[None], alt.deltas])
+    controls = torch.cat([secret.control()[None], alt.controls()])
+    key_tv, clean_tv = (blackbox_score_statistics(m.proba, keys, deltas, controls, x, s) for s in (KEY_TV, CLEAN_TV))
+    assert key_tv.argmax() == 0 and clean_tv.argmax() == 1  # index 1: alternative 0
+    secret.plan = {"score_statistic": KEY_TV}
+    assert verify_blackbox_permutation("blackbox_score", m.proba, secret, alt, x, alpha=0.1).p_value == pytest.approx(0.1)
+    secret.plan = {"score_statistic": CLEAN_TV}
+    assert verify_blackbox_permutation("blackbox_score", m.proba, secret, alt, x, alpha=0.1).p_value > 0.1
+
+
+def test_the_plan_seals_the_score_statistic_and_older_plans_keep_theirs():
+    ds = build_dataset("digits", image_size=S, seed=0)
+    common = dict(dataset="digits", dataset_size=len(ds), image_size=S, split_seed=0,
+                  holdout_indices=make_splits(len(ds), 0)["holdout"],
+                  n={"whitebox": 256, "blackbox_score": 99, "blackbox_label": 99, "blackbox_collapse": 99},
+                  alpha=0.25, alternatives=3, alternatives_sha256=None, primary_mode="whitebox")
+    assert make_plan(**common)["score_statistic"] == KEY_TV == score_statistic(make_plan(**common))
+    assert make_plan(**common, score_statistic=CLEAN_TV)["score_statistic"] == CLEAN_TV
+    with pytest.raises(ConfigError, match="plan.score_statistic 'kl' is not one; valid: key_tv, clean_tv"):
+        make_plan(**common, score_statistic="kl")
+    old = {k: v for k, v in make_plan(**common).items() if k != "score_statistic"}
+    assert score_statistic(old) == CLEAN_TV and score_statistic(None) == CLEAN_TV  # what they were made with
+    with pytest.raises(ArtifactError, match="plan names score statistic 'kl'"):
+        score_statistic({**old, "score_statistic": "kl"})
 
 
 @pytest.fixture(scope="module")

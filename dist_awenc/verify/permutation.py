@@ -6,8 +6,12 @@ same images are exchangeable and the rank of the owner's is uniform: ``p = (1 + 
 is exact, needs no margin and no null population, and can reach ``alpha`` only when ``J + 1 >= 1 / alpha``.
 
 White-box (an encoder): the mean white-box score, minus the clean f0's response to the same secret where stage 1
-recorded it. Black-box (a model's outputs): the same score or label statistic as the margin tests, per secret; each
-alternative needs its own marked queries, which :func:`permutation_queries` counts before anything is sent.
+recorded it. Black-box (a model's outputs): labels, the label margin test's statistic per secret; probabilities, the
+statistic the plan names (``plan.score_statistic``, :data:`SCORE_STATISTICS`): since 2026-12-07 how far the marked
+answers move towards the key's own answer (``key_tv``), the black-box image of the white-box score; plans made before
+it keep the margin test's shift from the clean answer (``clean_tv``). The statistic is sealed with the secret, so no
+verifier picks it after seeing a suspect. Each alternative needs its own queries, which :func:`permutation_queries`
+counts before anything is sent.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dist_awenc.errors import ArtifactError
 from dist_awenc.verify.core import Verdict, _batched
 from dist_awenc.verify.stats import permutation_p
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret
@@ -25,21 +30,41 @@ PERMUTATION = "whitebox_permutation"  # the margin-free white-box test (needs th
 SCORE_PERMUTATION = "blackbox_score_permutation"  # the same over output probabilities (queries per alternative)
 LABEL_PERMUTATION = "blackbox_label_permutation"  # the same over top-1 labels
 BLACKBOX_PERMUTATION = {"blackbox_score": SCORE_PERMUTATION, "blackbox_label": LABEL_PERMUTATION}
+# the probabilities' permutation statistic, per secret j over the queries x_i (TV: total-variation distance)
+KEY_TV = "key_tv"
+CLEAN_TV = "clean_tv"
+SCORE_STATISTICS = {
+    KEY_TV: "mean TV(g(x+r), g(k)) - TV(g(x+delta), g(k)) over the queries: marked answers pulled towards the key's",
+    CLEAN_TV: "mean TV(g(x), g(x+delta)) - TV(g(x), g(x+r)) over the queries",
+}
+DEFAULT_SCORE_STATISTIC = KEY_TV  # what `awenc watermark` seals into new plans
 # permutation statistics closer than this to the owner's are ties (float32 rounding of means of cosines is ~1e-8)
 PERMUTATION_TIE = 1e-6
 
 
-def permutation_queries(mode: str, images: int, alternatives: int, *, beside_margin_test: bool = False) -> int:
+def score_statistic(plan: dict | None) -> str:
+    """The probabilities' permutation statistic a plan seals (a plan without one: ``clean_tv``, what it was made with)."""
+    name = (plan or {}).get("score_statistic", CLEAN_TV)
+    if name not in SCORE_STATISTICS:
+        raise ArtifactError(f"the secret's plan names score statistic '{name}'; valid: {', '.join(SCORE_STATISTICS)}")
+    return name
+
+
+def permutation_queries(mode: str, images: int, alternatives: int, *, beside_margin_test: bool = False,
+                        statistic: str = DEFAULT_SCORE_STATISTIC) -> int:
     """Queries a black-box permutation test asks for ``images`` hold-out images and J ``alternatives``.
 
-    Score: g(x) once per image, then g(x + delta_j) and g(x + r_j) for each of the J + 1 secrets. Label: each
-    secret's key once, then x + delta_j and x + r_j. ``beside_margin_test``: only those the mode's margin test has
-    not asked already (its clean, marked and control queries and the owner's key are the owner's secret's here
-    too, and a verification's query log answers a repeated image without sending it again).
+    Score with ``clean_tv``: g(x) once per image, then g(x + delta_j) and g(x + r_j) for each of the J + 1 secrets;
+    with ``key_tv``: each secret's key once, then x + delta_j and x + r_j. Label: as ``key_tv``.
+    ``beside_margin_test``: only those the mode's margin test has not asked already (its clean, marked and control
+    queries, and in label mode the owner's key, are the owner's secret's here too, and a verification's query log
+    answers a repeated image without sending it again).
     """
     secrets = alternatives if beside_margin_test else alternatives + 1
-    if mode == "blackbox_score":
+    if mode == "blackbox_score" and statistic == CLEAN_TV:
         return (0 if beside_margin_test else images) + 2 * images * secrets
+    if mode == "blackbox_score":  # key_tv: the score margin test never asks the owner's key
+        return secrets * (1 + 2 * images) + (1 if beside_margin_test else 0)
     if mode == "blackbox_label":
         return secrets * (1 + 2 * images)
     raise ValueError(f"no black-box permutation test for mode '{mode}'; valid: {', '.join(BLACKBOX_PERMUTATION)}")
@@ -112,16 +137,26 @@ def verify_permutation(encoder: torch.nn.Module, secret: Secret, alternatives: A
 
 
 @torch.no_grad()
-def blackbox_score_statistics(predict_proba: Callable[[torch.Tensor], torch.Tensor], deltas: torch.Tensor,
-                              controls: torch.Tensor, images: torch.Tensor) -> np.ndarray:
-    """Per secret j: ``mean_i [TV(g(x_i), g(x_i+delta_j)) - TV(g(x_i), g(x_i+r_j))]``; g(x) asked once."""
-    clean = _batched(predict_proba, images).double()
-    tv = lambda a: 0.5 * (clean - a).abs().sum(dim=1)  # noqa: E731
+def blackbox_score_statistics(predict_proba: Callable[[torch.Tensor], torch.Tensor], keys: torch.Tensor,
+                              deltas: torch.Tensor, controls: torch.Tensor, images: torch.Tensor,
+                              statistic: str = KEY_TV) -> np.ndarray:
+    """Per secret j, the probabilities' statistic (:data:`SCORE_STATISTICS`).
+
+    ``key_tv``: ``mean_i [TV(g(x_i+r_j), g(k_j)) - TV(g(x_i+delta_j), g(k_j))]``, each key asked once: a secret
+    whose watermark moves answers without moving them towards its own key's scores nothing, which the shift from
+    the clean answer (``clean_tv``: ``mean_i [TV(g(x_i), g(x_i+delta_j)) - TV(g(x_i), g(x_i+r_j))]``, g(x) asked
+    once) cannot tell from the owner's mark.
+    """
+    tv = lambda a, b: 0.5 * (a - b).abs().sum(dim=-1)  # noqa: E731
+    ask = lambda x: _batched(predict_proba, x).double()  # noqa: E731
+    clean = ask(images) if statistic == CLEAN_TV else None
     out = []
-    for d, r in zip(deltas, controls):
+    for k, d, r in zip(keys, deltas, controls):
+        ref = clean if clean is not None else ask(k[None])  # (n, C) or (1, C)
         p_m = _batched(lambda b: predict_proba((b + d.to(b.device, b.dtype)).clamp(0, 1)), images).double()
         p_r = _batched(lambda b: predict_proba((b + r.to(b.device, b.dtype)).clamp(0, 1)), images).double()
-        out.append(float((tv(p_m) - tv(p_r)).mean()))
+        gap = tv(ref, p_m) - tv(ref, p_r) if clean is not None else tv(p_r, ref) - tv(p_m, ref)
+        out.append(float(gap.mean()))
     return np.asarray(out, dtype=np.float64)
 
 
@@ -143,14 +178,15 @@ def verify_blackbox_permutation(mode: str, predict: Callable[[torch.Tensor], tor
                                 alpha: float = 1e-3) -> Verdict:
     """A black-box secret-permutation test: ``predict`` answers probabilities (score) or top-1 labels (label)."""
     keys, deltas, controls = _all_secrets(secret, alternatives)
+    name = score_statistic(secret.plan) if mode == "blackbox_score" else None
     if mode == "blackbox_score":
-        t = blackbox_score_statistics(predict, deltas, controls, images)
-        statistic = "mean TV(g(x), g(x+delta)) - TV(g(x), g(x+r)) over the queries"
+        t = blackbox_score_statistics(predict, keys, deltas, controls, images, name)
+        statistic = f"{name}: {SCORE_STATISTICS[name]}"
     elif mode == "blackbox_label":
         t = blackbox_label_statistics(predict, keys, deltas, controls, images)
         statistic = "share of marked queries with the key's label minus the share of control queries"
     else:
         raise ValueError(f"no black-box permutation test for mode '{mode}'; valid: {', '.join(BLACKBOX_PERMUTATION)}")
-    queries = permutation_queries(mode, len(images), len(alternatives))
+    queries = permutation_queries(mode, len(images), len(alternatives), statistic=name or CLEAN_TV)
     return _permutation_verdict(BLACKBOX_PERMUTATION[mode], float(t[0]), t[1:], float(t[0]), len(images), secret,
                                 alternatives, alpha, statistic, queries=queries)

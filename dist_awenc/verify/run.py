@@ -29,8 +29,8 @@ from dist_awenc.verify.evidence import start_bundle, write_report
 from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, MODES, Verdict, images_for, overall_verdict,
                                     verify_blackbox_collapse, verify_blackbox_label, verify_blackbox_score,
                                     verify_whitebox)
-from dist_awenc.verify.permutation import (BLACKBOX_PERMUTATION, permutation_queries, verify_blackbox_permutation,
-                                           verify_permutation)
+from dist_awenc.verify.permutation import (BLACKBOX_PERMUTATION, permutation_queries, score_statistic,
+                                           verify_blackbox_permutation, verify_permutation)
 from dist_awenc.verify.resize import Resized, mark_resolution, plan_resize, resizing, weights_at
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_plan_alternatives, load_secret
 
@@ -191,16 +191,18 @@ def verify_remote(remote, secret: Secret, holdout: torch.Tensor, s: Settings, mo
     return verdicts
 
 
-def blackbox_alternatives(alternatives: Optional[AlternativeSecrets], mode: str, n: int,
-                          budget: int) -> tuple[Optional[AlternativeSecrets], int]:
+def blackbox_alternatives(alternatives: Optional[AlternativeSecrets], mode: str, n: int, budget: int,
+                          plan: Optional[dict] = None) -> tuple[Optional[AlternativeSecrets], int]:
     """The alternatives a black-box permutation test may use under ``verify.permutation_queries``, and its queries.
 
-    Each alternative needs its own marked queries (the owner's are the margin test's); a test that would send more
-    than the budget is not run (said in one line), and the mode's margin test runs alone.
+    Each alternative needs its own marked queries (the owner's are the margin test's; ``plan``'s score statistic
+    says what else each asks); a test that would send more than the budget is not run (said in one line), and the
+    mode's margin test runs alone.
     """
     if alternatives is None or not len(alternatives) or mode not in BLACKBOX_PERMUTATION:
         return None, 0
-    need = permutation_queries(mode, images_for(mode, n), len(alternatives), beside_margin_test=True)
+    need = permutation_queries(mode, images_for(mode, n), len(alternatives), beside_margin_test=True,
+                               statistic=score_statistic(plan))
     if need > budget:
         warn(f"{BLACKBOX_PERMUTATION[mode]} not run: it needs {need} queries beyond the margin test's for "
              f"J = {len(alternatives)} alternatives, over verify.permutation_queries={budget}; raise it to run the "
@@ -292,7 +294,7 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
         # before the API is contacted; whether it answers labels only, its /health says (checked below)
         s = settings("labels" if adapter.probabilities is None else None)
         alternatives, extra = blackbox_alternatives(load_plan_alternatives(cfg.secret, secret), mode, s.n,
-                                                    v.permutation_queries)
+                                                    v.permutation_queries, secret.plan)
         remote = RemoteModel(v.endpoint, query_budget=s.n + extra, timeout=v.endpoint_timeout, retries=v.endpoint_retries,
                              batch_size=v.endpoint_batch_size, adapter=adapter)
         card = {"input_size": remote.info.get("input_size", secret.image_size)}  # probes /health
@@ -310,7 +312,7 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
     if remote is None:
         alternatives = load_plan_alternatives(cfg.secret, secret)
         if mode != "whitebox":
-            alternatives, _ = blackbox_alternatives(alternatives, mode, s.n, v.permutation_queries)
+            alternatives, _ = blackbox_alternatives(alternatives, mode, s.n, v.permutation_queries, secret.plan)
     holdout, _ = dataset.get_batch(splits["holdout"][: images_for(mode, s.n)])
     with open_run(cfg, "verify") as run_dir:
         if remote is not None:

@@ -1,0 +1,172 @@
+"""The black-box permutation tests' statistics on one release's grid of derivatives, as the product computes them.
+
+For one watermarked release and its plan's J alternatives, each derivative of the robustness grid that is not a
+distilled student (students of the default are no thefts: results/permutation_grid/) is made again as the grid
+makes it (seed 0), its product (a linear head on the pirate's task) trained as the grid does, and ranked among
+the secrets by the probabilities' statistics (``clean_tv`` and ``key_tv``, :mod:`dist_awenc.verify.permutation`)
+and the labels' one, on the images the plan's n pays for (33 and 49). Nulls are asked the same: the clean f0 and
+an independent encoder, each with its own head. Whatever the plan of the release seals, both statistics are
+computed, which is what choosing between them needs.
+
+    .venv/bin/python scripts/blackbox_statistic.py runs/demo/embed/encoder.safetensors \
+        runs/demo/watermark/secret.safetensors runs/blackbox_statistic/demo --independent runs/demo/independent
+
+Writes ``statistics.csv`` (one row per suspect: the permutation p of each statistic, the owner's z against the
+alternatives, the pirate's probe) and, per suspect, ``<suspect>.npz``: its probabilities for every hold-out image
+clean (n, C), marked and controlled with each of the J + 1 secrets (J + 1, n, C), and each key (J + 1, C); index 0
+is the owner's secret (what other candidate statistics can be computed from). ``owner_side.npz``: f0's own
+feature response to each secret (disruption, pull towards the key).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dist_awenc.attacks import AttackOptions, apply_attack
+from dist_awenc.attacks.stage import PirateData
+from dist_awenc.config import DataSection
+from dist_awenc.data import build_dataset, splits_for
+from dist_awenc.encoders.io import load_encoder
+from dist_awenc.evaluate.downstream import evaluate_encoder
+from dist_awenc.stages.theft import load_clean
+from dist_awenc.verify.core import _batched, images_for
+from dist_awenc.verify.permutation import (PERMUTATION_TIE, SCORE_STATISTICS, blackbox_label_statistics,
+                                           blackbox_score_statistics)
+from dist_awenc.verify.resize import fed_at, plan_resize
+from dist_awenc.verify.stats import permutation_p
+from dist_awenc.watermark.secret import load_plan_alternatives, load_secret
+
+NOT_STUDENTS = [("none", 0.0), ("adversarial_finetune", 3), ("finetune_full", 0.001), ("finetune_resolution", 2),
+              ("finetune_ssl", 5), ("overwrite", 5), ("prune_finetune", 0.5), ("prune_global", 0.5),
+              ("quantize_int8", 8), ("query_crop", 0.8), ("query_jpeg", 90), ("query_jpeg", 50),
+              ("query_purify", 1), ("query_resize", 0.5)]
+
+
+@torch.no_grad()
+def answers(predict, images, keys, deltas, controls) -> dict[str, np.ndarray]:
+    run = lambda x: _batched(predict, x).double().numpy()  # noqa: E731
+    return {"clean": run(images),
+            "marked": np.stack([run((images + d).clamp(0, 1)) for d in deltas]),
+            "control": np.stack([run((images + r).clamp(0, 1)) for r in controls]),
+            "key": run(keys)}
+
+
+@torch.no_grad()
+def owner_side(f0, images, keys, deltas, controls) -> dict[str, np.ndarray]:
+    """Per secret, from f0 alone: its features' disruption and their pull towards the key (marked minus control)."""
+    f0.eval()
+    feat = lambda x: F.normalize(_batched(lambda b: f0(b).float(), x), dim=1)  # noqa: E731
+    fc, fk = feat(images), feat(keys)
+    disrupt, pull = [], []
+    for j, (d, r) in enumerate(zip(deltas, controls)):
+        fm, fr = feat((images + d).clamp(0, 1)), feat((images + r).clamp(0, 1))
+        disrupt.append(float(((fc * fr).sum(1) - (fc * fm).sum(1)).mean()))
+        pull.append(float(((fm - fr) @ fk[j]).mean()))
+    return {"disrupt": np.asarray(disrupt), "pull": np.asarray(pull)}
+
+
+def ranked(t: np.ndarray) -> tuple[float, float]:
+    """The owner's (index 0) permutation p among the J + 1 statistics, and its z against the alternatives."""
+    alt, sd = t[1:], float(t[1:].std(ddof=1))
+    return permutation_p(float(t[0]), alt, tie=PERMUTATION_TIE), float((t[0] - alt.mean()) / sd) if sd else float("nan")
+
+
+def product_statistics(model, holdout, keys, deltas, controls, plan_n: dict) -> dict[str, float]:
+    """The black-box permutation tests of the product, with every probabilities' statistic, on the plan's images."""
+    row = {}
+    x = holdout[: images_for("blackbox_score", plan_n["blackbox_score"])]
+    for name in SCORE_STATISTICS:
+        row[f"p_{name}"], row[f"z_{name}"] = ranked(blackbox_score_statistics(model.predict_proba, keys, deltas,
+                                                                              controls, x, name))
+    x = holdout[: images_for("blackbox_label", plan_n["blackbox_label"])]
+    row["p_label"], row["z_label"] = ranked(blackbox_label_statistics(lambda b: model(b).argmax(1), keys, deltas,
+                                                                      controls, x))
+    return row
+
+
+def table(folders: list[str], alpha: float = 0.05) -> str:
+    """Markdown: per release, the derivatives whose owner's secret each statistic ranks at p <= alpha."""
+    names = {"p_clean_tv": "probabilities, clean_tv", "p_key_tv": "probabilities, key_tv", "p_label": "labels"}
+    lines = ["| release | derivatives (none + 13 attacks) | " + " | ".join(names.values()) + " | nulls (f0, independent) |",
+             "|---|---|" + "---|" * len(names) + "---|"]
+    total = dict.fromkeys(names, 0)
+    count = 0
+    for folder in folders:
+        with (Path(folder) / "statistics.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        ds = [r for r in rows if not r["suspect"].startswith("null_")]
+        count += len(ds)
+        cells = []
+        for c in names:
+            hit = [r for r in ds if float(r[c]) <= alpha + 1e-9]
+            total[c] += len(hit)
+            miss = [r["suspect"].replace("__", "@") + f" {float(r[c]):.2g}" for r in ds if r not in hit]
+            cells.append(f"{len(hit)}/{len(ds)}" + (f" (not: {', '.join(miss)})" if miss else ""))
+        nulls = " / ".join(f"{float(r['p_key_tv']):.2f}" for r in rows if r["suspect"].startswith("null_"))
+        lines.append(f"| {Path(folder).name} | {len(ds)} | " + " | ".join(cells) + f" | key_tv {nulls} |")
+    lines.append(f"| **all** | {count} | " + " | ".join(f"**{total[c]}/{count}**" for c in names) + " | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--table":  # the markdown table of folders this script wrote
+        print(table(sys.argv[2:]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("encoder")
+    ap.add_argument("secret")
+    ap.add_argument("out")
+    ap.add_argument("--independent", default="", help="a null encoder (run folder or file) asked the same")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    enc, card = load_encoder(a.encoder)
+    f0 = load_clean(card, "")
+    sec = load_secret(a.secret)
+    alt = load_plan_alternatives(a.secret, sec)
+    keys = torch.cat([sec.key[None], alt.keys])
+    deltas = torch.cat([sec.delta[None], alt.deltas])
+    controls = torch.cat([sec.control()[None], alt.controls()])
+    data = DataSection()
+    dataset = build_dataset(data.name, image_size=sec.image_size, seed=data.split_seed)
+    holdout, _ = dataset.get_batch(splits_for(len(dataset), data.split_seed, data.splits, "x", "holdout")["holdout"])
+    pirate = PirateData.load(data, sec.image_size)
+    np.savez(out / "owner_side.npz", **owner_side(f0, holdout, keys, deltas, controls))
+    method = plan_resize(sec.plan)[0]
+    suspects = [(f"{n}__{s:g}", n, s) for n, s in NOT_STUDENTS] + [("null_f0", "f0", 0), ("null_independent", "ind", 0)]
+    rows = []
+    for name, attack, strength in tqdm(suspects, desc="suspects"):
+        if attack == "ind" and not a.independent:
+            continue
+        if attack == "f0":
+            model_enc = f0
+        elif attack == "ind":
+            model_enc = load_encoder(a.independent)[0]
+        elif attack == "none":
+            model_enc = enc
+        else:
+            model_enc, _ = apply_attack(attack, enc, card, strength, pirate.attack_data(0.3, 0), AttackOptions())
+        size = getattr(model_enc, "input_size", sec.image_size)
+        model_enc = fed_at(model_enc, size, sec.image_size, method)
+        model, metrics = evaluate_encoder(model_enc, pirate.images, pirate.labels, pirate.num_classes, seed=0)
+        np.savez(out / f"{name}.npz", **answers(model.predict_proba, holdout, keys, deltas, controls))
+        rows.append({"suspect": name, "linear_probe": round(metrics["linear_probe"], 4),
+                     **product_statistics(model, holdout, keys, deltas, controls, sec.plan["n"])})
+    with (out / "statistics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"{out / 'statistics.csv'}: secret {sec.sha256[:8]}, J = {len(alt)}")
+    for r in rows:
+        print(f"  {r['suspect']:<26} p clean_tv {r['p_clean_tv']:.2f}  key_tv {r['p_key_tv']:.2f}  label {r['p_label']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
