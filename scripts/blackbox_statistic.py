@@ -92,7 +92,8 @@ def product_statistics(model, holdout, keys, deltas, controls, plan_n: dict) -> 
 
 
 def table(folders: list[str], alpha: float = 0.05) -> str:
-    """Markdown: per release, the derivatives whose owner's secret each statistic ranks at p <= alpha."""
+    """Markdown: per release, the derivatives whose owner's secret each statistic ranks at p <= alpha (0.05: first
+    of J + 1 = 20)."""
     names = {"p_clean_tv": "probabilities, clean_tv", "p_key_tv": "probabilities, key_tv", "p_label": "labels"}
     lines = ["| release | derivatives (none + 13 attacks) | " + " | ".join(names.values()) + " | nulls (f0, independent) |",
              "|---|---|" + "---|" * len(names) + "---|"]
@@ -116,14 +117,17 @@ def table(folders: list[str], alpha: float = 0.05) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--table":  # the markdown table of folders this script wrote
-        print(table(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--table":  # the markdown table of folders it wrote: --table [--alpha A] DIR..
+        alpha = float(sys.argv[3]) if sys.argv[2:3] == ["--alpha"] else 0.05
+        print(table(sys.argv[4:] if sys.argv[2:3] == ["--alpha"] else sys.argv[2:], alpha))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("encoder")
     ap.add_argument("secret")
     ap.add_argument("out")
     ap.add_argument("--independent", default="", help="a null encoder (run folder or file) asked the same")
+    ap.add_argument("--no-answers", action="store_true",
+                    help="save no answers (.npz), only statistics.csv: at J = 999 they would be 1 GB a release")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +142,8 @@ def main() -> None:
     dataset = build_dataset(data.name, image_size=sec.image_size, seed=data.split_seed)
     holdout, _ = dataset.get_batch(splits_for(len(dataset), data.split_seed, data.splits, "x", "holdout")["holdout"])
     pirate = PirateData.load(data, sec.image_size)
-    np.savez(out / "owner_side.npz", **owner_side(f0, holdout, keys, deltas, controls))
+    if not a.no_answers:
+        np.savez(out / "owner_side.npz", **owner_side(f0, holdout, keys, deltas, controls))
     method = plan_resize(sec.plan)[0]
     suspects = [(f"{n}__{s:g}", n, s) for n, s in NOT_STUDENTS] + [("null_f0", "f0", 0), ("null_independent", "ind", 0)]
     rows = []
@@ -156,7 +161,8 @@ def main() -> None:
         size = getattr(model_enc, "input_size", sec.image_size)
         model_enc = fed_at(model_enc, size, sec.image_size, method)
         model, metrics = evaluate_encoder(model_enc, pirate.images, pirate.labels, pirate.num_classes, seed=0)
-        np.savez(out / f"{name}.npz", **answers(model.predict_proba, holdout, keys, deltas, controls))
+        if not a.no_answers:
+            np.savez(out / f"{name}.npz", **answers(model.predict_proba, holdout, keys, deltas, controls))
         rows.append({"suspect": name, "linear_probe": round(metrics["linear_probe"], 4),
                      **product_statistics(model, holdout, keys, deltas, controls, sec.plan["n"])})
     with (out / "statistics.csv").open("w", newline="") as f:
