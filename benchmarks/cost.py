@@ -32,7 +32,7 @@ host) are timed apart and added as device-seconds: each of the recipe's 8
 processes waits for its own.
 
 Stage 2's specificity term (``awenc demo``'s: ``specific.weight=10
-specific.secrets=8 specific.suppress=1``, 32 images) is priced apart: its
+specific.secrets=4 specific.images=16 specific.suppress=1``) is priced apart: its
 images per step do not grow with the batch (secrets x 2 x min(images, the
 process's batch) + secrets keys, each through f with its gradient and through
 f0), so a small measured batch would overstate it. Case (h) runs the term on
@@ -211,7 +211,7 @@ IMAGENET = {"pretrain": "configs/pretrain/imagenet_resnet50_simclr.yaml", "water
             "embed": "configs/embed/imagenet.yaml", "accelerate": "configs/accelerate/8gpu.yaml", "dataset_size": 1_281_167}
 RECIPE_TRANSFORMS = ("robust.transforms=[jpeg,resize,crop,noise,blur]", "robust.p_identity=0.5")
 RECIPE_SHADOW = ("shadow.weight=1", "shadow.refresh=70")
-RECIPE_SPECIFIC = ("specific.weight=10", "specific.secrets=8", "specific.suppress=1")  # awenc demo's; images: below
+RECIPE_SPECIFIC = ("specific.weight=10", "specific.secrets=4", "specific.images=16", "specific.suppress=1")  # awenc demo's
 CASES = {  # id: (label, stage, overrides of the stage's ImageNet config), measured in this order every round
     "simclr": ("(a) SimCLR step (the reference)", "pretrain", ()),
     "embed": ("(b) stage 2 step, plain", "embed", ()),

@@ -7,9 +7,9 @@
 # permutation p of every derivative and, per access, how many thefts reach p = 1/(J + 1) = 0.05 (the demo's alpha).
 #
 #   bash scripts/permutation_grid.sh [PLAIN_DEMO] [SPECIFIC_DEMO] [OUT_DIR]
-#   # defaults: runs/demo (`awenc demo specific.weight=0`), runs/demo_spec (`awenc demo specific.suppress=0`),
+#   # defaults: runs/demo (`awenc demo specific.weight=0`), runs/demo_spec (`awenc demo specific.suppress=0`, 8 on 32),
 #   # runs/permutation_grid; the suppress release is embedded from SPECIFIC_DEMO's stage-2 config with
-#   # specific.suppress=1 (what `awenc demo` runs), from the same f0 and secret
+#   # specific.suppress=1 (what `awenc demo` ran then), from the same f0 and secret
 # (PYTHON: the interpreter, default .venv/bin/python; DRAWS="1 2": also other secrets on the same f0, stage 1 run
 #  again with run.seed=1, 2, each embedded the three ways from the demos' stage-2 configs and attacked the same way,
 #  into OUT_DIR/draw<seed>/; the counts are then printed per draw and in all.) About 2 minutes a grid and 1.5-2.5
@@ -23,7 +23,9 @@ PY="${PYTHON:-.venv/bin/python}"
 awenc() { "$PY" -m dist_awenc "$@"; }
 "$PY" scripts/plain_demo.py "$plain" || exit 2
 [ -f "$plain/report.json" ] || awenc demo specific.weight=0 run.out_dir="$(dirname "$plain")" run.name="$(basename "$plain")"
-[ -f "$spec/report.json" ] || awenc demo specific.suppress=0 run.out_dir="$(dirname "$spec")" run.name="$(basename "$spec")"
+# 8 alternatives on 32 images a step: the demo's setting when these tables were made (4 on 16 since 2026-12-07)
+[ -f "$spec/report.json" ] || awenc demo specific.suppress=0 specific.secrets=8 specific.images=32 \
+    run.out_dir="$(dirname "$spec")" run.name="$(basename "$spec")"
 grid() {  # grid OUT NAME ENCODER SECRET
   awenc robustness --config configs/robustness/ablation.yaml run.out_dir="$1" run.name="$2" encoder="$3" secret="$4"
 }

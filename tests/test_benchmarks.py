@@ -292,8 +292,8 @@ def test_recipe_cost_rows(tmp_path):
         assert (s["pretrain_epochs"], s["embed_epochs"], s["processes"]) == (100, 5, 8)
         assert s["shadow_restarts"] == (87 if "shadow" in s["recipe"] else 0)  # 6,130 steps, a restart every 70
         assert ("to_meet_target" in r) == (s["stage2_case"] in cost.WITHOUT_SHADOW)
-        if s["stage2_case"] == "embed_specific":  # 8 x (2 x 32 + 1) term images a step of 1024 / 8 source images
-            assert s["specific_images_per_source_image"] == {"imagenet": 520 / 128, "measured": 8 * (2 * 2 + 1) / 2}
+        if s["stage2_case"] == "embed_specific":  # 4 x (2 x 16 + 1) term images a step of 1024 / 8 source images
+            assert s["specific_images_per_source_image"] == {"imagenet": 132 / 128, "measured": 4 * (2 * 2 + 1) / 2}
     table = (tmp_path / "cost.md").read_text()
     assert table.count("\n|") == len(doc["rows"]) + 2 and "imagenet fraction" in table
 
@@ -327,12 +327,12 @@ def test_recipe_specific_case_runs_the_term_on_the_whole_batch_and_its_cost_is_r
     case, _ = cost.build_case("embed_specific", cost.TINY_RECIPE, 200, tmp_path / "h", tmp_path)
     spec = case.model.specific
     assert spec is not None and case.model.weights["specific"] == 10.0
-    assert (spec.secrets, spec.images, spec.keep) == (8, cost.TINY_RECIPE.batch, 0.0)
+    assert (spec.secrets, spec.images, spec.keep) == (4, cost.TINY_RECIPE.batch, 0.0)
     inp = cost.imagenet_inputs(cost.RECIPE_SPECIFIC)
-    assert inp["specific_images_per_source_image"] == 520 / 128 and cost.imagenet_inputs()["specific_images_per_source_image"] == 0
+    assert inp["specific_images_per_source_image"] == 132 / 128 and cost.imagenet_inputs()["specific_images_per_source_image"] == 0
     plain, measured = {"median": 2.0, "min": 1.5, "max": 2.5, "n": 3}, {"median": 12.0, "min": 11.0, "max": 13.0, "n": 3}
-    scaled = cost.scaled_specific(plain, measured, 2, inp)  # measured: 8 x 5 term images for 2 source images = 20
-    assert scaled["median"] == 2.0 + 10.0 * (520 / 128) / 20 and scaled["min"] == 1.5 + 9.5 * (520 / 128) / 20
+    scaled = cost.scaled_specific(plain, measured, 2, inp)  # measured: 4 x 5 term images for 2 source images = 10
+    assert scaled["median"] == 2.0 + 10.0 * (132 / 128) / 10 and scaled["min"] == 1.5 + 9.5 * (132 / 128) / 10
     assert scaled["n"] == 3
     most = cost.specific_budget(inp, 0.4, 2.0, 12.0, 2)  # term images per source image that reach the target exactly
     at_most = cost.scaled_specific(plain, measured, 2, {**inp, "specific_images_per_source_image": most})

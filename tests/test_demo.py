@@ -66,7 +66,7 @@ def test_demo_smallest_setting_writes_report(tmp_path, capsys):
     for c in (wm_cfg, emb_cfg):
         assert c["robust"]["transforms"] == []
     assert emb_cfg["shadow"]["weight"] == 0
-    assert emb_cfg["specific"] == {"weight": 10.0, "secrets": 8, "images": 32, "suppress": 1.0}  # + the specificity term, suppressing
+    assert emb_cfg["specific"] == {"weight": 10.0, "secrets": 4, "images": 16, "suppress": 1.0}  # + the specificity term, suppressing
     assert "robust" not in json.loads((root / "watermark" / "secret.json").read_text())
 
     # running it again reuses every complete stage and gives the same verdicts
@@ -132,7 +132,7 @@ def test_the_demo_embeds_plain_awencoder_and_one_override_gives_the_recipe(monke
 
 
 def test_the_demo_embeds_with_the_specificity_term_and_weight_0_is_plain(monkeypatch, tmp_path):
-    assert stage_configs(monkeypatch, [f"run.out_dir={tmp_path}"])["embed"].specific == SpecificSection(10.0, 8, 32, 1.0)
+    assert stage_configs(monkeypatch, [f"run.out_dir={tmp_path}"])["embed"].specific == SpecificSection(10.0, 4, 16, 1.0)
     assert load_config(DemoConfig, CONFIGS / "demo/digits.yaml").specific == DemoConfig().specific  # shipped = default
     plain = stage_configs(monkeypatch, [f"run.out_dir={tmp_path}", "specific.weight=0"])["embed"]
     assert plain.specific.weight == 0 and plain.robust == RobustSection() and plain.shadow == ShadowSection()
