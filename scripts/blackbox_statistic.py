@@ -38,8 +38,8 @@ from dist_awenc.evaluate.downstream import evaluate_encoder
 from dist_awenc.stages.theft import load_clean
 from dist_awenc.verify.core import _batched, images_for
 from dist_awenc.verify.permutation import (PERMUTATION_TIE, SCORE_STATISTICS, blackbox_label_statistics,
-                                           blackbox_score_statistics)
-from dist_awenc.verify.resize import fed_at, plan_resize
+                                           blackbox_score_statistics, whitebox_statistics)
+from dist_awenc.verify.resize import fed_at, plan_resize, weights_at
 from dist_awenc.verify.stats import permutation_p
 from dist_awenc.watermark.secret import load_plan_alternatives, load_secret
 
@@ -91,6 +91,17 @@ def product_statistics(model, holdout, keys, deltas, controls, plan_n: dict) -> 
     return row
 
 
+@torch.no_grad()
+def whitebox_columns(encoder, holdout, keys, deltas, controls, baselines: np.ndarray, n: int) -> dict[str, float]:
+    """The white-box permutation test on the weights two ways: the product's statistic (each secret's mean white-box
+    score minus f0's own, ``wb_excess``) and the score alone (``wb_raw``), on the plan's n hold-out images."""
+    t = whitebox_statistics(encoder, keys, deltas, controls, holdout[:n])
+    row = {}
+    for name, s in (("wb_excess", t - baselines), ("wb_raw", t)):
+        row[f"p_{name}"], row[f"z_{name}"] = ranked(s)
+    return row
+
+
 def table(folders: list[str], alpha: float = 0.05) -> str:
     """Markdown: per release, the derivatives whose owner's secret each statistic ranks at p <= alpha (0.05: first
     of J + 1 = 20)."""
@@ -126,6 +137,8 @@ def main() -> None:
     ap.add_argument("secret")
     ap.add_argument("out")
     ap.add_argument("--independent", default="", help="a null encoder (run folder or file) asked the same")
+    ap.add_argument("--whitebox", action="store_true",
+                    help="also the white-box permutation test on each suspect's weights, with and without f0's baselines")
     ap.add_argument("--no-answers", action="store_true",
                     help="save no answers (.npz), only statistics.csv: at J = 999 they would be 1 GB a release")
     a = ap.parse_args()
@@ -145,6 +158,8 @@ def main() -> None:
     if not a.no_answers:
         np.savez(out / "owner_side.npz", **owner_side(f0, holdout, keys, deltas, controls))
     method = plan_resize(sec.plan)[0]
+    baselines = (np.concatenate([[alt.owner_baseline], alt.baselines.double().numpy()]) if alt.baselines is not None
+                 else np.zeros(len(keys)))
     suspects = [(f"{n}__{s:g}", n, s) for n, s in NOT_STUDENTS] + [("null_f0", "f0", 0), ("null_independent", "ind", 0)]
     rows = []
     for name, attack, strength in tqdm(suspects, desc="suspects"):
@@ -159,19 +174,24 @@ def main() -> None:
         else:
             model_enc, _ = apply_attack(attack, enc, card, strength, pirate.attack_data(0.3, 0), AttackOptions())
         size = getattr(model_enc, "input_size", sec.image_size)
+        wb = {}
+        if a.whitebox:  # a query-side attack leaves the weights the owner inspects as they were
+            weights = enc if attack.startswith("query_") else weights_at(model_enc, size, sec.image_size, method)[0]
+            wb = whitebox_columns(weights, holdout, keys, deltas, controls, baselines, sec.plan["n"]["whitebox"])
         model_enc = fed_at(model_enc, size, sec.image_size, method)
         model, metrics = evaluate_encoder(model_enc, pirate.images, pirate.labels, pirate.num_classes, seed=0)
         if not a.no_answers:
             np.savez(out / f"{name}.npz", **answers(model.predict_proba, holdout, keys, deltas, controls))
         rows.append({"suspect": name, "linear_probe": round(metrics["linear_probe"], 4),
-                     **product_statistics(model, holdout, keys, deltas, controls, sec.plan["n"])})
+                     **product_statistics(model, holdout, keys, deltas, controls, sec.plan["n"]), **wb})
     with (out / "statistics.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     print(f"{out / 'statistics.csv'}: secret {sec.sha256[:8]}, J = {len(alt)}")
     for r in rows:
-        print(f"  {r['suspect']:<26} p clean_tv {r['p_clean_tv']:.2f}  key_tv {r['p_key_tv']:.2f}  label {r['p_label']:.2f}")
+        wb = f"  weights {r['p_wb_excess']:.2f} (raw {r['p_wb_raw']:.2f})" if a.whitebox else ""
+        print(f"  {r['suspect']:<26} p clean_tv {r['p_clean_tv']:.2f}  key_tv {r['p_key_tv']:.2f}  label {r['p_label']:.2f}{wb}")
 
 
 if __name__ == "__main__":
