@@ -1,8 +1,7 @@
 """Typed config sections: each stage has one root dataclass whose fields are the YAML sections.
 
-Loading (YAML file, dotted overrides, one-line errors naming the key and the
-valid ones) is in :mod:`dist_awenc.config_loading`; ``load_config``,
-``to_yaml`` and ``to_dict`` are re-exported here.
+Loading (YAML file, dotted overrides, one-line errors naming the key and the valid ones) is in
+:mod:`dist_awenc.config_loading`; ``load_config``, ``to_yaml`` and ``to_dict`` are re-exported here.
 """
 from __future__ import annotations
 
@@ -212,7 +211,8 @@ class PlanSection:
     primary_probabilities: str = "blackbox_score"  # the primary mode of a verifier with a model's probabilities
     primary_labels: str = "blackbox_label"  # ... with its top-1 labels only (a non-primary mode alone: exploratory)
     resize: str = "bilinear-antialias"  # how queries are resized for a suspect at another input size (verify/resize.py)
-    score_statistic: str = "key_tv"  # what the probabilities' permutation test ranks (verify/permutation.py)
+    score_statistic: str = "key_tv"  # what the probabilities' / the weights' permutation test ranks
+    whitebox_statistic: str = "score"  # (verify/permutation.py: SCORE_STATISTICS, WHITEBOX_STATISTICS)
 
 
 @dataclass

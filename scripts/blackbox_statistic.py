@@ -102,18 +102,28 @@ def whitebox_columns(encoder, holdout, keys, deltas, controls, baselines: np.nda
     return row
 
 
-def table(folders: list[str], alpha: float = 0.05) -> str:
+def table(folders: list[str], alpha: float = 0.05, grids: list[str] | None = None) -> str:
     """Markdown: per release, the derivatives whose owner's secret each statistic ranks at p <= alpha (0.05: first
-    of J + 1 = 20)."""
-    names = {"p_clean_tv": "probabilities, clean_tv", "p_key_tv": "probabilities, key_tv", "p_label": "labels"}
-    lines = ["| release | derivatives (none + 13 attacks) | " + " | ".join(names.values()) + " | nulls (f0, independent) |",
+    of J + 1 = 20). ``grids``: each folder's robustness grid; then only its thefts (robustness.csv's ``theft``) count."""
+    names = {"p_clean_tv": "probabilities, clean_tv", "p_key_tv": "probabilities, key_tv", "p_label": "labels",
+             "p_wb_excess": "weights, f0_excess", "p_wb_raw": "weights, score"}
+    rows_of = {}
+    for folder in folders:
+        with (Path(folder) / "statistics.csv").open() as f:
+            rows_of[folder] = list(csv.DictReader(f))
+    names = {c: v for c, v in names.items() if all(c in r for rows in rows_of.values() for r in rows)}
+    what = "thefts" if grids else "derivatives (none + 13 attacks)"
+    lines = [f"| release | {what} | " + " | ".join(names.values()) + " | nulls (f0, independent) |",
              "|---|---|" + "---|" * len(names) + "---|"]
     total = dict.fromkeys(names, 0)
     count = 0
-    for folder in folders:
-        with (Path(folder) / "statistics.csv").open() as f:
-            rows = list(csv.DictReader(f))
+    for i, folder in enumerate(folders):
+        rows = rows_of[folder]
         ds = [r for r in rows if not r["suspect"].startswith("null_")]
+        if grids:
+            with (Path(grids[i]) / "robustness.csv").open() as f:
+                theft = {f"{r['attack']}__{float(r['strength']):g}": r["theft"] == "True" for r in csv.DictReader(f)}
+            ds = [r for r in ds if theft[r["suspect"]]]
         count += len(ds)
         cells = []
         for c in names:
@@ -121,16 +131,23 @@ def table(folders: list[str], alpha: float = 0.05) -> str:
             total[c] += len(hit)
             miss = [r["suspect"].replace("__", "@") + f" {float(r[c]):.2g}" for r in ds if r not in hit]
             cells.append(f"{len(hit)}/{len(ds)}" + (f" (not: {', '.join(miss)})" if miss else ""))
-        nulls = " / ".join(f"{float(r['p_key_tv']):.2f}" for r in rows if r["suspect"].startswith("null_"))
-        lines.append(f"| {Path(folder).name} | {len(ds)} | " + " | ".join(cells) + f" | key_tv {nulls} |")
+        nulls = "; ".join(f"{names[c].split(',')[-1].strip()} " + " / ".join(
+            f"{float(r[c]):.2f}" for r in rows if r["suspect"].startswith("null_")) for c in names if c != "p_clean_tv")
+        lines.append(f"| {Path(folder).name} | {len(ds)} | " + " | ".join(cells) + f" | {nulls} |")
     lines.append(f"| **all** | {count} | " + " | ".join(f"**{total[c]}/{count}**" for c in names) + " | |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--table":  # the markdown table of folders it wrote: --table [--alpha A] DIR..
-        alpha = float(sys.argv[3]) if sys.argv[2:3] == ["--alpha"] else 0.05
-        print(table(sys.argv[4:] if sys.argv[2:3] == ["--alpha"] else sys.argv[2:], alpha))
+    if len(sys.argv) > 1 and sys.argv[1] == "--table":  # the markdown table of folders it wrote
+        tp = argparse.ArgumentParser(prog="blackbox_statistic.py --table")
+        tp.add_argument("folders", nargs="+")
+        tp.add_argument("--alpha", type=float, default=0.05)
+        tp.add_argument("--grids", nargs="+", help="each folder's robustness grid, in order: count its thefts only")
+        t = tp.parse_args(sys.argv[2:])
+        if t.grids and len(t.grids) != len(t.folders):
+            tp.error(f"--grids names {len(t.grids)} grids for {len(t.folders)} folders; give one per folder")
+        print(table(t.folders, t.alpha, t.grids))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("encoder")
@@ -139,6 +156,8 @@ def main() -> None:
     ap.add_argument("--independent", default="", help="a null encoder (run folder or file) asked the same")
     ap.add_argument("--whitebox", action="store_true",
                     help="also the white-box permutation test on each suspect's weights, with and without f0's baselines")
+    ap.add_argument("--whitebox-only", action="store_true",
+                    help="only that test (no product is trained or asked: what J = 999 affords)")
     ap.add_argument("--no-answers", action="store_true",
                     help="save no answers (.npz), only statistics.csv: at J = 999 they would be 1 GB a release")
     a = ap.parse_args()
@@ -155,7 +174,7 @@ def main() -> None:
     dataset = build_dataset(data.name, image_size=sec.image_size, seed=data.split_seed)
     holdout, _ = dataset.get_batch(splits_for(len(dataset), data.split_seed, data.splits, "x", "holdout")["holdout"])
     pirate = PirateData.load(data, sec.image_size)
-    if not a.no_answers:
+    if not (a.no_answers or a.whitebox_only):
         np.savez(out / "owner_side.npz", **owner_side(f0, holdout, keys, deltas, controls))
     method = plan_resize(sec.plan)[0]
     baselines = (np.concatenate([[alt.owner_baseline], alt.baselines.double().numpy()]) if alt.baselines is not None
@@ -175,9 +194,12 @@ def main() -> None:
             model_enc, _ = apply_attack(attack, enc, card, strength, pirate.attack_data(0.3, 0), AttackOptions())
         size = getattr(model_enc, "input_size", sec.image_size)
         wb = {}
-        if a.whitebox:  # a query-side attack leaves the weights the owner inspects as they were
+        if a.whitebox or a.whitebox_only:  # a query-side attack leaves the weights the owner inspects as they were
             weights = enc if attack.startswith("query_") else weights_at(model_enc, size, sec.image_size, method)[0]
             wb = whitebox_columns(weights, holdout, keys, deltas, controls, baselines, sec.plan["n"]["whitebox"])
+        if a.whitebox_only:
+            rows.append({"suspect": name, **wb})
+            continue
         model_enc = fed_at(model_enc, size, sec.image_size, method)
         model, metrics = evaluate_encoder(model_enc, pirate.images, pirate.labels, pirate.num_classes, seed=0)
         if not a.no_answers:
@@ -190,8 +212,9 @@ def main() -> None:
         w.writerows(rows)
     print(f"{out / 'statistics.csv'}: secret {sec.sha256[:8]}, J = {len(alt)}")
     for r in rows:
-        wb = f"  weights {r['p_wb_excess']:.2f} (raw {r['p_wb_raw']:.2f})" if a.whitebox else ""
-        print(f"  {r['suspect']:<26} p clean_tv {r['p_clean_tv']:.2f}  key_tv {r['p_key_tv']:.2f}  label {r['p_label']:.2f}{wb}")
+        wb = f"  weights {r['p_wb_excess']:.3g} (raw {r['p_wb_raw']:.3g})" if "p_wb_raw" in r else ""
+        bb = "" if a.whitebox_only else f"p clean_tv {r['p_clean_tv']:.2f}  key_tv {r['p_key_tv']:.2f}  label {r['p_label']:.2f}"
+        print(f"  {r['suspect']:<26} {bb}{wb}")
 
 
 if __name__ == "__main__":

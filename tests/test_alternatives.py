@@ -2,6 +2,8 @@
 owner's secret drawn among the J + 1 candidates by a digest of all of them."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -81,7 +83,8 @@ def _alone(enc, pool, seed):
 def test_the_owners_secret_is_the_candidate_the_digest_of_all_candidates_draws(drawn):
     _, _, secret, alt, enc, pool = drawn
     draw, seeds = secret.plan["owner_draw"], candidate_seeds(0, J)
-    assert secret.plan["score_statistic"] == "key_tv"  # awenc watermark seals the probabilities' statistic too
+    # awenc watermark seals both permutation statistics: the probabilities' and the weights'
+    assert (secret.plan["score_statistic"], secret.plan["whitebox_statistic"]) == ("key_tv", "score")
     assert seeds[0] == 0 and seeds[1:] == alternative_seeds(0, J)  # derived from run.seed = 0
     assert (draw["candidates"], draw["run_seed"], draw["seeds"]) == (J + 1, 0, seeds)
     i = draw["index"]
@@ -186,13 +189,15 @@ def test_candidates_resume_from_their_chunks_and_never_from_another_seeds_chunk(
     assert torch.equal(other.deltas[:2], first.deltas[:2]) and not torch.equal(other.deltas[2], first.deltas[2])
 
 
-def test_f0_baselines_are_recorded_and_the_permutation_test_ranks_the_excess_over_them(drawn):
-    """Stage 1 records the clean f0's mean white-box score with every candidate on the plan's hold-out images; the
-    permutation test ranks each secret's score minus that baseline, so on f0 itself every statistic is 0 and the owner
-    ties with all J (p = 1), and the file round-trips the baselines under its hash."""
+def test_f0_baselines_are_recorded_and_a_plan_sealing_f0_excess_ranks_the_excess_over_them(drawn):
+    """Stage 1 records the clean f0's mean white-box score with every candidate on the plan's hold-out images; under a
+    plan sealing ``f0_excess`` (every plan made before 2026-12-07) the permutation test ranks each secret's score minus
+    that baseline, so on f0 itself every statistic is 0 and the owner ties with all J (p = 1), and the file
+    round-trips the baselines under its hash. A plan sealing ``score`` (the default) ranks the score itself."""
     from dist_awenc.verify.permutation import verify_permutation, whitebox_statistics
 
-    _, _, secret, alt, enc, _ = drawn
+    _, _, made, alt, enc, _ = drawn
+    secret = dataclasses.replace(made, plan={**made.plan, "whitebox_statistic": "f0_excess"})
     ds = build_dataset("digits", image_size=8, seed=0)
     n = secret.plan["n"]["whitebox"]
     assert alt.baseline_images == n and alt.baselines.shape == (J,)
@@ -212,3 +217,7 @@ def test_f0_baselines_are_recorded_and_the_permutation_test_ranks_the_excess_ove
     s_owner, s_alt = t_owner - alt.owner_baseline, t_alt - alt.baselines.numpy()
     assert v.p_value == pytest.approx((1 + (s_alt >= s_owner).sum()) / (J + 1))
     assert v.effect == pytest.approx(float(t_owner))  # the effect stays the plain mean score
+    # the default plan: the same suspect ranked by its scores alone, whatever f0's baselines
+    v = verify_permutation(other, made, alt, x)
+    assert v.p_value == pytest.approx((1 + (t_alt >= t_owner).sum()) / (J + 1)) and v.details["statistic"].startswith("score: ")
+    assert v.details["owner_statistic"] == pytest.approx(float(t_owner))

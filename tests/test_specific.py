@@ -116,6 +116,17 @@ def test_embedding_holds_alternatives_logs_the_term_and_resumes_bit_for_bit(f0_a
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_stage_2_warns_when_the_plan_ranks_the_score_and_the_alternatives_are_not_suppressed(f0_and_secrets, tmp_path,
+                                                                                           capsys):
+    """A plan sealing the white-box statistic `score` (the default) suits a release whose stage 2 suppresses the
+    alternatives; embedding it otherwise says which plan suits that release instead."""
+    f0, secret = f0_and_secrets
+    for name, extra, warned in [("held", [], True), ("plain", ["specific.weight=0"], True),
+                                ("suppressed", ["specific.suppress=1"], False)]:
+        embed(_cfg(f0, secret, tmp_path, name, "train.max_steps=1", "train.checkpoint_every=1", *extra))
+        assert ("make the secret with plan.whitebox_statistic=f0_excess" in capsys.readouterr().err) == warned, name
+
+
 def test_a_plan_without_alternatives_is_refused_in_one_line(f0_and_secrets, tmp_path):
     f0, secret = f0_and_secrets
     from dist_awenc.config import WatermarkConfig

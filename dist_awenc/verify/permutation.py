@@ -5,8 +5,9 @@ H0 (the suspect is independent of f0, and so of every secret generated on it) th
 same images are exchangeable and the rank of the owner's is uniform: ``p = (1 + #{alternatives >= owner}) / (J + 1)``
 is exact, needs no margin and no null population, and can reach ``alpha`` only when ``J + 1 >= 1 / alpha``.
 
-White-box (an encoder): the mean white-box score, minus the clean f0's response to the same secret where stage 1
-recorded it. Black-box (a model's outputs): labels, the label margin test's statistic per secret; probabilities, the
+White-box (an encoder): the statistic the plan names (``plan.whitebox_statistic``, :data:`WHITEBOX_STATISTICS`):
+since 2026-12-07 the mean white-box score itself (``score``); plans made before it keep the score minus the clean
+f0's response to the same secret, where stage 1 recorded it (``f0_excess``). Black-box (a model's outputs): labels, the label margin test's statistic per secret; probabilities, the
 statistic the plan names (``plan.score_statistic``, :data:`SCORE_STATISTICS`): since 2026-12-07 how far the marked
 answers move towards the key's own answer (``key_tv``), the black-box image of the white-box score; plans made before
 it keep the margin test's shift from the clean answer (``clean_tv``). The statistic is sealed with the secret, so no
@@ -38,6 +39,13 @@ SCORE_STATISTICS = {
     CLEAN_TV: "mean TV(g(x), g(x+delta)) - TV(g(x), g(x+r)) over the queries",
 }
 DEFAULT_SCORE_STATISTIC = KEY_TV  # what `awenc watermark` seals into new plans
+# the weights' permutation statistic, per secret j: T_j, the mean white-box score (whitebox_statistics)
+SCORE, F0_EXCESS = "score", "f0_excess"
+WHITEBOX_STATISTICS = {
+    SCORE: "mean white-box score s",
+    F0_EXCESS: "mean white-box score s minus the clean f0's with the same secret (recorded at stage 1)",
+}
+DEFAULT_WHITEBOX_STATISTIC = SCORE  # what `awenc watermark` seals into new plans
 # permutation statistics closer than this to the owner's are ties (float32 rounding of means of cosines is ~1e-8)
 PERMUTATION_TIE = 1e-6
 
@@ -47,6 +55,14 @@ def score_statistic(plan: dict | None) -> str:
     name = (plan or {}).get("score_statistic", CLEAN_TV)
     if name not in SCORE_STATISTICS:
         raise ArtifactError(f"the secret's plan names score statistic '{name}'; valid: {', '.join(SCORE_STATISTICS)}")
+    return name
+
+
+def whitebox_statistic(plan: dict | None) -> str:
+    """The weights' permutation statistic a plan seals (a plan without one: ``f0_excess``, what it was made with)."""
+    name = (plan or {}).get("whitebox_statistic", F0_EXCESS)
+    if name not in WHITEBOX_STATISTICS:
+        raise ArtifactError(f"the secret's plan names white-box statistic '{name}'; valid: {', '.join(WHITEBOX_STATISTICS)}")
     return name
 
 
@@ -123,15 +139,18 @@ def _permutation_verdict(mode: str, s_owner: float, s_alt: np.ndarray, effect: f
 
 def verify_permutation(encoder: torch.nn.Module, secret: Secret, alternatives: AlternativeSecrets,
                        images: torch.Tensor, *, alpha: float = 1e-3) -> Verdict:
-    """The white-box secret-permutation test: the owner's mean score ranked among J alternative secrets."""
+    """The white-box secret-permutation test: the owner's statistic (the one its plan seals) ranked among J
+    alternative secrets. ``f0_excess`` without recorded baselines ranks the score itself, and says so."""
+    name = whitebox_statistic(secret.plan)
     t_owner = float(whitebox_statistics(encoder, secret.key[None], secret.delta[None], secret.control()[None], images)[0])
     t_alt = whitebox_statistics(encoder, alternatives.keys, alternatives.deltas, alternatives.controls(), images)
-    statistic = "mean white-box score s"
+    statistic = f"{SCORE}: {WHITEBOX_STATISTICS[SCORE]}"
     s_owner, s_alt = t_owner, t_alt
-    if alternatives.baselines is not None:  # each secret's excess over f0's own response to it (recorded at stage 1)
+    if name == F0_EXCESS and alternatives.baselines is not None:  # each secret's excess over f0's own response to it
         s_owner, s_alt = t_owner - alternatives.owner_baseline, t_alt - alternatives.baselines.double().numpy()
-        statistic = (f"mean white-box score s minus the clean f0's with the same secret (recorded at stage 1 on "
-                     f"{alternatives.baseline_images} hold-out images)")
+        statistic = f"{F0_EXCESS}: {WHITEBOX_STATISTICS[F0_EXCESS]} on {alternatives.baseline_images} hold-out images"
+    elif name == F0_EXCESS:
+        statistic += f" (the plan names {F0_EXCESS}, but stage 1 recorded no baselines)"
     return _permutation_verdict(PERMUTATION, s_owner, s_alt, t_owner, len(images), secret, alternatives, alpha,
                                 statistic)
 

@@ -41,11 +41,12 @@ from dist_awenc.engine.optim import build_optimizer
 from dist_awenc.engine.plan import loop_settings, refuse_silent_grad_accum, resolve
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.data.ffcv import build_source, source_options
-from dist_awenc.log import info
+from dist_awenc.log import info, warn
 from dist_awenc.runs import open_run
 from dist_awenc.ssl.pretrain import method_from_config, micro_batch_terms, note_resolved, save_method
 from dist_awenc.watermark.secret import Secret, load_secret, note_release, load_plan_alternatives
 from dist_awenc.watermark.shadow import Shadow, build_shadow, row_cos as _cos
+from dist_awenc.verify.permutation import F0_EXCESS, SCORE, whitebox_statistic
 from dist_awenc.watermark.specific import Specificity, draw_alternatives
 from dist_awenc.verify.resize import resize_images
 from dist_awenc.watermark.transforms import TransformParams, apply_drawn, draws_for_rank
@@ -269,6 +270,10 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     if cfg.specific.weight > 0:
         specific = Specificity(load_plan_alternatives(cfg.secret, secret) or _no_alternatives(), cfg.specific.secrets,
                                cfg.specific.images, cfg.specific.suppress)
+    if secret.plan.get("alternatives") and whitebox_statistic(secret.plan) == SCORE and (specific is None or specific.keep):
+        warn(f"the secret's plan ranks the weights' permutation test by the score alone ({SCORE}), which suits a "
+             f"release whose stage 2 holds the alternatives at their controls (specific.weight > 0 specific.suppress=1); "
+             f"for this one, make the secret with plan.whitebox_statistic={F0_EXCESS} (docs/verification.md)")
     task = EmbedTask(method, f0, secret, shadow=shadow, lambda_shadow=cfg.shadow.weight,
                      specific=specific, lambda_specific=cfg.specific.weight,
                      **{k: getattr(cfg.loss, k) for k in

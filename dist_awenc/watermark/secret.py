@@ -100,8 +100,9 @@ class AlternativeSecrets:
     key j and drove its generation, ``control_seeds[j]`` seeds its control.
     ``baselines`` (J,) and ``owner_baseline``: the clean f0's mean white-box score
     with each alternative and with the owner's secret, recorded at stage 1 on the
-    plan's first ``baseline_images`` hold-out images (the permutation test ranks
-    each secret's excess over f0's response to it; None in files made before).
+    plan's first ``baseline_images`` hold-out images (under a plan sealing
+    ``f0_excess`` the permutation test ranks each secret's excess over f0's
+    response to it; None in files made before baselines were recorded).
     """
 
     keys: torch.Tensor
