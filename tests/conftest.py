@@ -48,6 +48,17 @@ def tiny_f0_and_secret(root, *watermark_overrides: str):
 REQUIRE_EXTRAS = bool(os.environ.get("AWENC_REQUIRE_EXTRAS"))
 
 
+def plan_arguments(image_size: int) -> dict:
+    """make_plan's arguments for a digits plan of J = 3 alternatives at alpha 0.25 (the statistics left at defaults)."""
+    from dist_awenc.data import build_dataset, make_splits
+
+    ds = build_dataset("digits", image_size=image_size, seed=0)
+    return dict(dataset="digits", dataset_size=len(ds), image_size=image_size, split_seed=0,
+                holdout_indices=make_splits(len(ds), 0)["holdout"],
+                n={"whitebox": 256, "blackbox_score": 99, "blackbox_label": 99, "blackbox_collapse": 99},
+                alpha=0.25, alternatives=3, alternatives_sha256=None, primary_mode="whitebox")
+
+
 def extra_or_skip(module: str, reason: str):
     """``pytest.importorskip(module)``; under ``AWENC_REQUIRE_EXTRAS=1`` a failed import fails instead of skipping."""
     if not REQUIRE_EXTRAS:

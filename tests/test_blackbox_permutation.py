@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import plan_arguments
 from dist_awenc.cli import main
 from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.errors import ArtifactError, ConfigError
@@ -146,11 +147,7 @@ def test_key_tv_ranks_the_owners_mark_above_a_secret_that_only_disrupts():
 
 
 def test_the_plan_seals_the_score_statistic_and_older_plans_keep_theirs():
-    ds = build_dataset("digits", image_size=S, seed=0)
-    common = dict(dataset="digits", dataset_size=len(ds), image_size=S, split_seed=0,
-                  holdout_indices=make_splits(len(ds), 0)["holdout"],
-                  n={"whitebox": 256, "blackbox_score": 99, "blackbox_label": 99, "blackbox_collapse": 99},
-                  alpha=0.25, alternatives=3, alternatives_sha256=None, primary_mode="whitebox")
+    common = plan_arguments(S)
     assert make_plan(**common)["score_statistic"] == KEY_TV == score_statistic(make_plan(**common))
     assert make_plan(**common, score_statistic=CLEAN_TV)["score_statistic"] == CLEAN_TV
     with pytest.raises(ConfigError, match="plan.score_statistic 'kl' is not one; valid: key_tv, clean_tv"):

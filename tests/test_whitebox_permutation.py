@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_awenc.data import build_dataset, make_splits
+from conftest import plan_arguments
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.verify.permutation import (F0_EXCESS, SCORE, verify_permutation, whitebox_statistic,
                                            whitebox_statistics)
@@ -109,11 +109,7 @@ def test_a_mark_weakened_below_f0s_own_response_ranks_first_by_its_score_not_its
 
 
 def test_the_plan_seals_the_whitebox_statistic_and_older_plans_keep_theirs():
-    ds = build_dataset("digits", image_size=S, seed=0)
-    common = dict(dataset="digits", dataset_size=len(ds), image_size=S, split_seed=0,
-                  holdout_indices=make_splits(len(ds), 0)["holdout"],
-                  n={"whitebox": 256, "blackbox_score": 99, "blackbox_label": 99, "blackbox_collapse": 99},
-                  alpha=0.25, alternatives=3, alternatives_sha256=None, primary_mode="whitebox")
+    common = plan_arguments(S)
     assert make_plan(**common)["whitebox_statistic"] == SCORE == whitebox_statistic(make_plan(**common))
     assert make_plan(**common, whitebox_statistic=F0_EXCESS)["whitebox_statistic"] == F0_EXCESS
     with pytest.raises(ConfigError, match="plan.whitebox_statistic 'raw' is not one; valid: score, f0_excess"):
