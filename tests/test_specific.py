@@ -124,7 +124,8 @@ def test_stage_2_warns_when_the_plan_ranks_the_score_and_the_alternatives_are_no
     for name, extra, warned in [("held", [], True), ("plain", ["specific.weight=0"], True),
                                 ("suppressed", ["specific.suppress=1"], False)]:
         embed(_cfg(f0, secret, tmp_path, name, "train.max_steps=1", "train.checkpoint_every=1", *extra))
-        assert ("make the secret with plan.whitebox_statistic=f0_excess" in capsys.readouterr().err) == warned, name
+        assert ("or for this stage 2 make the secret with plan.whitebox_statistic=f0_excess"
+                in capsys.readouterr().err) == warned, name
 
 
 def test_a_plan_without_alternatives_is_refused_in_one_line(f0_and_secrets, tmp_path):

@@ -270,10 +270,12 @@ def embed(cfg: EmbedConfig, *, interrupt_at: Optional[int] = None) -> Path:
     if cfg.specific.weight > 0:
         specific = Specificity(load_plan_alternatives(cfg.secret, secret) or _no_alternatives(), cfg.specific.secrets,
                                cfg.specific.images, cfg.specific.suppress)
-    if secret.plan.get("alternatives") and whitebox_statistic(secret.plan) == SCORE and (specific is None or specific.keep):
+    unsuppressed = specific is None or specific.keep
+    if secret.plan.get("alternatives") and whitebox_statistic(secret.plan) == SCORE and unsuppressed:
         warn(f"the secret's plan ranks the weights' permutation test by the score alone ({SCORE}), which suits a "
-             f"release whose stage 2 holds the alternatives at their controls (specific.weight > 0 specific.suppress=1); "
-             f"for this one, make the secret with plan.whitebox_statistic={F0_EXCESS} (docs/verification.md)")
+             f"stage 2 that holds the alternatives at their controls: embed with specific.weight=10 "
+             f"specific.suppress=1, or for this stage 2 make the secret with plan.whitebox_statistic={F0_EXCESS} "
+             f"(docs/verification.md)")
     task = EmbedTask(method, f0, secret, shadow=shadow, lambda_shadow=cfg.shadow.weight,
                      specific=specific, lambda_specific=cfg.specific.weight,
                      **{k: getattr(cfg.loss, k) for k in
