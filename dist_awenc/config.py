@@ -356,7 +356,7 @@ class DemoConfig:
     shadow: ShadowSection = field(default_factory=ShadowSection)  # stage 2
     # stage 2 holds f's response to 4 alternatives a step (on 16 images) at their controls' (suppress 1): plain
     # AWEncoder's release ranked 2nd of the 20 secrets on one CPU, this ranks it 1st and decides more of the grid's
-    # thefts in every access (results/permutation_grid/README.md) at 22% of an ImageNet pre-training (8 on 32: 30.5%);
+    # thefts in every access (results/permutation_grid/README.md) at 20.7% of an ImageNet pre-training (8 on 32: 30.5%);
     # weight 0 for plain AWEncoder, suppress 0 to hold them at f0's
     specific: SpecificSection = field(default_factory=lambda: SpecificSection(weight=10.0, suppress=1.0))
 

@@ -7,11 +7,12 @@ is exact, needs no margin and no null population, and can reach ``alpha`` only w
 
 White-box (an encoder): the statistic the plan names (``plan.whitebox_statistic``, :data:`WHITEBOX_STATISTICS`):
 since 2026-12-07 the mean white-box score itself (``score``); plans made before it keep the score minus the clean
-f0's response to the same secret, where stage 1 recorded it (``f0_excess``). Black-box (a model's outputs): labels, the label margin test's statistic per secret; probabilities, the
-statistic the plan names (``plan.score_statistic``, :data:`SCORE_STATISTICS`): since 2026-12-07 how far the marked
-answers move towards the key's own answer (``key_tv``), the black-box image of the white-box score; plans made before
-it keep the margin test's shift from the clean answer (``clean_tv``). The statistic is sealed with the secret, so no
-verifier picks it after seeing a suspect. Each alternative needs its own queries, which :func:`permutation_queries`
+f0's response to the same secret, where stage 1 recorded it (``f0_excess``). Black-box (a model's outputs): labels,
+the label margin test's statistic per secret; probabilities, the statistic the plan names (``plan.score_statistic``,
+:data:`SCORE_STATISTICS`): since 2026-12-07 how far the marked answers move towards the key's own answer
+(``key_tv``), the black-box image of the white-box score; plans made before it keep the margin test's shift from the
+clean answer (``clean_tv``). The statistics are sealed with the secret, so no verifier picks one after seeing a
+suspect. Each alternative needs its own queries, which :func:`permutation_queries`
 counts before anything is sent.
 """
 from __future__ import annotations
@@ -62,7 +63,8 @@ def whitebox_statistic(plan: dict | None) -> str:
     """The weights' permutation statistic a plan seals (a plan without one: ``f0_excess``, what it was made with)."""
     name = (plan or {}).get("whitebox_statistic", F0_EXCESS)
     if name not in WHITEBOX_STATISTICS:
-        raise ArtifactError(f"the secret's plan names white-box statistic '{name}'; valid: {', '.join(WHITEBOX_STATISTICS)}")
+        raise ArtifactError(f"the secret's plan names white-box statistic '{name}'; valid: "
+                            f"{', '.join(WHITEBOX_STATISTICS)}")
     return name
 
 
