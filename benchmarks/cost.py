@@ -211,6 +211,9 @@ IMAGENET = {"pretrain": "configs/pretrain/imagenet_resnet50_simclr.yaml", "water
             "embed": "configs/embed/imagenet.yaml", "accelerate": "configs/accelerate/8gpu.yaml", "dataset_size": 1_281_167}
 RECIPE_TRANSFORMS = ("robust.transforms=[jpeg,resize,crop,noise,blur]", "robust.p_identity=0.5")
 RECIPE_SHADOW = ("shadow.weight=1", "shadow.refresh=70")
+# the ImageNet stage-2 config carries the specificity term (awenc demo's recipe); every case starts from it switched
+# off, so a case's overrides alone say what it adds to plain AWEncoder
+PLAIN_STAGE2 = ("specific.weight=0",)
 RECIPE_SPECIFIC = ("specific.weight=10", "specific.secrets=4", "specific.images=16", "specific.suppress=1")  # awenc demo's
 CASES = {  # id: (label, stage, overrides of the stage's ImageNet config), measured in this order every round
     "simclr": ("(a) SimCLR step (the reference)", "pretrain", ()),
@@ -337,9 +340,10 @@ def build_case(case: str, size: RecipeSize, total_steps: int, run_dir: Path, tmp
     ecfg = None
     if stage == "embed":
         whole_batch = [f"specific.images={size.batch}"] if case == "embed_specific" else []
-        ecfg, _ = _load(EmbedConfig, IMAGENET["embed"], [f"train.batch_size={size.batch}", "train.progress=false",
-                                                         f"run.out_dir={tmp}", *P.speed_overrides(size.mode),
-                                                         *size.stage_overrides, *over, *whole_batch])
+        ecfg, _ = _load(EmbedConfig, IMAGENET["embed"], [*PLAIN_STAGE2, f"train.batch_size={size.batch}",
+                                                         "train.progress=false", f"run.out_dir={tmp}",
+                                                         *P.speed_overrides(size.mode), *size.stage_overrides, *over,
+                                                         *whole_batch])
     accelerator = P.make_project_accelerator(ecfg or pcfg, run_dir, False)
     built = P.project_case(pcfg, "embed" if ecfg else pcfg.ssl.method, total_steps, accelerator, embed_cfg=ecfg)
     return built, accelerator
@@ -515,7 +519,7 @@ def imagenet_inputs(embed_overrides: tuple[str, ...] = ()) -> dict:
 
     pcfg, _ = _load(PretrainConfig, IMAGENET["pretrain"])
     wcfg, _ = _load(WatermarkConfig, IMAGENET["watermark"])
-    ecfg, _ = _load(EmbedConfig, IMAGENET["embed"], list(embed_overrides))
+    ecfg, _ = _load(EmbedConfig, IMAGENET["embed"], [*PLAIN_STAGE2, *embed_overrides])
     n = IMAGENET["dataset_size"]
     split = len(make_splits(n, pcfg.data.split_seed, pcfg.data.splits)["pretrain"])
     embed_split = len(make_splits(n, ecfg.data.split_seed, ecfg.data.splits)["pretrain"])
