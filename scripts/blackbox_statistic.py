@@ -6,10 +6,13 @@ makes it (seed 0), its product (a linear head on the pirate's task) trained as t
 the secrets by the probabilities' statistics (``clean_tv`` and ``key_tv``, :mod:`dist_awenc.verify.permutation`)
 and the labels' one, on the images the plan's n pays for (33 and 49). Nulls are asked the same: the clean f0 and
 an independent encoder, each with its own head. Whatever the plan of the release seals, both statistics are
-computed, which is what choosing between them needs.
+computed, which is what choosing between them needs. ``--whitebox`` adds the white-box permutation test on each
+suspect's weights under both statistics a plan can seal (``f0_excess`` and ``score``: results/whitebox_statistic/);
+``--whitebox-only`` runs that alone (no product is trained or asked), which J = 999 affords.
 
     .venv/bin/python scripts/blackbox_statistic.py runs/demo/embed/encoder.safetensors \
         runs/demo/watermark/secret.safetensors runs/blackbox_statistic/demo --independent runs/demo/independent
+    .venv/bin/python scripts/blackbox_statistic.py --table DIR.. [--alpha A] [--grids GRID..]   # the markdown table
 
 Writes ``statistics.csv`` (one row per suspect: the permutation p of each statistic, the owner's z against the
 alternatives, the pirate's probe) and, per suspect, ``<suspect>.npz``: its probabilities for every hold-out image
