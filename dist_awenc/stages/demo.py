@@ -157,6 +157,9 @@ derived from the owner's encoder*. Two kinds of number appear, and only one deci
   **{tau_src}**; uncalibrated, they have no encoder-level p and decide nothing. `awenc calibrate` gives
   them one, with the held-out families' false-positive bound beside it.
 - "No evidence" does not prove independence: a removal attack can weaken the mark below what a test sees.
+- The **clean** model is the owner's own f0 before embedding: never watermarked, and not under the null
+  either (it is the owner's encoder). The permutation tests rank it like any encoder, so on about 1 draw in
+  J + 1 it comes first; what the null, and alpha, are about is the **independent** encoder.
 """
 
 
