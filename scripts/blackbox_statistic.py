@@ -96,8 +96,9 @@ def product_statistics(model, holdout, keys, deltas, controls, plan_n: dict) -> 
 
 @torch.no_grad()
 def whitebox_columns(encoder, holdout, keys, deltas, controls, baselines: np.ndarray, n: int) -> dict[str, float]:
-    """The white-box permutation test on the weights two ways: the product's statistic (each secret's mean white-box
-    score minus f0's own, ``wb_excess``) and the score alone (``wb_raw``), on the plan's n hold-out images."""
+    """The white-box permutation test on the weights under both statistics a plan can seal, from one pass of the
+    scores: ``f0_excess`` (each secret's mean white-box score minus f0's own; column ``wb_excess``) and ``score``
+    (the score alone, new plans' default; column ``wb_raw``), on the plan's n hold-out images."""
     t = whitebox_statistics(encoder, keys, deltas, controls, holdout[:n])
     row = {}
     for name, s in (("wb_excess", t - baselines), ("wb_raw", t)):
