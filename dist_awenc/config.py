@@ -211,8 +211,9 @@ class PlanSection:
     primary_probabilities: str = "blackbox_score"  # the primary mode of a verifier with a model's probabilities
     primary_labels: str = "blackbox_label"  # ... with its top-1 labels only (a non-primary mode alone: exploratory)
     resize: str = "bilinear-antialias"  # how queries are resized for a suspect at another input size (verify/resize.py)
-    score_statistic: str = "key_tv"  # what the probabilities' / the weights' permutation test ranks
-    whitebox_statistic: str = "score"  # (verify/permutation.py: SCORE_STATISTICS, WHITEBOX_STATISTICS)
+    score_statistic: str = "key_tv"  # what the probabilities' / weights' / labels' permutation test ranks
+    whitebox_statistic: str = "score"  # (verify/permutation.py: SCORE_STATISTICS, WHITEBOX_STATISTICS,
+    label_statistic: str = "key_hits_shift"  # LABEL_STATISTICS)
 
 
 @dataclass
@@ -229,7 +230,6 @@ class WatermarkConfig:
 @dataclass
 class EmbedLossSection:
     """Stage 2 weights (METHOD.md)."""
-
     lambda_cl: float = 1.0
     lambda_wm: float = 1.0
     lambda_dev: float = 0.5

@@ -4,9 +4,10 @@ For one watermarked release and its plan's J alternatives, each derivative of th
 distilled student (students of the default are no thefts: results/permutation_grid/) is made again as the grid
 makes it (seed 0), its product (a linear head on the pirate's task) trained as the grid does, and ranked among
 the secrets by the probabilities' statistics (``clean_tv`` and ``key_tv``, :mod:`dist_awenc.verify.permutation`)
-and the labels' one, on the images the plan's n pays for (33 and 49). Nulls are asked the same: the clean f0 and
-an independent encoder, each with its own head. Whatever the plan of the release seals, both statistics are
-computed, which is what choosing between them needs. ``--whitebox`` adds the white-box permutation test on each
+and the labels' (``key_hits`` and ``key_hits_shift``), on the images the plan's rule gives each (49 per secret at
+n = 100 where the plan gives each secret its n queries; older plans' probabilities 33). Nulls are asked the same:
+the clean f0 and an independent encoder, each with its own head. Whatever the plan of the release seals, every
+statistic is computed, which is what choosing between them needs. ``--whitebox`` adds the white-box permutation test on each
 suspect's weights under both statistics a plan can seal (``f0_excess`` and ``score``: results/whitebox_statistic/);
 ``--whitebox-only`` runs that alone (no product is trained or asked), which J = 999 affords.
 
@@ -39,9 +40,10 @@ from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import load_encoder
 from dist_awenc.evaluate.downstream import evaluate_encoder
 from dist_awenc.stages.theft import load_clean
-from dist_awenc.verify.core import _batched, images_for
-from dist_awenc.verify.permutation import (PERMUTATION_TIE, SCORE_STATISTICS, blackbox_label_statistics,
-                                           blackbox_score_statistics, whitebox_statistics)
+from dist_awenc.verify.core import _batched
+from dist_awenc.verify.permutation import (KEY_HITS, KEY_HITS_SHIFT, PERMUTATION_TIE, SCORE_STATISTICS,
+                                           blackbox_label_statistics, blackbox_score_statistics, permutation_images,
+                                           whitebox_statistics)
 from dist_awenc.verify.resize import fed_at, plan_resize, weights_at
 from dist_awenc.verify.stats import permutation_p
 from dist_awenc.watermark.secret import load_plan_alternatives, load_secret
@@ -81,16 +83,19 @@ def ranked(t: np.ndarray) -> tuple[float, float]:
     return permutation_p(float(t[0]), alt, tie=PERMUTATION_TIE), float((t[0] - alt.mean()) / sd) if sd else float("nan")
 
 
-def product_statistics(model, holdout, keys, deltas, controls, plan_n: dict) -> dict[str, float]:
-    """The black-box permutation tests of the product, with every probabilities' statistic, on the plan's images."""
+def product_statistics(model, holdout, keys, deltas, controls, plan: dict) -> dict[str, float]:
+    """The black-box permutation tests of the product, with every probabilities' and labels' statistic, each on the
+    images the plan's rule gives it (:func:`permutation_images`: 49 per secret at n = 100 for plans with a per-secret
+    budget; older plans' probabilities 33)."""
     row = {}
-    x = holdout[: images_for("blackbox_score", plan_n["blackbox_score"])]
     for name in SCORE_STATISTICS:
+        x = holdout[: permutation_images("blackbox_score", plan["n"]["blackbox_score"], {**plan, "score_statistic": name})]
         row[f"p_{name}"], row[f"z_{name}"] = ranked(blackbox_score_statistics(model.predict_proba, keys, deltas,
                                                                               controls, x, name))
-    x = holdout[: images_for("blackbox_label", plan_n["blackbox_label"])]
-    row["p_label"], row["z_label"] = ranked(blackbox_label_statistics(lambda b: model(b).argmax(1), keys, deltas,
-                                                                      controls, x))
+    x = holdout[: permutation_images("blackbox_label", plan["n"]["blackbox_label"], plan)]
+    for name, column in ((KEY_HITS, "label"), (KEY_HITS_SHIFT, "label_shift")):
+        row[f"p_{column}"], row[f"z_{column}"] = ranked(blackbox_label_statistics(lambda b: model(b).argmax(1), keys,
+                                                                                  deltas, controls, x, name))
     return row
 
 
@@ -110,6 +115,7 @@ def table(folders: list[str], alpha: float = 0.05, grids: list[str] | None = Non
     """Markdown: per release, the derivatives whose owner's secret each statistic ranks at p <= alpha (0.05: first
     of J + 1 = 20). ``grids``: each folder's robustness grid; then only its thefts (robustness.csv's ``theft``) count."""
     names = {"p_clean_tv": "probabilities, clean_tv", "p_key_tv": "probabilities, key_tv", "p_label": "labels",
+             "p_label_shift": "labels, key_hits_shift",
              "p_wb_excess": "weights, f0_excess", "p_wb_raw": "weights, score"}
     rows_of = {}
     for folder in folders:
@@ -209,7 +215,7 @@ def main() -> None:
         if not a.no_answers:
             np.savez(out / f"{name}.npz", **answers(model.predict_proba, holdout, keys, deltas, controls))
         rows.append({"suspect": name, "linear_probe": round(metrics["linear_probe"], 4),
-                     **product_statistics(model, holdout, keys, deltas, controls, sec.plan["n"]), **wb})
+                     **product_statistics(model, holdout, keys, deltas, controls, sec.plan), **wb})
     with (out / "statistics.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -217,7 +223,8 @@ def main() -> None:
     print(f"{out / 'statistics.csv'}: secret {sec.sha256[:8]}, J = {len(alt)}")
     for r in rows:
         wb = f"  weights {r['p_wb_excess']:.3g} (raw {r['p_wb_raw']:.3g})" if "p_wb_raw" in r else ""
-        bb = "" if a.whitebox_only else f"p clean_tv {r['p_clean_tv']:.2f}  key_tv {r['p_key_tv']:.2f}  label {r['p_label']:.2f}"
+        bb = "" if a.whitebox_only else (f"p clean_tv {r['p_clean_tv']:.2f}  key_tv {r['p_key_tv']:.2f}  "
+                                         f"label {r['p_label']:.2f}  label_shift {r['p_label_shift']:.2f}")
         print(f"  {r['suspect']:<26} {bb}{wb}")
 
 

@@ -14,29 +14,32 @@ from dist_awenc.cli import main
 from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.verify.plan import make_plan
-from dist_awenc.verify.permutation import (CLEAN_TV, KEY_TV, LABEL_PERMUTATION, SCORE_PERMUTATION,
-                                           blackbox_score_statistics, permutation_queries, score_statistic,
-                                           verify_blackbox_permutation)
+from dist_awenc.verify.permutation import (CLEAN_TV, KEY_HITS, KEY_HITS_SHIFT, KEY_TV, LABEL_PERMUTATION,
+                                           LABEL_STATISTICS, PER_SECRET, SCORE_PERMUTATION, blackbox_score_statistics,
+                                           label_statistic, label_statistics, permutation_images, permutation_queries,
+                                           score_statistic, verify_blackbox_permutation)
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret, alternatives_path, save_alternatives, save_secret
 from test_bundle import _verify, model, serve  # noqa: F401  (the bundle tests' served model and its fixtures)
 
 S, C = 8, 5
 
 
-# (mode, the plan's score statistic): label mode has one statistic; score mode ranks the one its plan seals
-ACCESSES = [("blackbox_score", KEY_TV), ("blackbox_score", CLEAN_TV), ("blackbox_label", None)]
+# (mode, the plan's statistic for it): each mode ranks the one its plan seals; None: a secret without a plan
+ACCESSES = [("blackbox_score", KEY_TV), ("blackbox_score", CLEAN_TV), ("blackbox_label", None),
+            ("blackbox_label", KEY_HITS_SHIFT)]
 
 
 def _secrets(g: torch.Generator, j: int, statistic: str | None = None) -> tuple[Secret, AlternativeSecrets]:
     """J + 1 secrets drawn i.i.d.; the owner's is one of them at random (as stage 1's draw makes it).
-    ``statistic``: the score statistic the owner's plan seals (None: a secret without a plan)."""
+    ``statistic``: the score or label statistic the owner's plan seals (None: a secret without a plan)."""
     keys = torch.rand(j + 1, 3, S, S, generator=g)
     deltas = (16 / 255) * torch.sign(torch.randn(j + 1, 3, S, S, generator=g))
     seeds = torch.randint(0, 2**31, (j + 1,), generator=g).tolist()
     i = int(torch.randint(0, j + 1, (1,), generator=g))
     rest = [x for x in range(j + 1) if x != i]
     secret = Secret(key=keys[i], delta=deltas[i], eps=16 / 255, control_seed=seeds[i],
-                    plan={"score_statistic": statistic} if statistic else None)
+                    plan={"label_statistic" if statistic in LABEL_STATISTICS else "score_statistic": statistic}
+                    if statistic else None)
     return secret, AlternativeSecrets(keys=keys[rest], deltas=deltas[rest], seeds=[seeds[x] for x in rest],
                                       control_seeds=[seeds[x] for x in rest])
 
@@ -74,8 +77,7 @@ def test_the_queries_sent_are_the_ones_counted_before(mode, statistic):
     x = torch.rand(7, 3, S, S, generator=g)
     v = verify_blackbox_permutation(mode, m.proba if mode == "blackbox_score" else m.label, secret, alt, x, alpha=0.25)
     assert m.asked == permutation_queries(mode, 7, 3, statistic=statistic or KEY_TV) == v.details["queries"]
-    if mode == "blackbox_score":
-        assert v.details["statistic"].startswith(f"{statistic}: ")
+    assert v.details["statistic"].startswith(f"{statistic or KEY_HITS}: ")
     assert v.mode == {"blackbox_score": SCORE_PERMUTATION, "blackbox_label": LABEL_PERMUTATION}[mode]
     assert v.p_floor == 0.25 and v.threshold is None
 
@@ -176,18 +178,22 @@ def planned_secret(tmp_path_factory):
     return path.with_suffix(".safetensors")
 
 
-@pytest.mark.parametrize("mode,images,name", [("blackbox_score", 33, SCORE_PERMUTATION),
-                                               ("blackbox_label", 49, LABEL_PERMUTATION)])
+# (mode, the margin test's images, the permutation test's per secret: the plan's n = 99 queries each, key_tv)
+@pytest.mark.parametrize("mode,margin,images,name", [("blackbox_score", 33, 49, SCORE_PERMUTATION),
+                                                      ("blackbox_label", 49, 49, LABEL_PERMUTATION)])
 def test_a_live_api_gets_the_permutation_test_within_its_budget_and_replay_reproduces_it(serve, planned_secret, tmp_path,
-                                                                                        capsys, mode, images, name):
+                                                                                        capsys, mode, margin, images,
+                                                                                        name):
     server, url = serve(labels_only=mode == "blackbox_label")
     assert _verify(url, planned_secret, tmp_path, "v", mode) == 0
     doc = json.loads((tmp_path / "v" / "verdict.json").read_text())
     assert [t["mode"] for t in doc["tests"]] == [mode, name]
     perm = doc["tests"][1]
-    # e.g. score: 297 asked, of which the margin test's 99 are answered by the query log, not sent again
-    need, new = (permutation_queries(mode, images, 3, beside_margin_test=b) for b in (False, True))
-    assert perm["details"]["queries"] == need and server.images_served == 99 + new < 99 + need
+    # e.g. label: 396 asked, of which the margin test's 99 are answered by the query log, not sent again; score:
+    # its margin test asked 33 images, the permutation test 49 per secret (its owner's 16 more are sent)
+    need, new = (permutation_queries(mode, images, 3, margin_images=m) for m in (0, margin))
+    assert perm["details"]["queries"] == need == 4 * (1 + 2 * images)
+    assert server.images_served == 99 + new < 99 + need
     assert perm["p_floor"] == 0.25 and name in doc["overall"]["family"]
     assert f"also: {name}" in (tmp_path / "v" / "report.md").read_text()
     server.shutdown()
@@ -203,6 +209,43 @@ def test_over_the_budget_the_permutation_test_is_not_run_and_says_so(serve, plan
                    "verify.permutation_queries=100") == 0
     doc = json.loads((tmp_path / "v" / "verdict.json").read_text())
     assert [t["mode"] for t in doc["tests"]] == ["blackbox_label"] and server.images_served == 99
-    need = permutation_queries("blackbox_label", 49, 3, beside_margin_test=True)
+    need = permutation_queries("blackbox_label", 49, 3, margin_images=49)
     assert need == 3 * 99 and f"{LABEL_PERMUTATION} not run: it needs {need} queries beyond" in \
         capsys.readouterr().err
+
+
+def test_key_hits_shift_breaks_the_hit_rates_ties_and_only_those():
+    """Owner (index 0) and alternative 1 both answer 3 of 10 marked queries with their key's label; the owner's
+    other marked answers move to one class, the alternative's stay where the controls' are: key_hits ties them (a
+    tie counts against the owner, p = 2/3), key_hits_shift ranks the owner first. Alternative 2 hits 4 of 10 with
+    no other shift: a higher hit rate outranks any shift."""
+    keys = torch.tensor([7, 8, 9])
+    control = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]] * 3)
+    marked = torch.stack([torch.tensor([7, 7, 7, 5, 5, 5, 5, 5, 5, 5]),  # the owner: hits 3, the rest moved to 5
+                          torch.tensor([8, 8, 8, 3, 4, 0, 1, 2, 3, 4]),  # hits 3, the rest as the controls
+                          torch.tensor([9, 9, 9, 9, 4, 0, 1, 2, 3, 4])])  # hits 4
+    hits, shifted = (label_statistics(keys, marked, control, s) for s in (KEY_HITS, KEY_HITS_SHIFT))
+    np.testing.assert_allclose(hits, [0.3, 0.3, 0.4])
+    assert shifted[1] < shifted[0] < shifted[2] and (shifted - hits < 1 / (2 * 10) + 1e-12).all()
+    marked[2, 3] = 4  # alternative 2 down to 3 hits too: now the owner, with the largest shift, ranks first
+    assert label_statistics(keys, marked, control).argmax() == 0
+
+
+def test_the_plan_seals_the_label_statistic_and_the_per_secret_budget():
+    common = plan_arguments(S)
+    plan = make_plan(**common)
+    assert plan["label_statistic"] == KEY_HITS_SHIFT == label_statistic(plan)
+    assert plan["permutation_budget"] == PER_SECRET
+    assert make_plan(**common, label_statistic=KEY_HITS)["label_statistic"] == KEY_HITS
+    with pytest.raises(ConfigError, match="plan.label_statistic 'vote' is not one; valid: key_hits, key_hits_shift"):
+        make_plan(**common, label_statistic="vote")
+    old = {k: v for k, v in plan.items() if k not in ("label_statistic", "permutation_budget")}
+    assert label_statistic(old) == KEY_HITS and label_statistic(None) == KEY_HITS  # what they were made with
+    with pytest.raises(ArtifactError, match="plan names label statistic 'vote'"):
+        label_statistic({**old, "label_statistic": "vote"})
+    # per secret, the mode's n queries: key_tv and labels ask the key and 2 per image; clean_tv g(x) as well
+    assert [permutation_images(m, 100, plan) for m in ("blackbox_score", "blackbox_label")] == [49, 49]
+    assert permutation_images("blackbox_score", 100, {**plan, "score_statistic": CLEAN_TV}) == 33
+    assert permutation_images("whitebox", 256, plan) == 256 and permutation_images("blackbox_collapse", 100, plan) == 55
+    # older plans ask the margin test's images (score: n // 3, as they were made with)
+    assert [permutation_images(m, 100, old) for m in ("blackbox_score", "blackbox_label")] == [33, 49]

@@ -7,13 +7,15 @@ is exact, needs no margin and no null population, and can reach ``alpha`` only w
 
 White-box (an encoder): the statistic the plan names (``plan.whitebox_statistic``, :data:`WHITEBOX_STATISTICS`):
 since 2026-12-07 the mean white-box score itself (``score``); plans made before it keep the score minus the clean
-f0's response to the same secret, where stage 1 recorded it (``f0_excess``). Black-box (a model's outputs): labels,
-the label margin test's statistic per secret; probabilities, the statistic the plan names (``plan.score_statistic``,
-:data:`SCORE_STATISTICS`): since 2026-12-07 how far the marked answers move towards the key's own answer
-(``key_tv``), the black-box image of the white-box score; plans made before it keep the margin test's shift from the
-clean answer (``clean_tv``). The statistics are sealed with the secret, so no verifier picks one after seeing a
-suspect. Each alternative needs its own queries, which :func:`permutation_queries`
-counts before anything is sent.
+f0's response to the same secret, where stage 1 recorded it (``f0_excess``). Black-box (a model's outputs):
+probabilities, the statistic the plan names (``plan.score_statistic``, :data:`SCORE_STATISTICS`): since 2026-12-07
+how far the marked answers move towards the key's own answer (``key_tv``), the black-box image of the white-box
+score; plans made before it keep the margin test's shift from the clean answer (``clean_tv``). Labels
+(``plan.label_statistic``, :data:`LABEL_STATISTICS`): the label margin test's hit rate on the key's label, since
+2026-12-07 with its ties broken by the shift of the marked answers' label histogram (``key_hits_shift``). The
+statistics are sealed with the secret, so no verifier picks one after seeing a suspect. Each alternative needs its
+own queries: as many hold-out images as the plan's rule gives (:func:`permutation_images`), which
+:func:`permutation_queries` counts before anything is sent.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_awenc.errors import ArtifactError
-from dist_awenc.verify.core import Verdict, _batched
+from dist_awenc.verify.core import Verdict, _batched, images_for
 from dist_awenc.verify.stats import permutation_p
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret
 
@@ -47,6 +49,16 @@ WHITEBOX_STATISTICS = {
     F0_EXCESS: "mean white-box score s minus the clean f0's with the same secret (recorded at stage 1)",
 }
 DEFAULT_WHITEBOX_STATISTIC = SCORE  # what `awenc watermark` seals into new plans
+# the labels' permutation statistic, per secret j (blackbox_label_statistics)
+KEY_HITS, KEY_HITS_SHIFT = "key_hits", "key_hits_shift"
+LABEL_STATISTICS = {
+    KEY_HITS: "share of marked queries answered with the key's label minus the share of control queries",
+    KEY_HITS_SHIFT: "key_hits, its ties broken by how far the marked answers' label histogram moves from the "
+                    "controls' (total variation)",
+}
+DEFAULT_LABEL_STATISTIC = KEY_HITS_SHIFT  # what `awenc watermark` seals into new plans
+# how many hold-out images a black-box permutation test asks each secret about, a plan rule (permutation_images)
+PER_SECRET = "per_secret"  # each secret's queries within the mode's n (new plans); absent: the margin test's images
 # permutation statistics closer than this to the owner's are ties (float32 rounding of means of cosines is ~1e-8)
 PERMUTATION_TIE = 1e-6
 
@@ -68,23 +80,47 @@ def whitebox_statistic(plan: dict | None) -> str:
     return name
 
 
-def permutation_queries(mode: str, images: int, alternatives: int, *, beside_margin_test: bool = False,
+def label_statistic(plan: dict | None) -> str:
+    """The labels' permutation statistic a plan seals (a plan without one: ``key_hits``, what it was made with)."""
+    name = (plan or {}).get("label_statistic", KEY_HITS)
+    if name not in LABEL_STATISTICS:
+        raise ArtifactError(f"the secret's plan names label statistic '{name}'; valid: {', '.join(LABEL_STATISTICS)}")
+    return name
+
+
+def permutation_images(mode: str, n: int, plan: dict | None) -> int:
+    """Hold-out images a permutation test asks about per secret, for the mode's budget ``n``.
+
+    Plans with ``permutation_budget: per_secret`` (new ones) give every secret the mode's n queries: ``key_tv``
+    and labels ask a key once and x + delta, x + r per image, so (n - 1) // 2 images (49 at n = 100); ``clean_tv``
+    also asks g(x) per image, so n // 3. Older plans ask the margin test's images (score mode: n // 3, 33 at n =
+    100, which ``key_tv`` does not need). White-box: the margin test's n images.
+    """
+    margin = images_for(mode, n)
+    if (plan or {}).get("permutation_budget") != PER_SECRET or mode not in BLACKBOX_PERMUTATION:
+        return margin
+    if mode == "blackbox_score" and score_statistic(plan) == CLEAN_TV:
+        return n // 3
+    return (n - 1) // 2
+
+
+def permutation_queries(mode: str, images: int, alternatives: int, *, margin_images: int = 0,
                         statistic: str = DEFAULT_SCORE_STATISTIC) -> int:
-    """Queries a black-box permutation test asks for ``images`` hold-out images and J ``alternatives``.
+    """Queries a black-box permutation test asks for ``images`` hold-out images per secret and J ``alternatives``.
 
     Score with ``clean_tv``: g(x) once per image, then g(x + delta_j) and g(x + r_j) for each of the J + 1 secrets;
     with ``key_tv``: each secret's key once, then x + delta_j and x + r_j. Label: as ``key_tv``.
-    ``beside_margin_test``: only those the mode's margin test has not asked already (its clean, marked and control
-    queries, and in label mode the owner's key, are the owner's secret's here too, and a verification's query log
-    answers a repeated image without sending it again).
+    ``margin_images``: the images the mode's margin test already asked about (its clean, marked and control
+    queries of the owner's secret, and in label mode the owner's key): only the queries it has not asked are
+    counted, since a verification's query log answers a repeated image without sending it again. 0: the test alone.
     """
-    secrets = alternatives if beside_margin_test else alternatives + 1
+    secrets, shared = alternatives + 1, min(images, margin_images)
     if mode == "blackbox_score" and statistic == CLEAN_TV:
-        return (0 if beside_margin_test else images) + 2 * images * secrets
+        return images - shared + 2 * images * secrets - 2 * shared
     if mode == "blackbox_score":  # key_tv: the score margin test never asks the owner's key
-        return secrets * (1 + 2 * images) + (1 if beside_margin_test else 0)
+        return secrets * (1 + 2 * images) - 2 * shared
     if mode == "blackbox_label":
-        return secrets * (1 + 2 * images)
+        return secrets * (1 + 2 * images) - 2 * shared - (1 if margin_images else 0)
     raise ValueError(f"no black-box permutation test for mode '{mode}'; valid: {', '.join(BLACKBOX_PERMUTATION)}")
 
 
@@ -183,15 +219,35 @@ def blackbox_score_statistics(predict_proba: Callable[[torch.Tensor], torch.Tens
 
 @torch.no_grad()
 def blackbox_label_statistics(predict_label: Callable[[torch.Tensor], torch.Tensor], keys: torch.Tensor,
-                              deltas: torch.Tensor, controls: torch.Tensor, images: torch.Tensor) -> np.ndarray:
-    """Per secret j: the share of marked queries answered with key j's label minus the share of control queries."""
-    out = []
+                              deltas: torch.Tensor, controls: torch.Tensor, images: torch.Tensor,
+                              statistic: str = KEY_HITS_SHIFT) -> np.ndarray:
+    """Per secret j, the labels' statistic (:data:`LABEL_STATISTICS`).
+
+    ``key_hits``: the share of marked queries answered with key j's label minus the share of control queries.
+    Its values are multiples of 1/n, so on a few dozen images an alternative often ties the owner's, and a tie
+    counts against the owner. ``key_hits_shift`` breaks those ties, and only those: it adds the total variation
+    between the marked and the control answers' label histograms (multiples of 1/(2n), at most 1) scaled by
+    1/(2n), under the 1/n step of the hit rate. Both are fixed functions of one secret's answers, so the test stays
+    exact.
+    """
+    key_labels, marked, control = [], [], []
     for k, d, r in zip(keys, deltas, controls):
-        key_label = int(predict_label(k[None])[0])
-        hm = _batched(lambda b: predict_label((b + d.to(b.device, b.dtype)).clamp(0, 1)), images) == key_label
-        hr = _batched(lambda b: predict_label((b + r.to(b.device, b.dtype)).clamp(0, 1)), images) == key_label
-        out.append(float(hm.double().mean() - hr.double().mean()))
-    return np.asarray(out, dtype=np.float64)
+        key_labels.append(int(predict_label(k[None])[0]))
+        marked.append(_batched(lambda b: predict_label((b + d.to(b.device, b.dtype)).clamp(0, 1)), images).long().cpu())
+        control.append(_batched(lambda b: predict_label((b + r.to(b.device, b.dtype)).clamp(0, 1)), images).long().cpu())
+    return label_statistics(torch.tensor(key_labels), torch.stack(marked), torch.stack(control), statistic)
+
+
+def label_statistics(key_labels: torch.Tensor, marked: torch.Tensor, control: torch.Tensor,
+                     statistic: str = KEY_HITS_SHIFT) -> np.ndarray:
+    """The labels' statistic per secret from its answers: ``key_labels`` (J,), ``marked`` and ``control`` (J, n)."""
+    hits = (marked == key_labels[:, None]).double().mean(1) - (control == key_labels[:, None]).double().mean(1)
+    if statistic == KEY_HITS:
+        return hits.numpy()
+    seen = torch.cat([marked.flatten(), control.flatten()]).unique()
+    shares = lambda a: (a[..., None] == seen).double().mean(1)  # noqa: E731  (J, labels seen)
+    shift = 0.5 * (shares(marked) - shares(control)).abs().sum(1)  # the label histograms' total variation
+    return (hits + shift / (2 * marked.shape[1])).numpy()
 
 
 def verify_blackbox_permutation(mode: str, predict: Callable[[torch.Tensor], torch.Tensor], secret: Secret,
@@ -204,8 +260,9 @@ def verify_blackbox_permutation(mode: str, predict: Callable[[torch.Tensor], tor
         t = blackbox_score_statistics(predict, keys, deltas, controls, images, name)
         statistic = f"{name}: {SCORE_STATISTICS[name]}"
     elif mode == "blackbox_label":
-        t = blackbox_label_statistics(predict, keys, deltas, controls, images)
-        statistic = "share of marked queries with the key's label minus the share of control queries"
+        labels = label_statistic(secret.plan)
+        t = blackbox_label_statistics(predict, keys, deltas, controls, images, labels)
+        statistic = f"{labels}: {LABEL_STATISTICS[labels]}"
     else:
         raise ValueError(f"no black-box permutation test for mode '{mode}'; valid: {', '.join(BLACKBOX_PERMUTATION)}")
     queries = permutation_queries(mode, len(images), len(alternatives), statistic=name or CLEAN_TV)

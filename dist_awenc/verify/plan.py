@@ -21,7 +21,8 @@ from typing import Any, Optional
 import numpy as np
 
 from dist_awenc.errors import ConfigError
-from dist_awenc.verify.permutation import (DEFAULT_SCORE_STATISTIC, DEFAULT_WHITEBOX_STATISTIC, SCORE_STATISTICS,
+from dist_awenc.verify.permutation import (DEFAULT_LABEL_STATISTIC, DEFAULT_SCORE_STATISTIC,
+                                          DEFAULT_WHITEBOX_STATISTIC, LABEL_STATISTICS, PER_SECRET, SCORE_STATISTICS,
                                           WHITEBOX_STATISTICS)
 from dist_awenc.verify.resize import DEFAULT_RESIZE, check_resize
 
@@ -45,15 +46,19 @@ def make_plan(*, dataset: str, dataset_size: int, image_size: int, split_seed: i
               primary_mode: str, primary: Optional[dict[str, str]] = None,
               owner_draw: Optional[dict] = None, resize: str = DEFAULT_RESIZE,
               score_statistic: str = DEFAULT_SCORE_STATISTIC,
-              whitebox_statistic: str = DEFAULT_WHITEBOX_STATISTIC) -> dict[str, Any]:
+              whitebox_statistic: str = DEFAULT_WHITEBOX_STATISTIC,
+              label_statistic: str = DEFAULT_LABEL_STATISTIC) -> dict[str, Any]:
     """The plan dict stored in the secret's header (plain JSON types only).
 
     ``primary``: the primary mode per access (weights, probabilities, labels; default :data:`DEFAULT_PRIMARY`):
     a single-mode verification of another mode is exploratory. ``owner_draw`` (stage 1 with J > 0): how the
     owner's secret was drawn among the J + 1 candidates (:func:`dist_awenc.watermark.secret.owner_draw_record`);
     the key is present only when given. ``resize``: how queries are resized to a suspect that takes another input
-    size (:mod:`dist_awenc.verify.resize`). ``score_statistic`` / ``whitebox_statistic``: what the probabilities' /
-    the weights' permutation test ranks (:data:`dist_awenc.verify.permutation.SCORE_STATISTICS`, ``WHITEBOX_STATISTICS``).
+    size (:mod:`dist_awenc.verify.resize`). ``score_statistic`` / ``whitebox_statistic`` / ``label_statistic``: what
+    the probabilities' / the weights' / the labels' permutation test ranks
+    (:data:`dist_awenc.verify.permutation.SCORE_STATISTICS`, ``WHITEBOX_STATISTICS``, ``LABEL_STATISTICS``). Every
+    new plan gives each secret of a black-box permutation test the mode's n queries (``permutation_budget:
+    per_secret``, :func:`dist_awenc.verify.permutation.permutation_images`).
     """
     if primary_mode not in PLAN_MODES:
         raise ConfigError(f"plan.primary_mode '{primary_mode}' is not a mode; valid: {', '.join(PLAN_MODES)}")
@@ -71,6 +76,8 @@ def make_plan(*, dataset: str, dataset_size: int, image_size: int, split_seed: i
     if whitebox_statistic not in WHITEBOX_STATISTICS:
         raise ConfigError(f"plan.whitebox_statistic '{whitebox_statistic}' is not one; valid: "
                           f"{', '.join(WHITEBOX_STATISTICS)}")
+    if label_statistic not in LABEL_STATISTICS:
+        raise ConfigError(f"plan.label_statistic '{label_statistic}' is not one; valid: {', '.join(LABEL_STATISTICS)}")
     if alternatives < 0:
         raise ConfigError(f"plan.alternatives must be >= 0, got {alternatives}")
     for mode in PLAN_MODES:
@@ -83,7 +90,8 @@ def make_plan(*, dataset: str, dataset_size: int, image_size: int, split_seed: i
             "holdout_sha256": holdout_sha256(dataset, dataset_size, split_seed, holdout_indices),
             "n": {m: int(n[m]) for m in PLAN_MODES}, "alpha": float(alpha), "alternatives": int(alternatives),
             "alternatives_sha256": alternatives_sha256, "primary_mode": primary_mode, "primary": primary,
-            "resize": resize, "score_statistic": score_statistic, "whitebox_statistic": whitebox_statistic}
+            "resize": resize, "score_statistic": score_statistic, "whitebox_statistic": whitebox_statistic,
+            "label_statistic": label_statistic, "permutation_budget": PER_SECRET}
     if owner_draw is not None:
         plan["owner_draw"] = dict(owner_draw)
     return plan

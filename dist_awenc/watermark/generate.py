@@ -129,7 +129,8 @@ def watermark(cfg: WatermarkConfig) -> Path:
     make_plan(dataset=cfg.data.name, dataset_size=1, image_size=cfg.data.image_size, split_seed=cfg.data.split_seed,
               holdout_indices=np.zeros(0), n=n, alpha=pl.alpha, alternatives=pl.alternatives, alternatives_sha256=None,
               primary_mode=pl.primary_mode, primary=_primary(pl), resize=pl.resize,  # checks the plan's values before
-              score_statistic=pl.score_statistic, whitebox_statistic=pl.whitebox_statistic)  # anything is written
+              score_statistic=pl.score_statistic, whitebox_statistic=pl.whitebox_statistic,  # anything is written
+              label_statistic=pl.label_statistic)
     check_generation(g.eps, g.steps, g.step_size, g.batch_size, g.optimizer)
     if g.key not in ("image", "noise"):
         raise ConfigError(f"generation.key must be image or noise, not '{g.key}'")
@@ -174,7 +175,8 @@ def watermark(cfg: WatermarkConfig) -> Path:
                          split_seed=cfg.data.split_seed, holdout_indices=splits["holdout"], n=n, alpha=pl.alpha,
                          alternatives=pl.alternatives, alternatives_sha256=alt_sha, primary_mode=pl.primary_mode,
                          primary=_primary(pl), owner_draw=draw, resize=pl.resize,
-                         score_statistic=pl.score_statistic, whitebox_statistic=pl.whitebox_statistic)
+                         score_statistic=pl.score_statistic, whitebox_statistic=pl.whitebox_statistic,
+                         label_statistic=pl.label_statistic)
         meta = {"encoder_sha256": card.get("sha256"), "alpha": g.alpha, "key_source": key_source,
                 "dataset": cfg.data.name, "seed": seed}
         if robust.enabled:  # only when on: a secret made without transforms keeps its bytes and hash
