@@ -338,9 +338,8 @@ class DemoConfig:
     # batch 32 (not 128): the plan's J alternative secrets repeat stage 1 J times, and at 16 px a 32-image
     # batch gives the same verdicts at a quarter of the cost (measured: results/demo/README.md)
     generation: GenerationSection = field(default_factory=lambda: GenerationSection(batch_size=32))
-    # lambda_wm = 3 rather than METHOD.md's 1: at 1 the marked queries reach
-    # cos 0.98 to the key, which a linear head still tells apart (label mode
-    # missed p < 1e-3); at 3 they reach 0.996 with no utility cost here.
+    # lambda_wm = 3 rather than METHOD.md's 1: at 1 the marked queries reach cos 0.98 to the key, which a linear
+    # head still tells apart (label mode missed p < 1e-3); at 3 they reach 0.996 with no utility cost here.
     loss: EmbedLossSection = field(default_factory=lambda: EmbedLossSection(lambda_wm=3.0))
     mild_views: ViewConfig = field(default_factory=mild_view_config)
     embed_optim: OptimSection = field(default_factory=lambda: OptimSection(lr=2e-3))

@@ -4,11 +4,10 @@ For one watermarked release and its plan's J alternatives, each derivative of th
 distilled student (students of the default are no thefts: results/permutation_grid/) is made again as the grid
 makes it (seed 0), its product (a linear head on the pirate's task) trained as the grid does, and ranked among
 the secrets by the probabilities' statistics (``clean_tv`` and ``key_tv``, :mod:`dist_awenc.verify.permutation`)
-and the labels' (``key_hits`` and ``key_hits_shift``), on the images the plan's rule gives each (49 per secret at
-n = 100 where the plan gives each secret its n queries; older plans' probabilities 33). Nulls are asked the same:
-the clean f0 and an independent encoder, each with its own head. Whatever the plan of the release seals, every
-statistic is computed, which is what choosing between them needs. ``--whitebox`` adds the white-box permutation test on each
-suspect's weights under both statistics a plan can seal (``f0_excess`` and ``score``: results/whitebox_statistic/);
+and the labels' (``key_hits`` and ``key_hits_shift``), on the images the plan's n pays for (33 and 49). Nulls are
+asked the same: the clean f0 and an independent encoder, each with its own head. Whatever the plan of the release
+seals, every statistic is computed, which is what choosing between them needs. ``--whitebox`` adds the white-box
+permutation test on each suspect's weights under both statistics a plan can seal (``f0_excess`` and ``score``: results/whitebox_statistic/);
 ``--whitebox-only`` runs that alone (no product is trained or asked), which J = 999 affords.
 
     .venv/bin/python scripts/blackbox_statistic.py runs/demo/embed/encoder.safetensors \
@@ -40,10 +39,9 @@ from dist_awenc.data import build_dataset, splits_for
 from dist_awenc.encoders.io import load_encoder
 from dist_awenc.evaluate.downstream import evaluate_encoder
 from dist_awenc.stages.theft import load_clean
-from dist_awenc.verify.core import _batched
+from dist_awenc.verify.core import _batched, images_for
 from dist_awenc.verify.permutation import (KEY_HITS, KEY_HITS_SHIFT, PERMUTATION_TIE, SCORE_STATISTICS,
-                                           blackbox_label_statistics, blackbox_score_statistics, permutation_images,
-                                           whitebox_statistics)
+                                           blackbox_label_statistics, blackbox_score_statistics, whitebox_statistics)
 from dist_awenc.verify.resize import fed_at, plan_resize, weights_at
 from dist_awenc.verify.stats import permutation_p
 from dist_awenc.watermark.secret import load_plan_alternatives, load_secret
@@ -83,16 +81,15 @@ def ranked(t: np.ndarray) -> tuple[float, float]:
     return permutation_p(float(t[0]), alt, tie=PERMUTATION_TIE), float((t[0] - alt.mean()) / sd) if sd else float("nan")
 
 
-def product_statistics(model, holdout, keys, deltas, controls, plan: dict) -> dict[str, float]:
-    """The black-box permutation tests of the product, with every probabilities' and labels' statistic, each on the
-    images the plan's rule gives it (:func:`permutation_images`: 49 per secret at n = 100 for plans with a per-secret
-    budget; older plans' probabilities 33)."""
+def product_statistics(model, holdout, keys, deltas, controls, plan_n: dict) -> dict[str, float]:
+    """The black-box permutation tests of the product, with every probabilities' and labels' statistic, on the
+    plan's images."""
     row = {}
+    x = holdout[: images_for("blackbox_score", plan_n["blackbox_score"])]
     for name in SCORE_STATISTICS:
-        x = holdout[: permutation_images("blackbox_score", plan["n"]["blackbox_score"], {**plan, "score_statistic": name})]
         row[f"p_{name}"], row[f"z_{name}"] = ranked(blackbox_score_statistics(model.predict_proba, keys, deltas,
                                                                               controls, x, name))
-    x = holdout[: permutation_images("blackbox_label", plan["n"]["blackbox_label"], plan)]
+    x = holdout[: images_for("blackbox_label", plan_n["blackbox_label"])]
     for name, column in ((KEY_HITS, "label"), (KEY_HITS_SHIFT, "label_shift")):
         row[f"p_{column}"], row[f"z_{column}"] = ranked(blackbox_label_statistics(lambda b: model(b).argmax(1), keys,
                                                                                   deltas, controls, x, name))
@@ -215,7 +212,7 @@ def main() -> None:
         if not a.no_answers:
             np.savez(out / f"{name}.npz", **answers(model.predict_proba, holdout, keys, deltas, controls))
         rows.append({"suspect": name, "linear_probe": round(metrics["linear_probe"], 4),
-                     **product_statistics(model, holdout, keys, deltas, controls, sec.plan), **wb})
+                     **product_statistics(model, holdout, keys, deltas, controls, sec.plan["n"]), **wb})
     with (out / "statistics.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

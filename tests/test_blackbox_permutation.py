@@ -15,9 +15,9 @@ from dist_awenc.data import build_dataset, make_splits
 from dist_awenc.errors import ArtifactError, ConfigError
 from dist_awenc.verify.plan import make_plan
 from dist_awenc.verify.permutation import (CLEAN_TV, KEY_HITS, KEY_HITS_SHIFT, KEY_TV, LABEL_PERMUTATION,
-                                           LABEL_STATISTICS, PER_SECRET, SCORE_PERMUTATION, blackbox_score_statistics,
-                                           label_statistic, label_statistics, permutation_images, permutation_queries,
-                                           score_statistic, verify_blackbox_permutation)
+                                           LABEL_STATISTICS, SCORE_PERMUTATION, blackbox_score_statistics,
+                                           label_statistic, label_statistics, permutation_queries, score_statistic,
+                                           verify_blackbox_permutation)
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret, alternatives_path, save_alternatives, save_secret
 from test_bundle import _verify, model, serve  # noqa: F401  (the bundle tests' served model and its fixtures)
 
@@ -178,22 +178,18 @@ def planned_secret(tmp_path_factory):
     return path.with_suffix(".safetensors")
 
 
-# (mode, the margin test's images, the permutation test's per secret: the plan's n = 99 queries each, key_tv)
-@pytest.mark.parametrize("mode,margin,images,name", [("blackbox_score", 33, 49, SCORE_PERMUTATION),
-                                                      ("blackbox_label", 49, 49, LABEL_PERMUTATION)])
+@pytest.mark.parametrize("mode,images,name", [("blackbox_score", 33, SCORE_PERMUTATION),
+                                               ("blackbox_label", 49, LABEL_PERMUTATION)])
 def test_a_live_api_gets_the_permutation_test_within_its_budget_and_replay_reproduces_it(serve, planned_secret, tmp_path,
-                                                                                        capsys, mode, margin, images,
-                                                                                        name):
+                                                                                        capsys, mode, images, name):
     server, url = serve(labels_only=mode == "blackbox_label")
     assert _verify(url, planned_secret, tmp_path, "v", mode) == 0
     doc = json.loads((tmp_path / "v" / "verdict.json").read_text())
     assert [t["mode"] for t in doc["tests"]] == [mode, name]
     perm = doc["tests"][1]
-    # e.g. label: 396 asked, of which the margin test's 99 are answered by the query log, not sent again; score:
-    # its margin test asked 33 images, the permutation test 49 per secret (its owner's 16 more are sent)
-    need, new = (permutation_queries(mode, images, 3, margin_images=m) for m in (0, margin))
-    assert perm["details"]["queries"] == need == 4 * (1 + 2 * images)
-    assert server.images_served == 99 + new < 99 + need
+    # e.g. score: 297 asked, of which the margin test's 99 are answered by the query log, not sent again
+    need, new = (permutation_queries(mode, images, 3, beside_margin_test=b) for b in (False, True))
+    assert perm["details"]["queries"] == need and server.images_served == 99 + new < 99 + need
     assert perm["p_floor"] == 0.25 and name in doc["overall"]["family"]
     assert f"also: {name}" in (tmp_path / "v" / "report.md").read_text()
     server.shutdown()
@@ -209,7 +205,7 @@ def test_over_the_budget_the_permutation_test_is_not_run_and_says_so(serve, plan
                    "verify.permutation_queries=100") == 0
     doc = json.loads((tmp_path / "v" / "verdict.json").read_text())
     assert [t["mode"] for t in doc["tests"]] == ["blackbox_label"] and server.images_served == 99
-    need = permutation_queries("blackbox_label", 49, 3, margin_images=49)
+    need = permutation_queries("blackbox_label", 49, 3, beside_margin_test=True)
     assert need == 3 * 99 and f"{LABEL_PERMUTATION} not run: it needs {need} queries beyond" in \
         capsys.readouterr().err
 
@@ -231,21 +227,14 @@ def test_key_hits_shift_breaks_the_hit_rates_ties_and_only_those():
     assert label_statistics(keys, marked, control).argmax() == 0
 
 
-def test_the_plan_seals_the_label_statistic_and_the_per_secret_budget():
+def test_the_plan_seals_the_label_statistic_and_older_plans_keep_theirs():
     common = plan_arguments(S)
     plan = make_plan(**common)
     assert plan["label_statistic"] == KEY_HITS_SHIFT == label_statistic(plan)
-    assert plan["permutation_budget"] == PER_SECRET
     assert make_plan(**common, label_statistic=KEY_HITS)["label_statistic"] == KEY_HITS
     with pytest.raises(ConfigError, match="plan.label_statistic 'vote' is not one; valid: key_hits, key_hits_shift"):
         make_plan(**common, label_statistic="vote")
-    old = {k: v for k, v in plan.items() if k not in ("label_statistic", "permutation_budget")}
+    old = {k: v for k, v in plan.items() if k != "label_statistic"}
     assert label_statistic(old) == KEY_HITS and label_statistic(None) == KEY_HITS  # what they were made with
     with pytest.raises(ArtifactError, match="plan names label statistic 'vote'"):
         label_statistic({**old, "label_statistic": "vote"})
-    # per secret, the mode's n queries: key_tv and labels ask the key and 2 per image; clean_tv g(x) as well
-    assert [permutation_images(m, 100, plan) for m in ("blackbox_score", "blackbox_label")] == [49, 49]
-    assert permutation_images("blackbox_score", 100, {**plan, "score_statistic": CLEAN_TV}) == 33
-    assert permutation_images("whitebox", 256, plan) == 256 and permutation_images("blackbox_collapse", 100, plan) == 55
-    # older plans ask the margin test's images (score: n // 3, as they were made with)
-    assert [permutation_images(m, 100, old) for m in ("blackbox_score", "blackbox_label")] == [33, 49]

@@ -102,7 +102,7 @@ def test_readme_owner_and_verifier_paths(tmp_path):
     assert [t["mode"] for t in api_verdict["tests"]] == ["blackbox_label", "blackbox_label_permutation"]
     assert len((api / "queries.jsonl").read_text().splitlines()) == 99 + permutation_queries("blackbox_label", 49, 4)
     sent = api_verdict["tests"][-1]["details"]["endpoint"]["queries"]
-    assert sent == 99 + permutation_queries("blackbox_label", 49, 4, margin_images=49) == 99 + 4 * 99
+    assert sent == 99 + permutation_queries("blackbox_label", 49, 4, beside_margin_test=True) == 99 + 4 * 99
     # ... and the bundle replayed offline against the published release
     assert "reproduce verdict.json exactly" in out
 

@@ -39,11 +39,10 @@ from dist_awenc.runs import open_run
 from dist_awenc.stages.calibrate import collect_samples
 from dist_awenc.stages.theft import load_clean, theft_baselines
 from dist_awenc.verify.calibration import load_calibration, mode_test, tau_star
-from dist_awenc.verify.core import MODES
+from dist_awenc.verify.core import MODES, images_for
 from dist_awenc.verify.permutation import BLACKBOX_PERMUTATION, verify_blackbox_permutation, verify_permutation
 from dist_awenc.verify.resize import fed_at, plan_resize, resolution_reason, weights_at
-from dist_awenc.verify.run import (Settings, load_plan_alternatives, permutation_query_images, query_images,
-                                   resolve_settings, verification_images)
+from dist_awenc.verify.run import Settings, load_plan_alternatives, query_images, resolve_settings
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_secret
 
 
@@ -129,8 +128,7 @@ class Context:
         settings = {m: resolve_settings(verify, sec, m, dataset=data.name, dataset_size=len(dataset),
                                         split_seed=data.split_seed, holdout_indices=splits["holdout"]) for m in MODES}
         # only the hold-out images some mode's budget pays for are decoded (every mode takes a prefix)
-        reads = max(verification_images(m, s.n, sec.plan) for m, s in settings.items())
-        holdout, _ = dataset.get_batch(splits["holdout"][:reads])
+        holdout, _ = dataset.get_batch(splits["holdout"][: max(images_for(m, s.n) for m, s in settings.items())])
         return cls(enc, card, sec, holdout, PirateData.load(data, sec.image_size), options, probe, verify, settings,
                    load_plan_alternatives(secret, sec), f0)
 
@@ -185,8 +183,7 @@ def run_task(ctx: Context, task: Task, out_dir: Path, progress: bool = False) ->
         for mode in BLACKBOX_PERMUTATION:  # the pirate's product, asked for probabilities or labels
             predict = model.predict_proba if mode == "blackbox_score" else (lambda b: model(b).argmax(1))
             v = verify_blackbox_permutation(mode, predict, ctx.secret, ctx.alternatives,
-                                            permutation_query_images(ctx.holdout, ctx.settings[mode].n, mode,
-                                                                     ctx.secret.plan))
+                                            query_images(ctx.holdout, ctx.settings[mode].n, mode))
             row[f"p_permutation_{mode}"] = v.p_value
             row[f"permutation_at_limit_{mode}"] = v.details["at_resolution_limit"]
     path.parent.mkdir(parents=True, exist_ok=True)

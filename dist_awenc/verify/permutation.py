@@ -14,8 +14,7 @@ score; plans made before it keep the margin test's shift from the clean answer (
 (``plan.label_statistic``, :data:`LABEL_STATISTICS`): the label margin test's hit rate on the key's label, since
 2026-12-07 with its ties broken by the shift of the marked answers' label histogram (``key_hits_shift``). The
 statistics are sealed with the secret, so no verifier picks one after seeing a suspect. Each alternative needs its
-own queries: as many hold-out images as the plan's rule gives (:func:`permutation_images`), which
-:func:`permutation_queries` counts before anything is sent.
+own queries, which :func:`permutation_queries` counts before anything is sent.
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_awenc.errors import ArtifactError
-from dist_awenc.verify.core import Verdict, _batched, images_for
+from dist_awenc.verify.core import Verdict, _batched
 from dist_awenc.verify.stats import permutation_p
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret
 
@@ -57,8 +56,6 @@ LABEL_STATISTICS = {
                     "controls' (total variation)",
 }
 DEFAULT_LABEL_STATISTIC = KEY_HITS_SHIFT  # what `awenc watermark` seals into new plans
-# how many hold-out images a black-box permutation test asks each secret about, a plan rule (permutation_images)
-PER_SECRET = "per_secret"  # each secret's queries within the mode's n (new plans); absent: the margin test's images
 # permutation statistics closer than this to the owner's are ties (float32 rounding of means of cosines is ~1e-8)
 PERMUTATION_TIE = 1e-6
 
@@ -88,39 +85,23 @@ def label_statistic(plan: dict | None) -> str:
     return name
 
 
-def permutation_images(mode: str, n: int, plan: dict | None) -> int:
-    """Hold-out images a permutation test asks about per secret, for the mode's budget ``n``.
-
-    Plans with ``permutation_budget: per_secret`` (new ones) give every secret the mode's n queries: ``key_tv``
-    and labels ask a key once and x + delta, x + r per image, so (n - 1) // 2 images (49 at n = 100); ``clean_tv``
-    also asks g(x) per image, so n // 3. Older plans ask the margin test's images (score mode: n // 3, 33 at n =
-    100, which ``key_tv`` does not need). White-box: the margin test's n images.
-    """
-    margin = images_for(mode, n)
-    if (plan or {}).get("permutation_budget") != PER_SECRET or mode not in BLACKBOX_PERMUTATION:
-        return margin
-    if mode == "blackbox_score" and score_statistic(plan) == CLEAN_TV:
-        return n // 3
-    return (n - 1) // 2
-
-
-def permutation_queries(mode: str, images: int, alternatives: int, *, margin_images: int = 0,
+def permutation_queries(mode: str, images: int, alternatives: int, *, beside_margin_test: bool = False,
                         statistic: str = DEFAULT_SCORE_STATISTIC) -> int:
-    """Queries a black-box permutation test asks for ``images`` hold-out images per secret and J ``alternatives``.
+    """Queries a black-box permutation test asks for ``images`` hold-out images and J ``alternatives``.
 
     Score with ``clean_tv``: g(x) once per image, then g(x + delta_j) and g(x + r_j) for each of the J + 1 secrets;
     with ``key_tv``: each secret's key once, then x + delta_j and x + r_j. Label: as ``key_tv``.
-    ``margin_images``: the images the mode's margin test already asked about (its clean, marked and control
-    queries of the owner's secret, and in label mode the owner's key): only the queries it has not asked are
-    counted, since a verification's query log answers a repeated image without sending it again. 0: the test alone.
+    ``beside_margin_test``: only those the mode's margin test has not asked already (its clean, marked and control
+    queries, and in label mode the owner's key, are the owner's secret's here too, and a verification's query log
+    answers a repeated image without sending it again).
     """
-    secrets, shared = alternatives + 1, min(images, margin_images)
+    secrets = alternatives if beside_margin_test else alternatives + 1
     if mode == "blackbox_score" and statistic == CLEAN_TV:
-        return images - shared + 2 * images * secrets - 2 * shared
+        return (0 if beside_margin_test else images) + 2 * images * secrets
     if mode == "blackbox_score":  # key_tv: the score margin test never asks the owner's key
-        return secrets * (1 + 2 * images) - 2 * shared
+        return secrets * (1 + 2 * images) + (1 if beside_margin_test else 0)
     if mode == "blackbox_label":
-        return secrets * (1 + 2 * images) - 2 * shared - (1 if margin_images else 0)
+        return secrets * (1 + 2 * images)
     raise ValueError(f"no black-box permutation test for mode '{mode}'; valid: {', '.join(BLACKBOX_PERMUTATION)}")
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from dist_awenc.errors import ConfigError
 from dist_awenc.verify.permutation import (DEFAULT_LABEL_STATISTIC, DEFAULT_SCORE_STATISTIC,
-                                          DEFAULT_WHITEBOX_STATISTIC, LABEL_STATISTICS, PER_SECRET, SCORE_STATISTICS,
+                                          DEFAULT_WHITEBOX_STATISTIC, LABEL_STATISTICS, SCORE_STATISTICS,
                                           WHITEBOX_STATISTICS)
 from dist_awenc.verify.resize import DEFAULT_RESIZE, check_resize
 
@@ -56,9 +56,7 @@ def make_plan(*, dataset: str, dataset_size: int, image_size: int, split_seed: i
     the key is present only when given. ``resize``: how queries are resized to a suspect that takes another input
     size (:mod:`dist_awenc.verify.resize`). ``score_statistic`` / ``whitebox_statistic`` / ``label_statistic``: what
     the probabilities' / the weights' / the labels' permutation test ranks
-    (:data:`dist_awenc.verify.permutation.SCORE_STATISTICS`, ``WHITEBOX_STATISTICS``, ``LABEL_STATISTICS``). Every
-    new plan gives each secret of a black-box permutation test the mode's n queries (``permutation_budget:
-    per_secret``, :func:`dist_awenc.verify.permutation.permutation_images`).
+    (:data:`dist_awenc.verify.permutation.SCORE_STATISTICS`, ``WHITEBOX_STATISTICS``, ``LABEL_STATISTICS``).
     """
     if primary_mode not in PLAN_MODES:
         raise ConfigError(f"plan.primary_mode '{primary_mode}' is not a mode; valid: {', '.join(PLAN_MODES)}")
@@ -91,7 +89,7 @@ def make_plan(*, dataset: str, dataset_size: int, image_size: int, split_seed: i
             "n": {m: int(n[m]) for m in PLAN_MODES}, "alpha": float(alpha), "alternatives": int(alternatives),
             "alternatives_sha256": alternatives_sha256, "primary_mode": primary_mode, "primary": primary,
             "resize": resize, "score_statistic": score_statistic, "whitebox_statistic": whitebox_statistic,
-            "label_statistic": label_statistic, "permutation_budget": PER_SECRET}
+            "label_statistic": label_statistic}
     if owner_draw is not None:
         plan["owner_draw"] = dict(owner_draw)
     return plan

@@ -32,11 +32,11 @@ from dist_awenc.errors import ArtifactError, AwencError, TamperedSecretError
 from dist_awenc.files import read_json, sha256_file
 from dist_awenc.log import info, warn
 from dist_awenc.verify.adapter import load_adapter
-from dist_awenc.verify.core import Verdict, overall_verdict
+from dist_awenc.verify.core import Verdict, images_for, overall_verdict
 from dist_awenc.verify.endpoint import RemoteModel
 from dist_awenc.verify.evidence import BUNDLE_FORMAT, CALIBRATION_COPY, MANIFEST_NAME, QueryLog, plan_sha256
 from dist_awenc.verify.permutation import BLACKBOX_PERMUTATION
-from dist_awenc.verify.run import Settings, verification_images, verify_remote
+from dist_awenc.verify.run import Settings, verify_remote
 from dist_awenc.watermark.secret import load_plan_alternatives, load_secret
 
 _HEX = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -134,7 +134,7 @@ def replay(bundle: str | Path, overrides: Optional[list[str]] = None, published:
     if log.head != head:
         raise ArtifactError(f"{log.path}: the chain's final digest {log.head[:16]}... is not the one verdict.json "
                             f"records ({str(head)[:16]}...): entries were added, removed or re-chained")
-    k = verification_images(mode, s.n, secret.plan)
+    k = images_for(mode, s.n)
     holdout = _holdout(cfg, manifest, secret.image_size, k)
     checked = holdout is not None
     if holdout is None:

@@ -29,8 +29,8 @@ from dist_awenc.verify.evidence import start_bundle, write_report
 from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, MODES, Verdict, images_for, overall_verdict,
                                     verify_blackbox_collapse, verify_blackbox_label, verify_blackbox_score,
                                     verify_whitebox)
-from dist_awenc.verify.permutation import (BLACKBOX_PERMUTATION, permutation_images, permutation_queries,
-                                           score_statistic, verify_blackbox_permutation, verify_permutation)
+from dist_awenc.verify.permutation import (BLACKBOX_PERMUTATION, permutation_queries, score_statistic,
+                                           verify_blackbox_permutation, verify_permutation)
 from dist_awenc.verify.resize import Resized, mark_resolution, plan_resize, resizing, weights_at
 from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_plan_alternatives, load_secret
 
@@ -124,20 +124,6 @@ def query_images(holdout: torch.Tensor, n: int, mode: str) -> torch.Tensor:
     return holdout[:k]
 
 
-def permutation_query_images(holdout: torch.Tensor, n: int, mode: str, plan: Optional[dict]) -> torch.Tensor:
-    """The hold-out images a mode's permutation test asks about per secret (the plan's rule: permutation_images)."""
-    k = permutation_images(mode, n, plan)
-    if k > len(holdout):
-        raise ConfigError(f"verify.n asks for {k} hold-out images per secret for {mode}'s permutation test, but the "
-                          f"hold-out split has {len(holdout)}")
-    return holdout[:k]
-
-
-def verification_images(mode: str, n: int, plan: Optional[dict]) -> int:
-    """Hold-out images a verification of ``mode`` reads: its margin test's and its permutation test's."""
-    return max(images_for(mode, n), permutation_images(mode, n, plan))
-
-
 def verify_model(model: torch.nn.Module, secret: Secret, holdout: torch.Tensor, s: Settings, mode: str,
                  alternatives: Optional[AlternativeSecrets] = None, input_size: Optional[int] = None) -> list[Verdict]:
     """Verdicts on an in-process suspect: an encoder (white-box: margin + permutation) or a downstream model
@@ -167,15 +153,14 @@ def verify_model(model: torch.nn.Module, secret: Secret, holdout: torch.Tensor, 
         model.eval()
         labels = lambda b: model(b).argmax(1)  # noqa: E731
         predict = model.predict_proba if mode == "blackbox_score" else labels
-        out = _blackbox_verdicts(predict, secret, holdout, s, mode, alternatives)
+        out = _blackbox_verdicts(predict, secret, x, s, mode, alternatives)
     mark_resolution(out, secret.image_size, size, method, note)
     return out
 
 
-def _blackbox_verdicts(predict, secret: Secret, holdout: torch.Tensor, s: Settings, mode: str,
+def _blackbox_verdicts(predict, secret: Secret, x: torch.Tensor, s: Settings, mode: str,
                        alternatives: Optional[AlternativeSecrets]) -> list[Verdict]:
     """A black-box mode's margin verdict, then its permutation verdict where the alternatives were granted."""
-    x = query_images(holdout, s.n, mode)
     if mode == "blackbox_score":
         out = [verify_blackbox_score(predict, secret, x, tau=s.tau, alpha=s.alpha)]
     elif mode == "blackbox_collapse":
@@ -183,7 +168,6 @@ def _blackbox_verdicts(predict, secret: Secret, holdout: torch.Tensor, s: Settin
     else:
         out = [verify_blackbox_label(predict, secret, x, tau=s.tau, alpha=s.alpha, classes=s.classes)]
     if alternatives is not None and len(alternatives) and mode in BLACKBOX_PERMUTATION:
-        x = permutation_query_images(holdout, s.n, mode, secret.plan)
         out.append(verify_blackbox_permutation(mode, predict, secret, alternatives, x, alpha=s.alpha))
     return [s.stamp(v) for v in out]
 
@@ -191,12 +175,13 @@ def _blackbox_verdicts(predict, secret: Secret, holdout: torch.Tensor, s: Settin
 def verify_remote(remote, secret: Secret, holdout: torch.Tensor, s: Settings, mode: str,
                   alternatives: Optional[AlternativeSecrets] = None) -> list[Verdict]:
     """Black-box verdicts on a live prediction API (a :class:`~dist_awenc.verify.endpoint.RemoteModel`)."""
+    x = query_images(holdout, s.n, mode)
     predict = remote.predict_proba if mode == "blackbox_score" else remote.predict_label
     size, (method, note) = remote.info.get("input_size"), plan_resize(secret.plan)
     size = size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
     if size is not None and size != secret.image_size:  # the API states its input size: resized before sending
         predict = resizing(predict, size, method)
-    verdicts = _blackbox_verdicts(predict, secret, holdout, s, mode, alternatives)
+    verdicts = _blackbox_verdicts(predict, secret, x, s, mode, alternatives)
     mark_resolution(verdicts, secret.image_size, size, method, note)
     for v in verdicts:
         v.details["endpoint"] = remote.summary()
@@ -216,8 +201,8 @@ def blackbox_alternatives(alternatives: Optional[AlternativeSecrets], mode: str,
     """
     if alternatives is None or not len(alternatives) or mode not in BLACKBOX_PERMUTATION:
         return None, 0
-    need = permutation_queries(mode, permutation_images(mode, n, plan), len(alternatives),
-                               margin_images=images_for(mode, n), statistic=score_statistic(plan))
+    need = permutation_queries(mode, images_for(mode, n), len(alternatives), beside_margin_test=True,
+                               statistic=score_statistic(plan))
     if need > budget:
         warn(f"{BLACKBOX_PERMUTATION[mode]} not run: it needs {need} queries beyond the margin test's for "
              f"J = {len(alternatives)} alternatives, over verify.permutation_queries={budget}; raise it to run the "
@@ -323,14 +308,12 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
         model, full = load_downstream(cfg.suspect)
         card = full["encoder"]
     s = s if remote is not None else settings("weights" if mode == "whitebox" else "probabilities")
-    empty = torch.empty(len(splits["holdout"]), 0)  # checks n before anything is written
-    query_images(empty, s.n, mode), permutation_query_images(empty, s.n, mode, secret.plan)
-    reads = verification_images(mode, s.n, secret.plan)
+    query_images(torch.empty(len(splits["holdout"]), 0), s.n, mode)  # checks n before anything is written
     if remote is None:
         alternatives = load_plan_alternatives(cfg.secret, secret)
         if mode != "whitebox":
             alternatives, _ = blackbox_alternatives(alternatives, mode, s.n, v.permutation_queries, secret.plan)
-    holdout, _ = dataset.get_batch(splits["holdout"][:reads])
+    holdout, _ = dataset.get_batch(splits["holdout"][: images_for(mode, s.n)])
     with open_run(cfg, "verify") as run_dir:
         if remote is not None:
             remote.log = start_bundle(run_dir, mode=mode, endpoint=remote.url, endpoint_info=remote.info,
