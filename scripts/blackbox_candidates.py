@@ -1,15 +1,19 @@
-"""The candidate statistics for the probabilities' permutation test, recounted from saved answers.
+"""The candidate statistics for the black-box permutation tests, recounted from saved answers.
 
 Reads the ``<suspect>.npz`` answers ``scripts/blackbox_statistic.py`` saves and, per candidate statistic, counts the
 derivatives (the unattacked release and 13 attacks) whose owner's secret it ranks first among the J + 1 secrets
-(p = 1/(J + 1)). This is how ``key_tv`` was chosen, on the first three releases; the others are the check made
-after the choice. Every candidate is a fixed function of one secret's queries and the owner's f0, so each is an
-exact permutation test; they differ only in power.
+(p = 1/(J + 1)), on the first n hold-out images. This is how ``key_tv`` was chosen for the probabilities, on the
+first three releases (the others are the check made after the choice), and ``key_hits_shift`` for the labels
+(``--grids``: each folder's robustness grid, in order; then only its thefts count). The label candidates read the
+top-1 label of each saved answer, as label mode sees it. Every candidate is a fixed function of one secret's
+queries and the owner's f0, so each is an exact permutation test; they differ only in power.
 
     .venv/bin/python scripts/blackbox_candidates.py 33 runs/blackbox_statistic/{demo,draw1,draw2,draw3,draw4}
+    .venv/bin/python scripts/blackbox_candidates.py 49 runs/bbdef/s{0,1,2,3,4,5,6} --grids GRID..
 """
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 
@@ -33,6 +37,22 @@ def candidates(d: dict, n: int) -> dict[str, np.ndarray]:
         "key_logp": (np.log(key_p(m) + 1e-6) - np.log(key_p(r) + 1e-6)).mean(1),  # log-probability of the key's label
         "key_hits": (m.argmax(-1) == key_label).mean(1) - (r.argmax(-1) == key_label).mean(1),  # label mode's
         "flips": (m.argmax(-1) != c.argmax(-1)).mean(1) - (r.argmax(-1) != c.argmax(-1)).mean(1),
+        **label_candidates(m.argmax(-1), r.argmax(-1), k.argmax(-1)),
+    }
+
+
+def label_candidates(lm: np.ndarray, lr: np.ndarray, key_label: np.ndarray) -> dict[str, np.ndarray]:
+    """(J + 1,) per label-only candidate from the marked and control labels (J + 1, n) and the keys' (J + 1,)."""
+    seen = np.unique(np.concatenate([lm.ravel(), lr.ravel()]))
+    shares = lambda a: (a[..., None] == seen).mean(1)  # noqa: E731  (J + 1, labels seen)
+    gain = shares(lm) - shares(lr)
+    hits = (lm == key_label[:, None]).mean(1) - (lr == key_label[:, None]).mean(1)
+    return {
+        "key_hits_shift": hits + 0.5 * np.abs(gain).sum(1) / (2 * lm.shape[1]),  # key_hits, ties broken by the shift
+        "label_shift": 0.5 * np.abs(gain).sum(1),  # the label histograms' total variation alone
+        "mode_gain": gain.max(1),  # the largest rise of any one label's share
+        "marked_key": (lm == key_label[:, None]).mean(1),  # marked hits alone (no control)
+        "concentration": (shares(lm) ** 2).sum(1) - (shares(lr) ** 2).sum(1),  # marked answers gathered on a label
     }
 
 
@@ -50,24 +70,48 @@ def first(t: np.ndarray) -> bool:
     return bool((t[1:] < t[0] - 1e-12).all())
 
 
+def thefts(grid: str) -> dict[str, bool]:
+    """Which derivatives of a robustness grid are thefts, by the ``<attack>__<strength>`` names the answers carry."""
+    with (Path(grid) / "robustness.csv").open() as f:
+        return {f"{r['attack']}__{float(r['strength']):g}": r["theft"] == "True" for r in csv.DictReader(f)}
+
+
 def main() -> None:
-    n, folders = int(sys.argv[1]), sys.argv[2:]
+    args = sys.argv[1:]
+    grids = args[args.index("--grids") + 1:] if "--grids" in args else []
+    n, folders = int(args[0]), args[1:len(args) - len(grids) - (1 if grids else 0)]
+    if grids and len(grids) != len(folders):
+        sys.exit(f"--grids names {len(grids)} grids for {len(folders)} folders; give one per folder")
     counts: dict[str, list[int]] = {}
-    for folder in folders:
+    nulls: dict[str, int] = {}  # the nulls (clean f0, independent encoder) whose owner's secret ranks first
+    null_count = 0
+    for i, folder in enumerate(folders):
         owner = np.load(Path(folder) / "owner_side.npz")
+        theft = thefts(grids[i]) if grids else None
         for f in sorted(Path(folder).glob("*.npz")):
-            if f.stem == "owner_side" or f.stem.startswith("null_"):
+            if f.stem == "owner_side":
                 continue
+            null = f.stem.startswith("null_")
+            if not null and theft is not None:
+                a, s = f.stem.split("__")
+                if not theft[f"{a}__{float(s):g}"]:
+                    continue
+            null_count += null
             stats = candidates(np.load(f), n)
             for name in ("clean_tv", "key_tv", "key_logp"):  # the same, adjusted for f0's response to each secret
                 stats[f"{name}~f0 pull"] = residual(stats[name], owner["pull"])
                 stats[f"{name}~f0 disruption"] = residual(stats[name], owner["disrupt"])
             for name, t in stats.items():
-                counts.setdefault(name, [0] * len(folders))[folders.index(folder)] += first(t)
-    print(f"| candidate (n = {n} images) | " + " | ".join(Path(f).name for f in folders) + " | all |")
-    print("|---|" + "---|" * (len(folders) + 1))
+                if null:
+                    nulls[name] = nulls.get(name, 0) + first(t)
+                else:
+                    counts.setdefault(name, [0] * len(folders))[i] += first(t)
+    what = "thefts" if grids else "derivatives"
+    print(f"| candidate (n = {n} images; {what} ranked first) | " + " | ".join(Path(f).name for f in folders)
+          + f" | all | nulls ranked first (of {null_count}) |")
+    print("|---|" + "---|" * (len(folders) + 2))
     for name, c in counts.items():
-        print(f"| {name} | " + " | ".join(map(str, c)) + f" | {sum(c)} |")
+        print(f"| {name} | " + " | ".join(map(str, c)) + f" | {sum(c)} | {nulls.get(name, 0)} |")
 
 
 if __name__ == "__main__":
