@@ -211,9 +211,9 @@ class PlanSection:
     primary_probabilities: str = "blackbox_score"  # the primary mode of a verifier with a model's probabilities
     primary_labels: str = "blackbox_label"  # ... with its top-1 labels only (a non-primary mode alone: exploratory)
     resize: str = "bilinear-antialias"  # how queries are resized for a suspect at another input size (verify/resize.py)
-    score_statistic: str = "key_tv"  # what the probabilities' / weights' / labels' permutation test ranks
-    whitebox_statistic: str = "score"  # (verify/permutation.py: SCORE_STATISTICS, WHITEBOX_STATISTICS,
-    label_statistic: str = "key_hits_shift"  # LABEL_STATISTICS)
+    score_statistic: str = "key_tv"  # what the probabilities' permutation test ranks (verify/permutation.py)
+    whitebox_statistic: str = "score"  # ... the weights' (WHITEBOX_STATISTICS there)
+    label_statistic: str = "key_hits_shift"  # ... the labels' (LABEL_STATISTICS there)
 
 
 @dataclass

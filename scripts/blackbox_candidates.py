@@ -18,7 +18,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.stats import theilslopes
+
+from dist_awenc.verify.permutation import KEY_HITS_SHIFT, label_statistics
 
 
 def tv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -46,9 +49,9 @@ def label_candidates(lm: np.ndarray, lr: np.ndarray, key_label: np.ndarray) -> d
     seen = np.unique(np.concatenate([lm.ravel(), lr.ravel()]))
     shares = lambda a: (a[..., None] == seen).mean(1)  # noqa: E731  (J + 1, labels seen)
     gain = shares(lm) - shares(lr)
-    hits = (lm == key_label[:, None]).mean(1) - (lr == key_label[:, None]).mean(1)
+    as_torch = [torch.from_numpy(np.ascontiguousarray(a)).long() for a in (key_label, lm, lr)]
     return {
-        "key_hits_shift": hits + 0.5 * np.abs(gain).sum(1) / (2 * lm.shape[1]),  # key_hits, ties broken by the shift
+        "key_hits_shift": label_statistics(*as_torch, KEY_HITS_SHIFT),  # the product's: key_hits, ties broken by the shift
         "label_shift": 0.5 * np.abs(gain).sum(1),  # the label histograms' total variation alone
         "mode_gain": gain.max(1),  # the largest rise of any one label's share
         "marked_key": (lm == key_label[:, None]).mean(1),  # marked hits alone (no control)

@@ -60,29 +60,27 @@ DEFAULT_LABEL_STATISTIC = KEY_HITS_SHIFT  # what `awenc watermark` seals into ne
 PERMUTATION_TIE = 1e-6
 
 
+def _sealed(plan: dict | None, key: str, made_with: str, valid: dict[str, str], what: str) -> str:
+    """The statistic a plan seals under ``key``; a plan without one was made with ``made_with``."""
+    name = (plan or {}).get(key, made_with)
+    if name not in valid:
+        raise ArtifactError(f"the secret's plan names {what} statistic '{name}'; valid: {', '.join(valid)}")
+    return name
+
+
 def score_statistic(plan: dict | None) -> str:
     """The probabilities' permutation statistic a plan seals (a plan without one: ``clean_tv``, what it was made with)."""
-    name = (plan or {}).get("score_statistic", CLEAN_TV)
-    if name not in SCORE_STATISTICS:
-        raise ArtifactError(f"the secret's plan names score statistic '{name}'; valid: {', '.join(SCORE_STATISTICS)}")
-    return name
+    return _sealed(plan, "score_statistic", CLEAN_TV, SCORE_STATISTICS, "score")
 
 
 def whitebox_statistic(plan: dict | None) -> str:
     """The weights' permutation statistic a plan seals (a plan without one: ``f0_excess``, what it was made with)."""
-    name = (plan or {}).get("whitebox_statistic", F0_EXCESS)
-    if name not in WHITEBOX_STATISTICS:
-        raise ArtifactError(f"the secret's plan names white-box statistic '{name}'; valid: "
-                            f"{', '.join(WHITEBOX_STATISTICS)}")
-    return name
+    return _sealed(plan, "whitebox_statistic", F0_EXCESS, WHITEBOX_STATISTICS, "white-box")
 
 
 def label_statistic(plan: dict | None) -> str:
     """The labels' permutation statistic a plan seals (a plan without one: ``key_hits``, what it was made with)."""
-    name = (plan or {}).get("label_statistic", KEY_HITS)
-    if name not in LABEL_STATISTICS:
-        raise ArtifactError(f"the secret's plan names label statistic '{name}'; valid: {', '.join(LABEL_STATISTICS)}")
-    return name
+    return _sealed(plan, "label_statistic", KEY_HITS, LABEL_STATISTICS, "label")
 
 
 def permutation_queries(mode: str, images: int, alternatives: int, *, beside_margin_test: bool = False,

@@ -69,13 +69,11 @@ def make_plan(*, dataset: str, dataset_size: int, image_size: int, split_seed: i
     if not 0 < alpha < 1:
         raise ConfigError(f"plan.alpha must be in (0, 1), got {alpha}")
     check_resize(resize)
-    if score_statistic not in SCORE_STATISTICS:
-        raise ConfigError(f"plan.score_statistic '{score_statistic}' is not one; valid: {', '.join(SCORE_STATISTICS)}")
-    if whitebox_statistic not in WHITEBOX_STATISTICS:
-        raise ConfigError(f"plan.whitebox_statistic '{whitebox_statistic}' is not one; valid: "
-                          f"{', '.join(WHITEBOX_STATISTICS)}")
-    if label_statistic not in LABEL_STATISTICS:
-        raise ConfigError(f"plan.label_statistic '{label_statistic}' is not one; valid: {', '.join(LABEL_STATISTICS)}")
+    for key, name, valid in (("score_statistic", score_statistic, SCORE_STATISTICS),
+                             ("whitebox_statistic", whitebox_statistic, WHITEBOX_STATISTICS),
+                             ("label_statistic", label_statistic, LABEL_STATISTICS)):
+        if name not in valid:
+            raise ConfigError(f"plan.{key} '{name}' is not one; valid: {', '.join(valid)}")
     if alternatives < 0:
         raise ConfigError(f"plan.alternatives must be >= 0, got {alternatives}")
     for mode in PLAN_MODES:
