@@ -14,8 +14,9 @@ for the probabilities). Secret sets need no embedding, only stage 1: the nulls d
     .venv/bin/python scripts/null_ranks.py OUT.csv --summary        # the rank table and the uniformity tests
 
 Writes one row per (null, secret set): the owner's p in each access. ``--summary`` prints, per access and null,
-how many sets gave p <= 0.05 and <= 0.25 against the uniform law's expectation, the mean rank, and scipy's exact
-two-sided binomial p of the first count and a chi-square test of the ranks' uniformity.
+how many sets gave p <= 0.05 and <= 0.25 against the uniform law's expectation, the mean p, scipy's exact
+two-sided binomial p of the first count, a chi-square test of the ranks' uniformity, and the mean rank's z against
+the uniform law's mean (sd sqrt(((J + 1)^2 - 1) / 12 / sets)) with its one-sided p (small: ranks skewed to first).
 """
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def summary(path: Path) -> str:
     with path.open() as f:
         rows = list(csv.DictReader(f))
     lines = ["| access | null | sets | p <= 0.05 (expected) | p <= 0.25 (expected) | mean p (expected) | "
-             "binomial p of the first count | chi-square p, ranks uniform (4 bins) |", "|---|---|---|---|---|---|---|---|"]
+             "binomial p of the first count | chi-square p, ranks uniform (4 bins) | mean rank: z (one-sided p) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for access in ACCESSES:
         for null in dict.fromkeys(r["null"] for r in rows):
             ps = np.array([float(r[access]) for r in rows if r["null"] == null])
@@ -97,9 +99,10 @@ def summary(path: Path) -> str:
             binom = stats.binomtest(low, len(ps), 1 / j1).pvalue
             bins = np.bincount(np.minimum((ranks - 1) * 4 // j1, 3), minlength=4)
             chi = stats.chisquare(bins).pvalue
+            z = (ranks.mean() - (j1 + 1) / 2) / np.sqrt((j1 * j1 - 1) / 12 / len(ps))  # uniform on 1..J+1
             lines.append(f"| {access} | {null} | {len(ps)} | {low} ({len(ps) / j1:.1f}) | {quarter} "
                          f"({len(ps) * np.ceil(0.25 * j1) / j1:.1f}) | {ps.mean():.3f} ({(j1 + 1) / 2 / j1:.3f}) | "
-                         f"{binom:.3g} | {chi:.3g} |")
+                         f"{binom:.3g} | {chi:.3g} | {z:+.2f} ({stats.norm.cdf(z):.3g}) |")
     return "\n".join(lines)
 
 
