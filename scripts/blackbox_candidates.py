@@ -13,8 +13,8 @@ queries and the owner's f0, so each is an exact permutation test; they differ on
 """
 from __future__ import annotations
 
+import argparse
 import csv
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,11 +80,14 @@ def thefts(grid: str) -> dict[str, bool]:
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    grids = args[args.index("--grids") + 1:] if "--grids" in args else []
-    n, folders = int(args[0]), args[1:len(args) - len(grids) - (1 if grids else 0)]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("n", type=int, help="hold-out images per secret")
+    ap.add_argument("folders", nargs="+", help="answers saved by scripts/blackbox_statistic.py, one folder a release")
+    ap.add_argument("--grids", nargs="+", default=[], help="each folder's robustness grid, in order: count thefts only")
+    a = ap.parse_args()
+    n, folders, grids = a.n, a.folders, a.grids
     if grids and len(grids) != len(folders):
-        sys.exit(f"--grids names {len(grids)} grids for {len(folders)} folders; give one per folder")
+        ap.error(f"--grids names {len(grids)} grids for {len(folders)} folders; give one per folder")
     counts: dict[str, list[int]] = {}
     nulls: dict[str, int] = {}  # the nulls (clean f0, independent encoder) whose owner's secret ranks first
     null_count = 0
