@@ -16,7 +16,8 @@ from dist_awenc.errors import ArtifactError, TamperedSecretError
 from dist_awenc.watermark.generate import (alternative_seeds, candidate_seeds, choose_key, control_seed_of, generate_delta,
                                            generate_deltas)
 from dist_awenc.watermark.secret import (AlternativeSecrets, Secret, alternatives_path, check_owner_draw, control_of,
-                                         draw_digest, drawn_index, load_alternatives, load_secret, save_alternatives)
+                                         distinct_candidates, draw_digest, drawn_index, load_alternatives, load_secret,
+                                         save_alternatives, watermark_cosines)
 
 
 def _encoder():
@@ -190,6 +191,103 @@ def test_without_alternatives_there_is_no_draw_and_the_secret_is_run_seeds(drawn
     assert "owner_draw" not in secret.plan and secret.meta["seed"] == 5 and secret.control_seed == control_seed_of(5)
     torch.testing.assert_close(secret.delta, _alone(enc, pool, 5)[1], atol=1e-6, rtol=0)
     check_owner_draw(secret, None)
+
+
+# ------------------------------------------------------------------ the twin rule (plan.twin_cosine)
+
+
+def test_the_twin_rule_keeps_candidates_in_order_unless_one_kept_before_is_nearer_than_the_bound():
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    deltas = base.clone()
+    deltas[2] = base[0] + 0.1 * base[2]  # a twin of 0 (cosine about 0.99)
+    deltas[4] = base[2] + 0.1 * base[4]  # near 2's noise, but 2 is skipped: kept
+    deltas[5] = -base[1] + 0.05 * base[5]  # opposite to 1: not a twin
+    cos = watermark_cosines(deltas)
+    assert cos[0, 2] > 0.95 and cos[1, 5] < -0.95 and torch.allclose(cos.diagonal(), torch.ones(6, dtype=torch.float64))
+    assert distinct_candidates(deltas, 0.7, 6) == [0, 1, 3, 4, 5]  # 2 skipped; too few for 6
+    assert distinct_candidates(deltas, 0.7, 3) == [0, 1, 3]  # the first 3 kept
+    assert distinct_candidates(deltas, 1.0, 6) == list(range(6))  # off: every candidate
+    assert distinct_candidates(deltas, float(cos[0, 2]), 6) == list(range(6))  # a cosine at the bound is kept
+
+
+@pytest.fixture(scope="module")
+def twin_ruled(drawn, tmp_path_factory):
+    """Stage 1 with the twin rule at a bound just below the closest pair of the first J + 1 candidates (the drawn
+    fixture's, same run seed): at least one candidate is skipped."""
+    from accelerate.state import AcceleratorState
+
+    from dist_awenc.config import WatermarkConfig, load_config
+    from dist_awenc.watermark.generate import watermark
+
+    _, f0, secret, alt, enc, pool = drawn
+    i = secret.plan["owner_draw"]["index"]
+    cos = watermark_cosines(torch.cat([alt.deltas[:i], secret.delta[None], alt.deltas[i:]])).fill_diagonal_(-1)
+    bound = float(cos.max()) - 1e-3
+    AcceleratorState._reset_state(reset_partial_state=True)
+    path = watermark(load_config(WatermarkConfig, None, [
+        f"run.out_dir={tmp_path_factory.mktemp('twins')}", "run.name=wm", f"encoder={f0}", "data.image_size=8",
+        f"generation.steps={STEPS}", f"generation.batch_size={BATCH}", f"plan.alternatives={J}",
+        f"plan.twin_cosine={bound}"]))
+    twin_secret = load_secret(path)
+    return twin_secret, load_alternatives(alternatives_path(path)), bound, enc, pool
+
+
+def test_stage_1_skips_twins_records_them_and_the_draw_still_checks(twin_ruled):
+    secret, alt, bound, enc, pool = twin_ruled
+    draw = secret.plan["owner_draw"]
+    skipped, i = draw["skipped"], draw["index"]
+    assert draw["twin_cosine"] == bound and len(skipped) >= 1 and "less the skipped seeds" in draw["seed_rule"]
+    stream = candidate_seeds(0, J + len(skipped))
+    seeds = [s for s in stream if s not in skipped]
+    assert draw["seeds"] == seeds and set(skipped) < set(stream) and stream[-1] not in skipped
+    assert secret.meta["seed"] == seeds[i] and alt.seeds == seeds[:i] + seeds[i + 1:]
+    deltas = torch.cat([alt.deltas[:i], secret.delta[None], alt.deltas[i:]])
+    assert float(watermark_cosines(deltas).fill_diagonal_(-1).max()) <= bound  # no twins left
+    check_owner_draw(secret, alt)
+    for s in skipped:  # each skipped candidate, made alone from its seed, is a twin of one kept before it
+        d = _alone(enc, pool, s)[1]
+        earlier = [j for j, kept in enumerate(seeds) if stream.index(kept) < stream.index(s)]
+        assert float(watermark_cosines(torch.cat([d[None], deltas[earlier]]))[0, 1:].max()) > bound
+
+
+def test_the_draw_check_refuses_a_twin_rule_record_that_does_not_hold(twin_ruled):
+    secret, alt, bound, _, _ = twin_ruled
+    draw, i = secret.plan["owner_draw"], secret.plan["owner_draw"]["index"]
+    closest = float(watermark_cosines(torch.cat([alt.deltas[:i], secret.delta[None], alt.deltas[i:]]))
+                    .fill_diagonal_(-1).max())
+
+    def check(**changes):
+        plan = {**secret.plan, "owner_draw": {k: v for k, v in {**draw, **changes}.items() if v is not None}}
+        check_owner_draw(dataclasses.replace(secret, plan=plan), alt)
+
+    with pytest.raises(TamperedSecretError, match="above the plan's twin bound"):
+        check(twin_cosine=closest - 1e-3)  # a bound the kept candidates do not meet
+    with pytest.raises(TamperedSecretError, match="no twin bound"):
+        check(twin_cosine=None)  # seeds skipped without a rule to skip them
+    with pytest.raises(TamperedSecretError, match="skipped as twins"):
+        check(skipped=draw["skipped"][1:] + [candidate_seeds(0, 3 * J)[3 * J]])  # another seed claimed skipped
+    with pytest.raises(TamperedSecretError, match="candidate seeds"):
+        check(skipped=None, twin_cosine=None)  # the plain rule: the seeds are not the stream's first J + 1
+
+
+def test_the_twin_rule_gives_up_with_a_clear_error_and_refuses_a_bound_outside_0_1(drawn, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from dist_awenc.config import WatermarkConfig, load_config
+    from dist_awenc.errors import ConfigError
+    from dist_awenc.watermark.generate import watermark
+
+    f0 = drawn[1]
+    args = [f"run.out_dir={tmp_path}", "run.name=wm", f"encoder={f0}", "data.image_size=8", f"generation.steps={STEPS}",
+            f"generation.batch_size={BATCH}", f"plan.alternatives={J}"]
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match=r"plan.twin_cosine must be in \(0, 1\]"):
+            watermark(load_config(WatermarkConfig, None, [*args, f"plan.twin_cosine={bad}"]))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ArtifactError, match=r"plan.twin_cosine=1e-09: 12 candidates made and only \d of the 4 needed"):
+        watermark(load_config(WatermarkConfig, None, [*args, "plan.twin_cosine=1e-9", "run.name=strict"]))
+    assert not (tmp_path / "strict" / "secret.safetensors").exists()
 
 
 def test_candidates_resume_from_their_chunks_and_never_from_another_seeds_chunk(tmp_path, monkeypatch):

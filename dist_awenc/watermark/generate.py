@@ -30,8 +30,8 @@ from dist_awenc.watermark.perturbation import (Rehearsal, Transform, check_gener
                                                generate_deltas, generation_loss, mark_statistics)
 from dist_awenc.watermark.rehearsal import check_rehearsal, prepare_rehearsal
 from dist_awenc.watermark.secret import (AlternativeSecrets, Secret, alternative_seeds, candidate_seeds,  # noqa: F401
-                                         control_of, draw_digest, owner_draw_record, save_alternatives,
-                                         save_secret)
+                                         control_of, distinct_candidates, draw_digest, owner_draw_record,
+                                         save_alternatives, save_secret)
 from dist_awenc.watermark.transforms import TransformParams, make_transform
 
 
@@ -50,20 +50,21 @@ class Candidates(NamedTuple):
 
 def generate_candidates(encoder: Encoder, pool: Images, g: GenerationSection, seeds: list[int], work_dir: Path,
                         chunk: int = 16, *, transform: Optional[Transform],
-                        rehearsal: Optional[Rehearsal] = None) -> Candidates:
+                        rehearsal: Optional[Rehearsal] = None, offset: int = 0) -> Candidates:
     """One secret per seed by exactly the same procedure (key draw + stage 1): the owner's and the alternatives'.
 
     ``transform`` is required (None: none) and, like ``rehearsal``, is the same for every
     candidate: secrets made another way would not be exchangeable with one another.
 
     Generated ``chunk`` at a time; each finished chunk is saved under ``work_dir``
-    (with its seeds, checked on reading), so an interrupted run resumes where it stopped.
+    (with its seeds, checked on reading), so an interrupted run resumes where it stopped; ``offset``: the first
+    seed's position in the whole stream (it names the chunks).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     keys_all, deltas_all, history, sources = [], [], [], []
     for start in range(0, len(seeds), chunk):
         part = [int(s) for s in seeds[start : start + chunk]]
-        path = work_dir / f"chunk_{start:06d}_{len(part)}.safetensors"
+        path = work_dir / f"chunk_{offset + start:06d}_{len(part)}.safetensors"
         header = _chunk_header(path)
         if header.get("seeds") == part:
             t = read_state(path)
@@ -73,7 +74,8 @@ def generate_candidates(encoder: Encoder, pool: Images, g: GenerationSection, se
             keys, src = torch.stack([k for k, _ in picks]), [source for _, source in picks]
             deltas, hist = generate_deltas(encoder, pool, keys, part, eps=g.eps, alpha=g.alpha, steps=g.steps,
                                            step_size=g.step_size, batch_size=g.batch_size, optimizer=g.optimizer,
-                                           desc=f"secrets {start + len(part)}/{len(seeds)}", transform=transform,
+                                           desc=f"secrets {offset + start + len(part)}/{offset + len(seeds)}",
+                                           transform=transform,
                                            rehearsal=rehearsal)
             save_tensors(path, {"keys": keys, "deltas": deltas, "history": torch.tensor(hist, dtype=torch.float64)},
                          metadata={"dist_awenc": json.dumps({"seeds": part, "key_sources": src})})
@@ -82,6 +84,48 @@ def generate_candidates(encoder: Encoder, pool: Images, g: GenerationSection, se
         history += hist
         sources += src
     return Candidates([int(s) for s in seeds], torch.cat(keys_all), torch.cat(deltas_all), history, sources)
+
+
+TWIN_STREAM_FACTOR = 3  # the twin rule gives up after generating this many times J + 1 candidates
+
+
+def distinct_candidate_set(encoder: Encoder, pool: Images, g: GenerationSection, run_seed: int, alternatives: int,
+                           twin_cosine: float, work_dir: Path, *, transform: Optional[Transform],
+                           rehearsal: Optional[Rehearsal] = None) -> tuple[Candidates, list[int]]:
+    """The J + 1 candidates and the seeds skipped as twins: candidates are made from ``candidate_seeds(run_seed, .)``
+    in order and each is kept unless its watermark has cosine above ``twin_cosine`` with one kept before it
+    (:func:`~dist_awenc.watermark.secret.distinct_candidates`); skipped ones are replaced by the stream's next seeds
+    until J + 1 are kept. ``twin_cosine`` 1: the rule is off, the first J + 1 seeds are the candidates.
+
+    Universal perturbations on one f0 share its most sensitive directions: near-twins are common (at the demo's
+    scale 37% of candidates have another above cosine 0.7), and a twin of the owner's secret competes with it in
+    every derivative's permutation test. The rule is applied to the whole set before the draw, so the draw is
+    still a digest of the final set and independent of every statistic.
+
+    Raises:
+        ArtifactError: J + 1 pairwise-distinct candidates were not found among ``TWIN_STREAM_FACTOR`` x (J + 1).
+    """
+    n = alternatives + 1
+    made = generate_candidates(encoder, pool, g, candidate_seeds(run_seed, alternatives), work_dir,
+                               transform=transform, rehearsal=rehearsal)
+    kept = distinct_candidates(made.deltas, twin_cosine, n)
+    while len(kept) < n:
+        total = len(made.seeds)
+        if total >= TWIN_STREAM_FACTOR * n:
+            raise ArtifactError(f"plan.twin_cosine={twin_cosine:g}: {total} candidates made and only {len(kept)} of "
+                                f"the {n} needed have no twin above it; raise plan.twin_cosine (1 turns the rule off)")
+        more = candidate_seeds(run_seed, total + n - len(kept) - 1)[total:]
+        info(f"twin rule: {total - len(kept)} of {total} candidates skipped (watermark cosine above {twin_cosine:g} "
+             f"with an earlier one); making {len(more)} more")
+        extra = generate_candidates(encoder, pool, g, more, work_dir, transform=transform, rehearsal=rehearsal,
+                                    offset=total)
+        made = Candidates(made.seeds + extra.seeds, torch.cat([made.keys, extra.keys]),
+                          torch.cat([made.deltas, extra.deltas]), made.history + extra.history,
+                          made.key_sources + extra.key_sources)
+        kept = distinct_candidates(made.deltas, twin_cosine, n)
+    skipped = [s for j, s in enumerate(made.seeds) if j not in set(kept)]  # every seed made is kept or skipped
+    return Candidates([made.seeds[j] for j in kept], made.keys[kept], made.deltas[kept],
+                      [made.history[j] for j in kept], [made.key_sources[j] for j in kept]), skipped
 
 
 def _chunk_header(path: Path) -> dict:
@@ -132,6 +176,8 @@ def watermark(cfg: WatermarkConfig) -> Path:
               score_statistic=pl.score_statistic, whitebox_statistic=pl.whitebox_statistic,  # anything is written
               label_statistic=pl.label_statistic)
     check_generation(g.eps, g.steps, g.step_size, g.batch_size, g.optimizer)
+    if not 0 < pl.twin_cosine <= 1:
+        raise ConfigError(f"plan.twin_cosine must be in (0, 1] (1: no twin rule), got {pl.twin_cosine}")
     if g.key not in ("image", "noise"):
         raise ConfigError(f"generation.key must be image or noise, not '{g.key}'")
     robust = TransformParams.of(cfg.robust)
@@ -152,9 +198,10 @@ def watermark(cfg: WatermarkConfig) -> Path:
         if pl.alternatives:
             # the owner does not choose the secret: J + 1 candidates are made alike and a digest of all of them
             # draws the owner's; the others, in order, are the alternatives (METHOD.md, stage 3, item 1)
-            c = generate_candidates(encoder, pool, g, candidate_seeds(cfg.run.seed, pl.alternatives),
-                                    run_dir / "candidates.parts", transform=transform, rehearsal=rehearsal)
-            draw = owner_draw_record(cfg.run.seed, c.seeds, draw_digest(c.seeds, c.keys, c.deltas))
+            c, skipped = distinct_candidate_set(encoder, pool, g, cfg.run.seed, pl.alternatives, pl.twin_cosine,
+                                                run_dir / "candidates.parts", transform=transform, rehearsal=rehearsal)
+            draw = owner_draw_record(cfg.run.seed, c.seeds, draw_digest(c.seeds, c.keys, c.deltas),
+                                     twin_cosine=pl.twin_cosine, skipped=skipped)
             i = draw["index"]
             seed, key, delta = c.seeds[i], c.keys[i].clone(), c.deltas[i].clone()
             history, key_source = c.history[i], c.key_sources[i]

@@ -286,6 +286,24 @@ def candidate_seeds(run_seed: int, alternatives: int) -> list[int]:
     return [int(run_seed), *alternative_seeds(run_seed, alternatives)]
 
 
+def watermark_cosines(deltas: torch.Tensor) -> torch.Tensor:
+    """Every pair of watermarks' cosine, (n, n) float64, each delta flattened (the diagonal is 1)."""
+    flat = torch.nn.functional.normalize(deltas.detach().to("cpu", torch.float64).flatten(1), dim=1)
+    return flat @ flat.T
+
+
+def distinct_candidates(deltas: torch.Tensor, bound: float, wanted: int) -> list[int]:
+    """The stage-1 twin rule: in order, each candidate is kept unless its watermark's cosine with one already kept
+    is above ``bound`` (a twin); the first ``wanted`` kept, by index. ``bound`` 1 keeps every candidate."""
+    cos, kept = watermark_cosines(deltas), []
+    for j in range(len(deltas)):
+        if len(kept) == wanted:
+            break
+        if bound >= 1 or not kept or float(cos[j, kept].max()) <= bound:
+            kept.append(j)
+    return kept
+
+
 def draw_digest(seeds: Sequence[int], keys: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor]) -> str:
     """SHA-256 over every candidate in order: its seed, then its key's and its delta's shape and float32 bytes."""
     if not len(seeds) == len(keys) == len(deltas):
@@ -304,11 +322,20 @@ def drawn_index(digest: str, candidates: int) -> int:
     return int(digest, 16) % int(candidates)
 
 
-def owner_draw_record(run_seed: int, seeds: Sequence[int], digest: str) -> dict[str, Any]:
-    """The plan's ``owner_draw``: how many candidates, the drawn index, the digest and where the seeds came from."""
+def owner_draw_record(run_seed: int, seeds: Sequence[int], digest: str, *, twin_cosine: float = 1.0,
+                      skipped: Sequence[int] = ()) -> dict[str, Any]:
+    """The plan's ``owner_draw``: how many candidates, the drawn index, the digest and where the seeds came from.
+
+    With the twin rule on (``twin_cosine`` < 1) it also records the bound and the ``skipped`` seeds: the seeds are
+    then the first candidates + skips of the stream, less the skipped ones, in order."""
     n = len(seeds)
     record: dict[str, Any] = {"format": DRAW_FORMAT, "candidates": n, "index": drawn_index(digest, n), "digest": digest,
                               "run_seed": int(run_seed), "seed_rule": "candidate_seeds(run_seed, candidates - 1)"}
+    if twin_cosine < 1:  # only when on: a plan made without the rule keeps its bytes
+        record.update(twin_cosine=float(twin_cosine), skipped=[int(s) for s in skipped],
+                      seed_rule=f"candidate_seeds(run_seed, candidates + skips - 1) less the skipped seeds, in order "
+                                f"(each skipped candidate's watermark had cosine above {twin_cosine:g} with an "
+                                f"earlier kept one)")
     if n <= DRAW_SEEDS_LISTED:
         record["seeds"] = [int(s) for s in seeds]
     return record
@@ -318,9 +345,13 @@ def check_owner_draw(secret: Secret, alternatives: Optional[AlternativeSecrets])
     """Recompute the plan's owner draw from the owner's secret and the alternatives; one-line error if it differs.
 
     The owner is re-inserted among the alternatives at the recorded index; the
-    seeds must be ``candidate_seeds(run_seed, J)`` and the digest of all J + 1
-    candidates must be the recorded one and draw that index. A plan without
-    alternatives has no draw (a single secret) and passes.
+    seeds must be ``candidate_seeds(run_seed, J)`` (with the twin rule: the
+    first J + 1 + skips of that stream less the recorded skipped seeds, and no
+    two watermarks above the recorded cosine) and the digest of all J + 1
+    candidates must be the recorded one and draw that index. That a skipped
+    seed did make a twin is not checked here: its candidate is not stored
+    (an audit regenerates it from its seed on f0). A plan without alternatives
+    has no draw (a single secret) and passes.
 
     Raises:
         TamperedSecretError: the files do not give the recorded draw.
@@ -339,10 +370,24 @@ def check_owner_draw(secret: Secret, alternatives: Optional[AlternativeSecrets])
         raise TamperedSecretError(f"owner draw: the plan drew candidate {i} of {n} but there are {j} alternatives + the owner's")
     alt = alternatives
     seeds = [*alt.seeds[:i], int(secret.meta.get("seed", -1)), *alt.seeds[i:]]
-    if seeds != candidate_seeds(draw["run_seed"], n - 1) or draw.get("seeds", seeds) != seeds:
+    skipped = [int(s) for s in draw.get("skipped", [])]
+    stream = candidate_seeds(draw["run_seed"], n - 1 + len(skipped))
+    if (seeds != [s for s in stream if s not in set(skipped)] or not set(skipped) <= set(stream)
+            or draw.get("seeds", seeds) != seeds):
         raise TamperedSecretError(f"owner draw: the secrets' seeds are not the {n} candidate seeds of run seed "
-                                  f"{draw['run_seed']} in order (owner at index {i})")
-    digest = draw_digest(seeds, [*alt.keys[:i], secret.key, *alt.keys[i:]], [*alt.deltas[:i], secret.delta, *alt.deltas[i:]])
+                                  f"{draw['run_seed']} in order (owner at index {i}"
+                                  + (f", {len(skipped)} skipped as twins)" if skipped else ")"))
+    deltas = [*alt.deltas[:i], secret.delta, *alt.deltas[i:]]
+    if skipped and "twin_cosine" not in draw:
+        raise TamperedSecretError(f"owner draw: {len(skipped)} seeds skipped as twins but the plan records no twin bound")
+    if "twin_cosine" in draw:
+        bound = float(draw["twin_cosine"])
+        cos = watermark_cosines(torch.stack(deltas)).fill_diagonal_(-1.0)
+        if float(cos.max()) > bound + 1e-6:
+            a, b = divmod(int(cos.argmax()), n)
+            raise TamperedSecretError(f"owner draw: candidates {a} and {b} have watermark cosine {float(cos[a, b]):.3f}, "
+                                      f"above the plan's twin bound {bound:g}")
+    digest = draw_digest(seeds, [*alt.keys[:i], secret.key, *alt.keys[i:]], deltas)
     if digest != draw["digest"] or drawn_index(digest, n) != i:
         raise TamperedSecretError(f"owner draw: the {n} candidates digest to {digest[:16]}..., not the plan's "
                                   f"{str(draw['digest'])[:16]}...; the owner's secret or an alternative was replaced")
