@@ -240,8 +240,8 @@ def watermark(cfg: WatermarkConfig) -> Path:
              **({"rehearsal": rehearsal_record} if rehearsal_record else {})}, indent=2))
         info(f"secret {secret.sha256[:12]}  holdout cos(marked, key) {stats['cos_marked_key']:.3f} "
              f"vs control {stats['cos_control_key']:.3f}  -> {run_dir / 'secret.safetensors'}"
-             + (f" (drawn as candidate {draw['index']} of {draw['candidates']}; + {pl.alternatives} alternative secrets)"
-                if draw else ""))
+             + (f" (drawn as candidate {draw['index']} of {draw['candidates']}; + {pl.alternatives} alternative secrets"
+                + (f"; {len(draw['skipped'])} twins skipped" if draw.get("skipped") else "") + ")" if draw else ""))
     return run_dir / "secret.safetensors"
 
 

@@ -295,11 +295,13 @@ def watermark_cosines(deltas: torch.Tensor) -> torch.Tensor:
 def distinct_candidates(deltas: torch.Tensor, bound: float, wanted: int) -> list[int]:
     """The stage-1 twin rule: in order, each candidate is kept unless its watermark's cosine with one already kept
     is above ``bound`` (a twin); the first ``wanted`` kept, by index. ``bound`` 1 keeps every candidate."""
-    cos, kept = watermark_cosines(deltas), []
+    if bound >= 1:
+        return list(range(min(wanted, len(deltas))))
+    cos, kept = watermark_cosines(deltas).numpy(), []
     for j in range(len(deltas)):
         if len(kept) == wanted:
             break
-        if bound >= 1 or not kept or float(cos[j, kept].max()) <= bound:
+        if not kept or cos[j, kept].max() <= bound:
             kept.append(j)
     return kept
 
