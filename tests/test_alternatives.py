@@ -290,6 +290,8 @@ def test_the_draw_check_refuses_a_twin_rule_record_that_does_not_hold(twin_ruled
         check(skipped=draw["skipped"][1:] + [candidate_seeds(0, 3 * J)[3 * J]])  # another seed claimed skipped
     with pytest.raises(TamperedSecretError, match="candidate seeds"):
         check(skipped=None, twin_cosine=None)  # the plain rule: the seeds are not the stream's first J + 1
+    with pytest.raises(TamperedSecretError, match="more than stage 1 ever skips"):
+        check(skipped=list(range(10**6)))  # refused before a stream that long is derived
 
 
 def test_the_twin_rule_gives_up_with_a_clear_error_and_refuses_a_bound_outside_0_1(drawn, tmp_path):

@@ -30,8 +30,8 @@ from dist_awenc.watermark.perturbation import (Rehearsal, Transform, check_gener
                                                generate_deltas, generation_loss, mark_statistics)
 from dist_awenc.watermark.rehearsal import check_rehearsal, prepare_rehearsal
 from dist_awenc.watermark.secret import (AlternativeSecrets, Secret, alternative_seeds, candidate_seeds,  # noqa: F401
-                                         control_of, distinct_candidates, draw_digest, owner_draw_record,
-                                         save_alternatives, save_secret)
+                                         TWIN_STREAM_FACTOR, control_of, distinct_candidates, draw_digest,
+                                         owner_draw_record, save_alternatives, save_secret)
 from dist_awenc.watermark.transforms import TransformParams, make_transform
 
 
@@ -86,9 +86,6 @@ def generate_candidates(encoder: Encoder, pool: Images, g: GenerationSection, se
     return Candidates([int(s) for s in seeds], torch.cat(keys_all), torch.cat(deltas_all), history, sources)
 
 
-TWIN_STREAM_FACTOR = 3  # the twin rule gives up after generating this many times J + 1 candidates
-
-
 def distinct_candidate_set(encoder: Encoder, pool: Images, g: GenerationSection, run_seed: int, alternatives: int,
                            twin_cosine: float, work_dir: Path, *, transform: Optional[Transform],
                            rehearsal: Optional[Rehearsal] = None) -> tuple[Candidates, list[int]]:
@@ -123,7 +120,8 @@ def distinct_candidate_set(encoder: Encoder, pool: Images, g: GenerationSection,
                           torch.cat([made.deltas, extra.deltas]), made.history + extra.history,
                           made.key_sources + extra.key_sources)
         kept = distinct_candidates(made.deltas, twin_cosine, n)
-    skipped = [s for j, s in enumerate(made.seeds) if j not in set(kept)]  # every seed made is kept or skipped
+    kept_set = set(kept)
+    skipped = [s for j, s in enumerate(made.seeds) if j not in kept_set]  # every seed made is kept or skipped
     return Candidates([made.seeds[j] for j in kept], made.keys[kept], made.deltas[kept],
                       [made.history[j] for j in kept], [made.key_sources[j] for j in kept]), skipped
 

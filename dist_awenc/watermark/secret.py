@@ -33,6 +33,7 @@ from dist_awenc.log import warn
 
 SECRET_FORMAT = "dist_awenc.secret/1"
 DRAW_FORMAT = "dist_awenc.owner_draw/1"
+TWIN_STREAM_FACTOR = 3  # the twin rule gives up after making this many times J + 1 candidates
 DRAW_SEEDS_LISTED = 64  # the plan lists the candidates' seeds up to this many; beyond, their derivation alone
 
 
@@ -373,8 +374,11 @@ def check_owner_draw(secret: Secret, alternatives: Optional[AlternativeSecrets])
     alt = alternatives
     seeds = [*alt.seeds[:i], int(secret.meta.get("seed", -1)), *alt.seeds[i:]]
     skipped = [int(s) for s in draw.get("skipped", [])]
-    stream = candidate_seeds(draw["run_seed"], n - 1 + len(skipped))
-    if (seeds != [s for s in stream if s not in set(skipped)] or not set(skipped) <= set(stream)
+    if len(skipped) > (TWIN_STREAM_FACTOR - 1) * n:
+        raise TamperedSecretError(f"owner draw: {len(skipped)} seeds skipped as twins, more than stage 1 ever skips "
+                                  f"({TWIN_STREAM_FACTOR - 1} x {n})")
+    stream, skipped_set = candidate_seeds(draw["run_seed"], n - 1 + len(skipped)), set(skipped)
+    if (seeds != [s for s in stream if s not in skipped_set] or not skipped_set <= set(stream)
             or draw.get("seeds", seeds) != seeds):
         raise TamperedSecretError(f"owner draw: the secrets' seeds are not the {n} candidate seeds of run seed "
                                   f"{draw['run_seed']} in order (owner at index {i}"
