@@ -207,9 +207,7 @@ class PlanSection:
     n_label: int = 100  # queries, black-box label mode
     n_collapse: int = 100  # queries, black-box label-agnostic (collapse) mode
     alternatives: int = 19  # J alternative secrets for the permutation test (smallest p 1/(J+1); 999 for 1e-3)
-    # the twin rule: a candidate whose watermark has cosine above this with an earlier kept one is skipped for the
-    # next seed (docs/verification.md, "The owner's draw"); 1: off
-    twin_cosine: float = 1.0
+    twin_cosine: float = 1.0  # stage 1's twin rule, 1: off (docs/verification.md; measured, it did not help)
     primary_mode: str = "whitebox"
     primary_probabilities: str = "blackbox_score"  # the primary mode of a verifier with a model's probabilities
     primary_labels: str = "blackbox_label"  # ... with its top-1 labels only (a non-primary mode alone: exploratory)

@@ -44,7 +44,8 @@ from dist_awenc.verify.permutation import (KEY_HITS, KEY_HITS_SHIFT, PERMUTATION
                                            blackbox_label_statistics, blackbox_score_statistics, whitebox_statistics)
 from dist_awenc.verify.resize import fed_at, plan_resize, weights_at
 from dist_awenc.verify.stats import permutation_p
-from dist_awenc.watermark.secret import load_plan_alternatives, load_secret
+from dist_awenc.watermark.draw import load_plan_alternatives
+from dist_awenc.watermark.secret import load_secret
 
 NOT_STUDENTS = [("none", 0.0), ("adversarial_finetune", 3), ("finetune_full", 0.001), ("finetune_resolution", 2),
               ("finetune_ssl", 5), ("overwrite", 5), ("prune_finetune", 0.5), ("prune_global", 0.5),

@@ -42,7 +42,8 @@ def measure(out: Path, nulls: list[str], secrets: list[str], current: bool = Fal
                                                blackbox_label_statistics, blackbox_score_statistics, label_statistic,
                                                score_statistic, whitebox_statistics)
     from dist_awenc.verify.stats import permutation_p
-    from dist_awenc.watermark.secret import load_plan_alternatives, load_secret
+    from dist_awenc.watermark.draw import load_plan_alternatives
+    from dist_awenc.watermark.secret import load_secret
 
     data = DataSection()
     rows, products = [], {}

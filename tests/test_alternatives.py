@@ -15,9 +15,9 @@ from dist_awenc.encoders.io import build_encoder, load_encoder
 from dist_awenc.errors import ArtifactError, TamperedSecretError
 from dist_awenc.watermark.generate import (alternative_seeds, candidate_seeds, choose_key, control_seed_of, generate_delta,
                                            generate_deltas)
-from dist_awenc.watermark.secret import (AlternativeSecrets, Secret, alternatives_path, check_owner_draw, control_of,
-                                         distinct_candidates, draw_digest, drawn_index, load_alternatives, load_secret,
-                                         save_alternatives, watermark_cosines)
+from dist_awenc.watermark.draw import check_owner_draw, distinct_candidates, draw_digest, drawn_index, watermark_cosines
+from dist_awenc.watermark.secret import (AlternativeSecrets, Secret, alternatives_path, control_of, load_alternatives,
+                                         load_secret, save_alternatives)
 
 
 def _encoder():

@@ -190,7 +190,8 @@ def robust_secret(tmp_path_factory):
 
 def test_watermark_with_transforms_records_them_and_makes_the_alternatives_the_same_way(robust_secret):
     from dist_awenc.watermark.generate import candidate_seeds, generate_delta
-    from dist_awenc.watermark.secret import check_owner_draw, load_alternatives, load_secret
+    from dist_awenc.watermark.draw import check_owner_draw
+    from dist_awenc.watermark.secret import load_alternatives, load_secret
 
     root, _, secret_path = robust_secret
     secret = load_secret(secret_path)

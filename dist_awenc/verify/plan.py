@@ -52,7 +52,7 @@ def make_plan(*, dataset: str, dataset_size: int, image_size: int, split_seed: i
 
     ``primary``: the primary mode per access (weights, probabilities, labels; default :data:`DEFAULT_PRIMARY`):
     a single-mode verification of another mode is exploratory. ``owner_draw`` (stage 1 with J > 0): how the
-    owner's secret was drawn among the J + 1 candidates (:func:`dist_awenc.watermark.secret.owner_draw_record`);
+    owner's secret was drawn among the J + 1 candidates (:func:`dist_awenc.watermark.draw.owner_draw_record`);
     the key is present only when given. ``resize``: how queries are resized to a suspect that takes another input
     size (:mod:`dist_awenc.verify.resize`). ``score_statistic`` / ``whitebox_statistic`` / ``label_statistic``: what
     the probabilities' / the weights' / the labels' permutation test ranks

@@ -37,7 +37,8 @@ from dist_awenc.verify.endpoint import RemoteModel
 from dist_awenc.verify.evidence import BUNDLE_FORMAT, CALIBRATION_COPY, MANIFEST_NAME, QueryLog, plan_sha256
 from dist_awenc.verify.permutation import BLACKBOX_PERMUTATION
 from dist_awenc.verify.run import Settings, verify_remote
-from dist_awenc.watermark.secret import load_plan_alternatives, load_secret
+from dist_awenc.watermark.draw import load_plan_alternatives
+from dist_awenc.watermark.secret import load_secret
 
 _HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 COMPARED = ("mode", "p_value", "effect", "n", "threshold", "alpha", "decision", "secret_sha256", "threshold_source",

@@ -32,7 +32,8 @@ from dist_awenc.verify.core import (DEFAULT_N, LABEL_MODES, MODES, Verdict, imag
 from dist_awenc.verify.permutation import (BLACKBOX_PERMUTATION, permutation_queries, score_statistic,
                                            verify_blackbox_permutation, verify_permutation)
 from dist_awenc.verify.resize import Resized, mark_resolution, plan_resize, resizing, weights_at
-from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_plan_alternatives, load_secret
+from dist_awenc.watermark.draw import load_plan_alternatives
+from dist_awenc.watermark.secret import AlternativeSecrets, Secret, load_secret
 
 DEFAULT_ALPHA = 1e-3
 LABEL_NAMES_SHOWN = 8  # string labels listed in a verdict's details

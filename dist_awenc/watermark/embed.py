@@ -44,7 +44,8 @@ from dist_awenc.data.ffcv import build_source, source_options
 from dist_awenc.log import info, warn
 from dist_awenc.runs import open_run
 from dist_awenc.ssl.pretrain import method_from_config, micro_batch_terms, note_resolved, save_method
-from dist_awenc.watermark.secret import Secret, load_secret, note_release, load_plan_alternatives
+from dist_awenc.watermark.draw import load_plan_alternatives
+from dist_awenc.watermark.secret import Secret, load_secret, note_release
 from dist_awenc.watermark.shadow import Shadow, build_shadow, row_cos as _cos
 from dist_awenc.verify.permutation import F0_EXCESS, SCORE, whitebox_statistic
 from dist_awenc.watermark.specific import Specificity, draw_alternatives

@@ -29,9 +29,9 @@ from dist_awenc.verify.plan import make_plan
 from dist_awenc.watermark.perturbation import (Rehearsal, Transform, check_generation, choose_key, generate_delta,  # noqa: F401
                                                generate_deltas, generation_loss, mark_statistics)
 from dist_awenc.watermark.rehearsal import check_rehearsal, prepare_rehearsal
-from dist_awenc.watermark.secret import (AlternativeSecrets, Secret, alternative_seeds, candidate_seeds,  # noqa: F401
-                                         TWIN_STREAM_FACTOR, control_of, distinct_candidates, draw_digest,
-                                         owner_draw_record, save_alternatives, save_secret)
+from dist_awenc.watermark.draw import (TWIN_STREAM_FACTOR, alternative_seeds, candidate_seeds,  # noqa: F401
+                                       distinct_candidates, draw_digest, owner_draw_record)
+from dist_awenc.watermark.secret import AlternativeSecrets, Secret, control_of, save_alternatives, save_secret
 from dist_awenc.watermark.transforms import TransformParams, make_transform
 
 
@@ -91,7 +91,7 @@ def distinct_candidate_set(encoder: Encoder, pool: Images, g: GenerationSection,
                            rehearsal: Optional[Rehearsal] = None) -> tuple[Candidates, list[int]]:
     """The J + 1 candidates and the seeds skipped as twins: candidates are made from ``candidate_seeds(run_seed, .)``
     in order and each is kept unless its watermark has cosine above ``twin_cosine`` with one kept before it
-    (:func:`~dist_awenc.watermark.secret.distinct_candidates`); skipped ones are replaced by the stream's next seeds
+    (:func:`~dist_awenc.watermark.draw.distinct_candidates`); skipped ones are replaced by the stream's next seeds
     until J + 1 are kept. ``twin_cosine`` 1: the rule is off, the first J + 1 seeds are the candidates.
 
     Universal perturbations on one f0 share its most sensitive directions: near-twins are common (at the demo's
@@ -163,7 +163,7 @@ def watermark(cfg: WatermarkConfig) -> Path:
 
     Writes ``secret.safetensors`` + ``secret.json`` and, with ``plan.alternatives`` = J > 0,
     ``alternatives.safetensors``, whose hash the plan records with the owner's draw
-    (:func:`~dist_awenc.watermark.secret.check_owner_draw` recomputes it).
+    (:func:`~dist_awenc.watermark.draw.check_owner_draw` recomputes it).
     """
     g, pl = cfg.generation, cfg.plan
     n = {"whitebox": pl.n_whitebox, "blackbox_score": pl.n_score, "blackbox_label": pl.n_label,
