@@ -112,6 +112,29 @@ def test_embedding_run_writes_a_child_encoder_and_logs_every_term(f0_and_secret,
     assert {"loss", "loss_cl", "loss_wm", "loss_dev", "loss_key", "loss_keep"} <= set(rows[-1])
     a, b = weights(out), weights(f0)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # training changed the encoder
+    mark = json.loads((tmp_path / "embed" / "mark.json").read_text())  # the release's own mark, on the hold-out
+    assert mark["images"] > 0 and mark["gap"] == pytest.approx(mark["cos_marked_key"] - mark["cos_control_key"])
+    assert all(-1 <= mark[k] <= 1 for k in ("cos_marked_key", "cos_control_key", "cos_clean_key", "cos_marked_own"))
+
+
+def test_a_release_whose_marked_images_do_not_stand_out_is_reported_weak(f0_and_secret, tmp_path, capsys):
+    import dataclasses
+
+    from dist_awenc.data import build_dataset
+    from dist_awenc.watermark.embed import WEAK_MARK_GAP, report_mark
+
+    _, f0_path, secret_path = f0_and_secret
+    f0, _ = load_encoder(f0_path)
+    cfg = _embed_cfg(None, f0_path, secret_path, tmp_path)
+    dataset = build_dataset("digits", image_size=8, seed=cfg.data.split_seed)
+    secret = load_secret(secret_path)
+    unmarked = dataclasses.replace(secret, delta=torch.zeros_like(secret.delta))  # marked = control = clean
+    stats = report_mark(f0, dataset, cfg, unmarked, tmp_path)
+    assert abs(stats["gap"]) < 1e-6 and WEAK_MARK_GAP == 0.04
+    assert "a weak mark (marked - control 0.000 < 0.04)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "mark.json").read_text())["gap"] == pytest.approx(stats["gap"])
+    no_holdout = _embed_cfg(None, f0_path, secret_path, tmp_path, **{"data.splits": "[0.8,0.0,0.2]"})
+    assert report_mark(f0, dataset, no_holdout, secret, tmp_path / "none") is None  # nothing to measure on
 
 
 def test_embed_task_loss_is_the_weighted_sum_of_its_terms(f0_and_secret):
